@@ -1,0 +1,27 @@
+"""Errors a user can fix: printed as one line per problem, exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+
+class ContsupError(Exception):
+    """A problem with the user's input; ``lines`` are printed as they are."""
+
+    exit_code = 2
+
+    def __init__(self, *lines: str) -> None:
+        self.lines = tuple(lines)
+        super().__init__("\n".join(self.lines))
+
+
+class RecipeError(ContsupError):
+    """Every problem found in a recipe, collected so the user sees them all at once."""
+
+    def __init__(self, problems: Iterable[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__(*self.problems)
+
+
+class PluginError(ContsupError):
+    """A plugin broke the registry contract (duplicate name, missing attribute)."""

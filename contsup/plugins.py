@@ -1,0 +1,112 @@
+"""The plugin manager: built-in plugins first, then the ``contsup`` entry-point group.
+
+``CONTSUP_LOAD_PLUGINS`` (a comma-separated list of entry-point or distribution names) limits
+which third-party plugins load; set it to an empty string to load none. Built-ins always load.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+from typing import Any
+
+import attrs
+import pluggy
+
+from contsup import hookspecs
+
+ENTRY_POINT_GROUP = "contsup"
+ALLOW_ENV = "CONTSUP_LOAD_PLUGINS"
+
+BUILTIN_PLUGINS = (
+    "contsup_timm",
+    "contsup_partition",
+    "contsup_context",
+    "contsup_objectives",
+    "contsup_decoders",
+    "contsup_datasets",
+)
+
+
+@attrs.frozen
+class PluginInfo:
+    """Where a loaded plugin came from."""
+
+    name: str
+    distribution: str
+    version: str
+    builtin: bool
+    entry_point: str = ""
+
+
+class PluginManager(pluggy.PluginManager):
+    """A pluggy manager that also remembers each plugin's origin and any load failures."""
+
+    def __init__(self) -> None:
+        super().__init__("contsup")
+        self.add_hookspecs(hookspecs)
+        self.info: dict[str, PluginInfo] = {}
+        self.load_errors: list[str] = []
+
+
+def _own_version() -> str:
+    try:
+        return importlib.metadata.version("contsup")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0+source"
+
+
+def _allowed() -> set[str] | None:
+    raw = os.environ.get(ALLOW_ENV)
+    if raw is None:
+        return None
+    return {part.strip() for part in raw.split(",") if part.strip()}
+
+
+def get_plugin_manager(*, builtins: tuple[str, ...] = BUILTIN_PLUGINS, entry_points: bool = True) -> PluginManager:
+    """A fresh plugin manager with the built-ins and the allowed third-party plugins loaded."""
+    pm = PluginManager()
+    version = _own_version()
+    for module_name in builtins:
+        pm.register(importlib.import_module(module_name), name=module_name)
+        pm.info[module_name] = PluginInfo(module_name, "contsup", version, builtin=True)
+    if entry_points:
+        _load_entry_points(pm)
+    return pm
+
+
+def _load_entry_points(pm: PluginManager) -> None:
+    allowed = _allowed()
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        dist = getattr(ep, "dist", None)
+        dist_name = getattr(dist, "name", None) or getattr(dist, "metadata", {}).get("Name", "") if dist else ""
+        dist_version = getattr(dist, "version", "") if dist else ""
+        if allowed is not None and ep.name not in allowed and dist_name not in allowed:
+            continue
+        if pm.get_plugin(ep.name) is not None or ep.name in pm.info:
+            pm.load_errors.append(
+                f"Error loading plugin '{ep.name}' (entry point {ep.value}): the name '{ep.name}' "
+                f"is already taken by another plugin; rename the entry point"
+            )
+            continue
+        try:
+            plugin = ep.load()
+            pm.register(plugin, name=ep.name)
+        except Exception as exc:  # a broken third-party plugin must not break contsup
+            cause = f"{type(exc).__name__}: {exc}".strip()
+            pm.load_errors.append(
+                f"Error loading plugin '{ep.name}' (entry point {ep.value}): {cause} "
+                f"(skip it with {ALLOW_ENV} naming the plugins to load, or uninstall {dist_name or ep.name})"
+            )
+            continue
+        pm.info[ep.name] = PluginInfo(ep.name, dist_name or "?", dist_version or "?", builtin=False, entry_point=ep.value)
+
+
+def plugin_versions(pm: PluginManager, names: set[str] | None = None) -> dict[str, dict[str, Any]]:
+    """``{plugin: {"distribution", "version", "builtin"}}`` for the run directory."""
+    out = {}
+    for name, info in pm.info.items():
+        if names is None or name in names:
+            out[name] = {"distribution": info.distribution, "version": info.version, "builtin": info.builtin}
+    return out

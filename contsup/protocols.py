@@ -1,0 +1,97 @@
+"""What each kind of component must provide. Structural typing: no base class is required.
+
+Every component class has a ``name`` (its recipe name), an ``Options`` frozen attrs class (its
+recipe keys) and is constructed as ``Component(options)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import nn
+
+from contsup.types import BackboneParts, Costs, DatasetInfo, HeadSpec, Shape, Source
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    def build(self, input_shape: Shape, num_classes: int) -> BackboneParts:
+        """A fresh network as minimal units (stem, then each residual block) and a head."""
+
+
+@runtime_checkable
+class Partitioner(Protocol):
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    def split(self, costs: Costs, k: int) -> tuple[int, ...]:
+        """K positive unit counts summing to ``len(costs.units)``, in order."""
+
+
+@runtime_checkable
+class ContextSelector(Protocol):
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    def sources(self, module: int, num_modules: int) -> tuple[Source, ...]:
+        """The sources of 1-based ``module``: the input and/or features h_j^c with j <= module-2."""
+
+    # Optional: ``adapter(source, source_shape, target_shape) -> nn.Module | None`` builds the
+    # adapter M_{l,s} for one source; None (or no such method) uses the paper's M_E / M_R.
+
+
+@runtime_checkable
+class Objective(Protocol):
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    def head(self, spec: HeadSpec) -> nn.Module:
+        """The auxiliary head A_l for a module whose output has ``spec.shape``."""
+
+    def loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Scalar local loss of the head's output ``z`` (B, D) against labels ``y`` (B,)."""
+
+    def predict(self, z: torch.Tensor) -> torch.Tensor | None:
+        """Predicted labels (B,) from ``z``, or None when the head does not classify."""
+
+
+@runtime_checkable
+class Decoder(Protocol):
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    def build(self, feature_shape: Shape, info: DatasetInfo) -> nn.Module:
+        """A module reconstructing x from h_l: (B, C, H, W) -> (B, *info.input_shape)."""
+
+    def loss(self, reconstruction: torch.Tensor, x: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+        """Scalar reconstruction loss against the (normalised) input ``x``."""
+
+    def weights(self, module: int, num_modules: int) -> tuple[float, float]:
+        """(weight of the reconstruction loss, weight of the local objective) for ``module``."""
+
+
+@runtime_checkable
+class Dataset(Protocol):
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    def info(self) -> DatasetInfo:
+        """Shape, classes and normalisation, without reading any data file."""
+
+    def load(self, train: bool) -> Any:
+        """A map-style dataset of (x: (C, H, W) float tensor, y: int) pairs."""
+
+
+__all__ = [
+    "Backbone",
+    "Partitioner",
+    "ContextSelector",
+    "Objective",
+    "Decoder",
+    "Dataset",
+    "Sequence",
+]

@@ -1,0 +1,414 @@
+"""TOML recipes -> frozen attrs classes, with every problem collected into one error.
+
+A recipe has one table per section. In a component table, ``use`` names the component and the
+other keys are the section's own keys (e.g. ``batch_size`` in ``[data]``) or the component's
+``Options``. ``extends = "base.toml"`` inherits another recipe; ``--set key.path=value``
+overrides any key, the value parsed as a TOML literal (a bare word is taken as a string).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import attrs
+import torch
+
+from contsup.errors import ContsupError, RecipeError
+from contsup.optim import optimizers, schedules
+from contsup.options import as_table, at_least, option, structure
+from contsup.registry import Registries, Registry, UnknownName
+from contsup.suggest import did_you_mean
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+
+# -- the sections' own keys ----------------------------------------------------------------
+
+
+@attrs.frozen
+class RunOptions:
+    """``[run]``: how the experiment runs."""
+
+    seed: int = option(0, doc="seed for initialisation, data order and augmentation")
+    epochs: int = option(10, doc="number of training epochs", validator=at_least(1))
+    device: str = option("auto", doc='"auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:N"')
+    out_dir: str = option("", doc='run directory; "" means runs/<recipe name>')
+    mode: Literal["greedy", "e2e"] = option("greedy", doc='"greedy": local losses per module; "e2e": end-to-end backprop')
+    log_every: int = option(0, doc="print a progress line every N steps when not on a terminal (0: 10 per epoch)", validator=at_least(0))
+
+    def __attrs_post_init__(self) -> None:
+        d = self.device
+        if not (d in ("auto", "cpu", "cuda", "mps") or (d.startswith("cuda:") and d[5:].isdigit())):
+            raise ValueError(f"run.device: '{d}' is not a device; use \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")
+
+
+@attrs.frozen
+class DataOptions:
+    """``[data]``: keys common to every dataset."""
+
+    batch_size: int = option(128, doc="training batch size", validator=at_least(1))
+    test_batch_size: int = option(0, doc="evaluation batch size (0: same as batch_size)", validator=at_least(0))
+    workers: int = option(0, doc="data-loading worker processes", validator=at_least(0))
+
+
+@attrs.frozen
+class PartitionOptions:
+    """``[partition]``: keys common to every partitioner."""
+
+    modules: int = option(1, doc="K, the number of gradient-isolated modules", validator=at_least(1))
+
+
+@attrs.frozen
+class NoOptions:
+    """A section without keys of its own."""
+
+
+@attrs.frozen
+class Section:
+    """How one recipe table is read."""
+
+    name: str
+    own: type  # attrs class of the section's own keys
+    kind: str | None  # registry holding its components, None for a plain section
+    default_use: str | None  # None: ``use`` is required
+    optional: bool = False  # the whole table may be absent (decoder)
+
+
+SECTIONS = (
+    Section("run", RunOptions, None, None),
+    Section("data", DataOptions, "datasets", None),
+    Section("backbone", NoOptions, "backbones", None),
+    Section("partition", PartitionOptions, "partitioners", "uniform"),
+    Section("context", NoOptions, "context_selectors", "none"),
+    Section("objective", NoOptions, "objectives", "cross_entropy"),
+    Section("decoder", NoOptions, "decoders", None, optional=True),
+    Section("optimizer", NoOptions, "optimizers", "sgd"),
+    Section("schedule", NoOptions, "schedules", "cosine"),
+)
+TOP_LEVEL_KEYS = ("extends",)
+
+
+@attrs.frozen
+class Chosen:
+    """A component chosen in a recipe: its name, class, validated options and plugin."""
+
+    use: str
+    component: type
+    options: Any
+    plugin: str
+
+    def create(self) -> Any:
+        """A fresh instance of the component with its options."""
+        return self.component(self.options)
+
+
+@attrs.frozen
+class Recipe:
+    """A validated recipe. ``table()`` gives it back as TOML-ready data with every default."""
+
+    source: str  # the file it came from ("<string>" when loaded from text)
+    run: RunOptions
+    data: DataOptions
+    dataset: Chosen
+    backbone: Chosen
+    partition: PartitionOptions
+    partitioner: Chosen
+    context: Chosen
+    objective: Chosen
+    decoder: Chosen | None
+    optimizer: Chosen
+    schedule: Chosen
+
+    @property
+    def name(self) -> str:
+        """The recipe's file name without suffix."""
+        return Path(self.source).stem
+
+    def table(self) -> dict[str, Any]:
+        """The resolved recipe: every section, every key, defaults filled in."""
+        out: dict[str, Any] = {"run": as_table(self.run)}
+        pairs = [
+            ("data", self.data, self.dataset),
+            ("backbone", None, self.backbone),
+            ("partition", self.partition, self.partitioner),
+            ("context", None, self.context),
+            ("objective", None, self.objective),
+            ("decoder", None, self.decoder),
+            ("optimizer", None, self.optimizer),
+            ("schedule", None, self.schedule),
+        ]
+        for name, own, chosen in pairs:
+            if chosen is None:
+                continue
+            table: dict[str, Any] = {"use": chosen.use}
+            if own is not None:
+                table.update(as_table(own))
+            table.update(as_table(chosen.options))
+            out[name] = table
+        return out
+
+    def plugins(self) -> set[str]:
+        """The plugins providing this recipe's components."""
+        chosen = [self.dataset, self.backbone, self.partitioner, self.context, self.objective, self.decoder]
+        return {c.plugin for c in chosen if c is not None and c.plugin != "contsup"}
+
+
+# -- reading ----------------------------------------------------------------------------------
+
+
+def parse_toml(text: str, where: str) -> dict[str, Any]:
+    """TOML text -> dict, or a one-line error naming the file, line and column."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError([f"{where}: not valid TOML: {exc}"]) from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read and parse one TOML file, with one-line errors for missing or unreadable files."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise RecipeError([f"{path}: no such recipe file"]) from None
+    except IsADirectoryError:
+        raise RecipeError([f"{path}: is a directory, not a recipe file"]) from None
+    except OSError as exc:
+        raise RecipeError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"{path}: not a text file (invalid UTF-8 at byte {exc.start})"]) from None
+    return parse_toml(text, str(path))
+
+
+def _merge(base: dict[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
+    """``child`` over ``base``; a table whose ``use`` changes replaces the base table."""
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            if "use" in value and value["use"] != out[key].get("use"):
+                out[key] = copy.deepcopy(dict(value))
+            else:
+                out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_with_extends(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """The recipe at ``path`` merged over the recipes it ``extends`` (relative to its folder)."""
+    path = Path(path)
+    resolved = path.resolve()
+    if resolved in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, resolved))
+        raise RecipeError([f"{path}: extends: recipes extend each other in a cycle: {chain}"])
+    data = read_toml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    parents = [parent] if isinstance(parent, str) else parent
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise RecipeError([f"{path}: extends: expected a file name or a list of file names"])
+    merged: dict[str, Any] = {}
+    for name in parents:
+        parent_path = path.parent / name
+        if not parent_path.exists():
+            raise RecipeError([f"{path}: extends: no such recipe file {parent_path}"])
+        merged = _merge(merged, load_with_extends(parent_path, (*_seen, resolved)))
+    return _merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=value"`` -> (["a", "b"], parsed value); a value that is not a TOML literal is a string."""
+    if "=" not in text:
+        raise ValueError(f"--set {text}: expected key.path=value")
+    key, _, raw = text.partition("=")
+    path = [p.strip() for p in key.strip().split(".")]
+    if not all(path):
+        raise ValueError(f"--set {text}: '{key}' is not a key path like optimizer.lr")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """``data`` with every ``--set`` applied, and the problems found in them."""
+    out = copy.deepcopy(data)
+    problems = []
+    for text in overrides:
+        try:
+            path, value = parse_override(text)
+        except ValueError as exc:
+            problems.append(str(exc))
+            continue
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                problems.append(f"--set {text}: {'.'.join(path[: i + 1])} is not a table")
+                break
+            node = child
+        else:
+            node[path[-1]] = value
+    return out, problems
+
+
+def component_registry(kind: str, registries: Registries) -> Registry:
+    if kind == "optimizers":
+        return optimizers()
+    if kind == "schedules":
+        return schedules()
+    return getattr(registries, kind)
+
+
+def _read_section(
+    section: Section, table: Mapping[str, Any], where: str, registries: Registries
+) -> tuple[dict[str, Any], list[str]]:
+    """Validate one table; returns ``{"own": ..., "chosen": ...}`` and problems."""
+    problems: list[str] = []
+    own_keys = {f.name for f in attrs.fields(section.own)}
+    own_table = {k: v for k, v in table.items() if k in own_keys}
+    rest = {k: v for k, v in table.items() if k not in own_keys and k != "use"}
+    own, own_problems = structure(section.own, own_table, where)
+    problems += own_problems
+    result: dict[str, Any] = {"own": own, "chosen": None}
+    if section.kind is None:
+        for key in rest:
+            problems.append(f"{where}.{key}: unknown key; {did_you_mean(key, own_keys)}")
+        return result, problems
+    use = table.get("use", section.default_use)
+    if use is None:
+        problems.append(f"{where}.use: missing required key (the {section.name} to use)")
+        return result, problems
+    if not isinstance(use, str):
+        problems.append(f"{where}.use: expected a string naming the {section.name}, got {type(use).__name__}")
+        return result, problems
+    registry = component_registry(section.kind, registries)
+    try:
+        resolved = registry.resolve(use)
+    except UnknownName as exc:
+        problems.append(f"{where}.use: {exc}")
+        return result, problems
+    options_table = dict(resolved.preset)
+    for key, value in rest.items():
+        if key in resolved.preset and resolved.preset[key] != value:
+            problems.append(
+                f"{where}.{key}: conflicts with use = \"{use}\", which sets {key} = {resolved.preset[key]!r}; "
+                f"use \"{resolved.component.name}\" to choose {key} yourself"
+            )
+        options_table[key] = value
+    options_fields = {f.name for f in attrs.fields(resolved.component.Options)}
+    for key in list(options_table):
+        if key not in options_fields:
+            known = own_keys | options_fields | {"use"}
+            problems.append(f"{where}.{key}: unknown key for {section.name} '{use}'; {did_you_mean(key, known)}")
+            del options_table[key]
+    options, option_problems = structure(resolved.component.Options, options_table, where)
+    problems += option_problems
+    if options is not None:
+        result["chosen"] = Chosen(use, resolved.component, options, resolved.plugin)
+    return result, problems
+
+
+def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, overridden: Sequence[str] = ()) -> Recipe:
+    """Validate recipe ``data`` (already parsed and merged); raises RecipeError with every problem."""
+    problems: list[str] = []
+    names = [s.name for s in SECTIONS]
+    for key, value in data.items():
+        if key in TOP_LEVEL_KEYS:
+            continue
+        if key not in names:
+            problems.append(f"{source}: {key}: unknown section; {did_you_mean(key, names)}")
+        elif not isinstance(value, Mapping):
+            problems.append(f"{source}: {key}: expected a table ([{key}]), got {type(value).__name__}")
+    parts: dict[str, dict[str, Any]] = {}
+    for section in SECTIONS:
+        table = data.get(section.name)
+        if table is None and section.optional:
+            parts[section.name] = {"own": None, "chosen": None}
+            continue
+        if not isinstance(table, Mapping):
+            table = {}
+        part, section_problems = _read_section(section, table, f"{source}: {section.name}", registries)
+        parts[section.name] = part
+        problems += section_problems
+    if not problems:
+        problems += _cross_checks(parts, source)
+    if problems:
+        raise RecipeError(_mark_overrides(problems, overridden))
+    return Recipe(
+        source=source,
+        run=parts["run"]["own"],
+        data=parts["data"]["own"],
+        dataset=parts["data"]["chosen"],
+        backbone=parts["backbone"]["chosen"],
+        partition=parts["partition"]["own"],
+        partitioner=parts["partition"]["chosen"],
+        context=parts["context"]["chosen"],
+        objective=parts["objective"]["chosen"],
+        decoder=parts["decoder"]["chosen"],
+        optimizer=parts["optimizer"]["chosen"],
+        schedule=parts["schedule"]["chosen"],
+    )
+
+
+def count_units(backbone: Chosen, dataset: Chosen) -> int:
+    """How many minimal units the backbone has for the dataset's input (built on the meta device)."""
+    info = dataset.create().info()
+    with torch.device("meta"):
+        parts = backbone.create().build(tuple(info.input_shape), info.num_classes)
+    return len(parts.units)
+
+
+def _cross_checks(parts: Mapping[str, Mapping[str, Any]], source: str) -> list[str]:
+    """Checks that need several sections at once: K against the backbone's unit count."""
+    backbone, dataset = parts["backbone"]["chosen"], parts["data"]["chosen"]
+    k = parts["partition"]["own"].modules
+    try:
+        n = count_units(backbone, dataset)
+    except ContsupError as exc:
+        return [f"{source}: {line}" for line in exc.lines]
+    if k > n:
+        return [
+            f"{source}: partition.modules: {k} is more than the {n} minimal units of backbone "
+            f"'{backbone.use}'; use 1..{n}"
+        ]
+    return []
+
+
+def _mark_overrides(problems: list[str], overridden: Sequence[str]) -> list[str]:
+    """Say ``(from --set)`` on problems about keys that came from the command line."""
+    marked = []
+    for problem in problems:
+        hit = next((k for k in overridden if f": {k}:" in problem or f": {k} " in problem), None)
+        marked.append(f"{problem} (from --set {hit})" if hit else problem)
+    return marked
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = (), registries: Registries | None = None) -> Recipe:
+    """Read, merge, override and validate the recipe at ``path``."""
+    if registries is None:
+        from contsup.plugins import get_plugin_manager
+
+        registries = Registries.from_plugin_manager(get_plugin_manager())
+    data = load_with_extends(Path(path))
+    data, problems = apply_overrides(data, overrides)
+    if problems:
+        raise RecipeError(problems)
+    overridden = [parse_override(o)[0] for o in overrides]
+    keys = [".".join(p) for p in overridden]
+    return build_recipe(data, str(path), registries, keys)
+
+
+def loads_recipe(text: str, registries: Registries, source: str = "<string>") -> Recipe:
+    """Validate a recipe given as TOML text."""
+    return build_recipe(parse_toml(text, source), source, registries)

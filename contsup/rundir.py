@@ -1,0 +1,140 @@
+"""Run directories: the resolved recipe, plugin versions, metrics and the trained model.
+
+Files are written atomically (temporary file in the same folder, fsync, rename) so a crash
+never leaves a half-written model; runs never overwrite each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from contsup import tomlw
+from contsup.errors import ContsupError
+
+RECIPE_FILE = "recipe.toml"
+PLUGINS_FILE = "plugins.json"
+METRICS_FILE = "metrics.jsonl"
+MODEL_FILE = "model.pt"
+
+
+def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
+    """Write ``path`` through ``write(fileobj)`` into a temporary sibling, fsync, then rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def default_run_dir(recipe: Any) -> Path:
+    return Path(recipe.run.out_dir) if recipe.run.out_dir else Path("runs") / recipe.name
+
+
+def create_run_dir(path: Path, new: bool = False) -> Path:
+    """Create the run directory; an existing non-empty one is an error unless ``new`` asks for
+    a fresh suffixed sibling (``name-2``, ``name-3``, ...)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if not new:
+            raise ContsupError(
+                f"run directory {path} already exists; pass --new for a fresh {path.name}-N directory, "
+                f"--resume {path} to continue it, or set run.out_dir"
+            )
+        i = 2
+        while (path.parent / f"{path.name}-{i}").exists():
+            i += 1
+        path = path.parent / f"{path.name}-{i}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_recipe(run_dir: Path, recipe: Any) -> None:
+    header = f"The resolved recipe of this run (from {recipe.source}); every key with its value.\n"
+    text = tomlw.dumps(recipe.table(), header=header)
+    atomic_write(run_dir / RECIPE_FILE, lambda f: f.write(text), binary=False)
+
+
+def write_versions(run_dir: Path, recipe: Any, pm: Any) -> None:
+    from contsup.plugins import plugin_versions
+
+    import timm
+
+    data = {
+        "contsup": pm.info[next(iter(pm.info))].version if pm.info else "?",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "plugins": plugin_versions(pm, recipe.plugins()),
+    }
+    atomic_write(run_dir / PLUGINS_FILE, lambda f: json.dump(data, f, indent=2), binary=False)
+
+
+def append_metrics(run_dir: Path, metrics: dict) -> None:
+    """Append one epoch's metrics as one JSON line (flushed and synced)."""
+    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(metrics) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """Every complete line of metrics.jsonl (a torn last line from a crash is skipped)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def save_model(run_dir: Path, network: torch.nn.Module) -> None:
+    state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
+    atomic_write(run_dir / MODEL_FILE, lambda f: torch.save(state, f))
+
+
+def load_model(run_dir: str | Path, map_location: str = "cpu") -> torch.nn.Module:
+    """The network of a finished run as one ordinary ``nn.Module`` in eval mode."""
+    from contsup.network import build_network
+    from contsup.recipe import load_recipe
+
+    run_dir = Path(run_dir)
+    if not (run_dir / RECIPE_FILE).exists():
+        raise ContsupError(f"{run_dir}: not a run directory (no {RECIPE_FILE})")
+    if not (run_dir / MODEL_FILE).exists():
+        raise ContsupError(f"{run_dir}: has no {MODEL_FILE}; the run has not finished")
+    recipe = load_recipe(run_dir / RECIPE_FILE)
+    network = build_network(recipe).network
+    try:
+        state = torch.load(run_dir / MODEL_FILE, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ContsupError(f"{run_dir / MODEL_FILE}: cannot be read ({type(exc).__name__}: {exc})") from None
+    network.load_state_dict(state)
+    return network.eval()

@@ -1,0 +1,105 @@
+"""Built-in context selectors: none/R0, E, Rn, RnE, MiRnE, all, and ``contsup`` with options.
+
+For module l (1-based) the sources are the raw input x (through M_E) and features h_j^c with
+0 <= j <= l-2 (through M_R); module 1 gets none. The names are shorthands for the options of
+the ``contsup`` selector: ``M1R1E`` is ``input = true, recent = 1, intermediate = 1``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+import attrs
+from torch import nn
+
+from contsup import hookimpl
+from contsup.options import at_least, option
+from contsup.types import Shape, Source
+
+from contsup_context.adapters import InputEncoder, OfficialShortcutAdapter, ShortcutAdapter
+
+_NAME = re.compile(r"^(?:M(?P<m>[1-9]\d*))?(?:R(?P<r>0|[1-9]\d*))?(?P<e>E)?$")
+
+
+def contsup_sources(
+    module: int, *, input: bool, recent: int, intermediate: int, dense: bool
+) -> tuple[Source, ...]:
+    """The sources of 1-based ``module`` for the given options, input first then by index."""
+    if module <= 1:
+        return ()
+    chosen: set[Source] = set()
+    if input:
+        chosen.add(Source.input())
+    last = module - 2  # the newest feature module l may use is h_{l-2}^c
+    if dense:
+        chosen.update(Source.feature(j) for j in range(last + 1))
+    for i in range(1, recent + 1):
+        j = module - 1 - i
+        if j >= 0:
+            chosen.add(Source.feature(j))
+    for k in range(1, intermediate + 1):
+        chosen.add(Source.feature((k * last) // (intermediate + 1)))
+    return tuple(sorted(chosen, key=Source.sort_key))
+
+
+class ContSup:
+    """Context supply: the input (E), the n most recent features (Rn), i evenly spaced
+    intermediate features (Mi), or every feature (dense), each through its own adapter."""
+
+    name = "contsup"
+    examples = ("none", "R0", "E", "R1", "R1E", "R2E", "M1R1E", "M2R1E", "R8E", "all")
+
+    @attrs.frozen
+    class Options:
+        input: bool = option(False, doc="E: add the raw input x through the input encoder M_E")
+        recent: int = option(0, doc="Rn: add h_{l-1-i}^c for i = 1..n (those that exist)", validator=at_least(0))
+        intermediate: int = option(
+            0, doc="Mi: add h_j^c for j = floor(k(l-2)/(i+1)), k = 1..i", validator=at_least(0)
+        )
+        dense: bool = option(False, doc="add every h_j^c with j <= l-2 (with input = true: the 'all' selector)")
+        encoder: Literal["paper", "official"] = option(
+            "paper", doc='M_E\'s first conv width: "paper" = h\'s channels (Table 7), "official" = 12'
+        )
+        shortcut: Literal["paper", "official"] = option(
+            "paper", doc='M_R: "paper" = 1x1 conv + pool; "official" = 1x1 conv + BN + ReLU + pool'
+        )
+
+    @classmethod
+    def resolve_name(cls, name: str) -> dict | None:
+        """Options preset by a shorthand name (``none``, ``all``, ``E``, ``R1E``, ``M2R1E``, ...)."""
+        base = {"input": False, "recent": 0, "intermediate": 0, "dense": False}
+        if name == "none":
+            return base
+        if name == "all":
+            return {**base, "input": True, "dense": True}
+        match = _NAME.match(name)
+        if not name or match is None:
+            return None
+        return {
+            **base,
+            "input": match["e"] is not None,
+            "recent": int(match["r"] or 0),
+            "intermediate": int(match["m"] or 0),
+        }
+
+    def __init__(self, options: "ContSup.Options") -> None:
+        self.options = options
+
+    def sources(self, module: int, num_modules: int) -> tuple[Source, ...]:
+        o = self.options
+        return contsup_sources(module, input=o.input, recent=o.recent, intermediate=o.intermediate, dense=o.dense)
+
+    def adapter(self, source: Source, source_shape: Shape, target_shape: Shape) -> nn.Module:
+        """M_E for the input, M_R for a feature, in the variant the options choose."""
+        if source.is_input:
+            hidden = 12 if self.options.encoder == "official" else None
+            return InputEncoder(source_shape, target_shape, hidden=hidden)
+        if self.options.shortcut == "official":
+            return OfficialShortcutAdapter(source_shape, target_shape)
+        return ShortcutAdapter(source_shape, target_shape)
+
+
+@hookimpl
+def register_context_selectors(register):
+    register(ContSup)

@@ -1,0 +1,38 @@
+"""Built-in partitioners: how a backbone's minimal units are cut into K modules."""
+
+from __future__ import annotations
+
+import attrs
+
+from contsup import hookimpl
+from contsup.types import Costs
+
+
+def uniform_split(n: int, k: int) -> tuple[int, ...]:
+    """K unit counts as equal as possible, the earlier modules one fewer when K does not divide n
+    (55 units, K=4 -> 13, 14, 14, 14)."""
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot cut {n} units into {k} non-empty modules")
+    base, extra = divmod(n, k)
+    return tuple(base + (1 if i >= k - extra else 0) for i in range(k))
+
+
+class Uniform:
+    """Equal numbers of units per module, as in the paper's experiments."""
+
+    name = "uniform"
+
+    @attrs.frozen
+    class Options:
+        pass
+
+    def __init__(self, options: "Uniform.Options") -> None:
+        self.options = options
+
+    def split(self, costs: Costs, k: int) -> tuple[int, ...]:
+        return uniform_split(len(costs.units), k)
+
+
+@hookimpl
+def register_partitioners(register):
+    register(Uniform)
