@@ -33,14 +33,14 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 @attrs.frozen
 class RunOptions:
-    """``[run]``: how the experiment runs."""
+    """How the experiment runs."""
 
     seed: int = option(0, doc="seed for initialisation, data order and augmentation")
     epochs: int = option(10, doc="number of training epochs", validator=at_least(1))
     device: str = option("auto", doc='"auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:N"')
     out_dir: str = option("", doc='run directory; "" means runs/<recipe name>')
     mode: Literal["greedy", "e2e"] = option("greedy", doc='"greedy": local losses per module; "e2e": end-to-end backprop')
-    log_every: int = option(0, doc="print a progress line every N steps when not on a terminal (0: 10 per epoch)", validator=at_least(0))
+    log_every: int = option(0, doc="off a terminal, print a progress line every N steps (0: at most every 10 s)", validator=at_least(0))
 
     def __attrs_post_init__(self) -> None:
         d = self.device
@@ -50,7 +50,7 @@ class RunOptions:
 
 @attrs.frozen
 class DataOptions:
-    """``[data]``: keys common to every dataset."""
+    """Keys common to every dataset."""
 
     batch_size: int = option(128, doc="training batch size", validator=at_least(1))
     test_batch_size: int = option(0, doc="evaluation batch size (0: same as batch_size)", validator=at_least(0))
@@ -59,7 +59,7 @@ class DataOptions:
 
 @attrs.frozen
 class PartitionOptions:
-    """``[partition]``: keys common to every partitioner."""
+    """Keys common to every partitioner."""
 
     modules: int = option(1, doc="K, the number of gradient-isolated modules", validator=at_least(1))
 
@@ -75,21 +75,22 @@ class Section:
 
     name: str
     own: type  # attrs class of the section's own keys
+    label: str  # what ``use`` names, for messages and docs
     kind: str | None  # registry holding its components, None for a plain section
     default_use: str | None  # None: ``use`` is required
     optional: bool = False  # the whole table may be absent (decoder)
 
 
 SECTIONS = (
-    Section("run", RunOptions, None, None),
-    Section("data", DataOptions, "datasets", None),
-    Section("backbone", NoOptions, "backbones", None),
-    Section("partition", PartitionOptions, "partitioners", "uniform"),
-    Section("context", NoOptions, "context_selectors", "none"),
-    Section("objective", NoOptions, "objectives", "cross_entropy"),
-    Section("decoder", NoOptions, "decoders", None, optional=True),
-    Section("optimizer", NoOptions, "optimizers", "sgd"),
-    Section("schedule", NoOptions, "schedules", "cosine"),
+    Section("run", RunOptions, "", None, None),
+    Section("data", DataOptions, "dataset", "datasets", None),
+    Section("backbone", NoOptions, "backbone", "backbones", None),
+    Section("partition", PartitionOptions, "partitioner", "partitioners", "uniform"),
+    Section("context", NoOptions, "context selector", "context_selectors", "none"),
+    Section("objective", NoOptions, "local objective", "objectives", "cross_entropy"),
+    Section("decoder", NoOptions, "decoder", "decoders", None, optional=True),
+    Section("optimizer", NoOptions, "optimizer", "optimizers", "sgd"),
+    Section("schedule", NoOptions, "learning-rate schedule", "schedules", "cosine"),
 )
 TOP_LEVEL_KEYS = ("extends",)
 
@@ -287,10 +288,10 @@ def _read_section(
         return result, problems
     use = table.get("use", section.default_use)
     if use is None:
-        problems.append(f"{where}.use: missing required key (the {section.name} to use)")
+        problems.append(f"{where}.use: missing required key (the {section.label} to use)")
         return result, problems
     if not isinstance(use, str):
-        problems.append(f"{where}.use: expected a string naming the {section.name}, got {type(use).__name__}")
+        problems.append(f"{where}.use: expected a string naming the {section.label}, got {type(use).__name__}")
         return result, problems
     registry = component_registry(section.kind, registries)
     try:

@@ -21,8 +21,8 @@ def did_you_mean(name: str, choices: Iterable[str], limit: int = 8) -> str:
     ordered = closest_first(name, choices)
     if not ordered:
         return "nothing is available"
-    close = difflib.get_close_matches(name, ordered, n=1, cutoff=0.5)
+    close = difflib.SequenceMatcher(None, name.lower(), ordered[0].lower()).ratio() >= 0.5
     shown = ", ".join(ordered[:limit])
     more = f", ... ({len(ordered) - limit} more)" if len(ordered) > limit else ""
-    hint = f"did you mean '{close[0]}'? " if close else ""
+    hint = f"did you mean '{ordered[0]}'? " if close else ""
     return f"{hint}choices: {shown}{more}"

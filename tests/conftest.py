@@ -1,0 +1,88 @@
+"""Shared fixtures: plugin registries and small, fast recipes on synthetic data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from contsup.plugins import get_plugin_manager
+from contsup.recipe import loads_recipe
+from contsup.registry import Registries
+
+ROOT = Path(__file__).resolve().parents[1]
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SMALL = """
+[run]
+seed = {seed}
+epochs = {epochs}
+mode = "{mode}"
+out_dir = "{out_dir}"
+
+[data]
+use = "synthetic"
+shape = [3, 16, 16]
+train_size = {train_size}
+test_size = 32
+batch_size = {batch_size}
+
+[backbone]
+use = "{backbone}"
+
+[partition]
+modules = {modules}
+
+[context]
+use = "{context}"
+
+[optimizer]
+lr = 0.05
+"""
+
+
+def small_recipe_text(
+    *,
+    seed: int = 0,
+    epochs: int = 1,
+    mode: str = "greedy",
+    out_dir: str = "",
+    train_size: int = 64,
+    batch_size: int = 16,
+    backbone: str = "cifar_resnet20",
+    modules: int = 4,
+    context: str = "R1E",
+    extra: str = "",
+) -> str:
+    """A small synthetic-data recipe as TOML text (3x16x16 images, ResNet-20)."""
+    return SMALL.format(**locals()) + extra
+
+
+@pytest.fixture(scope="session")
+def registries() -> Registries:
+    return Registries.from_plugin_manager(get_plugin_manager(entry_points=False))
+
+
+@pytest.fixture
+def small_recipe(registries):
+    """A factory: keyword arguments of :func:`small_recipe_text` -> validated Recipe."""
+
+    def make(**kwargs):
+        return loads_recipe(small_recipe_text(**kwargs), registries, source="small.toml")
+
+    return make
+
+
+@pytest.fixture
+def write_recipe(tmp_path):
+    """A factory writing TOML text to a file in tmp_path and returning its path."""
+
+    def write(text: str, name: str = "recipe.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+
+    return write

@@ -1,0 +1,108 @@
+"""Context selectors against DESIGN.md's table for every 1 <= l <= K <= 32, and the adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contsup.types import Source
+from contsup_context import ContSup
+from contsup_context.adapters import InputEncoder, OfficialShortcutAdapter, ShortcutAdapter
+
+X = "x"
+
+
+def expected_sources(name: str, l: int) -> set[str]:
+    """DESIGN.md's table, written out independently of the implementation."""
+    if l == 1 or name in ("none", "R0"):
+        return set()
+    if name == "all":
+        return {X} | {f"h{j}" for j in range(0, l - 1)}
+    out = set()
+    rest = name
+    if rest.startswith("M"):
+        i = int(rest[1])
+        rest = rest[2:]
+        if i == 1:
+            out.add(f"h{(l - 2) // 2}")
+        elif i == 2:
+            out |= {f"h{(l - 2) // 3}", f"h{2 * (l - 2) // 3}"}
+    if rest.endswith("E"):
+        out.add(X)
+        rest = rest[:-1]
+    if rest.startswith("R"):
+        n = int(rest[1:])
+        out |= {f"h{l - 1 - i}" for i in range(1, n + 1) if l - 1 - i >= 0}
+    return out
+
+
+NAMES = ["none", "R0", "E", "all"] + [f"R{n}" for n in (1, 2, 3, 8, 16)] + [f"R{n}E" for n in (1, 2, 8)]
+NAMES += [f"M{i}R{n}E" for i in (1, 2) for n in (1, 2)]
+
+
+def selector(name: str) -> ContSup:
+    return ContSup(ContSup.Options(**ContSup.resolve_name(name)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(NAMES), st.integers(1, 32), st.data())
+def test_named_selectors_match_the_design_table(name, k, data):
+    l = data.draw(st.integers(1, k))
+    sources = selector(name).sources(l, k)
+    assert {str(s) for s in sources} == expected_sources(name, l)
+    assert len(set(sources)) == len(sources)  # no source twice
+    assert list(sources) == sorted(sources, key=Source.sort_key)
+    for s in sources:
+        assert s.is_input or 0 <= s.index <= l - 2
+
+
+def test_every_module_sources_for_all_k_up_to_32():
+    for name in NAMES:
+        for k in range(1, 33):
+            for l in range(1, k + 1):
+                assert {str(s) for s in selector(name).sources(l, k)} == expected_sources(name, l), (name, l, k)
+
+
+def test_options_are_the_names_long_form():
+    assert ContSup.resolve_name("M1R1E") == {"input": True, "recent": 1, "intermediate": 1, "dense": False}
+    assert ContSup.resolve_name("all") == {"input": True, "recent": 0, "intermediate": 0, "dense": True}
+    for bad in ("", "R", "RE", "ER1", "R1EE", "M0R1E", "r1e", "R-1", "M1R01"):
+        assert ContSup.resolve_name(bad) is None, bad
+
+
+SHAPES = [
+    ((3, 32, 32), (16, 32, 32)),
+    ((3, 32, 32), (64, 8, 8)),
+    ((16, 32, 32), (32, 16, 16)),
+    ((16, 32, 32), (64, 8, 8)),
+    ((32, 16, 16), (32, 16, 16)),
+    ((1, 16, 16), (64, 4, 4)),
+    ((3, 96, 96), (64, 24, 24)),
+]
+
+
+@pytest.mark.parametrize("source_shape, target_shape", SHAPES)
+@pytest.mark.parametrize("adapter", [InputEncoder, ShortcutAdapter, OfficialShortcutAdapter])
+def test_adapters_produce_h_shape(adapter, source_shape, target_shape):
+    torch.manual_seed(0)
+    out = adapter(source_shape, target_shape)(torch.randn(2, *source_shape))
+    assert tuple(out.shape) == (2, *target_shape)
+
+
+@pytest.mark.parametrize("source_shape, target_shape", [((16, 32, 32), (32, 16, 16)), ((16, 30, 30), (64, 7, 7)), ((8, 9, 9), (8, 4, 4))])
+def test_shortcut_pools_first_with_the_same_result(source_shape, target_shape):
+    torch.manual_seed(0)
+    adapter = ShortcutAdapter(source_shape, target_shape)
+    h = torch.randn(4, *source_shape, dtype=torch.float64)
+    adapter = adapter.double()
+    conv_then_pool = torch.nn.functional.adaptive_avg_pool2d(adapter.conv(h), target_shape[1:])
+    assert torch.allclose(adapter(h), conv_then_pool, atol=1e-12)
+
+
+def test_encoder_widths_follow_the_variant():
+    paper = selector("E").adapter(Source.input(), (3, 32, 32), (64, 8, 8))
+    official = ContSup(ContSup.Options(input=True, encoder="official")).adapter(Source.input(), (3, 32, 32), (64, 8, 8))
+    assert paper.conv1.out_channels == 64 and official.conv1.out_channels == 12
+    assert isinstance(ContSup(ContSup.Options(recent=1, shortcut="official")).adapter(Source.feature(0), (16, 8, 8), (32, 4, 4)), OfficialShortcutAdapter)
