@@ -63,8 +63,12 @@ def plan_data(recipe: Any) -> dict:
 
     torch.manual_seed(recipe.run.seed)
     built = build_network(recipe)
+    k = len(built.plans)
     modules = []
     for plan, m in zip(built.plans, built.network.blocks):
+        stage = recipe.stage(plan.index)
+        last = plan.index == k
+        w_rec, w_local = m.weights
         modules.append(
             {
                 "index": plan.index,
@@ -73,6 +77,11 @@ def plan_data(recipe: Any) -> dict:
                 "sources": [str(s) for s in plan.sources],
                 "params": count_params(m),
                 "output_shape": list(plan.output_shape),
+                "context": stage.context.use,
+                "objective": "cross_entropy (backbone head)" if last else stage.objective.use,
+                "head": "backbone" if last else getattr(stage.objective.options, "head", type(m.head).__name__),
+                "decoder": None if last or stage.decoder is None else stage.decoder.use,
+                "weights": {"reconstruction": w_rec, "local": w_local},
             }
         )
     return {
@@ -89,8 +98,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    rows = [("module", "units", "unit range", "sources", "params", "output shape")]
+    rows = [("module", "units", "unit range", "sources", "params", "output shape", "objective", "head", "decoder (w_rec, w_local)")]
     for m in data["modules"]:
+        w = m["weights"]
         rows.append(
             (
                 str(m["index"]),
@@ -99,12 +109,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 ", ".join(m["sources"]) or "-",
                 f"{m['params']:,}",
                 "x".join(str(d) for d in m["output_shape"]),
+                m["objective"],
+                m["head"],
+                f"{m['decoder']} ({w['reconstruction']:g}, {w['local']:g})" if m["decoder"] else "-",
             )
         )
     print(
         f"{data['backbone']}: {data['num_units']} units, input "
-        f"{'x'.join(str(d) for d in data['input_shape'])}, {len(data['modules'])} modules, "
-        f"context {recipe.context.use}"
+        f"{'x'.join(str(d) for d in data['input_shape'])}, {len(data['modules'])} modules"
     )
     print(_table(rows))
     total = sum(m["params"] for m in data["modules"])

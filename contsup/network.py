@@ -242,6 +242,32 @@ def make_adapter(selector: Any, source: Source, source_shape: Shape, target_shap
 
 
 @attrs.frozen
+class Components:
+    """The component instances one module uses (shared by the modules of one stage)."""
+
+    selector: Any
+    objective: Any
+    decoder: Any
+
+
+def module_components(recipe: Any, k: int) -> list[Components]:
+    """For modules 1..k, the selector, objective and decoder of the recipe's stage holding it."""
+    cache: dict[int, Components] = {}
+    out = []
+    for l in range(1, k + 1):
+        stage = recipe.stage(l)
+        key = id(stage) if recipe.stages else 0
+        if key not in cache:
+            cache[key] = Components(
+                stage.context.create(),
+                stage.objective.create(),
+                stage.decoder.create() if stage.decoder is not None else None,
+            )
+        out.append(cache[key])
+    return out
+
+
+@attrs.frozen
 class Built:
     """A built network and what was learnt building it."""
 
@@ -267,30 +293,29 @@ def build_network(recipe: Any, costs: Costs | None = None) -> Built:
     if costs is None:
         costs = Costs.uniform(n)
     sizes = check_split(partitioner.split(costs, k), n, k, recipe.partitioner.use)
-    selector = recipe.context.create()
-    objective = recipe.objective.create()
-    decoder = recipe.decoder.create() if recipe.decoder is not None else None
-    plans = plan_modules(sizes, shapes, input_shape, [selector] * k)
+    components = module_components(recipe, k)
+    plans = plan_modules(sizes, shapes, input_shape, [c.selector for c in components])
     final_shape = shapes[-1]
     modules = []
-    for plan in plans:
+    for plan, parts_l in zip(plans, components):
         body = nn.Sequential(*units[plan.unit_range[0] : plan.unit_range[1] + 1])
         adapters = {}
         for s in plan.sources:
             source_shape = input_shape if s.is_input else plans[s.index].input_shape  # h_j^c feeds module j+1
-            adapters[s] = make_adapter(selector, s, tuple(source_shape), plan.input_shape)
-        last = plan.index == k
-        if last:
-            head, obj, dec, weights = parts.head, FinalCrossEntropy(), None, (0.0, 1.0)
+            adapters[s] = make_adapter(parts_l.selector, s, tuple(source_shape), plan.input_shape)
+        if plan.index == k:
+            head, obj, dec, dec_loss, weights = parts.head, FinalCrossEntropy(), None, None, (0.0, 1.0)
         else:
-            head = objective.head(HeadSpec(plan.output_shape, final_shape, info.num_classes))
-            obj = objective
+            obj = parts_l.objective
+            head = obj.head(HeadSpec(plan.output_shape, final_shape, info.num_classes))
+            decoder = parts_l.decoder
             dec = decoder.build(plan.output_shape, info) if decoder is not None else None
-            weights = tuple(decoder.weights(plan.index, k)) if decoder is not None else (0.0, 1.0)
+            dec_loss = decoder.loss if decoder is not None else None
+            weights = tuple(float(w) for w in decoder.weights(plan.index, k)) if decoder is not None else (0.0, 1.0)
         modules.append(
             ContextModule(
                 plan.index, body, plan.sources, adapters, head, obj,
-                decoder=dec, decoder_loss=decoder.loss if dec is not None else None, weights=weights, info=info,
+                decoder=dec, decoder_loss=dec_loss, weights=weights, info=info,
             )
         )
     network = GreedyNetwork(modules, info)

@@ -92,7 +92,9 @@ SECTIONS = (
     Section("optimizer", NoOptions, "optimizer", "optimizers", "sgd"),
     Section("schedule", NoOptions, "learning-rate schedule", "schedules", "cosine"),
 )
-TOP_LEVEL_KEYS = ("extends",)
+TOP_LEVEL_KEYS = ("extends", "modules")
+SECTION = {s.name: s for s in SECTIONS}
+STAGE_KEYS = ("range", "context", "objective", "decoder")
 
 
 @attrs.frozen
@@ -107,6 +109,35 @@ class Chosen:
     def create(self) -> Any:
         """A fresh instance of the component with its options."""
         return self.component(self.options)
+
+
+@attrs.frozen
+class Stage:
+    """Modules ``first``..``last`` (1-based, inclusive) and the components they use."""
+
+    first: int
+    last: int
+    context: Chosen
+    objective: Chosen
+    decoder: Chosen | None
+
+    def table(self, defaults: "Recipe") -> dict[str, Any]:
+        """This stage as a ``[[modules]]`` entry: the range and the tables that differ from the
+        recipe's own sections."""
+        out: dict[str, Any] = {"range": [self.first, self.last]}
+        for name in ("context", "objective", "decoder"):
+            chosen = getattr(self, name)
+            if chosen is not None and chosen != getattr(defaults, name):
+                out[name] = _chosen_table(chosen)
+        return out
+
+
+def _chosen_table(chosen: Chosen, own: Any = None) -> dict[str, Any]:
+    table: dict[str, Any] = {"use": chosen.use}
+    if own is not None:
+        table.update(as_table(own))
+    table.update(as_table(chosen.options))
+    return table
 
 
 @attrs.frozen
@@ -125,6 +156,7 @@ class Recipe:
     decoder: Chosen | None
     optimizer: Chosen
     schedule: Chosen
+    stages: tuple[Stage, ...] = ()  # from [[modules]]; empty: every module uses the sections above
 
     @property
     def name(self) -> str:
@@ -145,18 +177,24 @@ class Recipe:
             ("schedule", None, self.schedule),
         ]
         for name, own, chosen in pairs:
-            if chosen is None:
-                continue
-            table: dict[str, Any] = {"use": chosen.use}
-            if own is not None:
-                table.update(as_table(own))
-            table.update(as_table(chosen.options))
-            out[name] = table
+            if chosen is not None:
+                out[name] = _chosen_table(chosen, own)
+        if self.stages:
+            out["modules"] = [stage.table(self) for stage in self.stages]
         return out
+
+    def stage(self, module: int) -> Stage:
+        """The components of 1-based ``module``: its ``[[modules]]`` range, else the sections."""
+        for stage in self.stages:
+            if stage.first <= module <= stage.last:
+                return stage
+        return Stage(1, self.partition.modules, self.context, self.objective, self.decoder)
 
     def plugins(self) -> set[str]:
         """The plugins providing this recipe's components."""
         chosen = [self.dataset, self.backbone, self.partitioner, self.context, self.objective, self.decoder]
+        for stage in self.stages:
+            chosen += [stage.context, stage.objective, stage.decoder]
         return {c.plugin for c in chosen if c is not None and c.plugin != "contsup"}
 
 
@@ -251,15 +289,25 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[dic
         except ValueError as exc:
             problems.append(str(exc))
             continue
-        node = out
-        for i, part in enumerate(path[:-1]):
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                problems.append(f"--set {text}: {'.'.join(path[: i + 1])} is not a table")
+        node: Any = out
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    problems.append(f"--set {text}: {'.'.join(path[:i])} has no entry {part} (it has {len(node)})")
+                    break
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                problems.append(f"--set {text}: {'.'.join(path[:i])} is not a table")
                 break
-            node = child
-        else:
-            node[path[-1]] = value
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
     return out, problems
 
 
@@ -342,6 +390,10 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
         part, section_problems = _read_section(section, table, f"{source}: {section.name}", registries)
         parts[section.name] = part
         problems += section_problems
+    stages: tuple[Stage, ...] = ()
+    if "modules" in data:
+        stages, stage_problems = _read_stages(data["modules"], parts, source, registries)
+        problems += stage_problems
     if not problems:
         problems += _cross_checks(parts, source)
     if problems:
@@ -359,7 +411,75 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
         decoder=parts["decoder"]["chosen"],
         optimizer=parts["optimizer"]["chosen"],
         schedule=parts["schedule"]["chosen"],
+        stages=stages,
     )
+
+
+def check_tiling(ranges: Sequence[tuple[int, int]], k: int) -> list[str]:
+    """Problems with module ranges that must tile 1..k exactly: overlaps, gaps, out of bounds."""
+    problems = []
+    ordered = sorted(ranges)
+    expected = 1
+    for i, (first, last) in enumerate(ordered):
+        if i > 0 and first <= ordered[i - 1][1]:
+            problems.append(f"ranges {list(ordered[i - 1])} and {[first, last]} overlap")
+        elif first > expected:
+            problems.append(f"no range covers module{'s' if first - expected > 1 else ''} {_span(expected, first - 1)}")
+        expected = max(expected, last + 1)
+    if expected <= k:
+        problems.append(f"no range covers module{'s' if k - expected > 0 else ''} {_span(expected, k)} (partition.modules = {k})")
+    for first, last in ordered:
+        if last > k:
+            problems.append(f"range {[first, last]} goes past the last module (partition.modules = {k})")
+    return problems
+
+
+def _span(a: int, b: int) -> str:
+    return str(a) if a == b else f"{a}..{b}"
+
+
+def _read_stages(
+    items: Any, parts: Mapping[str, Mapping[str, Any]], source: str, registries: Registries
+) -> tuple[tuple[Stage, ...], list[str]]:
+    """Validate ``[[modules]]``: each entry's range and tables; ranges must tile 1..K."""
+    where = f"{source}: modules"
+    if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items) or not items:
+        return (), [f"{where}: expected [[modules]] tables, each with range = [first, last]"]
+    problems: list[str] = []
+    stages, ranges = [], []
+    for i, item in enumerate(items):
+        at = f"{where}[{i}]"
+        for key in item:
+            if key not in STAGE_KEYS:
+                problems.append(f"{at}.{key}: unknown key; {did_you_mean(key, STAGE_KEYS)}")
+        bounds = item.get("range")
+        if (
+            not isinstance(bounds, list)
+            or len(bounds) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds)
+            or not 1 <= bounds[0] <= bounds[1]
+        ):
+            problems.append(f"{at}.range: expected [first, last] module numbers with 1 <= first <= last, got {bounds!r}")
+            continue
+        chosen: dict[str, Any] = {}
+        for name in ("context", "objective", "decoder"):
+            table = item.get(name)
+            if table is None:
+                chosen[name] = parts[name]["chosen"]
+                continue
+            if not isinstance(table, Mapping):
+                problems.append(f"{at}.{name}: expected a table like {{ use = \"...\" }}")
+                continue
+            part, section_problems = _read_section(SECTION[name], table, f"{at}.{name}", registries)
+            problems += section_problems
+            chosen[name] = part["chosen"]
+        ranges.append((bounds[0], bounds[1]))
+        if len(chosen) == 3 and chosen["context"] is not None and chosen["objective"] is not None:
+            stages.append(Stage(bounds[0], bounds[1], chosen["context"], chosen["objective"], chosen["decoder"]))
+    partition = parts["partition"]["own"]
+    if partition is not None and len(ranges) == len(items):
+        problems += [f"{where}: {p}" for p in check_tiling(ranges, partition.modules)]
+    return tuple(sorted(stages, key=lambda s: s.first)), problems
 
 
 def count_units(backbone: Chosen, dataset: Chosen) -> int:

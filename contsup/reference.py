@@ -80,7 +80,42 @@ def recipe_reference(registries: Registries) -> str:
                 lines.append("Also reachable by name: " + ", ".join(f"`{e}`" for e in examples) + ".")
                 lines.append("")
             lines += _options_table(entry.component.Options)
+    lines.append(MODULES_SECTION)
     return "\n".join(lines).rstrip() + "\n"
+
+
+MODULES_SECTION = """## `[[modules]]`: hybrid schemes
+
+By default every module uses the `[context]`, `[objective]` and `[decoder]` sections. A recipe may
+instead give ranges of modules their own components with `[[modules]]` entries:
+
+| key | type | meaning |
+| --- | --- | --- |
+| `range` | a list of two integers | the first and last module (1-based, inclusive) of this entry |
+| `context` | a table | the context selector of these modules (default: `[context]`) |
+| `objective` | a table | their local objective (default: `[objective]`) |
+| `decoder` | a table | their decoder (default: `[decoder]`, if any) |
+
+The ranges must tile 1..K (`partition.modules`) exactly: a gap or an overlap is a recipe error
+naming the ranges. The last module always trains the backbone's own head with cross-entropy, so
+an objective or decoder given for it applies only to the other modules of its range. Example,
+DGL for modules 1-2 and ContSup R1E for modules 3-8:
+
+```toml
+[partition]
+modules = 8
+
+[[modules]]
+range = [1, 2]
+context = { use = "none" }
+
+[[modules]]
+range = [3, 8]
+context = { use = "R1E" }
+```
+
+Entries can be overridden from the command line by index: `--set modules.1.range=[3,8]`.
+"""
 
 
 def builtin_reference() -> str:

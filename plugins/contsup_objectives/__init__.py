@@ -1,6 +1,9 @@
-"""Built-in local objectives: cross-entropy on the paper's auxiliary classifier."""
+"""Built-in local objectives: softmax cross-entropy and supervised contrastive, on the paper's
+auxiliary classifier (in any of its published variants)."""
 
 from __future__ import annotations
+
+from typing import Literal
 
 import attrs
 import torch
@@ -8,10 +11,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from contsup import hookimpl
-from contsup.options import at_least, option
+from contsup.options import at_least, greater_than, option
 from contsup.types import HeadSpec
 
-from contsup_objectives.heads import AuxClassifier
+from contsup_objectives.heads import VARIANTS, AuxClassifier, Normalized
+from contsup_objectives.supcon import NoPositivePairs, supcon_loss
+
+HeadVariant = Literal["0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"]
+assert set(HeadVariant.__args__) == set(VARIANTS)  # type: ignore[attr-defined]
+
+_HEAD_DOC = "auxiliary head: <convs>c<fully connected layers>f; 1c2f is the paper's (Table 6)"
 
 
 class CrossEntropy:
@@ -21,13 +30,14 @@ class CrossEntropy:
 
     @attrs.frozen
     class Options:
-        hidden: int = option(128, doc="width of the head's hidden fully connected layer", validator=at_least(1))
+        head: HeadVariant = option("1c2f", doc=_HEAD_DOC)
+        hidden: int = option(128, doc="width of the head's hidden fully connected layers", validator=at_least(1))
 
     def __init__(self, options: "CrossEntropy.Options") -> None:
         self.options = options
 
     def head(self, spec: HeadSpec) -> nn.Module:
-        return AuxClassifier(spec, out=spec.num_classes, hidden=self.options.hidden)
+        return AuxClassifier(spec, out=spec.num_classes, hidden=self.options.hidden, variant=self.options.head)
 
     def loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(z, y)
@@ -36,6 +46,39 @@ class CrossEntropy:
         return z.argmax(dim=1)
 
 
+class SupCon:
+    """Supervised contrastive loss on L2-normalised embeddings (the paper's "contrast" objective);
+    its head ends in a 128 -> ``dim`` layer instead of a classifier."""
+
+    name = "supcon"
+
+    @attrs.frozen
+    class Options:
+        temperature: float = option(0.07, doc="temperature t of the similarities", validator=greater_than(0))
+        base_temperature: float = option(0.07, doc="the loss is scaled by t / base_temperature", validator=greater_than(0))
+        head: HeadVariant = option("1c2f", doc=_HEAD_DOC)
+        hidden: int = option(128, doc="width of the head's hidden fully connected layers", validator=at_least(1))
+        dim: int = option(128, doc="dimension of the embedding the loss compares", validator=at_least(1))
+
+    def __init__(self, options: "SupCon.Options") -> None:
+        self.options = options
+
+    def head(self, spec: HeadSpec) -> nn.Module:
+        o = self.options
+        return Normalized(AuxClassifier(spec, out=o.dim, hidden=o.hidden, variant=o.head))
+
+    def loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return supcon_loss(z, y, self.options.temperature, self.options.base_temperature)
+
+    def predict(self, z: torch.Tensor) -> None:
+        """An embedding predicts no label."""
+        return None
+
+
 @hookimpl
 def register_objectives(register):
     register(CrossEntropy)
+    register(SupCon)
+
+
+__all__ = ["CrossEntropy", "SupCon", "supcon_loss", "NoPositivePairs"]
