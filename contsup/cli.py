@@ -153,6 +153,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from contsup.sweep import sweep_main
+
+    _, registries = _registries()
+    return sweep_main(args.sweep, registries, dry_run=args.dry_run)
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from contsup.results import results_main
+
+    _, registries = _registries()
+    return results_main(args.dirs, registries, csv_path=args.csv, md_path=args.markdown)
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     pm, registries = _registries()
     provided = registries.by_plugin()
@@ -224,6 +238,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = recipe_command("plan", "show each module's units, context sources, parameters and shapes")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_plan)
+    p = sub.add_parser("sweep", help="train every combination of a sweep file (finished runs are skipped)")
+    p.add_argument("sweep", help="a sweep file: [sweep] recipes, out_dir and [axes]")
+    p.add_argument("--dry-run", action="store_true", help="print one contsup train command per unfinished run instead")
+    p.set_defaults(func=cmd_sweep)
+    p = sub.add_parser("results", help="mean ± std test error per configuration of finished runs, beside the paper's")
+    p.add_argument("dirs", nargs="+", help="run directories or folders holding them (searched recursively)")
+    p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
+    p.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
+    p.set_defaults(func=cmd_results)
     p = sub.add_parser("plugins", help="list plugins and what they registered")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_plugins)

@@ -9,6 +9,7 @@ overrides any key, the value parsed as a TOML literal (a bare word is taken as a
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -289,26 +290,33 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[dic
         except ValueError as exc:
             problems.append(str(exc))
             continue
-        node: Any = out
-        for i, part in enumerate(path):
-            last = i == len(path) - 1
-            if isinstance(node, list):
-                if not part.isdigit() or int(part) >= len(node):
-                    problems.append(f"--set {text}: {'.'.join(path[:i])} has no entry {part} (it has {len(node)})")
-                    break
-                if last:
-                    node[int(part)] = value
-                else:
-                    node = node[int(part)]
-                continue
-            if not isinstance(node, dict):
-                problems.append(f"--set {text}: {'.'.join(path[:i])} is not a table")
-                break
-            if last:
-                node[part] = value
-            else:
-                node = node.setdefault(part, {})
+        problem = set_path(out, path, value, text)
+        if problem:
+            problems.append(problem)
     return out, problems
+
+
+def set_path(data: dict[str, Any], path: Sequence[str], value: Any, text: str = "") -> str | None:
+    """Set ``data[path...] = value`` in place (numeric parts index lists); a problem or None."""
+    text = text or f"{'.'.join(path)}={value!r}"
+    node: Any = data
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                return f"--set {text}: {'.'.join(path[:i])} has no entry {part} (it has {len(node)})"
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            return f"--set {text}: {'.'.join(path[:i])} is not a table"
+        if last:
+            node[part] = value
+        else:
+            node = node.setdefault(part, {})
+    return None
 
 
 def component_registry(kind: str, registries: Registries) -> Registry:
@@ -484,6 +492,18 @@ def _read_stages(
 
 def count_units(backbone: Chosen, dataset: Chosen) -> int:
     """How many minimal units the backbone has for the dataset's input (built on the meta device)."""
+    try:
+        return _count_units_cached(backbone, dataset)
+    except TypeError:  # options holding unhashable values: no caching
+        return _count_units(backbone, dataset)
+
+
+@functools.lru_cache(maxsize=256)
+def _count_units_cached(backbone: Chosen, dataset: Chosen) -> int:
+    return _count_units(backbone, dataset)
+
+
+def _count_units(backbone: Chosen, dataset: Chosen) -> int:
     info = dataset.create().info()
     with torch.device("meta"):
         parts = backbone.create().build(tuple(info.input_shape), info.num_classes)

@@ -13,7 +13,8 @@ from contsup.recipe import load_recipe, loads_recipe
 
 from conftest import ROOT, small_recipe_text
 
-RECIPES = sorted((ROOT / "recipes").rglob("*.toml"))
+RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*.toml") if not p.name.endswith(".sweep.toml"))
+SWEEPS = sorted((ROOT / "recipes").rglob("*.sweep.toml"))
 
 
 def run_validate(path: Path, *extra: str, capsys) -> tuple[int, list[str]]:
@@ -135,7 +136,15 @@ def test_every_shipped_recipe_validates(path, capsys):
     assert main(["validate", str(path)]) == 0, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_sweep_validates(path, registries):
+    from contsup.sweep import check_runs, load_sweep
+
+    sweep = load_sweep(path)
+    assert sweep.runs() and check_runs(sweep, registries) == []
+
+
+@pytest.mark.parametrize("path", RECIPES + SWEEPS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_recipe_starts_with_its_command(path):
     first = path.read_text().splitlines()[0]
     rel = path.relative_to(ROOT)

@@ -1,0 +1,102 @@
+"""Result tables: grouping by configuration, mean ± std over seeds, the paper's number beside
+configurations it published, Markdown and CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from contsup import tomlw
+from contsup.cli import main
+from contsup.paper import cells, describe, matching_cells
+from contsup.results import build_rows, csv_text, distinguishing_columns, find_runs, load_run, markdown
+
+from conftest import small_recipe_text
+
+
+def fake_run(root, name, table, errors, finished=True):
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "recipe.toml").write_text(tomlw.dumps(table))
+    lines = [
+        {"epoch": i + 1, "test_error_pct": e, "peak_memory_bytes": 2**20 * (i + 1), "images_per_s": 100.0}
+        for i, e in enumerate(errors)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    if finished:
+        (run / "model.pt").write_bytes(b"")
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path, small_recipe):
+    base = small_recipe(context="none").table()
+    r1e = small_recipe(context="R1E").table()
+    for seed, err in enumerate([10.0, 12.0, 14.0]):
+        fake_run(tmp_path, f"dgl-{seed}", {**base, "run": {**base["run"], "seed": seed}}, [50.0, err])
+    for seed, err in enumerate([5.0, 7.0]):
+        fake_run(tmp_path, f"r1e-{seed}", {**r1e, "run": {**r1e["run"], "seed": seed}}, [err])
+    fake_run(tmp_path, "r1e-broken", r1e, [99.0], finished=False)
+    return tmp_path
+
+
+def test_rows_group_seeds_and_leave_out_unfinished_runs(runs, registries):
+    columns, rows, unfinished = build_rows([load_run(d) for d in find_runs([runs])], registries)
+    assert [r.run_dir.name for r in unfinished] == ["r1e-broken"]
+    by_context = {row.config["context.use"]: row for row in rows}
+    assert sorted(by_context["none"].errors) == [10.0, 12.0, 14.0]  # the final epoch counts
+    assert by_context["none"].mean_std(by_context["none"].errors) == (12.0, 2.0)
+    assert "context.use" in columns and "context.recent" not in columns and "run.seed" not in columns
+    text = markdown(columns, rows)
+    assert "| 12.00 ± 2.00 |" in text and "| 6.00 ± 1.41 |" in text
+    table = list(csv.DictReader(io.StringIO(csv_text(columns, rows))))
+    assert {r["context.use"]: float(r["test_error_mean"]) for r in table} == {"none": 12.0, "R1E": 6.0}
+
+
+def test_results_command_prints_markdown_and_writes_csv(runs, tmp_path, capsys):
+    out_csv = tmp_path / "t.csv"
+    assert main(["results", str(runs), "--csv", str(out_csv), "--markdown", str(tmp_path / "t.md")]) == 0
+    captured = capsys.readouterr()
+    assert "test error %" in captured.out and "1 unfinished run(s) left out" in captured.err
+    assert out_csv.read_text().startswith("data.use,")
+    assert main(["results", str(tmp_path / "nothing-here")]) == 2
+
+
+def test_distinguishing_columns_keep_only_what_tells_configurations_apart():
+    configs = [
+        {"data.use": "d", "context.use": "R1E", "context.recent": 1, "optimizer.lr": 0.1},
+        {"data.use": "d", "context.use": "none", "context.recent": 0, "optimizer.lr": 0.1},
+        {"data.use": "d", "context.use": "none", "context.recent": 0, "optimizer.lr": 0.2},
+    ]
+    assert distinguishing_columns(configs) == ["data.use", "context.use", "optimizer.lr"]
+
+
+def paper_table(context, objective="supcon", modules=16, decoder=None, backbone="cifar_resnet32", dataset="cifar10", mode="greedy"):
+    table = {
+        "run": {"mode": mode},
+        "data": {"use": dataset},
+        "backbone": {"use": backbone},
+        "partition": {"modules": modules},
+        "context": {"use": context},
+        "objective": {"use": objective},
+    }
+    if decoder:
+        table["decoder"] = {"use": decoder}
+    return table
+
+
+def test_paper_cells_are_matched_by_configuration(registries):
+    assert len(cells()) == 97
+    assert describe(matching_cells(paper_table("R1E"), registries)) == "9.98 ± 0.18 (Tables 2, 11)"
+    assert describe(matching_cells(paper_table("E", "cross_entropy", 2), registries)) == "8.04 ± 0.22 (Table 2)"
+    spelled = paper_table("contsup")
+    spelled["context"].update(input=True, recent=1, intermediate=0, dense=False)
+    assert describe(matching_cells(spelled, registries)) == "9.98 ± 0.18 (Tables 2, 11)"
+    assert describe(matching_cells(paper_table("none", "cross_entropy", 8, "infopro"), registries)) == "11.40 ± 0.18 (Table 2)"
+    assert describe(matching_cells(paper_table("R1E", "supcon", 4, None, "cifar_resnet110", "stl10"), registries)) == "20.53 ± 0.03 (Table 3)"
+    assert describe(matching_cells(paper_table("none", "cross_entropy", 1, None, "cifar_resnet110", "svhn", "e2e"), registries)) == "3.07 ± 0.23 (Table 3)"
+    assert matching_cells(paper_table("R1E", dataset="digits"), registries) == []
+    assert describe(matching_cells(paper_table("none"), registries)).endswith("*")  # Table 11's R0 caveat

@@ -1,0 +1,74 @@
+"""Sweeps: every combination gets its own run directory, finished runs are skipped, bad sweeps
+and bad combinations are reported before anything runs, --dry-run prints runnable commands."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from contsup.cli import main
+from contsup.errors import RecipeError
+from contsup.sweep import check_runs, load_sweep
+
+from conftest import small_recipe_text
+
+
+@pytest.fixture
+def sweep_file(tmp_path):
+    (tmp_path / "base.toml").write_text(small_recipe_text(train_size=16, modules=2))
+
+    def write(axes: str, head: str = "") -> str:
+        path = tmp_path / "s.sweep.toml"
+        path.write_text(f'[sweep]\nrecipes = ["base.toml"]\nout_dir = "{tmp_path / "runs"}"\n{head}\n[axes]\n{axes}\n')
+        return str(path)
+
+    return write
+
+
+def test_runs_cross_every_axis_into_distinct_directories(sweep_file):
+    sweep = load_sweep(sweep_file('"partition.modules" = [1, 2, 4]\n"context.use" = ["none", "R1E"]\nrun.seed = [0, 1]'))
+    runs = sweep.runs()
+    assert len(runs) == 12 and len({r.run_dir for r in runs}) == 12
+    assert runs[0].settings == (("partition.modules", 1), ("context.use", "none"), ("run.seed", 0))
+    assert runs[0].run_dir.name == "partition.modules=1__context.use=none__run.seed=0"
+
+
+def test_bad_sweep_files_are_reported_together(sweep_file):
+    with pytest.raises(RecipeError) as err:
+        load_sweep(sweep_file('"run.seed" = 3\n"run.out_dir" = ["x"]', head="outdir = 1"))
+    problems = "\n".join(err.value.problems)
+    assert "sweep.outdir: unknown key; did you mean 'out_dir'?" in problems
+    assert 'axes."run.seed": expected a non-empty list of values' in problems
+    assert "axes.run.out_dir: the sweep chooses each run's directory" in problems
+
+
+def test_bad_combinations_are_found_before_running(sweep_file, registries):
+    sweep = load_sweep(sweep_file('"partition.modules" = [2, 40]\n"context.use" = ["R1E", "R1X"]'))
+    problems = check_runs(sweep, registries)
+    assert any("[partition.modules=40 " in p and "partition.modules: 40 is more than" in p for p in problems)
+    assert any('context.use="R1X"]' in p and "unknown context selector 'R1X'" in p for p in problems)
+    assert main(["sweep", sweep.source.as_posix()]) == 2
+    assert not (sweep.out_dir).exists()
+
+
+def test_dry_run_prints_runnable_commands(sweep_file, capsys):
+    path = sweep_file('"context.use" = ["none", "E"]')
+    assert main(["sweep", path, "--dry-run"]) == 0
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == 2
+    args = shlex.split(commands[1])
+    assert args[:2] == ["contsup", "train"] and "context.use=\"E\"" in args
+    assert main(args[1:]) == 0  # the printed command trains that run
+
+
+def test_sweep_runs_everything_once_and_skips_finished_runs(sweep_file, capsys):
+    path = sweep_file('"run.seed" = [0, 1]')
+    assert main(["sweep", path]) == 0
+    out = capsys.readouterr()
+    assert "2/2 runs finished, 0 failed" in out.out
+    sweep = load_sweep(path)
+    assert all(r.finished for r in sweep.runs())
+    assert main(["sweep", path]) == 0
+    out = capsys.readouterr()
+    assert "2 already finished" in out.err and "training" not in out.out
