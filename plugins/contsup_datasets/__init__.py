@@ -1,11 +1,15 @@
-"""Built-in datasets: ``digits`` (scikit-learn's bundled digits, the offline default) and
-``synthetic`` (seeded random images of any shape)."""
+"""Built-in datasets: ``digits`` (scikit-learn's bundled digits, the offline default),
+``synthetic`` (seeded random images of any shape) and the paper's ``cifar10``, ``svhn`` and
+``stl10`` (torchvision, files under ``data.root``)."""
 
 from __future__ import annotations
 
 from contsup import hookimpl
 
+from contsup_datasets.cifar10 import Cifar10
 from contsup_datasets.digits import Digits
+from contsup_datasets.stl10 import Stl10
+from contsup_datasets.svhn import Svhn
 from contsup_datasets.synthetic import Synthetic
 
 
@@ -13,3 +17,6 @@ from contsup_datasets.synthetic import Synthetic
 def register_datasets(register):
     register(Digits)
     register(Synthetic)
+    register(Cifar10)
+    register(Svhn)
+    register(Stl10)

@@ -1,0 +1,64 @@
+"""CIFAR-10 through torchvision, with the paper's preprocessing: reflect-pad 4, random 32x32
+crop and horizontal flip for training; per-channel normalisation for both splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+from torchvision import datasets, transforms
+
+from contsup.options import option
+from contsup.types import DatasetInfo
+from contsup_datasets.files import DataFiles, check_classes, check_labels, non_empty, open_dataset
+
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
+STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
+TRAIN_FILES = tuple(name for name, _ in datasets.CIFAR10.train_list)
+TEST_FILES = tuple(name for name, _ in datasets.CIFAR10.test_list)
+META_FILE = datasets.CIFAR10.meta["filename"]
+
+
+def cifar10_transform(train: bool) -> transforms.Compose:
+    """PIL image -> normalised (3, 32, 32) tensor; training adds crop and flip (torch's global RNG)."""
+    augment = [transforms.RandomCrop(32, padding=4, padding_mode="reflect"), transforms.RandomHorizontalFlip()] if train else []
+    return transforms.Compose([*augment, transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+
+
+class Cifar10:
+    """CIFAR-10: 50,000 training and 10,000 test 32x32 colour images in 10 classes."""
+
+    name = "cifar10"
+
+    @attrs.frozen
+    class Options:
+        root: str = option("data", doc="folder holding cifar-10-batches-py/ (relative paths start at the working directory)", validator=non_empty)
+        download: bool = option(False, doc="fetch the files (about 170 MB) into root when they are missing; false never touches the network")
+
+    def __init__(self, options: "Cifar10.Options") -> None:
+        self.options = options
+
+    def info(self) -> DatasetInfo:
+        return DatasetInfo(input_shape=(3, 32, 32), num_classes=len(CLASSES), mean=MEAN, std=STD)
+
+    def files(self) -> DataFiles:
+        """The files torchvision requires (both splits and the metadata), with their md5 sums."""
+        cls = datasets.CIFAR10
+        root = Path(self.options.root).expanduser()
+        checked = tuple((n, m) for n, m in cls.train_list + cls.test_list) + ((META_FILE, cls.meta["md5"]),)
+        return DataFiles(self.name, "CIFAR-10", root, root / cls.base_folder, checked, cls.url)
+
+    def load(self, train: bool) -> datasets.CIFAR10:
+        """The training or test split as (x: (3, 32, 32) float tensor, y: int) pairs."""
+        files = self.files()
+        reads = (TRAIN_FILES if train else TEST_FILES) + (META_FILE,)
+        data = open_dataset(
+            files,
+            self.options.download,
+            lambda: datasets.CIFAR10(str(files.root), train=train, transform=cifar10_transform(train), download=self.options.download),
+            reads,
+        )
+        check_labels(files, data.targets, len(data.data), len(CLASSES), reads)
+        check_classes(files, data.classes, CLASSES, META_FILE)
+        return data
