@@ -461,3 +461,19 @@ def test_every_dataset_is_in_the_datasets_doc(registries):
     text = (ROOT / "docs" / "datasets.md").read_text()
     for name in registries.datasets.names():
         assert f"| `{name}` |" in text, f"docs/datasets.md does not describe dataset '{name}'"
+
+
+def test_the_stl10_k4_recipe_trains_a_step_on_fake_files(tmp_path, capsys, skip_md5, monkeypatch):
+    """recipes/stl10_k4.toml as shipped (ResNet-110, K=4, R1E, supcon) on tiny STL-10 files: one
+    training step, one evaluation, a finished run directory."""
+    from conftest import ROOT
+
+    monkeypatch.setitem(globals(), "STL_TRAIN", 12)  # labels 0..9, 0, 1: supcon needs positive pairs
+    write_stl(tmp_path / "data")
+    out_dir = tmp_path / "run"
+    args = ["train", str(ROOT / "recipes" / "stl10_k4.toml"), "--set", f"data.root={tmp_path / 'data'}"]
+    for override in ("run.epochs=1", "data.batch_size=16", "data.workers=0", "schedule.warmup_epochs=0", f"run.out_dir={out_dir}"):
+        args += ["--set", override]
+    assert main(args) == 0, capsys.readouterr().err
+    metrics = (out_dir / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 1 and '"step": 1' in metrics[0]
