@@ -231,7 +231,8 @@ def _profile_cases(input_shape: Shape, stages: Sequence[Shape]) -> Iterator[tupl
     feature_shapes = [tuple(input_shape), *map(tuple, stages)]
     for b, target in enumerate(stages):
         yield Source.input(), tuple(input_shape), tuple(target)
-        for j in range(b + 2):  # h_j is the input of module j+1: shapes[j]; target is stages[b] = shapes[b+1]
+        # h_j^c has feature_shapes[j]; j = b+1 is the target's own shape (modules within a stage)
+        for j in range(b + 2):
             yield Source.feature(j), feature_shapes[j], tuple(target)
 
 
