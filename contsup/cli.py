@@ -37,9 +37,10 @@ def _registries():
     from contsup.registry import Registries
 
     pm = get_plugin_manager()
+    registries = Registries.from_plugin_manager(pm)  # may add load errors of its own
     for line in pm.load_errors:
         print(f"warning: {line}", file=sys.stderr)
-    return pm, Registries.from_plugin_manager(pm)
+    return pm, registries
 
 
 def _recipe(args: argparse.Namespace):
@@ -168,27 +169,48 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
+    from contsup.plugins import ALLOW_ENV
+    from contsup.registry import KINDS
+
     pm, registries = _registries()
     provided = registries.by_plugin()
+    observers = {"on_run_start", "on_epoch_end", "on_run_end"}
     rows = []
     for name, info in pm.info.items():
+        plugin = pm.get_plugin(name)
+        hooks = sorted(c.name for c in (pm.get_hookcallers(plugin) or ())) if plugin is not None else []
         rows.append(
             {
                 "name": name,
                 "distribution": info.distribution,
                 "version": info.version,
                 "builtin": info.builtin,
+                "entry_point": info.entry_point or None,
+                "hooks": hooks,
                 "registered": [{"kind": k, "name": n} for k, n in provided.get(name, [])],
             }
         )
+    skipped = [
+        {"name": i.name, "distribution": i.distribution, "version": i.version, "entry_point": i.entry_point}
+        for i in pm.skipped
+    ]
     if args.json:
-        print(json.dumps({"plugins": rows, "errors": pm.load_errors}, indent=2))
+        print(json.dumps({"plugins": rows, "skipped": skipped, "errors": pm.load_errors}, indent=2))
         return 0
-    table = [("kind", "name", "plugin", "distribution")]
+    plural = {kind: attr.replace("_", " ") for attr, kind in KINDS.items()}
+    table = [("plugin", "distribution", "registered")]
     for row in rows:
+        groups: dict[str, list[str]] = {}
         for item in row["registered"]:
-            table.append((item["kind"], item["name"], row["name"], f"{row['distribution']} {row['version']}"))
+            groups.setdefault(plural[item["kind"]], []).append(item["name"])
+        parts = [f"{kind}: {', '.join(names)}" for kind, names in groups.items()]
+        hooks = [h for h in row["hooks"] if h in observers]
+        if hooks:
+            parts.append(f"observers: {', '.join(hooks)}")
+        table.append((row["name"], f"{row['distribution']} {row['version']}", "; ".join(parts) or "-"))
     print(_table(table))
+    for item in skipped:
+        print(f"not loaded ({ALLOW_ENV} leaves it out): {item['name']} ({item['distribution']} {item['version']})")
     return 0
 
 

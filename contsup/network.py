@@ -222,7 +222,7 @@ def _check_sources(sources: Sequence[Source], l: int, k: int, selector: Any) -> 
         if s in seen:
             raise ContsupError(f"context selector '{who}' returned source {s} twice for module {l}")
         seen.add(s)
-        if not s.is_input and not 0 <= s.index <= l - 2:
+        if l == 1 or (not s.is_input and not 0 <= s.index <= l - 2):  # module 1 gets no context
             raise ContsupError(
                 f"context selector '{who}' gave module {l} of {k} the source {s}; module {l} may use x and h0..h{l - 2}"
                 if l >= 2

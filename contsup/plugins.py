@@ -9,12 +9,14 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import os
+import re
 from typing import Any
 
 import attrs
 import pluggy
 
 from contsup import hookspecs
+from contsup.suggest import did_you_mean
 
 ENTRY_POINT_GROUP = "contsup"
 ALLOW_ENV = "CONTSUP_LOAD_PLUGINS"
@@ -48,6 +50,8 @@ class PluginManager(pluggy.PluginManager):
         self.add_hookspecs(hookspecs)
         self.info: dict[str, PluginInfo] = {}
         self.load_errors: list[str] = []
+        self.skipped: list[PluginInfo] = []  # installed but left out by CONTSUP_LOAD_PLUGINS
+        self.strict = False  # raise a plugin's errors instead of recording them (authors' tests)
 
 
 def _own_version() -> str:
@@ -76,6 +80,24 @@ def get_plugin_manager(*, builtins: tuple[str, ...] = BUILTIN_PLUGINS, entry_poi
     return pm
 
 
+def load_error(name: str, entry_point: str, cause: str, distribution: str = "") -> str:
+    """The one line reported for a third-party plugin that cannot be used, with how to skip it."""
+    cause = " ".join(cause.split())  # a multi-line message (a SyntaxError's) stays one line
+    return (
+        f"Error loading plugin '{name}' (entry point {entry_point}): {cause} "
+        f"(skip it with {ALLOW_ENV} naming the plugins to load, or uninstall {distribution or name})"
+    )
+
+
+def _cause(exc: Exception) -> str:
+    cause = f"{type(exc).__name__}: {exc}".strip()
+    match = re.search(r"unknown hook '(\w+)'", str(exc))
+    if isinstance(exc, pluggy.PluginValidationError) and match:
+        hooks = [name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "contsup_spec")]
+        cause = f"{type(exc).__name__}: unknown hook '{match[1]}'; {did_you_mean(match[1], hooks)}"
+    return cause
+
+
 def _load_entry_points(pm: PluginManager) -> None:
     allowed = _allowed()
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
@@ -83,6 +105,7 @@ def _load_entry_points(pm: PluginManager) -> None:
         dist_name = getattr(dist, "name", None) or getattr(dist, "metadata", {}).get("Name", "") if dist else ""
         dist_version = getattr(dist, "version", "") if dist else ""
         if allowed is not None and ep.name not in allowed and dist_name not in allowed:
+            pm.skipped.append(PluginInfo(ep.name, dist_name or "?", dist_version or "?", builtin=False, entry_point=ep.value))
             continue
         if pm.get_plugin(ep.name) is not None or ep.name in pm.info:
             pm.load_errors.append(
@@ -93,12 +116,11 @@ def _load_entry_points(pm: PluginManager) -> None:
         try:
             plugin = ep.load()
             pm.register(plugin, name=ep.name)
+            pm.check_pending()  # a misspelt hook name would otherwise be ignored without a word
         except Exception as exc:  # a broken third-party plugin must not break contsup
-            cause = f"{type(exc).__name__}: {exc}".strip()
-            pm.load_errors.append(
-                f"Error loading plugin '{ep.name}' (entry point {ep.value}): {cause} "
-                f"(skip it with {ALLOW_ENV} naming the plugins to load, or uninstall {dist_name or ep.name})"
-            )
+            if pm.get_plugin(ep.name) is not None:
+                pm.unregister(name=ep.name)
+            pm.load_errors.append(load_error(ep.name, ep.value, _cause(exc), dist_name))
             continue
         pm.info[ep.name] = PluginInfo(ep.name, dist_name or "?", dist_version or "?", builtin=False, entry_point=ep.value)
 

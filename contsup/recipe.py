@@ -21,6 +21,7 @@ from contsup.errors import ContsupError, RecipeError
 from contsup.optim import optimizers, schedules
 from contsup.options import as_table, at_least, option, structure
 from contsup.registry import Registries, Registry, UnknownName
+from contsup.requirements import check_requirements
 from contsup.suggest import did_you_mean
 
 if sys.version_info >= (3, 11):
@@ -42,6 +43,9 @@ class RunOptions:
     out_dir: str = option("", doc='run directory; "" means runs/<recipe name>')
     mode: Literal["greedy", "e2e"] = option("greedy", doc='"greedy": local losses per module; "e2e": end-to-end backprop')
     log_every: int = option(0, doc="off a terminal, print a progress line every N steps (0: at most every 10 s)", validator=at_least(0))
+    requires: tuple[str, ...] = option(
+        (), doc='plugin distributions the recipe needs, e.g. ["contsup-geometric>=0.1"]; checked before anything runs'
+    )
 
     def __attrs_post_init__(self) -> None:
         d = self.device
@@ -398,6 +402,8 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
         part, section_problems = _read_section(section, table, f"{source}: {section.name}", registries)
         parts[section.name] = part
         problems += section_problems
+    if parts["run"]["own"] is not None:  # a missing plugin explains the problems it causes: first
+        problems[:0] = check_requirements(parts["run"]["own"].requires, registries.plugins, f"{source}: run.requires")
     stages: tuple[Stage, ...] = ()
     if "modules" in data:
         stages, stage_problems = _read_stages(data["modules"], parts, source, registries)

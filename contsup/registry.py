@@ -7,7 +7,7 @@ options, e.g. ``"R1E"`` for the ``contsup`` selector) and list examples in ``exa
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import attrs
 
@@ -48,12 +48,13 @@ class UnknownName(LookupError):
 class Registry:
     """Named components of one kind; duplicate names are an error naming both plugins."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, origins: Mapping[str, Any] | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
+        self.origins = origins if origins is not None else {}  # plugin -> PluginInfo, for messages
 
-    def add(self, component: type, plugin: str) -> None:
-        """Register ``component`` as provided by ``plugin``."""
+    def check(self, component: type, plugin: str) -> None:
+        """Raise PluginError unless ``component`` has a ``name`` and an attrs ``Options`` class."""
         name = getattr(component, "name", None)
         if not isinstance(name, str) or not name:
             raise PluginError(f"plugin '{plugin}' registered a {self.kind} without a 'name': {component!r}")
@@ -62,12 +63,31 @@ class Registry:
             raise PluginError(
                 f"plugin '{plugin}' registered {self.kind} '{name}' without an attrs 'Options' class"
             )
+
+    def add(self, component: type, plugin: str) -> None:
+        """Register ``component`` as provided by ``plugin``."""
+        self.check(component, plugin)
+        name = component.name
         if name in self._entries:
             first = self._entries[name].plugin
             raise PluginError(
-                f"{self.kind} '{name}' is registered twice: by plugin '{first}' and by plugin '{plugin}'"
+                f"{self.kind} '{name}' is registered twice: by plugin {self._label(first)} and by plugin "
+                f"{self._label(plugin)}{self._remedy(first, plugin)}"
             )
         self._entries[name] = Entry(component, plugin)
+
+    def _label(self, plugin: str) -> str:
+        info = self.origins.get(plugin)
+        return f"'{plugin}' ({info.distribution} {info.version})" if info is not None else f"'{plugin}'"
+
+    def _remedy(self, *plugins: str) -> str:
+        """How to get rid of a duplicate: drop the third-party plugin(s) involved."""
+        third = [p for p in plugins if p in self.origins and not self.origins[p].builtin]
+        if not third:
+            return ""
+        dists = list(dict.fromkeys(self.origins[p].distribution for p in third))
+        which = "it" if len(dists) == 1 else "one"
+        return f"; uninstall {' or '.join(dists)}, or leave {which} out with CONTSUP_LOAD_PLUGINS"
 
     def __contains__(self, name: str) -> bool:
         return name in self._entries
@@ -111,9 +131,10 @@ class Registry:
 class Registries:
     """All registries, filled from a plugin manager's ``register_*`` hooks."""
 
-    def __init__(self) -> None:
+    def __init__(self, plugins: Mapping[str, Any] | None = None) -> None:
+        self.plugins: dict[str, Any] = dict(plugins or {})  # plugin name -> PluginInfo
         for attr, kind in KINDS.items():
-            setattr(self, attr, Registry(kind))
+            setattr(self, attr, Registry(kind, self.plugins))
 
     backbones: Registry
     partitioners: Registry
@@ -124,13 +145,32 @@ class Registries:
 
     @classmethod
     def from_plugin_manager(cls, pm: Any) -> "Registries":
-        """Call every ``register_*`` hook implementation, remembering which plugin gave what."""
-        registries = cls()
+        """Call every ``register_*`` hook implementation, remembering which plugin gave what.
+
+        A third-party plugin whose hook raises, or that registers a class without ``name`` or
+        ``Options``, is left out and reported in ``pm.load_errors``; built-ins must not fail.
+        """
+        registries = cls(getattr(pm, "info", {}))
+        found: list[tuple[str, Registry, type]] = []
+        failed: set[str] = set()
         for attr in KINDS:
             registry: Registry = getattr(registries, attr)
             caller = getattr(pm.hook, f"register_{attr}")
             for impl in caller.get_hookimpls():
-                impl.function(register=lambda c, _p=impl.plugin_name, _r=registry: _r.add(c, _p))
+                plugin = impl.plugin_name
+                components: list[type] = []
+                try:
+                    impl.function(register=components.append)
+                    for component in components:
+                        registry.check(component, plugin)
+                except Exception as exc:
+                    _third_party_failure(pm, registries, plugin, f"register_{attr}", exc)
+                    failed.add(plugin)
+                    continue
+                found += [(plugin, registry, c) for c in components]
+        for plugin, registry, component in found:
+            if plugin not in failed:
+                registry.add(component, plugin)
         return registries
 
     def by_plugin(self) -> dict[str, list[tuple[str, str]]]:
@@ -141,3 +181,20 @@ class Registries:
             for name in registry:
                 out.setdefault(registry.entry(name).plugin, []).append((kind, name))
         return out
+
+
+def _third_party_failure(pm: Any, registries: Registries, plugin: str, hook: str, exc: Exception) -> None:
+    """Record a third-party plugin's failing ``register_*`` hook as a load error; re-raise for
+    built-ins and for strict managers (a plugin author's own tests want the traceback)."""
+    info = registries.plugins.get(plugin)
+    errors = getattr(pm, "load_errors", None)
+    if info is None or info.builtin or errors is None or getattr(pm, "strict", False):
+        raise exc
+    from contsup.plugins import load_error
+
+    cause = str(exc) if isinstance(exc, PluginError) else f"{hook} raised {type(exc).__name__}: {exc}"
+    errors.append(load_error(plugin, info.entry_point or plugin, cause, info.distribution))
+    # left out entirely: none of its components, and none of its observers either
+    pm.unregister(name=plugin)
+    getattr(pm, "info", {}).pop(plugin, None)
+    registries.plugins.pop(plugin, None)

@@ -105,6 +105,17 @@ def test_bad_selector_answers_are_clear_errors():
             plan_modules((1, 1, 1, 1), shapes, (3, 8, 8), [Bad(answer)] * 4)
 
 
+def test_module_one_gets_no_context_not_even_the_input():
+    class InputEverywhere:
+        name = "input_everywhere"
+
+        def sources(self, module, num_modules):
+            return (Source.input(),)
+
+    with pytest.raises(ContsupError, match="gave module 1 the source x; module 1 gets no context"):
+        plan_modules((1, 1), [(4, 8, 8)] * 2, (3, 8, 8), [InputEverywhere()] * 2)
+
+
 def test_greedy_k1_equals_end_to_end_step_for_step(small_recipe, tmp_path):
     greedy = Trainer(small_recipe(modules=1, context="none", mode="greedy"), tmp_path / "g", log=open("/dev/null", "w"))
     e2e = Trainer(small_recipe(modules=1, context="none", mode="e2e"), tmp_path / "e", log=open("/dev/null", "w"))

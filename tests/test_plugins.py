@@ -4,6 +4,7 @@ broken plugins and duplicate names."""
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import sys
 import types
 
@@ -15,6 +16,8 @@ from contsup.cli import main
 from contsup.errors import PluginError
 from contsup.plugins import BUILTIN_PLUGINS, get_plugin_manager
 from contsup.registry import Registries
+
+from conftest import ROOT, small_recipe_text
 
 
 class FakeDist:
@@ -68,14 +71,17 @@ def make_plugin_module(name: str, selector_name: str = "ring") -> types.ModuleTy
 def fake_entry_points(monkeypatch):
     """Install fake plugin modules and entry points; returns a function adding one."""
     points = []
+    real = importlib.metadata.entry_points
 
     def entry_points(group=None, **kwargs):
-        return [p for p in points if group is None or p.group == group]
+        if group != "contsup":  # other libraries' entry points (timm's, triton's) stay real
+            return real(**({"group": group} if group else {}), **kwargs)
+        return [p for p in points if p.group == group]
 
     monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
 
-    def add(name: str, module: types.ModuleType | None, dist: str = "contsup-ring", version: str = "1.2.3"):
-        module_name = f"fake_{name}"
+    def add(name: str, module: types.ModuleType | None, dist: str = "contsup-ring", version: str = "1.2.3", value: str = ""):
+        module_name = value or f"fake_{name}"
         if module is not None:
             monkeypatch.setitem(sys.modules, module_name, module)
         points.append(FakeEntryPoint(name, module_name, FakeDist(dist, version)))
@@ -130,3 +136,165 @@ def test_third_party_duplicate_name_is_an_error_naming_both(fake_entry_points, m
     with pytest.raises(PluginError) as err:
         Registries.from_plugin_manager(pm)
     assert "contsup_context" in str(err.value) and "shadow" in str(err.value)
+
+
+def test_duplicate_name_is_a_one_line_error_exit_2(fake_entry_points, monkeypatch, capsys, write_recipe):
+    monkeypatch.delenv("CONTSUP_LOAD_PLUGINS", raising=False)
+    fake_entry_points("shadow", make_plugin_module("fake_shadow", selector_name="contsup"), dist="contsup-shadow", version="2.0")
+    recipe = write_recipe(small_recipe_text())
+    for argv in (["plugins"], ["validate", str(recipe)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines() == [
+            "error: context selector 'contsup' is registered twice: by plugin 'contsup_context' (contsup "
+            f"{get_plugin_manager(entry_points=False).info['contsup_context'].version}) and by plugin 'shadow' "
+            "(contsup-shadow 2.0); uninstall contsup-shadow, or leave it out with CONTSUP_LOAD_PLUGINS"
+        ]
+    monkeypatch.setenv("CONTSUP_LOAD_PLUGINS", "")  # the remedy it names works
+    assert main(["validate", str(recipe)]) == 0
+
+
+def test_misspelt_hook_is_a_load_error_with_the_right_name(fake_entry_points, monkeypatch):
+    monkeypatch.delenv("CONTSUP_LOAD_PLUGINS", raising=False)
+    module = types.ModuleType("fake_typo")
+
+    @hookimpl
+    def register_context_selector(register):
+        pass
+
+    module.register_context_selector = register_context_selector
+    fake_entry_points("typo", module)
+    fake_entry_points("ring", make_plugin_module("fake_ring"))
+    pm = get_plugin_manager()
+    assert pm.load_errors == [
+        "Error loading plugin 'typo' (entry point fake_typo): PluginValidationError: unknown hook "
+        "'register_context_selector'; did you mean 'register_context_selectors'? choices: "
+        + pm.load_errors[0].split("choices: ", 1)[1]
+    ]
+    assert "typo" not in pm.info and pm.get_plugin("typo") is None and "ring" in pm.info
+
+
+def test_syntax_error_gives_one_line(fake_entry_points, monkeypatch, tmp_path):
+    monkeypatch.delenv("CONTSUP_LOAD_PLUGINS", raising=False)
+    (tmp_path / "fake_bad.py").write_text("def register_context_selectors(register:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fake_entry_points("bad", None, dist="contsup-bad")
+    (line,) = get_plugin_manager().load_errors
+    assert line.startswith("Error loading plugin 'bad' (entry point fake_bad): SyntaxError: ")
+    assert "\n" not in line and line.endswith("(skip it with CONTSUP_LOAD_PLUGINS naming the plugins to load, or uninstall contsup-bad)")
+
+
+def test_entry_point_names_are_unique(fake_entry_points, monkeypatch):
+    monkeypatch.delenv("CONTSUP_LOAD_PLUGINS", raising=False)
+    fake_entry_points("ring", make_plugin_module("fake_ring"))
+    fake_entry_points("contsup_context", make_plugin_module("fake_contsup_context", selector_name="other"))
+    pm = get_plugin_manager()
+    assert pm.load_errors == [
+        "Error loading plugin 'contsup_context' (entry point fake_contsup_context): the name 'contsup_context' "
+        "is already taken by another plugin; rename the entry point"
+    ]
+
+
+@pytest.mark.parametrize(
+    "hook_body, cause",
+    [
+        ("raise RuntimeError('no GPU here')", "register_context_selectors raised RuntimeError: no GPU here"),
+        ("register(object)", "plugin 'flaky' registered a context selector without a 'name': <class 'object'>"),
+    ],
+)
+def test_plugin_whose_hook_fails_is_left_out(fake_entry_points, monkeypatch, capsys, hook_body, cause):
+    monkeypatch.delenv("CONTSUP_LOAD_PLUGINS", raising=False)
+    module = types.ModuleType("fake_flaky")
+    namespace = {"hookimpl": hookimpl}
+    exec(f"@hookimpl\ndef register_context_selectors(register):\n    {hook_body}\n", namespace)
+    exec("@hookimpl\ndef on_run_end(run, metrics):\n    raise AssertionError('must not be called')\n", namespace)
+    module.register_context_selectors = namespace["register_context_selectors"]
+    module.on_run_end = namespace["on_run_end"]
+    fake_entry_points("flaky", module, dist="contsup-flaky")
+    fake_entry_points("ring", make_plugin_module("fake_ring"))
+    pm = get_plugin_manager()
+    registries = Registries.from_plugin_manager(pm)
+    assert pm.load_errors == [
+        f"Error loading plugin 'flaky' (entry point fake_flaky): {cause} "
+        "(skip it with CONTSUP_LOAD_PLUGINS naming the plugins to load, or uninstall contsup-flaky)"
+    ]
+    assert "ring" in registries.context_selectors and "flaky" not in pm.info
+    assert pm.get_plugin("flaky") is None  # its observers are gone too
+    assert main(["plugins"]) == 0
+    out, err = capsys.readouterr()
+    assert "ring" in out and "flaky" not in out and "Error loading plugin 'flaky'" in err and "Traceback" not in err
+
+
+def test_plugins_lists_every_plugin_and_what_it_registered(fake_entry_points, monkeypatch, capsys):
+    monkeypatch.delenv("CONTSUP_LOAD_PLUGINS", raising=False)
+    module = make_plugin_module("fake_ring")
+
+    @hookimpl
+    def on_epoch_end(run, epoch, metrics):
+        pass
+
+    module.on_epoch_end = on_epoch_end
+    fake_entry_points("ring", module)
+    assert main(["plugins"]) == 0
+    lines = [" ".join(l.split()) for l in capsys.readouterr().out.splitlines()]
+    assert lines[0] == "plugin distribution registered"
+    assert "contsup_decoders contsup " + get_plugin_manager(entry_points=False).info["contsup_decoders"].version + " -" in lines
+    assert "ring contsup-ring 1.2.3 context selectors: ring; observers: on_epoch_end" in lines
+    assert main(["plugins", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    ring = next(p for p in data["plugins"] if p["name"] == "ring")
+    assert ring == {
+        "name": "ring", "distribution": "contsup-ring", "version": "1.2.3", "builtin": False, "entry_point": "fake_ring",
+        "hooks": ["on_epoch_end", "register_context_selectors"], "registered": [{"kind": "context selector", "name": "ring"}],
+    }
+    assert [p["name"] for p in data["plugins"]][: len(BUILTIN_PLUGINS)] == list(BUILTIN_PLUGINS)
+    assert data["skipped"] == [] and data["errors"] == []
+
+
+def test_plugins_says_which_plugins_the_allowlist_leaves_out(fake_entry_points, monkeypatch, capsys):
+    fake_entry_points("ring", make_plugin_module("fake_ring"))
+    monkeypatch.setenv("CONTSUP_LOAD_PLUGINS", "")
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "not loaded (CONTSUP_LOAD_PLUGINS leaves it out): ring (contsup-ring 1.2.3)" in out
+    assert main(["plugins", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == [
+        {"name": "ring", "distribution": "contsup-ring", "version": "1.2.3", "entry_point": "fake_ring"}
+    ]
+
+
+def test_messages_quoted_in_the_docs_are_real(fake_entry_points, monkeypatch, tmp_path, capsys):
+    """docs/plugins/index.md quotes these lines; they must be what contsup prints."""
+    from contsup import requirements
+
+    docs = (ROOT / "docs" / "plugins" / "index.md").read_text()
+    monkeypatch.delenv("CONTSUP_LOAD_PLUGINS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "digits_geometric.toml"
+    # a plugin whose module has a typo in an import
+    (tmp_path / "contsup_geometric.py").write_text("from contsup.type import Source\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "contsup_geometric", raising=False)
+    fake_entry_points("geometric", None, dist="contsup-geometric", version="0.1.0", value="contsup_geometric")
+    assert main(["plugins"]) == 0
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line in docs
+    # two plugins registering the same name
+    monkeypatch.delitem(sys.modules, "contsup_geometric", raising=False)
+    first = make_plugin_module("contsup_geometric", selector_name="geometric")
+    monkeypatch.setitem(sys.modules, "contsup_geometric", first)
+    fake_entry_points("geometric2", make_plugin_module("fake_geometric2", selector_name="geometric"), dist="contsup-geometric2", version="0.3.0")
+    assert main(["plugins"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line in docs
+    # run.requires: too old, then not installed
+    recipe.write_text(small_recipe_text(context="geometric").replace("[run]\n", '[run]\nrequires = ["contsup-geometric>=0.2"]\n'))
+    monkeypatch.setenv("CONTSUP_LOAD_PLUGINS", "geometric")
+    assert main(["validate", "digits_geometric.toml"]) == 2
+    assert capsys.readouterr().err.splitlines()[0] in docs
+    recipe.write_text(small_recipe_text(context="R1E").replace("[run]\n", '[run]\nrequires = ["contsup-geometric>=0.1"]\n'))
+    monkeypatch.setenv("CONTSUP_LOAD_PLUGINS", "")
+    monkeypatch.setattr(requirements, "_installed_version", lambda name: None)
+    assert main(["validate", "digits_geometric.toml"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line in docs

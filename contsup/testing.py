@@ -1,0 +1,415 @@
+"""Helpers for plugin authors' own tests.
+
+``plugin_manager`` and ``registries`` load the built-ins and your plugin, and nothing else
+installed, so other plugins cannot change what a test sees. ``check_selector`` checks a context
+selector against the engine's contract for every 1 <= l <= K <= 32 and raises an
+``AssertionError`` naming the module and K of every problem it finds.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import weakref
+from typing import Any, Iterator, Sequence
+
+import attrs
+import torch
+from torch import nn
+
+from contsup.network import ContextModule, FinalCrossEntropy, GreedyNetwork, make_adapter
+from contsup.plugins import PluginInfo, PluginManager, get_plugin_manager
+from contsup.recipe import Recipe, loads_recipe
+from contsup.registry import Registries
+from contsup.types import Shape, Source
+
+__all__ = ["plugin_manager", "registries", "validate_recipe", "check_selector", "check_adapter", "SHAPE_PROFILES"]
+
+# Representative (input shape, [module input shapes h, ...]) of the networks contsup trains.
+SHAPE_PROFILES: dict[str, tuple[Shape, list[Shape]]] = {
+    "CIFAR ResNet, 32x32": ((3, 32, 32), [(16, 32, 32), (32, 16, 16), (64, 8, 8)]),
+    "CIFAR ResNet on digits, 16x16": ((1, 16, 16), [(16, 16, 16), (32, 8, 8), (64, 4, 4)]),
+    "CIFAR ResNet on STL-10, 96x96": ((3, 96, 96), [(16, 96, 96), (32, 48, 48), (64, 24, 24)]),
+    "ImageNet ResNet, wide channels, 8x8": ((3, 8, 8), [(64, 4, 4), (128, 2, 2), (256, 1, 1)]),
+    "odd sizes, 28x28": ((3, 28, 28), [(8, 14, 14), (16, 7, 7), (32, 4, 4)]),
+}
+MAX_PROBLEMS = 20
+BATCH = 2
+
+
+# -- plugin managers -------------------------------------------------------------------------
+
+
+def _origin(plugin: object, name: str) -> tuple[str, str, str, str]:
+    """(plugin name, distribution, version, entry point) of an installed plugin, else its module."""
+    module = getattr(plugin, "__name__", None)
+    for ep in importlib.metadata.entry_points(group="contsup"):
+        if module is not None and ep.value == module:
+            dist = getattr(ep, "dist", None)
+            return ep.name, getattr(dist, "name", "?"), getattr(dist, "version", "?"), ep.value
+    return name, "(not installed)", "?", ""
+
+
+def plugin_manager(*plugins: object) -> PluginManager:
+    """The built-ins plus ``plugins`` (modules or objects with hook implementations), and no
+    other installed plugin. Errors in your hooks are raised, not recorded."""
+    pm = get_plugin_manager(entry_points=False)
+    pm.strict = True
+    for plugin in plugins:
+        default = getattr(plugin, "__name__", None) or type(plugin).__name__
+        name, distribution, version, entry_point = _origin(plugin, default)
+        pm.register(plugin, name=name)
+        pm.check_pending()  # a misspelt hook name is an error, not a silent no-op
+        pm.info[name] = PluginInfo(name, distribution, version, builtin=False, entry_point=entry_point)
+    return pm
+
+
+def registries(*plugins: object) -> Registries:
+    """The component registries of the built-ins plus ``plugins``."""
+    return Registries.from_plugin_manager(plugin_manager(*plugins))
+
+
+def validate_recipe(text: str, *plugins: object, source: str = "test.toml") -> Recipe:
+    """Validate recipe TOML ``text`` against the built-ins plus ``plugins``; raises RecipeError."""
+    return loads_recipe(text, registries(*plugins), source=source)
+
+
+# -- the selector checker ----------------------------------------------------------------------
+
+
+class _Problems:
+    """Problems found so far; the same problem of the same module is one line listing every K."""
+
+    def __init__(self, who: str) -> None:
+        self.who = who
+        self.groups: dict[tuple[int | None, str], list[int]] = {}
+
+    def add(self, text: str, module: int | None = None, k: int | None = None) -> None:
+        ks = self.groups.setdefault((module, text), [])
+        if k is not None and k not in ks:
+            ks.append(k)
+
+    @property
+    def count(self) -> int:
+        return len(self.groups)
+
+    def lines(self) -> list[str]:
+        out = []
+        for (module, text), ks in self.groups.items():
+            where = [f"module {module}"] if module is not None else []
+            if ks:
+                where.append(f"K = {_ranges(ks)}")
+            out.append(f"{', '.join(where)}: {text}" if where else text)
+        return out
+
+    def raise_if_any(self) -> None:
+        lines = self.lines()
+        if lines:
+            shown = lines[:MAX_PROBLEMS]
+            more = [f"... and {len(lines) - len(shown)} more"] if len(lines) > len(shown) else []
+            raise AssertionError("\n".join([f"{self.who} breaks the context selector contract:", *shown, *more]))
+
+
+def _ranges(values: Sequence[int]) -> str:
+    """[2, 3, 4, 7] -> '2..4, 7'."""
+    values = sorted(values)
+    parts, start = [], values[0]
+    for a, b in zip(values, [*values[1:], None]):
+        if b != a + 1:
+            parts.append(str(a) if a == start else f"{start}..{a}")
+            start = b
+    return ", ".join(parts)
+
+
+def _instance(selector: Any) -> Any:
+    if isinstance(selector, type):
+        options = getattr(selector, "Options", None)
+        if options is None or not attrs.has(options):
+            raise AssertionError(f"{selector.__name__} has no attrs 'Options' class; see docs/plugins/hooks.md")
+        return selector(options())
+    return selector
+
+
+def _who(selector: Any) -> str:
+    return f"context selector '{getattr(selector, 'name', '?')}' ({type(selector).__qualname__})"
+
+
+def check_selector(selector: Any, *, max_modules: int = 32, profiles: dict | None = None) -> None:
+    """Check a context selector (a class, built with default options, or an instance).
+
+    For every 1 <= l <= K <= ``max_modules``: sources are Sources, in range (module 1 none,
+    else x and h_j^c with 0 <= j <= l-2), none twice, the same on every call; every adapter
+    gives h's shape, leaves its input as it was and keeps no reference to it; module l's loss,
+    built as the engine builds it, reaches only module l's parameters.
+    """
+    selector = _instance(selector)
+    problems = _Problems(_who(selector))
+    if not isinstance(getattr(selector, "name", None), str):
+        problems.add("'name' must be a string: the name recipes use in [context] use = ...")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: more threads only wait on each other
+    try:
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random state as it was
+            torch.manual_seed(0)
+            _check(selector, max_modules, SHAPE_PROFILES if profiles is None else profiles, problems)
+    finally:
+        torch.set_num_threads(threads)
+    problems.raise_if_any()
+
+
+def _check(selector: Any, max_modules: int, profiles: dict, problems: _Problems) -> None:
+    """Sources first; adapters on the representative shapes; then, if all is well, the engine."""
+    ok = _check_sources(selector, max_modules, problems)
+    kinds = _source_kinds(selector, max_modules) if ok else {True, False}
+    for label, (input_shape, stages) in profiles.items():
+        for source, source_shape, target_shape in _profile_cases(input_shape, stages):
+            if source.is_input not in kinds:
+                continue  # a selector that never chooses the input (or no feature) needs no adapter for it
+            found = _Problems("")
+            check_adapter(selector, source, source_shape, target_shape, problems=found, where=label)
+            if found.count:  # the first failing shape of each kind says enough
+                problems.add(found.lines()[0])
+                kinds = kinds - {source.is_input}
+    if ok and problems.count == 0:  # the engine check needs sources and adapters that work
+        for k in range(1, max_modules + 1):
+            _check_engine(selector, k, problems)
+            if problems.count:
+                break  # the smallest K that fails shows the problem
+
+
+def _source_kinds(selector: Any, max_modules: int) -> set[bool]:
+    """Which kinds of source the selector ever chooses: True for the input, False for features."""
+    return {
+        s.is_input for k in range(1, max_modules + 1) for l in range(1, k + 1) for s in selector.sources(l, k)
+    }
+
+
+def _allowed(l: int) -> str:
+    if l == 1:
+        return "module 1 gets no context"
+    return f"module {l} may use x and h0" + (f"..h{l - 2}" if l > 2 else "")
+
+
+def _check_sources(selector: Any, max_modules: int, problems: _Problems) -> bool:
+    """The index convention for every 1 <= l <= K <= max_modules; False if any is broken."""
+    before = problems.count
+    for k in range(1, max_modules + 1):
+        for l in range(1, k + 1):
+            try:
+                sources = tuple(selector.sources(l, k))
+                again = tuple(selector.sources(l, k))
+            except Exception as exc:  # reported, not raised: show every problem at once
+                problems.add(f"sources({l}, K) raised {type(exc).__name__}: {exc}", l, k)
+                continue
+            if sources != again:
+                problems.add(
+                    f"sources gave {_names(sources)} then {_names(again)}; it must give the same every time "
+                    f"(contsup rebuilds the network from the recipe to load a trained model)", l, k,
+                )
+            seen: set[Source] = set()
+            for s in sources:
+                if not isinstance(s, Source):
+                    problems.add(
+                        f"sources returned {s!r} ({type(s).__name__}); expected a contsup.types.Source "
+                        f"(Source.input() or Source.feature(j))", l, k,
+                    )
+                    continue
+                if s in seen:
+                    problems.add(f"sources returned {s} twice; each source at most once", l, k)
+                seen.add(s)
+                if l == 1 or (not s.is_input and not 0 <= s.index <= l - 2):
+                    problems.add(f"sources returned {s}; {_allowed(l)}", l, k)
+    return problems.count == before
+
+
+def _names(sources: Sequence[Any]) -> str:
+    return "(" + ", ".join(str(s) for s in sources) + ")"
+
+
+def _profile_cases(input_shape: Shape, stages: Sequence[Shape]) -> Iterator[tuple[Source, Shape, Shape]]:
+    """The input to every stage, and h_j (j-th shape, x's for j = 0) to every stage not before it."""
+    feature_shapes = [tuple(input_shape), *map(tuple, stages)]
+    for b, target in enumerate(stages):
+        yield Source.input(), tuple(input_shape), tuple(target)
+        # h_j^c has feature_shapes[j]; j = b+1 is the target's own shape (modules within a stage)
+        for j in range(b + 2):
+            yield Source.feature(j), feature_shapes[j], tuple(target)
+
+
+def check_adapter(
+    selector: Any,
+    source: Source,
+    source_shape: Shape,
+    target_shape: Shape,
+    *,
+    problems: _Problems | None = None,
+    where: str = "",
+) -> None:
+    """Check the adapter the engine would build for ``source`` (the selector's own, else the
+    paper's): output (B, *target_shape), input left unchanged, no reference kept to it."""
+    own = problems is None
+    problems = problems or _Problems(_who(_instance(selector)))
+    selector = _instance(selector)
+    at = f"{where + ': ' if where else ''}adapter for {source} from {_shape(source_shape)} to {_shape(target_shape)}"
+    try:
+        adapter = make_adapter(selector, source, tuple(source_shape), tuple(target_shape))
+    except Exception as exc:
+        problems.add(f"{at}: adapter(...) raised {type(exc).__name__}: {exc}")
+        return
+    if not isinstance(adapter, nn.Module):
+        problems.add(f"{at}: adapter(...) returned {type(adapter).__name__}; expected an nn.Module or None")
+        return
+    for train in (True, False):
+        adapter.train(train)
+        mode = "train" if train else "eval"
+        error = _run_adapter(adapter, source_shape, target_shape)
+        if error:
+            problems.add(f"{at} ({mode} mode): {error}")
+            break
+    if own:
+        problems.raise_if_any()
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _run_adapter(adapter: nn.Module, source_shape: Shape, target_shape: Shape) -> str:
+    """One forward and backward on a fresh input; '' when all is well, else what went wrong."""
+
+    def run() -> tuple[str, weakref.ref]:
+        c = torch.randn(BATCH, *source_shape)
+        kept = c.clone()
+        try:
+            out = adapter(c)
+        except Exception as exc:
+            return f"forward raised {type(exc).__name__}: {exc}", weakref.ref(c)
+        if not isinstance(out, torch.Tensor):
+            return f"forward returned {type(out).__name__}; expected a tensor", weakref.ref(c)
+        expected = (BATCH, *target_shape)
+        if tuple(out.shape) != expected:
+            return f"returned shape {tuple(out.shape)}; expected {expected} (h's shape)", weakref.ref(c)
+        if not out.dtype.is_floating_point or not torch.isfinite(out).all():
+            return "returned non-finite or non-float values", weakref.ref(c)
+        if out.requires_grad:
+            out.float().square().mean().backward()
+        if not torch.equal(c, kept):
+            return (
+                "changed its input in place; the same context tensor feeds other modules, so compute "
+                "out of place (no x.relu_(), no nn.ReLU(inplace=True) as the first layer)"
+            ), weakref.ref(c)
+        return "", weakref.ref(c)
+
+    error, ref = run()
+    adapter.zero_grad(set_to_none=True)
+    if ref() is not None:
+        gc.collect()  # only when needed: a reference cycle frees late, yet it does free
+    if not error and ref() is not None:
+        error = (
+            "keeps a reference to its input (or to a result computed from it) after forward; context "
+            "would stay in memory across modules and steps"
+        )
+    return error
+
+
+# -- the engine check: one greedy step on a small chain of convolutions --------------------------
+
+
+def _chain(n: int) -> tuple[Shape, list[nn.Module], list[Shape]]:
+    """``n`` small conv units from 3x12x12: a third at 4x12x12, a third at 8x6x6, the rest at 16x3x3."""
+    input_shape: Shape = (3, 12, 12)
+    units, shapes = [], []
+    channels, size = input_shape[0], input_shape[1]
+    for i in range(n):
+        stage = min(2, 3 * i // n)
+        out_channels, stride = (4, 8, 16)[stage], 1
+        if i > 0 and stage != min(2, 3 * (i - 1) // n):
+            stride = 2
+        units.append(nn.Sequential(nn.Conv2d(channels, out_channels, 3, stride=stride, padding=1), nn.ReLU()))
+        channels, size = out_channels, (size + 1) // stride if stride == 2 else size
+        shapes.append((channels, size, size))
+    return input_shape, units, shapes
+
+
+def _leaves(loss: torch.Tensor) -> list[torch.Tensor]:
+    """Every leaf tensor (parameter or other) that ``loss``'s graph reaches."""
+    found, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found.append(variable)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return found
+
+
+def _part(name: str) -> str:
+    """'blocks.1.adapters.h0.conv.weight' -> 'the adapter for h0'; else the parameter's name."""
+    parts = name.split(".")
+    if len(parts) > 3 and parts[2] == "adapters":
+        return f"the adapter for {parts[3]}"
+    return f"parameter {'.'.join(parts[2:])}"
+
+
+def _check_engine(selector: Any, k: int, problems: _Problems) -> None:
+    """Build K one-unit modules with the selector's sources and adapters; check one greedy step."""
+    input_shape, units, shapes = _chain(k)
+    inputs = [input_shape, *shapes[:-1]]  # module l's input h_{l-1}: h_j^c has inputs[j]'s shape
+    modules = []
+    for l in range(1, k + 1):
+        sources = tuple(selector.sources(l, k))
+        adapters = {}
+        for s in sources:
+            source_shape = input_shape if s.is_input else inputs[s.index]
+            try:
+                adapters[s] = make_adapter(selector, s, tuple(source_shape), tuple(inputs[l - 1]))
+            except Exception as exc:
+                problems.add(f"adapter for {s} raised {type(exc).__name__}: {exc}", l, k)
+                return
+        head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(shapes[l - 1][0], 3))
+        modules.append(ContextModule(l, units[l - 1], sources, adapters, head, FinalCrossEntropy()))
+    network = GreedyNetwork(modules)
+    owner = {id(p): (int(name.split(".")[1]) + 1, _part(name)) for name, p in network.named_parameters()}
+    x = torch.randn(BATCH, *input_shape)
+    y = torch.tensor([0, 1])
+    store = network.store(x, detach=True)  # as the engine trains greedily
+    h = x
+    for m in network.blocks:
+        l = m.index
+        context = store.gather(m.sources)
+        kept = [c.clone() for c in context]
+        for s, c in zip(m.sources, context):
+            out = m.adapters[str(s)](c)
+            if tuple(out.shape) != tuple(h.shape):
+                problems.add(f"adapter for {s} returned shape {tuple(out.shape)}; expected {tuple(h.shape)} (h's shape)", l, k)
+                return
+        hc = m.enrich(h, context)
+        store.add(l - 1, hc)
+        out = m.body(hc)
+        loss = m.loss(out, y, x).total
+        reached = set()
+        for leaf in _leaves(loss):
+            reached.add(id(leaf))
+            if id(leaf) not in owner:
+                problems.add(
+                    f"the module's loss reaches a tensor of shape {tuple(leaf.shape)} that is no parameter of "
+                    f"the network; make adapter weights nn.Parameters of the adapter module", l, k,
+                )
+            elif owner[id(leaf)][0] != l:
+                problems.add(
+                    f"the module's loss reaches {owner[id(leaf)][1]} of module {owner[id(leaf)][0]}; "
+                    f"build a new adapter on every call of adapter(...), never share one", l, k,
+                )
+        for s in m.sources:
+            params = list(m.adapters[str(s)].parameters())
+            if params and not any(id(p) in reached for p in params):
+                problems.add(f"the adapter for {s} gets no gradient from the module's loss, so it never trains", l, k)
+        loss.backward()
+        for s, c, before in zip(m.sources, context, kept):
+            if not torch.equal(c, before):
+                problems.add(f"the adapter for {s} changed its input in place; compute out of place", l, k)
+        h = out.detach()
+        store.release(l)

@@ -1,0 +1,148 @@
+"""Every hook in contsup/hookspecs.py has a section in docs/plugins/hooks.md and a test here named
+``test_hook_<name>``; each test runs that section's example plugin, so the examples work."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import types
+
+import pytest
+import torch
+
+from contsup import hookspecs
+from contsup.engine import Trainer
+from contsup.network import build_network
+from contsup.errors import RecipeError
+from contsup.testing import check_selector, plugin_manager, registries, validate_recipe
+from contsup.types import Costs
+
+from conftest import ROOT, small_recipe_text
+
+HOOKS_MD = ROOT / "docs" / "plugins" / "hooks.md"
+HOOKS = sorted(name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "contsup_spec"))
+
+
+def sections() -> dict[str, str]:
+    """``{heading: text}`` of every ``## heading`` in hooks.md."""
+    parts = re.split(r"^## (.+)$", HOOKS_MD.read_text(), flags=re.M)
+    return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+def example(hook: str) -> types.ModuleType:
+    """The hook section's example, imported as a plugin module."""
+    (code,) = re.findall(r"```python\n(.*?)```", sections()[hook], flags=re.S)
+    module = types.ModuleType(f"hooks_md_{hook}")
+    exec(compile(code, f"{HOOKS_MD}:{hook}", "exec"), module.__dict__)
+    return module
+
+
+def train(recipe, tmp_path, *plugins):
+    """One short run of ``recipe`` with ``plugins`` observing it; returns the metrics."""
+    pm = plugin_manager(*plugins)
+    return Trainer(recipe, tmp_path, hook=pm.hook, log=io.StringIO()).fit()
+
+
+def test_every_hook_has_a_section_and_a_test():
+    assert len(HOOKS) == 9
+    documented = sections()
+    tests = {name for name in globals() if name.startswith("test_hook_")}
+    for hook in HOOKS:
+        assert hook in documented, f"docs/plugins/hooks.md has no '## {hook}' section"
+        assert f"test_hook_{hook}" in tests, f"hook {hook} has no test_hook_{hook} in tests/test_hookspecs.py"
+
+
+def test_every_hook_section_names_a_hook_and_shows_its_signature():
+    for heading, text in sections().items():
+        if heading.startswith("register_") or heading.startswith("on_"):
+            assert heading in HOOKS, f"hooks.md documents '{heading}', which is no hook"
+            spec = getattr(hookspecs, heading)
+            args = ", ".join(spec.__code__.co_varnames[: spec.__code__.co_argcount])
+            assert f"```\n{heading}({args})\n```" in text, f"hooks.md: '{heading}' must show its signature"
+            assert "**When:**" in text and "```python" in text
+
+
+def test_hook_register_backbones():
+    plugin = example("register_backbones")
+    assert registries(plugin).backbones.entry("tiny_cnn").plugin == plugin.__name__
+    text = small_recipe_text(backbone="tiny_cnn", modules=3)
+    built = build_network(validate_recipe(text, plugin))
+    assert [p.units for p in built.plans] == [1, 1, 1]
+    assert built.unit_shapes == [(16, 16, 16), (16, 8, 8), (16, 4, 4)]
+    assert built.network(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    with pytest.raises(RecipeError, match="4 is more than the 3 minimal units of backbone 'tiny_cnn'"):
+        validate_recipe(small_recipe_text(backbone="tiny_cnn", modules=4), plugin)
+
+
+def test_hook_register_partitioners():
+    plugin = example("register_partitioners")
+    splitter = plugin.FirstAlone(plugin.FirstAlone.Options())
+    assert splitter.split(Costs.uniform(10), 1) == (10,)
+    assert splitter.split(Costs.uniform(10), 4) == (1, 3, 3, 3)
+    assert splitter.split(Costs.uniform(10), 10) == (1,) * 10
+    text = small_recipe_text(modules=4).replace("[partition]\n", '[partition]\nuse = "first_alone"\n')
+    recipe = validate_recipe(text, plugin)
+    assert [p.units for p in build_network(recipe).plans] == [1, 3, 3, 3]
+
+
+def test_hook_register_context_selectors():
+    plugin = example("register_context_selectors")
+    check_selector(plugin.TwoBack, max_modules=12)
+    recipe = validate_recipe(small_recipe_text(context="two_back", modules=5), plugin)
+    assert [[str(s) for s in p.sources] for p in build_network(recipe).plans] == [[], [], ["h0"], ["h1"], ["h2"]]
+
+
+def test_hook_register_objectives(tmp_path):
+    plugin = example("register_objectives")
+    text = small_recipe_text(modules=2, train_size=16) + '\n[objective]\nuse = "smoothed_ce"\nsmoothing = 0.2\n'
+    recipe = validate_recipe(text, plugin)
+    assert recipe.objective.options.smoothing == 0.2
+    (metrics,) = train(recipe, tmp_path)
+    assert metrics["train_loss"][0] > 0 and metrics["test_local_acc_pct"][0] is not None
+    with pytest.raises(RecipeError, match=r"objective.smoothing: must be in \[0.0, 1.0\)"):
+        validate_recipe(text.replace("0.2", "1.0"), plugin)
+
+
+def test_hook_register_decoders(tmp_path):
+    plugin = example("register_decoders")
+    recipe = validate_recipe(small_recipe_text(modules=3, train_size=16) + '\n[decoder]\nuse = "pixel_mse"\n', plugin)
+    network = build_network(recipe).network
+    assert [m.decoder is not None for m in network.blocks] == [True, True, False]
+    assert network.blocks[0].weights == (0.5, 1.0)
+    out = network.blocks[0].decoder(torch.randn(2, 16, 16, 16))
+    assert out.shape == (2, 3, 16, 16)
+    (metrics,) = train(recipe, tmp_path)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics["train_loss"])
+
+
+def test_hook_register_datasets(tmp_path):
+    plugin = example("register_datasets")
+    stripes = plugin.Stripes(plugin.Stripes.Options(size=8, samples=32))
+    x, y = stripes.load(train=True)[0]
+    assert x.shape == (1, 8, 8) and y.item() in (0, 1)
+    assert len(stripes.load(train=False)) == 32
+    text = small_recipe_text(modules=2).replace(
+        '[data]\nuse = "synthetic"\nshape = [3, 16, 16]\ntrain_size = 64\ntest_size = 32\n', '[data]\nuse = "stripes"\nsize = 8\nsamples = 32\n'
+    )
+    recipe = validate_recipe(text, plugin)
+    assert recipe.dataset.use == "stripes"
+    (metrics,) = train(recipe, tmp_path)
+    assert 0 <= metrics["test_error_pct"] <= 100
+
+
+def test_hook_on_run_start(small_recipe, tmp_path, capsys):
+    train(small_recipe(modules=3, train_size=16, context="R1E"), tmp_path, example("on_run_start"))
+    assert "small: 3 modules on cpu; sources: - | x, h0 | x, h1" in capsys.readouterr().out
+
+
+def test_hook_on_epoch_end(small_recipe, tmp_path):
+    train(small_recipe(epochs=2, modules=2, train_size=16), tmp_path, example("on_epoch_end"))
+    with open(tmp_path / "test_error.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["epoch", "test_error_pct"] and [r[0] for r in rows[1:]] == ["1", "2"]
+
+
+def test_hook_on_run_end(small_recipe, tmp_path, capsys):
+    (metrics,) = train(small_recipe(modules=2, train_size=16), tmp_path, example("on_run_end"))
+    assert f"small: {metrics['test_error_pct']:.2f}% test error after 1 epochs" in capsys.readouterr().out

@@ -1,0 +1,262 @@
+"""The plugin tutorial cannot rot: every code block of docs/plugins/tutorial-context-selector.md
+is compared with the example package it builds (docs/plugins/examples/contsup-geometric) or run,
+and that package is installed for real (``pip install --target``) and used from the command line
+in subprocesses, as a user would."""
+
+from __future__ import annotations
+
+import doctest
+import difflib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import attrs
+import pytest
+
+from conftest import ROOT
+
+TUTORIAL = ROOT / "docs" / "plugins" / "tutorial-context-selector.md"
+EXAMPLE = ROOT / "docs" / "plugins" / "examples" / "contsup-geometric"
+# What the reader types to set up, and what the tests do instead (see the `installed` fixture).
+SETUP = {
+    "mkdir contsup-geometric": "the fixture copies the example package into contsup-geometric/",
+    "cd contsup-geometric": "commands run inside that copy",
+    'pip install -e ".[test]"': "pip install --no-deps --no-build-isolation --target (the test's environment has pytest)",
+}
+BLOCK = re.compile(r"(?:<!-- (?P<marker>[^\n]*?) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)^```", re.S | re.M)
+
+
+@attrs.frozen
+class Block:
+    marker: str
+    lang: str
+    body: str
+    line: int
+
+    @property
+    def kind(self) -> str:
+        return re.split(r"[:,]", self.marker, maxsplit=1)[0].strip()
+
+    @property
+    def argument(self) -> str:
+        return re.split(r"[:,]", self.marker, maxsplit=1)[1].strip() if re.search(r"[:,]", self.marker) else ""
+
+    def __str__(self) -> str:
+        return f"{TUTORIAL.name}, line {self.line} ({self.marker or 'no marker'})"
+
+
+def tutorial_blocks() -> list[Block]:
+    text = TUTORIAL.read_text()
+    return [
+        Block(m["marker"] or "", m["lang"], m["body"], text.count("\n", 0, m.start("body")))
+        for m in BLOCK.finditer(text)
+    ]
+
+
+def example_files() -> set[str]:
+    """The example package's own files (not what building or testing it leaves behind)."""
+    out = set()
+    for path in EXAMPLE.rglob("*"):
+        rel = path.relative_to(EXAMPLE)
+        if path.is_file() and not any(p in ("__pycache__", ".pytest_cache", "build", "runs") or p.endswith(".egg-info") for p in rel.parts):
+            out.add(rel.as_posix())
+    return out
+
+
+def matches_lines(expected: str, actual: str) -> str:
+    """'' when the ``expected`` lines appear in ``actual`` in order, else what is missing.
+
+    Whitespace runs compare equal; ``...`` on a line of its own skips any lines, and inside a
+    line stands for any text. Lines not separated by ``...`` must follow each other directly.
+    """
+
+    def norm(line: str) -> str:
+        return " ".join(line.split())
+
+    def pattern(line: str) -> re.Pattern:
+        return re.compile(".*".join(re.escape(part) for part in norm(line).split("...")) + r"\Z")
+
+    have = [norm(l) for l in actual.splitlines()]
+    groups: list[list[re.Pattern]] = [[]]
+    for line in expected.strip("\n").splitlines():
+        if line.strip() == "...":
+            groups.append([])
+        else:
+            groups[-1].append(pattern(line))
+    start = 0
+    for group in filter(None, groups):
+        for i in range(start, len(have) - len(group) + 1):
+            if all(p.match(have[i + j]) for j, p in enumerate(group)):
+                start = i + len(group)
+                break
+        else:
+            return f"not found in order: {[p.pattern for p in group]}"
+    return ""
+
+
+# -- the tutorial against the example package ----------------------------------------------------
+
+
+def test_every_block_is_checked():
+    blocks = tutorial_blocks()
+    assert len(blocks) > 10
+    known = {"file", "part of", "run", "output", "doctest", "setup", "tree"}
+    previous = None
+    for block in blocks:
+        assert block.kind in known, f"{block}: every code block needs one of the markers {sorted(known)}"
+        if block.kind == "output":
+            assert previous is not None and previous.kind == "run", f"{block}: an output block must follow a run block"
+        previous = block
+
+
+def test_file_blocks_are_the_example_package():
+    shown = {}
+    for block in tutorial_blocks():
+        if block.kind == "file":
+            path = EXAMPLE / block.argument
+            assert path.is_file(), f"{block}: the example package has no {block.argument}"
+            diff = "".join(difflib.unified_diff(path.read_text().splitlines(True), block.body.splitlines(True), str(path), "tutorial"))
+            assert block.body == path.read_text(), f"{block} differs from {path}:\n{diff}"
+            shown[block.argument] = block
+    assert set(shown) == example_files(), "the tutorial must show every file of the example package, and only those"
+
+
+def test_part_blocks_appear_in_their_files():
+    for block in tutorial_blocks():
+        if block.kind == "part of":
+            assert block.body in (EXAMPLE / block.argument).read_text(), f"{block} is not word for word in {block.argument}"
+
+
+def test_tree_block_lists_the_package():
+    (tree,) = [b for b in tutorial_blocks() if b.kind == "tree"]
+    lines = tree.body.splitlines()
+    assert lines[0] == "contsup-geometric/"
+    assert {l.strip() for l in lines[1:]} == example_files()
+
+
+def test_setup_blocks_hold_only_known_commands():
+    for block in tutorial_blocks():
+        if block.kind == "setup":
+            for line in block.body.strip().splitlines():
+                assert line in SETUP, f"{block}: '{line}' is not a setup command the tests know; add it to SETUP"
+
+
+def test_the_recipe_is_the_digits_recipe_with_the_selector_line_changed():
+    def keys(path: Path) -> list[str]:
+        return [l for l in path.read_text().splitlines() if l.strip() and not l.startswith("#")]
+
+    diff = [l for l in difflib.ndiff(keys(ROOT / "recipes" / "digits.toml"), keys(EXAMPLE / "digits_geometric.toml")) if l[:1] in "+-"]
+    assert diff == ['+ requires = ["contsup-geometric>=0.1"]', '- use = "R1E"', '+ use = "geometric"']
+
+
+def test_doctest_blocks(monkeypatch):
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    monkeypatch.setitem(sys.modules, "contsup_geometric", None)  # restored (removed) afterwards
+    del sys.modules["contsup_geometric"]  # so the import below reads the example's file
+    parser = doctest.DocTestParser()
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    blocks = [b for b in tutorial_blocks() if b.kind == "doctest"]
+    assert blocks
+    for block in blocks:
+        test = parser.get_doctest(block.body, {}, str(block), str(TUTORIAL), block.line)
+        result = runner.run(test)
+        assert result.failed == 0, f"{block}: doctest failed (see the output above)"
+
+
+def test_output_matching_is_strict_enough():
+    out = "a  b\nc\nd\ne f g\n"
+    assert matches_lines("a b\nc", out) == ""
+    assert matches_lines("c\n...\ne ... g", out) == ""
+    assert matches_lines("a b\nd", out) != ""  # not adjacent
+    assert matches_lines("d\n...\nc", out) != ""  # out of order
+    assert matches_lines("e f h", out) != ""
+
+
+# -- the package installed for real ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """A copy of the example package, installed with pip into a target folder, and the
+    environment in which `contsup` and `python` see it."""
+    tmp = tmp_path_factory.mktemp("tutorial")
+    folder = tmp / "contsup-geometric"
+    shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache", "build", "*.egg-info", "runs"))
+    site = tmp / "site"
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+         "--target", str(site), str(folder)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    shutil.rmtree(folder / "build", ignore_errors=True)  # what the build leaves in the copy
+    for egg in folder.glob("*.egg-info"):
+        shutil.rmtree(egg)
+    bin_dir = tmp / "bin"
+    bin_dir.mkdir()
+    for name, command in {"contsup": "-m contsup", "python": ""}.items():
+        script = bin_dir / name
+        script.write_text(f'#!/bin/sh\nexec "{sys.executable}" {command} "$@"\n')
+        script.chmod(0o755)
+    env = dict(os.environ)
+    env.pop("CONTSUP_LOAD_PLUGINS", None)
+    path = [str(site), str(ROOT), str(ROOT / "plugins")]
+    env["PYTHONPATH"] = os.pathsep.join(path + [p for p in [env.get("PYTHONPATH")] if p])
+    env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
+    env["OMP_NUM_THREADS"] = "1"  # small networks: threads only contend with each other
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return folder, env
+
+
+def run(command: str, folder: Path, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", "-e", "-c", command], cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, timeout=600,
+    )
+
+
+def test_installed_package_is_listed_with_its_distribution(installed):
+    folder, env = installed
+    result = run("contsup plugins --json", folder, env)
+    assert result.returncode == 0, result.stdout
+    data = json.loads(result.stdout)
+    (plugin,) = [p for p in data["plugins"] if p["name"] == "geometric"]
+    assert plugin["distribution"] == "contsup-geometric" and plugin["version"] == "0.1.0"
+    assert plugin["builtin"] is False and plugin["entry_point"] == "contsup_geometric"
+    assert plugin["registered"] == [{"kind": "context selector", "name": "geometric"}]
+    assert data["errors"] == []
+
+
+@pytest.mark.slow
+def test_tutorial_commands_run_and_print_what_it_shows(installed):
+    """Runs every `run` block in order, as the reader would, and checks the outputs shown."""
+    folder, env = installed
+    blocks = tutorial_blocks()
+    ran = 0
+    for i, block in enumerate(blocks):
+        if block.kind != "run":
+            continue
+        command = block.body.strip()
+        expected_status = 0
+        if block.marker.startswith("run, shortened by the tests:"):
+            command += " " + block.argument.split(":", 1)[1].strip()
+        elif block.argument:
+            assert block.argument == "exit 2", f"{block}: unknown run marker"
+            expected_status = 2
+        result = run(command, folder, env)
+        ran += 1
+        assert result.returncode == expected_status, f"{block}: `{command}` exited {result.returncode}:\n{result.stdout}"
+        assert "Traceback" not in result.stdout, f"{block}: `{command}` printed a traceback:\n{result.stdout}"
+        following = blocks[i + 1] if i + 1 < len(blocks) else None
+        if following is not None and following.kind == "output":
+            missing = matches_lines(following.body, result.stdout)
+            assert not missing, f"{following}: {missing}\nthe command printed:\n{result.stdout}"
+    assert ran >= 5
+    # what the tutorial says of the run directory
+    versions = json.loads((folder / "runs" / "digits_geometric" / "plugins.json").read_text())
+    assert versions["plugins"]["geometric"] == {"distribution": "contsup-geometric", "version": "0.1.0", "builtin": False}
