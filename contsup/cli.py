@@ -99,29 +99,36 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    rows = [("module", "units", "unit range", "sources", "params", "output shape", "objective", "head", "decoder (w_rec, w_local)")]
+    varied = bool(recipe.stages) or recipe.decoder is not None
+    header = ["module", "units", "unit range", "sources", "params", "output shape"]
+    if varied:
+        header += ["context", "objective", "head", "decoder (w_rec, w_local)"]
+    rows = [tuple(header)]
     for m in data["modules"]:
         w = m["weights"]
-        rows.append(
-            (
-                str(m["index"]),
-                str(m["units"]),
-                f"{m['unit_range'][0]}-{m['unit_range'][1]}",
-                ", ".join(m["sources"]) or "-",
-                f"{m['params']:,}",
-                "x".join(str(d) for d in m["output_shape"]),
-                m["objective"],
-                m["head"],
-                f"{m['decoder']} ({w['reconstruction']:g}, {w['local']:g})" if m["decoder"] else "-",
-            )
-        )
+        row = [
+            str(m["index"]),
+            str(m["units"]),
+            f"{m['unit_range'][0]}-{m['unit_range'][1]}",
+            ", ".join(m["sources"]) or "-",
+            f"{m['params']:,}",
+            "x".join(str(d) for d in m["output_shape"]),
+        ]
+        if varied:
+            decoder = f"{m['decoder']} ({w['reconstruction']:g}, {w['local']:g})" if m["decoder"] else "-"
+            row += [m["context"], m["objective"], m["head"], decoder]
+        rows.append(tuple(row))
+    context = "per [[modules]] range" if recipe.stages else recipe.context.use
     print(
         f"{data['backbone']}: {data['num_units']} units, input "
-        f"{'x'.join(str(d) for d in data['input_shape'])}, {len(data['modules'])} modules"
+        f"{'x'.join(str(d) for d in data['input_shape'])}, {len(data['modules'])} modules, context {context}"
     )
     print(_table(rows))
     total = sum(m["params"] for m in data["modules"])
     print(f"total parameters: {total:,}")
+    if not varied and len(data["modules"]) > 1:
+        first = data["modules"][0]
+        print(f"local objective of modules 1..{len(data['modules']) - 1}: {first['objective']}, head {first['head']}")
     return 0
 
 
