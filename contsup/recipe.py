@@ -18,7 +18,7 @@ import torch
 
 from contsup.errors import ContsupError, RecipeError
 from contsup.optim import optimizers, schedules
-from contsup.options import as_table, at_least, option, structure
+from contsup.options import as_table, at_least, option, requires_module, structure
 from contsup.registry import Registries, Registry, UnknownName
 from contsup.suggest import did_you_mean
 
@@ -41,6 +41,16 @@ class RunOptions:
     out_dir: str = option("", doc='run directory; "" means runs/<recipe name>')
     mode: Literal["greedy", "e2e"] = option("greedy", doc='"greedy": local losses per module; "e2e": end-to-end backprop')
     log_every: int = option(0, doc="off a terminal, print a progress line every N steps (0: at most every 10 s)", validator=at_least(0))
+    checkpoint_every_steps: int = option(
+        0, doc="also write a checkpoint every N optimizer steps (0: only at the end of every epoch)", validator=at_least(0)
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", doc='"fp32"; "bf16" (autocast, CPU or CUDA); "fp16" (autocast and a grad scaler per module, CUDA only)'
+    )
+    channels_last: bool = option(False, doc="keep the network and its inputs in channels-last memory format (faster convolutions on recent GPUs)")
+    deterministic: bool = option(
+        False, doc="use deterministic algorithms only (torch and cuDNN); off, cuDNN picks the fastest algorithms on CUDA"
+    )
 
     def __attrs_post_init__(self) -> None:
         d = self.device
@@ -62,6 +72,17 @@ class PartitionOptions:
     """Keys common to every partitioner."""
 
     modules: int = option(1, doc="K, the number of gradient-isolated modules", validator=at_least(1))
+
+
+@attrs.frozen
+class LogOptions:
+    """Optional loggers, besides metrics.jsonl and the progress line."""
+
+    tensorboard: bool = option(
+        False,
+        doc="write TensorBoard scalars to <run dir>/tensorboard (needs the tensorboard package: pip install 'contsup[tensorboard]')",
+        validator=requires_module("tensorboard", "pip install 'contsup[tensorboard]'"),
+    )
 
 
 @attrs.frozen
@@ -91,6 +112,7 @@ SECTIONS = (
     Section("decoder", NoOptions, "decoder", "decoders", None, optional=True),
     Section("optimizer", NoOptions, "optimizer", "optimizers", "sgd"),
     Section("schedule", NoOptions, "learning-rate schedule", "schedules", "cosine"),
+    Section("log", LogOptions, "", None, None),
 )
 TOP_LEVEL_KEYS = ("extends",)
 
@@ -125,6 +147,7 @@ class Recipe:
     decoder: Chosen | None
     optimizer: Chosen
     schedule: Chosen
+    log: LogOptions = attrs.field(factory=LogOptions)
 
     @property
     def name(self) -> str:
@@ -152,6 +175,7 @@ class Recipe:
                 table.update(as_table(own))
             table.update(as_table(chosen.options))
             out[name] = table
+        out["log"] = as_table(self.log)
         return out
 
     def plugins(self) -> set[str]:
@@ -359,6 +383,7 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
         decoder=parts["decoder"]["chosen"],
         optimizer=parts["optimizer"]["chosen"],
         schedule=parts["schedule"]["chosen"],
+        log=parts["log"]["own"],
     )
 
 
