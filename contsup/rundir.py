@@ -101,6 +101,12 @@ def append_metrics(run_dir: Path, metrics: dict) -> None:
         os.fsync(f.fileno())
 
 
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """Replace metrics.jsonl with ``history`` (on resume: exactly the epochs the checkpoint holds)."""
+    text = "".join(json.dumps(m) + "\n" for m in history)
+    atomic_write(Path(run_dir) / METRICS_FILE, lambda f: f.write(text), binary=False)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """Every complete line of metrics.jsonl (a torn last line from a crash is skipped)."""
     path = Path(run_dir) / METRICS_FILE
@@ -129,7 +135,10 @@ def load_model(run_dir: str | Path, map_location: str = "cpu") -> torch.nn.Modul
     if not (run_dir / RECIPE_FILE).exists():
         raise ContsupError(f"{run_dir}: not a run directory (no {RECIPE_FILE})")
     if not (run_dir / MODEL_FILE).exists():
-        raise ContsupError(f"{run_dir}: has no {MODEL_FILE}; the run has not finished")
+        raise ContsupError(
+            f"{run_dir}: has no {MODEL_FILE}; the run has not finished (continue it with contsup train --resume "
+            f"{run_dir}, or evaluate its last checkpoint with contsup eval {run_dir})"
+        )
     recipe = load_recipe(run_dir / RECIPE_FILE)
     network = build_network(recipe).network
     try:
