@@ -410,32 +410,35 @@ class Trainer:
                     f"{self.steps_per_epoch} steps per epoch"
                 )
             self.train_loader.generator.set_state(state["data_generator"])
-        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:
+            resumed = None
+            partial = state.get("partial")
+            if partial is not None:
+                stats = StepStats(self.network.num_modules)
+                stats.loss, stats.correct, stats.seen = list(partial["loss"]), list(partial["correct"]), list(partial["seen"])
+                if not len(stats.loss) == len(stats.correct) == len(stats.seen) == self.network.num_modules:
+                    raise ValueError("its running sums do not have one entry per module")
+                resumed = EpochProgress(
+                    state["epoch"], state["data_generator"], stats, done=state["batch"],
+                    images=int(partial["images"]), elapsed_s=float(partial["elapsed_s"]),
+                )
+            set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ContsupError(
-                f"the checkpoint does not fit this recipe's network or training ({reason[:300]}); "
-                f"resume with the recipe the run was started with"
+                f"the checkpoint cannot be restored into this run ({reason[:300]}); "
+                f"if the recipe changed, resume with the run's own recipe"
             ) from None
         self.history = [dict(m) for m in state["history"]]
         self.info.step = state["global_step"]
         self.info.epoch = len(self.history)
-        self._resumed = None
-        partial = state.get("partial")
-        if partial is not None:
-            stats = StepStats(self.network.num_modules)
-            stats.loss, stats.correct, stats.seen = list(partial["loss"]), list(partial["correct"]), list(partial["seen"])
-            self._resumed = EpochProgress(
-                state["epoch"], state["data_generator"], stats, done=state["batch"],
-                images=partial["images"], elapsed_s=partial["elapsed_s"],
-            )
-        set_rng_state(state["rng"])
+        self._resumed = resumed
 
     def _kept(self) -> str:
         """What is left to resume from, for failure messages."""
         if not self.checkpoints:
             return "checkpoints are off, nothing was saved"
         if self.last_checkpoint is None:
-            return f"no checkpoint was written yet (contsup train --resume {self.run_dir} starts it again)"
+            return "no checkpoint was written yet"
         path, where, _ = self.last_checkpoint
         return f"the last good checkpoint is {path} ({where})"
 
@@ -452,6 +455,8 @@ class Trainer:
             self.save_checkpoint()
             path, where, _ = self.last_checkpoint
             return Interrupted(f"interrupted at {where}; saved checkpoint {path}; {resume}")
+        if self.last_checkpoint is None:
+            resume += " (it starts again from the beginning)"
         return Interrupted(f"interrupted in the middle of a step; {self._kept()}; {resume}")
 
     @contextlib.contextmanager
@@ -480,7 +485,7 @@ class Trainer:
         def check(module: int, loss: torch.Tensor) -> None:
             if not torch.isfinite(loss.detach()).all():
                 raise NonFiniteLoss(
-                    f"the loss of module {module} became {float(loss):.4g} at epoch {epoch}, step {step}; "
+                    f"the loss of module {module} became {float(loss.detach()):.4g} at epoch {epoch}, step {step}; "
                     f"lower optimizer.lr or add schedule.warmup_epochs; {self._kept()}"
                 )
 
