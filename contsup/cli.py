@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import attrs
 
-from contsup.errors import ContsupError
+from contsup.errors import ContsupError, one_line
 
 LIST_KINDS = {
     "backbones": "backbones",
@@ -150,7 +150,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     pm, registries = _registries()
     run = prepare_resume(
         Path(args.resume), args.recipe, args.set or (), registries, force=args.force,
-        warn=lambda line: print(f"warning: {line}", file=sys.stderr, flush=True),
+        warn=lambda line: print(f"warning: {one_line(line)}", file=sys.stderr, flush=True),
     )
     print(f"contsup {__version__}: resuming {run.run_dir} from {run.where()}", flush=True)
     trainer = Trainer(run.recipe, run.run_dir, hook=pm.hook)
@@ -182,7 +182,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _, registries = _registries()
     report = evaluate_run(
         Path(args.run_dir), args.data or (), args.device, registries,
-        warn=lambda line: print(f"warning: {line}", file=sys.stderr, flush=True),
+        warn=lambda line: print(f"warning: {one_line(line)}", file=sys.stderr, flush=True),
     )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -297,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ContsupError as exc:
         label = getattr(exc, "label", "error")
         for line in exc.lines:
-            print(f"{label}: {line}", file=sys.stderr)
+            print(f"{label}: {one_line(line)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

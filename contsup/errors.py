@@ -5,6 +5,14 @@ from __future__ import annotations
 from typing import Iterable
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other unprintable characters escaped (``\\n``, ``\\x85``), so a
+    message quoting the user's input still prints as one line."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 class ContsupError(Exception):
     """A problem with the user's input; ``lines`` are printed as they are."""
 

@@ -8,6 +8,7 @@ problem it finds instead of stopping at the first.
 from __future__ import annotations
 
 import importlib
+import math
 import types
 import typing
 from typing import Any, Callable, Literal, Mapping, Union
@@ -149,6 +150,8 @@ def convert(value: Any, tp: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"expected a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -69,28 +69,35 @@ def _sigint_at(monkeypatch, global_step: int) -> None:
     monkeypatch.setattr(Progress, "update", update)
 
 
-@pytest.mark.parametrize("mode", ["greedy", "e2e"])
-def test_ctrl_c_inside_an_epoch_then_resume_is_exact(write_recipe, tmp_path, capsys, monkeypatch, mode):
-    straight = write_recipe(tiny_recipe_text(tmp_path / "a", mode=mode), "a.toml")
+@pytest.mark.parametrize("mode, workers, stop", [("greedy", 0, 3), ("e2e", 0, 6), ("greedy", 1, 6)])
+def test_ctrl_c_inside_an_epoch_then_resume_is_exact(write_recipe, tmp_path, capsys, monkeypatch, mode, workers, stop):
+    """With workers, the loader's workers must start afresh each epoch from its generator, or a
+    run resumed in epoch 2 would draw a different order (persistent workers draw their seed once)."""
+    def text(run):
+        return tiny_recipe_text(run, mode=mode).replace("batch_size = 8", f"batch_size = 8\nworkers = {workers}")
+
+    straight = write_recipe(text(tmp_path / "a"), "a.toml")
     assert main(["train", str(straight)]) == 0
 
     run = tmp_path / "b"
-    path = write_recipe(tiny_recipe_text(run, mode=mode), "b.toml")
+    path = write_recipe(text(run), "b.toml")
     capsys.readouterr()
     with monkeypatch.context() as m:
-        _sigint_at(m, 3)
+        _sigint_at(m, stop)
         assert main(["train", str(path)]) == 130
     err = capsys.readouterr().err
+    epoch, step = divmod(stop - 1, 4)
+    where = f"epoch {epoch + 1}, after step {step + 1} of 4"
     assert "Ctrl-C: stopping after this step" in err
-    assert f"stopped: interrupted at epoch 1, after step 3 of 4; saved checkpoint {run}/checkpoints/step-000000003.pt; " \
+    assert f"stopped: interrupted at {where}; saved checkpoint {run}/checkpoints/step-00000000{stop}.pt; " \
            f"continue with: contsup train --resume {run}" in err
     assert "Traceback" not in err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is given back
-    assert read_metrics(run) == [] and not (run / "model.pt").exists()
+    assert len(read_metrics(run)) == epoch and not (run / "model.pt").exists()
 
     assert main(["train", "--resume", str(run)]) == 0
     out = capsys.readouterr().out
-    assert f"resuming {run} from {run}/checkpoints/step-000000003.pt (epoch 1, after step 3 of 4)" in out
+    assert f"resuming {run} from {run}/checkpoints/step-00000000{stop}.pt ({where})" in out
     assert_same_runs(tmp_path / "a", run)
 
 
