@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import torch
 
-from contsup.errors import ContsupError
+from contsup.errors import ContsupError, reason
 from contsup.rundir import atomic_write
 
 CHECKPOINT_DIR = "checkpoints"
@@ -149,8 +149,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for damaged files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise CorruptCheckpoint(f"not a readable checkpoint ({type(exc).__name__}{': ' + reason[:200] if reason else ''})") from None
+        raise CorruptCheckpoint(f"not a readable checkpoint ({type(exc).__name__}: {reason(exc, 200)})") from None
     _check_structure(state)
     return state
 
@@ -163,8 +162,9 @@ def _check_structure(state: Any) -> None:
             raise CorruptCheckpoint(f"its '{key}' entry is missing or malformed")
     if state["format"] != FORMAT:
         raise CorruptCheckpoint(f"format {state['format']} is not the format {FORMAT} this contsup reads")
-    if state["epoch"] < 1 or state["batch"] < 0 or state["global_step"] < 0 or state["steps_per_epoch"] < 1:
-        raise CorruptCheckpoint("its position (epoch, batch, step) is out of range")
+    if (state["epoch"] != len(state["history"]) + 1 or not 0 <= state["batch"] <= state["steps_per_epoch"]
+            or state["global_step"] < 0 or state["steps_per_epoch"] < 1):
+        raise CorruptCheckpoint("its position (epoch, batch, step) does not agree with its metrics history")
     if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
         raise CorruptCheckpoint("its model entry holds something other than tensors")
     if not all(isinstance(m, dict) for m in state["history"]):
@@ -187,7 +187,7 @@ def describe(state: dict[str, Any]) -> str:
 def load_latest(run_dir: Path, warn: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
     """The newest usable checkpoint and its path; each damaged newer one is reported through
     ``warn`` and renamed ``*.corrupt`` (kept for inspection, never loaded again). None if the run
-    has no checkpoint; an error if none of them is usable."""
+    has no checkpoint; an error naming every damaged one if none is usable."""
     paths = checkpoint_paths(run_dir)
     if not paths:
         return None
@@ -196,13 +196,14 @@ def load_latest(run_dir: Path, warn: Callable[[str], None]) -> tuple[dict[str, A
         try:
             state = read_checkpoint(path)
         except CorruptCheckpoint as exc:
-            problems.append(f"{path}: {exc}")
-            warn(f"checkpoint {path} is damaged: {exc}; trying the one before it")
+            problems.append((path, str(exc)))
             continue
-        for bad in paths[paths.index(path) + 1 :]:
+        for bad, why in problems:
+            warn(f"checkpoint {bad} is damaged: {why}; using the one before it")
             _set_aside(bad)
         return state, path
-    raise ContsupError(*problems, f"{run_dir}: none of its checkpoints is usable; start the run again with --new")
+    lines = [f"checkpoint {bad} is damaged: {why}" for bad, why in problems]
+    raise ContsupError(*lines, f"{run_dir}: none of its checkpoints is usable; start the run again with --new")
 
 
 def _set_aside(path: Path) -> None:

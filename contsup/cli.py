@@ -121,7 +121,7 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from contsup import __version__
-    from contsup.engine import Trainer
+    from contsup.engine import Trainer, preflight
     from contsup.rundir import create_run_dir, default_run_dir, write_recipe, write_versions
 
     if args.resume is not None:
@@ -131,6 +131,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.recipe is None:
         raise ContsupError("contsup train: give a recipe file, or --resume RUN_DIR to continue a run")
     pm, recipe = _recipe(args)
+    preflight(recipe)
     run_dir = create_run_dir(default_run_dir(recipe), new=args.new)
     write_recipe(run_dir, recipe)
     write_versions(run_dir, recipe, pm)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from contsup.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from contsup.checkpoint import describe as describe_checkpoint
 from contsup.checkpoint import rng_state, save_checkpoint, set_rng_state
-from contsup.errors import ContsupError
+from contsup.errors import ContsupError, reason
 from contsup.network import Built, GreedyNetwork, build_network
 from contsup.optim import lr_scheduler
 from contsup.order import SkippingBatchSampler, epoch_batches, ignore_interrupts
@@ -50,6 +50,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ContsupError("run.device: 'mps' was asked for but is not available here; use \"auto\" or \"cpu\"")
     return torch.device(name)
+
+
+def preflight(recipe: Any) -> None:
+    """What a valid recipe can still ask for in vain on this machine (an absent device, fp16 on a
+    CPU): found before a run directory is made."""
+    check_precision(recipe.run.precision, resolve_device(recipe.run.device))
 
 
 def make_loaders(recipe: Any, dataset: Any, device: torch.device) -> tuple[DataLoader, DataLoader]:
@@ -423,9 +429,8 @@ class Trainer:
                 )
             set_rng_state(state["rng"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ContsupError(
-                f"the checkpoint cannot be restored into this run ({reason[:300]}); "
+                f"the checkpoint cannot be restored into this run ({reason(exc)}); "
                 f"if the recipe changed, resume with the run's own recipe"
             ) from None
         self.history = [dict(m) for m in state["history"]]

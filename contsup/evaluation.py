@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from contsup.checkpoint import describe, load_latest
-from contsup.errors import ContsupError
+from contsup.errors import ContsupError, reason
 from contsup.registry import Registries
 from contsup.rundir import MODEL_FILE, RECIPE_FILE
 
@@ -22,7 +22,7 @@ def run_weights(run_dir: Path, warn: Callable[[str], None]) -> tuple[dict[str, t
         try:
             return torch.load(model, map_location="cpu", weights_only=True), MODEL_FILE
         except Exception as exc:
-            raise ContsupError(f"{model}: cannot be read ({type(exc).__name__}: {str(exc).strip()[:200]})") from None
+            raise ContsupError(f"{model}: cannot be read ({type(exc).__name__}: {reason(exc, 200)})") from None
     found = load_latest(run_dir, warn)
     if found is None:
         raise ContsupError(f"{run_dir}: has neither {MODEL_FILE} nor a checkpoint to evaluate")
@@ -50,8 +50,7 @@ def evaluate_run(
     try:
         network.load_state_dict(weights)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ContsupError(f"{run_dir}: the saved weights do not fit the network for this [data] ({first[:300]})") from None
+        raise ContsupError(f"{run_dir}: the saved weights do not fit the network for this [data] ({reason(exc)})") from None
     target = resolve_device(recipe.run.device)
     network = network.to(target)
     dataset = recipe.dataset.create()

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from contsup import tomlw
-from contsup.errors import ContsupError
+from contsup.errors import ContsupError, reason
 
 RECIPE_FILE = "recipe.toml"
 PLUGINS_FILE = "plugins.json"
@@ -145,5 +145,8 @@ def load_model(run_dir: str | Path, map_location: str = "cpu") -> torch.nn.Modul
         state = torch.load(run_dir / MODEL_FILE, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise ContsupError(f"{run_dir / MODEL_FILE}: cannot be read ({type(exc).__name__}: {exc})") from None
-    network.load_state_dict(state)
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ContsupError(f"{run_dir / MODEL_FILE}: does not fit the network of {run_dir / RECIPE_FILE} ({reason(exc)})") from None
     return network.eval()

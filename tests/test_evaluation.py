@@ -57,7 +57,11 @@ def test_eval_data_overrides_the_data_table(finished_run, capsys):
     assert err[0].endswith("(from --set data.tset_size)")
     assert main(["eval", str(finished_run), "--data", "shape=[1, 8, 8]"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: {finished_run}: the saved weights do not fit the network for this [data] (")
+    assert len(err) == 1 and err[0].startswith(
+        f"error: {finished_run}: the saved weights do not fit the network for this [data] (size mismatch for "
+        f"blocks.0.body.0.0.weight: copying a param with shape torch.Size([16, 3, 3, 3]) from checkpoint, the shape "
+        f"in current model is torch.Size([16, 1, 3, 3]).; size mismatch for "
+    ) and err[0].endswith("...)")
 
 
 def test_eval_of_an_unfinished_run_uses_its_newest_checkpoint(finished_run, tmp_path, capsys):

@@ -41,6 +41,7 @@ def test_fp16_on_a_cpu_is_refused_with_one_line(write_recipe, tmp_path, capsys):
         'error: run.precision: "fp16" needs a CUDA device (this run is on cpu); use "bf16" or "fp32" here '
         "(--set run.precision=bf16)"
     ]
+    assert not (tmp_path / "run").exists()  # refused before a run directory was made
     assert main(["validate", str(path), "--set", "run.precision=fp17"]) == 2
     assert "run.precision: 'fp17' is not allowed; did you mean 'fp16'?" in capsys.readouterr().err
 

@@ -189,7 +189,7 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(write_recipe
     warning = [line for line in captured.err.splitlines() if line.startswith("warning:")]
     assert warning == [
         f"warning: checkpoint {latest} is damaged: truncated or extended: 1000 bytes, {size} were written; "
-        f"trying the one before it"
+        f"using the one before it"
     ]
     assert f"from {paths[0]} (end of epoch 1)" in captured.out
     assert (run / "checkpoints" / "step-000000006.pt.corrupt").exists()
