@@ -390,7 +390,12 @@ class Trainer:
                 )
         self._busy = True
         state = self.checkpoint_state()
-        path = save_checkpoint(self.run_dir, state)
+        try:
+            path = save_checkpoint(self.run_dir, state)
+        except OSError as exc:
+            raise TrainingFailed(
+                f"cannot write a checkpoint into {self.run_dir}: {exc.strerror or exc}; {self._kept()}"
+            ) from None
         self._busy = False
         self.last_checkpoint = (path, describe_checkpoint(state), here)
         return path

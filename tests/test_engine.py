@@ -107,3 +107,31 @@ def test_a_second_ctrl_c_inside_a_step_keeps_the_last_checkpoint(write_recipe, t
     ]
     assert main(["train", "--resume", str(run)]) == 0
     assert_same_runs(straight, run)
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(write_recipe, tmp_path, capsys, monkeypatch):
+    import errno
+
+    run = tmp_path / "full"
+    saved = torch.save
+    calls = {"n": 0}
+
+    def save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 1:  # the second checkpoint finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return saved(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    assert main(["train", str(write_recipe(tiny_recipe_text(run)))]) == 1
+    good = run / "checkpoints" / "step-000000004.pt"
+    assert lines_of(capsys.readouterr().err) == [
+        f"error: cannot write a checkpoint into {run}: No space left on device; "
+        f"the last good checkpoint is {good} (end of epoch 1)"
+    ]
+    assert checkpoint_paths(run) == [good] and not list((run / "checkpoints").glob(".*.tmp"))
+    monkeypatch.setattr("contsup.rundir.append_metrics", lambda *a: (_ for _ in ()).throw(
+        OSError(errno.EACCES, "Permission denied", str(run / "metrics.jsonl"))))
+    monkeypatch.setattr(torch, "save", saved)
+    assert main(["train", "--resume", str(run)]) == 1
+    assert lines_of(capsys.readouterr().err) == [f"error: {run / 'metrics.jsonl'}: Permission denied"]
