@@ -15,9 +15,10 @@ def _fmt_losses(losses: Sequence[float | None]) -> str:
 
 
 class Progress:
-    """Reports steps of one epoch (``done`` of them finished before, on resume). On a terminal the line is redrawn at most 10 times a second;
-    otherwise a line is printed every ``every`` steps, or, when ``every`` is 0, at most every
-    ``quiet_s`` seconds so that short epochs do not flood a log."""
+    """Reports steps of one epoch (``done`` of them finished before, in a resumed epoch). On a
+    terminal the line is redrawn at most 10 times a second; otherwise a line is printed every
+    ``every`` steps, or, when ``every`` is 0, at most every ``quiet_s`` seconds so that short
+    epochs do not flood a log."""
 
     def __init__(
         self, epoch: int, epochs: int, steps: int, every: int = 0, stream: TextIO | None = None, quiet_s: float = 10.0,
