@@ -25,6 +25,7 @@ CHECKPOINT_DIR = "checkpoints"
 FORMAT = 1
 KEEP = 2
 NAME = re.compile(r"^step-(\d{9})\.pt$")
+PARTIAL = re.compile(r"^\.step-\d{9}\.pt.*\.tmp$")  # what a writer killed mid-write leaves behind
 
 
 class CorruptCheckpoint(Exception):
@@ -186,8 +187,13 @@ def describe(state: dict[str, Any]) -> str:
 
 def load_latest(run_dir: Path, warn: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
     """The newest usable checkpoint and its path; each damaged newer one is reported through
-    ``warn`` and renamed ``*.corrupt`` (kept for inspection, never loaded again). None if the run
-    has no checkpoint; an error naming every damaged one if none is usable."""
+    ``warn`` and renamed ``*.corrupt`` (kept for inspection, never loaded again), and temporary
+    files of a killed write are removed. None if the run has no checkpoint; an error naming every
+    damaged one if none is usable."""
+    folder = checkpoint_dir(run_dir)
+    for leftover in folder.iterdir() if folder.is_dir() else ():
+        if PARTIAL.match(leftover.name):
+            leftover.unlink(missing_ok=True)
     paths = checkpoint_paths(run_dir)
     if not paths:
         return None

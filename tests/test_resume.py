@@ -136,8 +136,10 @@ def test_checkpoint_every_steps_and_kill_9_inside_an_epoch(write_recipe, tmp_pat
     assert state["global_step"] >= 4 and state["batch"] > 0  # killed inside an epoch
 
     assert torch.get_num_threads() == 1  # as in the killed process, so results compare bit for bit
+    (run / "checkpoints" / ".step-000000012.pt.k1ll3d.tmp").write_bytes(b"PK\x03\x04 half")  # a write cut short
     assert main(["train", "--resume", str(run)]) == 0
     assert [m["epoch"] for m in read_metrics(run)] == [1, 2, 3]
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.endswith(".tmp")]
     straight = tmp_path / "straight"
     assert main(["train", str(write_recipe(text.replace(str(run), str(straight)), "straight.toml"))]) == 0
     assert_same_runs(straight, run)
