@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import attrs
 
-from contsup.errors import ContsupError
+from contsup.errors import ContsupError, one_line
 
 LIST_KINDS = {
     "backbones": "backbones",
@@ -141,17 +141,53 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from contsup import __version__
-    from contsup.engine import Trainer
-    from contsup.rundir import append_metrics, create_run_dir, default_run_dir, save_model, write_recipe, write_versions
+    from contsup.engine import Trainer, preflight
+    from contsup.rundir import create_run_dir, default_run_dir, write_recipe, write_versions
 
+    if args.resume is not None:
+        return cmd_resume(args)
+    if args.force:
+        raise ContsupError("contsup train: --force only applies with --resume RUN_DIR")
+    if args.recipe is None:
+        raise ContsupError("contsup train: give a recipe file, or --resume RUN_DIR to continue a run")
     pm, recipe = _recipe(args)
+    preflight(recipe)
     run_dir = create_run_dir(default_run_dir(recipe), new=args.new)
     write_recipe(run_dir, recipe)
     write_versions(run_dir, recipe, pm)
     print(f"contsup {__version__}: training {recipe.source} into {run_dir}", flush=True)
     trainer = Trainer(recipe, run_dir, hook=pm.hook)
+    return _fit_and_save(trainer, run_dir)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """``contsup train --resume RUN_DIR``: continue a run exactly from its newest usable checkpoint."""
+    from contsup import __version__
+    from contsup.engine import Trainer
+    from contsup.resume import prepare_resume
+
+    if args.new:
+        raise ContsupError("contsup train: --new and --resume exclude each other")
+    pm, registries = _registries()
+    run = prepare_resume(
+        Path(args.resume), args.recipe, args.set or (), registries, force=args.force,
+        warn=lambda line: print(f"warning: {one_line(line)}", file=sys.stderr, flush=True),
+    )
+    print(f"contsup {__version__}: resuming {run.run_dir} from {run.where()}", flush=True)
+    trainer = Trainer(run.recipe, run.run_dir, hook=pm.hook)
+    if run.state is not None:
+        trainer.load_state(run.state)
+    return _fit_and_save(trainer, run.run_dir)
+
+
+def _fit_and_save(trainer: Any, run_dir: Path) -> int:
+    from contsup.rundir import append_metrics, save_model
+
     history = trainer.fit(on_epoch=lambda m: append_metrics(run_dir, m))
     save_model(run_dir, trainer.network)
+    if not history:
+        print(f"no epochs to train; run directory: {run_dir}")
+        return 0
     last = history[-1]
     best = min(history, key=lambda m: m["test_error_pct"])
     print(
@@ -173,6 +209,29 @@ def cmd_results(args: argparse.Namespace) -> int:
 
     _, registries = _registries()
     return results_main(args.dirs, registries, csv_path=args.csv, md_path=args.markdown)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from contsup.evaluation import evaluate_run
+
+    _, registries = _registries()
+    report = evaluate_run(
+        Path(args.run_dir), args.data or (), args.device, registries,
+        warn=lambda line: print(f"warning: {one_line(line)}", file=sys.stderr, flush=True),
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(
+        f"{report['run_dir']}: {report['weights']}; {report['dataset']} test set, {report['images']} images"
+    )
+    print(f"test error: {report['test_error_pct']:.2f}% (loss {report['test_loss']:.4f})")
+    rows = [("module", "head", "test accuracy %")]
+    k = len(report["local_acc_pct"])
+    for i, acc in enumerate(report["local_acc_pct"], start=1):
+        rows.append((str(i), "final" if i == k else "local", "-" if acc is None else f"{acc:.2f}"))
+    print(_table(rows))
+    return 0
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -253,14 +312,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    def recipe_command(name: str, help: str):
+    def recipe_command(name: str, help: str, optional: bool = False):
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("recipe", help="a TOML recipe file")
+        p.add_argument("recipe", nargs="?" if optional else None, help="a TOML recipe file")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. --set optimizer.lr=0.05 (repeatable)")
         return p
 
-    p = recipe_command("train", "train a recipe into a new run directory")
+    p = recipe_command("train", "train a recipe into a new run directory, or continue one with --resume", optional=True)
     p.add_argument("--new", action="store_true", help="if the run directory exists, use a fresh suffixed one")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run exactly from its newest usable checkpoint")
+    p.add_argument("--force", action="store_true", help="with --resume: accept a recipe that differs from the run's")
     p.set_defaults(func=cmd_train)
     p = recipe_command("validate", "check a recipe and report every problem")
     p.set_defaults(func=cmd_validate)
@@ -276,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     p.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     p.set_defaults(func=cmd_results)
+    p = sub.add_parser("eval", help="test error and every local head's accuracy of a run", description=(
+        "Evaluate a run's model.pt (or, for an unfinished run, its newest checkpoint) on the test set."
+    ))
+    p.add_argument("run_dir", help="a run directory written by contsup train")
+    p.add_argument("--data", action="append", metavar="KEY=VALUE", help="override a key of the run's [data] table, e.g. --data root=/data/cifar (repeatable)")
+    p.add_argument("--device", help='evaluate on this device (default: the recipe\'s run.device)')
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=cmd_eval)
     p = sub.add_parser("plugins", help="list plugins and what they registered")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_plugins)
@@ -291,9 +360,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except ContsupError as exc:
+        label = getattr(exc, "label", "error")
         for line in exc.lines:
-            print(f"error: {line}", file=sys.stderr)
+            print(f"{label}: {one_line(line)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk, a folder without write permission: one line, not a traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {one_line(where + (exc.strerror or str(exc)))}", file=sys.stderr)
+        return 1

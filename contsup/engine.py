@@ -7,12 +7,15 @@ at a time. Nothing here knows a concrete model, loss or dataset: those are plugi
 
 from __future__ import annotations
 
+import contextlib
 import random
 import resource
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 import attrs
 import numpy as np
@@ -20,9 +23,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from contsup.errors import ContsupError
+from contsup.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from contsup.checkpoint import describe as describe_checkpoint
+from contsup.checkpoint import rng_state, save_checkpoint, set_rng_state
+from contsup.errors import ContsupError, reason
 from contsup.network import Built, GreedyNetwork, build_network
 from contsup.optim import lr_scheduler
+from contsup.order import SkippingBatchSampler, epoch_batches, ignore_interrupts
+from contsup.precision import Precision, apply_device_options, check_precision, to_memory_format
 from contsup.progress import Progress
 
 
@@ -44,14 +52,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def preflight(recipe: Any) -> None:
+    """What a valid recipe can still ask for in vain on this machine (an absent device, fp16 on a
+    CPU): found before a run directory is made."""
+    check_precision(recipe.run.precision, resolve_device(recipe.run.device))
+
+
 def make_loaders(recipe: Any, dataset: Any, device: torch.device) -> tuple[DataLoader, DataLoader]:
-    """Seeded, shuffled training loader and ordered test loader."""
+    """Seeded, shuffled training loader and ordered test loader.
+
+    The training order comes from the loader's own generator (see :mod:`contsup.order`); its
+    workers start afresh each epoch, seeded from that generator, so a resumed run replays them.
+    """
     d = recipe.data
     generator = torch.Generator().manual_seed(recipe.run.seed)
     pin = device.type == "cuda"
+    train_set = dataset.load(train=True)
     train = DataLoader(
-        dataset.load(train=True), batch_size=d.batch_size, shuffle=True, generator=generator,
-        num_workers=d.workers, pin_memory=pin, drop_last=False, persistent_workers=d.workers > 0,
+        train_set, batch_sampler=SkippingBatchSampler(len(train_set), d.batch_size, generator), generator=generator,
+        num_workers=d.workers, pin_memory=pin, worker_init_fn=ignore_interrupts if d.workers > 0 else None,
     )
     test = DataLoader(
         dataset.load(train=False), batch_size=d.test_batch_size or d.batch_size, shuffle=False,
@@ -91,29 +110,42 @@ class StepStats:
 
 
 class GreedyStrategy:
-    """Trains every module on its own local loss, with one optimizer and schedule per module."""
+    """Trains every module on its own local loss, with one optimizer and schedule per module.
 
-    def __init__(self, network: GreedyNetwork, optimizer: Any, schedule: Any, total_steps: int, steps_per_epoch: int) -> None:
+    ``precision`` (default fp32) adds autocast and one grad scaler per module; ``active_module``
+    names the module being trained, for error messages."""
+
+    def __init__(
+        self, network: GreedyNetwork, optimizer: Any, schedule: Any, total_steps: int, steps_per_epoch: int,
+        precision: Precision | None = None,
+    ) -> None:
         self.network = network
         self.optimizers = [optimizer.build(m.parameters()) for m in network.blocks]
         self.schedulers = [lr_scheduler(o, schedule, total_steps, steps_per_epoch) for o in self.optimizers]
+        self.precision = precision or Precision()
+        self.scalers = [self.precision.scaler() for _ in self.optimizers]
+        self.active_module: int | None = None
 
     def step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats, check: Callable[[int, torch.Tensor], None]) -> None:
         store = self.network.store(x, detach=True)
         h = x
-        for m, opt, sched in zip(self.network.blocks, self.optimizers, self.schedulers):
-            hc = m.enrich(h, store.gather(m.sources))
-            store.add(m.index - 1, hc)
-            out = m.body(hc)
-            result = m.loss(out, y, x)
+        for m, opt, sched, scaler in zip(self.network.blocks, self.optimizers, self.schedulers, self.scalers):
+            self.active_module = m.index
+            with self.precision.autocast():
+                hc = m.enrich(h, store.gather(m.sources))
+                store.add(m.index - 1, hc)
+                out = m.body(hc)
+                result = m.loss(out, y, x)
             check(m.index, result.total)
             opt.zero_grad(set_to_none=True)
-            result.total.backward()
-            opt.step()
+            scaler.scale(result.total).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
             stats.add(m.index, float(result.local), result.prediction, y)
             h = out.detach()
             store.release(m.index)
+        self.active_module = None
 
     def lr(self) -> float:
         return self.optimizers[0].param_groups[0]["lr"]
@@ -131,20 +163,28 @@ def e2e_parameters(network: GreedyNetwork) -> list[nn.Parameter]:
 class EndToEndStrategy:
     """Back-propagates the final cross-entropy through the whole network (adapters included)."""
 
-    def __init__(self, network: GreedyNetwork, optimizer: Any, schedule: Any, total_steps: int, steps_per_epoch: int) -> None:
+    def __init__(
+        self, network: GreedyNetwork, optimizer: Any, schedule: Any, total_steps: int, steps_per_epoch: int,
+        precision: Precision | None = None,
+    ) -> None:
         self.network = network
         self.optimizers = [optimizer.build(e2e_parameters(network))]
         self.schedulers = [lr_scheduler(self.optimizers[0], schedule, total_steps, steps_per_epoch)]
+        self.precision = precision or Precision()
+        self.scalers = [self.precision.scaler()]
+        self.active_module: int | None = None  # the whole network trains at once
 
     def step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats, check: Callable[[int, torch.Tensor], None]) -> None:
         last = self.network.blocks[-1]
-        out = self.network.module_outputs(x)[-1]
-        result = last.loss(out, y, x)
+        with self.precision.autocast():
+            out = self.network.module_outputs(x)[-1]
+            result = last.loss(out, y, x)
         check(last.index, result.total)
-        opt = self.optimizers[0]
+        opt, scaler = self.optimizers[0], self.scalers[0]
         opt.zero_grad(set_to_none=True)
-        result.total.backward()
-        opt.step()
+        scaler.scale(result.total).backward()
+        scaler.step(opt)
+        scaler.update()
         self.schedulers[0].step()
         stats.add(last.index, float(result.local), result.prediction, y)
 
@@ -165,18 +205,24 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(network: GreedyNetwork, loader: DataLoader, device: torch.device) -> Evaluation:
+def evaluate(
+    network: GreedyNetwork, loader: DataLoader, device: torch.device, precision: Precision | None = None,
+    channels_last: bool = False,
+) -> Evaluation:
     """Evaluate in eval mode: final error and each local head's accuracy."""
     was_training = network.training
     network.eval()
+    precision = precision or Precision()
     k = network.num_modules
     correct: list[int | None] = [0] * k
     total, loss_sum = 0, 0.0
     for x, y in loader:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        outs = network.module_outputs(x)
-        for i, (m, h) in enumerate(zip(network.blocks, outs)):
-            z = m.head(h)
+        x, y = to_memory_format(x.to(device, non_blocking=True), channels_last), y.to(device, non_blocking=True)
+        with precision.autocast():
+            outs = network.module_outputs(x)
+            heads = [m.head(h) for m, h in zip(network.blocks, outs)]
+        for i, (m, z) in enumerate(zip(network.blocks, heads)):
+            z = z.float()
             if i == k - 1:
                 loss_sum += float(m.objective.loss(z, y)) * len(y)
             prediction = m.objective.predict(z)
@@ -198,13 +244,31 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_peak_rss"
 
 
-class NonFiniteLoss(ContsupError):
-    """A local loss became NaN or infinite."""
+class TrainingFailed(ContsupError):
+    """Training stopped on a problem of the run itself, not of its input: exit status 1."""
+
+    exit_code = 1
+
+
+class NonFiniteLoss(TrainingFailed):
+    """A local loss (or a module's parameters) became NaN or infinite."""
+
+
+class OutOfMemory(TrainingFailed):
+    """The GPU ran out of memory."""
+
+
+class Interrupted(ContsupError):
+    """Stopped on request (Ctrl-C); the message says which checkpoint to resume from."""
+
+    exit_code = 130
+    label = "stopped"
 
 
 @attrs.define
 class RunInfo:
-    """What observers receive: the recipe, the run directory and the network being trained."""
+    """What observers receive: the recipe, the run directory and the network being trained.
+    ``epoch`` is the epoch in progress (at ``on_run_start``: the epochs already done, > 0 on resume)."""
 
     recipe: Any
     run_dir: Path
@@ -215,57 +279,286 @@ class RunInfo:
     step: int = 0
 
 
-class Trainer:
-    """One run of a recipe: builds everything, trains for ``run.epochs``, evaluates every epoch."""
+@attrs.define
+class EpochProgress:
+    """Where one epoch stands: what a mid-epoch checkpoint records and a resumed epoch continues."""
 
-    def __init__(self, recipe: Any, run_dir: Path, hook: Any = None, log: TextIO | None = None) -> None:
+    epoch: int
+    start_state: torch.Tensor  # the loader generator's state when the epoch began: fixes its order
+    stats: StepStats
+    done: int = 0  # batches trained
+    images: int = 0
+    elapsed_s: float = 0.0  # training time before ``restart_clock``
+    _t0: float = 0.0
+
+    def restart_clock(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.elapsed_s + time.perf_counter() - self._t0
+
+
+class Trainer:
+    """One run of a recipe: builds everything, trains for ``run.epochs``, evaluates every epoch.
+
+    With ``checkpoints`` on (the default) it writes a checkpoint into ``run_dir/checkpoints`` at
+    the end of every epoch and every ``run.checkpoint_every_steps`` steps; ``load_state`` resumes
+    from one exactly. Ctrl-C during ``fit`` stops after the current step with a checkpoint.
+    """
+
+    def __init__(
+        self, recipe: Any, run_dir: Path, hook: Any = None, log: TextIO | None = None, checkpoints: bool = True
+    ) -> None:
         self.recipe = recipe
         self.run_dir = Path(run_dir)
         self.hook = hook
         self.log = log or sys.stdout
         self.device = resolve_device(recipe.run.device)
+        check_precision(recipe.run.precision, self.device)
+        self.precision = Precision(recipe.run.precision, self.device)
+        self.channels_last = recipe.run.channels_last
+        apply_device_options(recipe.run.deterministic, self.device)
         seed_everything(recipe.run.seed)
         self.built: Built = build_network(recipe)
         self.network = self.built.network.to(self.device)
+        if self.channels_last:
+            self.network = self.network.to(memory_format=torch.channels_last)
         self.dataset = recipe.dataset.create()
         self.train_loader, self.test_loader = make_loaders(recipe, self.dataset, self.device)
         self.steps_per_epoch = len(self.train_loader)
         total = self.steps_per_epoch * recipe.run.epochs
         strategy = STRATEGIES[recipe.run.mode]
         self.strategy = strategy(
-            self.network, recipe.optimizer.create(), recipe.schedule.create(), total, self.steps_per_epoch
+            self.network, recipe.optimizer.create(), recipe.schedule.create(), total, self.steps_per_epoch,
+            precision=self.precision,
         )
         self.info = RunInfo(recipe, self.run_dir, self.network, self.built.plans, self.device)
         self.history: list[dict] = []
+        self.checkpoints = checkpoints
+        self.last_checkpoint: tuple[Path, str, tuple[int, int]] | None = None  # path, where, (step, epochs done)
+        self.current: EpochProgress | None = None
+        self._resumed: EpochProgress | None = None
+        self._stop_requested = False
+        self._busy = False  # inside a step or a checkpoint write: the state is not consistent
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict:
+        """Everything a resumed run needs, as tensors and plain containers (``weights_only`` loads it)."""
+        from contsup import __version__
+
+        cur = self.current
+        mid_epoch = cur is not None and cur.epoch == len(self.history) + 1
+        partial = None
+        if mid_epoch:
+            partial = {
+                "loss": list(cur.stats.loss), "correct": list(cur.stats.correct), "seen": list(cur.stats.seen),
+                "images": cur.images, "elapsed_s": cur.elapsed(),
+            }
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "contsup": __version__,
+            "recipe": self.recipe.table(),
+            "epoch": cur.epoch if mid_epoch else len(self.history) + 1,
+            "batch": cur.done if mid_epoch else 0,
+            "steps_per_epoch": self.steps_per_epoch,
+            "global_step": self.info.step,
+            "model": self.network.state_dict(),
+            "optimizers": [o.state_dict() for o in self.strategy.optimizers],
+            "schedulers": [s.state_dict() for s in self.strategy.schedulers],
+            "scalers": [s.state_dict() for s in getattr(self.strategy, "scalers", [])],
+            "rng": rng_state(),
+            "data_generator": cur.start_state if mid_epoch else self.train_loader.generator.get_state(),
+            "partial": partial,
+            "history": [dict(m) for m in self.history],
+        }
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the run as it stands (between two steps); None when checkpoints are off.
+        Parameters that became non-finite stop the run instead, keeping the last good checkpoint."""
+        if not self.checkpoints:
+            return None
+        here = (self.info.step, len(self.history))
+        if self.last_checkpoint is not None and self.last_checkpoint[2] == here:
+            return self.last_checkpoint[0]  # nothing changed since
+        for m in self.network.blocks:
+            floats = [t.detach().flatten().float() for t in m.state_dict().values() if t.is_floating_point()]
+            if floats and not bool(torch.isfinite(torch.cat(floats)).all()):
+                raise NonFiniteLoss(
+                    f"the parameters of module {m.index} became non-finite by step {self.info.step}; "
+                    f"lower optimizer.lr or add schedule.warmup_epochs; {self._kept()}"
+                )
+        self._busy = True
+        state = self.checkpoint_state()
+        try:
+            path = save_checkpoint(self.run_dir, state)
+        except OSError as exc:
+            raise TrainingFailed(
+                f"cannot write a checkpoint into {self.run_dir}: {exc.strerror or exc}; {self._kept()}"
+            ) from None
+        self._busy = False
+        self.last_checkpoint = (path, describe_checkpoint(state), here)
+        return path
+
+    def load_state(self, state: dict) -> None:
+        """Continue from a checkpoint (see :mod:`contsup.checkpoint`): weights, optimizers,
+        schedules, scalers, metrics, data order, position and finally the RNG states."""
+        try:
+            self.network.load_state_dict(state["model"])
+            parts = (
+                ("optimizer", self.strategy.optimizers, state["optimizers"]),
+                ("scheduler", self.strategy.schedulers, state["schedulers"]),
+                ("grad scaler", getattr(self.strategy, "scalers", []), state["scalers"]),
+            )
+            for what, live, saved in parts:
+                if len(live) != len(saved):
+                    raise ValueError(f"it has {len(saved)} {what}s, this recipe has {len(live)}")
+                for obj, s in zip(live, saved):
+                    obj.load_state_dict(s)
+            if state["batch"] > 0 and state["steps_per_epoch"] != self.steps_per_epoch:
+                raise ValueError(
+                    f"it stopped inside an epoch of {state['steps_per_epoch']} steps, this recipe has "
+                    f"{self.steps_per_epoch} steps per epoch"
+                )
+            self.train_loader.generator.set_state(state["data_generator"])
+            resumed = None
+            partial = state.get("partial")
+            if partial is not None:
+                stats = StepStats(self.network.num_modules)
+                stats.loss, stats.correct, stats.seen = list(partial["loss"]), list(partial["correct"]), list(partial["seen"])
+                if not len(stats.loss) == len(stats.correct) == len(stats.seen) == self.network.num_modules:
+                    raise ValueError("its running sums do not have one entry per module")
+                resumed = EpochProgress(
+                    state["epoch"], state["data_generator"], stats, done=state["batch"],
+                    images=int(partial["images"]), elapsed_s=float(partial["elapsed_s"]),
+                )
+            set_rng_state(state["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise ContsupError(
+                f"the checkpoint cannot be restored into this run ({reason(exc)}); "
+                f"if the recipe changed, resume with the run's own recipe"
+            ) from None
+        self.history = [dict(m) for m in state["history"]]
+        self.info.step = state["global_step"]
+        self.info.epoch = len(self.history)
+        self._resumed = resumed
+
+    def _kept(self) -> str:
+        """What is left to resume from, for failure messages."""
+        if not self.checkpoints:
+            return "checkpoints are off, nothing was saved"
+        if self.last_checkpoint is None:
+            return "no checkpoint was written yet"
+        path, where, _ = self.last_checkpoint
+        return f"the last good checkpoint is {path} ({where})"
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop after the current step, writing a checkpoint (what the first Ctrl-C does)."""
+        self._stop_requested = True
+
+    def _interrupt(self) -> Interrupted:
+        """Write a checkpoint if the state is consistent, then say how to continue."""
+        resume = f"continue with: contsup train --resume {self.run_dir}"
+        if not self._busy and self.checkpoints:
+            self.save_checkpoint()
+            path, where, _ = self.last_checkpoint
+            return Interrupted(f"interrupted at {where}; saved checkpoint {path}; {resume}")
+        if self.last_checkpoint is None:
+            resume += " (it starts again from the beginning)"
+        return Interrupted(f"interrupted in the middle of a step; {self._kept()}; {resume}")
+
+    @contextlib.contextmanager
+    def _ctrl_c_stops_at_a_step(self) -> Iterator[None]:
+        """The first Ctrl-C asks to stop after the current step; a second one stops at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            self.request_stop()
+            sys.stderr.write("\nCtrl-C: stopping after this step to save a checkpoint (press it again to stop at once)\n")
+            sys.stderr.flush()
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+
+    # -- training ------------------------------------------------------------------------
 
     def _check(self, epoch: int, step: int) -> Callable[[int, torch.Tensor], None]:
         def check(module: int, loss: torch.Tensor) -> None:
             if not torch.isfinite(loss.detach()).all():
                 raise NonFiniteLoss(
-                    f"the loss of module {module} became {float(loss):.4g} at epoch {epoch}, step {step}; "
-                    f"lower optimizer.lr or add schedule.warmup_epochs"
+                    f"the loss of module {module} became {float(loss.detach()):.4g} at epoch {epoch}, step {step}; "
+                    f"lower optimizer.lr or add schedule.warmup_epochs; {self._kept()}"
                 )
 
         return check
 
+    def _out_of_memory(self, epoch: int, step: int, evaluating: bool) -> OutOfMemory:
+        k, units = self.network.num_modules, len(self.built.unit_shapes)
+        module = getattr(self.strategy, "active_module", None)
+        if evaluating:
+            what = f"evaluating after epoch {epoch}; lower data.test_batch_size"
+        elif module is None:
+            what = (
+                f"training end to end at epoch {epoch}, step {step}; train greedily "
+                f"(run.mode = \"greedy\", partition.modules >= 2) or lower data.batch_size"
+            )
+        else:
+            more = f"use more modules (partition.modules = {min(2 * k, units)}), " if k < units else ""
+            what = (
+                f"in module {module} of {k} at epoch {epoch}, step {step}; {more}"
+                f"balance the modules by memory (partition.use = \"memory_balanced\") or lower data.batch_size"
+            )
+        return OutOfMemory(f"the GPU ran out of memory {what}; {self._kept()}")
+
     def train_epoch(self, epoch: int) -> dict:
-        """One epoch of training then evaluation; returns that epoch's metrics."""
+        """One epoch of training then evaluation; returns that epoch's metrics. An epoch resumed
+        from a mid-epoch checkpoint continues after its last step with its running sums."""
         self.network.train()
-        stats = StepStats(self.network.num_modules)
-        progress = Progress(epoch, self.recipe.run.epochs, self.steps_per_epoch, self.recipe.run.log_every)
-        seen, start = 0, time.perf_counter()
-        for i, (x, y) in enumerate(self.train_loader, start=1):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            self.strategy.step(x, y, stats, self._check(epoch, i))
-            self.info.step += 1
-            seen += len(y)
-            progress.update(i, stats.mean_loss())
-        progress.close()
+        cur = self._resumed if self._resumed is not None and self._resumed.epoch == epoch else None
+        self._resumed = None
+        if cur is None:
+            cur = EpochProgress(epoch, self.train_loader.generator.get_state(), StepStats(self.network.num_modules))
+        self.current = cur
+        every = self.recipe.run.checkpoint_every_steps
+        progress = Progress(epoch, self.recipe.run.epochs, self.steps_per_epoch, self.recipe.run.log_every, done=cur.done)
+        cur.restart_clock()
+        try:
+            for x, y in epoch_batches(self.train_loader, cur.start_state, cur.done):
+                x = to_memory_format(x.to(self.device, non_blocking=True), self.channels_last)
+                y = y.to(self.device, non_blocking=True)
+                self._busy = True
+                self.strategy.step(x, y, cur.stats, self._check(epoch, cur.done + 1))
+                cur.done += 1
+                cur.images += len(y)
+                self.info.step += 1
+                self._busy = False
+                progress.update(cur.done, cur.stats.mean_loss())
+                if self._stop_requested:
+                    raise self._interrupt()
+                if every and self.info.step % every == 0 and cur.done < self.steps_per_epoch:
+                    self.save_checkpoint()
+        except torch.cuda.OutOfMemoryError:
+            raise self._out_of_memory(epoch, cur.done + 1, evaluating=False) from None
+        finally:
+            progress.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - start
-        result = evaluate(self.network, self.test_loader, self.device)
+        elapsed = cur.elapsed()
+        try:
+            result = evaluate(self.network, self.test_loader, self.device, self.precision, self.channels_last)
+        except torch.cuda.OutOfMemoryError:
+            raise self._out_of_memory(epoch, cur.done, evaluating=True) from None
         memory, memory_kind = peak_memory(self.device)
+        stats = cur.stats
         return {
             "epoch": epoch,
             "step": self.info.step,
@@ -275,14 +568,22 @@ class Trainer:
             "test_error_pct": result.error_pct,
             "test_loss": result.loss,
             "test_local_acc_pct": result.local_acc_pct,
-            "images_per_s": seen / elapsed if elapsed > 0 else None,
+            "images_per_s": cur.images / elapsed if elapsed > 0 else None,
             "epoch_time_s": elapsed,
             "peak_memory_bytes": memory,
             "memory_kind": memory_kind,
         }
 
     def fit(self, on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
-        """Train every epoch; ``on_epoch`` sees each epoch's metrics (e.g. to write them)."""
+        """Train the remaining epochs; ``on_epoch`` sees each epoch's metrics (e.g. to write them)."""
+        self._stop_requested = False
+        with self._ctrl_c_stops_at_a_step():
+            try:
+                return self._fit(on_epoch)
+            except KeyboardInterrupt:
+                raise self._interrupt() from None
+
+    def _fit(self, on_epoch: Callable[[dict], None] | None) -> list[dict]:
         if self.hook is not None:
             self.hook.on_run_start(run=self.info)
         for epoch in range(len(self.history) + 1, self.recipe.run.epochs + 1):
@@ -293,8 +594,11 @@ class Trainer:
                 on_epoch(metrics)
             self.log.write(summary_line(metrics, self.recipe.run.epochs) + "\n")
             self.log.flush()
+            self.save_checkpoint()
             if self.hook is not None:
                 self.hook.on_epoch_end(run=self.info, epoch=epoch, metrics=metrics)
+            if self._stop_requested:
+                raise self._interrupt()
         if self.hook is not None:
             self.hook.on_run_end(run=self.info, metrics=self.history[-1] if self.history else None)
         return self.history

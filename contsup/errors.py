@@ -5,6 +5,24 @@ from __future__ import annotations
 from typing import Iterable
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other unprintable characters escaped (``\\n``, ``\\x85``), so a
+    message quoting the user's input still prints as one line."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
+def reason(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message as one short line (a heading line ending in ':' is dropped, as in
+    torch's ``Error(s) in loading state_dict for ...:``)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        lines = lines[1:]
+    text = "; ".join(lines) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ContsupError(Exception):
     """A problem with the user's input; ``lines`` are printed as they are."""
 

@@ -7,6 +7,8 @@ problem it finds instead of stopping at the first.
 
 from __future__ import annotations
 
+import importlib
+import math
 import types
 import typing
 from typing import Any, Callable, Literal, Mapping, Union
@@ -52,6 +54,22 @@ def in_range(low: float, high: float, *, high_open: bool = False) -> Callable:
             raise ValueError(f"must be in [{low}, {high}{bracket}, got {value!r}")
 
     check.describe = f"in [{low}, {high}{')' if high_open else ']'}"  # type: ignore[attr-defined]
+    return check
+
+
+def requires_module(module: str, install: str) -> Callable:
+    """A boolean option that, when true, needs ``module`` to be importable (an optional dependency)."""
+
+    def check(_instance: Any, _attribute: Any, value: Any) -> None:
+        if not value:
+            return
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise ValueError(f"true needs the '{module}' package, which is not installed; {install}, or set it to false") from None
+        except Exception as exc:  # installed but broken: still one line, not a traceback
+            raise ValueError(f"true needs the '{module}' package, which fails to import ({type(exc).__name__}: {exc})") from None
+
     return check
 
 
@@ -132,6 +150,8 @@ def convert(value: Any, tp: Any) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ValueError(f"expected a finite number, got {value!r}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

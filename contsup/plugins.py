@@ -28,6 +28,7 @@ BUILTIN_PLUGINS = (
     "contsup_objectives",
     "contsup_decoders",
     "contsup_datasets",
+    "contsup_tensorboard",
 )
 
 

@@ -15,12 +15,14 @@ def _fmt_losses(losses: Sequence[float | None]) -> str:
 
 
 class Progress:
-    """Reports steps of one epoch. On a terminal the line is redrawn at most 10 times a second;
-    otherwise a line is printed every ``every`` steps, or, when ``every`` is 0, at most every
-    ``quiet_s`` seconds so that short epochs do not flood a log."""
+    """Reports steps of one epoch (``done`` of them finished before, in a resumed epoch). On a
+    terminal the line is redrawn at most 10 times a second; otherwise a line is printed every
+    ``every`` steps, or, when ``every`` is 0, at most every ``quiet_s`` seconds so that short
+    epochs do not flood a log."""
 
     def __init__(
-        self, epoch: int, epochs: int, steps: int, every: int = 0, stream: TextIO | None = None, quiet_s: float = 10.0
+        self, epoch: int, epochs: int, steps: int, every: int = 0, stream: TextIO | None = None, quiet_s: float = 10.0,
+        done: int = 0,
     ) -> None:
         self.stream = stream or sys.stderr
         self.live = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -28,6 +30,7 @@ class Progress:
         self.fixed = every > 0
         self.every = every or max(1, steps // 10)
         self.quiet_s = quiet_s
+        self.done = done  # steps finished before this process took over (a resumed epoch)
         self.start = time.perf_counter()
         self._last_draw = self.start
 
@@ -35,7 +38,8 @@ class Progress:
         """Called after 1-based ``step`` with each module's running loss."""
         now = time.perf_counter()
         elapsed = now - self.start
-        eta = elapsed / step * (self.steps - step) if step else 0.0
+        ran = step - self.done
+        eta = elapsed / ran * (self.steps - step) if ran > 0 else 0.0
         text = (
             f"epoch {self.epoch}/{self.epochs} step {step}/{self.steps} "
             f"[{elapsed:5.1f}s, eta {eta:5.1f}s] loss per module: {_fmt_losses(losses)}"

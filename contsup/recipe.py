@@ -19,7 +19,7 @@ import torch
 
 from contsup.errors import ContsupError, RecipeError
 from contsup.optim import optimizers, schedules
-from contsup.options import as_table, at_least, option, structure
+from contsup.options import as_table, at_least, option, requires_module, structure
 from contsup.registry import Registries, Registry, UnknownName
 from contsup.requirements import check_requirements
 from contsup.suggest import did_you_mean
@@ -46,6 +46,16 @@ class RunOptions:
     requires: tuple[str, ...] = option(
         (), doc='plugin distributions the recipe needs, e.g. ["contsup-geometric>=0.1"]; checked before anything runs'
     )
+    checkpoint_every_steps: int = option(
+        0, doc="also write a checkpoint every N optimizer steps (0: only at the end of every epoch)", validator=at_least(0)
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", doc='"fp32"; "bf16" (autocast, CPU or CUDA); "fp16" (autocast and a grad scaler per module, CUDA only)'
+    )
+    channels_last: bool = option(False, doc="keep the network and its inputs in channels-last memory format (faster convolutions on recent GPUs)")
+    deterministic: bool = option(
+        False, doc="use deterministic algorithms only (torch and cuDNN); off, cuDNN picks the fastest algorithms on CUDA"
+    )
 
     def __attrs_post_init__(self) -> None:
         d = self.device
@@ -67,6 +77,17 @@ class PartitionOptions:
     """Keys common to every partitioner."""
 
     modules: int = option(1, doc="K, the number of gradient-isolated modules", validator=at_least(1))
+
+
+@attrs.frozen
+class LogOptions:
+    """Optional loggers, besides metrics.jsonl and the progress line."""
+
+    tensorboard: bool = option(
+        False,
+        doc="write TensorBoard scalars to <run dir>/tensorboard (needs the tensorboard package: pip install 'contsup[tensorboard]')",
+        validator=requires_module("tensorboard", "pip install 'contsup[tensorboard]'"),
+    )
 
 
 @attrs.frozen
@@ -96,6 +117,7 @@ SECTIONS = (
     Section("decoder", NoOptions, "decoder", "decoders", None, optional=True),
     Section("optimizer", NoOptions, "optimizer", "optimizers", "sgd"),
     Section("schedule", NoOptions, "learning-rate schedule", "schedules", "cosine"),
+    Section("log", LogOptions, "", None, None),
 )
 TOP_LEVEL_KEYS = ("extends", "modules")
 SECTION = {s.name: s for s in SECTIONS}
@@ -162,6 +184,7 @@ class Recipe:
     optimizer: Chosen
     schedule: Chosen
     stages: tuple[Stage, ...] = ()  # from [[modules]]; empty: every module uses the sections above
+    log: LogOptions = attrs.field(factory=LogOptions)
 
     @property
     def name(self) -> str:
@@ -186,6 +209,7 @@ class Recipe:
                 out[name] = _chosen_table(chosen, own)
         if self.stages:
             out["modules"] = [stage.table(self) for stage in self.stages]
+        out["log"] = as_table(self.log)
         return out
 
     def stage(self, module: int) -> Stage:
@@ -426,6 +450,7 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
         optimizer=parts["optimizer"]["chosen"],
         schedule=parts["schedule"]["chosen"],
         stages=stages,
+        log=parts["log"]["own"],
     )
 
 

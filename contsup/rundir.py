@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from contsup import tomlw
-from contsup.errors import ContsupError
+from contsup.errors import ContsupError, reason
 
 RECIPE_FILE = "recipe.toml"
 PLUGINS_FILE = "plugins.json"
@@ -101,6 +101,12 @@ def append_metrics(run_dir: Path, metrics: dict) -> None:
         os.fsync(f.fileno())
 
 
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """Replace metrics.jsonl with ``history`` (on resume: exactly the epochs the checkpoint holds)."""
+    text = "".join(json.dumps(m) + "\n" for m in history)
+    atomic_write(Path(run_dir) / METRICS_FILE, lambda f: f.write(text), binary=False)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     """Every complete line of metrics.jsonl (a torn last line from a crash is skipped)."""
     path = Path(run_dir) / METRICS_FILE
@@ -129,12 +135,18 @@ def load_model(run_dir: str | Path, map_location: str = "cpu") -> torch.nn.Modul
     if not (run_dir / RECIPE_FILE).exists():
         raise ContsupError(f"{run_dir}: not a run directory (no {RECIPE_FILE})")
     if not (run_dir / MODEL_FILE).exists():
-        raise ContsupError(f"{run_dir}: has no {MODEL_FILE}; the run has not finished")
+        raise ContsupError(
+            f"{run_dir}: has no {MODEL_FILE}; the run has not finished (continue it with contsup train --resume "
+            f"{run_dir}, or evaluate its last checkpoint with contsup eval {run_dir})"
+        )
     recipe = load_recipe(run_dir / RECIPE_FILE)
     network = build_network(recipe).network
     try:
         state = torch.load(run_dir / MODEL_FILE, map_location=map_location, weights_only=True)
     except Exception as exc:
         raise ContsupError(f"{run_dir / MODEL_FILE}: cannot be read ({type(exc).__name__}: {exc})") from None
-    network.load_state_dict(state)
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ContsupError(f"{run_dir / MODEL_FILE}: does not fit the network of {run_dir / RECIPE_FILE} ({reason(exc)})") from None
     return network.eval()

@@ -41,3 +41,9 @@ def test_synthetic_is_deterministic_and_shaped():
     assert torch.equal(a.tensors[0], b.tensors[0]) and a.tensors[0].shape == (10, 2, 5, 7)
     assert not torch.equal(a.tensors[0][:4], s.load(train=False).tensors[0])
     assert s.info().num_classes == 3 and int(a.tensors[1].max()) < 3
+
+
+def test_synthetic_accepts_every_toml_integer_as_seed():
+    for seed in (-(2**63), -1, 2**63 - 1):
+        s = Synthetic(Synthetic.Options(shape=(1, 2, 2), train_size=2, test_size=2, seed=seed))
+        assert s.load(train=True).tensors[0].shape == s.load(train=False).tensors[0].shape == (2, 1, 2, 2)

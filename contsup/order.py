@@ -1,0 +1,55 @@
+"""The training data order: one seeded permutation per epoch that a resumed run replays exactly.
+
+An epoch's order is fixed by the loader generator's state when the epoch starts. A checkpoint
+stores that state and how many batches were already trained; resuming restores the state,
+draws the same permutation and skips the batches already done.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Iterator
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
+
+
+class SkippingBatchSampler(Sampler[list[int]]):
+    """Shuffled batches of indices; ``skip`` batches are dropped once, at the start of the next
+    epoch, without loading their data. Draws from ``generator`` exactly as ``shuffle=True`` does."""
+
+    def __init__(self, dataset_size: int, batch_size: int, generator: torch.Generator, drop_last: bool = False) -> None:
+        self.batches = BatchSampler(RandomSampler(range(dataset_size), generator=generator), batch_size, drop_last)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(self.batches):
+            if i >= skip:
+                yield batch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def ignore_interrupts(_worker_id: int) -> None:
+    """Data-loader worker init: Ctrl-C is the main process's to handle (it stops at a step boundary)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def epoch_batches(loader: DataLoader, start_state: torch.Tensor, done: int) -> Iterator:
+    """The epoch's batches after the first ``done``, in the order fixed by ``start_state``.
+
+    Without workers the skipped batches are never loaded (an augmentation drawing from the global
+    RNG is restored by the checkpoint's RNG state). With workers they are loaded and dropped, so
+    every worker's RNG advances exactly as in an uninterrupted epoch.
+    """
+    loader.generator.set_state(start_state)
+    sampler = loader.batch_sampler
+    if loader.num_workers == 0 and isinstance(sampler, SkippingBatchSampler):
+        sampler.skip = done
+        return iter(loader)
+    batches = iter(loader)
+    for _ in range(done):
+        next(batches)
+    return batches

@@ -1,0 +1,173 @@
+"""Checkpoint files: plain tensors and containers only, atomic, the last two kept, RNG states
+round-trip, and every kind of damage is detected and reported as one line."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from contsup.checkpoint import (
+    CorruptCheckpoint, checkpoint_paths, load_latest, read_checkpoint, rng_state, save_checkpoint, set_rng_state,
+)
+from contsup.engine import Trainer
+from contsup.errors import ContsupError
+from contsup.recipe import loads_recipe
+
+from tiny import one_thread, tiny_recipe_text  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def trained_state(registries, tmp_path_factory):
+    """A tiny one-epoch run (4 steps) and its run directory."""
+    run = tmp_path_factory.mktemp("ckpt")
+    recipe = loads_recipe(tiny_recipe_text(run, epochs=1), registries, source="tiny.toml")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    trainer = Trainer(recipe, run, log=open(os.devnull, "w"))
+    trainer.fit()
+    torch.set_num_threads(threads)
+    return trainer, run
+
+
+def test_a_checkpoint_holds_everything_and_loads_with_weights_only(trained_state):
+    trainer, run = trained_state
+    path = checkpoint_paths(run)[-1]
+    state = torch.load(path, weights_only=True)  # plain tensors and containers only
+    assert state["format"] == 1 and state["recipe"] == trainer.recipe.table()
+    assert (state["epoch"], state["batch"], state["global_step"], state["steps_per_epoch"]) == (2, 0, 4, 4)
+    assert state["model"].keys() == trainer.network.state_dict().keys()
+    assert len(state["optimizers"]) == len(state["schedulers"]) == len(state["scalers"]) == 3  # one per module
+    assert all(s["last_epoch"] == 4 for s in state["schedulers"])
+    assert set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
+    assert state["data_generator"].dtype == torch.uint8
+    assert state["history"] == trainer.history and state["partial"] is None
+    assert (path.parent / (path.name + ".sha256")).read_text().split()[1] == str(path.stat().st_size)
+
+
+def test_rng_states_round_trip():
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.normal()  # leaves a cached gaussian in numpy's state
+    saved = rng_state()
+    first = (random.random(), np.random.normal(), torch.rand(3))
+    set_rng_state(saved)
+    again = (random.random(), np.random.normal(), torch.rand(3))
+    assert first[:2] == again[:2] and torch.equal(first[2], again[2])
+
+
+def _fake_state(step: int) -> dict:
+    return {"global_step": step, "payload": torch.full((4,), float(step))}
+
+
+def test_only_the_last_two_are_kept_and_a_failed_write_leaves_the_old_ones(tmp_path, monkeypatch):
+    for step in (1, 2, 3, 10):
+        save_checkpoint(tmp_path, _fake_state(step))
+    folder = tmp_path / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "step-000000003.pt", "step-000000003.pt.sha256", "step-000000010.pt", "step-000000010.pt.sha256",
+    ]
+
+    def dies_half_way(obj, f):
+        f.write(b"PK\x03\x04 half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, _fake_state(11))
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "step-000000003.pt", "step-000000003.pt.sha256", "step-000000010.pt", "step-000000010.pt.sha256",
+    ]  # no temporary file left, nothing replaced
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda b: b[: len(b) // 2], "truncated or extended"),
+        (lambda b: b"", "truncated or extended: 0 bytes"),
+        (lambda b: b[:-40] + bytes(x ^ 0xFF for x in b[-40:-39]) + b[-39:], "SHA-256 mismatch"),
+        (lambda b: os.urandom(len(b)), "SHA-256 mismatch"),
+    ],
+    ids=["truncated", "empty", "one byte flipped", "garbage"],
+)
+def test_damage_is_detected_and_the_previous_checkpoint_used(trained_state, tmp_path, damage, reason):
+    trainer, _ = trained_state
+    good = trainer.checkpoint_state()
+    save_checkpoint(tmp_path, good)
+    later = dict(good, global_step=good["global_step"] + 1)
+    latest = save_checkpoint(tmp_path, later)
+    latest.write_bytes(damage(latest.read_bytes()))
+    warnings = []
+    state, path = load_latest(tmp_path, warnings.append)
+    assert path.name == "step-000000004.pt" and state["global_step"] == 4
+    assert len(warnings) == 1 and warnings[0].startswith(f"checkpoint {latest} is damaged: ") and reason in warnings[0]
+    assert warnings[0].endswith("; using the one before it")
+    assert checkpoint_paths(tmp_path) == [path] and (latest.parent / (latest.name + ".corrupt")).exists()
+
+
+def test_without_its_digest_a_damaged_file_is_still_caught_by_its_structure(trained_state, tmp_path):
+    trainer, _ = trained_state
+    latest = save_checkpoint(tmp_path, trainer.checkpoint_state())
+    (latest.parent / (latest.name + ".sha256")).unlink()
+    assert read_checkpoint(latest)["global_step"] == 4  # a complete file loads without its digest
+    latest.write_bytes(latest.read_bytes()[:5000])
+    with pytest.raises(CorruptCheckpoint, match=r"not a readable checkpoint \("):
+        read_checkpoint(latest)
+    torch.save({"format": 1, "epoch": "one"}, latest)
+    with pytest.raises(CorruptCheckpoint, match="its 'recipe' entry is missing or malformed"):
+        read_checkpoint(latest)
+    torch.save([1, 2, 3], latest)
+    with pytest.raises(CorruptCheckpoint, match="holds a list, not a checkpoint"):
+        read_checkpoint(latest)
+
+
+def test_when_no_checkpoint_is_usable_every_problem_is_reported(tmp_path):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, _fake_state(step))  # readable files, but not checkpoints
+    with pytest.raises(ContsupError) as err:
+        load_latest(tmp_path, lambda line: None)
+    lines = err.value.lines
+    assert list(lines[:2]) == [
+        f"checkpoint {tmp_path / 'checkpoints' / name} is damaged: its 'format' entry is missing or malformed"
+        for name in ("step-000000002.pt", "step-000000001.pt")
+    ]
+    assert lines[2] == f"{tmp_path}: none of its checkpoints is usable; start the run again with --new"
+    assert load_latest(tmp_path / "elsewhere", lambda line: None) is None
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_damaged_checkpoints_never_crash(trained_state, tmp_path, data):
+    """Cut or flipped bytes, with or without the digest: either a checked state comes back (and
+    restores, or says why not) or CorruptCheckpoint says why; nothing else escapes."""
+    trainer, run = trained_state
+    raw = checkpoint_paths(run)[-1].read_bytes()
+    cut = data.draw(st.integers(0, len(raw)))
+    flips = data.draw(st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(1, 255)), max_size=4))
+    damaged = bytearray(raw[:cut] if data.draw(st.booleans()) else raw)
+    for at, mask in flips:
+        if at < len(damaged):
+            damaged[at] ^= mask
+    target = Path(tempfile.mkdtemp(dir=tmp_path)) / "step-000000004.pt"
+    target.write_bytes(bytes(damaged))
+    if data.draw(st.booleans()):  # with its digest, any change must be caught
+        digest = checkpoint_paths(run)[-1].with_name("step-000000004.pt.sha256")
+        target.with_name(digest.name).write_bytes(digest.read_bytes())
+    try:
+        state = read_checkpoint(target)
+    except CorruptCheckpoint as exc:
+        assert str(exc) and "\n" not in str(exc)
+    else:
+        assert isinstance(state, dict) and state["global_step"] == 4
+        if target.with_name("step-000000004.pt.sha256").exists():
+            assert bytes(damaged) == raw
+        try:  # restoring it either works or says why in one line
+            trainer.load_state(state)
+        except ContsupError as exc:
+            assert len(exc.lines) == 1 and "cannot be restored into this run" in exc.lines[0]

@@ -1,0 +1,52 @@
+"""Tiny runs for the run-lifecycle tests: a few steps per epoch on 8x8 synthetic images, and
+helpers to compare two runs exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from contsup.rundir import read_metrics
+
+from conftest import small_recipe_text
+
+# Measured, not computed: they differ between two runs of the same recipe.
+MEASURED = ("images_per_s", "epoch_time_s", "peak_memory_bytes")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny runs are fastest on one thread (more threads only wait for each other on a busy
+    machine); a module using tiny runs imports this fixture to apply it to its tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_recipe_text(out_dir: Path | str, *, epochs: int = 2, train_size: int = 32, batch_size: int = 8,
+                     modules: int = 3, context: str = "R1E", extra: str = "", **kwargs) -> str:
+    """3x8x8 images, ResNet-20 in ``modules`` modules, ``train_size / batch_size`` steps per epoch."""
+    text = small_recipe_text(
+        out_dir=str(out_dir), epochs=epochs, train_size=train_size, batch_size=batch_size, modules=modules,
+        context=context, **kwargs,
+    )
+    return text.replace("shape = [3, 16, 16]", "shape = [3, 8, 8]").replace("test_size = 32", "test_size = 16") + extra
+
+
+def without_measured(metrics: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k not in MEASURED} for m in metrics]
+
+
+def assert_same_runs(a: Path, b: Path) -> None:
+    """Bit-identical final weights and identical metrics (measured fields aside)."""
+    wa = torch.load(Path(a) / "model.pt", weights_only=True)
+    wb = torch.load(Path(b) / "model.pt", weights_only=True)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    ma, mb = read_metrics(a), read_metrics(b)
+    assert [m["epoch"] for m in ma] == [m["epoch"] for m in mb]
+    assert without_measured(ma) == without_measured(mb)
