@@ -238,7 +238,7 @@ def test_plugins_lists_every_plugin_and_what_it_registered(fake_entry_points, mo
     assert main(["plugins"]) == 0
     lines = [" ".join(l.split()) for l in capsys.readouterr().out.splitlines()]
     assert lines[0] == "plugin distribution registered"
-    assert "contsup_decoders contsup " + get_plugin_manager(entry_points=False).info["contsup_decoders"].version + " -" in lines
+    assert "contsup_decoders contsup " + get_plugin_manager(entry_points=False).info["contsup_decoders"].version + " decoders: infopro" in lines
     assert "ring contsup-ring 1.2.3 context selectors: ring; observers: on_epoch_end" in lines
     assert main(["plugins", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
