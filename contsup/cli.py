@@ -142,7 +142,7 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from contsup import __version__
     from contsup.engine import Trainer, preflight
-    from contsup.rundir import create_run_dir, default_run_dir, write_recipe, write_versions
+    from contsup.rundir import create_run_dir, default_run_dir, discard_unstarted, write_recipe, write_versions
 
     if args.resume is not None:
         return cmd_resume(args)
@@ -156,7 +156,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     write_recipe(run_dir, recipe)
     write_versions(run_dir, recipe, pm)
     print(f"contsup {__version__}: training {recipe.source} into {run_dir}", flush=True)
-    trainer = Trainer(recipe, run_dir, hook=pm.hook)
+    try:
+        trainer = Trainer(recipe, run_dir, hook=pm.hook)
+    except BaseException:  # e.g. the data files are missing: leave no half-made run behind
+        discard_unstarted(run_dir)
+        raise
     return _fit_and_save(trainer, run_dir)
 
 

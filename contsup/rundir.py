@@ -72,6 +72,20 @@ def create_run_dir(path: Path, new: bool = False) -> Path:
     return path
 
 
+def discard_unstarted(run_dir: Path) -> None:
+    """Remove a run directory that holds only what ``contsup train`` writes before training
+    (the recipe and the versions): a run that could not start leaves nothing behind, so the
+    same command works once the problem is fixed."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return
+    names = {p.name for p in run_dir.iterdir()}
+    if names <= {RECIPE_FILE, PLUGINS_FILE}:
+        for name in names:
+            (run_dir / name).unlink()
+        run_dir.rmdir()
+
+
 def write_recipe(run_dir: Path, recipe: Any) -> None:
     header = f"The resolved recipe of this run (from {recipe.source}); every key with its value.\n"
     text = tomlw.dumps(recipe.table(), header=header)

@@ -446,6 +446,8 @@ def test_train_without_the_files_exits_2_with_one_line(write_recipe, tmp_path, c
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.startswith(f"error: cifar10: no CIFAR-10 files in {root / 'cifar-10-batches-py'} (expected data_batch_1, ")
     assert no_network == []
+    assert not (tmp_path / "run").exists()  # nothing left behind: the same command works once the data is there
+    assert main(["train", str(path)]) == 2 and "no CIFAR-10 files" in capsys.readouterr().err
 
 
 def test_train_runs_on_the_real_loader(write_recipe, tmp_path, capsys, skip_md5):
