@@ -140,8 +140,24 @@ def _fmt(mean: float | None, std: float | None, digits: int = 2) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-def _value(v: Any) -> str:
-    return "-" if v is None else str(v)
+def _value(v: Any, key: str = "", config: Mapping[str, Any] | None = None) -> str:
+    if v is None:
+        return "-"
+    if key == "modules" and isinstance(v, str):
+        return stages_summary(json.loads(v), config or {})
+    return str(v)
+
+
+def stages_summary(stages: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> str:
+    """``[[modules]]`` entries in a few words, ``1-4: none; 5-16: R1E``: each range's context
+    (and its objective or decoder where they differ from the recipe's own sections)."""
+    parts = []
+    for stage in stages:
+        first, last = stage["range"]
+        names = [stage.get("context", {}).get("use", config.get("context.use", "?"))]
+        names += [stage[k]["use"] for k in ("objective", "decoder") if k in stage]
+        parts.append(f"{first}-{last}: {' + '.join(names)}")
+    return "; ".join(parts)
 
 
 def markdown(columns: Sequence[str], rows: Sequence[Row]) -> str:
@@ -150,7 +166,7 @@ def markdown(columns: Sequence[str], rows: Sequence[Row]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
     for row in rows:
         mem, rate = row.memory_mib(), row.images_per_s()
-        cells = [_value(row.config.get(c)) for c in columns] + [
+        cells = [_value(row.config.get(c), c, row.config) for c in columns] + [
             str(len(row.runs)),
             _fmt(*row.mean_std(row.errors)),
             row.paper or "-",

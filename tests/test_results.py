@@ -100,3 +100,10 @@ def test_paper_cells_are_matched_by_configuration(registries):
     assert describe(matching_cells(paper_table("none", "cross_entropy", 1, None, "cifar_resnet110", "svhn", "e2e"), registries)) == "3.07 ± 0.23 (Table 3)"
     assert matching_cells(paper_table("R1E", dataset="digits"), registries) == []
     assert describe(matching_cells(paper_table("none"), registries)).endswith("*")  # Table 11's R0 caveat
+
+
+def test_hybrid_schemes_are_summarised_by_range():
+    from contsup.results import stages_summary
+
+    stages = [{"range": [1, 4], "context": {"use": "none"}}, {"range": [5, 16]}, {"range": [17, 20], "objective": {"use": "supcon"}}]
+    assert stages_summary(stages, {"context.use": "R1E"}) == "1-4: none; 5-16: R1E; 17-20: R1E + supcon"
