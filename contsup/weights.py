@@ -102,8 +102,7 @@ def plot_weight_map(data: dict, path: str | Path, title: str | None = None) -> P
     fig, ax = new_figure(side + 1.2, max(3.5, 0.36 * len(rows) + 1.8))
     from matplotlib import colormaps
 
-    cmap = colormaps["viridis"].copy()
-    cmap.set_bad("0.93")
+    cmap = colormaps["viridis"].with_extremes(bad="0.93")
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto", interpolation="nearest")
     bar = fig.colorbar(image, ax=ax)
     bar.set_label("sum |W| / (C_out C_in)  (BN folded)" if data.get("fold_bn", True) else "sum |W| / (C_out C_in)")
