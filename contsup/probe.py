@@ -438,7 +438,7 @@ def plot_information(probes: Sequence[tuple[str, Any, dict]], path: str | Path, 
     ax_i.set_title("task-relevant information per module")
     ax_a.set_ylabel("probe test accuracy (%)")
     ax_a.set_title("accuracy of the probe q(y | h_l)")
-    ax_i.legend(fontsize=8, loc="lower left")
+    ax_i.legend(fontsize=8, loc="best")
     if title:
         fig.suptitle(title)
     return save_png(fig, path)

@@ -136,6 +136,9 @@ def plot_local_accuracy(rows: Sequence[Row], methods: Methods, path: Path) -> Pa
                 continue
             ax.plot(*zip(*pts), marker=markers[ks.index(_k(row)) % len(markers)], color=methods.colour(row),
                     label=f"{label}, K={_k(row)}", markersize=4)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("module l")
     ax.set_ylabel("test accuracy of the local head (%)")
     ax.set_title("local accuracy per module at the last epoch")
@@ -148,7 +151,8 @@ def plot_curves(row: Row, label: str, path: Path) -> Path:
     """Per-module local training loss and test local accuracy over epochs (mean over seeds)."""
     from matplotlib import colormaps
     from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
+    from matplotlib.colors import BoundaryNorm
+    from matplotlib.ticker import MaxNLocator
 
     fig, (ax_l, ax_a) = new_figure(12.0, 4.5, cols=2)
     loss = _mean_series(row, "train_loss")
@@ -156,8 +160,8 @@ def plot_curves(row: Row, label: str, path: Path) -> Path:
     epochs = [m["epoch"] for m in row.runs[0].metrics[: len(loss)]]
     trained = _trained_modules(row.runs[0])
     k = len(trained)
-    cmap = colormaps["viridis"]
-    norm = Normalize(1, max(k, 2))
+    cmap = colormaps["viridis"].resampled(max(k, 1))
+    norm = BoundaryNorm([i + 0.5 for i in range(k + 1)], cmap.N)
     for i in range(k):
         if not trained[i]:
             continue
@@ -170,10 +174,12 @@ def plot_curves(row: Row, label: str, path: Path) -> Path:
     ax_a.set_ylabel("test accuracy of the local head (%)")
     for ax in (ax_l, ax_a):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     ax_l.set_title("local loss per module")
     ax_a.set_title("local accuracy per module")
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[ax_l, ax_a], label="module l")
+    bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=[ax_l, ax_a], label="module l")
+    bar.set_ticks(range(1, k + 1) if k <= 16 else range(1, k + 1, max(1, k // 8)))
     seeds = len(row.runs)
     fig.suptitle(f"{label}, K={_k(row)}" + (f" (mean of {seeds} seeds)" if seeds > 1 else ""))
     return save_png(fig, path)
@@ -227,7 +233,11 @@ def write_report(paths: Sequence[str], out_dir: str | Path, registries: Any, com
         for run in row.runs:
             data = load_weights(run.run_dir)
             if data is not None:
-                path = plot_weight_map(data, out / "weights" / f"{slug(str(run.run_dir))}.png")
+                name = slug(run.run_dir.name)
+                while name in used:
+                    name += "-"
+                used.add(name)
+                path = plot_weight_map(data, out / "weights" / f"{name}.png")
                 add(f"Context weights: {data.get('label', run.run_dir)}", path, f"From `contsup weights {run.run_dir}`: {data.get('definition', '')}.")
     lines = ["# contsup report", ""]
     lines.append(f"{sum(len(r.runs) for r in rows)} finished runs in {len(rows)} configurations from "

@@ -109,14 +109,16 @@ def plot_weight_map(data: dict, path: str | Path, title: str | None = None) -> P
     ax.set_xticks(range(len(cols)), [str(c) for c in cols])
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("destination module l")
-    ax.set_ylabel("context source s (x = input through M_E; hJ = h_J^c through M_R)")
+    ax.set_ylabel("context source s")
     ax.set_title(title or data.get("label", "context adapter weights"), fontsize=10)
+    fig.text(0.01, 0.005, "x: the input through M_E;  hJ: h_J^c through M_R;  grey: no adapter", fontsize=7, color="0.35")
     if len(cols) <= 20 and np.isfinite(grid).any():
         lo, hi = np.nanmin(grid), np.nanmax(grid)
+        size = 9 if len(cols) <= 4 else 7 if len(cols) <= 10 else 6
         for (i, j), v in np.ndenumerate(grid):
             if math.isfinite(v):
                 light = hi > lo and (v - lo) / (hi - lo) > 0.6
-                ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=6, color="black" if light else "white")
+                ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=size, color="black" if light else "white")
     return save_png(fig, path)
 
 
