@@ -45,6 +45,15 @@ def _stage_label(stage: Mapping[str, Any]) -> str:
     return f"{name}[{first}-{last}]"
 
 
+def _context_name(config: Mapping[str, Any]) -> str:
+    """The shorthand (``M1R1E``, ``all``, ``none``) of the ``contsup`` selector's options."""
+    if config.get("context.dense"):
+        return "all" if config.get("context.input") else "dense"
+    m, r = int(config.get("context.intermediate") or 0), int(config.get("context.recent") or 0)
+    name = (f"M{m}" if m else "") + (f"R{r}" if r else "") + ("E" if config.get("context.input") else "")
+    return name or "none"
+
+
 def method_label(config: Mapping[str, Any]) -> str:
     """A short human name for a flattened recipe (``{"context.use": "R1E", ...}``) without K:
     ``DGL``, ``ContSup R1E``, ``E2E``, with the objective and decoder when not the defaults."""
@@ -56,6 +65,8 @@ def method_label(config: Mapping[str, Any]) -> str:
         base = "hybrid " + "+".join(_stage_label(s) for s in stages)
     else:
         context = config.get("context.use", "none")
+        if context == "contsup":
+            context = _context_name(config)
         base = "DGL" if context in CONTEXT_NONE else f"ContSup {context}"
     objective = config.get("objective.use")
     if objective and objective != "cross_entropy" and config.get("run.mode") != "e2e":

@@ -62,6 +62,8 @@ def test_method_labels():
     assert method_label({"context.use": "R1E", "objective.use": "supcon"}) == "ContSup R1E · supcon"
     assert method_label({"context.use": "none", "decoder.use": "infopro"}) == "DGL + infopro"
     assert method_label({"run.mode": "e2e", "context.use": "none"}) == "E2E"
+    assert method_label({"context.use": "contsup", "context.input": True, "context.recent": 1, "context.intermediate": 1}) == "ContSup M1R1E"
+    assert method_label({"context.use": "contsup", "context.input": False, "context.recent": 0}) == "DGL"
     hybrid = '[{"range": [1, 4], "context": {"use": "none"}}, {"range": [5, 16], "context": {"use": "R1E"}}]'
     assert method_label({"context.use": "R1E", "modules": hybrid}) == "hybrid DGL[1-4]+R1E[5-16]"
     configs = [
