@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     from contsup.probe import ProbeOptions
 
     for f in attrs.fields(ProbeOptions):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), metavar="N",
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), metavar="N" if type(f.default) is int else "X",
                        help=f"{f.metadata['doc']} (default {f.default})")
     p.set_defaults(func=cmd_probe)
     p = sub.add_parser("weights", help="heat map of the context adapters' weights (source x destination)")
