@@ -168,9 +168,9 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from contsup.probe import check_options, probe_main
+    from contsup.probe import ProbeOptions, check_options, probe_main
 
-    names = ("epochs", "depth", "width", "size", "batch_size", "lr", "weight_decay", "val_fraction", "train_size", "seed", "cache_mib")
+    names = [f.name for f in attrs.fields(ProbeOptions)]
     values = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     options = check_options(values, flag=lambda n: "--" + n.replace("_", "-"))
     return probe_main(args.runs, options, args.modules, args.device, args.output, args.reuse)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,7 @@ class ProbeOptions:
     val_fraction: float = option(0.1, doc="share of the training features held out to pick the probe's best epoch; 0 = last epoch", validator=in_range(0.0, 0.5))
     train_size: int = option(0, doc="use a seeded random subset of this many training images; 0 = all", validator=at_least(0))
     seed: int = option(0, doc="seed of the probes' initialisation, splits and shuffling")
+    repeats: int = option(1, doc="probes per module, seeded seed, seed+1, ...; the estimate is their mean (and std)", validator=at_least(1))
     cache_mib: int = option(1024, doc="features kept in memory per pass over the data (MiB); more modules per pass when they fit", validator=at_least(1))
 
 
@@ -220,6 +222,22 @@ def estimate_information(
     )
 
 
+def summarise(probes: Sequence[ProbeResult]) -> dict:
+    """One module's entry in probe.json: the mean (and std over repeats) of its probes' estimates."""
+    info = [p.information_nats for p in probes]
+    return {
+        "information_nats": statistics.fmean(info),
+        "information_std_nats": statistics.stdev(info) if len(info) > 1 else None,
+        "cross_entropy_nats": statistics.fmean(p.cross_entropy_nats for p in probes),
+        "probe_acc_pct": statistics.fmean(p.accuracy_pct for p in probes),
+        "probes": [
+            {"information_nats": p.information_nats, "cross_entropy_nats": p.cross_entropy_nats, "probe_acc_pct": p.accuracy_pct,
+             "best_epoch": p.best_epoch, "history": list(p.history)}
+            for p in probes
+        ],
+    }
+
+
 # -- features of a trained network -------------------------------------------------------------
 
 
@@ -362,23 +380,17 @@ def probe_run(
     start = time.perf_counter()
     for l, train_h, train_y, test_h, test_y in iter_features(network, train, test, chosen, shapes, dev, options.cache_mib * 2**20):
         t0 = time.perf_counter()
-        r = estimate_information(train_h, train_y, test_h, test_y, info.num_classes, options, dev, seed_offset=l)
+        probes = [
+            estimate_information(train_h, train_y, test_h, test_y, info.num_classes, attrs.evolve(options, seed=options.seed + i), dev, seed_offset=l)
+            for i in range(options.repeats)
+        ]
         name = "x" if l == 0 else f"h{l}"
-        results.append(
-            {
-                "module": l,
-                "feature": name,
-                "shape": list(shapes[l]),
-                "information_nats": r.information_nats,
-                "cross_entropy_nats": r.cross_entropy_nats,
-                "probe_acc_pct": r.accuracy_pct,
-                "best_epoch": r.best_epoch,
-                "history": list(r.history),
-            }
-        )
+        row = summarise(probes)
+        results.append({"module": l, "feature": name, "shape": list(shapes[l]), **row})
+        spread = f" ± {row['information_std_nats']:.3f}" if row["information_std_nats"] is not None else ""
         log.write(
-            f"  {name:>4} {'x'.join(map(str, shapes[l])):>9}: I = {r.information_nats:.3f} nats "
-            f"(H(y) {r.entropy_nats:.3f}), probe accuracy {r.accuracy_pct:.1f}% [{time.perf_counter() - t0:.1f}s]\n"
+            f"  {name:>4} {'x'.join(map(str, shapes[l])):>9}: I = {row['information_nats']:.3f}{spread} nats "
+            f"(H(y) {probes[0].entropy_nats:.3f}), probe accuracy {row['probe_acc_pct']:.1f}% [{time.perf_counter() - t0:.1f}s]\n"
         )
         log.flush()
     data = {
@@ -386,7 +398,7 @@ def probe_run(
         "label": label,
         "modules": k,
         "entropy_nats": label_entropy(test_y, info.num_classes),
-        "estimate": "H(y) - CE of the probe on the test set, at the epoch with the lowest validation CE (nats)",
+        "estimate": "H(y) - CE of the probe on the test set, at the epoch with the lowest validation CE (nats); mean over repeats",
         "options": requested,
         "probe_side": size,
         "device": str(dev),
@@ -422,7 +434,8 @@ def plot_information(probes: Sequence[tuple[str, Any, dict]], path: str | Path, 
         rows = sorted(data["results"], key=lambda r: r["module"])
         xs = [r["module"] for r in rows]
         k_max = max(k_max, data.get("modules", max(xs)))
-        ax_i.plot(xs, [r["information_nats"] for r in rows], marker="o", color=colour, label=label)
+        std = [r.get("information_std_nats") or 0.0 for r in rows]
+        ax_i.errorbar(xs, [r["information_nats"] for r in rows], yerr=std if any(std) else None, marker="o", capsize=2, color=colour, label=label)
         ax_a.plot(xs, [r["probe_acc_pct"] for r in rows], marker="o", color=colour, label=label)
         entropies.append(data["entropy_nats"])
     if entropies:
@@ -490,7 +503,9 @@ def _same_request(data: dict, options: ProbeOptions, modules: str | None) -> boo
 
 def _print_table(data: dict) -> None:
     print(f"{data['label']}  (H(y) = {data['entropy_nats']:.3f} nats)")
-    print("  module  feature shape  I(h_l, y) nats  probe acc %")
+    print("  module  feature shape  I(h_l, y) nats   probe acc %")
     for r in data["results"]:
         name = "x" if r["module"] == 0 else str(r["module"])
-        print(f"  {name:>6}  {'x'.join(map(str, r['shape'])):>13}  {r['information_nats']:>14.3f}  {r['probe_acc_pct']:>11.1f}")
+        std = r.get("information_std_nats")
+        info = f"{r['information_nats']:.3f}" + (f" ± {std:.3f}" if std is not None else "")
+        print(f"  {name:>6}  {'x'.join(map(str, r['shape'])):>13}  {info:>15}  {r['probe_acc_pct']:>11.1f}")

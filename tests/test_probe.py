@@ -121,7 +121,7 @@ def test_probe_command_writes_json_and_one_figure_for_several_runs(finished_runs
     shutil.copytree(finished_runs / "none-k2", runs[0])
     shutil.copytree(finished_runs / "R1E-k2", runs[1])
     png = tmp_path / "both.png"
-    assert main(["probe", *map(str, runs), "-o", str(png), *TINY]) == 0
+    assert main(["probe", *map(str, runs), "-o", str(png), "--repeats", "2", *TINY]) == 0
     out = capsys.readouterr().out
     for run in runs:
         data = json.loads((run / "probe.json").read_text())
@@ -130,12 +130,15 @@ def test_probe_command_writes_json_and_one_figure_for_several_runs(finished_runs
         assert data["options"]["epochs"] == 1 and data["probe_side"] == 16
         for r in data["results"]:
             assert r["information_nats"] == pytest.approx(data["entropy_nats"] - r["cross_entropy_nats"])
+            each = [p["information_nats"] for p in r["probes"]]
+            assert len(each) == 2 and r["information_nats"] == pytest.approx(sum(each) / 2)
+            assert r["information_std_nats"] == pytest.approx(abs(each[0] - each[1]) / 2**0.5)
     assert "DGL, K=2" in out and "ContSup R1E, K=2" in out
     with Image.open(png) as image:
         assert image.size[0] > 600 and image.size[1] > 300
     # the same options reuse the saved estimates; other options probe again
     before = (runs[0] / "probe.json").read_text()
-    assert main(["probe", str(runs[0]), "--reuse", *TINY]) == 0
+    assert main(["probe", str(runs[0]), "--reuse", "--repeats", "2", *TINY]) == 0
     assert "reusing probe.json" in capsys.readouterr().err
     assert (runs[0] / "probe.json").read_text() == before and (runs[0] / "probe.png").exists()
     assert main(["probe", str(runs[0]), "--reuse", "--modules", "2", *TINY]) == 0
