@@ -101,11 +101,16 @@ def plot_weight_map(data: dict, path: str | Path, title: str | None = None) -> P
     side = max(4.5, 0.42 * len(cols) + 2.5)
     fig, ax = new_figure(side + 1.2, max(3.5, 0.36 * len(rows) + 1.8))
     from matplotlib import colormaps
+    from matplotlib.colors import LogNorm
 
     cmap = colormaps["viridis"].with_extremes(bad="0.93")
-    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, aspect="auto", interpolation="nearest")
+    finite = grid[np.isfinite(grid)]
+    log = finite.size > 1 and finite.min() > 0 and finite.max() / finite.min() > 10
+    norm = LogNorm(finite.min(), finite.max()) if log else None  # M_E and M_R can differ by orders of magnitude
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto", interpolation="nearest")
     bar = fig.colorbar(image, ax=ax)
-    bar.set_label("sum |W| / (C_out C_in)  (BN folded)" if data.get("fold_bn", True) else "sum |W| / (C_out C_in)")
+    what = "sum |W| / (C_out C_in)" + ("  (BN folded)" if data.get("fold_bn", True) else "")
+    bar.set_label(what + (", log scale" if log else ""))
     ax.set_xticks(range(len(cols)), [str(c) for c in cols])
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel("destination module l")
@@ -113,11 +118,10 @@ def plot_weight_map(data: dict, path: str | Path, title: str | None = None) -> P
     ax.set_title(title or data.get("label", "context adapter weights"), fontsize=10)
     fig.text(0.01, 0.005, "x: the input through M_E;  hJ: h_J^c through M_R;  grey: no adapter", fontsize=7, color="0.35")
     if len(cols) <= 20 and np.isfinite(grid).any():
-        lo, hi = np.nanmin(grid), np.nanmax(grid)
         size = 9 if len(cols) <= 4 else 7 if len(cols) <= 10 else 6
         for (i, j), v in np.ndenumerate(grid):
             if math.isfinite(v):
-                light = hi > lo and (v - lo) / (hi - lo) > 0.6
+                light = float(image.norm(v)) > 0.6
                 ax.text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=size, color="black" if light else "white")
     return save_png(fig, path)
 
