@@ -90,6 +90,7 @@ def plot_error_vs_memory(rows: Sequence[Row], methods: Methods, path: Path) -> P
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=methods.colour(group[0]), label=label)
         for x, y, (_, _, k, e2e) in zip(xs, ys, points):
             ax.annotate("E2E" if e2e else f"K={k}", (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7)
+    ax.margins(x=0.1, y=0.1)  # room for the K labels
     ax.set_xlabel(f"peak memory (MiB, {_memory_kind(rows)})")
     ax.set_ylabel("test error (%)")
     ax.set_title("test error against peak training memory")
