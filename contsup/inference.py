@@ -10,6 +10,7 @@ trained one of a run directory.
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -18,6 +19,7 @@ from typing import Any, Callable, Sequence, TextIO
 
 import attrs
 import torch
+from torch import nn
 
 from contsup.errors import ContsupError
 
@@ -45,6 +47,29 @@ def time_pass(forward: Callable[[torch.Tensor], torch.Tensor], batches: Sequence
     return time.perf_counter() - start
 
 
+def count_macs(network: Any, forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> int:
+    """Multiply-accumulates of the convolutions and linear layers ``forward`` runs on x: (B, C, H, W),
+    per image: the device-independent side of the timing."""
+    total = 0
+
+    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.modules.conv._ConvNd):
+            per_output = module.weight.shape[1] * math.prod(module.weight.shape[2:])
+        else:
+            per_output = module.weight.shape[1]
+        total += output.numel() * per_output
+
+    handles = [m.register_forward_hook(hook) for m in network.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    try:
+        with torch.inference_mode():
+            forward(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total // len(x)
+
+
 @attrs.frozen
 class InferenceCost:
     """Median seconds per pass over the test set with and without context, and each repeat."""
@@ -58,6 +83,8 @@ class InferenceCost:
     adapters: int
     adapter_params: int
     device: str
+    with_context_macs: int
+    without_context_macs: int
 
     @property
     def ratio(self) -> float:
@@ -68,8 +95,18 @@ class InferenceCost:
     def overhead_pct(self) -> float:
         return 100.0 * (self.ratio - 1.0)
 
+    @property
+    def paired_ratio(self) -> float:
+        """The median of each repeat's own ratio: robust to the machine's load drifting."""
+        return statistics.median(a / b for a, b in zip(self.with_context_runs, self.without_context_runs))
+
+    @property
+    def macs_ratio(self) -> float:
+        return self.with_context_macs / self.without_context_macs
+
     def as_dict(self) -> dict:
-        return {**attrs.asdict(self), "ratio": self.ratio, "overhead_pct": self.overhead_pct}
+        return {**attrs.asdict(self), "ratio": self.ratio, "overhead_pct": self.overhead_pct,
+                "paired_ratio": self.paired_ratio, "macs_ratio": self.macs_ratio}
 
 
 def inference_cost(network: Any, batches: Sequence[torch.Tensor], device: torch.device, repeats: int = 5, warmup: int = 1) -> InferenceCost:
@@ -90,6 +127,7 @@ def inference_cost(network: Any, batches: Sequence[torch.Tensor], device: torch.
                 if i >= warmup:
                     (full if name == "full" else bare).append(t)
     adapters = [a for m in network.blocks for a in m.adapters.values()]
+    sample = batches[0][:1]
     return InferenceCost(
         with_context_s=statistics.median(full),
         without_context_s=statistics.median(bare),
@@ -100,6 +138,8 @@ def inference_cost(network: Any, batches: Sequence[torch.Tensor], device: torch.
         adapters=len(adapters),
         adapter_params=sum(p.numel() for a in adapters for p in a.parameters()),
         device=str(device),
+        with_context_macs=count_macs(network, network, sample),
+        without_context_macs=count_macs(network, lambda x: bare_forward(network, x), sample),
     )
 
 
@@ -152,7 +192,9 @@ def bench_inference_main(
         f"K={k}, context {recipe.context.use}: {cost.adapters} adapters, {cost.adapter_params:,} parameters\n"
         f"  without context (backbone): {cost.without_context_s:.4f} s  (runs {', '.join(f'{t:.4f}' for t in cost.without_context_runs)})\n"
         f"  with context:               {cost.with_context_s:.4f} s  (runs {', '.join(f'{t:.4f}' for t in cost.with_context_runs)})\n"
-        f"  ratio {cost.ratio:.3f} ({cost.overhead_pct:+.1f} %)\n"
+        f"  ratio {cost.ratio:.3f} ({cost.overhead_pct:+.1f} %); median of the paired repeats' ratios {cost.paired_ratio:.3f}\n"
+        f"  multiply-accumulates per image: {cost.without_context_macs / 1e6:.2f} M without, "
+        f"{cost.with_context_macs / 1e6:.2f} M with context (ratio {cost.macs_ratio:.3f})\n"
     )
     if json_path:
         data = {"target": target, "context": recipe.context.use, "modules": k, "torch": torch.__version__,

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 
 import torch
+from torch import nn
 
 from contsup.cli import main
-from contsup.inference import bare_forward, inference_cost
+from contsup.inference import bare_forward, count_macs, inference_cost
 from contsup.network import build_network
 
 from conftest import small_recipe_text
@@ -40,6 +41,14 @@ def test_inference_cost_times_both_passes(small_recipe):
     assert cost.images == 24 and cost.batches == 3
     assert cost.adapters == 6  # modules 2..4 each read x and one earlier feature
     assert cost.adapter_params == sum(p.numel() for m in network.blocks for p in m.adapters.parameters())
+    assert cost.with_context_macs > cost.without_context_macs > 0
+    assert cost.paired_ratio > 0
+
+
+def test_macs_count_convolutions_and_linear_layers():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    x = torch.randn(2, 3, 4, 4)
+    assert count_macs(net, net, x) == 8 * 4 * 4 * (3 * 3 * 3) + 5 * 128
 
 
 def test_bench_inference_on_a_recipe_and_a_run_directory(write_recipe, finished_runs, tmp_path, capsys):
