@@ -168,7 +168,8 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from contsup.probe import ProbeOptions, check_options, probe_main
+    from contsup.probe import probe_main
+    from contsup.probe_options import ProbeOptions, check_options
 
     names = [f.name for f in attrs.fields(ProbeOptions)]
     values = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
@@ -289,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modules", metavar="LIST", help="modules to probe, e.g. 0,4,8-16 (0 = the input x; default all)")
     p.add_argument("--device", default="auto", help='"auto", "cpu" or "cuda"')
     p.add_argument("--reuse", action="store_true", help="reuse a run's probe.json made with the same options")
-    from contsup.probe import ProbeOptions
+    from contsup.probe_options import ProbeOptions
 
     for f in attrs.fields(ProbeOptions):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), metavar="N" if type(f.default) is int else "X",
