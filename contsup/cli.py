@@ -238,6 +238,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_probe(args: argparse.Namespace) -> int:
+    from contsup.probe import probe_main
+    from contsup.probe_options import ProbeOptions, check_options
+
+    names = [f.name for f in attrs.fields(ProbeOptions)]
+    values = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    options = check_options(values, flag=lambda n: "--" + n.replace("_", "-"))
+    return probe_main(args.runs, options, args.modules, args.device, args.output, args.reuse)
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from contsup.weights import weights_main
+
+    return weights_main(args.run, args.output, args.raw)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from contsup.report import report_main
+
+    _, registries = _registries()
+    return report_main(args.dirs, args.output, registries)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if not args.inference:
+        raise ContsupError(
+            "contsup bench: the training benchmark is not in this build; "
+            "use contsup bench --inference RECIPE_OR_RUN_DIR for the inference cost of context"
+        )
+    from contsup.inference import bench_inference_main
+
+    _, registries = _registries()
+    return bench_inference_main(
+        args.recipe, args.set or (), registries, args.device, args.repeats, args.warmup, args.batch_size, args.json
+    )
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from contsup.plugins import ALLOW_ENV
     from contsup.registry import KINDS
@@ -349,6 +386,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help='evaluate on this device (default: the recipe\'s run.device)')
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("probe", help="estimate the task-relevant information I(h_l, y) of every module of finished runs")
+    p.add_argument("runs", nargs="+", help="run directories (several are drawn in one figure)")
+    p.add_argument("-o", "--output", metavar="PNG", help="the figure (default RUN_DIR/probe.png for one run, ./probe.png for several)")
+    p.add_argument("--modules", metavar="LIST", help="modules to probe, e.g. 0,4,8-16 (0 = the input x; default all)")
+    p.add_argument("--device", default="auto", help='"auto", "cpu" or "cuda"')
+    p.add_argument("--reuse", action="store_true", help="reuse a run's probe.json made with the same options")
+    from contsup.probe_options import ProbeOptions
+
+    for f in attrs.fields(ProbeOptions):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), metavar="N" if type(f.default) is int else "X",
+                       help=f"{f.metadata['doc']} (default {f.default})")
+    p.set_defaults(func=cmd_probe)
+    p = sub.add_parser("weights", help="heat map of the context adapters' weights (source x destination)")
+    p.add_argument("run", help="a finished run directory")
+    p.add_argument("-o", "--output", metavar="PNG", help="the figure (default RUN_DIR/weights.png)")
+    p.add_argument("--raw", action="store_true", help="do not fold a following batch norm into the weights")
+    p.set_defaults(func=cmd_weights)
+    p = sub.add_parser("report", help="plots and a Markdown page from finished runs and sweep folders")
+    p.add_argument("dirs", nargs="+", help="run directories or folders holding them (searched recursively)")
+    p.add_argument("-o", "--output", default="report", metavar="DIR", help="output folder (default report/)")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("bench", help="benchmarks: --inference times the network with and without its context adapters")
+    p.add_argument("recipe", help="a recipe (a freshly built network) or a run directory (its trained network)")
+    p.add_argument("--inference", action="store_true", help="time inference over the test set with and without context")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
+    p.add_argument("--device", default="", help="device (default: the recipe's run.device)")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes of each kind; the median is reported (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes of each kind first (default 1)")
+    p.add_argument("--batch-size", type=int, help="test batch size (default: the recipe's)")
+    p.add_argument("--json", metavar="FILE", help="also write the timings as JSON")
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("plugins", help="list plugins and what they registered")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_plugins)

@@ -86,3 +86,20 @@ def write_recipe(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def finished_runs(tmp_path_factory):
+    """Four tiny finished runs (DGL and R1E, K = 2 and 4, two epochs) under one folder, trained
+    once per test session; tests that write into run directories copy them first."""
+    from contsup.cli import main
+
+    root = tmp_path_factory.mktemp("finished_runs")
+    for context in ("none", "R1E"):
+        for k in (2, 4):
+            out = root / f"{context}-k{k}"
+            text = small_recipe_text(out_dir=str(out), context=context, modules=k, epochs=2, train_size=48)
+            recipe = root / f"{context}-k{k}.toml"
+            recipe.write_text(text)
+            assert main(["train", str(recipe)]) == 0
+    return root
