@@ -15,7 +15,11 @@ from contsup.registry import Registries
 from contsup.rundir import MODEL_FILE, RECIPE_FILE, write_metrics, write_recipe
 
 # Keys that do not change what is computed: they may differ on resume without --force.
-FREE_KEYS = ("run.out_dir", "run.log_every", "log.")
+FREE_KEYS = (
+    "run.out_dir", "run.log_every", "log.",
+    # how the ranks are laid out and wait for each other: the same updates either way
+    "distributed.stages", "distributed.max_in_flight", "distributed.timeout_s", "distributed.backend",
+)
 
 
 def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,0 +1,129 @@
+"""Measuring distributed runs: where each rank's time goes, and ``distributed.json``.
+
+Every rank keeps a :class:`Clock` of one epoch: seconds computing (its modules' forward,
+backward and steps), loading data, waiting to receive from the previous stage, waiting for its
+sends to be taken, and communicating (gradient sums). Utilisation is computing time over the
+epoch's training wall time. Rank 0 gathers the clocks each epoch and writes them, with the
+throughput, into ``<run dir>/distributed.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+REPORT_FILE = "distributed.json"
+ACTIVITIES = ("compute", "load", "receive", "send", "communicate")
+
+
+class Clock:
+    """Seconds per activity (see :data:`ACTIVITIES`) since the last :meth:`reset`."""
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.totals = {a: 0.0 for a in ACTIVITIES}
+
+    @contextlib.contextmanager
+    def measure(self, activity: str) -> Iterator[None]:
+        """Add the time spent inside to ``activity``; on CUDA, computing waits for the GPU to finish
+        so that busy time is the GPU's, not the launch time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if activity == "compute" and self.device is not None and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.totals[activity] += time.perf_counter() - start
+
+    def loading(self, batches: Iterable) -> Iterator:
+        """``batches``, counting the time spent waiting for each as loading."""
+        it = iter(batches)
+        while True:
+            start = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+            finally:
+                self.totals["load"] += time.perf_counter() - start
+            yield item
+
+    def snapshot(self, rank: int, wall_s: float, modules: list[int]) -> dict[str, Any]:
+        """This rank's line of an epoch: seconds per activity and utilisation (compute / wall)."""
+        out: dict[str, Any] = {"rank": rank, "modules": modules}
+        out.update({f"{a}_s": round(v, 6) for a, v in self.totals.items()})
+        out["wall_s"] = round(wall_s, 6)
+        out["utilisation"] = round(self.totals["compute"] / wall_s, 4) if wall_s > 0 else None
+        return out
+
+
+def epoch_entry(epoch: int, images: int, train_time_s: float, ranks: list[dict]) -> dict[str, Any]:
+    """One epoch of ``distributed.json``: throughput and every rank's clock."""
+    return {
+        "epoch": epoch,
+        "images": images,
+        "train_time_s": round(train_time_s, 6),
+        "images_per_s": images / train_time_s if train_time_s > 0 else None,
+        "ranks": ranks,
+    }
+
+
+def overall(report: dict) -> dict[str, Any]:
+    """Throughput and per-rank utilisation over every epoch of a report."""
+    epochs = report.get("epochs") or []
+    images = sum(e["images"] for e in epochs)
+    time_s = sum(e["train_time_s"] for e in epochs)
+    ranks: dict[int, list[float]] = {}
+    for e in epochs:
+        for r in e["ranks"]:
+            acc = ranks.setdefault(r["rank"], [0.0, 0.0])
+            acc[0] += r["compute_s"]
+            acc[1] += r["wall_s"]
+    return {
+        "images": images,
+        "train_time_s": time_s,
+        "images_per_s": images / time_s if time_s > 0 else None,
+        "utilisation": {str(k): (c / w if w > 0 else None) for k, (c, w) in sorted(ranks.items())},
+    }
+
+
+def write_report(run_dir: Path, report: dict) -> None:
+    """Write ``distributed.json`` atomically, with the totals over all epochs."""
+    from contsup.rundir import atomic_write
+
+    data = dict(report)
+    data["overall"] = overall(report)
+    atomic_write(Path(run_dir) / REPORT_FILE, lambda f: json.dump(data, f, indent=2), binary=False)
+
+
+def read_report(run_dir: Path) -> dict | None:
+    """A run's ``distributed.json``, or None for a one-process run."""
+    path = Path(run_dir) / REPORT_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def summary(report: dict) -> str:
+    """One line: mode, throughput and each rank's utilisation (with its modules in a pipeline)."""
+    total = overall(report)
+    parts = []
+    for e in (report.get("epochs") or [])[-1:]:
+        for r in e["ranks"]:
+            mods = r.get("modules") or []
+            where = f" (modules {mods[0]}-{mods[-1]})" if report["mode"] == "pipeline" and mods else ""
+            util = total["utilisation"].get(str(r["rank"]))
+            parts.append(f"rank {r['rank']}{where} {100 * util:.0f}%" if util is not None else f"rank {r['rank']} -")
+    speed = total["images_per_s"]
+    return (
+        f"{report['mode']} parallel on {report['world_size']} processes: "
+        f"{speed:.0f} img/s; busy: {', '.join(parts)}" if speed is not None else f"{report['mode']} parallel: no training"
+    )
