@@ -211,7 +211,7 @@ class DataParallelTrainer(DistributedTrainer):
                 for scaler in self.strategy.scalers:
                     scaler.share = len(y) / n
                 self._busy = True
-                with self.clock.measure("compute"):
+                with self.clock.measure("compute"), self.world.guard(f"training step {cur.done + 1} of epoch {epoch}"):
                     self.strategy.step(x, y, cur.stats, self._check(epoch, cur.done + 1))
                 cur.done += 1
                 cur.images += n

@@ -267,8 +267,12 @@ class World:
     # -- which rank was lost ---------------------------------------------------------------
 
     def publish_failure(self, exc: BaseException) -> None:
-        """Leave this rank's reason for stopping where the others look for it."""
+        """Leave this rank's reason for stopping where the others look for it (a rank that stops
+        because of another, or silently after rank 0, only says it is still there)."""
         if isinstance(exc, (PeerLost, Silent)):
+            with contextlib.suppress(Exception):
+                self.store.set_timeout(datetime.timedelta(seconds=GRACE_S))
+                self.store.set(f"alive/{self.rank}", "1")
             return
         if isinstance(exc, ContsupError):
             text = "; ".join(exc.lines)
@@ -315,7 +319,8 @@ class World:
                 failed = self._failures()
                 if failed:
                     k = min(failed)
-                    return PeerLost(f"rank {self.rank}: stopping because rank {k} stopped: {failed[k]}; {kept}")
+                    said = failed[k] if failed[k].endswith(kept) else f"{failed[k]}; {kept}"
+                    return PeerLost(f"rank {self.rank}: stopping because rank {k} stopped: {said}")
                 missing = [k for k in range(self.size) if k != self.rank and not self.store.check([f"alive/{k}"])]
                 if not missing or time.monotonic() >= deadline:
                     break
