@@ -120,12 +120,9 @@ class ReducingScaler:
 
 
 def _stats_tensor(stats: StepStats) -> torch.Tensor:
-    """[loss sums | correct | seen | heads that do not classify] as float64: (4K,)."""
-    k = stats.modules
-    return torch.tensor(
-        list(stats.loss) + [c or 0 for c in stats.correct] + list(stats.seen) + [1.0 if c is None else 0.0 for c in stats.correct],
-        dtype=torch.float64,
-    ).view(4, k).reshape(-1)
+    """[loss sums | correct | seen | 1 where a head does not classify], float64: (4K,)."""
+    missing = [1.0 if c is None else 0.0 for c in stats.correct]
+    return torch.tensor(list(stats.loss) + [c or 0 for c in stats.correct] + list(stats.seen) + missing, dtype=torch.float64)
 
 
 def _stats_from(t: torch.Tensor, k: int) -> StepStats:
@@ -237,7 +234,7 @@ class DataParallelTrainer(DistributedTrainer):
             raise self._out_of_memory(epoch, cur.done, evaluating=True) from None
         clocks = self.world.gather_objects(self.clock.snapshot(self.world.rank, elapsed, []), "gathering timings")
         if self.world.is_main:
-            self._report.append(epoch_entry(epoch, cur.images, elapsed, clocks))
+            self.record_epoch(epoch_entry(epoch, cur.images, elapsed, clocks))
         return epoch_metrics(epoch, self.info.step, self.strategy.lr(), stats, result, cur.images, elapsed, self.device)
 
     def _reduced(self, stats: StepStats) -> StepStats:

@@ -18,8 +18,9 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TextIO
+from typing import Any, Callable, Iterator, Mapping, NoReturn, TextIO
 
 import attrs
 import torch
@@ -160,18 +161,6 @@ def is_communication_error(exc: BaseException) -> bool:
     )
 
 
-@contextlib.contextmanager
-def rank_zero_reports(launch: Launch) -> Iterator[None]:
-    """For checks every rank makes alike (the recipe, the launch): rank 0 prints the problems,
-    the others stop with the same exit status and say nothing."""
-    try:
-        yield
-    except ContsupError as exc:
-        if launch.is_main:
-            raise
-        raise Silent(exc.exit_code) from None
-
-
 # -- the process group -------------------------------------------------------------------------
 
 
@@ -247,22 +236,6 @@ class World:
         with self.guard(what):
             dist.gather_object(obj, out, dst=0)
         return out
-
-    def from_main(self, work: Callable[[], Any], what: str) -> Any:
-        """``work()`` run on rank 0 and its result given to every rank; a problem rank 0 reports
-        stops the others silently with the same exit status."""
-        if self.is_main:
-            try:
-                value = work()
-            except ContsupError as exc:
-                self.broadcast_object(("error", exc.exit_code), what)
-                raise
-            self.broadcast_object(("ok", value), what)
-            return value
-        status, value = self.broadcast_object(None, what)
-        if status == "error":
-            raise Silent(value)
-        return value
 
     # -- which rank was lost ---------------------------------------------------------------
 
@@ -452,6 +425,14 @@ class DistributedTrainer(Trainer):
             save_model(self.run_dir, self.network)
             write_report(self.run_dir, self.report())
 
+    def record_epoch(self, entry: dict) -> None:
+        """Rank 0: add one epoch's timings to ``distributed.json`` (rewritten each epoch)."""
+        from contsup.distributed_bench import write_report
+
+        if self.world.is_main:
+            self._report.append(entry)
+            write_report(self.run_dir, self.report())
+
     def report(self) -> dict:
         """What ``distributed.json`` holds (see :mod:`contsup.distributed_bench`)."""
         d = self.recipe.distributed
@@ -523,14 +504,17 @@ def _start(args: Any, launch: Launch, store: Any, pm: Any, registries: Any) -> t
         try:
             recipe, start = _start_on_main(args, launch, pm, registries)
         except ContsupError as exc:
+            say(exc)  # now: torchrun ends this process as soon as another one stops
             store.set(key, json.dumps({"status": "error", "exit_code": exc.exit_code}))
-            raise
+            _wait_until_read(store, launch.world_size - 1)  # this process may hold the store
+            raise Silent(exc.exit_code) from None
         public = {k: v for k, v in start.items() if k != "state"}
         store.set(key, json.dumps({**public, "recipe": recipe.table(), "source": recipe.source}))
         return recipe, start
     store.set_timeout(datetime.timedelta(seconds=START_TIMEOUT_S))
     try:
         start = json.loads(store.get(key))
+        store.add(f"{key}/read", 1)
     except Exception as exc:
         raise ContsupError(f"rank {launch.rank}: rank 0 did not start the run ({reason(exc)})") from None
     if start["status"] == "error":
@@ -540,6 +524,22 @@ def _start(args: Any, launch: Launch, store: Any, pm: Any, registries: Any) -> t
     except ContsupError as exc:
         raise ContsupError(*(f"rank {launch.rank}: {line}" for line in exc.lines)) from None
     return recipe, start
+
+
+def say(exc: ContsupError) -> None:
+    """Print a problem as ``contsup.cli.main`` does: one line each, after its label."""
+    label = getattr(exc, "label", "error")
+    for line in exc.lines:
+        print(f"{label}: {one_line(line)}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _wait_until_read(store: Any, readers: int) -> None:
+    """Give the other ranks a moment to read rank 0's answer before it ends (and the store with it)."""
+    deadline = time.monotonic() + 10 * GRACE_S
+    with contextlib.suppress(Exception):
+        while store.add("contsup/start/read", 0) < readers and time.monotonic() < deadline:
+            time.sleep(0.02)
 
 
 def train(args: Any, launch: Launch) -> int | None:
@@ -572,18 +572,32 @@ def train(args: Any, launch: Launch) -> int | None:
         history = trainer.fit(on_epoch=on_epoch)
         trainer.finish()
     except BaseException as exc:
-        if isinstance(exc, Interrupted) and not world.is_main:
-            exc = Silent(exc.exit_code)
-        world.publish_failure(exc)
-        if not isinstance(exc, (PeerLost, Silent)):
-            world.linger()
-        if isinstance(exc, Silent):
-            raise exc from None
-        raise
+        _fail(world, exc)
     world.close()
     if world.is_main:
         _final_lines(history, run_dir, trainer)
     return 0
+
+
+def _fail(world: World, exc: BaseException) -> NoReturn:
+    """This rank stops on ``exc``: it says why first (torchrun ends the other processes as soon
+    as one stops), leaves the reason where the others look, and gives them a moment to read it."""
+    quiet = isinstance(exc, Silent) or (isinstance(exc, Interrupted) and not world.is_main)  # rank 0 says it
+    own = not quiet and not isinstance(exc, PeerLost)  # not a consequence of another rank's stop
+    if quiet:
+        pass
+    elif isinstance(exc, ContsupError):
+        say(exc)
+    elif isinstance(exc, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr, flush=True)
+    else:
+        traceback.print_exc()
+        sys.stderr.flush()
+    world.publish_failure(exc if own else Silent(0))
+    if own:
+        world.linger()
+    code = getattr(exc, "exit_code", 130 if isinstance(exc, KeyboardInterrupt) else 1)
+    raise Silent(code) from None
 
 
 def _trainer_class(mode: str) -> type:

@@ -101,6 +101,7 @@ def write_report(run_dir: Path, report: dict) -> None:
 
     data = dict(report)
     data["overall"] = overall(report)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write(Path(run_dir) / REPORT_FILE, lambda f: json.dump(data, f, indent=2), binary=False)
 
 

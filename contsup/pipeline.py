@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import collections
 import copy
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence, TextIO
@@ -439,7 +437,7 @@ class PipelineTrainer(DistributedTrainer):
             raise self._out_of_memory(epoch, cur.done, evaluating=True) from None
         clocks = self.world.gather_objects(self.clock.snapshot(self.world.rank, elapsed, self.owned), "gathering timings")
         if self.world.is_main:
-            self._report.append(epoch_entry(epoch, cur.images, elapsed, clocks))
+            self.record_epoch(epoch_entry(epoch, cur.images, elapsed, clocks))
         return epoch_metrics(epoch, self.info.step, self.strategy.lr(), stats, result, cur.images, elapsed, self.device)
 
     def _drive(self, cur: EpochProgress, epoch: int) -> None:
@@ -612,4 +610,4 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["PipelineTrainer", "StagePlan", "Stage", "Crossing", "balanced_split", "crossing", "os", "sys"]
+__all__ = ["PipelineTrainer", "StagePlan", "Stage", "Crossing", "balanced_split", "crossing"]

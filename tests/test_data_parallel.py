@@ -20,7 +20,7 @@ from contsup.recipe import loads_recipe
 from contsup.rundir import read_metrics
 
 from ranks import run_ranks
-from tiny import assert_same_runs, one_thread, tiny_recipe_text, without_measured  # noqa: F401 (fixture)
+from tiny import assert_same_runs, one_thread, tiny_recipe_text  # noqa: F401 (fixture)
 
 DATA = '\n[distributed]\nmode = "data"\ntimeout_s = 30\n'
 
