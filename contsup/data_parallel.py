@@ -232,6 +232,7 @@ class DataParallelTrainer(DistributedTrainer):
             result = self._evaluate()
         except torch.cuda.OutOfMemoryError:
             raise self._out_of_memory(epoch, cur.done, evaluating=True) from None
+        self.clock.totals["compute"] -= self.clock.totals["communicate"]  # the gradient sums ran inside the steps
         clocks = self.world.gather_objects(self.clock.snapshot(self.world.rank, elapsed, []), "gathering timings")
         if self.world.is_main:
             self.record_epoch(epoch_entry(epoch, cur.images, elapsed, clocks))

@@ -1,9 +1,10 @@
 """torch.distributed for contsup: launch checks, the process group, lost ranks, and ``contsup
 train`` in each of the processes torchrun starts.
 
-torchrun gives every process RANK, WORLD_SIZE and LOCAL_RANK. All ranks read the recipe; rank 0
-alone writes the run directory (recipe, metrics, checkpoints, model), prints progress and runs
-the observers. Every wait on another rank has a deadline (``distributed.timeout_s``); a rank that
+torchrun gives every process RANK, WORLD_SIZE and LOCAL_RANK. Rank 0 reads and checks the
+recipe and hands the resolved recipe to the others through the launcher's store; it alone
+writes the run directory (recipe, metrics, checkpoints, model), prints progress and runs the
+observers. Every wait on another rank has a deadline (``distributed.timeout_s``); a rank that
 ends or stops answering makes the others stop with one line naming it.
 :mod:`contsup.data_parallel` and :mod:`contsup.pipeline` hold the two ways of training.
 """
@@ -110,13 +111,6 @@ def check_launch(recipe: Any, launch: Launch) -> None:
             f"{where}: run.device = \"{device}\": under torchrun each process uses the GPU numbered by its "
             f"LOCAL_RANK; use \"auto\" or \"cuda\""
         )
-    elif device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        count = torch.cuda.device_count()
-        if launch.local_rank >= count:
-            problems.append(
-                f"process {launch.rank} has LOCAL_RANK {launch.local_rank} but this machine has {count} GPU"
-                f"{'s' if count != 1 else ''}; start at most {count} processes per machine (--nproc_per_node)"
-            )
     cuda = device != "cpu" and torch.cuda.is_available()
     if d.backend == "nccl" and not cuda:
         problems.append(f"{where}: distributed.backend = \"nccl\" needs CUDA devices; use \"auto\" or \"gloo\"")
@@ -127,6 +121,18 @@ def check_launch(recipe: Any, launch: Launch) -> None:
         )
     if problems:
         raise ContsupError(*problems)
+
+
+def check_device(recipe: Any, launch: Launch) -> None:
+    """This process's own GPU: the one numbered by its LOCAL_RANK must exist."""
+    device = recipe.run.device
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        count = torch.cuda.device_count()
+        if launch.local_rank >= count:
+            raise ContsupError(
+                f"rank {launch.rank}: LOCAL_RANK is {launch.local_rank} but this machine has {count} GPU"
+                f"{'s' if count != 1 else ''}; start at most {count} processes per machine (--nproc_per_node)"
+            )
 
 
 def choose_backend(option: str, device: torch.device) -> str:
@@ -410,7 +416,9 @@ class DistributedTrainer(Trainer):
         n = self.world.size
         lines = [line.replace("contsup train --resume", f"torchrun --nproc_per_node={n} -m contsup train --resume")
                  for line in exc.lines]
-        return Interrupted(*lines)
+        out = Interrupted(*lines)
+        out.agreed = self._stop_requested  # every rank stops here too (rank 0 alone then says so)
+        return out
 
     # -- the end of a run -------------------------------------------------------------------
 
@@ -553,6 +561,7 @@ def train(args: Any, launch: Launch) -> int | None:
     recipe, start = _start(args, launch, store, pm, registries)
     if start["status"] == "single":
         return None
+    check_device(recipe, launch)
     device = resolve_device(recipe.run.device)
     world = World.start(launch, store, recipe.distributed, device)
     run_dir = Path(start["run_dir"])
@@ -582,7 +591,8 @@ def train(args: Any, launch: Launch) -> int | None:
 def _fail(world: World, exc: BaseException) -> NoReturn:
     """This rank stops on ``exc``: it says why first (torchrun ends the other processes as soon
     as one stops), leaves the reason where the others look, and gives them a moment to read it."""
-    quiet = isinstance(exc, Silent) or (isinstance(exc, Interrupted) and not world.is_main)  # rank 0 says it
+    agreed_stop = isinstance(exc, Interrupted) and getattr(exc, "agreed", False)
+    quiet = isinstance(exc, Silent) or (agreed_stop and not world.is_main)  # rank 0 says it
     own = not quiet and not isinstance(exc, PeerLost)  # not a consequence of another rank's stop
     if quiet:
         pass
