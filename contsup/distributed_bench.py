@@ -113,6 +113,10 @@ def read_report(run_dir: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def _span(modules: list[int]) -> str:
+    return f"module {modules[0]}" if len(modules) == 1 else f"modules {modules[0]}-{modules[-1]}"
+
+
 def summary(report: dict) -> str:
     """One line: mode, throughput and each rank's utilisation (with its modules in a pipeline)."""
     total = overall(report)
@@ -120,7 +124,7 @@ def summary(report: dict) -> str:
     for e in (report.get("epochs") or [])[-1:]:
         for r in e["ranks"]:
             mods = r.get("modules") or []
-            where = f" (modules {mods[0]}-{mods[-1]})" if report["mode"] == "pipeline" and mods else ""
+            where = f" ({_span(mods)})" if report["mode"] == "pipeline" and mods else ""
             util = total["utilisation"].get(str(r["rank"]))
             parts.append(f"rank {r['rank']}{where} {100 * util:.0f}%" if util is not None else f"rank {r['rank']} -")
     speed = total["images_per_s"]
@@ -209,7 +213,7 @@ def format_comparison(result: dict) -> str:
         util = row["utilisation"]
         busy = ", ".join(f"rank {k} {100 * v:.0f}%" for k, v in util.items() if v is not None) if util else "-"
         if row["stages"]:
-            busy += " | modules " + ", ".join(f"{s[0]}-{s[-1]}" for s in row["stages"])
+            busy += " | " + ", ".join(_span(s) for s in row["stages"])
         speed = f"{row['images_per_s']:.1f}" if row["images_per_s"] else "-"
         lines.append(f"{name:<28} {speed:>9}  {busy}")
     if result["speedup"] is not None:

@@ -4,7 +4,9 @@ Each rank is a process forked from a server that imported torch and contsup once
 ``forkserver`` start method with a preload), so a launch costs milliseconds instead of the
 seconds an interpreter needs to import torch. A rank runs ``contsup.cli.main(argv)`` with the
 variables torchrun would give it, one thread, and its output in files; a test can patch the
-rank before it starts (``patch(rank)``, a module-level function of a test module).
+rank before it starts (``patch(rank)``, a module-level function of a test module, or a
+``functools.partial`` of one). A patch may also do all of the rank's work itself and end it
+with ``os._exit``.
 """
 
 from __future__ import annotations
