@@ -67,6 +67,18 @@ def test_two_ranks_of_b_images_match_one_process_of_2b(two_ranks, registries, tm
         assert a["train_acc_pct"] == b["train_acc_pct"] and a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
 
 
+def test_end_to_end_training_is_data_parallel_too(registries, tmp_path):
+    run = tmp_path / "run"
+    text = data_text(run, epochs=1, mode="e2e")
+    (tmp_path / "d.toml").write_text(text)
+    results = run_ranks(2, ["train", str(tmp_path / "d.toml")], tmp_path / "ranks")
+    assert [r.code for r in results] == [0, 0], results[0].err + results[1].err
+    reference = one_process(registries, text, tmp_path / "one")
+    saved = torch.load(run / "model.pt", weights_only=True)
+    for key, value in reference.network.state_dict().items():
+        torch.testing.assert_close(saved[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
 def test_rank_zero_alone_writes_and_reports_both_ranks(two_ranks):
     run, _, (rank0, rank1) = two_ranks
     assert "data parallel on 2 processes:" in rank0.out and "final test error" in rank0.out
