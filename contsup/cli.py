@@ -141,9 +141,17 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from contsup import __version__
+    from contsup.distributed import check_single_process, launch_from_env
     from contsup.engine import Trainer, preflight
     from contsup.rundir import create_run_dir, default_run_dir, discard_unstarted, write_recipe, write_versions
 
+    launch = launch_from_env()
+    if launch is not None:  # one of the processes torchrun started
+        from contsup.distributed import train
+
+        code = train(args, launch)
+        if code is not None:
+            return code
     if args.resume is not None:
         return cmd_resume(args)
     if args.force:
@@ -151,6 +159,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.recipe is None:
         raise ContsupError("contsup train: give a recipe file, or --resume RUN_DIR to continue a run")
     pm, recipe = _recipe(args)
+    check_single_process(recipe)
     preflight(recipe)
     run_dir = create_run_dir(default_run_dir(recipe), new=args.new)
     write_recipe(run_dir, recipe)
@@ -167,6 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     """``contsup train --resume RUN_DIR``: continue a run exactly from its newest usable checkpoint."""
     from contsup import __version__
+    from contsup.distributed import check_single_process
     from contsup.engine import Trainer
     from contsup.resume import prepare_resume
 
@@ -177,6 +187,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         Path(args.resume), args.recipe, args.set or (), registries, force=args.force,
         warn=lambda line: print(f"warning: {one_line(line)}", file=sys.stderr, flush=True),
     )
+    check_single_process(run.recipe)
     print(f"contsup {__version__}: resuming {run.run_dir} from {run.where()}", flush=True)
     trainer = Trainer(run.recipe, run.run_dir, hook=pm.hook)
     if run.state is not None:

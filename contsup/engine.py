@@ -204,36 +204,69 @@ class Evaluation:
     local_acc_pct: list[float | None]
 
 
+@attrs.define
+class EvalCounts:
+    """Sums over test batches: each module head's correct predictions (None when a head does not
+    classify), the final output's loss x images, and the images seen."""
+
+    modules: int
+    correct: list[int | None] = attrs.field(init=False)
+    total: int = 0
+    loss_sum: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        self.correct = [0] * self.modules
+
+    def add(self, module: Any, z: torch.Tensor, y: torch.Tensor) -> None:
+        """Count module ``module``'s head output z: (B, classes) against y: (B,); the last module's
+        loss is summed too. ``total`` is counted separately (``images``)."""
+        i = module.index - 1
+        z = z.float()
+        if module.index == self.modules:
+            self.loss_sum += float(module.objective.loss(z, y)) * len(y)
+        prediction = module.objective.predict(z)
+        if prediction is None or self.correct[i] is None:
+            self.correct[i] = None
+        else:
+            self.correct[i] += int((prediction == y).sum())
+
+    def images(self, n: int) -> None:
+        self.total += n
+
+    def result(self) -> Evaluation:
+        total = self.total
+        acc = [100.0 * c / total if c is not None and total else None for c in self.correct]
+        return Evaluation(error_pct=100.0 - (acc[-1] or 0.0), loss=self.loss_sum / max(total, 1), local_acc_pct=acc)
+
+
 @torch.no_grad()
-def evaluate(
-    network: GreedyNetwork, loader: DataLoader, device: torch.device, precision: Precision | None = None,
+def evaluation_counts(
+    network: GreedyNetwork, loader: Any, device: torch.device, precision: Precision | None = None,
     channels_last: bool = False,
-) -> Evaluation:
-    """Evaluate in eval mode: final error and each local head's accuracy."""
+) -> EvalCounts:
+    """Run the network in eval mode over ``loader``: the sums :class:`EvalCounts` holds."""
     was_training = network.training
     network.eval()
     precision = precision or Precision()
-    k = network.num_modules
-    correct: list[int | None] = [0] * k
-    total, loss_sum = 0, 0.0
+    counts = EvalCounts(network.num_modules)
     for x, y in loader:
         x, y = to_memory_format(x.to(device, non_blocking=True), channels_last), y.to(device, non_blocking=True)
         with precision.autocast():
             outs = network.module_outputs(x)
             heads = [m.head(h) for m, h in zip(network.blocks, outs)]
-        for i, (m, z) in enumerate(zip(network.blocks, heads)):
-            z = z.float()
-            if i == k - 1:
-                loss_sum += float(m.objective.loss(z, y)) * len(y)
-            prediction = m.objective.predict(z)
-            if prediction is None or correct[i] is None:
-                correct[i] = None
-            else:
-                correct[i] += int((prediction == y).sum())
-        total += len(y)
+        for m, z in zip(network.blocks, heads):
+            counts.add(m, z, y)
+        counts.images(len(y))
     network.train(was_training)
-    acc = [100.0 * c / total if c is not None and total else None for c in correct]
-    return Evaluation(error_pct=100.0 - (acc[-1] or 0.0), loss=loss_sum / max(total, 1), local_acc_pct=acc)
+    return counts
+
+
+def evaluate(
+    network: GreedyNetwork, loader: DataLoader, device: torch.device, precision: Precision | None = None,
+    channels_last: bool = False,
+) -> Evaluation:
+    """Evaluate in eval mode: final error and each local head's accuracy."""
+    return evaluation_counts(network, loader, device, precision, channels_last).result()
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -324,14 +357,9 @@ class Trainer:
         if self.channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
         self.dataset = recipe.dataset.create()
-        self.train_loader, self.test_loader = make_loaders(recipe, self.dataset, self.device)
+        self.train_loader, self.test_loader = self.make_loaders()
         self.steps_per_epoch = len(self.train_loader)
-        total = self.steps_per_epoch * recipe.run.epochs
-        strategy = STRATEGIES[recipe.run.mode]
-        self.strategy = strategy(
-            self.network, recipe.optimizer.create(), recipe.schedule.create(), total, self.steps_per_epoch,
-            precision=self.precision,
-        )
+        self.strategy = self.make_strategy()
         self.info = RunInfo(recipe, self.run_dir, self.network, self.built.plans, self.device)
         self.history: list[dict] = []
         self.checkpoints = checkpoints
@@ -340,6 +368,18 @@ class Trainer:
         self._resumed: EpochProgress | None = None
         self._stop_requested = False
         self._busy = False  # inside a step or a checkpoint write: the state is not consistent
+
+    def make_loaders(self) -> tuple[DataLoader, DataLoader]:
+        """The training and test loaders (a distributed trainer shards them)."""
+        return make_loaders(self.recipe, self.dataset, self.device)
+
+    def make_strategy(self) -> Any:
+        """The run's strategy, with one optimizer and schedule per module (greedy) or one (end to end)."""
+        recipe = self.recipe
+        return STRATEGIES[recipe.run.mode](
+            self.network, recipe.optimizer.create(), recipe.schedule.create(),
+            self.steps_per_epoch * recipe.run.epochs, self.steps_per_epoch, precision=self.precision,
+        )
 
     # -- checkpoints ---------------------------------------------------------------------
 
@@ -557,22 +597,7 @@ class Trainer:
             result = evaluate(self.network, self.test_loader, self.device, self.precision, self.channels_last)
         except torch.cuda.OutOfMemoryError:
             raise self._out_of_memory(epoch, cur.done, evaluating=True) from None
-        memory, memory_kind = peak_memory(self.device)
-        stats = cur.stats
-        return {
-            "epoch": epoch,
-            "step": self.info.step,
-            "lr": self.strategy.lr(),
-            "train_loss": stats.mean_loss(),
-            "train_acc_pct": stats.accuracy(),
-            "test_error_pct": result.error_pct,
-            "test_loss": result.loss,
-            "test_local_acc_pct": result.local_acc_pct,
-            "images_per_s": cur.images / elapsed if elapsed > 0 else None,
-            "epoch_time_s": elapsed,
-            "peak_memory_bytes": memory,
-            "memory_kind": memory_kind,
-        }
+        return epoch_metrics(epoch, self.info.step, self.strategy.lr(), cur.stats, result, cur.images, elapsed, self.device)
 
     def fit(self, on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
         """Train the remaining epochs; ``on_epoch`` sees each epoch's metrics (e.g. to write them)."""
@@ -602,6 +627,28 @@ class Trainer:
         if self.hook is not None:
             self.hook.on_run_end(run=self.info, metrics=self.history[-1] if self.history else None)
         return self.history
+
+
+def epoch_metrics(
+    epoch: int, step: int, lr: float, stats: StepStats, result: Evaluation, images: int, elapsed: float,
+    device: torch.device,
+) -> dict:
+    """One epoch's line of metrics.jsonl (docs/runs.md describes every field)."""
+    memory, memory_kind = peak_memory(device)
+    return {
+        "epoch": epoch,
+        "step": step,
+        "lr": lr,
+        "train_loss": stats.mean_loss(),
+        "train_acc_pct": stats.accuracy(),
+        "test_error_pct": result.error_pct,
+        "test_loss": result.loss,
+        "test_local_acc_pct": result.local_acc_pct,
+        "images_per_s": images / elapsed if elapsed > 0 else None,
+        "epoch_time_s": elapsed,
+        "peak_memory_bytes": memory,
+        "memory_kind": memory_kind,
+    }
 
 
 def summary_line(m: dict, epochs: int) -> str:

@@ -91,6 +91,41 @@ class LogOptions:
 
 
 @attrs.frozen
+class DistributedOptions:
+    """Training on several processes started by torchrun (docs/distributed.md)."""
+
+    mode: Literal["none", "data", "pipeline"] = option(
+        "none", doc='"none": one process; "data": every rank holds the network and trains on its share of each batch; '
+        '"pipeline": every rank trains its own group of modules'
+    )
+    stages: tuple[int, ...] = option(
+        (), doc="pipeline: modules per rank, one entry per process, e.g. [3, 1]; [] balances them by measured time",
+        validator=lambda _instance, _attribute, value: _positive_counts(value),
+    )
+    micro_batches: int = option(
+        1, doc="pipeline: micro-batches per batch; gradients accumulate over them, one optimizer step per batch",
+        validator=at_least(1),
+    )
+    max_in_flight: int = option(
+        2, doc="pipeline: micro-batches a rank may have sent but not yet handed over (bounds memory)", validator=at_least(1)
+    )
+    sync_batchnorm: bool = option(
+        True, doc="data: batch-norm statistics over the whole batch, across ranks, as one process computes them"
+    )
+    timeout_s: float = option(
+        300.0, doc="seconds a rank waits for another before reporting it lost", validator=at_least(1)
+    )
+    backend: Literal["auto", "gloo", "nccl"] = option(
+        "auto", doc='"auto": NCCL for CUDA tensors and gloo for CPU ones (gloo alone without CUDA); "gloo"; "nccl"'
+    )
+
+
+def _positive_counts(counts: Sequence[int]) -> None:
+    if any(c < 1 for c in counts):
+        raise ValueError(f"every stage needs at least one module, got {list(counts)}")
+
+
+@attrs.frozen
 class NoOptions:
     """A section without keys of its own."""
 
@@ -118,6 +153,7 @@ SECTIONS = (
     Section("optimizer", NoOptions, "optimizer", "optimizers", "sgd"),
     Section("schedule", NoOptions, "learning-rate schedule", "schedules", "cosine"),
     Section("log", LogOptions, "", None, None),
+    Section("distributed", DistributedOptions, "", None, None),
 )
 TOP_LEVEL_KEYS = ("extends", "modules")
 SECTION = {s.name: s for s in SECTIONS}
@@ -185,6 +221,7 @@ class Recipe:
     schedule: Chosen
     stages: tuple[Stage, ...] = ()  # from [[modules]]; empty: every module uses the sections above
     log: LogOptions = attrs.field(factory=LogOptions)
+    distributed: DistributedOptions = attrs.field(factory=DistributedOptions)
 
     @property
     def name(self) -> str:
@@ -210,6 +247,7 @@ class Recipe:
         if self.stages:
             out["modules"] = [stage.table(self) for stage in self.stages]
         out["log"] = as_table(self.log)
+        out["distributed"] = as_table(self.distributed)
         return out
 
     def stage(self, module: int) -> Stage:
@@ -434,6 +472,7 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
         problems += stage_problems
     if not problems:
         problems += _cross_checks(parts, source)
+        problems += _distributed_checks(parts, source)
     if problems:
         raise RecipeError(_mark_overrides(problems, overridden))
     return Recipe(
@@ -451,6 +490,7 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
         schedule=parts["schedule"]["chosen"],
         stages=stages,
         log=parts["log"]["own"],
+        distributed=parts["distributed"]["own"],
     )
 
 
@@ -555,6 +595,23 @@ def _cross_checks(parts: Mapping[str, Mapping[str, Any]], source: str) -> list[s
             f"'{backbone.use}'; use 1..{n}"
         ]
     return []
+
+
+def _distributed_checks(parts: Mapping[str, Mapping[str, Any]], source: str) -> list[str]:
+    """What a pipeline needs of the rest of the recipe (the world size is checked at launch)."""
+    d, k = parts["distributed"]["own"], parts["partition"]["own"].modules
+    problems = []
+    if d.mode == "pipeline" and parts["run"]["own"].mode != "greedy":
+        problems.append(
+            f"{source}: distributed.mode: \"pipeline\" trains each module on its own rank, which needs "
+            f"run.mode = \"greedy\"; use distributed.mode = \"data\" for end-to-end training"
+        )
+    if d.stages and sum(d.stages) != k:
+        problems.append(
+            f"{source}: distributed.stages: {list(d.stages)} holds {sum(d.stages)} modules, partition.modules is {k}; "
+            f"give counts summing to {k}, or [] to balance them automatically"
+        )
+    return problems
 
 
 def _mark_overrides(problems: list[str], overridden: Sequence[str]) -> list[str]:

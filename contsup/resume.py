@@ -15,7 +15,11 @@ from contsup.registry import Registries
 from contsup.rundir import MODEL_FILE, RECIPE_FILE, write_metrics, write_recipe
 
 # Keys that do not change what is computed: they may differ on resume without --force.
-FREE_KEYS = ("run.out_dir", "run.log_every", "log.")
+FREE_KEYS = (
+    "run.out_dir", "run.log_every", "log.",
+    # how the ranks are laid out and wait for each other: the same updates either way
+    "distributed.stages", "distributed.max_in_flight", "distributed.timeout_s", "distributed.backend",
+)
 
 
 def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -30,14 +34,24 @@ def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _section_defaults() -> dict[str, Any]:
+    """``section.key`` -> default, for the sections' own keys (``run.seed``, ``distributed.mode``)."""
+    from contsup.options import as_table
+    from contsup.recipe import SECTIONS
+
+    return {f"{s.name}.{k}": v for s in SECTIONS for k, v in as_table(s.own()).items()}
+
+
 def recipe_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """``key (old -> new)`` for every key whose value differs, except :data:`FREE_KEYS`."""
+    """``key (old -> new)`` for every key whose value differs, except :data:`FREE_KEYS`. A
+    section key the saved recipe lacks (it was written before the key existed) counts as its default."""
     a, b = flatten(saved), flatten(now)
+    defaults = _section_defaults()
     out = []
     for key in sorted(set(a) | set(b)):
         if any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE_KEYS):
             continue
-        old, new = a.get(key, "(absent)"), b.get(key, "(absent)")
+        old, new = a.get(key, defaults.get(key, "(absent)")), b.get(key, "(absent)")
         if old != new:
             out.append(f"{key} ({old!r} -> {new!r})")
     return out

@@ -148,4 +148,4 @@ def test_every_shipped_sweep_validates(path, registries):
 def test_every_shipped_recipe_starts_with_its_command(path):
     first = path.read_text().splitlines()[0]
     rel = path.relative_to(ROOT)
-    assert first.startswith("# contsup ") and str(rel) in first, first
+    assert first.startswith(("# contsup ", "# torchrun ")) and str(rel) in first, first

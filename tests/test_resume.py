@@ -179,6 +179,14 @@ def test_recipe_differences_ignore_keys_that_change_nothing():
     assert recipe_differences(saved, now) == ["optimizer.new ('(absent)' -> 1)"]
 
 
+def test_a_section_key_newer_than_the_run_counts_as_its_default():
+    saved = {"run": {"seed": 0}}  # written before [distributed] existed
+    assert recipe_differences(saved, {"run": {"seed": 0}, "distributed": {"mode": "none", "micro_batches": 1}}) == []
+    assert recipe_differences(saved, {"run": {"seed": 0}, "distributed": {"mode": "data"}}) == [
+        "distributed.mode ('none' -> 'data')"
+    ]
+
+
 def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(write_recipe, tmp_path, monkeypatch, capsys):
     run, _ = _stopped_run(write_recipe, tmp_path, monkeypatch, capsys, step=6)
     paths = checkpoint_paths(run)

@@ -1,0 +1,59 @@
+"""Timings of distributed runs: the clock, distributed.json's totals and the summary lines."""
+
+from __future__ import annotations
+
+import time
+
+from contsup.distributed_bench import Clock, epoch_entry, format_comparison, overall, read_report, summary, write_report
+
+
+def test_the_clock_adds_time_per_activity_and_counts_waiting_for_data():
+    clock = Clock()
+    with clock.measure("compute"):
+        time.sleep(0.02)
+    items = list(clock.loading(iter([1, 2])))
+    assert items == [1, 2]
+    line = clock.snapshot(rank=1, wall_s=0.04, modules=[3, 4])
+    assert line["rank"] == 1 and line["modules"] == [3, 4]
+    assert 0.02 <= line["compute_s"] < 0.04 and line["load_s"] >= 0 and line["send_s"] == 0
+    assert line["utilisation"] == round(line["compute_s"] / 0.04, 4)
+    clock.reset()
+    assert clock.totals["compute"] == 0
+
+
+def _report() -> dict:
+    ranks = [
+        {"rank": 0, "modules": [1, 2, 3], "compute_s": 3.0, "wall_s": 4.0},
+        {"rank": 1, "modules": [4], "compute_s": 2.0, "wall_s": 4.0},
+    ]
+    return {"mode": "pipeline", "world_size": 2, "epochs": [epoch_entry(1, 100, 4.0, ranks), epoch_entry(2, 100, 1.0, ranks)]}
+
+
+def test_distributed_json_holds_totals_over_the_epochs(tmp_path):
+    report = _report()
+    write_report(tmp_path, report)
+    saved = read_report(tmp_path)
+    assert saved["overall"] == overall(report) == {
+        "images": 200, "train_time_s": 5.0, "images_per_s": 40.0, "utilisation": {"0": 0.75, "1": 0.5},
+    }
+    assert read_report(tmp_path / "elsewhere") is None
+
+
+def test_summary_and_comparison_read_as_one_line_per_thing():
+    assert summary(_report()) == (
+        "pipeline parallel on 2 processes: 40 img/s; busy: rank 0 (modules 1-3) 75%, rank 1 (module 4) 50%"
+    )
+    result = {
+        "recipe": "r.toml", "mode": "pipeline", "processes": 2, "cpus": 2, "device": "cpu", "speedup": 1.5,
+        "runs": {
+            "one process": {"images_per_s": 10.0, "utilisation": None, "stages": None},
+            "2 processes (pipeline)": {"images_per_s": 15.0, "utilisation": {"0": 0.9, "1": 0.8}, "stages": [[1, 3], [4]]},
+        },
+    }
+    assert format_comparison(result).splitlines() == [
+        "r.toml: one process against 2 (pipeline), cpu, 2 CPUs",
+        "run                              img/s  busy per rank",
+        "one process                       10.0  -",
+        "2 processes (pipeline)            15.0  rank 0 90%, rank 1 80% | modules 1-3, module 4",
+        "speed-up: 1.50x with 2 processes",
+    ]
