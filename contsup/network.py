@@ -265,7 +265,9 @@ def build_network(recipe: Any, costs: Costs | None = None) -> Built:
         raise ContsupError(f"partition.modules: {k} is more than the {n} minimal units of the backbone; use 1..{n}")
     partitioner = recipe.partitioner.create()
     if costs is None:
-        costs = Costs.uniform(n)
+        from contsup.memory import partition_costs
+
+        costs = partition_costs(partitioner, recipe, parts, shapes, info)
     sizes = check_split(partitioner.split(costs, k), n, k, recipe.partitioner.use)
     selector = recipe.context.create()
     objective = recipe.objective.create()
