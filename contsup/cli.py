@@ -141,6 +141,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from contsup.profiling import profile_data, profile_text
+
+    _, recipe = _recipe(args)
+    data = profile_data(recipe, repeats=args.repeats)
+    print(json.dumps(data, indent=2) if args.json else profile_text(data, _table))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from contsup.bench import bench_markdown, bench_rows, run_bench
+    from contsup.rundir import atomic_write
+
+    _, recipe = _recipe(args)
+    if args.steps < 1 or args.warmup < 0:
+        raise ContsupError(f"contsup bench: --steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
+    out = Path(args.out or Path("bench") / recipe.name)
+    result = run_bench(recipe, steps=args.steps, warmup=args.warmup, baseline=args.baseline)
+    command = "contsup " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else f"contsup bench {args.recipe}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out.with_suffix(".json"), lambda f: json.dump(result, f, indent=2), binary=False)
+    atomic_write(out.with_suffix(".md"), lambda f: f.write(bench_markdown(result, command)), binary=False)
+    print(_table([("figure", "end-to-end", "greedy", "greedy / e2e"), *bench_rows(result)]))
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    return 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     pm, registries = _registries()
     provided = registries.by_plugin()
@@ -212,6 +239,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = recipe_command("plan", "show each module's units, context sources, parameters and shapes")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_plan)
+    p = recipe_command("profile", "measure per unit and per module the bytes kept for backward and the time")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per piece, after one warm-up (default 3)")
+    p.set_defaults(func=cmd_profile)
+    p = recipe_command("bench", "measure end-to-end against the recipe's greedy training: memory and step time")
+    p.add_argument("--steps", type=int, default=20, help="timed steps of each, alternating (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each first (default 3)")
+    p.add_argument("--baseline", choices=("backbone", "recipe"), default="backbone",
+                   help="end-to-end side: the plain backbone (default) or the recipe's network with its adapters")
+    p.add_argument("--out", help="output path without suffix; writes PATH.json and PATH.md (default bench/<recipe name>)")
+    p.set_defaults(func=cmd_bench)
     p = sub.add_parser("plugins", help="list plugins and what they registered")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_plugins)
