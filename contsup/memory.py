@@ -454,7 +454,7 @@ class CostModel:
         last_use = last_uses(sources)
         overhead = []
         for i in range(n):
-            l = 1 if i == 0 else max(2, max(m for m, s in enumerate(est_starts, start=1) if s <= i))
+            l = 1 if i == 0 else min(k, max(2, max(m for m, s in enumerate(est_starts, start=1) if s <= i)))
             feature_starts = {m: est_starts[m] for m in range(1, l - 1)}
             feature_starts[l - 1] = i
             kept = [m for m in range(1, l) if last_use.get(m, 0) >= l]

@@ -24,17 +24,11 @@ def test_bench_writes_json_and_markdown(write_recipe, tmp_path, capsys):
     assert g["peak_rss_bytes"] > 0 and e["peak_rss_bytes"] > 0
     markdown = out.with_suffix(".md").read_text()
     assert "contsup bench" in markdown and "| saved for backward, peak (MiB) |" in markdown
-
-
-def test_bench_recipe_baseline_keeps_the_adapters(write_recipe, tmp_path):
-    path = write_recipe(small_recipe_text(modules=3, context="R1E", batch_size=4, train_size=8))
-    out = tmp_path / "r"
-    assert main(["bench", str(path), "--steps", "1", "--warmup", "0", "--baseline", "recipe", "--out", str(out)]) == 0
-    plain = tmp_path / "p"
-    assert main(["bench", str(path), "--steps", "1", "--warmup", "0", "--out", str(plain)]) == 0
-    with_adapters = json.loads(out.with_suffix(".json").read_text())["e2e"]["saved_peak_bytes"]
-    backbone_only = json.loads(plain.with_suffix(".json").read_text())["e2e"]["saved_peak_bytes"]
-    assert with_adapters > backbone_only
+    # the recipe's own network trained end-to-end keeps its adapters: more than the plain backbone
+    recipe_side = tmp_path / "recipe"
+    assert main(["bench", str(path), "--steps", "1", "--warmup", "0", "--baseline", "recipe", "--out", str(recipe_side)]) == 0
+    with_adapters = json.loads(recipe_side.with_suffix(".json").read_text())["e2e"]["saved_peak_bytes"]
+    assert with_adapters > e["saved_peak_bytes"]
 
 
 def test_bench_refuses_zero_steps(write_recipe, capsys):

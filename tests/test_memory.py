@@ -110,7 +110,7 @@ def test_memory_balanced_is_exact_for_its_split_and_not_above_uniform(small_reci
     recipe = small_recipe(modules=4, context=context, batch_size=4)
     parts, shapes, info = recipe_parts(recipe)
     model = CostModel(recipe, parts, shapes, info)
-    for k in (2, 3, 4, 6):
+    for k in (1, 2, 3, 4, 6, 10):
         costs = fitted_costs(model, min_max_split, k)
         sizes = min_max_split(costs, k)
         assert split_peak(costs, sizes) == model.peak(sizes)  # the table is exact where it matters
@@ -162,3 +162,19 @@ def test_cuda_measurement_runs(small_recipe):
     model = CostModel(recipe, parts, shapes, info, device="cuda", method="cuda", timing=True, repeats=1)
     costs = model.plan_costs(even_split(model.n, 4))
     assert all(c.bytes > 0 and c.ms is not None for c in costs)
+
+
+def test_a_memory_balanced_run_reloads(write_recipe, tmp_path):
+    """The split is measured again on load; being deterministic, it rebuilds the same network."""
+    import contsup
+    from contsup.cli import main
+
+    from conftest import small_recipe_text
+
+    out_dir = tmp_path / "run"
+    text = small_recipe_text(out_dir=str(out_dir), modules=3, context="R1E", batch_size=8, train_size=16)
+    path = write_recipe(text.replace("[partition]\n", '[partition]\nuse = "memory_balanced"\n'))
+    assert main(["train", str(path)]) == 0
+    model = contsup.load_model(out_dir)
+    assert [len(m.body) for m in model.blocks] != [3, 3, 4]  # not the uniform split
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
