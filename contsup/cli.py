@@ -159,7 +159,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ContsupError(f"contsup bench: --steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     out = Path(args.out or Path("bench") / recipe.name)
     result = run_bench(recipe, steps=args.steps, warmup=args.warmup, baseline=args.baseline)
-    command = "contsup " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["bench"] else f"contsup bench {args.recipe}"
+    sets = "".join(f" --set {s}" for s in args.set or ())
+    command = f"contsup bench {args.recipe}{sets} --steps {args.steps} --warmup {args.warmup} --baseline {args.baseline}"
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out.with_suffix(".json"), lambda f: json.dump(result, f, indent=2), binary=False)
     atomic_write(out.with_suffix(".md"), lambda f: f.write(bench_markdown(result, command)), binary=False)
