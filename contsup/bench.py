@@ -42,7 +42,8 @@ def machine() -> str:
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    text = f"{cpu}, {cores} cores available, {torch.get_num_threads()} torch threads"
+    threads = torch.get_num_threads()
+    text = f"{cpu}, {cores} cores available, {threads} torch thread{'' if threads == 1 else 's'}"
     if torch.cuda.is_available():
         text += f"; {torch.cuda.get_device_name()}"
     return text
