@@ -145,6 +145,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from contsup.profiling import profile_data, profile_text
 
     _, recipe = _recipe(args)
+    if args.repeats < 1:
+        raise ContsupError(f"contsup profile: --repeats must be >= 1, got {args.repeats}")
+    print(f"profiling {args.recipe}: measuring every unit, head and adapter at batch {recipe.data.batch_size}", file=sys.stderr, flush=True)
     data = profile_data(recipe, repeats=args.repeats)
     print(json.dumps(data, indent=2) if args.json else profile_text(data, _table))
     return 0
@@ -158,14 +161,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.steps < 1 or args.warmup < 0:
         raise ContsupError(f"contsup bench: --steps must be >= 1 and --warmup >= 0, got {args.steps} and {args.warmup}")
     out = Path(args.out or Path("bench") / recipe.name)
+    json_path, md_path = Path(f"{out}.json"), Path(f"{out}.md")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ContsupError(f"contsup bench: --out {out}: cannot create {out.parent}: {exc.strerror}") from None
     result = run_bench(recipe, steps=args.steps, warmup=args.warmup, baseline=args.baseline)
     sets = "".join(f" --set {s}" for s in args.set or ())
     command = f"contsup bench {args.recipe}{sets} --steps {args.steps} --warmup {args.warmup} --baseline {args.baseline}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out.with_suffix(".json"), lambda f: json.dump(result, f, indent=2), binary=False)
-    atomic_write(out.with_suffix(".md"), lambda f: f.write(bench_markdown(result, command)), binary=False)
+    try:
+        atomic_write(json_path, lambda f: json.dump(result, f, indent=2), binary=False)
+        atomic_write(md_path, lambda f: f.write(bench_markdown(result, command)), binary=False)
+    except OSError as exc:
+        raise ContsupError(f"contsup bench: --out {out}: cannot write the results: {exc.strerror}") from None
     print(_table([("figure", "end-to-end", "greedy", "greedy / e2e"), *bench_rows(result)]))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    print(f"wrote {json_path} and {md_path}")
     return 0
 
 

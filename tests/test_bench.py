@@ -36,3 +36,12 @@ def test_bench_refuses_zero_steps(write_recipe, capsys):
     assert main(["bench", str(path), "--steps", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--steps must be >= 1" in err
+
+
+def test_bench_reports_an_unwritable_output_in_one_line(write_recipe, tmp_path, capsys):
+    path = write_recipe(small_recipe_text())
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["bench", str(path), "--out", str(blocker / "sub" / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot create" in err

@@ -32,3 +32,10 @@ def test_profile_text_names_the_peak_and_the_bound(write_recipe, capsys):
     out = capsys.readouterr().out
     assert "per unit:" in out and "per module" in out
     assert "predicted peak:" in out and "lower bound max(largest unit" in out
+
+
+def test_profile_refuses_zero_repeats(write_recipe, capsys):
+    path = write_recipe(small_recipe_text())
+    assert main(["profile", str(path), "--repeats", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--repeats must be >= 1" in err
