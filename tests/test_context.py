@@ -124,3 +124,18 @@ def test_faster_encoders_run_at_h_resolution():
     fast = ContSup(ContSup.Options(input=True, encoder="fast")).adapter(Source.input(), (3, 32, 32), (64, 8, 8))
     assert isinstance(fast, FastInputEncoder) and fast.conv.in_channels == 3 and fast.conv.out_channels == 64
     assert sum(p.numel() for p in fast.parameters()) < sum(p.numel() for p in pooled.parameters())
+
+
+def test_channels_last_encoder_computes_the_same_function():
+    torch.manual_seed(0)
+    a = InputEncoder((3, 32, 32), (32, 16, 16), channels_last=False).double()
+    b = InputEncoder((3, 32, 32), (32, 16, 16), channels_last=True).double()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    out_a, out_b = a(x), b(x)
+    assert out_b.is_contiguous() and torch.allclose(out_a, out_b, rtol=1e-10, atol=1e-10)
+    out_a.square().sum().backward()
+    out_b.square().sum().backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-9, atol=1e-9)
+    assert InputEncoder((3, 8, 8), (8, 4, 4)).channels_last is None  # on CPU, unless pooling first
