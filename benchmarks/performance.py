@@ -339,18 +339,26 @@ def _sizes(sizes: list[int]) -> str:
     return ",".join(map(str, sizes))
 
 
+def ratios(t: dict) -> dict[str, float]:
+    """Per variant, the median over rounds of its step time over the end-to-end step of the same
+    round: robust to the machine's load changing between rounds."""
+    e2e = t["all_ms"]["end-to-end"]
+    return {name: statistics.median(v / e for v, e in zip(values, e2e)) for name, values in t["all_ms"].items()}
+
+
 def time_table(t: dict, meta: dict) -> list[str]:
-    e2e = t["ms"]["end-to-end"]
+    r = ratios(t)
     lines = [
         f"Command: `{COMMAND} --sections time`. Machine: {meta['machine']}. ResNet-32, batch {t['batch']}, "
-        f"3x32x32, K={t['k']} (end-to-end: the plain backbone); median of {t['steps']} steps after "
-        f"{t['warmup']} warm-up, all variants alternating round-robin in one process.",
+        f"3x32x32, K={t['k']} (end-to-end: the plain backbone); {t['steps']} rounds after {t['warmup']} "
+        f"warm-up, each round one step of every variant, in rotating order, in one process. The ratio is "
+        f"the median over rounds of the variant's step over the end-to-end step of the same round.",
         "",
         "| variant | median step (ms) | / end-to-end |",
         "| --- | --- | --- |",
     ]
     for name, ms in t["ms"].items():
-        lines.append(f"| {name} | {ms:.0f} | {ms / e2e:.2f} |")
+        lines.append(f"| {name} | {ms:.0f} | {r[name]:.2f} |")
     return lines + [""]
 
 
@@ -412,9 +420,9 @@ def targets_table(results: dict) -> list[str]:
             )
     t = results.get("time")
     if t:
-        e2e = t["ms"]["end-to-end"]
+        r = ratios(t)
         for name, limit in (("DGL (no context)", 1.10), ("R1E, fast encoder", 1.25), ("R1E, pooled encoder", 1.25), ("R1E, paper encoder", None)):
-            ratio = t["ms"][name] / e2e
+            ratio = r[name]
             met = "-" if limit is None else ("yes" if ratio <= limit else "no")
             goal = f"<= {limit:.2f}x end-to-end" if limit else "reported (the paper's GPU figure: 1.70x)"
             lines.append(f"| step time K=16, {name}: {goal} | {ratio:.2f}x | {met} |")
@@ -442,7 +450,7 @@ it only grows within a process and includes the allocator's caches, parameters, 
 the optimizer's state. On CUDA `contsup bench` also reports `torch.cuda.max_memory_allocated`
 per step, which adds gradients and temporaries to the saved tensors.
 
-Timings are medians of few steps on a shared CPU and vary from run to run by 10 % or more;
+Timings depend on the machine and on what else runs on it (rerun them where you will train);
 memory figures do not vary at all.
 """
 
@@ -481,10 +489,10 @@ def render(results: dict) -> str:
 
 def time_notes(t: dict) -> str:
     """What the step times say, with the figures of this run."""
-    ms = t["ms"]
-    e2e = ms["end-to-end"]
-    r = {name: v / e2e for name, v in ms.items()}
-    contiguous = ms["R1E, paper encoder, contiguous layout"] / ms["R1E, paper encoder"]
+    ms = t["all_ms"]
+    r = ratios(t)
+    paired = zip(ms["R1E, paper encoder, contiguous layout"], ms["R1E, paper encoder"])
+    contiguous = statistics.median(a / b for a, b in paired)
     layouts = "; ".join(
         f"{'x'.join(map(str, e['target']))}: {e['contiguous_ms']:.0f} ms contiguous, {e['channels_last_ms']:.0f} ms channels-last"
         for e in t.get("encoder_layouts", [])
@@ -522,7 +530,7 @@ What an exact implementation can and cannot save:
 - channels-last memory format computes the same function (up to rounding) and on CPU the
   paper's encoder uses it: the encoder alone, forward and backward at batch {t["batch"]} for each of
   ResNet-32's target shapes, took {layouts or "(not measured)"}; in the whole step, the contiguous
-  layout took {contiguous:.2f}x the time (single steps on this machine vary by more than that).
+  layout took {contiguous:.2f}x the time (median over rounds).
   It does not pay for the pooled and fast encoders, whose convolutions are small;
 - fusing BatchNorm into the convolution is exact only in evaluation: in training BN normalises
   by the current batch's statistics at full resolution, so both convolutions must run there;
