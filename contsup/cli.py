@@ -272,18 +272,76 @@ def cmd_report(args: argparse.Namespace) -> int:
     return report_main(args.dirs, args.output, registries)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    if not args.inference:
-        raise ContsupError(
-            "contsup bench: the training benchmark is not in this build; "
-            "use contsup bench --inference RECIPE_OR_RUN_DIR for the inference cost of context"
-        )
-    from contsup.inference import bench_inference_main
+def cmd_profile(args: argparse.Namespace) -> int:
+    from contsup.profiling import profile_data, profile_text
 
-    _, registries = _registries()
-    return bench_inference_main(
-        args.recipe, args.set or (), registries, args.device, args.repeats, args.warmup, args.batch_size, args.json
-    )
+    _, recipe = _recipe(args)
+    if args.repeats < 1:
+        raise ContsupError(f"contsup profile: --repeats must be >= 1, got {args.repeats}")
+    print(f"profiling {args.recipe}: measuring every unit, head and adapter at batch {recipe.data.batch_size}", file=sys.stderr, flush=True)
+    data = profile_data(recipe, repeats=args.repeats)
+    print(json.dumps(data, indent=2) if args.json else profile_text(data, _table))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Three benchmarks behind one command: inference cost of context (--inference), one
+    process against N for a distributed recipe, else greedy against end-to-end training."""
+    if args.inference:
+        from contsup.inference import bench_inference_main
+
+        _, registries = _registries()
+        warmup = 1 if args.warmup is None else args.warmup
+        return bench_inference_main(
+            args.recipe, args.set or (), registries, args.device, args.repeats, warmup, args.batch_size, args.json
+        )
+    _, recipe = _recipe(args)
+    if recipe.distributed.mode != "none":
+        return _bench_distributed(args, recipe)
+    from contsup.bench import bench_markdown, bench_rows, run_bench
+    from contsup.rundir import atomic_write
+
+    warmup = 3 if args.warmup is None else args.warmup
+    if args.steps < 1 or warmup < 0:
+        raise ContsupError(f"contsup bench: --steps must be >= 1 and --warmup >= 0, got {args.steps} and {warmup}")
+    out = Path(args.out or Path("bench") / recipe.name)
+    json_path, md_path = Path(f"{out}.json"), Path(f"{out}.md")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ContsupError(f"contsup bench: --out {out}: cannot create {out.parent}: {exc.strerror}") from None
+    result = run_bench(recipe, steps=args.steps, warmup=warmup, baseline=args.baseline)
+    sets = "".join(f" --set {s}" for s in args.set or ())
+    command = f"contsup bench {args.recipe}{sets} --steps {args.steps} --warmup {warmup} --baseline {args.baseline}"
+    try:
+        atomic_write(json_path, lambda f: json.dump(result, f, indent=2), binary=False)
+        atomic_write(md_path, lambda f: f.write(bench_markdown(result, command)), binary=False)
+    except OSError as exc:
+        raise ContsupError(f"contsup bench: --out {out}: cannot write the results: {exc.strerror}") from None
+    print(_table([("figure", "end-to-end", "greedy", "greedy / e2e"), *bench_rows(result)]))
+    print(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+def _bench_distributed(args: argparse.Namespace, recipe: Any) -> int:
+    """``contsup bench`` on a distributed recipe: train it with one process and with --nproc under
+    torchrun; throughput, speed-up and each rank's utilisation."""
+    from contsup.distributed_bench import compare, format_comparison
+    from contsup.rundir import atomic_write
+
+    if args.nproc < 2:
+        raise ContsupError(f"contsup bench: --nproc must be >= 2 for a distributed recipe, got {args.nproc}")
+    out = Path(args.out or Path("bench") / f"{recipe.name}-{recipe.distributed.mode}-{args.nproc}")
+    if out.exists() and any(out.iterdir()):
+        raise ContsupError(f"contsup bench: {out} is not empty; remove it or pass --out")
+    try:
+        result = compare(Path(args.recipe), args.nproc, recipe.distributed.mode, out, list(args.set or ()), log=sys.stderr)
+    except RuntimeError as exc:
+        raise ContsupError(f"contsup bench: a training run failed: {one_line(str(exc))}") from None
+    atomic_write(out / "comparison.json", lambda f: json.dump(result, f, indent=2), binary=False)
+    print(format_comparison(result))
+    print(f"wrote {out / 'comparison.json'}")
+    return 0
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -418,15 +476,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dirs", nargs="+", help="run directories or folders holding them (searched recursively)")
     p.add_argument("-o", "--output", default="report", metavar="DIR", help="output folder (default report/)")
     p.set_defaults(func=cmd_report)
-    p = sub.add_parser("bench", help="benchmarks: --inference times the network with and without its context adapters")
-    p.add_argument("recipe", help="a recipe (a freshly built network) or a run directory (its trained network)")
-    p.add_argument("--inference", action="store_true", help="time inference over the test set with and without context")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
-    p.add_argument("--device", default="", help="device (default: the recipe's run.device)")
-    p.add_argument("--repeats", type=int, default=5, help="timed passes of each kind; the median is reported (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed passes of each kind first (default 1)")
-    p.add_argument("--batch-size", type=int, help="test batch size (default: the recipe's)")
-    p.add_argument("--json", metavar="FILE", help="also write the timings as JSON")
+    p = recipe_command("profile", "measure per unit and per module the bytes kept for backward and the time")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per piece, after one warm-up (default 3)")
+    p.set_defaults(func=cmd_profile)
+    p = recipe_command(
+        "bench",
+        "benchmarks: greedy against end-to-end training (memory, step time); with a distributed recipe, "
+        "one process against --nproc under torchrun; with --inference, inference with and without context",
+    )
+    p.add_argument("--inference", action="store_true", help="time inference over the test set with and without the context adapters; RECIPE may also be a run directory")
+    p.add_argument("--steps", type=int, default=20, help="training: timed steps of each, alternating (default 20)")
+    p.add_argument("--warmup", type=int, help="untimed steps (training, default 3) or passes (--inference, default 1) first")
+    p.add_argument("--baseline", choices=("backbone", "recipe"), default="backbone",
+                   help="training: the end-to-end side is the plain backbone (default) or the recipe's network with its adapters")
+    p.add_argument("--out", help="training: output path without suffix, writes PATH.json and PATH.md (default bench/<recipe name>); distributed: output folder")
+    p.add_argument("--nproc", type=int, default=2, help="distributed recipe: processes of the distributed run (default 2)")
+    p.add_argument("--device", default="", help="--inference: device (default: the recipe's run.device)")
+    p.add_argument("--repeats", type=int, default=5, help="--inference: timed passes of each kind; the median is reported (default 5)")
+    p.add_argument("--batch-size", type=int, help="--inference: test batch size (default: the recipe's)")
+    p.add_argument("--json", metavar="FILE", help="--inference: also write the timings as JSON")
     p.set_defaults(func=cmd_bench)
     p = sub.add_parser("plugins", help="list plugins and what they registered")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")

@@ -291,7 +291,9 @@ def build_network(recipe: Any, costs: Costs | None = None) -> Built:
         raise ContsupError(f"partition.modules: {k} is more than the {n} minimal units of the backbone; use 1..{n}")
     partitioner = recipe.partitioner.create()
     if costs is None:
-        costs = Costs.uniform(n)
+        from contsup.memory import partition_costs
+
+        costs = partition_costs(partitioner, recipe, parts, shapes, info)
     sizes = check_split(partitioner.split(costs, k), n, k, recipe.partitioner.use)
     components = module_components(recipe, k)
     plans = plan_modules(sizes, shapes, input_shape, [c.selector for c in components])

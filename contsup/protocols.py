@@ -31,6 +31,10 @@ class Partitioner(Protocol):
     def split(self, costs: Costs, k: int) -> tuple[int, ...]:
         """K positive unit counts summing to ``len(costs.units)``, in order."""
 
+    # Optional: ``needs_costs = True`` (a class attribute) asks for measured costs (saved-tensor
+    # bytes per unit and each module's own overhead, ``contsup.memory``); without it ``costs`` is
+    # one per unit and nothing is measured.
+
 
 @runtime_checkable
 class ContextSelector(Protocol):

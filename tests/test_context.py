@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from contsup.types import Source
 from contsup_context import ContSup
-from contsup_context.adapters import InputEncoder, OfficialShortcutAdapter, ShortcutAdapter
+from contsup_context.adapters import FastInputEncoder, InputEncoder, OfficialShortcutAdapter, ShortcutAdapter
 
 X = "x"
 
@@ -83,8 +83,12 @@ SHAPES = [
 ]
 
 
+def _pooled(source_shape, target_shape):
+    return InputEncoder(source_shape, target_shape, pool_first=True)
+
+
 @pytest.mark.parametrize("source_shape, target_shape", SHAPES)
-@pytest.mark.parametrize("adapter", [InputEncoder, ShortcutAdapter, OfficialShortcutAdapter])
+@pytest.mark.parametrize("adapter", [InputEncoder, _pooled, FastInputEncoder, ShortcutAdapter, OfficialShortcutAdapter])
 def test_adapters_produce_h_shape(adapter, source_shape, target_shape):
     torch.manual_seed(0)
     out = adapter(source_shape, target_shape)(torch.randn(2, *source_shape))
@@ -106,3 +110,32 @@ def test_encoder_widths_follow_the_variant():
     official = ContSup(ContSup.Options(input=True, encoder="official")).adapter(Source.input(), (3, 32, 32), (64, 8, 8))
     assert paper.conv1.out_channels == 64 and official.conv1.out_channels == 12
     assert isinstance(ContSup(ContSup.Options(recent=1, shortcut="official")).adapter(Source.feature(0), (16, 8, 8), (32, 4, 4)), OfficialShortcutAdapter)
+
+
+def test_faster_encoders_run_at_h_resolution():
+    """"pooled" is the paper's layers on x pooled to h's size; "fast" one conv layer there."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    pooled = ContSup(ContSup.Options(input=True, encoder="pooled")).adapter(Source.input(), (3, 32, 32), (64, 8, 8))
+    small = torch.nn.functional.adaptive_avg_pool2d(x, (8, 8))
+    pooled.eval()
+    expected = pooled.act2(pooled.bn2(pooled.conv2(pooled.act1(pooled.bn1(pooled.conv1(small))))))
+    assert torch.allclose(pooled(x), expected)
+    fast = ContSup(ContSup.Options(input=True, encoder="fast")).adapter(Source.input(), (3, 32, 32), (64, 8, 8))
+    assert isinstance(fast, FastInputEncoder) and fast.conv.in_channels == 3 and fast.conv.out_channels == 64
+    assert sum(p.numel() for p in fast.parameters()) < sum(p.numel() for p in pooled.parameters())
+
+
+def test_channels_last_encoder_computes_the_same_function():
+    torch.manual_seed(0)
+    a = InputEncoder((3, 32, 32), (32, 16, 16), channels_last=False).double()
+    b = InputEncoder((3, 32, 32), (32, 16, 16), channels_last=True).double()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    out_a, out_b = a(x), b(x)
+    assert out_b.is_contiguous() and torch.allclose(out_a, out_b, rtol=1e-10, atol=1e-10)
+    out_a.square().sum().backward()
+    out_b.square().sum().backward()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa.grad, pb.grad, rtol=1e-9, atol=1e-9)
+    assert InputEncoder((3, 8, 8), (8, 4, 4)).channels_last is None  # on CPU, unless pooling first

@@ -46,3 +46,88 @@ def test_paper_cuts(n, k, expected):
 def test_impossible_cuts_are_refused(n, k):
     with pytest.raises(ValueError):
         uniform_split(n, k)
+
+
+# -- memory_balanced ------------------------------------------------------------------------
+
+from itertools import combinations  # noqa: E402
+
+from hypothesis import settings  # noqa: E402
+
+from contsup_partition import MemoryBalanced, min_max_split, split_peak  # noqa: E402
+
+
+def all_splits(n: int, k: int):
+    """Every split of n units into k non-empty contiguous modules, in lexicographic order of sizes."""
+    for cuts in combinations(range(1, n), k - 1):
+        bounds = (0, *cuts, n)
+        yield tuple(b - a for a, b in zip(bounds, bounds[1:]))
+
+
+cost_value = st.one_of(st.integers(0, 20).map(float), st.floats(0, 1e9, allow_nan=False, allow_infinity=False))
+
+
+@st.composite
+def costs_and_k(draw, overhead=True):
+    n = draw(st.integers(1, 10))
+    units = tuple(draw(st.lists(cost_value, min_size=n, max_size=n)))
+    table = None
+    if overhead and draw(st.booleans()):
+        table = tuple(tuple(draw(st.lists(cost_value, min_size=n - i, max_size=n - i))) for i in range(n))
+    return Costs(units, table), draw(st.integers(1, n))
+
+
+@settings(max_examples=300, deadline=None)
+@given(costs_and_k())
+def test_memory_balanced_is_optimal_contiguous_and_earliest(ck):
+    costs, k = ck
+    n = len(costs.units)
+    sizes = MemoryBalanced(MemoryBalanced.Options()).split(costs, k)
+    assert len(sizes) == k and sum(sizes) == n and min(sizes) >= 1  # contiguous, covers every unit
+    peaks = {s: split_peak(costs, s) for s in all_splits(n, k)}
+    best = min(peaks.values())
+    assert split_peak(costs, sizes) == best
+    # ties go to the earliest cuts: the lexicographically smallest optimal sizes
+    assert sizes == min(s for s, p in peaks.items() if p == best)
+
+
+@settings(max_examples=200, deadline=None)
+@given(costs_and_k())
+def test_memory_balanced_never_exceeds_uniform(ck):
+    costs, k = ck
+    sizes = min_max_split(costs, k)
+    assert split_peak(costs, sizes) <= split_peak(costs, uniform_split(len(costs.units), k))
+
+
+@settings(max_examples=200, deadline=None)
+@given(costs_and_k(overhead=False))
+def test_memory_balanced_peak_never_increases_with_k(ck):
+    # for costs that are sums of unit costs; with a per-module overhead an extra module brings its
+    # own head and adapters, and the best peak can grow with K
+    costs, _ = ck
+    n = len(costs.units)
+    peaks = [split_peak(costs, min_max_split(costs, k)) for k in range(1, n + 1)]
+    assert all(a >= b for a, b in zip(peaks, peaks[1:]))
+
+
+def test_ties_break_toward_the_earliest_cut():
+    # four equal units in two modules: (2, 2) is the only optimum
+    assert min_max_split(Costs((1.0, 1.0, 1.0, 1.0)), 2) == (2, 2)
+    # peak 5 is reached by (1, 2), (2, 1): the earlier cut wins
+    assert min_max_split(Costs((5.0, 0.0, 5.0)), 2) == (1, 2)
+    # every split of zero costs ties: the first modules are as short as possible
+    assert min_max_split(Costs((0.0,) * 5), 3) == (1, 1, 3)
+
+
+def test_overhead_moves_the_cut():
+    # units alone would cut (2, 2); a heavy overhead on modules starting at units 1 and 2 pushes
+    # the cut to the last place where it is cheap
+    units = (1.0, 1.0, 1.0, 1.0)
+    overhead = tuple(tuple(10.0 if i in (1, 2) else 0.0 for _ in range(4 - i)) for i in range(4))
+    assert min_max_split(Costs(units), 2) == (2, 2)
+    assert min_max_split(Costs(units, overhead), 2) == (3, 1)
+
+
+def test_impossible_memory_balanced_cuts_are_refused():
+    with pytest.raises(ValueError):
+        min_max_split(Costs((1.0, 1.0)), 3)

@@ -17,7 +17,7 @@ from contsup import hookimpl
 from contsup.options import at_least, option
 from contsup.types import Shape, Source
 
-from contsup_context.adapters import InputEncoder, OfficialShortcutAdapter, ShortcutAdapter
+from contsup_context.adapters import FastInputEncoder, InputEncoder, OfficialShortcutAdapter, ShortcutAdapter
 
 _NAME = re.compile(r"^(?:M(?P<m>[1-9]\d*))?(?:R(?P<r>0|[1-9]\d*))?(?P<e>E)?$")
 
@@ -58,8 +58,11 @@ class ContSup:
             0, doc="Mi: add h_j^c for j = floor(k(l-2)/(i+1)), k = 1..i", validator=at_least(0)
         )
         dense: bool = option(False, doc="add every h_j^c with j <= l-2 (with input = true: the 'all' selector)")
-        encoder: Literal["paper", "official"] = option(
-            "paper", doc='M_E\'s first conv width: "paper" = h\'s channels (Table 7), "official" = 12'
+        encoder: Literal["paper", "official", "pooled", "fast"] = option(
+            "paper",
+            doc='M_E: "paper" = two 3x3 conv+BN+ReLU at x\'s size, first width h\'s channels (Table 7), then pool; '
+            '"official" = the same with first width 12; "pooled" = pool x to h\'s size first, then the paper\'s layers; '
+            '"fast" = pool first, then one 3x3 conv+BN+ReLU (docs/performance.md)',
         )
         shortcut: Literal["paper", "official"] = option(
             "paper", doc='M_R: "paper" = 1x1 conv + pool; "official" = 1x1 conv + BN + ReLU + pool'
@@ -93,8 +96,11 @@ class ContSup:
     def adapter(self, source: Source, source_shape: Shape, target_shape: Shape) -> nn.Module:
         """M_E for the input, M_R for a feature, in the variant the options choose."""
         if source.is_input:
-            hidden = 12 if self.options.encoder == "official" else None
-            return InputEncoder(source_shape, target_shape, hidden=hidden)
+            encoder = self.options.encoder
+            if encoder == "fast":
+                return FastInputEncoder(source_shape, target_shape)
+            hidden = 12 if encoder == "official" else None
+            return InputEncoder(source_shape, target_shape, hidden=hidden, pool_first=encoder == "pooled")
         if self.options.shortcut == "official":
             return OfficialShortcutAdapter(source_shape, target_shape)
         return ShortcutAdapter(source_shape, target_shape)

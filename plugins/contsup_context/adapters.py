@@ -19,13 +19,26 @@ class InputEncoder(nn.Module):
     """M_E: 3x3 conv+BN+ReLU, 3x3 conv+BN+ReLU, adaptive average pool to h's size.
 
     x: (B, C_x, H_x, W_x) -> (B, C_h, H_h, W_h). ``hidden`` is the first conv's width: h's
-    channels in the paper (Table 7), 12 in the official code.
+    channels in the paper (Table 7), 12 in the official code. ``pool_first`` pools x to h's size
+    before the convolutions (the "pooled" encoder): the same layers at h's resolution, not the
+    same function, and far cheaper where h is small. ``channels_last`` runs the convolutions in
+    channels-last memory format: the same function, faster on CPU at x's full resolution
+    (docs/performance.md); None (the default) uses it on CPU unless pooling first.
     """
 
-    def __init__(self, source_shape: Shape, target_shape: Shape, hidden: int | None = None) -> None:
+    def __init__(
+        self,
+        source_shape: Shape,
+        target_shape: Shape,
+        hidden: int | None = None,
+        pool_first: bool = False,
+        channels_last: bool | None = None,
+    ) -> None:
         super().__init__()
         c_in, c_out = source_shape[0], target_shape[0]
         hidden = hidden or c_out
+        self.pool_first = pool_first
+        self.channels_last = channels_last
         self.conv1 = nn.Conv2d(c_in, hidden, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(hidden)
         self.act1 = nn.ReLU(inplace=True)
@@ -35,9 +48,36 @@ class InputEncoder(nn.Module):
         self.pool = _pool(target_shape[1:], source_shape[1:])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool_first:
+            x = self.pool(x)
+        channels_last = self.channels_last
+        if channels_last is None:
+            channels_last = x.device.type == "cpu" and not self.pool_first
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
-        return self.pool(x)
+        x = x if self.pool_first else self.pool(x)
+        return x.contiguous() if channels_last else x
+
+
+class FastInputEncoder(nn.Module):
+    """M_E, fast variant: adaptive average pool x to h's size, then one 3x3 conv+BN+ReLU to h's
+    channels. x: (B, C_x, H_x, W_x) -> (B, C_h, H_h, W_h).
+
+    Not the paper's function: one layer instead of two, at h's resolution instead of x's. Its
+    cost per module is a fraction of one backbone convolution (C_x input channels, not C_h).
+    """
+
+    def __init__(self, source_shape: Shape, target_shape: Shape) -> None:
+        super().__init__()
+        self.pool = _pool(target_shape[1:], source_shape[1:])
+        self.conv = nn.Conv2d(source_shape[0], target_shape[0], 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(target_shape[0])
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(self.pool(x))))
 
 
 class ShortcutAdapter(nn.Module):

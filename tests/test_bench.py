@@ -1,0 +1,47 @@
+"""``contsup bench``: greedy against end-to-end in one process, written as JSON and Markdown."""
+
+from __future__ import annotations
+
+import json
+
+from contsup.cli import main
+
+from conftest import small_recipe_text
+
+
+def test_bench_writes_json_and_markdown(write_recipe, tmp_path, capsys):
+    path = write_recipe(small_recipe_text(modules=4, context="R1E", batch_size=4, train_size=8))
+    out = tmp_path / "result"
+    assert main(["bench", str(path), "--steps", "2", "--warmup", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "greedy / e2e" in printed and "median step" in printed
+    data = json.loads(out.with_suffix(".json").read_text())
+    g, e = data["greedy"], data["e2e"]
+    assert len(g["step_ms"]) == len(e["step_ms"]) == 2
+    assert len(g["saved_per_backward_bytes"]) == 4 and len(e["saved_per_backward_bytes"]) == 1
+    assert g["saved_peak_bytes"] < e["saved_peak_bytes"]
+    assert data["ratios"]["measured_over_predicted"] == 1.0  # the prediction is exact on CPU
+    assert g["peak_rss_bytes"] > 0 and e["peak_rss_bytes"] > 0
+    markdown = out.with_suffix(".md").read_text()
+    assert "contsup bench" in markdown and "| saved for backward, peak (MiB) |" in markdown
+    # the recipe's own network trained end-to-end keeps its adapters: more than the plain backbone
+    recipe_side = tmp_path / "recipe"
+    assert main(["bench", str(path), "--steps", "1", "--warmup", "0", "--baseline", "recipe", "--out", str(recipe_side)]) == 0
+    with_adapters = json.loads(recipe_side.with_suffix(".json").read_text())["e2e"]["saved_peak_bytes"]
+    assert with_adapters > e["saved_peak_bytes"]
+
+
+def test_bench_refuses_zero_steps(write_recipe, capsys):
+    path = write_recipe(small_recipe_text())
+    assert main(["bench", str(path), "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--steps must be >= 1" in err
+
+
+def test_bench_reports_an_unwritable_output_in_one_line(write_recipe, tmp_path, capsys):
+    path = write_recipe(small_recipe_text())
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["bench", str(path), "--out", str(blocker / "sub" / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot create" in err

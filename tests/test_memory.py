@@ -1,0 +1,180 @@
+"""Activation-memory accounting: unique saved storages, parameters left out, determinism; the
+composed prediction against a real greedy step; greedy against end-to-end; measured costs reach
+the partitioner without touching the RNG, and only when it asks for them."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+from torch import nn
+
+import contsup.memory as memory
+from contsup.engine import EndToEndStrategy, GreedyStrategy
+from contsup.memory import CostModel, SavedStorages, even_split, fitted_costs, measure_step, partition_costs, recipe_parts
+from contsup.network import build_network
+from contsup.types import Costs
+from contsup_partition import min_max_split, split_peak
+
+
+def count(fn, *modules):
+    with SavedStorages(memory.module_tensors(*modules)) as rec:
+        out = fn()
+    return rec.total(), out
+
+
+def test_an_inplace_relu_shares_its_storage_with_the_next_conv():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(2, 3, 8, 8)
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        net(x)
+    activations = [t for t in packed if not isinstance(t, nn.Parameter)]
+    assert len(activations) == 3  # x by conv1; the ReLU's result; the same tensor as conv2's input
+    total, _ = count(lambda: net(x), net)
+    assert total == x.nbytes + 2 * 4 * 8 * 8 * 4  # x and conv1's output, once
+
+
+def test_views_of_one_storage_count_once_and_parameters_not_at_all():
+    lin = nn.Linear(16, 16)
+    leaf = torch.randn(4, 16, requires_grad=True)
+    h = leaf.clone()
+    # mm saves the input and a transposed view of the weight; mul saves both of its views of h
+    total, _ = count(lambda: lin(h) * h.view(4, 16) * h[:, :].view(4, 16), lin)
+    assert total == h.nbytes + 4 * 16 * 4 * 2  # h once, lin's output and the first product
+
+
+def test_counts_are_deterministic(small_recipe):
+    recipe = small_recipe(modules=4, context="R1E", batch_size=4)
+    parts, shapes, info = recipe_parts(recipe)
+    a = CostModel(recipe, parts, shapes, info)
+    b = CostModel(recipe, parts, shapes, info)
+    assert a.units == b.units
+    assert a.costs() == b.costs()
+    x = torch.randn(4, 3, 16, 16)
+    twice = [count(lambda: parts.units[1](parts.units[0](x)), *parts.units[:2])[0] for _ in range(2)]
+    assert twice[0] == twice[1] > 0
+
+
+def greedy_and_e2e(recipe, costs=None):
+    torch.manual_seed(0)
+    built = build_network(recipe, costs=costs)
+    opt, sched = recipe.optimizer.create(), recipe.schedule.create()
+    return built, GreedyStrategy(built.network, opt, sched, 10, 10)
+
+
+def batch(recipe):
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(recipe.data.batch_size, 3, 16, 16, generator=gen), torch.randint(0, 10, (recipe.data.batch_size,), generator=gen)
+
+
+@pytest.mark.parametrize("context", ["none", "E", "R1E", "M2R1E", "all"])
+def test_prediction_equals_a_real_greedy_step(small_recipe, context):
+    base = small_recipe(modules=4, context=context, batch_size=4)
+    parts, shapes, info = recipe_parts(base)
+    model = CostModel(base, parts, shapes, info)
+    for partitioner in ("uniform", "memory_balanced"):
+        recipe = attrs.evolve(base, partitioner=_partitioner(base, partitioner))
+        built, greedy = greedy_and_e2e(recipe)
+        predicted = model.plan_costs([p.units for p in built.plans])
+        measured = measure_step(greedy, *batch(recipe))
+        assert [c.bytes for c in predicted] == measured, partitioner
+
+
+def _partitioner(recipe, name):
+    from contsup.plugins import get_plugin_manager
+    from contsup.recipe import Chosen
+    from contsup.registry import Registries
+
+    entry = Registries.from_plugin_manager(get_plugin_manager(entry_points=False)).partitioners.entry(name)
+    return Chosen(name, entry.component, entry.component.Options(), entry.plugin)
+
+
+@pytest.mark.parametrize("context", ["none", "R1E"])
+def test_greedy_peak_is_below_end_to_end_for_resnet20_k4(small_recipe, context):
+    recipe = small_recipe(modules=4, context=context, batch_size=4)
+    _, greedy = greedy_and_e2e(recipe)
+    torch.manual_seed(0)
+    plain = build_network(attrs.evolve(recipe, partition=attrs.evolve(recipe.partition, modules=1))).network
+    e2e = EndToEndStrategy(plain, recipe.optimizer.create(), recipe.schedule.create(), 10, 10)
+    x, y = batch(recipe)
+    greedy_peak = max(measure_step(greedy, x, y))
+    (e2e_peak,) = measure_step(e2e, x, y)
+    assert greedy_peak < e2e_peak
+    assert len(measure_step(greedy, x, y)) == 4  # one backward per module
+
+
+@pytest.mark.parametrize("context", ["none", "R1E", "M1R1E"])
+def test_memory_balanced_is_exact_for_its_split_and_not_above_uniform(small_recipe, context):
+    recipe = small_recipe(modules=4, context=context, batch_size=4)
+    parts, shapes, info = recipe_parts(recipe)
+    model = CostModel(recipe, parts, shapes, info)
+    for k in (1, 2, 3, 4, 6, 10):
+        costs = fitted_costs(model, min_max_split, k)
+        sizes = min_max_split(costs, k)
+        assert split_peak(costs, sizes) == model.peak(sizes)  # the table is exact where it matters
+        assert model.peak(sizes) <= model.peak(even_split(model.n, k))
+    even = even_split(model.n, 4)
+    assert split_peak(model.costs(4), even) == model.peak(even)  # the default table: exact for uniform
+
+
+def test_measuring_costs_leaves_the_rng_and_the_weights_alone(small_recipe):
+    recipe = small_recipe(modules=3, context="R1E", batch_size=4)
+    recipe = attrs.evolve(recipe, partitioner=_partitioner(recipe, "memory_balanced"))
+    parts, shapes, info = recipe_parts(recipe)
+    costs = partition_costs(recipe.partitioner.create(), recipe, parts, shapes, info)
+    torch.manual_seed(0)
+    measured = build_network(recipe).network.state_dict()
+    after_measured = torch.rand(3)
+    torch.manual_seed(0)
+    given = build_network(recipe, costs=costs).network.state_dict()
+    after_given = torch.rand(3)
+    assert torch.equal(after_measured, after_given)
+    assert measured.keys() == given.keys()
+    assert all(torch.equal(measured[k], given[k]) for k in measured)
+
+
+def test_partitioners_that_ignore_costs_do_not_pay_for_measurement(small_recipe, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("uniform needs no measurement")
+
+    monkeypatch.setattr(memory.CostModel, "__init__", refuse)
+    recipe = small_recipe(modules=3)
+    assert [p.units for p in build_network(recipe).plans] == [3, 3, 4]
+    with pytest.raises(AssertionError):
+        build_network(attrs.evolve(recipe, partitioner=_partitioner(recipe, "memory_balanced")))
+
+
+def test_costs_table_shape(small_recipe):
+    recipe = small_recipe(modules=4, context="R1E", batch_size=4)
+    parts, shapes, info = recipe_parts(recipe)
+    costs = CostModel(recipe, parts, shapes, info).costs()
+    n = len(shapes)
+    assert isinstance(costs, Costs) and len(costs.units) == n and min(costs.units) > 0
+    assert [len(row) for row in costs.overhead] == [n - i for i in range(n)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_measurement_runs(small_recipe):
+    recipe = small_recipe(modules=4, context="R1E", batch_size=8)
+    parts, shapes, info = recipe_parts(recipe)
+    model = CostModel(recipe, parts, shapes, info, device="cuda", method="cuda", timing=True, repeats=1)
+    costs = model.plan_costs(even_split(model.n, 4))
+    assert all(c.bytes > 0 and c.ms is not None for c in costs)
+
+
+def test_a_memory_balanced_run_reloads(write_recipe, tmp_path):
+    """The split is measured again on load; being deterministic, it rebuilds the same network."""
+    import contsup
+    from contsup.cli import main
+
+    from conftest import small_recipe_text
+
+    out_dir = tmp_path / "run"
+    text = small_recipe_text(out_dir=str(out_dir), modules=3, context="R1E", batch_size=8, train_size=16)
+    path = write_recipe(text.replace("[partition]\n", '[partition]\nuse = "memory_balanced"\n'))
+    assert main(["train", str(path)]) == 0
+    model = contsup.load_model(out_dir)
+    assert [len(m.body) for m in model.blocks] != [3, 3, 4]  # not the uniform split
+    assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
