@@ -173,7 +173,8 @@ def check_runs(sweep: Sweep, registries: Registries) -> list[str]:
 
 
 def run_sweep(sweep: Sweep, dry_run: bool = False, out: TextIO | None = None) -> int:
-    """Train every unfinished combination in turn (or print the commands); 0 when all finished."""
+    """Train every unfinished combination in turn (or print the commands); 0 when all finished.
+    A started but unfinished run resumes from its last checkpoint; Ctrl-C stops the sweep."""
     from contsup.cli import main
 
     out = out or sys.stdout
@@ -195,6 +196,9 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, out: TextIO | None = None) ->
             for o in run.overrides():
                 args += ["--set", o]
             code = main(args)
+        if code == 130:  # Ctrl-C: the run saved a checkpoint; stop the whole sweep, not just this run
+            print(f"sweep stopped; run it again to resume {run.run_dir} and go on", file=out, flush=True)
+            return 130
         if code != 0:
             failed.append((run, code))
     finished = sum(r.finished for r in runs)

@@ -72,3 +72,30 @@ def test_sweep_runs_everything_once_and_skips_finished_runs(sweep_file, capsys):
     assert main(["sweep", path]) == 0
     out = capsys.readouterr()
     assert "2 already finished" in out.err and "training" not in out.out
+
+
+def test_ctrl_c_stops_the_sweep_and_a_rerun_resumes(sweep_file, capsys, monkeypatch):
+    import os
+    import signal
+
+    from contsup.progress import Progress
+
+    path = sweep_file('"data.train_size" = [64]\n"run.seed" = [0, 1]')  # 4 steps per run
+    original, calls = Progress.update, {"n": 0}
+
+    def update(self, step, losses):
+        calls["n"] += 1
+        if calls["n"] == 2:  # Ctrl-C after the second step of the first run
+            os.kill(os.getpid(), signal.SIGINT)
+        original(self, step, losses)
+
+    with monkeypatch.context() as m:
+        m.setattr(Progress, "update", update)
+        assert main(["sweep", path]) == 130
+    out = capsys.readouterr().out
+    assert "sweep stopped; run it again" in out
+    first, second = load_sweep(path).runs()
+    assert first.started and not first.finished and not second.started
+    assert main(["sweep", path]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming {first.run_dir}" in out and "2/2 runs finished, 0 failed" in out
