@@ -127,25 +127,41 @@ class GreedyStrategy:
         self.active_module: int | None = None
 
     def step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats, check: Callable[[int, torch.Tensor], None]) -> None:
+        """One greedy step on a batch x: (B, C, H, W), y: (B,): module by module."""
         store = self.network.store(x, detach=True)
         h = x
-        for m, opt, sched, scaler in zip(self.network.blocks, self.optimizers, self.schedulers, self.scalers):
-            self.active_module = m.index
-            with self.precision.autocast():
-                hc = m.enrich(h, store.gather(m.sources))
-                store.add(m.index - 1, hc)
-                out = m.body(hc)
-                result = m.loss(out, y, x)
-            check(m.index, result.total)
+        for m in self.network.blocks:
+            h = self.train_module(m, h, store, x, y, stats, check)
+        self.active_module = None
+
+    def train_module(
+        self, m: Any, h: torch.Tensor, store: Any, x: torch.Tensor | None, y: torch.Tensor, stats: StepStats,
+        check: Callable[[int, torch.Tensor], None], weight: float = 1.0, begin: bool = True, finish: bool = True,
+    ) -> torch.Tensor:
+        """Module ``m``'s part of a greedy step: h^c from detached context, forward, local loss,
+        backward and (when ``finish``) its own optimizer and schedule step. Returns its output
+        detached, for the next module. ``begin``, ``finish`` and ``weight`` let micro-batches
+        accumulate gradients into one step (the pipeline uses them)."""
+        i = m.index - 1
+        opt, sched, scaler = self.optimizers[i], self.schedulers[i], self.scalers[i]
+        self.active_module = m.index
+        with self.precision.autocast():
+            hc = m.enrich(h, store.gather(m.sources))
+            store.add(m.index - 1, hc)
+            out = m.body(hc)
+            result = m.loss(out, y, x)
+        check(m.index, result.total)
+        if begin:
             opt.zero_grad(set_to_none=True)
-            scaler.scale(result.total).backward()
+        loss = result.total if weight == 1.0 else result.total * weight
+        scaler.scale(loss).backward()
+        if finish:
             scaler.step(opt)
             scaler.update()
             sched.step()
-            stats.add(m.index, float(result.local), result.prediction, y)
-            h = out.detach()
-            store.release(m.index)
-        self.active_module = None
+        stats.add(m.index, float(result.local), result.prediction, y)
+        store.release(m.index)
+        return out.detach()
 
     def lr(self) -> float:
         return self.optimizers[0].param_groups[0]["lr"]

@@ -140,11 +140,11 @@ class GreedyNetwork(nn.Module):
     def store(self, x: torch.Tensor, detach: bool) -> ContextStore:
         return ContextStore(x, self.last_use, detach)
 
-    def module_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """[h_1, ..., h_K] for x: (B, C, H, W)."""
+    def module_outputs(self, x: torch.Tensor, last: int | None = None) -> list[torch.Tensor]:
+        """[h_1, ..., h_last] (default every module) for x: (B, C, H, W); later modules do not run."""
         store = self.store(x, detach=False)
         h, outs = x, []
-        for m in self.blocks:
+        for m in list(self.blocks)[:last]:
             hc = m.enrich(h, store.gather(m.sources))
             store.add(m.index - 1, hc)
             h = m.body(hc)

@@ -255,31 +255,11 @@ class Stage:
         """One micro-batch through this rank's modules (h: (B, C, H, W), the input of module
         ``first``); gradients accumulate, scaled by ``weight``, and the last micro-batch steps.
         Returns what to send on."""
-        t = self.trainer
-        strategy, precision = t.strategy, t.precision
+        strategy = self.trainer.strategy
         store = self.network.store(x, detach=True)
         store.kept.update(kept)
         for m in self.modules:
-            i = m.index - 1
-            opt, sched, scaler = strategy.optimizers[i], strategy.schedulers[i], strategy.scalers[i]
-            strategy.active_module = m.index
-            with precision.autocast():
-                hc = m.enrich(h, store.gather(m.sources))
-                store.add(m.index - 1, hc)
-                out = m.body(hc)
-                result = m.loss(out, y, x)
-            check(m.index, result.total)
-            if first_micro:
-                opt.zero_grad(set_to_none=True)
-            loss = result.total if weight == 1.0 else result.total * weight
-            scaler.scale(loss).backward()
-            if last_micro:
-                scaler.step(opt)
-                scaler.update()
-                sched.step()
-            stats.add(m.index, float(result.local), result.prediction, y)
-            h = out.detach()
-            store.release(m.index)
+            h = strategy.train_module(m, h, store, x, y, stats, check, weight, begin=first_micro, finish=last_micro)
         strategy.active_module = None
         return self._pack(h, y, x, store) if self.outgoing is not None else None
 

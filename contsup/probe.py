@@ -202,15 +202,7 @@ def summarise(probes: Sequence[ProbeResult]) -> dict:
 def outputs_upto(network: Any, x: torch.Tensor, last: int) -> list[torch.Tensor]:
     """[h_1, ..., h_last] of a GreedyNetwork for x: (B, C, H, W), context included; the same
     tensors as ``network.module_outputs(x)[:last]`` without running the later modules."""
-    store = network.store(x, detach=False)
-    h, outs = x, []
-    for m in list(network.blocks)[:last]:
-        hc = m.enrich(h, store.gather(m.sources))
-        store.add(m.index - 1, hc)
-        h = m.body(hc)
-        store.release(m.index)
-        outs.append(h)
-    return outs
+    return network.module_outputs(x, last)
 
 
 def feature_shapes(network: Any, input_shape: Shape) -> list[Shape]:

@@ -15,7 +15,7 @@ def test_the_clock_adds_time_per_activity_and_counts_waiting_for_data():
     assert items == [1, 2]
     line = clock.snapshot(rank=1, wall_s=0.04, modules=[3, 4])
     assert line["rank"] == 1 and line["modules"] == [3, 4]
-    assert 0.02 <= line["compute_s"] < 0.04 and line["load_s"] >= 0 and line["send_s"] == 0
+    assert line["compute_s"] >= 0.02 and line["load_s"] >= 0 and line["send_s"] == 0  # no upper bound: a busy machine sleeps longer
     assert line["utilisation"] == round(line["compute_s"] / 0.04, 4)
     clock.reset()
     assert clock.totals["compute"] == 0
