@@ -1,10 +1,14 @@
-"""Progress on long work: a live line on a terminal, plain periodic lines in logs."""
+"""Progress on long work: a tqdm bar on a terminal, plain periodic lines in logs."""
 
 from __future__ import annotations
 
+import io
+import os
 import sys
 import time
 from typing import Sequence, TextIO
+
+from tqdm import tqdm
 
 
 def _fmt_losses(losses: Sequence[float | None]) -> str:
@@ -14,9 +18,18 @@ def _fmt_losses(losses: Sequence[float | None]) -> str:
     return " ".join(shown)
 
 
+def _sized(stream: TextIO) -> bool:
+    """Whether the terminal reports its width (a pseudo-terminal may say 0 columns)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return False
+
+
 class Progress:
     """Reports steps of one epoch (``done`` of them finished before, in a resumed epoch). On a
-    terminal the line is redrawn at most 10 times a second; otherwise a line is printed every
+    terminal a progress bar (steps, rate, time left, each module's running loss) is redrawn at
+    most 10 times a second and removed at the end of the epoch; otherwise a line is printed every
     ``every`` steps, or, when ``every`` is 0, at most every ``quiet_s`` seconds so that short
     epochs do not flood a log."""
 
@@ -33,9 +46,19 @@ class Progress:
         self.done = done  # steps finished before this process took over (a resumed epoch)
         self.start = time.perf_counter()
         self._last_draw = self.start
+        self.bar = None
+        if self.live:
+            self.bar = tqdm(
+                total=steps, initial=done, desc=f"epoch {epoch}/{epochs}", unit="step", file=self.stream,
+                leave=False, mininterval=0.1, **({"dynamic_ncols": True} if _sized(self.stream) else {"ncols": 100, "nrows": 24}),
+            )
 
     def update(self, step: int, losses: Sequence[float | None]) -> None:
         """Called after 1-based ``step`` with each module's running loss."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {_fmt_losses(losses)}", refresh=False)
+            self.bar.update(step - self.bar.n)
+            return
         now = time.perf_counter()
         elapsed = now - self.start
         ran = step - self.done
@@ -44,17 +67,12 @@ class Progress:
             f"epoch {self.epoch}/{self.epochs} step {step}/{self.steps} "
             f"[{elapsed:5.1f}s, eta {eta:5.1f}s] loss per module: {_fmt_losses(losses)}"
         )
-        if self.live:
-            if now - self._last_draw >= 0.1 or step == self.steps:
-                self.stream.write("\r\033[K" + text)
-                self.stream.flush()
-                self._last_draw = now
-        elif step % self.every == 0 and (self.fixed or now - self._last_draw >= self.quiet_s):
+        if step % self.every == 0 and (self.fixed or now - self._last_draw >= self.quiet_s):
             self.stream.write(text + "\n")
             self.stream.flush()
             self._last_draw = now
 
     def close(self) -> None:
-        if self.live:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -81,7 +81,7 @@ class PartitionOptions:
 
 @attrs.frozen
 class LogOptions:
-    """Optional loggers, besides metrics.jsonl and the progress line."""
+    """Optional loggers, besides metrics.jsonl and the progress display."""
 
     tensorboard: bool = option(
         False,

@@ -31,3 +31,31 @@ def test_a_resumed_epoch_starts_at_its_step_and_estimates_from_what_it_ran():
     assert "step 8/10" in line
     eta = float(re.search(r"eta\s+([\d.]+)s", line).group(1))
     assert 3.9 <= eta <= 4.2  # 2 steps took ~4 s here, 2 remain
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_terminal_gets_a_bar_with_each_modules_loss_that_goes_away_at_the_end():
+    out = _Terminal()
+    p = Progress(1, 3, 4, stream=out)
+    p.bar.mininterval = 0  # draw every step: a real bar redraws at most 10 times a second
+    for step in range(1, 5):
+        p.update(step, [2.5, 0.125])
+    drawn = out.getvalue()
+    assert "epoch 1/3" in drawn and "4/4" in drawn and "100%" in drawn
+    assert "loss 2.500 0.125" in drawn
+    p.close()
+    assert out.getvalue()[len(drawn):].strip() == ""  # the bar is blanked out: the epoch's line follows
+
+
+def test_a_resumed_epochs_bar_starts_at_the_step_it_resumed_at():
+    out = _Terminal()
+    p = Progress(1, 1, 10, stream=out, done=6)
+    p.bar.mininterval = 0
+    assert "6/10" in out.getvalue()
+    p.update(7, [0.5])
+    p.close()
+    assert "7/10" in out.getvalue()
