@@ -25,7 +25,9 @@ from torch.utils.data import DataLoader, Subset
 
 from contsup.distributed import DistributedTrainer, Silent, World
 from contsup.distributed_bench import Clock, epoch_entry
-from contsup.engine import EpochProgress, EvalCounts, StepStats, epoch_metrics, evaluation_counts, seed_everything
+from contsup.engine import (
+    EpochProgress, EvalCounts, StepStats, check_batches, epoch_metrics, evaluation_counts, seed_everything,
+)
 from contsup.errors import ContsupError
 from contsup.order import SkippingBatchSampler, epoch_batches, ignore_interrupts
 from contsup.precision import to_memory_format
@@ -45,8 +47,10 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
 class ShardedBatchSampler(SkippingBatchSampler):
     """This rank's slice of every batch of the one-process order (same generator, same batches)."""
 
-    def __init__(self, dataset_size: int, batch_size: int, generator: torch.Generator, rank: int, world: int) -> None:
-        super().__init__(dataset_size, batch_size, generator)
+    def __init__(
+        self, dataset_size: int, batch_size: int, generator: torch.Generator, rank: int, world: int, drop_last: bool = False
+    ) -> None:
+        super().__init__(dataset_size, batch_size, generator, drop_last)
         self.rank, self.world = rank, world
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -159,15 +163,19 @@ class DataParallelTrainer(DistributedTrainer):
         pin = self.device.type == "cuda"
         train_set = self.dataset.load(train=True)
         self.train_size = len(train_set)
+        try:
+            check_batches(recipe, self.train_size)
+        except ContsupError as problem:
+            raise problem if world.is_main else Silent(problem.exit_code) from None
         last = self.train_size % d.batch_size
-        if 0 < last < world.size:
+        if 0 < last < world.size and not d.drop_last:
             problem = ContsupError(
                 f"{recipe.source}: the training set's {self.train_size} images leave a last batch of {last} "
                 f"(data.batch_size = {d.batch_size}), fewer than the {world.size} processes; choose data.batch_size "
-                f"so that the last batch is full or holds at least {world.size} images"
+                f"so that the last batch is full or holds at least {world.size} images, or set data.drop_last = true"
             )
             raise problem if world.is_main else Silent(problem.exit_code)
-        sampler = ShardedBatchSampler(self.train_size, d.batch_size, generator, world.rank, world.size)
+        sampler = ShardedBatchSampler(self.train_size, d.batch_size, generator, world.rank, world.size, d.drop_last)
         train = DataLoader(
             train_set, batch_sampler=sampler, generator=generator, num_workers=d.workers, pin_memory=pin,
             worker_init_fn=functools.partial(_worker_init, world.rank) if d.workers > 0 else None,

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from contsup.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from contsup.checkpoint import describe as describe_checkpoint
 from contsup.checkpoint import rng_state, save_checkpoint, set_rng_state
-from contsup.errors import ContsupError, reason
+from contsup.errors import BatchError, ContsupError, one_line, reason
 from contsup.network import Built, GreedyNetwork, build_network
 from contsup.optim import lr_scheduler
 from contsup.order import SkippingBatchSampler, epoch_batches, ignore_interrupts
@@ -58,6 +58,16 @@ def preflight(recipe: Any) -> None:
     check_precision(recipe.run.precision, resolve_device(recipe.run.device))
 
 
+def check_batches(recipe: Any, train_size: int) -> None:
+    """An epoch must hold at least one training batch (``data.drop_last`` can leave none)."""
+    d = recipe.data
+    if d.drop_last and train_size < d.batch_size:
+        raise ContsupError(
+            f"{recipe.source}: data.drop_last = true leaves no training batch: the training set has {train_size} "
+            f"images, fewer than data.batch_size = {d.batch_size}; lower data.batch_size or set data.drop_last = false"
+        )
+
+
 def make_loaders(recipe: Any, dataset: Any, device: torch.device) -> tuple[DataLoader, DataLoader]:
     """Seeded, shuffled training loader and ordered test loader.
 
@@ -68,8 +78,9 @@ def make_loaders(recipe: Any, dataset: Any, device: torch.device) -> tuple[DataL
     generator = torch.Generator().manual_seed(recipe.run.seed)
     pin = device.type == "cuda"
     train_set = dataset.load(train=True)
+    check_batches(recipe, len(train_set))
     train = DataLoader(
-        train_set, batch_sampler=SkippingBatchSampler(len(train_set), d.batch_size, generator), generator=generator,
+        train_set, batch_sampler=SkippingBatchSampler(len(train_set), d.batch_size, generator, d.drop_last), generator=generator,
         num_workers=d.workers, pin_memory=pin, worker_init_fn=ignore_interrupts if d.workers > 0 else None,
     )
     test = DataLoader(
@@ -557,6 +568,18 @@ class Trainer:
 
         return check
 
+    def _unusable_batch(self, exc: BatchError, epoch: int, step: int) -> TrainingFailed:
+        """A local loss that cannot be computed on this batch: which module, where, and what to change."""
+        module = getattr(self.strategy, "active_module", None)
+        d = self.recipe.data
+        short = step == self.steps_per_epoch and len(self.train_loader.dataset) % d.batch_size
+        remedy = (
+            f"it is the epoch's last, short batch ({short} image{'s' if short > 1 else ''}): set data.drop_last = true to leave it out"
+            if short else "use a larger data.batch_size"
+        )
+        where = f"module {module}" if module is not None else "the network"
+        return TrainingFailed(f"{where} cannot train on step {step} of epoch {epoch}: {one_line(str(exc))}; {remedy}; {self._kept()}")
+
     def _out_of_memory(self, epoch: int, step: int, evaluating: bool) -> OutOfMemory:
         k, units = self.network.num_modules, len(self.built.unit_shapes)
         module = getattr(self.strategy, "active_module", None)
@@ -604,6 +627,8 @@ class Trainer:
                     self.save_checkpoint()
         except torch.cuda.OutOfMemoryError:
             raise self._out_of_memory(epoch, cur.done + 1, evaluating=False) from None
+        except BatchError as exc:
+            raise self._unusable_batch(exc, epoch, cur.done + 1) from None
         finally:
             progress.close()
         if self.device.type == "cuda":

@@ -33,6 +33,11 @@ class ContsupError(Exception):
         super().__init__("\n".join(self.lines))
 
 
+class BatchError(ContsupError):
+    """A local loss that cannot be computed on one particular batch (a contrastive loss on a batch
+    in which no two samples share a label). Training stops with the module, epoch and step named."""
+
+
 class RecipeError(ContsupError):
     """Every problem found in a recipe, collected so the user sees them all at once."""
 

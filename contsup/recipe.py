@@ -70,6 +70,10 @@ class DataOptions:
     batch_size: int = option(128, doc="training batch size", validator=at_least(1))
     test_batch_size: int = option(0, doc="evaluation batch size (0: same as batch_size)", validator=at_least(0))
     workers: int = option(0, doc="data-loading worker processes", validator=at_least(0))
+    drop_last: bool = option(
+        False, doc="training: leave out each epoch's last batch when it is short (a batch of one image breaks "
+        "batch norm; supcon needs two images of one class in every batch)"
+    )
 
 
 @attrs.frozen

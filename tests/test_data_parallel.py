@@ -184,7 +184,9 @@ def test_a_last_batch_smaller_than_the_ranks_is_refused(tmp_path):
     assert rank0.lines() == [
         "error: " + str(tmp_path / "d.toml") + ": the training set's 33 images leave a last batch of 1 "
         "(data.batch_size = 16), fewer than the 2 processes; choose data.batch_size so that the last batch is full "
-        "or holds at least 2 images"
+        "or holds at least 2 images, or set data.drop_last = true"
     ]
     assert rank1.lines() == []
     assert not (tmp_path / "run").exists()  # a run that could not start leaves nothing behind
+    dropped = run_ranks(2, ["train", str(tmp_path / "d.toml"), "--set", "data.drop_last=true"], tmp_path / "ranks2")
+    assert [r.code for r in dropped] == [0, 0]

@@ -106,3 +106,40 @@ def test_objective_heads():
     z = sc.head(spec)(torch.randn(5, 16, 32, 32))
     assert z.shape == (5, 128) and torch.allclose(z.norm(dim=1), torch.ones(5))
     assert sc.predict(z) is None
+
+
+def test_a_supcon_run_stops_cleanly_on_a_short_last_batch_and_drop_last_avoids_it(write_recipe, tmp_path, capsys):
+    from conftest import small_recipe_text
+
+    from contsup.cli import main
+    from contsup.rundir import read_metrics
+
+    torch.set_num_threads(1)
+    extra = '\n[objective]\nuse = "supcon"\n'
+    # 33 images in batches of 16: the third batch of every epoch holds a single image
+    path = write_recipe(small_recipe_text(out_dir=str(tmp_path / "a"), train_size=33, modules=2, extra=extra))
+    assert main(["train", str(path)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        "error: module 1 cannot train on step 3 of epoch 1: supcon: no two samples in this batch of 1 share a "
+        "label, so the contrastive loss is undefined: every batch needs two samples of one class; it is the "
+        "epoch's last, short batch (1 image): set data.drop_last = true to leave it out; no checkpoint was "
+        "written yet"
+    ]
+    run = tmp_path / "b"
+    assert main(["train", str(path), "--set", f'run.out_dir="{run}"', "--set", "data.drop_last=true"]) == 0
+    assert len(read_metrics(run)) == 1
+
+
+def test_drop_last_that_leaves_no_batch_is_refused_before_training(write_recipe, tmp_path, capsys):
+    from conftest import small_recipe_text
+
+    from contsup.cli import main
+
+    path = write_recipe(small_recipe_text(out_dir=str(tmp_path / "run"), train_size=12, extra=""))
+    assert main(["train", str(path), "--set", "data.drop_last=true"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {path}: data.drop_last = true leaves no training batch: the training set has 12 images, fewer "
+        f"than data.batch_size = 16; lower data.batch_size or set data.drop_last = false"
+    ]
+    assert not (tmp_path / "run").exists()

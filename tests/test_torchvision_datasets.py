@@ -474,7 +474,7 @@ def test_the_stl10_k4_recipe_trains_a_step_on_fake_files(tmp_path, capsys, skip_
     write_stl(tmp_path / "data")
     out_dir = tmp_path / "run"
     args = ["train", str(ROOT / "recipes" / "stl10_k4.toml"), "--set", f"data.root={tmp_path / 'data'}"]
-    for override in ("run.epochs=1", "data.batch_size=16", "data.workers=0", "schedule.warmup_epochs=0", f"run.out_dir={out_dir}"):
+    for override in ("run.epochs=1", "data.batch_size=12", "data.workers=0", "schedule.warmup_epochs=0", f"run.out_dir={out_dir}"):
         args += ["--set", override]
     assert main(args) == 0, capsys.readouterr().err
     metrics = (out_dir / "metrics.jsonl").read_text().splitlines()

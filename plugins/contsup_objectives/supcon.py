@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from contsup.errors import ContsupError
+from contsup.errors import BatchError
 
 
-class NoPositivePairs(ContsupError, ValueError):
+class NoPositivePairs(BatchError, ValueError):
     """A batch in which no two samples share a label: the contrastive loss is undefined."""
 
 
@@ -32,7 +32,7 @@ def supcon_loss(z: torch.Tensor, y: torch.Tensor, temperature: float = 0.07, bas
     if not bool(anchors.any()):
         raise NoPositivePairs(
             f"supcon: no two samples in this batch of {n} share a label, so the contrastive loss is "
-            f"undefined; use a larger data.batch_size"
+            f"undefined: every batch needs two samples of one class"
         )
     pos_log_prob = log_prob.masked_fill(~positives, 0.0).sum(dim=1)
     per_anchor = -(temperature / base_temperature) * pos_log_prob[anchors] / counts[anchors]
