@@ -30,18 +30,24 @@ class Clock:
 
     def reset(self) -> None:
         self.totals = {a: 0.0 for a in ACTIVITIES}
+        self._nested: list[float] = []  # per open measurement: seconds of the measurements inside it
 
     @contextlib.contextmanager
     def measure(self, activity: str) -> Iterator[None]:
-        """Add the time spent inside to ``activity``; on CUDA, computing waits for the GPU to finish
-        so that busy time is the GPU's, not the launch time."""
+        """Add the time spent inside to ``activity``, less that of measurements nested inside it
+        (a gradient sum inside a step counts as communicating, not computing); on CUDA, computing
+        waits for the GPU to finish so that busy time is the GPU's, not the launch time."""
         start = time.perf_counter()
+        self._nested.append(0.0)
         try:
             yield
         finally:
             if activity == "compute" and self.device is not None and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self.totals[activity] += time.perf_counter() - start
+            spent = time.perf_counter() - start
+            self.totals[activity] += spent - self._nested.pop()
+            if self._nested:
+                self._nested[-1] += spent
 
     def loading(self, batches: Iterable) -> Iterator:
         """``batches``, counting the time spent waiting for each as loading."""
