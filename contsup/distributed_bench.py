@@ -67,7 +67,7 @@ class Clock:
         out: dict[str, Any] = {"rank": rank, "modules": modules}
         out.update({f"{a}_s": round(v, 6) for a, v in self.totals.items()})
         out["wall_s"] = round(wall_s, 6)
-        out["utilisation"] = round(self.totals["compute"] / wall_s, 4) if wall_s > 0 else None
+        out["utilisation"] = round(out["compute_s"] / out["wall_s"], 4) if out["wall_s"] > 0 else None  # of the figures shown
         return out
 
 
