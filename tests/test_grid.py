@@ -23,7 +23,7 @@ from contsup.recipe import loads_recipe
 from contsup.rundir import read_metrics
 
 from ranks import run_ranks
-from tiny import one_thread, tiny_recipe_text  # noqa: F401 (fixture)
+from tiny import assert_same_runs, one_thread, tiny_recipe_text  # noqa: F401 (fixture)
 
 GRID = '\n[distributed]\nmode = "pipeline"\nstages = [2, 2]\nreplicas = 2\ntimeout_s = 30\n'
 
@@ -115,6 +115,21 @@ def test_a_grid_checkpoint_resumes_in_one_process(grid_run, registries, tmp_path
     assert_close_weights(reference.network.state_dict(), copy / "model.pt")
     assert read_metrics(copy)[-1]["train_loss"] == pytest.approx(reference.history[-1]["train_loss"], rel=1e-5)
     assert read_metrics(copy)[-1]["train_acc_pct"] == reference.history[-1]["train_acc_pct"]
+
+
+def test_a_grid_run_resumes_on_the_grid_exactly(grid_run, tmp_path):
+    """From the mid-epoch checkpoint, 4 ranks again end where the uninterrupted run ended."""
+    run, _, _ = grid_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    for path in checkpoint_paths(copy)[1:]:  # keep step 2 of 4
+        path.unlink()
+        path.with_name(path.name + ".sha256").unlink()
+    (copy / "model.pt").unlink()
+    results = run_ranks(4, ["train", "--resume", str(copy)], tmp_path / "ranks")
+    assert [r.code for r in results] == [0, 0, 0, 0], "\n".join(r.err for r in results)
+    assert "(epoch 1, after step 2 of 4)" in results[0].out
+    assert_same_runs(run, copy)
 
 
 def test_distributed_json_reports_the_grid(grid_run):
