@@ -12,21 +12,18 @@ N*b images up to floating-point summation order.
 from __future__ import annotations
 
 import functools
-import os
 import random
-import sys
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
-from contsup.distributed import DistributedTrainer, Silent, World
+from contsup.distributed import DistributedTrainer, Group, Silent, World, any_rank
 from contsup.distributed_bench import Clock, epoch_entry
 from contsup.engine import (
-    EpochProgress, EvalCounts, StepStats, check_batches, epoch_metrics, evaluation_counts, seed_everything,
+    EpochProgress, EvalCounts, StepStats, batches_problem, epoch_metrics, evaluation_counts, seed_everything,
 )
 from contsup.errors import ContsupError
 from contsup.order import SkippingBatchSampler, epoch_batches, ignore_interrupts
@@ -74,28 +71,75 @@ def _worker_init(rank: int, worker_id: int) -> None:
         np.random.seed(seed % 2**32)
 
 
-def broadcast_tensors(tensors: list[torch.Tensor], world: World, what: str) -> None:
-    """Overwrite ``tensors`` with rank 0's values, one flat buffer per dtype."""
+def broadcast_tensors(tensors: list[torch.Tensor], group: World | Group, what: str) -> None:
+    """Overwrite ``tensors`` with those of the group's first rank (rank 0 of a :class:`World`),
+    one flat buffer per dtype."""
+    if group.size == 1:
+        return
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
-    for group in by_dtype.values():
-        flat = torch.cat([t.detach().reshape(-1) for t in group])
-        with world.guard(what):
-            dist.broadcast(flat, src=0)
+    for same in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in same])
+        group.broadcast(flat, what)
         offset = 0
         with torch.no_grad():
-            for t in group:
+            for t in same:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
                 offset += t.numel()
 
 
+def share_float_buffers(module: torch.nn.Module, group: World | Group, what: str) -> None:
+    """The batch-norm running statistics (every floating-point buffer) of ``module`` taken from
+    the group's first rank: ranks that normalise their own slices end up with different ones."""
+    buffers = [b for b in module.buffers() if b.is_floating_point()]
+    if buffers:
+        broadcast_tensors(buffers, group, what)
+
+
+def sharded_loaders(recipe: Any, dataset: Any, device: torch.device, shard: int, shards: int) -> tuple[DataLoader, DataLoader, int]:
+    """Shard ``shard`` of ``shards`` of every training batch (in the one-process order) and of the
+    test set, and the size of the training set. Shards above 0 draw their own augmentations."""
+    d = recipe.data
+    generator = torch.Generator().manual_seed(recipe.run.seed)
+    pin = device.type == "cuda"
+    train_set = dataset.load(train=True)
+    sampler = ShardedBatchSampler(len(train_set), d.batch_size, generator, shard, shards, d.drop_last)
+    train = DataLoader(
+        train_set, batch_sampler=sampler, generator=generator, num_workers=d.workers, pin_memory=pin,
+        worker_init_fn=functools.partial(_worker_init, shard) if d.workers > 0 else None,
+    )
+    test_set = dataset.load(train=False)
+    start, end = shard_bounds(len(test_set), shard, shards)
+    test = DataLoader(
+        Subset(test_set, range(start, end)), batch_size=d.test_batch_size or d.batch_size, shuffle=False,
+        num_workers=d.workers, pin_memory=pin,
+    )
+    return train, test, len(train_set)
+
+
+def last_batch_problem(recipe: Any, train_size: int, shards: int, whom: str = "processes") -> ContsupError | None:
+    """The problem when an epoch has no batch, or its last batch cannot give each of ``shards`` an image."""
+    problem = batches_problem(recipe, train_size)
+    if problem is not None or recipe.data.drop_last:
+        return problem
+    batch = recipe.data.batch_size
+    last = train_size % batch
+    if 0 < last < shards:
+        return ContsupError(
+            f"{recipe.source}: the training set's {train_size} images leave a last batch of {last} "
+            f"(data.batch_size = {batch}), fewer than the {shards} {whom}; choose data.batch_size "
+            f"so that the last batch is full or holds at least {shards} images, or set data.drop_last = true"
+        )
+    return None
+
+
 class ReducingScaler:
     """A module's grad scaler that weighs the local loss by this rank's share of the batch and sums
-    the module's gradients over the ranks (one flat buffer) just before its optimizer step."""
+    the module's gradients over the ranks of ``group`` (one flat buffer) just before its optimizer step."""
 
-    def __init__(self, inner: Any, world: World, clock: Clock) -> None:
-        self.inner, self.world, self.clock = inner, world, clock
+    def __init__(self, inner: Any, group: World | Group, clock: Clock) -> None:
+        self.inner, self.group, self.clock = inner, group, clock
         self.share = 1.0
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
@@ -103,10 +147,10 @@ class ReducingScaler:
 
     def step(self, optimizer: torch.optim.Optimizer) -> Any:
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-        if grads and self.world.size > 1:
+        if grads and self.group.size > 1:
             with self.clock.measure("communicate"):
                 flat = torch.cat([g.reshape(-1) for g in grads])
-                self.world.all_reduce(flat, "summing gradients")
+                self.group.all_reduce(flat, "summing gradients")
                 offset = 0
                 for g in grads:
                     g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -148,53 +192,25 @@ class DataParallelTrainer(DistributedTrainer):
         self.sync_batchnorm = recipe.distributed.sync_batchnorm and world.size > 1
         if self.sync_batchnorm:
             convert_sync_batchnorm(self.network, cuda=self.device.type == "cuda")
-        if world.size > 1:
-            state = list(self.network.state_dict().values())
-            broadcast_tensors([t for t in state if t.is_floating_point()], world, "sharing the initial weights")
+        state = list(self.network.state_dict().values())
+        broadcast_tensors([t for t in state if t.is_floating_point()], world, "sharing the initial weights")
         if world.rank:
             seed_everything(recipe.run.seed + world.rank * RANK_SEED)
         self.strategy.scalers = [ReducingScaler(s, world, self.clock) for s in self.strategy.scalers]
-        self._global_partial: StepStats | None = None
 
     def make_loaders(self) -> tuple[DataLoader, DataLoader]:
-        recipe, world = self.recipe, self.world
-        d = recipe.data
-        generator = torch.Generator().manual_seed(recipe.run.seed)
-        pin = self.device.type == "cuda"
-        train_set = self.dataset.load(train=True)
-        self.train_size = len(train_set)
-        try:
-            check_batches(recipe, self.train_size)
-        except ContsupError as problem:
-            raise problem if world.is_main else Silent(problem.exit_code) from None
-        last = self.train_size % d.batch_size
-        if 0 < last < world.size and not d.drop_last:
-            problem = ContsupError(
-                f"{recipe.source}: the training set's {self.train_size} images leave a last batch of {last} "
-                f"(data.batch_size = {d.batch_size}), fewer than the {world.size} processes; choose data.batch_size "
-                f"so that the last batch is full or holds at least {world.size} images, or set data.drop_last = true"
-            )
+        world = self.world
+        train, test, self.train_size = sharded_loaders(self.recipe, self.dataset, self.device, world.rank, world.size)
+        problem = last_batch_problem(self.recipe, self.train_size, world.size)
+        if problem is not None:
             raise problem if world.is_main else Silent(problem.exit_code)
-        sampler = ShardedBatchSampler(self.train_size, d.batch_size, generator, world.rank, world.size, d.drop_last)
-        train = DataLoader(
-            train_set, batch_sampler=sampler, generator=generator, num_workers=d.workers, pin_memory=pin,
-            worker_init_fn=functools.partial(_worker_init, world.rank) if d.workers > 0 else None,
-        )
-        test_set = self.dataset.load(train=False)
-        start, end = shard_bounds(len(test_set), world.rank, world.size)
-        test = DataLoader(
-            Subset(test_set, range(start, end)), batch_size=d.test_batch_size or d.batch_size, shuffle=False,
-            num_workers=d.workers, pin_memory=pin,
-        )
         return train, test
 
     # -- training ------------------------------------------------------------------------
 
     def _agree_stop(self) -> None:
         """Every rank stops after the same step if any rank was asked to (one small all-reduce)."""
-        flag = torch.tensor([1.0 if self._stop_wanted_at is not None else 0.0], device=self.world.control_device)
-        self.world.all_reduce(flag, "agreeing whether to stop", op=dist.ReduceOp.MAX)
-        self._stop_requested = bool(flag.item() > 0)
+        self._stop_requested = any_rank(self.world, self._stop_wanted_at is not None, "agreeing whether to stop")
 
     def train_epoch(self, epoch: int) -> dict:
         self.network.train()
@@ -204,8 +220,8 @@ class DataParallelTrainer(DistributedTrainer):
             cur = EpochProgress(epoch, self.train_loader.generator.get_state(), StepStats(self.network.num_modules))
         self.current = cur
         every = self.recipe.run.checkpoint_every_steps
-        stream = sys.stderr if self.world.is_main else open(os.devnull, "w")
-        progress = Progress(epoch, self.recipe.run.epochs, self.steps_per_epoch, self.recipe.run.log_every, stream=stream, done=cur.done)
+        run = self.recipe.run
+        progress = Progress(epoch, run.epochs, self.steps_per_epoch, run.log_every, stream=self.progress_stream, done=cur.done)
         self.clock.reset()
         cur.restart_clock()
         try:
@@ -234,19 +250,18 @@ class DataParallelTrainer(DistributedTrainer):
             progress.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        stats = self._reduced(cur.stats)
+        stats = self.reduced_stats(cur.stats)
         elapsed = cur.elapsed()
         try:
             result = self._evaluate()
         except torch.cuda.OutOfMemoryError:
             raise self._out_of_memory(epoch, cur.done, evaluating=True) from None
-        self.clock.totals["compute"] -= self.clock.totals["communicate"]  # the gradient sums ran inside the steps
         clocks = self.world.gather_objects(self.clock.snapshot(self.world.rank, elapsed, []), "gathering timings")
         if self.world.is_main:
             self.record_epoch(epoch_entry(epoch, cur.images, elapsed, clocks))
         return epoch_metrics(epoch, self.info.step, self.strategy.lr(), stats, result, cur.images, elapsed, self.device)
 
-    def _reduced(self, stats: StepStats) -> StepStats:
+    def reduced_stats(self, stats: StepStats) -> StepStats:
         """The epoch's running sums over every rank's images."""
         t = _stats_tensor(stats).to(self.world.control_device)
         self.world.all_reduce(t, "summing the training metrics")
@@ -270,26 +285,15 @@ class DataParallelTrainer(DistributedTrainer):
 
     def _share_batchnorm_statistics(self) -> None:
         """Without synchronised batch norm each rank's running statistics differ: take rank 0's."""
-        if not self.sync_batchnorm and self.world.size > 1:
-            buffers = [b for b in self.network.buffers() if b.is_floating_point()]
-            if buffers:
-                broadcast_tensors(buffers, self.world, "sharing batch-norm statistics")
+        if not self.sync_batchnorm:
+            share_float_buffers(self.network, self.world, "sharing batch-norm statistics")
 
     # -- checkpoints -------------------------------------------------------------------------
 
+    @property
+    def keeps_resumed_sums(self) -> bool:
+        return self.world.is_main
+
     def gather_state(self) -> None:
         self._share_batchnorm_statistics()
-        self._global_partial = self._reduced(self.current.stats) if self._mid_epoch() else None
-
-    def checkpoint_state(self) -> dict:
-        state = super().checkpoint_state()
-        if state["partial"] is not None and self._global_partial is not None:
-            g = self._global_partial
-            state["partial"].update(loss=list(g.loss), correct=list(g.correct), seen=list(g.seen))
-        return state
-
-    def load_state(self, state: dict) -> None:
-        """Every rank loads the same checkpoint; its running sums (of every rank's images) stay on rank 0."""
-        super().load_state(state)
-        if self._resumed is not None and not self.world.is_main:
-            self._resumed.stats = StepStats(self.network.num_modules)
+        super().gather_state()

@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NoReturn, TextIO
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence, TextIO
 
 import attrs
 import torch
@@ -29,10 +29,11 @@ import torch.distributed as dist
 
 from contsup.checkpoint import checkpoint_dir, checkpoint_name, rng_state, set_rng_state
 from contsup.checkpoint import describe as describe_checkpoint
-from contsup.engine import Interrupted, Trainer, TrainingFailed, resolve_device
+from contsup.engine import Interrupted, StepStats, Trainer, TrainingFailed, resolve_device
 from contsup.errors import ContsupError, one_line, reason
 
 GRACE_S = 3.0  # how long a rank that saw a failure waits to learn which rank it was
+HEARTBEAT_S = 0.5  # how often each rank says in the store that its process still runs
 START_TIMEOUT_S = 600.0  # how long ranks wait for each other (and for rank 0's recipe) at the start
 
 
@@ -89,7 +90,7 @@ def check_launch(recipe: Any, launch: Launch) -> None:
             f"{where}: distributed.mode is \"none\" but torchrun started {n} processes; set distributed.mode = "
             f"\"data\" or \"pipeline\" (--set distributed.mode=pipeline), or run one process"
         )
-    if d.mode == "pipeline":
+    if d.mode == "pipeline" and d.replicas == 1:
         if n > k:
             problems.append(
                 f"{where}: distributed.mode = \"pipeline\" with {n} processes needs at least {n} modules, and "
@@ -100,6 +101,8 @@ def check_launch(recipe: Any, launch: Launch) -> None:
                 f"{where}: distributed.stages has {len(d.stages)} entries but torchrun started {n} processes; "
                 f"give one module count per process, or [] to balance them automatically"
             )
+    if d.mode == "pipeline" and d.replicas > 1:
+        problems += _grid_problems(recipe, n)
     if d.mode == "data" and recipe.data.batch_size < n:
         problems.append(
             f"{where}: data.batch_size = {recipe.data.batch_size} is smaller than the {n} processes; each process "
@@ -121,6 +124,39 @@ def check_launch(recipe: Any, launch: Launch) -> None:
         )
     if problems:
         raise ContsupError(*problems)
+
+
+def _grid_problems(recipe: Any, n: int) -> list[str]:
+    """A grid of stages x replicas: the processes must fill it, each stage needs a module and
+    each replica an image of every batch."""
+    d, k, where = recipe.distributed, recipe.partition.modules, recipe.source
+    r = d.replicas
+    if d.stages and len(d.stages) * r != n:
+        return [
+            f"{where}: distributed.stages has {len(d.stages)} entries and distributed.replicas is {r}, which needs "
+            f"{len(d.stages)} x {r} = {len(d.stages) * r} processes, but torchrun started {n}; start "
+            f"{len(d.stages) * r} processes (--nproc_per_node) or change distributed.replicas"
+        ]
+    if n % r:
+        return [
+            f"{where}: distributed.replicas = {r} needs a number of processes that {r} divides (stages x replicas), "
+            f"but torchrun started {n}; start a multiple of {r} processes (--nproc_per_node) or change "
+            f"distributed.replicas"
+        ]
+    problems = []
+    if n // r > k:
+        problems.append(
+            f"{where}: distributed.mode = \"pipeline\" with {n} processes in {r} replicas needs at least {n // r} "
+            f"modules, and partition.modules is {k}; start at most {k * r} processes (--nproc_per_node) or raise "
+            f"partition.modules"
+        )
+    if recipe.data.batch_size < r:
+        problems.append(
+            f"{where}: data.batch_size = {recipe.data.batch_size} is smaller than the {r} replicas "
+            f"(distributed.replicas); each replica needs at least one image of every batch (data.batch_size is the "
+            f"batch of all replicas together)"
+        )
+    return problems
 
 
 def check_device(recipe: Any, launch: Launch) -> None:
@@ -185,6 +221,7 @@ class World:
         self.device = device
         self.control_device = device if backend == "nccl" else torch.device("cpu")
         self.kept: Callable[[], str] = lambda: "no checkpoint was written yet"
+        self._stopped = threading.Event()
 
     @property
     def is_main(self) -> bool:
@@ -204,9 +241,25 @@ class World:
                 f"rank {launch.rank}: cannot join the other {launch.world_size - 1} processes ({reason(exc)}); "
                 f"start every process with the same torchrun command (docs/distributed.md)"
             ) from None
-        return cls(launch, store, backend, options.timeout_s, device)
+        world = cls(launch, store, backend, options.timeout_s, device)
+        world.start_heartbeat()
+        return world
+
+    def start_heartbeat(self) -> None:
+        """Count up ``beat/<rank>`` in the store every :data:`HEARTBEAT_S` from a thread, while
+        this process runs: a rank blocked in a wait on a third one still beats, a lost one does
+        not (see :meth:`lost`)."""
+        def beat() -> None:
+            while not self._stopped.wait(HEARTBEAT_S):
+                try:
+                    self.store.add(f"beat/{self.rank}", 1)
+                except Exception:
+                    return
+
+        threading.Thread(target=beat, name=f"contsup-heartbeat-{self.rank}", daemon=True).start()
 
     def close(self) -> None:
+        self._stopped.set()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -228,6 +281,22 @@ class World:
         with self.guard(what):
             dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
         return tensor
+
+    def broadcast(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank (in place)."""
+        with self.guard(what):
+            dist.broadcast(tensor, src=0)
+        return tensor
+
+    def groups(self, layout: Sequence[Sequence[int]]) -> list["Group"]:
+        """One :class:`Group` per list of ranks in ``layout``; every rank calls this with the same
+        layout (torch creates process groups collectively, in the same order everywhere)."""
+        out = []
+        for ranks in layout:
+            with self.guard("creating the process groups"):
+                handle = dist.new_group(list(ranks), timeout=self.timeout) if len(ranks) > 1 else None
+            out.append(Group(self, tuple(ranks), handle))
+        return out
 
     def broadcast_object(self, obj: Any, what: str) -> Any:
         """Rank 0's ``obj`` on every rank."""
@@ -286,21 +355,28 @@ class World:
                 out[k] = self.store.get(f"failed/{k}").decode("utf-8", "replace")
         return out
 
+    def _beats(self) -> dict[int, int]:
+        """Every other rank's heartbeat count (0 for a rank that never beat)."""
+        return {k: int(self.store.add(f"beat/{k}", 0)) for k in range(self.size) if k != self.rank}
+
     def lost(self, what: str, exc: BaseException) -> PeerLost:
         """The one-line error for a failed exchange: which rank stopped (and why, if it said) or
-        was lost, and what there is to resume from."""
+        was lost, and what there is to resume from. A rank that says it is still there, or whose
+        heartbeat goes on (it waits on another), is not lost."""
         kept = self.kept()
         try:
             self.store.set_timeout(datetime.timedelta(seconds=GRACE_S))
             self.store.set(f"alive/{self.rank}", "1")
             deadline = time.monotonic() + GRACE_S
+            first_beats = self._beats()
             while True:
                 failed = self._failures()
                 if failed:
                     k = min(failed)
                     said = failed[k] if failed[k].endswith(kept) else f"{failed[k]}; {kept}"
                     return PeerLost(f"rank {self.rank}: stopping because rank {k} stopped: {said}")
-                missing = [k for k in range(self.size) if k != self.rank and not self.store.check([f"alive/{k}"])]
+                beats = self._beats()
+                missing = [k for k in beats if beats[k] == first_beats[k] and not self.store.check([f"alive/{k}"])]
                 if not missing or time.monotonic() >= deadline:
                     break
                 time.sleep(0.05)
@@ -322,6 +398,37 @@ class World:
         )
 
 
+class Group:
+    """Some of the ranks (in a grid: those holding one pipeline stage, one per replica) and the
+    collectives contsup runs among them, under the world's deadlines and lost-rank reports. It
+    offers what :class:`World` offers for the gradient sums and broadcasts (``size``,
+    :meth:`all_reduce`, :meth:`broadcast`: from its first rank); a group of one rank does nothing."""
+
+    def __init__(self, world: World, ranks: tuple[int, ...], handle: Any) -> None:
+        self.world, self.ranks, self.handle = world, ranks, handle
+        self.size = len(ranks)
+        self.control_device = world.control_device
+
+    def all_reduce(self, tensor: torch.Tensor, what: str, op: Any = None) -> torch.Tensor:
+        if self.size > 1:
+            with self.world.guard(what):
+                dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=self.handle)
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        if self.size > 1:
+            with self.world.guard(what):
+                dist.broadcast(tensor, src=self.ranks[0], group=self.handle)
+        return tensor
+
+
+def any_rank(group: World | Group, wanted: bool, what: str) -> bool:
+    """Whether any rank of ``group`` ``wanted`` (one small all-reduce): how ranks agree to stop."""
+    flag = torch.tensor([1.0 if wanted else 0.0], device=group.control_device)
+    group.all_reduce(flag, what, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
 # -- what both distributed trainers share ----------------------------------------------------------
 
 
@@ -334,14 +441,27 @@ class DistributedTrainer(Trainer):
         self.world = world
         self._stop_wanted_at: float | None = None
         self._report: list[dict] = []
+        self._global_partial: StepStats | None = None
         quiet = open(os.devnull, "w")
+        self.progress_stream = sys.stderr if world.is_main else quiet  # where the progress lines go
         super().__init__(recipe, run_dir, hook=hook if world.is_main else None, log=log if world.is_main else quiet)
         world.kept = self._kept
 
     # -- checkpoints: every rank calls, rank 0 writes ------------------------------------
 
+    def reduced_stats(self, stats: StepStats) -> StepStats:
+        """The epoch's running sums over every rank's images, each module's counted once; collective."""
+        raise NotImplementedError
+
+    @property
+    def keeps_resumed_sums(self) -> bool:
+        """Whether this rank carries a resumed epoch's running sums (once per module over the ranks)."""
+        raise NotImplementedError
+
     def gather_state(self) -> None:
-        """Bring what other ranks hold (and rank 0 does not) into rank 0's trainer; collective."""
+        """Bring what other ranks hold (and rank 0 does not) into rank 0's trainer; collective.
+        Here: the running sums of an unfinished epoch, for the checkpoint."""
+        self._global_partial = self.reduced_stats(self.current.stats) if self._mid_epoch() else None
 
     def save_checkpoint(self) -> Path | None:
         here = (self.info.step, len(self.history))
@@ -363,6 +483,9 @@ class DistributedTrainer(Trainer):
 
     def checkpoint_state(self) -> dict:
         state = super().checkpoint_state()
+        if state["partial"] is not None and self._global_partial is not None:
+            g = self._global_partial
+            state["partial"].update(loss=list(g.loss), correct=list(g.correct), seen=list(g.seen))
         state["distributed"] = {
             "mode": self.recipe.distributed.mode,
             "world_size": self.world.size,
@@ -371,7 +494,11 @@ class DistributedTrainer(Trainer):
         return state
 
     def load_state(self, state: dict) -> None:
+        """Every rank loads the same checkpoint; its running sums (of every rank's images) stay on
+        the ranks that :attr:`keeps_resumed_sums`."""
         super().load_state(state)
+        if self._resumed is not None and not self.keeps_resumed_sums:
+            self._resumed.stats = StepStats(self.network.num_modules)
         saved = state.get("distributed") or {}
         rngs = saved.get("rng") or []
         if saved.get("world_size") == self.world.size and len(rngs) == self.world.size:

@@ -30,18 +30,24 @@ class Clock:
 
     def reset(self) -> None:
         self.totals = {a: 0.0 for a in ACTIVITIES}
+        self._nested: list[float] = []  # per open measurement: seconds of the measurements inside it
 
     @contextlib.contextmanager
     def measure(self, activity: str) -> Iterator[None]:
-        """Add the time spent inside to ``activity``; on CUDA, computing waits for the GPU to finish
-        so that busy time is the GPU's, not the launch time."""
+        """Add the time spent inside to ``activity``, less that of measurements nested inside it
+        (a gradient sum inside a step counts as communicating, not computing); on CUDA, computing
+        waits for the GPU to finish so that busy time is the GPU's, not the launch time."""
         start = time.perf_counter()
+        self._nested.append(0.0)
         try:
             yield
         finally:
             if activity == "compute" and self.device is not None and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            self.totals[activity] += time.perf_counter() - start
+            spent = time.perf_counter() - start
+            self.totals[activity] += spent - self._nested.pop()
+            if self._nested:
+                self._nested[-1] += spent
 
     def loading(self, batches: Iterable) -> Iterator:
         """``batches``, counting the time spent waiting for each as loading."""
@@ -61,7 +67,7 @@ class Clock:
         out: dict[str, Any] = {"rank": rank, "modules": modules}
         out.update({f"{a}_s": round(v, 6) for a, v in self.totals.items()})
         out["wall_s"] = round(wall_s, 6)
-        out["utilisation"] = round(self.totals["compute"] / wall_s, 4) if wall_s > 0 else None
+        out["utilisation"] = round(out["compute_s"] / out["wall_s"], 4) if out["wall_s"] > 0 else None  # of the figures shown
         return out
 
 

@@ -58,14 +58,15 @@ def preflight(recipe: Any) -> None:
     check_precision(recipe.run.precision, resolve_device(recipe.run.device))
 
 
-def check_batches(recipe: Any, train_size: int) -> None:
+def batches_problem(recipe: Any, train_size: int) -> ContsupError | None:
     """An epoch must hold at least one training batch (``data.drop_last`` can leave none)."""
     d = recipe.data
     if d.drop_last and train_size < d.batch_size:
-        raise ContsupError(
+        return ContsupError(
             f"{recipe.source}: data.drop_last = true leaves no training batch: the training set has {train_size} "
             f"images, fewer than data.batch_size = {d.batch_size}; lower data.batch_size or set data.drop_last = false"
         )
+    return None
 
 
 def make_loaders(recipe: Any, dataset: Any, device: torch.device) -> tuple[DataLoader, DataLoader]:
@@ -78,7 +79,9 @@ def make_loaders(recipe: Any, dataset: Any, device: torch.device) -> tuple[DataL
     generator = torch.Generator().manual_seed(recipe.run.seed)
     pin = device.type == "cuda"
     train_set = dataset.load(train=True)
-    check_batches(recipe, len(train_set))
+    problem = batches_problem(recipe, len(train_set))
+    if problem is not None:
+        raise problem
     train = DataLoader(
         train_set, batch_sampler=SkippingBatchSampler(len(train_set), d.batch_size, generator, d.drop_last), generator=generator,
         num_workers=d.workers, pin_memory=pin, worker_init_fn=ignore_interrupts if d.workers > 0 else None,

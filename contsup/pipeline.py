@@ -11,6 +11,12 @@ With ``micro_batches = M > 1`` each batch is cut into M micro-batches whose grad
 (each weighted by its share of the batch) into one optimizer step per batch: the update of the
 whole batch, except that batch-norm statistics are those of each micro-batch. With M = 1 the
 result is bit-for-bit that of sequential greedy training in one process.
+
+With ``distributed.replicas = R > 1`` the ranks form a grid of S stages x R replicas: replica r
+is a whole pipeline on ranks r*S .. r*S + S - 1 (rank = replica * S + stage), whose first stage
+reads the r-th share of every batch (as data-parallel ranks do). The ranks holding one stage
+sum their modules' gradients before each optimizer step, over a process group of just them,
+and synchronise batch-norm statistics over it with ``sync_batchnorm``.
 """
 
 from __future__ import annotations
@@ -26,13 +32,18 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from contsup.distributed import DistributedTrainer, World
+from contsup.data_parallel import (
+    RANK_SEED, ReducingScaler, broadcast_tensors, global_batch_size, last_batch_problem, share_float_buffers,
+    sharded_loaders,
+)
+from contsup.distributed import DistributedTrainer, Silent, World, any_rank
 from contsup.distributed_bench import Clock, epoch_entry
-from contsup.engine import EpochProgress, EvalCounts, StepStats, epoch_metrics, make_loaders
+from contsup.engine import EpochProgress, EvalCounts, StepStats, epoch_metrics, seed_everything
 from contsup.errors import ContsupError
 from contsup.order import epoch_batches
 from contsup.precision import to_memory_format
 from contsup.progress import Progress
+from contsup.syncbn import convert_sync_batchnorm
 
 # message kinds
 TRAIN, EVAL, END_EPOCH, END_EVAL, CHECKPOINT, STOP = range(1, 7)
@@ -77,9 +88,26 @@ def balanced_split(costs: Sequence[float], parts: int) -> tuple[int, ...]:
 
 
 @attrs.frozen
+class Grid:
+    """``stages`` x ``replicas`` ranks. Replica r is a whole pipeline on consecutive ranks, so
+    rank = replica * stages + stage and the next stage of a rank is the next rank."""
+
+    stages: int
+    replicas: int = 1
+
+    def place(self, rank: int) -> tuple[int, int]:
+        """(replica, stage) of ``rank``."""
+        return divmod(rank, self.stages)
+
+    def column(self, stage: int) -> list[int]:
+        """The ranks holding ``stage``, one per replica (replica 0's first)."""
+        return [r * self.stages + stage for r in range(self.replicas)]
+
+
+@attrs.frozen
 class StagePlan:
-    """Modules per rank (``sizes``) and, when balanced automatically, each module's measured
-    seconds per micro-batch (``costs``)."""
+    """Modules per stage (``sizes``; a stage is a rank without replicas) and, when balanced
+    automatically, each module's measured seconds per micro-batch (``costs``)."""
 
     sizes: tuple[int, ...]
     costs: tuple[float, ...] | None = None
@@ -96,17 +124,21 @@ class StagePlan:
                 return rank
         raise ValueError(f"no rank owns module {module}")
 
-    def describe(self) -> str:
+    def describe(self, replicas: int = 1) -> str:
+        grid = Grid(len(self.sizes), replicas)
         parts = []
-        for rank in range(len(self.sizes)):
-            first, last = self.modules(rank)
+        for stage in range(grid.stages):
+            first, last = self.modules(stage)
             span = f"module {first}" if first == last else f"modules {first}-{last}"
             if self.costs is not None:
                 ms = 1000 * sum(self.costs[first - 1 : last])
                 span += f" ({ms:.1f} ms)"
-            parts.append(f"rank {rank}: {span}")
+            ranks = grid.column(stage)
+            where = f"rank {stage}" if replicas == 1 else f"stage {stage} (ranks {', '.join(map(str, ranks))})"
+            parts.append(f"{where}: {span}")
         how = "balanced by measured time per micro-batch" if self.costs is not None else "as distributed.stages says"
-        return f"pipeline of {len(self.sizes)} stages, {how}: " + "; ".join(parts)
+        shape = f"{grid.stages} stages" + (f" x {replicas} replicas" if replicas > 1 else "")
+        return f"pipeline of {shape}, {how}: " + "; ".join(parts)
 
 
 @attrs.frozen
@@ -328,18 +360,23 @@ class _Length:
 
 
 class PipelineTrainer(DistributedTrainer):
-    """Pipeline training on one rank: rank 0 reads the data and drives; the others follow the
-    messages of the rank before them."""
+    """Pipeline training on one rank: the first stage of each replica (rank 0 alone with one
+    replica) reads its share of the data and drives; the others follow the messages of the rank
+    before them."""
 
     def __init__(self, recipe: Any, run_dir: Path, world: World, hook: Any = None, log: TextIO | None = None) -> None:
-        super().__init__(recipe, run_dir, world, hook=hook, log=log)
         d = recipe.distributed
+        self.grid = Grid(world.size // d.replicas, d.replicas)
+        self.replica, self.stage_index = self.grid.place(world.rank)
+        self.is_driver = self.stage_index == 0
+        super().__init__(recipe, run_dir, world, hook=hook, log=log)
         self.micro_batches = d.micro_batches
         self.clock = Clock(self.device)
         self.plan = self._plan_stages()
-        first, last = self.plan.modules(world.rank)
+        first, last = self.plan.modules(self.stage_index)
         self.stage = Stage(self, first, last)
         self.owned = list(range(first, last + 1))
+        self._join_replicas()
         self.inbox = self.outbox = None
         if self.stage.incoming is not None:
             self.inbox = Inbox(world, world.rank - 1, self.stage.incoming.count, self.device, self.channels_last, self.clock)
@@ -347,19 +384,41 @@ class PipelineTrainer(DistributedTrainer):
             self.outbox = Outbox(world, world.rank + 1, self.stage.outgoing.count, d.max_in_flight, self.clock)
         self._gathered_at: tuple[int, int] | None = None
         if world.is_main:
-            self.log.write(self.plan.describe() + "\n")
+            self.log.write(self.plan.describe(self.grid.replicas) + "\n")
             self.log.flush()
 
+    def _join_replicas(self) -> None:
+        """This stage's group of ranks, one per replica (of one rank without replicas): they start
+        from replica 0's weights, may synchronise batch norm, and sum gradients before each step."""
+        grid, d = self.grid, self.recipe.distributed
+        self.stage_group = self.world.groups([grid.column(s) for s in range(grid.stages)])[self.stage_index]
+        self.sync_batchnorm = d.sync_batchnorm and self.stage_group.size > 1
+        if self.sync_batchnorm:  # only the modules this rank trains: the others never train here
+            for m in self.stage.modules:
+                convert_sync_batchnorm(m, self.stage_group.handle, cuda=self.device.type == "cuda")
+        state = [t for m in self.stage.modules for t in m.state_dict().values() if t.is_floating_point()]
+        broadcast_tensors(state, self.stage_group, "sharing the initial weights")
+        if self.replica:
+            seed_everything(self.recipe.run.seed + self.replica * RANK_SEED)
+        self.strategy.scalers = [ReducingScaler(s, self.stage_group, self.clock) for s in self.strategy.scalers]
+
     def make_loaders(self) -> tuple[Any, Any]:
-        """Rank 0 reads the data (as one process would); the others learn how many batches an epoch has."""
-        if self.world.is_main:
-            train, test = make_loaders(self.recipe, self.dataset, self.device)
-            self.world.broadcast_object(len(train), "sharing the number of batches")
-            return train, test
-        return _Length(self.world.broadcast_object(None, "sharing the number of batches")), None
+        """The first stage of every replica reads its share of each batch and of the test set (all
+        of them with one replica, as one process would); the others learn how many batches an
+        epoch has."""
+        train = test = problem = None
+        if self.is_driver:
+            train, test, self.train_size = sharded_loaders(self.recipe, self.dataset, self.device, self.replica, self.grid.replicas)
+            problem = last_batch_problem(self.recipe, self.train_size, self.grid.replicas, "replicas")
+        count, lines = self.world.broadcast_object(
+            (len(train), problem.lines if problem else None) if self.world.is_main else None, "sharing the number of batches"
+        )
+        if lines:
+            raise ContsupError(*lines) if self.world.is_main else Silent(ContsupError.exit_code)
+        return (train, test) if self.is_driver else (_Length(count), None)
 
     def _plan_stages(self) -> StagePlan:
-        d, k, n = self.recipe.distributed, self.network.num_modules, self.world.size
+        d, k, n = self.recipe.distributed, self.network.num_modules, self.grid.stages
         if d.stages:
             return StagePlan(tuple(d.stages))
         if n == 1:
@@ -402,14 +461,14 @@ class PipelineTrainer(DistributedTrainer):
         self.clock.reset()
         cur.restart_clock()
         try:
-            if self.world.is_main:
+            if self.is_driver:
                 self._drive(cur, epoch)
             else:
                 self._follow(cur, epoch)
         except torch.cuda.OutOfMemoryError:
             raise self._out_of_memory(epoch, cur.done + 1, evaluating=False) from None
         self._flush()
-        stats = self._owned_sums(cur.stats)  # every rank has finished the epoch's last step here
+        stats = self.reduced_stats(cur.stats)  # every rank has finished the epoch's last step here
         elapsed = cur.elapsed()
         try:
             result = self._evaluate()
@@ -421,31 +480,34 @@ class PipelineTrainer(DistributedTrainer):
         return epoch_metrics(epoch, self.info.step, self.strategy.lr(), stats, result, cur.images, elapsed, self.device)
 
     def _drive(self, cur: EpochProgress, epoch: int) -> None:
-        """Rank 0: read batches, train modules 1.., send on; decide checkpoints and stops."""
-        if self._stop_wanted_at is not None:  # Ctrl-C between epochs
+        """The first stage of a replica: read batches, train modules 1.., send on; decide
+        checkpoints and stops (in a grid, the first stages agree on them)."""
+        if self._stop_agreed():  # Ctrl-C between epochs
             self._stop_everywhere()
         every = self.recipe.run.checkpoint_every_steps
         run = self.recipe.run
-        progress = Progress(epoch, run.epochs, self.steps_per_epoch, run.log_every, done=cur.done)
+        progress = Progress(epoch, run.epochs, self.steps_per_epoch, run.log_every, stream=self.progress_stream, done=cur.done)
         try:
             for x, y in self.clock.loading(epoch_batches(self.train_loader, cur.start_state, cur.done)):
                 x = to_memory_format(x.to(self.device, non_blocking=True), self.channels_last)
                 y = y.to(self.device, non_blocking=True)
+                n = global_batch_size(cur.done, self.train_size, self.recipe.data.batch_size)
                 self._busy = True
                 check = self._check(epoch, cur.done + 1)
-                xs, ys = torch.tensor_split(x, min(self.micro_batches, len(y))), torch.tensor_split(y, min(self.micro_batches, len(y)))
+                # as many micro-batches on every replica (their batch-norm exchanges pair up)
+                count = min(self.micro_batches, n // self.grid.replicas)
+                xs, ys = torch.tensor_split(x, count), torch.tensor_split(y, count)
                 for i, (xm, ym) in enumerate(zip(xs, ys)):
-                    weight = 1.0 if len(ys) == 1 else len(ym) / len(y)
-                    with self.clock.measure("compute"):
-                        out = self.stage.train(xm, ym, xm, {}, weight, i == 0, i == len(ys) - 1, cur.stats, check)
+                    message = Message(TRAIN, cur.done + 1, i, count, n)
+                    out = self._train(message, xm, ym, xm, {}, cur.stats, check)
                     if out is not None:
-                        self._send(Message(TRAIN, cur.done + 1, i, len(ys), len(y), out))
+                        self._send(attrs.evolve(message, tensors=out))
                 cur.done += 1
-                cur.images += len(y)
+                cur.images += n
                 self.info.step += 1
                 self._busy = False
                 progress.update(cur.done, cur.stats.mean_loss())
-                if self._stop_wanted_at is not None:
+                if self._stop_agreed():
                     self._stop_everywhere()
                 if every and self.info.step % every == 0 and cur.done < self.steps_per_epoch:
                     self._send(Message(CHECKPOINT, self.info.step))
@@ -454,27 +516,37 @@ class PipelineTrainer(DistributedTrainer):
             progress.close()
         self._send(Message(END_EPOCH))
 
+    def _train(
+        self, message: Message, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None, kept: dict, stats: StepStats,
+        check: Any,
+    ) -> tuple[torch.Tensor, ...] | None:
+        """The micro-batch ``message`` describes through this rank's modules, its loss weighted by
+        its share of the step's batch (of all replicas together: ``message.batch`` images)."""
+        first, last = message.micro == 0, message.micro == message.micro_count - 1
+        with self.clock.measure("compute"), self.world.guard(f"training step {message.step} of epoch {self.current.epoch}"):
+            return self.stage.train(h, y, x, kept, len(y) / message.batch, first, last, stats, check)
+
+    def _stop_agreed(self) -> bool:
+        """On the first stages: whether to stop here, that is whether any of them was asked to
+        (one all-reduce over them; rank 0 alone decides without replicas)."""
+        return any_rank(self.stage_group, self._stop_wanted_at is not None, "agreeing whether to stop")
+
     def _stop_everywhere(self) -> None:
         self._send(Message(STOP, self.info.step))
         self._stop_requested = True
         raise self._interrupt()
 
     def _follow(self, cur: EpochProgress, epoch: int) -> None:
-        """Ranks above 0: train on what arrives, pass it on, and obey the control messages."""
+        """Later stages: train on what arrives, pass it on, and obey the control messages."""
         while True:
             message = self._receive(TRAIN, CHECKPOINT, STOP, END_EPOCH)
             if message.kind == TRAIN:
                 self._busy = True
                 h, y, x, kept = self.stage.unpack(message.tensors)
-                last = message.micro == message.micro_count - 1
-                weight = 1.0 if message.micro_count == 1 else len(y) / message.batch
-                with self.clock.measure("compute"):
-                    out = self.stage.train(
-                        h, y, x, kept, weight, message.micro == 0, last, cur.stats, self._check(epoch, message.step)
-                    )
+                out = self._train(message, h, y, x, kept, cur.stats, self._check(epoch, message.step))
                 if out is not None:
                     self._send(attrs.evolve(message, tensors=out))
-                if last:
+                if message.micro == message.micro_count - 1:
                     cur.done += 1
                     cur.images += message.batch
                     self.info.step += 1
@@ -489,8 +561,8 @@ class PipelineTrainer(DistributedTrainer):
             else:
                 return
 
-    def _owned_sums(self, stats: StepStats) -> StepStats:
-        """Every module's running sums, each from the rank that owns it."""
+    def reduced_stats(self, stats: StepStats) -> StepStats:
+        """Every module's running sums, each from the ranks that hold it (one per replica)."""
         k = stats.modules
         t = torch.zeros(4, k, dtype=torch.float64)
         for i in (m - 1 for m in self.owned):
@@ -506,12 +578,14 @@ class PipelineTrainer(DistributedTrainer):
     # -- evaluation ------------------------------------------------------------------------
 
     def _evaluate(self) -> Any:
-        """Test batches go through the stages like training ones; each rank counts its heads,
-        the last one the final loss, and the counts meet on every rank."""
+        """Test batches go through the stages like training ones (each replica its share of the
+        test set); each rank counts its heads, the last stage the final loss, and the counts meet
+        on every rank."""
+        self._share_batchnorm_statistics()
         self.network.eval()
         k = self.network.num_modules
         counts = EvalCounts(k)
-        if self.world.is_main:
+        if self.is_driver:
             for x, y in self.test_loader:
                 x = to_memory_format(x.to(self.device, non_blocking=True), self.channels_last)
                 y = y.to(self.device, non_blocking=True)
@@ -536,32 +610,44 @@ class PipelineTrainer(DistributedTrainer):
         for i in (m - 1 for m in self.owned):
             t[i] = counts.correct[i] or 0
             t[k + i] = 1.0 if counts.correct[i] is None else 0.0
-        t[2 * k] = counts.total  # counted by rank 0 only
-        t[2 * k + 1] = counts.loss_sum  # the last module's: on the last rank only
+        t[2 * k] = counts.total  # counted by the first stages only
+        t[2 * k + 1] = counts.loss_sum  # the last module's: on the last stages only
         values = self.world.all_reduce(t.to(self.world.control_device), "summing the test results").cpu().tolist()
         total = EvalCounts(k)
         total.correct = [None if m > 0 else int(round(c)) for c, m in zip(values[:k], values[k : 2 * k])]
         total.total, total.loss_sum = int(round(values[2 * k])), values[2 * k + 1]
         return total.result()
 
+    def _share_batchnorm_statistics(self) -> None:
+        """Replicas that normalise their own shares end up with different running statistics:
+        take replica 0's (nothing to do with one replica, or with synchronised batch norm)."""
+        if not self.sync_batchnorm:
+            for m in self.stage.modules:
+                share_float_buffers(m, self.stage_group, "sharing batch-norm statistics")
+
     # -- checkpoints -----------------------------------------------------------------------
 
+    @property
+    def keeps_resumed_sums(self) -> bool:
+        return self.replica == 0
+
     def gather_state(self) -> None:
-        """Bring every module's weights, optimizer, schedule, scaler and running sums from its
-        owner into rank 0's copy of the network and strategy."""
+        """Bring every module's weights, optimizer, schedule and scaler from its owner in
+        replica 0 (replicas hold the same) into rank 0's copy of the network and strategy, and
+        the epoch's running sums of every rank."""
         here = (self.info.step, len(self.history))
         if self._gathered_at == here:
             return
+        self._share_batchnorm_statistics()
+        super().gather_state()
         s = self.strategy
         part = {}
-        for i in (m - 1 for m in self.owned):
+        for i in (m - 1 for m in self.owned if self.replica == 0):
             part[i] = _to_cpu({
                 "module": self.network.blocks[i].state_dict(),
                 "optimizer": s.optimizers[i].state_dict(),
                 "scheduler": s.schedulers[i].state_dict(),
                 "scaler": s.scalers[i].state_dict(),
-                "stats": (self.current.stats.loss[i], self.current.stats.correct[i], self.current.stats.seen[i])
-                if self.current is not None else None,
             })
         parts = self.world.gather_objects(part, "gathering every module's state")
         if self.world.is_main:
@@ -573,10 +659,10 @@ class PipelineTrainer(DistributedTrainer):
                     s.optimizers[i].load_state_dict(p["optimizer"])
                     s.schedulers[i].load_state_dict(p["scheduler"])
                     s.scalers[i].load_state_dict(p["scaler"])
-                    if p["stats"] is not None and self.current is not None:
-                        st = self.current.stats
-                        st.loss[i], st.correct[i], st.seen[i] = p["stats"]
         self._gathered_at = here
+
+    def report(self) -> dict:
+        return {**super().report(), "stages": self.grid.stages, "replicas": self.grid.replicas}
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -590,4 +676,4 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["PipelineTrainer", "StagePlan", "Stage", "Crossing", "balanced_split", "crossing"]
+__all__ = ["PipelineTrainer", "Grid", "StagePlan", "Stage", "Crossing", "balanced_split", "crossing"]

@@ -103,8 +103,14 @@ class DistributedOptions:
         '"pipeline": every rank trains its own group of modules'
     )
     stages: tuple[int, ...] = option(
-        (), doc="pipeline: modules per rank, one entry per process, e.g. [3, 1]; [] balances them by measured time",
+        (), doc="pipeline: modules per stage, one entry per stage (per process without replicas), e.g. [3, 1]; [] balances them "
+        "by measured time",
         validator=lambda _instance, _attribute, value: _positive_counts(value),
+    )
+    replicas: int = option(
+        1, doc="pipeline: whole pipelines side by side (a grid of stages x replicas ranks), each on its share of "
+        "every batch; the gradients of each stage are summed over the replicas",
+        validator=at_least(1),
     )
     micro_batches: int = option(
         1, doc="pipeline: micro-batches per batch; gradients accumulate over them, one optimizer step per batch",
@@ -114,7 +120,8 @@ class DistributedOptions:
         2, doc="pipeline: micro-batches a rank may have sent but not yet handed over (bounds memory)", validator=at_least(1)
     )
     sync_batchnorm: bool = option(
-        True, doc="data: batch-norm statistics over the whole batch, across ranks, as one process computes them"
+        True, doc="data, and pipeline replicas: batch-norm statistics over the whole batch, across ranks, as one "
+        "process computes them"
     )
     timeout_s: float = option(
         300.0, doc="seconds a rank waits for another before reporting it lost", validator=at_least(1)
