@@ -298,7 +298,9 @@ def probe_run(
     device: str = "auto",
     log: TextIO | None = None,
 ) -> dict:
-    """Probe every module of a finished run; returns (and writes as RUN_DIR/probe.json) the results."""
+    """Probe the chosen modules (default: every one) of a finished run; returns the results and
+    writes them into RUN_DIR/probe.json, keeping the other modules' results already there when
+    they were made with the same options."""
     from contsup.engine import resolve_device
     from contsup.recipe import load_recipe, read_toml
     from contsup.rundir import RECIPE_FILE, atomic_write, load_model
@@ -355,8 +357,20 @@ def probe_run(
         "seconds": time.perf_counter() - start,
         "results": results,
     }
+    saved = load_probe(run_dir)
+    if saved is not None and _same_options(saved, options_asked=requested, modules=k):
+        new = {r["module"] for r in results}
+        kept = [r for r in saved.get("results", []) if r["module"] not in new]
+        data["results"] = sorted(kept + results, key=lambda r: r["module"])
+        data["seconds"] += float(saved.get("seconds", 0.0))
     atomic_write(run_dir / PROBE_FILE, lambda f: json.dump(data, f, indent=2), binary=False)
-    return data
+    return only_modules(data, chosen)
+
+
+def only_modules(data: dict, modules: Sequence[int]) -> dict:
+    """``data`` with the results of ``modules`` alone."""
+    wanted = set(modules)
+    return {**data, "results": [r for r in data["results"] if r["module"] in wanted]}
 
 
 def load_probe(run_dir: str | Path) -> dict | None:
@@ -423,14 +437,24 @@ def probe_main(run_dirs: Sequence[str], options: ProbeOptions, modules: str | No
         raise ContsupError(*problems)
     probes = []
     for d in run_dirs:
-        data = load_probe(d) if reuse else None
-        if data is not None and not _same_request(data, options, modules):
+        data, todo = load_probe(d) if reuse else None, modules
+        if data is not None and not _same_options(data, attrs.asdict(options), int(data.get("modules", -1))):
             print(f"{d}: {PROBE_FILE} was made with other options; probing again", file=sys.stderr)
             data = None
+        elif data is not None:
+            wanted = parse_modules(modules, int(data["modules"]))
+            have = {r["module"] for r in data.get("results", [])}
+            missing = [l for l in wanted if l not in have]
+            if missing:
+                print(f"{d}: {PROBE_FILE} lacks modules {', '.join(map(str, missing))}; probing them", file=sys.stderr)
+                data, todo = None, ",".join(map(str, missing))
+            else:
+                print(f"{d}: reusing {PROBE_FILE}", file=sys.stderr)
+                data = only_modules(data, wanted)
         if data is None:
-            data = probe_run(d, options, modules, device)
-        else:
-            print(f"{d}: reusing {PROBE_FILE}", file=sys.stderr)
+            probe_run(d, options, todo, device)
+            saved = load_probe(d)  # what was there with the same options, and what was just probed
+            data = only_modules(saved, parse_modules(modules, int(saved["modules"])))
         probes.append(data)
         _print_table(data)
     out = Path(plot) if plot else (Path(run_dirs[0]) / PROBE_PLOT if len(run_dirs) == 1 else Path(PROBE_PLOT))
@@ -440,15 +464,9 @@ def probe_main(run_dirs: Sequence[str], options: ProbeOptions, modules: str | No
     return 0
 
 
-def _same_request(data: dict, options: ProbeOptions, modules: str | None) -> bool:
-    """Whether a saved probe.json answers the same options and modules."""
-    if data.get("options") != attrs.asdict(options):
-        return False
-    try:
-        wanted = parse_modules(modules, int(data["modules"]))
-    except (ContsupError, KeyError, ValueError):
-        return False
-    return sorted(r["module"] for r in data.get("results", [])) == wanted
+def _same_options(data: dict, options_asked: dict, modules: int) -> bool:
+    """Whether a saved probe.json was made with these probe options, on a network of ``modules`` modules."""
+    return data.get("options") == options_asked and data.get("modules") == modules and isinstance(data.get("results"), list)
 
 
 def _print_table(data: dict) -> None:

@@ -24,11 +24,23 @@ METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.pt"
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once, at import (before any thread)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
+
+
 def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
-    """Write ``path`` through ``write(fileobj)`` into a temporary sibling, fsync, then rename."""
+    """Write ``path`` through ``write(fileobj)`` into a temporary sibling, fsync, then rename.
+    The file gets the permissions any new file gets (0666 less the umask), not the temporary
+    file's private 0600, so colleagues on a shared machine can read results."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()

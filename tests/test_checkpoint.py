@@ -171,3 +171,13 @@ def test_fuzz_damaged_checkpoints_never_crash(trained_state, tmp_path, data):
             trainer.load_state(state)
         except ContsupError as exc:
             assert len(exc.lines) == 1 and "cannot be restored into this run" in exc.lines[0]
+
+def test_written_files_get_the_usual_permissions_not_private_ones(tmp_path):
+    import stat
+
+    from contsup.rundir import UMASK, atomic_write
+
+    path = tmp_path / "model.pt"
+    atomic_write(path, lambda f: f.write(b"x"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~UMASK
+    assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044 & ~UMASK  # group and others may read unless umask says no

@@ -141,8 +141,20 @@ def test_probe_command_writes_json_and_one_figure_for_several_runs(finished_runs
     assert main(["probe", str(runs[0]), "--reuse", "--repeats", "2", *TINY]) == 0
     assert "reusing probe.json" in capsys.readouterr().err
     assert (runs[0] / "probe.json").read_text() == before and (runs[0] / "probe.png").exists()
+    # a subset of what is saved is reused, and the file keeps every module
+    assert main(["probe", str(runs[0]), "--reuse", "--repeats", "2", "--modules", "1", *TINY]) == 0
+    assert "reusing probe.json" in capsys.readouterr().err
+    assert (runs[0] / "probe.json").read_text() == before
     assert main(["probe", str(runs[0]), "--reuse", "--modules", "2", *TINY]) == 0
+    assert "made with other options" in capsys.readouterr().err
     assert [r["module"] for r in json.loads((runs[0] / "probe.json").read_text())["results"]] == [2]
+    # probing more modules with the same options adds them; --reuse probes only what is missing
+    assert main(["probe", str(runs[0]), "--modules", "0", *TINY]) == 0
+    assert [r["module"] for r in json.loads((runs[0] / "probe.json").read_text())["results"]] == [0, 2]
+    capsys.readouterr()
+    assert main(["probe", str(runs[0]), "--reuse", "--modules", "0-2", *TINY]) == 0
+    assert "lacks modules 1; probing them" in capsys.readouterr().err
+    assert [r["module"] for r in json.loads((runs[0] / "probe.json").read_text())["results"]] == [0, 1, 2]
 
 
 def test_probe_command_reports_bad_input(finished_runs, tmp_path, capsys):
