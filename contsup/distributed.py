@@ -15,7 +15,6 @@ import contextlib
 import datetime
 import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -29,7 +28,7 @@ import torch.distributed as dist
 
 from contsup.checkpoint import checkpoint_dir, checkpoint_name, rng_state, set_rng_state
 from contsup.checkpoint import describe as describe_checkpoint
-from contsup.engine import Interrupted, StepStats, Trainer, TrainingFailed, resolve_device
+from contsup.engine import Interrupted, StepStats, Trainer, TrainingFailed, resolve_device, stop_signals, stopped
 from contsup.errors import ContsupError, one_line, reason
 
 GRACE_S = 3.0  # how long a rank that saw a failure waits to learn which rank it was
@@ -513,26 +512,23 @@ class DistributedTrainer(Trainer):
 
     @contextlib.contextmanager
     def _ctrl_c_stops_at_a_step(self) -> Iterator[None]:
-        """As in one process, except that the copy of Ctrl-C torchrun forwards right after the
-        terminal's own does not count as a second one."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
+        """As in one process, except that the copy of Ctrl-C (or SIGTERM) torchrun forwards right
+        after the terminal's (or scheduler's) own does not count as a second one."""
 
-        def handler(signum: int, frame: Any) -> None:
+        def handler(name: str) -> None:
             first = self._stop_wanted_at
             if first is not None and time.monotonic() - first > 1.0:
                 raise KeyboardInterrupt
-            if first is None and self.world.is_main:
-                sys.stderr.write("\nCtrl-C: stopping after this step to save a checkpoint (press it again to stop at once)\n")
-                sys.stderr.flush()
+            if first is None:
+                self._stopped_by = name
+                if self.world.is_main:
+                    again = " (press it again to stop at once)" if name == "Ctrl-C" else ""
+                    sys.stderr.write(f"\n{name}: stopping after this step to save a checkpoint{again}\n")
+                    sys.stderr.flush()
             self.request_stop()
 
-        previous = signal.signal(signal.SIGINT, handler)
-        try:
+        with stop_signals(handler):
             yield
-        finally:
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
     def _interrupt(self) -> Interrupted:
         if self._stop_requested:  # agreed by every rank: a consistent checkpoint can be gathered
@@ -543,7 +539,7 @@ class DistributedTrainer(Trainer):
         n = self.world.size
         lines = [line.replace("contsup train --resume", f"torchrun --nproc_per_node={n} -m contsup train --resume")
                  for line in exc.lines]
-        out = Interrupted(*lines)
+        out = stopped(self._stopped_by, *lines)
         out.agreed = self._stop_requested  # every rank stops here too (rank 0 alone then says so)
         return out
 

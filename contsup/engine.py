@@ -322,10 +322,39 @@ class OutOfMemory(TrainingFailed):
 
 
 class Interrupted(ContsupError):
-    """Stopped on request (Ctrl-C); the message says which checkpoint to resume from."""
+    """Stopped on request (Ctrl-C, or SIGTERM from a scheduler: exit status 143); the message says
+    which checkpoint to resume from."""
 
     exit_code = 130
     label = "stopped"
+
+
+STOP_SIGNALS = {signal.SIGINT: ("Ctrl-C", 130), signal.SIGTERM: ("SIGTERM", 143)}
+
+
+def stopped(name: str, *lines: str) -> Interrupted:
+    """The Interrupted error for a stop asked by ``name`` ("Ctrl-C" or "SIGTERM"), with its exit status."""
+    exc = Interrupted(*lines)
+    exc.exit_code = dict(STOP_SIGNALS.values()).get(name, Interrupted.exit_code)
+    return exc
+
+
+@contextlib.contextmanager
+def stop_signals(handler: Callable[[str], None]) -> Iterator[None]:
+    """Route Ctrl-C and SIGTERM (what a cluster scheduler sends before it kills a job) to
+    ``handler(name)`` while training, in the main thread; the previous handlers come back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {
+        signum: signal.signal(signum, lambda _signum, _frame, name=name: handler(name))
+        for signum, (name, _code) in STOP_SIGNALS.items()
+    }
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old if old is not None else signal.SIG_DFL)
 
 
 @attrs.define
@@ -397,6 +426,7 @@ class Trainer:
         self.current: EpochProgress | None = None
         self._resumed: EpochProgress | None = None
         self._stop_requested = False
+        self._stopped_by = "Ctrl-C"  # or "SIGTERM": what asked the run to stop
         self._busy = False  # inside a step or a checkpoint write: the state is not consistent
 
     def make_loaders(self) -> tuple[DataLoader, DataLoader]:
@@ -531,33 +561,30 @@ class Trainer:
     def _interrupt(self) -> Interrupted:
         """Write a checkpoint if the state is consistent, then say how to continue."""
         resume = f"continue with: contsup train --resume {self.run_dir}"
+        how = "interrupted" if self._stopped_by == "Ctrl-C" else f"stopped by {self._stopped_by}"
         if not self._busy and self.checkpoints:
             self.save_checkpoint()
             path, where, _ = self.last_checkpoint
-            return Interrupted(f"interrupted at {where}; saved checkpoint {path}; {resume}")
+            return stopped(self._stopped_by, f"{how} at {where}; saved checkpoint {path}; {resume}")
         if self.last_checkpoint is None:
             resume += " (it starts again from the beginning)"
-        return Interrupted(f"interrupted in the middle of a step; {self._kept()}; {resume}")
+        return stopped(self._stopped_by, f"{how} in the middle of a step; {self._kept()}; {resume}")
 
     @contextlib.contextmanager
     def _ctrl_c_stops_at_a_step(self) -> Iterator[None]:
-        """The first Ctrl-C asks to stop after the current step; a second one stops at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
+        """The first Ctrl-C (or SIGTERM) asks to stop after the current step; a second one stops at once."""
 
-        def handler(signum: int, frame: Any) -> None:
+        def handler(name: str) -> None:
             if self._stop_requested:
                 raise KeyboardInterrupt
+            self._stopped_by = name
             self.request_stop()
-            sys.stderr.write("\nCtrl-C: stopping after this step to save a checkpoint (press it again to stop at once)\n")
+            again = " (press it again to stop at once)" if name == "Ctrl-C" else ""
+            sys.stderr.write(f"\n{name}: stopping after this step to save a checkpoint{again}\n")
             sys.stderr.flush()
 
-        previous = signal.signal(signal.SIGINT, handler)
-        try:
+        with stop_signals(handler):
             yield
-        finally:
-            signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
 
     # -- training ------------------------------------------------------------------------
 

@@ -145,6 +145,47 @@ def test_checkpoint_every_steps_and_kill_9_inside_an_epoch(write_recipe, tmp_pat
     assert_same_runs(straight, run)
 
 
+def test_sigterm_from_a_scheduler_checkpoints_at_the_next_step_and_the_run_resumes(write_recipe, tmp_path):
+    """A real `contsup train` process sent SIGTERM (what schedulers send before SIGKILL) stops
+    after its current step with a checkpoint, exits 143, and resumes to the same result."""
+    run = tmp_path / "termed"
+    text = tiny_recipe_text(run, epochs=2, train_size=192, batch_size=8, modules=2, context="E")
+    text = text.replace("[run]\n", "[run]\ncheckpoint_every_steps = 4\n")  # 24 steps per epoch
+    path = write_recipe(text, "termed.toml")
+    env = {
+        **os.environ, "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins"), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "contsup", "train", str(path)], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not checkpoint_paths(run):
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, err
+    assert "SIGTERM: stopping after this step to save a checkpoint" in err and "Traceback" not in err
+    last = [line for line in err.splitlines() if line.startswith("stopped: ")]
+    assert len(last) == 1 and last[0].startswith("stopped: stopped by SIGTERM at epoch ")
+    assert f"continue with: contsup train --resume {run}" in last[0]
+    state, _ = load_latest(run, warn=pytest.fail)
+    assert f"step-{state['global_step']:09d}.pt" in last[0]  # the checkpoint it names is the newest
+
+    assert torch.get_num_threads() == 1
+    assert main(["train", "--resume", str(run)]) == 0
+    straight = tmp_path / "straight"
+    assert main(["train", str(write_recipe(text.replace(str(run), str(straight)), "straight.toml"))]) == 0
+    assert_same_runs(straight, run)
+
+
 def _stopped_run(write_recipe, tmp_path, monkeypatch, capsys, name="run", step=4, **kwargs) -> tuple[Path, Path]:
     run = tmp_path / name
     path = write_recipe(tiny_recipe_text(run, **kwargs), f"{name}.toml")
