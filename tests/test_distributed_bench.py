@@ -57,3 +57,31 @@ def test_summary_and_comparison_read_as_one_line_per_thing():
         "2 processes (pipeline)            15.0  rank 0 90%, rank 1 80% | modules 1-3, module 4",
         "speed-up: 1.50x with 2 processes",
     ]
+
+
+def test_bench_on_a_pipeline_recipe_compares_one_process_with_two(write_recipe, tmp_path, capsys):
+    """`contsup bench RECIPE --nproc 2`: both runs for real under torchrun, their throughput and
+    each rank's utilisation in comparison.json."""
+    import json
+
+    from tiny import tiny_recipe_text
+
+    from contsup.cli import main
+
+    extra = '\n[distributed]\nmode = "pipeline"\nstages = [2, 2]\ntimeout_s = 60\n'
+    path = write_recipe(tiny_recipe_text(tmp_path / "unused", epochs=1, modules=4, extra=extra), "pipe.toml")
+    assert main(["bench", str(path), "--nproc", "1"]) == 2
+    assert "--nproc must be >= 2 for a distributed recipe, got 1" in capsys.readouterr().err
+    out = tmp_path / "bench"
+    assert main(["bench", str(path), "--nproc", "2", "--out", str(out)]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    result = json.loads((out / "comparison.json").read_text())
+    one, two = result["runs"]["one process"], result["runs"]["2 processes (pipeline)"]
+    assert (one["processes"], two["processes"]) == (1, 2)
+    assert one["images_per_s"] > 0 and two["images_per_s"] > 0
+    assert result["speedup"] == two["images_per_s"] / one["images_per_s"]
+    assert sorted(two["utilisation"]) == ["0", "1"] and all(0 < u <= 1 for u in two["utilisation"].values())
+    assert two["stages"] == [[1, 2], [3, 4]]
+    assert "2 processes (pipeline)" in printed and f"wrote {out / 'comparison.json'}" in printed
+    assert main(["bench", str(path), "--nproc", "2", "--out", str(out)]) == 2  # never over an earlier result
+    assert "is not empty" in capsys.readouterr().err
