@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from contsup.rundir import atomic_write
 
@@ -103,13 +103,32 @@ def method_labels(configs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
     return out
 
 
-def colours(labels: Iterable[str]) -> dict[str, Any]:
-    """One colour per label, stable for a given set of labels (sorted, then the tab10/tab20 cycle)."""
+# The paper's methods keep one colour in every figure (report, probe); others take the rest in turn.
+METHOD_COLOURS = {
+    "E2E": "tab:gray", "DGL": "tab:blue", "ContSup E": "tab:green", "ContSup R1E": "tab:orange",
+    "ContSup M1R1E": "tab:red", "ContSup M2R1E": "tab:purple",
+}
+
+
+def colours(labels: Iterable[str], method: Callable[[str], str] = lambda label: label) -> dict[str, Any]:
+    """One colour per label. When each label is a different method (``method(label)``), the
+    paper's methods get their fixed colours (``METHOD_COLOURS``) and other labels the colours no
+    paper method uses, in sorted order; otherwise (one method several times, e.g. at several K)
+    every label takes the next tab10/tab20 colour."""
     from matplotlib import colormaps
+    from matplotlib.colors import to_rgba
 
     unique = sorted(set(labels))
-    cmap = colormaps["tab10" if len(unique) <= 10 else "tab20"]
-    return {label: cmap(i % cmap.N) for i, label in enumerate(unique)}
+    methods = [method(label) for label in unique]
+    if len(set(methods)) < len(methods):
+        cmap = colormaps["tab10" if len(unique) <= 10 else "tab20"]
+        return {label: to_rgba(cmap(i % cmap.N)) for i, label in enumerate(unique)}
+    fixed = {label: to_rgba(METHOD_COLOURS[m]) for label, m in zip(unique, methods) if m in METHOD_COLOURS}
+    rest = [label for label in unique if label not in fixed]
+    reserved = {to_rgba(c) for c in METHOD_COLOURS.values()}
+    cmap = colormaps["tab10" if len(rest) <= 10 - len(reserved) else "tab20"]
+    free = [c for c in (to_rgba(cmap(i)) for i in range(cmap.N)) if c not in reserved]
+    return {**fixed, **{label: free[i % len(free)] for i, label in enumerate(rest)}}
 
 
 def slug(text: str) -> str:

@@ -261,6 +261,11 @@ def iter_features(
 # -- one run -----------------------------------------------------------------------------------
 
 
+def label_method(label: str) -> str:
+    """The method part of a run label: ``digits_dgl: DGL, K=16`` -> ``DGL``."""
+    return label.split(": ", 1)[-1].rsplit(", K=", 1)[0]
+
+
 def run_label(run_dir: Path, recipe_table: dict) -> str:
     """The legend name of a run: its directory, method and K (e.g. ``digits_dgl: DGL, K=16``)."""
     from contsup.plotting import method_label
@@ -458,7 +463,7 @@ def probe_main(run_dirs: Sequence[str], options: ProbeOptions, modules: str | No
         probes.append(data)
         _print_table(data)
     out = Path(plot) if plot else (Path(run_dirs[0]) / PROBE_PLOT if len(run_dirs) == 1 else Path(PROBE_PLOT))
-    palette = colours(p["label"] for p in probes)
+    palette = colours((p["label"] for p in probes), method=label_method)
     plot_information([(p["label"], palette[p["label"]], p) for p in probes], out)
     print(f"wrote {', '.join(str(Path(d) / PROBE_FILE) for d in run_dirs)} and {out}")
     return 0

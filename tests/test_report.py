@@ -74,3 +74,16 @@ def test_method_labels():
     ]
     labels = sorted(set(method_labels(configs).values()))
     assert labels == ["ContSup R1E (optimizer.lr=0.1)", "ContSup R1E (optimizer.lr=0.2)", "DGL"]
+
+
+def test_a_method_has_one_colour_in_every_figure():
+    from contsup.plotting import colours
+    from contsup.probe import label_method
+
+    report = colours(["DGL", "ContSup R1E", "E2E", "hybrid DGL[1-4]+R1E[5-16]", "ContSup R1E · supcon"])
+    probe = colours(["runs/a: DGL, K=16", "runs/b: ContSup R1E, K=16"], method=label_method)
+    assert probe["runs/a: DGL, K=16"] == report["DGL"] and probe["runs/b: ContSup R1E, K=16"] == report["ContSup R1E"]
+    assert len(set(report.values())) == len(report)  # never two methods in one colour
+    assert report["hybrid DGL[1-4]+R1E[5-16]"] not in colours(["ContSup E"]).values()  # nor a paper method's
+    one_method = colours(["a: DGL, K=4", "b: DGL, K=16"], method=label_method)
+    assert len(set(one_method.values())) == 2  # the same method at two K: told apart by colour
