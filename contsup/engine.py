@@ -486,7 +486,7 @@ class Trainer:
             if floats and not bool(torch.isfinite(torch.cat(floats)).all()):
                 raise NonFiniteLoss(
                     f"the parameters of module {m.index} became non-finite by step {self.info.step}; "
-                    f"lower optimizer.lr or add schedule.warmup_epochs; {self._kept()}"
+                    f"{self._calmer()}; {self._kept()}"
                 )
         self._busy = True
         state = self.checkpoint_state()
@@ -543,6 +543,15 @@ class Trainer:
         self.info.epoch = len(self.history)
         self._resumed = resumed
 
+    def _calmer(self) -> str:
+        """What to change when training diverges."""
+        warmup = getattr(self.recipe.schedule.options, "warmup_epochs", None)
+        if warmup is None:
+            return "lower optimizer.lr"
+        if warmup > 0:
+            return f"lower optimizer.lr or lengthen schedule.warmup_epochs (now {warmup:g})"
+        return "lower optimizer.lr or add schedule.warmup_epochs"
+
     def _kept(self) -> str:
         """What is left to resume from, for failure messages."""
         if not self.checkpoints:
@@ -593,7 +602,7 @@ class Trainer:
             if not torch.isfinite(loss.detach()).all():
                 raise NonFiniteLoss(
                     f"the loss of module {module} became {float(loss.detach()):.4g} at epoch {epoch}, step {step}; "
-                    f"lower optimizer.lr or add schedule.warmup_epochs; {self._kept()}"
+                    f"{self._calmer()}; {self._kept()}"
                 )
 
         return check
@@ -722,6 +731,10 @@ def epoch_metrics(
     }
 
 
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def summary_line(m: dict, epochs: int) -> str:
     """One readable line per epoch."""
     local = [f"{a:.1f}" for a in m["test_local_acc_pct"] if a is not None]
@@ -729,7 +742,7 @@ def summary_line(m: dict, epochs: int) -> str:
         local = local[:3] + ["..."] + local[-3:]
     return (
         f"epoch {m['epoch']}/{epochs}: test error {m['test_error_pct']:.2f}% | "
-        f"local acc % {' '.join(local)} | {m['images_per_s']:.0f} img/s | {m['epoch_time_s']:.1f}s"
+        f"local acc % {' '.join(local) or '-'} | {_number(m['images_per_s'], '.0f')} img/s | {m['epoch_time_s']:.1f}s"
     )
 
 

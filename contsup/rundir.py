@@ -99,8 +99,13 @@ def discard_unstarted(run_dir: Path) -> None:
 
 
 def write_recipe(run_dir: Path, recipe: Any) -> None:
+    """The resolved recipe into ``run_dir``; ``run.out_dir`` names ``run_dir`` itself when
+    ``--new`` chose a fresh sibling of the recipe's directory."""
     header = f"The resolved recipe of this run (from {recipe.source}); every key with its value.\n"
-    text = tomlw.dumps(recipe.table(), header=header)
+    table = recipe.table()
+    if Path(run_dir) != default_run_dir(recipe):
+        table["run"]["out_dir"] = str(run_dir)
+    text = tomlw.dumps(table, header=header)
     atomic_write(run_dir / RECIPE_FILE, lambda f: f.write(text), binary=False)
 
 

@@ -54,6 +54,8 @@ def test_a_run_directory_is_never_overwritten(write_recipe, tmp_path, capsys):
     assert f"run directory {out_dir} already exists" in err and "Traceback" not in err
     assert main(["train", str(path), "--new"]) == 0
     assert (tmp_path / "run-2" / "model.pt").exists()
+    assert f'out_dir = "{tmp_path / "run-2"}"' in (tmp_path / "run-2" / "recipe.toml").read_text()
+    assert f'out_dir = "{out_dir}"' in (out_dir / "recipe.toml").read_text()
 
 
 def test_plan_json_lists_modules(write_recipe, capsys):

@@ -27,6 +27,16 @@ def test_a_diverging_run_stops_with_one_line(write_recipe, tmp_path, capsys):
         "error: the loss of module 1 became nan at epoch 1, step 2; lower optimizer.lr or add "
         "schedule.warmup_epochs; no checkpoint was written yet"
     ]
+    warm = text.replace("[optimizer]", "[schedule]\nwarmup_epochs = 0.5\n\n[optimizer]")
+    assert main(["train", str(write_recipe(warm, "warm.toml")), "--new"]) == 1
+    assert "lower optimizer.lr or lengthen schedule.warmup_epochs (now 0.5)" in capsys.readouterr().err
+
+
+def test_an_epoch_line_without_a_measured_speed_still_prints():
+    from contsup.engine import summary_line
+
+    m = {"epoch": 1, "test_error_pct": 2.0, "test_local_acc_pct": [None, 50.0], "images_per_s": None, "epoch_time_s": 0.0}
+    assert summary_line(m, 3) == "epoch 1/3: test error 2.00% | local acc % 50.0 | - img/s | 0.0s"
 
 
 def _fail_in_module(monkeypatch, module: int, after_calls: int, fail) -> None:
