@@ -114,3 +114,22 @@ def run_ranks(
             code, (folder / f"out.{r}").read_text(), (folder / f"err.{r}").read_text(), ended.get(r, timeout),
         ))
     return results
+
+
+def die_on_message(rank: int, victim: int, nth: int = 3) -> None:
+    """A patch (use ``functools.partial(die_on_message, victim=..)``): rank ``victim`` ends
+    abruptly, as a killed process does, when its ``nth`` pipeline message arrives."""
+    from contsup import pipeline
+
+    if rank != victim:
+        return
+    original = pipeline.Inbox.receive
+    count = {"n": 0}
+
+    def receive(self):
+        count["n"] += 1
+        if count["n"] == nth:
+            os._exit(9)
+        return original(self)
+
+    pipeline.Inbox.receive = receive

@@ -4,6 +4,7 @@ grid are refused with one line."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from contsup.pipeline import Grid, StagePlan
 from contsup.recipe import loads_recipe
 from contsup.rundir import read_metrics
 
-from ranks import run_ranks
+from ranks import die_on_message, run_ranks
 from tiny import assert_same_runs, one_thread, tiny_recipe_text  # noqa: F401 (fixture)
 
 GRID = '\n[distributed]\nmode = "pipeline"\nstages = [2, 2]\nreplicas = 2\ntimeout_s = 30\n'
@@ -100,16 +101,21 @@ def test_a_grid_run_is_evaluated_and_loaded_like_any_run(grid_run, capsys):
     assert network(torch.zeros(2, 3, 8, 8)).shape == (2, 10)
 
 
+def stopped_copy(run, copy):
+    """A copy of a finished grid run as it stood at its mid-epoch checkpoint (step 2 of 4)."""
+    shutil.copytree(run, copy)
+    for path in checkpoint_paths(copy)[1:]:
+        path.unlink()
+        path.with_name(path.name + ".sha256").unlink()
+    (copy / "model.pt").unlink()
+    return copy
+
+
 def test_a_grid_checkpoint_resumes_in_one_process(grid_run, registries, tmp_path):
     """The mid-epoch checkpoint holds every stage's modules and optimizers and the running sums
     of both replicas' images."""
     run, text, _ = grid_run
-    copy = tmp_path / "copy"
-    shutil.copytree(run, copy)
-    for path in checkpoint_paths(copy)[1:]:  # keep step 2 of 4
-        path.unlink()
-        path.with_name(path.name + ".sha256").unlink()
-    (copy / "model.pt").unlink()
+    copy = stopped_copy(run, tmp_path / "copy")
     assert main(["train", "--resume", str(copy), "--set", "distributed.mode=none", "--force"]) == 0
     reference = one_process(registries, text, tmp_path / "one")
     assert_close_weights(reference.network.state_dict(), copy / "model.pt")
@@ -120,12 +126,7 @@ def test_a_grid_checkpoint_resumes_in_one_process(grid_run, registries, tmp_path
 def test_a_grid_run_resumes_on_the_grid_exactly(grid_run, tmp_path):
     """From the mid-epoch checkpoint, 4 ranks again end where the uninterrupted run ended."""
     run, _, _ = grid_run
-    copy = tmp_path / "copy"
-    shutil.copytree(run, copy)
-    for path in checkpoint_paths(copy)[1:]:  # keep step 2 of 4
-        path.unlink()
-        path.with_name(path.name + ".sha256").unlink()
-    (copy / "model.pt").unlink()
+    copy = stopped_copy(run, tmp_path / "copy")
     results = run_ranks(4, ["train", "--resume", str(copy)], tmp_path / "ranks")
     assert [r.code for r in results] == [0, 0, 0, 0], "\n".join(r.err for r in results)
     assert "(epoch 1, after step 2 of 4)" in results[0].out
@@ -188,22 +189,8 @@ def test_ranks_are_laid_out_replica_by_replica():
     )
 
 
-def die_on_third_message(rank: int) -> None:
-    """Rank 3 (replica 1, stage 1) ends abruptly, as a killed process does, when its third micro-batch arrives."""
-    from contsup import pipeline
-
-    if rank != 3:
-        return
-    original = pipeline.Inbox.receive
-    count = {"n": 0}
-
-    def receive(self):
-        count["n"] += 1
-        if count["n"] == 3:
-            os._exit(9)
-        return original(self)
-
-    pipeline.Inbox.receive = receive
+# Rank 3 (replica 1, stage 1) ends abruptly, as a killed process does, when its third micro-batch arrives.
+die_on_third_message = functools.partial(die_on_message, victim=3, nth=3)
 
 
 def test_a_rank_that_dies_stops_every_other_rank_with_one_line(tmp_path):

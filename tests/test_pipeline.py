@@ -31,7 +31,7 @@ from contsup.recipe import loads_recipe
 from contsup.rundir import read_metrics
 
 from conftest import ROOT
-from ranks import run_ranks
+from ranks import die_on_message, run_ranks
 from tiny import one_thread, tiny_recipe_text, without_measured  # noqa: F401 (fixture)
 
 PIPELINE = '\n[distributed]\nmode = "pipeline"\nstages = [2, 2]\ntimeout_s = 30\n'
@@ -182,22 +182,8 @@ def test_context_tensors_crossing_a_stage_boundary_arrive_intact(registries, tmp
     assert torch.equal(x, seen["x"]) and torch.equal(h1, seen["h1"])
 
 
-def die_on_third_message(rank: int) -> None:
-    """Rank 1 ends abruptly (as a killed process does) when its third micro-batch arrives."""
-    from contsup import pipeline
-
-    if rank != 1:
-        return
-    original = pipeline.Inbox.receive
-    count = {"n": 0}
-
-    def receive(self):
-        count["n"] += 1
-        if count["n"] == 3:
-            os._exit(9)
-        return original(self)
-
-    pipeline.Inbox.receive = receive
+# Rank 1 ends abruptly, as a killed process does, when its third micro-batch arrives.
+die_on_third_message = functools.partial(die_on_message, victim=1, nth=3)
 
 
 def test_a_rank_that_dies_stops_the_others_with_one_line(tmp_path):

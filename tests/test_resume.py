@@ -101,6 +101,18 @@ def test_ctrl_c_inside_an_epoch_then_resume_is_exact(write_recipe, tmp_path, cap
     assert_same_runs(tmp_path / "a", run)
 
 
+def train_process(path: Path, cwd: Path) -> subprocess.Popen:
+    """`contsup train PATH` as a real process on one thread (stderr piped), as a user starts it."""
+    env = {
+        **os.environ, "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins"), os.environ.get("PYTHONPATH", "")]),
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "contsup", "train", str(path)], cwd=cwd, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
 def test_checkpoint_every_steps_and_kill_9_inside_an_epoch(write_recipe, tmp_path):
     """A real `contsup train` process killed with SIGKILL resumes from its last checkpoint and
     finishes with every epoch's metrics exactly once, equal to an uninterrupted run."""
@@ -108,14 +120,7 @@ def test_checkpoint_every_steps_and_kill_9_inside_an_epoch(write_recipe, tmp_pat
     text = tiny_recipe_text(run, epochs=3, train_size=192, batch_size=8, modules=2, context="E")
     text = text.replace("[run]\n", "[run]\ncheckpoint_every_steps = 4\n")  # 24 steps per epoch
     path = write_recipe(text, "killed.toml")
-    env = {
-        **os.environ, "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins"), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "contsup", "train", str(path)], cwd=tmp_path, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+    proc = train_process(path, tmp_path)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
@@ -152,14 +157,7 @@ def test_sigterm_from_a_scheduler_checkpoints_at_the_next_step_and_the_run_resum
     text = tiny_recipe_text(run, epochs=2, train_size=192, batch_size=8, modules=2, context="E")
     text = text.replace("[run]\n", "[run]\ncheckpoint_every_steps = 4\n")  # 24 steps per epoch
     path = write_recipe(text, "termed.toml")
-    env = {
-        **os.environ, "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins"), os.environ.get("PYTHONPATH", "")]),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "contsup", "train", str(path)], cwd=tmp_path, env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+    proc = train_process(path, tmp_path)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None and not checkpoint_paths(run):
