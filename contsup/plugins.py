@@ -143,10 +143,17 @@ def _unknown_allowed(allowed: set[str], installed: list[str], pm: PluginManager)
     return lines
 
 
-def plugin_versions(pm: PluginManager, names: set[str] | None = None) -> dict[str, dict[str, Any]]:
-    """``{plugin: {"distribution", "version", "builtin"}}`` for the run directory."""
-    out = {}
-    for name, info in pm.info.items():
-        if names is None or name in names:
-            out[name] = {"distribution": info.distribution, "version": info.version, "builtin": info.builtin}
-    return out
+def plugin_versions(pm: PluginManager, providers: dict[str, dict[str, str]]) -> dict[str, dict[str, Any]]:
+    """``{plugin: {"distribution", "version", "builtin", "recipe"}}`` for the run directory: every
+    loaded plugin, since any of them may have run code in the run (an adapter or helper another
+    plugin's component uses, an observer); ``recipe`` is ``{table: name}`` for the components of
+    the recipe it provides (see :meth:`contsup.recipe.Recipe.providers`), else empty."""
+    return {
+        name: {
+            "distribution": info.distribution,
+            "version": info.version,
+            "builtin": info.builtin,
+            "recipe": providers.get(name, {}),
+        }
+        for name, info in pm.info.items()
+    }

@@ -405,3 +405,18 @@ def test_messages_quoted_in_the_docs_are_real(fake_entry_points, monkeypatch, tm
     assert main(["validate", "digits_geometric.toml"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line in docs
+
+
+def test_plugins_json_lists_a_plugin_used_through_another(fake_entry_points, monkeypatch, tmp_path, capsys, write_recipe):
+    """ring's selector gets its adapter for x from contsup_context, which the recipe never names."""
+    monkeypatch.delenv("CONTSUP_LOAD_PLUGINS", raising=False)
+    fake_entry_points("ring", make_plugin_module("fake_ring"))
+    out_dir = tmp_path / "run"
+    recipe = write_recipe(small_recipe_text(out_dir=str(out_dir), train_size=16, modules=2, context="ring"))
+    assert main(["train", str(recipe)]) == 0
+    capsys.readouterr()
+    plugins = json.loads((out_dir / "plugins.json").read_text())["plugins"]
+    assert list(plugins) == [*BUILTIN_PLUGINS, "ring"]
+    assert plugins["ring"] == {"distribution": "contsup-ring", "version": "1.2.3", "builtin": False, "recipe": {"context": "ring"}}
+    assert plugins["contsup_context"]["recipe"] == {}
+    assert plugins["contsup_timm"]["recipe"] == {"backbone": "cifar_resnet20"}
