@@ -32,13 +32,15 @@ class _Parser(argparse.ArgumentParser):
         raise ContsupError(f"{self.prog}: {message} (see {self.prog} --help)")
 
 
-def _registries():
+def _registries(keep_clashes: bool = False):
+    """The plugin manager and registries; load problems are printed as warnings. A name clash
+    stops the command (PluginError) unless ``keep_clashes``: then it is in ``registries.clashes``."""
     from contsup.plugins import get_plugin_manager
     from contsup.registry import Registries
 
     pm = get_plugin_manager()
-    registries = Registries.from_plugin_manager(pm)  # may add load errors of its own
-    for line in pm.load_errors:
+    registries = Registries.from_plugin_manager(pm, keep_clashes=keep_clashes)  # may add load errors
+    for line in [*pm.warnings, *pm.load_errors]:
         print(f"warning: {line}", file=sys.stderr)
     return pm, registries
 
@@ -348,7 +350,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from contsup.plugins import ALLOW_ENV
     from contsup.registry import KINDS
 
-    pm, registries = _registries()
+    pm, registries = _registries(keep_clashes=True)  # list everything, then report the clashes
     provided = registries.by_plugin()
     observers = {"on_run_start", "on_epoch_end", "on_run_end"}
     rows = []
@@ -370,9 +372,11 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         {"name": i.name, "distribution": i.distribution, "version": i.version, "entry_point": i.entry_point}
         for i in pm.skipped
     ]
+    status = 2 if registries.clashes else 0  # scripts must notice a clash: every other command stops on it
     if args.json:
-        print(json.dumps({"plugins": rows, "skipped": skipped, "errors": pm.load_errors}, indent=2))
-        return 0
+        errors = [*pm.load_errors, *registries.clashes]
+        print(json.dumps({"plugins": rows, "skipped": skipped, "errors": errors, "warnings": pm.warnings}, indent=2))
+        return status
     plural = {kind: attr.replace("_", " ") for attr, kind in KINDS.items()}
     table = [("plugin", "distribution", "registered")]
     for row in rows:
@@ -387,7 +391,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     print(_table(table))
     for item in skipped:
         print(f"not loaded ({ALLOW_ENV} leaves it out): {item['name']} ({item['distribution']} {item['version']})")
-    return 0
+    for line in registries.clashes:
+        print(f"error: {line}", file=sys.stderr)
+    return status
 
 
 def cmd_list(args: argparse.Namespace) -> int:

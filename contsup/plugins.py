@@ -51,6 +51,7 @@ class PluginManager(pluggy.PluginManager):
         self.add_hookspecs(hookspecs)
         self.info: dict[str, PluginInfo] = {}
         self.load_errors: list[str] = []
+        self.warnings: list[str] = []  # problems that leave every plugin usable (a misspelt allowlist entry)
         self.skipped: list[PluginInfo] = []  # installed but left out by CONTSUP_LOAD_PLUGINS
         self.strict = False  # raise a plugin's errors instead of recording them (authors' tests)
 
@@ -101,10 +102,12 @@ def _cause(exc: Exception) -> str:
 
 def _load_entry_points(pm: PluginManager) -> None:
     allowed = _allowed()
+    installed: list[str] = []  # entry-point and distribution names, what the allowlist may name
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         dist = getattr(ep, "dist", None)
         dist_name = getattr(dist, "name", None) or getattr(dist, "metadata", {}).get("Name", "") if dist else ""
         dist_version = getattr(dist, "version", "") if dist else ""
+        installed += [ep.name, dist_name] if dist_name else [ep.name]
         if allowed is not None and ep.name not in allowed and dist_name not in allowed:
             pm.skipped.append(PluginInfo(ep.name, dist_name or "?", dist_version or "?", builtin=False, entry_point=ep.value))
             continue
@@ -124,12 +127,33 @@ def _load_entry_points(pm: PluginManager) -> None:
             pm.load_errors.append(load_error(ep.name, ep.value, _cause(exc), dist_name))
             continue
         pm.info[ep.name] = PluginInfo(ep.name, dist_name or "?", dist_version or "?", builtin=False, entry_point=ep.value)
+    if allowed:
+        pm.warnings += _unknown_allowed(allowed, installed, pm)
 
 
-def plugin_versions(pm: PluginManager, names: set[str] | None = None) -> dict[str, dict[str, Any]]:
-    """``{plugin: {"distribution", "version", "builtin"}}`` for the run directory."""
-    out = {}
-    for name, info in pm.info.items():
-        if names is None or name in names:
-            out[name] = {"distribution": info.distribution, "version": info.version, "builtin": info.builtin}
-    return out
+def _unknown_allowed(allowed: set[str], installed: list[str], pm: PluginManager) -> list[str]:
+    """One line per allowlist entry naming no installed plugin (a typo loads nothing, silently
+    otherwise). Built-in names and "contsup" are not errors: built-ins always load."""
+    known = {*installed, "contsup", *(name for name, info in pm.info.items() if info.builtin)}
+    choices = list(dict.fromkeys(installed))
+    lines = []
+    for name in sorted(allowed - known):
+        available = did_you_mean(name, choices) if choices else "no third-party plugin is installed"
+        lines.append(f"{ALLOW_ENV}: '{name}' is not an installed plugin, so it loads nothing; {available}")
+    return lines
+
+
+def plugin_versions(pm: PluginManager, providers: dict[str, dict[str, str]]) -> dict[str, dict[str, Any]]:
+    """``{plugin: {"distribution", "version", "builtin", "recipe"}}`` for the run directory: every
+    loaded plugin, since any of them may have run code in the run (an adapter or helper another
+    plugin's component uses, an observer); ``recipe`` is ``{table: name}`` for the components of
+    the recipe it provides (see :meth:`contsup.recipe.Recipe.providers`), else empty."""
+    return {
+        name: {
+            "distribution": info.distribution,
+            "version": info.version,
+            "builtin": info.builtin,
+            "recipe": providers.get(name, {}),
+        }
+        for name, info in pm.info.items()
+    }

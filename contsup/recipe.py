@@ -268,12 +268,20 @@ class Recipe:
                 return stage
         return Stage(1, self.partition.modules, self.context, self.objective, self.decoder)
 
-    def plugins(self) -> set[str]:
-        """The plugins providing this recipe's components."""
-        chosen = [self.dataset, self.backbone, self.partitioner, self.context, self.objective, self.decoder]
-        for stage in self.stages:
-            chosen += [stage.context, stage.objective, stage.decoder]
-        return {c.plugin for c in chosen if c is not None and c.plugin != "contsup"}
+    def providers(self) -> dict[str, dict[str, str]]:
+        """``{plugin: {table: name}}``: which plugin provides each component the recipe names
+        (``{"contsup_context": {"context": "R1E"}}``); ``[[modules]]`` tables as ``modules[i].context``."""
+        chosen = [("data", self.dataset), ("backbone", self.backbone), ("partition", self.partitioner),
+                  ("context", self.context), ("objective", self.objective), ("decoder", self.decoder)]
+        for i, stage in enumerate(self.stages):
+            for name in ("context", "objective", "decoder"):
+                if getattr(stage, name) != getattr(self, name):
+                    chosen.append((f"modules[{i}].{name}", getattr(stage, name)))
+        out: dict[str, dict[str, str]] = {}
+        for table, c in chosen:
+            if c is not None and c.plugin != "contsup":  # "contsup": the engine's own (optimizers, schedules)
+                out.setdefault(c.plugin, {})[table] = c.use
+        return out
 
 
 # -- reading ----------------------------------------------------------------------------------

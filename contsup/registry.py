@@ -65,16 +65,40 @@ class Registry:
             )
 
     def add(self, component: type, plugin: str) -> None:
-        """Register ``component`` as provided by ``plugin``."""
+        """Register ``component`` as provided by ``plugin``; PluginError if its name clashes."""
         self.check(component, plugin)
+        clash = self.clash(component, plugin)
+        if clash:
+            raise PluginError(clash)
+        self._entries[component.name] = Entry(component, plugin)
+
+    def clash(self, component: type, plugin: str) -> str:
+        """The one-line error if ``component`` would take a name this registry already resolves,
+        else "". A name is taken when a component has it or a family's ``resolve_name`` claims it
+        (``R1E``, ``resnet18``): exact names resolve first, so a new component with such a name
+        would silently change what recipes using it mean. A new family claiming a taken name (its
+        owner's name or examples) clashes too."""
         name = component.name
-        if name in self._entries:
-            first = self._entries[name].plugin
-            raise PluginError(
-                f"{self.kind} '{name}' is registered twice: by plugin {self._label(first)} and by plugin "
-                f"{self._label(plugin)}{self._remedy(first, plugin)}"
-            )
-        self._entries[name] = Entry(component, plugin)
+        for entry in self._entries.values():
+            if entry.component.name == name:
+                return self._twice(name, entry.plugin, "", plugin, "")
+        for entry in self._entries.values():
+            if _claims(entry.component, name):
+                return self._twice(name, entry.plugin, self._family(entry.component), plugin, "")
+        for entry in self._entries.values():
+            for taken in (entry.component.name, *getattr(entry.component, "examples", ())):
+                if _claims(component, taken):
+                    return self._twice(taken, entry.plugin, "", plugin, self._family(component))
+        return ""
+
+    def _family(self, component: type) -> str:
+        return f" as a name of its {self.kind} '{component.name}'"
+
+    def _twice(self, name: str, first: str, first_how: str, second: str, second_how: str) -> str:
+        return (
+            f"{self.kind} '{name}' is registered twice: by plugin {self._label(first)}{first_how} and by plugin "
+            f"{self._label(second)}{second_how}{self._remedy(first, second)}"
+        )
 
     def _label(self, plugin: str) -> str:
         info = self.origins.get(plugin)
@@ -128,11 +152,18 @@ class Registry:
         raise UnknownName(f"unknown {self.kind} '{name}'; {did_you_mean(name, self.choices())}")
 
 
+def _claims(component: type, name: str) -> bool:
+    """Whether ``component``'s name family (``resolve_name``) resolves ``name``."""
+    resolver = getattr(component, "resolve_name", None)
+    return resolver is not None and resolver(name) is not None
+
+
 class Registries:
     """All registries, filled from a plugin manager's ``register_*`` hooks."""
 
     def __init__(self, plugins: Mapping[str, Any] | None = None) -> None:
         self.plugins: dict[str, Any] = dict(plugins or {})  # plugin name -> PluginInfo
+        self.clashes: list[str] = []  # one line per component left out for a taken name
         for attr, kind in KINDS.items():
             setattr(self, attr, Registry(kind, self.plugins))
 
@@ -144,11 +175,14 @@ class Registries:
     datasets: Registry
 
     @classmethod
-    def from_plugin_manager(cls, pm: Any) -> "Registries":
+    def from_plugin_manager(cls, pm: Any, *, keep_clashes: bool = False) -> "Registries":
         """Call every ``register_*`` hook implementation, remembering which plugin gave what.
 
         A third-party plugin whose hook raises, or that registers a class without ``name`` or
         ``Options``, is left out and reported in ``pm.load_errors``; built-ins must not fail.
+        A component whose name is taken is a PluginError with one line per clash; with
+        ``keep_clashes`` (``contsup plugins``, which must still list everything) it is left out,
+        the first registered keeps the name, and the lines are kept in ``clashes``.
         """
         registries = cls(getattr(pm, "info", {}))
         found: list[tuple[str, Registry, type]] = []
@@ -169,8 +203,14 @@ class Registries:
                     continue
                 found += [(plugin, registry, c) for c in components]
         for plugin, registry, component in found:
-            if plugin not in failed:
+            if plugin in failed:
+                continue
+            try:
                 registry.add(component, plugin)
+            except PluginError as exc:
+                registries.clashes.extend(exc.lines)
+        if registries.clashes and not keep_clashes:
+            raise PluginError(*registries.clashes)
         return registries
 
     def by_plugin(self) -> dict[str, list[tuple[str, str]]]:

@@ -119,7 +119,7 @@ def write_versions(run_dir: Path, recipe: Any, pm: Any) -> None:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
-        "plugins": plugin_versions(pm, recipe.plugins()),
+        "plugins": plugin_versions(pm, recipe.providers()),
     }
     atomic_write(run_dir / PLUGINS_FILE, lambda f: json.dump(data, f, indent=2), binary=False)
 

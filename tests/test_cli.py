@@ -9,6 +9,7 @@ import torch
 
 import contsup
 from contsup.cli import main
+from contsup.plugins import BUILTIN_PLUGINS
 from contsup.rundir import read_metrics
 
 from conftest import small_recipe_text
@@ -35,7 +36,12 @@ def test_train_writes_a_complete_run_directory(write_recipe, tmp_path, capsys):
     assert abs(metrics[-1]["test_error_pct"] - (100 - metrics[-1]["test_local_acc_pct"][-1])) < 1e-9
     versions = json.loads((out_dir / "plugins.json").read_text())
     assert versions["torch"] == torch.__version__
-    assert set(versions["plugins"]) == {"contsup_timm", "contsup_context", "contsup_objectives", "contsup_datasets", "contsup_partition"}
+    assert list(versions["plugins"]) == list(BUILTIN_PLUGINS)  # every loaded plugin, used or not
+    assert {name: p["recipe"] for name, p in versions["plugins"].items() if p["recipe"]} == {
+        "contsup_datasets": {"data": "synthetic"}, "contsup_timm": {"backbone": "cifar_resnet20"},
+        "contsup_partition": {"partition": "uniform"}, "contsup_context": {"context": "R1E"},
+        "contsup_objectives": {"objective": "cross_entropy"},
+    }
     # the run's own recipe validates and the model loads as an ordinary module
     assert main(["validate", str(out_dir / "recipe.toml")]) == 0
     model = contsup.load_model(out_dir)

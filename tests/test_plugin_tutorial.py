@@ -259,4 +259,7 @@ def test_tutorial_commands_run_and_print_what_it_shows(installed):
     assert ran >= 5
     # what the tutorial says of the run directory
     versions = json.loads((folder / "runs" / "digits_geometric" / "plugins.json").read_text())
-    assert versions["plugins"]["geometric"] == {"distribution": "contsup-geometric", "version": "0.1.0", "builtin": False}
+    assert versions["plugins"]["geometric"] == {
+        "distribution": "contsup-geometric", "version": "0.1.0", "builtin": False, "recipe": {"context": "geometric"}
+    }
+    assert versions["plugins"]["contsup_context"]["recipe"] == {}  # not named, yet its M_E encodes x

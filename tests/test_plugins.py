@@ -112,6 +112,39 @@ def test_allowlist_limits_third_party_plugins(fake_entry_points, monkeypatch, al
     pm = get_plugin_manager()
     assert ("ring" in pm.info) is loaded
     assert all(pm.get_plugin(b) is not None for b in BUILTIN_PLUGINS)
+    assert [w.split("'")[1] for w in pm.warnings] == (["other"] if allow == "other" else [])  # names no plugin
+
+
+def test_allowlist_entry_naming_no_plugin_is_a_warning(fake_entry_points, monkeypatch, capsys):
+    fake_entry_points("ring", make_plugin_module("fake_ring"))
+    fake_entry_points("geometric", make_plugin_module("fake_geometric", selector_name="geometric"), dist="contsup-geometric")
+    monkeypatch.setenv("CONTSUP_LOAD_PLUGINS", "ring, contsup_context, geometrc")
+    pm = get_plugin_manager()
+    assert "ring" in pm.info and "geometric" not in pm.info
+    choices = ["geometric", "contsup-geometric", "contsup-ring", "ring"]
+    (line,) = pm.warnings  # a built-in's name is no typo: built-ins always load
+    assert line.startswith("CONTSUP_LOAD_PLUGINS: 'geometrc' is not an installed plugin, so it loads nothing; "
+                           "did you mean 'geometric'? choices: geometric, ")
+    assert sorted(line.split("choices: ")[1].split(", ")) == sorted(choices)
+    assert main(["plugins"]) == 0
+    assert capsys.readouterr().err.splitlines() == [f"warning: {line}"]
+    assert main(["plugins", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["warnings"] == [line]
+
+
+def test_allowlist_warning_quoted_in_the_docs_is_real(fake_entry_points, monkeypatch, capsys):
+    fake_entry_points("geometric", make_plugin_module("fake_geometric", selector_name="geometric"), dist="contsup-geometric")
+    monkeypatch.setenv("CONTSUP_LOAD_PLUGINS", "geometrc")
+    assert main(["plugins"]) == 0
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line in (ROOT / "docs" / "plugins" / "index.md").read_text()
+
+
+def test_allowlist_warning_without_third_party_plugins(fake_entry_points, monkeypatch):
+    monkeypatch.setenv("CONTSUP_LOAD_PLUGINS", "geometric")
+    assert get_plugin_manager().warnings == [
+        "CONTSUP_LOAD_PLUGINS: 'geometric' is not an installed plugin, so it loads nothing; no third-party plugin is installed"
+    ]
 
 
 def test_broken_plugin_gives_one_line_and_others_still_work(fake_entry_points, monkeypatch, capsys):
@@ -152,6 +185,74 @@ def test_duplicate_name_is_a_one_line_error_exit_2(fake_entry_points, monkeypatc
         ]
     monkeypatch.setenv("CONTSUP_LOAD_PLUGINS", "")  # the remedy it names works
     assert main(["validate", str(recipe)]) == 0
+
+
+def _builtin_version() -> str:
+    return get_plugin_manager(entry_points=False).info["contsup_context"].version
+
+
+def test_a_name_a_builtin_family_resolves_cannot_be_taken(fake_entry_points, monkeypatch, capsys, write_recipe):
+    """`use = "R1E"` means the built-in contsup selector; a plugin's "R1E" must not change that."""
+    monkeypatch.delenv("CONTSUP_LOAD_PLUGINS", raising=False)
+    fake_entry_points("shadow", make_plugin_module("fake_shadow", selector_name="R1E"), dist="contsup-shadow", version="2.0")
+    recipe = write_recipe(small_recipe_text(context="R1E"))
+    for argv in (["plan", str(recipe)], ["validate", str(recipe)]):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert captured.err.splitlines() == [
+            f"error: context selector 'R1E' is registered twice: by plugin 'contsup_context' (contsup {_builtin_version()}) "
+            "as a name of its context selector 'contsup' and by plugin 'shadow' (contsup-shadow 2.0); "
+            "uninstall contsup-shadow, or leave it out with CONTSUP_LOAD_PLUGINS"
+        ]
+
+
+def test_a_name_no_family_claims_is_accepted(fake_entry_points, monkeypatch, capsys, write_recipe):
+    monkeypatch.delenv("CONTSUP_LOAD_PLUGINS", raising=False)
+    fake_entry_points("ring", make_plugin_module("fake_ring", selector_name="R1Ering"))
+    registries = Registries.from_plugin_manager(get_plugin_manager())
+    assert registries.context_selectors.resolve("R1Ering").plugin == "ring"
+    assert registries.context_selectors.resolve("R1E").plugin == "contsup_context"
+    assert main(["validate", str(write_recipe(small_recipe_text(context="R1Ering")))]) == 0
+
+
+def test_a_backbone_named_like_a_timm_resnet_is_a_clash(fake_entry_points, monkeypatch):
+    """The timm family takes every name in timm's resnet module: `use = "resnet18"` is timm's."""
+    monkeypatch.delenv("CONTSUP_LOAD_PLUGINS", raising=False)
+    module = types.ModuleType("fake_myres")
+    backbone = type("MyResNet", (), {"name": "resnet18", "Options": attrs.frozen(type("Options", (), {}))})
+
+    @hookimpl
+    def register_backbones(register):
+        register(backbone)
+
+    module.register_backbones = register_backbones
+    fake_entry_points("myres", module, dist="contsup-myres")
+    with pytest.raises(PluginError) as err:
+        Registries.from_plugin_manager(get_plugin_manager())
+    assert str(err.value).startswith(
+        "backbone 'resnet18' is registered twice: by plugin 'contsup_timm' (contsup "
+        f"{_builtin_version()}) as a name of its backbone 'timm' and by plugin 'myres' (contsup-myres 1.2.3)"
+    )
+
+
+def test_plugins_lists_every_plugin_despite_a_clash(fake_entry_points, monkeypatch, capsys):
+    """The diagnostic command shows everything, reports the clash and exits 2 so scripts notice."""
+    monkeypatch.delenv("CONTSUP_LOAD_PLUGINS", raising=False)
+    fake_entry_points("shadow", make_plugin_module("fake_shadow", selector_name="R1E"), dist="contsup-shadow", version="2.0")
+    fake_entry_points("ring", make_plugin_module("fake_ring"))
+    assert main(["plugins"]) == 2
+    out, err = capsys.readouterr()
+    lines = [" ".join(l.split()) for l in out.splitlines()]
+    assert {line.split()[0] for line in lines[2:]} == {*BUILTIN_PLUGINS, "shadow", "ring"}  # after the header and its rule
+    assert "shadow contsup-shadow 2.0 -" in lines  # its one component is left out
+    assert "ring contsup-ring 1.2.3 context selectors: ring" in lines
+    (line,) = err.splitlines()
+    assert line.startswith("error: context selector 'R1E' is registered twice: by plugin 'contsup_context'")
+    assert main(["plugins", "--json"]) == 2
+    data = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in data["plugins"]] == [*BUILTIN_PLUGINS, "shadow", "ring"]
+    assert data["errors"] == [line.removeprefix("error: ")]
 
 
 def test_misspelt_hook_is_a_load_error_with_the_right_name(fake_entry_points, monkeypatch):
@@ -287,6 +388,12 @@ def test_messages_quoted_in_the_docs_are_real(fake_entry_points, monkeypatch, tm
     assert main(["plugins"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line in docs
+    # a plugin taking a name of a built-in family (the docs show contsup 0.1.0)
+    monkeypatch.setenv("CONTSUP_LOAD_PLUGINS", "shadow")
+    fake_entry_points("shadow", make_plugin_module("fake_shadow", selector_name="R1E"), dist="contsup-shadow", version="2.0")
+    assert main(["validate", str(ROOT / "recipes" / "digits.toml")]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.replace(f"(contsup {_builtin_version()})", "(contsup 0.1.0)") in docs
     # run.requires: too old, then not installed
     recipe.write_text(small_recipe_text(context="geometric").replace("[run]\n", '[run]\nrequires = ["contsup-geometric>=0.2"]\n'))
     monkeypatch.setenv("CONTSUP_LOAD_PLUGINS", "geometric")
@@ -298,3 +405,18 @@ def test_messages_quoted_in_the_docs_are_real(fake_entry_points, monkeypatch, tm
     assert main(["validate", "digits_geometric.toml"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line in docs
+
+
+def test_plugins_json_lists_a_plugin_used_through_another(fake_entry_points, monkeypatch, tmp_path, capsys, write_recipe):
+    """ring's selector gets its adapter for x from contsup_context, which the recipe never names."""
+    monkeypatch.delenv("CONTSUP_LOAD_PLUGINS", raising=False)
+    fake_entry_points("ring", make_plugin_module("fake_ring"))
+    out_dir = tmp_path / "run"
+    recipe = write_recipe(small_recipe_text(out_dir=str(out_dir), train_size=16, modules=2, context="ring"))
+    assert main(["train", str(recipe)]) == 0
+    capsys.readouterr()
+    plugins = json.loads((out_dir / "plugins.json").read_text())["plugins"]
+    assert list(plugins) == [*BUILTIN_PLUGINS, "ring"]
+    assert plugins["ring"] == {"distribution": "contsup-ring", "version": "1.2.3", "builtin": False, "recipe": {"context": "ring"}}
+    assert plugins["contsup_context"]["recipe"] == {}
+    assert plugins["contsup_timm"]["recipe"] == {"backbone": "cifar_resnet20"}

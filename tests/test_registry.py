@@ -67,3 +67,32 @@ def test_builtin_registries_hold_the_documented_components(registries):
     for name in ("none", "R0", "E", "R3", "R1E", "M1R1E", "M2R1E", "all", "resnet18"):
         registry = registries.backbones if name == "resnet18" else registries.context_selectors
         registry.resolve(name)
+
+
+def family(name: str, prefix: str, examples: tuple[str, ...] = ()):
+    """A component claiming every name ``prefix`` + digits."""
+    claims = classmethod(lambda cls, n: {} if n.startswith(prefix) and n[len(prefix):].isdigit() else None)
+    return component(name, resolve_name=claims, examples=examples)
+
+
+def test_a_name_an_earlier_family_claims_is_taken():
+    registry = Registry("context selector")
+    registry.add(family("contsup", "R", examples=("R1",)), "builtin")
+    with pytest.raises(PluginError) as err:
+        registry.add(component("R1"), "third")
+    assert str(err.value) == (
+        "context selector 'R1' is registered twice: by plugin 'builtin' as a name of its context selector "
+        "'contsup' and by plugin 'third'"
+    )
+    assert registry.resolve("R1").component.name == "contsup"  # recipes keep their meaning
+    registry.add(component("ring"), "third")  # a name no family claims is fine
+    assert registry.resolve("ring").plugin == "third"
+
+
+def test_a_later_family_claiming_a_taken_name_is_a_clash():
+    registry = Registry("backbone")
+    registry.add(component("net3"), "first")
+    with pytest.raises(PluginError, match="'net3' is registered twice: by plugin 'first' and by plugin 'second' as a name of its backbone 'nets'"):
+        registry.add(family("nets", "net"), "second")
+    registry.add(family("nets", "other"), "second")
+    assert "nets" in registry
