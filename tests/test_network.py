@@ -145,3 +145,32 @@ def test_inference_matches_the_training_path(small_recipe):
 
 def test_strategies_are_the_two_modes():
     assert set(STRATEGIES) == {"greedy", "e2e"}
+
+
+def test_the_core_names_a_builtin_plugin_only_for_the_default_adapters():
+    """contsup/ knows no concrete component: it reaches the built-ins through the loader's
+    BUILTIN_PLUGINS list, except for the paper's M_E / M_R, which the contract makes the
+    fallback of a selector that builds no adapter of its own (network.make_adapter)."""
+    import ast
+
+    from conftest import ROOT
+
+    packages = {p.name for p in (ROOT / "plugins").iterdir() if p.name.startswith("contsup_")}
+    found = []
+    for path in sorted((ROOT / "contsup").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        listed = set()
+        for node in ast.walk(tree):  # the loader's list itself
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "BUILTIN_PLUGINS" for t in node.targets):
+                listed |= {id(c) for c in ast.walk(node.value)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in listed:
+                names = [node.value]  # import_module("contsup_...")
+            else:
+                continue
+            found += [(path.relative_to(ROOT).as_posix(), n) for n in names if n.split(".")[0] in packages]
+    assert found == [("contsup/network.py", "contsup_context.adapters")]
