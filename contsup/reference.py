@@ -25,7 +25,8 @@ the value is read as a TOML literal, and a bare word is taken as a string
 (`--set context.use=R1E`, `--set optimizer.lr=0.05`, `--set run.device=cpu`).
 
 Every problem in a recipe is reported at once, one line each, naming the file and key path and
-the closest valid choice; the command then exits with status 2.
+the closest valid choice; the command then exits with status 2. A malformed `--set` is one of
+those lines, and a problem with a key that came from `--set` ends with `(from --set KEY)`.
 """
 
 
