@@ -60,7 +60,7 @@ class RunOptions:
     def __attrs_post_init__(self) -> None:
         d = self.device
         if not (d in ("auto", "cpu", "cuda", "mps") or (d.startswith("cuda:") and d[5:].isdigit())):
-            raise ValueError(f"run.device: '{d}' is not a device; use \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")
+            raise ValueError(f"device: '{d}' is not a device; use \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")
 
 
 @attrs.frozen
