@@ -341,6 +341,11 @@ def load_with_extends(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     return _merge(merged, data)
 
 
+def is_recipe(data: Mapping[str, Any]) -> bool:
+    """Whether parsed TOML looks like a recipe: it has one of the recipe's sections or top-level keys."""
+    return any(key in SECTION or key in TOP_LEVEL_KEYS for key in data)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"a.b=value"`` -> (["a", "b"], parsed value); a value that is not a TOML literal is a string."""
     if "=" not in text:
@@ -649,6 +654,13 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), registries: Reg
 
         registries = Registries.from_plugin_manager(get_plugin_manager())
     data = load_with_extends(Path(path))
+    from contsup.sweep import is_sweep
+
+    if is_sweep(data):
+        raise RecipeError([
+            f"{path}: a sweep file ([sweep] and [axes]), not a recipe; check every combination with: "
+            f"contsup sweep {path} --dry-run"
+        ])
     data, keys, problems = apply_overrides(data, overrides)
     try:
         recipe = build_recipe(data, str(path), registries, keys)

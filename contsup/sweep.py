@@ -29,11 +29,17 @@ import attrs
 
 from contsup import tomlw
 from contsup.errors import ContsupError, RecipeError
-from contsup.recipe import build_recipe, load_with_extends, read_toml, set_path
+from contsup.recipe import build_recipe, is_recipe, load_with_extends, read_toml, set_path
 from contsup.registry import Registries
 from contsup.suggest import did_you_mean
 
 SWEEP_KEYS = ("recipe", "recipes", "out_dir")
+SWEEP_TABLES = ("sweep", "axes")
+
+
+def is_sweep(data: Mapping[str, Any]) -> bool:
+    """Whether parsed TOML is a sweep file: it has a ``[sweep]`` table (no recipe section has that name)."""
+    return "sweep" in data
 FINISHED_MARKER = "model.pt"
 
 
@@ -112,10 +118,15 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     data = read_toml(path)
     where = str(path)
+    if not is_sweep(data) and is_recipe(data):
+        raise RecipeError([
+            f"{where}: a recipe, not a sweep file (a sweep has [sweep] recipes = [...] and [axes]); "
+            f"train it with: contsup train {where}"
+        ])
     problems = []
     for key in data:
-        if key not in ("sweep", "axes"):
-            problems.append(f"{where}: {key}: unknown table; {did_you_mean(key, ['sweep', 'axes'])}")
+        if key not in SWEEP_TABLES:
+            problems.append(f"{where}: {key}: unknown table; {did_you_mean(key, SWEEP_TABLES)}")
     head = data.get("sweep", {})
     if not isinstance(head, Mapping):
         head = {}

@@ -43,6 +43,22 @@ def test_bad_sweep_files_are_reported_together(sweep_file):
     assert "axes.run.out_dir: the sweep chooses each run's directory" in problems
 
 
+def test_a_sweep_file_and_a_recipe_name_the_command_each_one_is_for(sweep_file, tmp_path, capsys):
+    path = sweep_file('"context.use" = ["none", "E"]')
+    for command in ("validate", "plan", "train"):
+        assert main([command, path]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {path}: a sweep file ([sweep] and [axes]), not a recipe; check every combination with: contsup sweep {path} --dry-run\n"
+    recipe = str(tmp_path / "base.toml")
+    assert main(["sweep", recipe, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {recipe}: a recipe, not a sweep file (a sweep has [sweep] recipes = [...] and [axes]); "
+        f"train it with: contsup train {recipe}\n"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
 def test_bad_combinations_are_found_before_running(sweep_file, registries):
     sweep = load_sweep(sweep_file('"partition.modules" = [2, 40]\n"context.use" = ["R1E", "R1X"]'))
     problems = check_runs(sweep, registries)
