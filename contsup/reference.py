@@ -43,7 +43,8 @@ def _options_table(cls: type) -> list[str]:
     return lines
 
 
-def _first_line(obj: object) -> str:
+def summary(obj: object) -> str:
+    """The first paragraph of ``obj``'s docstring on one line (a sentence may span source lines)."""
     text = (obj.__doc__ or "").strip()
     return " ".join(text.split("\n\n")[0].split())
 
@@ -64,7 +65,7 @@ def recipe_reference(registries: Registries) -> str:
             lines.append(f"`use` names the {section.label} ({default}).")
             lines.append("")
         if attrs.fields(section.own):
-            lines.append(_first_line(section.own))
+            lines.append(summary(section.own))
             lines.append("")
             lines += _options_table(section.own)
         if section.kind is None:
@@ -74,7 +75,7 @@ def recipe_reference(registries: Registries) -> str:
             entry = registry.entry(name)
             lines.append(f"### `use = \"{name}\"`")
             lines.append("")
-            lines.append(f"{_first_line(entry.component)} (plugin `{entry.plugin}`)")
+            lines.append(f"{summary(entry.component)} (plugin `{entry.plugin}`)")
             lines.append("")
             examples = getattr(entry.component, "examples", ())
             if examples:

@@ -147,6 +147,15 @@ def test_plugins_and_list(capsys):
     assert "did you mean 'backbones'?" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", ["context_selectors", "objectives", "decoders", "partitioners", "datasets", "backbones"])
+def test_list_shows_each_description_whole(kind, capsys):
+    assert main(["list", kind]) == 0
+    heads = [line for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+    assert heads and all(line.endswith((".", ")")) for line in heads), heads  # no sentence cut at a line break
+    if kind == "context_selectors":
+        assert "i evenly spaced intermediate features (Mi), or every feature (dense), each through its own adapter." in heads[0]
+
+
 def test_usage_errors_exit_2_without_traceback(capsys):
     assert main(["trian", "x.toml"]) == 2
     err = capsys.readouterr().err
