@@ -399,6 +399,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from contsup.options import describe_default, doc, field_types, type_name
     from contsup.recipe import component_registry
+    from contsup.reference import summary
 
     kind = LIST_KINDS.get(args.kind)
     if kind is None:
@@ -409,8 +410,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     registry = component_registry(kind, registries)
     for name in registry.names():
         entry = registry.entry(name)
-        summary = (entry.component.__doc__ or "").strip().splitlines()
-        print(f"{name}  ({entry.plugin})  {summary[0] if summary else ''}")
+        print(f"{name}  ({entry.plugin})  {summary(entry.component)}".rstrip())
         examples = getattr(entry.component, "examples", ())
         if examples:
             print(f"    also by name: {', '.join(examples)}")

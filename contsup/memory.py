@@ -25,6 +25,7 @@ import attrs
 import torch
 from torch import nn
 
+from contsup.network import Components, make_adapter, module_components
 from contsup.types import Costs, DatasetInfo, HeadSpec, Shape, Source
 
 Method = Literal["saved", "cuda"]
@@ -274,9 +275,8 @@ class CostModel:
         self.shapes = [tuple(s) for s in shapes]
         self.in_shapes = unit_input_shapes(self.input_shape, self.shapes)
         self.n = len(self.shapes)
-        self.selector = recipe.context.create()
-        self.objective = recipe.objective.create()
-        self.decoder = recipe.decoder.create() if recipe.decoder is not None else None
+        self._staged = bool(recipe.stages)
+        self._components = module_components(recipe, self.k)
         self._final_head = parts.head
         self._gen = torch.Generator().manual_seed(0)
         self.x = self._randn(self.input_shape)
@@ -287,6 +287,17 @@ class CostModel:
         self.units = [self._measure_unit(u, unit) for u, unit in enumerate(parts.units)]
         self._heads: dict[tuple, Piece] = {}
         self._adapters: dict[tuple, Piece] = {}
+
+    def components(self, l: int, k: int) -> Components:
+        """Module l's selector, objective and decoder, those of its stage (a recipe's ``[[modules]]``
+        ranges are for its own K; without them every module of any K shares the sections')."""
+        if self._staged and k != self.k:
+            raise ValueError(f"the recipe's [[modules]] ranges are for K = {self.k}, not K = {k}")
+        return self._components[min(l, self.k) - 1]
+
+    def sources(self, k: int) -> list[tuple[Source, ...]]:
+        """Each module's sources, chosen by its own stage's selector."""
+        return [tuple(self.components(l, k).selector.sources(l, k)) for l in range(1, k + 1)]
 
     # measuring
 
@@ -312,17 +323,18 @@ class CostModel:
         h = self._randn(self.in_shapes[u], grad=True)
         return self._measure(lambda: unit(h), {"in": h}, unit, "unit")
 
-    def head(self, j: int, with_decoder: bool = False) -> Piece:
+    def head(self, j: int, parts: Components, with_decoder: bool = False) -> Piece:
         """The piece of the head on unit j's output: the final head and loss if j is the last
-        unit, else the objective's auxiliary head and loss (and the decoder's reconstruction)."""
+        unit, else ``parts``' auxiliary head and loss (and its decoder's reconstruction)."""
         last = j == self.n - 1
         shape = self.shapes[j]
-        key = (last, shape, with_decoder and not last)
+        with_decoder = with_decoder and not last
+        key = (last, shape, with_decoder, None if last else id(parts))
         if key not in self._heads:
-            self._heads[key] = self._measure_head(last, shape, with_decoder and not last)
+            self._heads[key] = self._measure_head(last, shape, parts, with_decoder)
         return self._heads[key]
 
-    def _measure_head(self, last: bool, shape: Shape, with_decoder: bool) -> Piece:
+    def _measure_head(self, last: bool, shape: Shape, parts: Components, with_decoder: bool) -> Piece:
         import torch.nn.functional as F
 
         with self._rng():
@@ -330,9 +342,9 @@ class CostModel:
                 head = copy.deepcopy(self._final_head)
                 loss = F.cross_entropy
             else:
-                head = self.objective.head(HeadSpec(shape, self.shapes[-1], self.info.num_classes))
-                loss = self.objective.loss
-            decoder = self.decoder.build(shape, self.info) if with_decoder else None
+                head = parts.objective.head(HeadSpec(shape, self.shapes[-1], self.info.num_classes))
+                loss = parts.objective.loss
+            decoder = parts.decoder.build(shape, self.info) if with_decoder else None
         holder = nn.ModuleList([head] + ([decoder] if decoder is not None else [])).to(self.device).train()
         h = self._randn(shape, grad=True)
         x, y = self.x, self.y
@@ -340,19 +352,17 @@ class CostModel:
         def fn() -> torch.Tensor:
             total = loss(head(h), y)
             if decoder is not None:
-                total = total + self.decoder.loss(decoder(h), x, self.info)
+                total = total + parts.decoder.loss(decoder(h), x, self.info)
             return total
 
         return self._measure(fn, {"in": h, "x": x}, holder, "head")
 
-    def adapter(self, source: Source, source_shape: Shape, target_shape: Shape) -> Piece:
-        """The piece of the adapter M_{l,s} from ``source_shape`` to ``target_shape``."""
-        key = (source.is_input, tuple(source_shape), tuple(target_shape))
+    def adapter(self, source: Source, source_shape: Shape, target_shape: Shape, selector: Any) -> Piece:
+        """The piece of the adapter M_{l,s} ``selector`` makes from ``source_shape`` to ``target_shape``."""
+        key = (id(selector), source.is_input, tuple(source_shape), tuple(target_shape))
         if key not in self._adapters:
-            from contsup.network import make_adapter
-
             with self._rng():
-                adapter = make_adapter(self.selector, source, tuple(source_shape), tuple(target_shape))
+                adapter = make_adapter(selector, source, tuple(source_shape), tuple(target_shape))
             adapter = adapter.to(self.device).train()
             c = self.x if tuple(source_shape) == self.input_shape else self._randn(tuple(source_shape))
             self._adapters[key] = self._measure(lambda: adapter(c), {"in": c}, adapter, "adapter")
@@ -363,7 +373,7 @@ class CostModel:
     def boundary(self, u: int) -> int:
         """Bytes of unit u's output when it sits inside a module (saved by u or by unit u+1)."""
         if u == self.n - 1:
-            return self.out_term(u, self.head(u))
+            return self.out_term(u, self.head(u, self.components(self.k, self.k)))
         saved = "out" in self.units[u].saves or "in" in self.units[u + 1].saves
         return self.out_bytes[u] if saved else 0
 
@@ -387,8 +397,9 @@ class CostModel:
     ) -> ModuleCost:
         """Module l of k over units i..j with ``sources``; ``feature_starts[m]`` is the first unit
         of module m+1 (whose input is h_m^c); ``kept`` the features the store holds meanwhile."""
-        w_rec = self.decoder.weights(l, k)[0] if self.decoder is not None and l < k else 0.0
-        head = self.head(j, with_decoder=w_rec != 0.0)
+        parts = self.components(l, k)
+        w_rec = parts.decoder.weights(l, k)[0] if parts.decoder is not None and l < k else 0.0
+        head = self.head(j, parts, with_decoder=w_rec != 0.0)
         units = sum(self.units[u].own for u in range(i, j + 1))
         units += sum(self.boundary(u) for u in range(i, j)) + self.out_term(j, head)
         named: dict[str, int] = {}
@@ -407,7 +418,7 @@ class CostModel:
         adapters, ms = 0, 0.0
         for s in sources:
             name, size, shape = ("x", self.x_bytes, self.input_shape) if s.is_input else feature(s.index)
-            piece = self.adapter(s, shape, self.in_shapes[i])
+            piece = self.adapter(s, shape, self.in_shapes[i], parts.selector)
             adapters += piece.own
             ms += piece.ms or 0.0
             if "in" in piece.saves:
@@ -428,7 +439,7 @@ class CostModel:
         """Every module's cost for the split ``sizes``, with its true sources and their shapes."""
         k = len(sizes)
         starts = starts_of(sizes)
-        sources = [tuple(self.selector.sources(l, k)) for l in range(1, k + 1)]
+        sources = self.sources(k)
         last_use = last_uses(sources)
         feature_starts = {m: starts[m] for m in range(1, k)}
         out = []
@@ -450,7 +461,7 @@ class CostModel:
         like = tuple(like) if like is not None else even_split(n, k)
         units = tuple(float(self.unit_bytes(u)) for u in range(n))
         est_starts = starts_of(like)
-        sources = [tuple(self.selector.sources(l, k)) for l in range(1, k + 1)]
+        sources = self.sources(k)
         last_use = last_uses(sources)
         overhead = []
         for i in range(n):

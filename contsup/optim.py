@@ -26,7 +26,7 @@ class SGD:
 
         def __attrs_post_init__(self) -> None:
             if self.nesterov and self.momentum == 0:
-                raise ValueError("nesterov = true needs momentum > 0")
+                raise ValueError("momentum: must be > 0 while nesterov = true, got 0.0; raise it, or set nesterov = false")
 
     def __init__(self, options: "SGD.Options") -> None:
         self.options = options

@@ -11,7 +11,7 @@ import importlib
 import math
 import types
 import typing
-from typing import Any, Callable, Literal, Mapping, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, Union
 
 import attrs
 
@@ -192,7 +192,9 @@ def structure(cls: type, table: Mapping[str, Any], where: str) -> tuple[Any, lis
     """Build ``cls`` from ``table``; returns ``(instance or None, problems)``.
 
     ``where`` prefixes each problem (``"recipe.toml: optimizer"``); unknown keys, wrong types,
-    missing required keys and out-of-range values are all reported, one line each.
+    missing required keys and out-of-range values are all reported, one line each. A cross-field
+    check in ``__attrs_post_init__`` names the key it is about by starting its message with it
+    (``ValueError("momentum: must be > 0 while nesterov = true")``), which becomes the key path.
     """
     problems: list[str] = []
     fields = {f.name: f for f in attrs.fields(cls)}
@@ -223,7 +225,16 @@ def structure(cls: type, table: Mapping[str, Any], where: str) -> tuple[Any, lis
     try:
         return cls(**values), []
     except (ValueError, TypeError) as exc:  # a cross-field check in __attrs_post_init__
-        return None, [f"{where}: {exc}"]
+        return None, [cross_field_problem(str(exc), where, fields)]
+
+
+def cross_field_problem(message: str, where: str, keys: Iterable[str]) -> str:
+    """A cross-field check's message as a problem line: ``"key: text"`` about one of ``keys``
+    reads ``"{where}.key: text"``, like every other problem; any other message follows ``where``."""
+    key, sep, rest = message.partition(": ")
+    if sep and key in keys:
+        return f"{where}.{key}: {rest}"
+    return f"{where}: {message}"
 
 
 def doc(f: attrs.Attribute) -> str:

@@ -41,10 +41,50 @@ class Cell:
 
 
 @functools.lru_cache(maxsize=1)
+def _tables() -> dict[str, Any]:
+    return tomllib.loads(TABLES.read_text(encoding="utf-8"))
+
+
 def cells() -> tuple[Cell, ...]:
     """Every published cell."""
-    data = tomllib.loads(TABLES.read_text(encoding="utf-8"))
-    return tuple(Cell(**c) for c in data["cell"])
+    return tuple(Cell(**c) for c in _tables()["cell"])
+
+
+_ABSENT = object()
+
+
+def _lookup(recipe: Mapping[str, Any], path: str) -> Any:
+    node: Any = recipe
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _ABSENT
+        node = node[part]
+    return node
+
+
+def _differences(recipe: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """The key paths whose value in ``recipe`` is not the wanted one (absent keys agree)."""
+    return [k for k, v in wanted.items() if (have := _lookup(recipe, k)) is not _ABSENT and have != v]
+
+
+def method_differences(recipe: Mapping[str, Any]) -> list[str]:
+    """Keys where a resolved recipe is another method than the paper's (e.g. ``context.encoder =
+    "fast"``, ``partition.use = "memory_balanced"``): its results are not comparable."""
+    wanted = _tables()["method"]
+    if _lookup(recipe, "run.mode") == "e2e":  # no local objective or decoder is trained
+        wanted = {k: v for k, v in wanted.items() if not k.startswith(("objective.", "decoder."))}
+    return _differences(recipe, wanted)
+
+
+def paper_schedule(dataset: str) -> dict[str, Any]:
+    """The paper's training schedule for ``dataset``: key path -> value."""
+    return {**_tables()["schedule"], **_tables()["schedule_per_dataset"].get(dataset, {})}
+
+
+def schedule_differences(recipe: Mapping[str, Any], dataset: str) -> list[str]:
+    """Keys where a resolved recipe trains with another schedule than the paper's on ``dataset``
+    (fewer epochs, another batch size or learning rate, ...)."""
+    return _differences(recipe, paper_schedule(dataset))
 
 
 def _context_matches(table: Mapping[str, Any], name: str, registries: Registries) -> bool:
@@ -65,8 +105,9 @@ def _backbone(table: Mapping[str, Any]) -> str:
 
 
 def matching_cells(recipe: Mapping[str, Any], registries: Registries) -> list[Cell]:
-    """The published cells for a resolved recipe table (empty for anything the paper did not run)."""
-    if recipe.get("modules"):  # hybrid schemes have no published counterpart here
+    """The published cells for a resolved recipe table: empty for anything the paper did not run,
+    including its configurations run as another method (:func:`method_differences`)."""
+    if recipe.get("modules") or method_differences(recipe):  # hybrid schemes: no published counterpart here
         return []
     run = recipe.get("run", {})
     decoder = recipe.get("decoder", {}).get("use", "")

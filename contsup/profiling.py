@@ -31,8 +31,7 @@ def profile_data(recipe: Any, device: torch.device | None = None, repeats: int =
     n = model.n
     partitioner = recipe.partitioner.create()
     sizes = check_split(partitioner.split(partition_costs(partitioner, recipe, parts, shapes, info), k), n, k, recipe.partitioner.use)
-    selector = recipe.context.create()
-    plans = plan_modules(sizes, shapes, tuple(info.input_shape), [selector] * k)
+    plans = plan_modules(sizes, shapes, tuple(info.input_shape), [model.components(l, k).selector for l in range(1, k + 1)])
     modules = model.plan_costs(sizes)
     unit_bytes = [model.unit_bytes(u) for u in range(n)]
     unit_ms = [p.ms or 0.0 for p in model.units]

@@ -60,7 +60,7 @@ class RunOptions:
     def __attrs_post_init__(self) -> None:
         d = self.device
         if not (d in ("auto", "cpu", "cuda", "mps") or (d.startswith("cuda:") and d[5:].isdigit())):
-            raise ValueError(f"run.device: '{d}' is not a device; use \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")
+            raise ValueError(f"device: '{d}' is not a device; use \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")
 
 
 @attrs.frozen
@@ -349,6 +349,11 @@ def load_with_extends(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     return _merge(merged, data)
 
 
+def is_recipe(data: Mapping[str, Any]) -> bool:
+    """Whether parsed TOML looks like a recipe: it has one of the recipe's sections or top-level keys."""
+    return any(key in SECTION or key in TOP_LEVEL_KEYS for key in data)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"a.b=value"`` -> (["a", "b"], parsed value); a value that is not a TOML literal is a string."""
     if "=" not in text:
@@ -365,10 +370,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
-    """``data`` with every ``--set`` applied, and the problems found in them."""
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[dict[str, Any], list[str], list[str]]:
+    """``data`` with every ``--set`` applied, the key paths they set and the problems found in them."""
     out = copy.deepcopy(data)
-    problems = []
+    keys, problems = [], []
     for text in overrides:
         try:
             path, value = parse_override(text)
@@ -378,7 +383,9 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> tuple[dic
         problem = set_path(out, path, value, text)
         if problem:
             problems.append(problem)
-    return out, problems
+        else:
+            keys.append(".".join(path))
+    return out, keys, problems
 
 
 def set_path(data: dict[str, Any], path: Sequence[str], value: Any, text: str = "") -> str | None:
@@ -489,9 +496,8 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
     if "modules" in data:
         stages, stage_problems = _read_stages(data["modules"], parts, source, registries)
         problems += stage_problems
-    if not problems:
-        problems += _cross_checks(parts, source)
-        problems += _distributed_checks(parts, source)
+    problems += _cross_checks(parts, source)
+    problems += _distributed_checks(parts, source)
     if problems:
         raise RecipeError(_mark_overrides(problems, overridden))
     return Recipe(
@@ -601,9 +607,12 @@ def _count_units(backbone: Chosen, dataset: Chosen) -> int:
 
 
 def _cross_checks(parts: Mapping[str, Mapping[str, Any]], source: str) -> list[str]:
-    """Checks that need several sections at once: K against the backbone's unit count."""
-    backbone, dataset = parts["backbone"]["chosen"], parts["data"]["chosen"]
-    k = parts["partition"]["own"].modules
+    """Checks that need several sections at once: K against the backbone's unit count, made
+    whenever the backbone, the dataset and K are themselves valid, whatever else is wrong."""
+    backbone, dataset, partition = parts["backbone"]["chosen"], parts["data"]["chosen"], parts["partition"]["own"]
+    if backbone is None or dataset is None or partition is None:
+        return []
+    k = partition.modules
     try:
         n = count_units(backbone, dataset)
     except ContsupError as exc:
@@ -617,15 +626,19 @@ def _cross_checks(parts: Mapping[str, Mapping[str, Any]], source: str) -> list[s
 
 
 def _distributed_checks(parts: Mapping[str, Mapping[str, Any]], source: str) -> list[str]:
-    """What a pipeline needs of the rest of the recipe (the world size is checked at launch)."""
-    d, k = parts["distributed"]["own"], parts["partition"]["own"].modules
+    """What a pipeline needs of the rest of the recipe (the world size is checked at launch);
+    each check is made when the sections it reads are themselves valid."""
+    d, run, partition = parts["distributed"]["own"], parts["run"]["own"], parts["partition"]["own"]
+    if d is None:
+        return []
     problems = []
-    if d.mode == "pipeline" and parts["run"]["own"].mode != "greedy":
+    if d.mode == "pipeline" and run is not None and run.mode != "greedy":
         problems.append(
             f"{source}: distributed.mode: \"pipeline\" trains each module on its own rank, which needs "
             f"run.mode = \"greedy\"; use distributed.mode = \"data\" for end-to-end training"
         )
-    if d.stages and sum(d.stages) != k:
+    k = partition.modules if partition is not None else None
+    if d.stages and k is not None and sum(d.stages) != k:
         problems.append(
             f"{source}: distributed.stages: {list(d.stages)} holds {sum(d.stages)} modules, partition.modules is {k}; "
             f"give counts summing to {k}, or [] to balance them automatically"
@@ -649,12 +662,21 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), registries: Reg
 
         registries = Registries.from_plugin_manager(get_plugin_manager())
     data = load_with_extends(Path(path))
-    data, problems = apply_overrides(data, overrides)
+    from contsup.sweep import is_sweep
+
+    if is_sweep(data):
+        raise RecipeError([
+            f"{path}: a sweep file ([sweep] and [axes]), not a recipe; check every combination with: "
+            f"contsup sweep {path} --dry-run"
+        ])
+    data, keys, problems = apply_overrides(data, overrides)
+    try:
+        recipe = build_recipe(data, str(path), registries, keys)
+    except RecipeError as exc:  # a malformed --set is one more problem, reported with the rest
+        raise RecipeError([*problems, *exc.problems]) from None
     if problems:
         raise RecipeError(problems)
-    overridden = [parse_override(o)[0] for o in overrides]
-    keys = [".".join(p) for p in overridden]
-    return build_recipe(data, str(path), registries, keys)
+    return recipe
 
 
 def loads_recipe(text: str, registries: Registries, source: str = "<string>") -> Recipe:

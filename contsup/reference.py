@@ -25,7 +25,8 @@ the value is read as a TOML literal, and a bare word is taken as a string
 (`--set context.use=R1E`, `--set optimizer.lr=0.05`, `--set run.device=cpu`).
 
 Every problem in a recipe is reported at once, one line each, naming the file and key path and
-the closest valid choice; the command then exits with status 2.
+the closest valid choice; the command then exits with status 2. A malformed `--set` is one of
+those lines, and a problem with a key that came from `--set` ends with `(from --set KEY)`.
 """
 
 
@@ -42,7 +43,8 @@ def _options_table(cls: type) -> list[str]:
     return lines
 
 
-def _first_line(obj: object) -> str:
+def summary(obj: object) -> str:
+    """The first paragraph of ``obj``'s docstring on one line (a sentence may span source lines)."""
     text = (obj.__doc__ or "").strip()
     return " ".join(text.split("\n\n")[0].split())
 
@@ -63,7 +65,7 @@ def recipe_reference(registries: Registries) -> str:
             lines.append(f"`use` names the {section.label} ({default}).")
             lines.append("")
         if attrs.fields(section.own):
-            lines.append(_first_line(section.own))
+            lines.append(summary(section.own))
             lines.append("")
             lines += _options_table(section.own)
         if section.kind is None:
@@ -73,7 +75,7 @@ def recipe_reference(registries: Registries) -> str:
             entry = registry.entry(name)
             lines.append(f"### `use = \"{name}\"`")
             lines.append("")
-            lines.append(f"{_first_line(entry.component)} (plugin `{entry.plugin}`)")
+            lines.append(f"{summary(entry.component)} (plugin `{entry.plugin}`)")
             lines.append("")
             examples = getattr(entry.component, "examples", ())
             if examples:

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import attrs
 
 from contsup.errors import ContsupError
-from contsup.paper import describe, matching_cells
+from contsup.paper import describe, matching_cells, schedule_differences
 from contsup.recipe import read_toml
 from contsup.registry import Registries
 from contsup.rundir import METRICS_FILE, MODEL_FILE, RECIPE_FILE, read_metrics
@@ -79,6 +79,7 @@ class Row:
     config: dict[str, Any]
     runs: tuple[RunResult, ...]
     paper: str
+    schedule: tuple[str, ...] = ()  # keys where the runs' schedule is not the paper's, beside a paper cell
 
     @property
     def errors(self) -> list[float]:
@@ -111,12 +112,22 @@ def build_rows(runs: Sequence[RunResult], registries: Registries) -> tuple[list[
         groups.setdefault(key, []).append(run)
         configs[key] = config
     columns = distinguishing_columns(list(configs.values()))
-    rows = [
-        Row(configs[key], tuple(sorted(group, key=lambda r: str(r.run_dir))), describe(matching_cells(group[0].recipe, registries)))
-        for key, group in groups.items()
-    ]
+    rows = [paper_row(configs[key], tuple(sorted(group, key=lambda r: str(r.run_dir))), registries) for key, group in groups.items()]
     rows.sort(key=lambda row: [json.dumps(row.config.get(c), default=str) for c in columns])
     return columns, rows, unfinished
+
+
+SCHEDULE_MARK = "†"
+
+
+def paper_row(config: dict[str, Any], runs: tuple[RunResult, ...], registries: Registries) -> Row:
+    """A configuration's row: the paper's number beside it where the paper ran the same method,
+    marked with a dagger where the runs were trained with another schedule."""
+    recipe = runs[0].recipe
+    found = matching_cells(recipe, registries)
+    schedule = tuple(schedule_differences(recipe, found[0].dataset)) if found else ()
+    paper = describe(found) + (f" {SCHEDULE_MARK}" if schedule else "")
+    return Row(config, runs, paper, schedule)
 
 
 def distinguishing_columns(configs: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -201,8 +212,14 @@ def results_main(paths: Sequence[str], registries: Registries, csv_path: str | N
     text = markdown(columns, rows)
     print(text, end="")
     notes = []
-    if any(r.paper.endswith("*") for r in rows):
+    if any("*" in r.paper for r in rows):
         notes.append("* the paper's Table 11 R0 entry equals its Table 1 R1 value, not the R0 base; treat with care")
+    differing = sorted({k for r in rows for k in r.schedule})
+    if differing:
+        notes.append(
+            f"{SCHEDULE_MARK} run with another schedule than the paper's ({', '.join(differing)} differ); "
+            "its number is for the paper's own schedule"
+        )
     if unfinished:
         notes.append(f"{len(unfinished)} unfinished run(s) left out: " + ", ".join(str(r.run_dir) for r in unfinished))
     for note in notes:

@@ -29,11 +29,17 @@ import attrs
 
 from contsup import tomlw
 from contsup.errors import ContsupError, RecipeError
-from contsup.recipe import build_recipe, load_with_extends, read_toml, set_path
+from contsup.recipe import build_recipe, is_recipe, load_with_extends, read_toml, set_path
 from contsup.registry import Registries
 from contsup.suggest import did_you_mean
 
 SWEEP_KEYS = ("recipe", "recipes", "out_dir")
+SWEEP_TABLES = ("sweep", "axes")
+
+
+def is_sweep(data: Mapping[str, Any]) -> bool:
+    """Whether parsed TOML is a sweep file: it has a ``[sweep]`` table (no recipe section has that name)."""
+    return "sweep" in data
 FINISHED_MARKER = "model.pt"
 
 
@@ -112,10 +118,15 @@ def load_sweep(path: str | Path) -> Sweep:
     path = Path(path)
     data = read_toml(path)
     where = str(path)
+    if not is_sweep(data) and is_recipe(data):
+        raise RecipeError([
+            f"{where}: a recipe, not a sweep file (a sweep has [sweep] recipes = [...] and [axes]); "
+            f"train it with: contsup train {where}"
+        ])
     problems = []
     for key in data:
-        if key not in ("sweep", "axes"):
-            problems.append(f"{where}: {key}: unknown table; {did_you_mean(key, ['sweep', 'axes'])}")
+        if key not in SWEEP_TABLES:
+            problems.append(f"{where}: {key}: unknown table; {did_you_mean(key, SWEEP_TABLES)}")
     head = data.get("sweep", {})
     if not isinstance(head, Mapping):
         head = {}
@@ -155,21 +166,47 @@ def load_sweep(path: str | Path) -> Sweep:
 
 
 def check_runs(sweep: Sweep, registries: Registries) -> list[str]:
-    """Validate every combination before anything runs; problems name the combination."""
-    problems = []
+    """Validate every combination before anything runs: one line per distinct problem, naming
+    the combinations that have it (by their axis values where those describe them exactly)."""
+    found: dict[str, list[Run]] = {}
     bases = {recipe: load_with_extends(recipe) for recipe in sweep.recipes}
-    for run in sweep.runs():
+    runs = sweep.runs()
+    for run in runs:
         data = json.loads(json.dumps(bases[run.recipe]))
-        label = " ".join(f"{k}={_literal(v)}" for k, v in run.settings) or "base"
-        for key, value in run.settings:
-            problem = set_path(data, key.split("."), value)
-            if problem:
-                problems.append(f"{sweep.source}: [{label}] {problem}")
+        problems = [p for key, value in run.settings if (p := set_path(data, key.split("."), value))]
         try:
             build_recipe(data, str(run.recipe), registries)
         except RecipeError as exc:
-            problems += [f"{sweep.source}: [{label}] {p}" for p in exc.problems]
-    return list(dict.fromkeys(problems))
+            problems += exc.problems
+        for problem in dict.fromkeys(problems):
+            found.setdefault(problem, []).append(run)
+    return [f"{sweep.source}: [{describe_runs(sweep, has)}] {problem}" for problem, has in found.items()]
+
+
+def _axis_values(sweep: Sweep, run: Run) -> list[tuple[str, str]]:
+    """(axis, value as written) for every axis of ``run``; the recipe is one when there are several."""
+    recipe = [("recipe", run.recipe.name)] if len(sweep.recipes) > 1 else []
+    return recipe + [(key, _literal(value)) for key, value in run.settings]
+
+
+def describe_runs(sweep: Sweep, subset: Sequence[Run]) -> str:
+    """Which of the sweep's combinations ``subset`` holds: "all N combinations", the axis values
+    that select exactly it (``partition.modules=40``, ``context.use in ["E", "R1X"]``), or else
+    each combination's values."""
+    runs = sweep.runs()
+    if len(subset) == len(runs):
+        return f"all {len(runs)} combinations" if len(runs) > 1 else "the only combination"
+    every = [_axis_values(sweep, r) for r in runs]
+    chosen = [_axis_values(sweep, r) for r in subset]
+    parts, size = [], 1
+    for i, (key, _) in enumerate(every[0]):
+        values = list(dict.fromkeys(v[i][1] for v in chosen))
+        size *= len(values)
+        if len(values) < len(dict.fromkeys(v[i][1] for v in every)):
+            parts.append(f"{key}={values[0]}" if len(values) == 1 else f"{key} in [{', '.join(values)}]")
+    if size == len(subset) == len({tuple(c) for c in chosen}):  # the subset is exactly that product
+        return " ".join(parts)
+    return "; ".join(" ".join(f"{k}={v}" for k, v in c) for c in chosen)
 
 
 def run_sweep(sweep: Sweep, dry_run: bool = False, out: TextIO | None = None) -> int:

@@ -79,6 +79,59 @@ def test_plan_json_lists_modules(write_recipe, capsys):
     assert "unit range" in capsys.readouterr().out
 
 
+PLAN_HYBRID = """
+[decoder]
+use = "infopro"
+ixx_1 = 1.0
+ixy_1 = 0.0
+ixx_2 = 0.2
+ixy_2 = 1.0
+
+[[modules]]
+range = [1, 2]
+context = { use = "none" }
+
+[[modules]]
+range = [3, 5]
+context = { use = "R1E" }
+objective = { use = "supcon", head = "0c2f" }
+"""
+
+
+def test_plan_shows_each_modules_objective_head_decoder_and_weights(write_recipe, capsys):
+    path = write_recipe(small_recipe_text(modules=5, context="none") + PLAN_HYBRID)
+    assert main(["plan", str(path), "--json"]) == 0
+    modules = json.loads(capsys.readouterr().out)["modules"]
+    shown = [(m["context"], m["objective"], m["head"], m["decoder"]) for m in modules]
+    assert shown == [
+        ("none", "cross_entropy", "1c2f", "infopro"),
+        ("none", "cross_entropy", "1c2f", "infopro"),
+        ("R1E", "supcon", "0c2f", "infopro"),
+        ("R1E", "supcon", "0c2f", "infopro"),
+        ("R1E", "cross_entropy (backbone head)", "backbone", None),
+    ]
+    weights = [(m["weights"]["reconstruction"], m["weights"]["local"]) for m in modules]
+    assert weights[1:3] == [pytest.approx((0.2 / 3 + 2 / 3, 1 / 3)), pytest.approx((0.4 / 3 + 1 / 3, 2 / 3))]
+    # the ends exactly (ixx_1, ixy_1) and (ixx_2, ixy_2), as written in the recipe
+    assert [weights[0], weights[3], weights[4]] == [(1.0, 0.0), (0.2, 1.0), (0.0, 1.0)]
+    assert main(["plan", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("5 modules, context per [[modules]] range")
+    assert lines[1].split() == [
+        "module", "units", "unit", "range", "sources", "params", "output", "shape", "context", "objective", "head",
+        "decoder", "(w_rec,", "w_local)",
+    ]
+    rows = [line.split("  ") for line in lines[3:8]]
+    cells = [[c.strip() for c in row if c.strip()][-4:] for row in rows]
+    assert cells == [
+        ["none", "cross_entropy", "1c2f", "infopro (1, 0)"],
+        ["none", "cross_entropy", "1c2f", "infopro (0.733333, 0.333333)"],
+        ["R1E", "supcon", "0c2f", "infopro (0.466667, 0.666667)"],
+        ["R1E", "supcon", "0c2f", "infopro (0.2, 1)"],
+        ["R1E", "cross_entropy (backbone head)", "backbone", "-"],
+    ]
+
+
 def test_plan_reads_no_data_files(write_recipe, capsys, monkeypatch):
     from contsup_datasets import Synthetic
 
@@ -100,6 +153,15 @@ def test_plugins_and_list(capsys):
     assert "R1E" in capsys.readouterr().out
     assert main(["list", "backbone"]) == 2
     assert "did you mean 'backbones'?" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["context_selectors", "objectives", "decoders", "partitioners", "datasets", "backbones"])
+def test_list_shows_each_description_whole(kind, capsys):
+    assert main(["list", kind]) == 0
+    heads = [line for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
+    assert heads and all(line.endswith((".", ")")) for line in heads), heads  # no sentence cut at a line break
+    if kind == "context_selectors":
+        assert "i evenly spaced intermediate features (Mi), or every feature (dense), each through its own adapter." in heads[0]
 
 
 def test_usage_errors_exit_2_without_traceback(capsys):

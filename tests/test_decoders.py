@@ -42,3 +42,10 @@ def test_weights_interpolate_from_module_1_to_module_k_minus_1(k):
             t = (l - 1) / (k - 2)
             assert infopro.weights(l, k) == pytest.approx((5.0 + t * (0.2 - 5.0), 0.05 + t * (0.5 - 0.05)))
     assert interpolated_weights(1, 2, (1.0, 2.0), (3.0, 4.0)) == (1.0, 2.0)
+
+
+@pytest.mark.parametrize("k", [3, 4, 5, 8, 16])
+def test_weights_are_the_written_values_exactly_at_both_ends(k):
+    first, last = (1.0, 0.0), (0.2, 1.0)  # a + 1 * (b - a) would give 0.19999999999999996 or 0.20000000000000018
+    assert interpolated_weights(1, k, first, last) == first
+    assert interpolated_weights(k - 1, k, first, last) == last

@@ -82,6 +82,40 @@ def test_prediction_equals_a_real_greedy_step(small_recipe, context):
         assert [c.bytes for c in predicted] == measured, partitioner
 
 
+# top level: DGL without a decoder; the [[modules]] ranges give context, a decoder and supcon
+HYBRID = """
+[[modules]]
+range = [1, 1]
+context = { use = "none" }
+decoder = { use = "infopro", ixx_1 = 1.0, ixy_1 = 1.0, ixx_2 = 0.0, ixy_2 = 1.0 }
+
+[[modules]]
+range = [2, 4]
+context = { use = "M1R1E" }
+objective = { use = "supcon", temperature = 0.1 }
+"""
+
+
+def test_prediction_equals_a_real_greedy_step_per_modules_range(registries):
+    from contsup.recipe import loads_recipe
+
+    from conftest import small_recipe_text
+
+    base = loads_recipe(small_recipe_text(modules=4, context="none", batch_size=4) + HYBRID, registries, source="h.toml")
+    parts, shapes, info = recipe_parts(base)
+    model = CostModel(base, parts, shapes, info)
+    assert [[str(s) for s in srcs] for srcs in model.sources(4)] == [[], ["x", "h0"], ["x", "h0", "h1"], ["x", "h1", "h2"]]
+    for partitioner in ("uniform", "memory_balanced"):
+        recipe = attrs.evolve(base, partitioner=_partitioner(base, partitioner))
+        built, greedy = greedy_and_e2e(recipe)
+        predicted = model.plan_costs([p.units for p in built.plans])
+        measured = measure_step(greedy, *batch(recipe))
+        assert [c.bytes for c in predicted] == measured, partitioner
+        assert predicted[0].breakdown["adapters"] == 0 < predicted[1].breakdown["adapters"]
+    with pytest.raises(ValueError, match="ranges are for K = 4"):
+        model.costs(3)
+
+
 def _partitioner(recipe, name):
     from contsup.plugins import get_plugin_manager
     from contsup.recipe import Chosen

@@ -39,3 +39,14 @@ def test_profile_refuses_zero_repeats(write_recipe, capsys):
     assert main(["profile", str(path), "--repeats", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--repeats must be >= 1" in err
+
+
+def test_profile_sources_are_each_modules_own_as_plan_shows_them(write_recipe, capsys):
+    hybrid = '\n[[modules]]\nrange = [1, 2]\ncontext = { use = "none" }\n\n[[modules]]\nrange = [3, 4]\ncontext = { use = "R1E" }\n'
+    path = write_recipe(small_recipe_text(modules=4, context="E", batch_size=2) + hybrid)
+    assert main(["plan", str(path), "--json"]) == 0
+    planned = [m["sources"] for m in json.loads(capsys.readouterr().out)["modules"]]
+    assert main(["profile", str(path), "--json", "--repeats", "1"]) == 0
+    profiled = json.loads(capsys.readouterr().out)["modules"]
+    assert [m["sources"] for m in profiled] == planned == [[], [], ["x", "h1"], ["x", "h2"]]
+    assert [m["breakdown"]["adapters"] > 0 for m in profiled] == [False, False, True, True]

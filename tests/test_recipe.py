@@ -37,6 +37,8 @@ def run_validate(path: Path, *extra: str, capsys) -> tuple[int, list[str]]:
         (('use = "R1E"', 'use = "R1X"'), "context.use: unknown context selector 'R1X'; did you mean 'R1'?"),
         (('mode = "greedy"', 'mode = "greedyy"'), "run.mode: 'greedyy' is not allowed; did you mean 'greedy'?"),
         (("[run]", "[rnu]"), "rnu: unknown section; did you mean 'run'?"),
+        (("lr = 0.05", "lr = 0.05\nmomentum = 0"), "optimizer.momentum: must be > 0 while nesterov = true, got 0.0; raise it, or set nesterov = false"),
+        (('mode = "greedy"', 'mode = "greedy"\ndevice = "gpu"'), "run.device: 'gpu' is not a device;"),
     ],
 )
 def test_each_problem_is_one_line_with_file_key_and_fix(write_recipe, capsys, change, expected):
@@ -56,6 +58,31 @@ def test_all_problems_are_reported_together(write_recipe, capsys):
     assert code == 2
     assert len(lines) == 3
     assert any("run.epochs" in l for l in lines) and any("momentun" in l for l in lines) and any("RE1" in l for l in lines)
+
+
+def test_cross_field_problems_name_their_key_path_and_the_set_behind_them(write_recipe, capsys):
+    path = write_recipe(small_recipe_text())
+    code, lines = run_validate(path, "--set", "optimizer.momentum=0", "--set", "run.device=gpu", capsys=capsys)
+    assert code == 2
+    assert lines == [
+        f"error: {path}: run.device: 'gpu' is not a device; use \"auto\", \"cpu\", \"cuda\" or \"cuda:N\" (from --set run.device)",
+        f"error: {path}: optimizer.momentum: must be > 0 while nesterov = true, got 0.0; raise it, or set nesterov = false "
+        "(from --set optimizer.momentum)",
+    ]
+
+
+def test_k_against_the_backbone_is_checked_beside_unrelated_problems(write_recipe, capsys):
+    path = write_recipe(small_recipe_text())
+    code, lines = run_validate(path, "--set", "partition.modules=40", "--set", "optimizer.lr=-1", capsys=capsys)
+    assert code == 2
+    assert lines == [
+        f"error: {path}: optimizer.lr: must be > 0, got -1.0 (from --set optimizer.lr)",
+        f"error: {path}: partition.modules: 40 is more than the 10 minimal units of backbone 'cifar_resnet20'; "
+        "use 1..10 (from --set partition.modules)",
+    ]
+    # without a valid backbone there is nothing to count K against: no second guess
+    code, lines = run_validate(path, "--set", "partition.modules=40", "--set", "backbone.use=nope", capsys=capsys)
+    assert code == 2 and len(lines) == 1 and "backbone.use: unknown backbone 'nope'" in lines[0]
 
 
 def test_malformed_toml_and_garbage_are_one_line(tmp_path, capsys):
@@ -101,9 +128,15 @@ def test_set_overrides_any_key(write_recipe, registries):
 
 def test_bad_set_values_are_reported(write_recipe, capsys):
     path = write_recipe(small_recipe_text())
-    code, lines = run_validate(path, "--set", "run.epochs=many", "--set", "noequals", capsys=capsys)
+    code, lines = run_validate(path, "--set", "run.epochs=many", "--set", "noequals", "--set", ".lr=1", capsys=capsys)
     assert code == 2
-    assert lines == ["error: --set noequals: expected key.path=value"]
+    assert lines == [
+        "error: --set noequals: expected key.path=value",
+        "error: --set .lr=1: '.lr' is not a key path like optimizer.lr",
+        f"error: {path}: run.epochs: expected an integer, got a string (\"many\") (from --set run.epochs)",
+    ]
+    code, lines = run_validate(path, "--set", "noequals", capsys=capsys)
+    assert code == 2 and lines == ["error: --set noequals: expected key.path=value"]
     code, lines = run_validate(path, "--set", "run.epochs=many", capsys=capsys)
     assert code == 2 and lines[0].endswith("(from --set run.epochs)") and "run.epochs: expected an integer" in lines[0]
 

@@ -11,10 +11,10 @@ import pytest
 
 from contsup import tomlw
 from contsup.cli import main
-from contsup.paper import cells, describe, matching_cells
+from contsup.paper import cells, describe, matching_cells, method_differences, paper_schedule, schedule_differences
 from contsup.results import build_rows, csv_text, distinguishing_columns, find_runs, load_run, markdown
 
-from conftest import small_recipe_text
+from conftest import ROOT, small_recipe_text
 
 
 def fake_run(root, name, table, errors, finished=True):
@@ -107,3 +107,89 @@ def test_hybrid_schemes_are_summarised_by_range():
 
     stages = [{"range": [1, 4], "context": {"use": "none"}}, {"range": [5, 16]}, {"range": [17, 20], "objective": {"use": "supcon"}}]
     assert stages_summary(stages, {"context.use": "R1E"}) == "1-4: none; 5-16: R1E; 17-20: R1E + supcon"
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("context", "encoder", "fast"),
+        ("context", "encoder", "pooled"),
+        ("context", "shortcut", "official"),
+        ("partition", "use", "memory_balanced"),
+        ("objective", "head", "0c1f"),
+        ("objective", "temperature", 0.5),
+    ],
+)
+def test_another_method_gets_no_paper_number(registries, section, key, value):
+    table = paper_table("R1E")
+    assert describe(matching_cells(table, registries)) == "9.98 ± 0.18 (Tables 2, 11)"
+    table[section] = {**table[section], key: value}
+    assert method_differences(table) == [f"{section}.{key}"]
+    assert matching_cells(table, registries) == []
+
+
+def test_the_paper_setting_spelled_out_still_matches(registries):
+    table = paper_table("R1E")
+    table["partition"]["use"] = "uniform"
+    table["context"].update(encoder="paper", shortcut="paper")
+    table["objective"].update(head="1c2f", hidden=128, temperature=0.07, base_temperature=0.07, dim=128)
+    assert describe(matching_cells(table, registries)) == "9.98 ± 0.18 (Tables 2, 11)"
+    e2e = paper_table("none", "cross_entropy", 1, None, "cifar_resnet110", "svhn", "e2e")
+    e2e["objective"]["head"] = "0c1f"  # end-to-end trains no local head: not part of its method
+    assert describe(matching_cells(e2e, registries)) == "3.07 ± 0.23 (Table 3)"
+
+
+def _with_schedule(table, dataset, **changes):
+    for path, value in {**paper_schedule(dataset), **changes}.items():
+        section, key = path.split(".")
+        table.setdefault(section, {})[key] = value
+    return table
+
+
+def test_a_shorter_schedule_keeps_the_paper_number_marked_with_a_footnote(tmp_path, registries, capsys):
+    paper = _with_schedule(paper_table("R1E"), "cifar10")
+    short = _with_schedule(paper_table("E", "cross_entropy", 2), "cifar10", **{"run.epochs": 8, "data.batch_size": 128})
+    assert schedule_differences(paper, "cifar10") == []
+    assert schedule_differences(short, "cifar10") == ["run.epochs", "data.batch_size"]
+    fake_run(tmp_path, "paper", paper, [10.0])
+    fake_run(tmp_path, "short", short, [12.0])
+    fast = _with_schedule(paper_table("R1E"), "cifar10", **{"run.epochs": 8})
+    fast["context"]["encoder"] = "fast"
+    fake_run(tmp_path, "fast", fast, [11.0])
+    columns, rows, _ = build_rows([load_run(d) for d in find_runs([tmp_path])], registries)
+    by_error = {row.errors[0]: row for row in rows}
+    assert by_error[10.0].paper == "9.98 ± 0.18 (Tables 2, 11)" and by_error[10.0].schedule == ()
+    assert by_error[12.0].paper == "8.04 ± 0.22 (Table 2) †"
+    assert by_error[11.0].paper == "" and by_error[11.0].schedule == ()  # another method: nothing to compare
+    md = tmp_path / "t.md"
+    assert main(["results", str(tmp_path), "--markdown", str(md)]) == 0
+    out, err = capsys.readouterr()
+    assert "| 8.04 ± 0.22 (Table 2) † |" in out
+    note = "† run with another schedule than the paper's (data.batch_size, run.epochs differ); its number is for the paper's own schedule"
+    assert note in err.splitlines() and md.read_text().endswith(f"\n{note}\n")
+
+
+PAPER_SWEEPS = sorted((ROOT / "recipes" / "paper").glob("*.sweep.toml"))
+
+
+@pytest.mark.parametrize("path", PAPER_SWEEPS, ids=lambda p: p.name)
+def test_the_shipped_paper_sweeps_match_their_cells_unmarked(path, registries):
+    from contsup.recipe import build_recipe, load_with_extends, set_path
+    from contsup.sweep import load_sweep
+
+    sweep = load_sweep(path)
+    unmatched = set()
+    for run in sweep.runs():
+        if dict(run.settings).get("run.seed", 0) != 0:
+            continue
+        data = load_with_extends(run.recipe)
+        for key, value in run.settings:
+            set_path(data, key.split("."), value)
+        table = build_recipe(data, str(run.recipe), registries).table()
+        found = matching_cells(table, registries)
+        assert method_differences(table) == [], run
+        if found:
+            assert schedule_differences(table, found[0].dataset) == [], run
+        else:
+            unmatched.add((table["context"]["use"], table["objective"]["use"]))
+    assert unmatched <= {("none", "supcon")}  # DGL with supcon: run beside the tables, not in them

@@ -9,7 +9,7 @@ import pytest
 
 from contsup.cli import main
 from contsup.errors import RecipeError
-from contsup.sweep import check_runs, load_sweep
+from contsup.sweep import check_runs, describe_runs, load_sweep
 
 from conftest import small_recipe_text
 
@@ -43,13 +43,63 @@ def test_bad_sweep_files_are_reported_together(sweep_file):
     assert "axes.run.out_dir: the sweep chooses each run's directory" in problems
 
 
+def test_a_sweep_file_and_a_recipe_name_the_command_each_one_is_for(sweep_file, tmp_path, capsys):
+    path = sweep_file('"context.use" = ["none", "E"]')
+    for command in ("validate", "plan", "train"):
+        assert main([command, path]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: {path}: a sweep file ([sweep] and [axes]), not a recipe; check every combination with: contsup sweep {path} --dry-run\n"
+    recipe = str(tmp_path / "base.toml")
+    assert main(["sweep", recipe, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {recipe}: a recipe, not a sweep file (a sweep has [sweep] recipes = [...] and [axes]); "
+        f"train it with: contsup train {recipe}\n"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
 def test_bad_combinations_are_found_before_running(sweep_file, registries):
     sweep = load_sweep(sweep_file('"partition.modules" = [2, 40]\n"context.use" = ["R1E", "R1X"]'))
     problems = check_runs(sweep, registries)
-    assert any("[partition.modules=40 " in p and "partition.modules: 40 is more than" in p for p in problems)
-    assert any('context.use="R1X"]' in p and "unknown context selector 'R1X'" in p for p in problems)
+    assert any("[partition.modules=40] " in p and "partition.modules: 40 is more than" in p for p in problems)
+    assert any('[context.use="R1X"] ' in p and "unknown context selector 'R1X'" in p for p in problems)
     assert main(["sweep", sweep.source.as_posix()]) == 2
     assert not (sweep.out_dir).exists()
+
+
+def test_each_distinct_problem_is_one_line_naming_the_combinations_that_have_it(sweep_file, registries):
+    path = sweep_file('"partition.modules" = [2, 40]\n"context.use" = ["R1E", "R1X", "E"]\nrun.seed = [0, 1]\noptimizer.momentum = [0.9, 0]')
+    base = load_sweep(path).recipes[0]
+    problems = check_runs(load_sweep(path), registries)
+    assert problems == [
+        f'{path}: [optimizer.momentum=0] {base}: optimizer.momentum: must be > 0 while nesterov = true, got 0.0; raise it, or set nesterov = false',
+        f'{path}: [context.use="R1X"] {base}: context.use: unknown context selector \'R1X\'; did you mean \'R1\'? choices: '
+        "R1, R1E, M1R1E, M2R1E, R0, R2E, R8E, E, ... (3 more)",
+        f"{path}: [partition.modules=40] {base}: partition.modules: 40 is more than the 10 minimal units of backbone "
+        "'cifar_resnet20'; use 1..10",
+    ]
+    # in every combination: said once, as such
+    (problem,) = check_runs(load_sweep(sweep_file('"run.seed" = [0, 1]\n"optimizer.lr" = [-1]')), registries)
+    assert problem.startswith(f"{path}: [all 2 combinations] {base}: optimizer.lr: must be > 0")
+
+
+def test_combinations_no_axis_value_selects_are_each_named(sweep_file):
+    sweep = load_sweep(sweep_file('"partition.modules" = [1, 2]\n"context.use" = ["E", "R1E"]\nrun.seed = [0, 1]'))
+    runs = sweep.runs()
+    assert describe_runs(sweep, [r for r in runs if r.settings[1][1] == "E"]) == 'context.use="E"'
+    assert describe_runs(sweep, [r for r in runs if r.settings[2][1] == 1 and r.settings[0][1] == 2]) == (
+        "partition.modules=2 run.seed=1"
+    )
+    assert describe_runs(sweep, [r for r in runs if r.settings[0][1] == 2 and r.settings[1][1] != "E"]) == (
+        'partition.modules=2 context.use="R1E"'
+    )
+    assert describe_runs(sweep, runs[4:8]) == "partition.modules=2"
+    assert describe_runs(sweep, runs[:3]) == (  # no product of axis values: each combination
+        'partition.modules=1 context.use="E" run.seed=0; partition.modules=1 context.use="E" run.seed=1; '
+        'partition.modules=1 context.use="R1E" run.seed=0'
+    )
+    assert describe_runs(sweep, runs) == "all 8 combinations"
 
 
 def test_dry_run_prints_runnable_commands(sweep_file, capsys):

@@ -22,7 +22,8 @@ def interpolated_weights(module: int, num_modules: int, first: tuple[float, floa
     if num_modules <= 2:
         return first
     t = (module - 1) / (num_modules - 2)
-    return tuple(a + t * (b - a) for a, b in zip(first, last))  # type: ignore[return-value]
+    # (1 - t) a + t b rather than a + t (b - a): exactly ``first`` at t = 0 and ``last`` at t = 1
+    return tuple((1 - t) * a + t * b for a, b in zip(first, last))  # type: ignore[return-value]
 
 
 class ReconstructionDecoder(nn.Module):
