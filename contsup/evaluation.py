@@ -3,6 +3,7 @@ its own dataset, or of the dataset its ``[data]`` table is changed to."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -10,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from contsup.checkpoint import describe, load_latest
-from contsup.errors import ContsupError, reason
+from contsup.errors import ContsupError, RecipeError, reason
 from contsup.registry import Registries
 from contsup.rundir import MODEL_FILE, RECIPE_FILE
 
@@ -30,6 +31,12 @@ def run_weights(run_dir: Path, warn: Callable[[str], None]) -> tuple[dict[str, t
     return state["model"], f"checkpoint {path.name} ({describe(state)})"
 
 
+def _as_typed(problem: str) -> str:
+    """A recipe problem about an override, in terms of ``--data KEY=VALUE`` and ``--device``."""
+    typed = re.sub(r"--set data\.", "--data ", problem).replace("--set run.device", "--device")
+    return typed.replace("expected key.path=value", "expected KEY=VALUE") if typed.startswith("--data ") else typed
+
+
 def evaluate_run(
     run_dir: Path, data: Sequence[str], device: str | None, registries: Registries, warn: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -44,7 +51,10 @@ def evaluate_run(
     overrides = [f"data.{item}" for item in data]
     if device is not None:
         overrides.append(f"run.device={device}")
-    recipe = load_recipe(run_dir / RECIPE_FILE, overrides, registries)
+    try:
+        recipe = load_recipe(run_dir / RECIPE_FILE, overrides, registries)
+    except RecipeError as exc:  # name the options the user typed, not the --set they became
+        raise RecipeError([_as_typed(problem) for problem in exc.problems]) from None
     weights, which = run_weights(run_dir, warn)
     network = build_network(recipe).network
     try:

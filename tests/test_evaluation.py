@@ -54,7 +54,9 @@ def test_eval_data_overrides_the_data_table(finished_run, capsys):
     assert main(["eval", str(finished_run), "--data", "tset_size=40"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "data.tset_size: unknown key for data 'synthetic'; did you mean 'test_size'?" in err[0]
-    assert err[0].endswith("(from --set data.tset_size)")
+    assert err[0].endswith("(from --data tset_size)")  # what the user typed
+    assert main(["eval", str(finished_run), "--data", "noequals"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: --data noequals: expected KEY=VALUE"]
     assert main(["eval", str(finished_run), "--data", "shape=[1, 8, 8]"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith(
