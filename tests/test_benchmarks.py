@@ -17,11 +17,13 @@ def load_script():
 def test_time_section_renders():
     perf = load_script()
     timing = perf.time_section(k=2, steps=1, warmup=0, batch=2)
-    assert set(timing["ms"]) == {name for name, *_ in perf.TIME_VARIANTS}
+    whole = {name + perf.WHOLE for name in perf.CHANNELS_LAST_RUNS}
+    assert set(timing["ms"]) == {name for name, *_ in perf.TIME_VARIANTS} | whole
     meta = {"machine": "test", "date": "today", "torch": "x"}
     doc = perf.render({"meta": meta, "time": timing, "time_meta": meta})
     assert doc.startswith("# Performance") and "## Step time and the input encoder" in doc
     assert "| R1E, fast encoder |" in doc and "python benchmarks/performance.py" in doc
+    assert "| R1E, fast encoder, run.channels_last |" in doc and "The whole network in channels-last" in doc
 
 
 def test_the_committed_page_comes_from_the_script():
