@@ -11,6 +11,7 @@ N*b images up to floating-point summation order.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 from pathlib import Path
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from contsup.distributed import DistributedTrainer, Group, Silent, World, any_rank
 from contsup.distributed_bench import Clock, epoch_entry
 from contsup.engine import (
-    EpochProgress, EvalCounts, StepStats, batches_problem, epoch_metrics, evaluation_counts, seed_everything,
+    EvalCounts, StepStats, batches_problem, epoch_metrics, evaluation_counts, seed_everything,
 )
 from contsup.errors import ContsupError
 from contsup.order import SkippingBatchSampler, epoch_batches, ignore_interrupts
@@ -213,18 +214,13 @@ class DataParallelTrainer(DistributedTrainer):
         self._stop_requested = any_rank(self.world, self._stop_wanted_at is not None, "agreeing whether to stop")
 
     def train_epoch(self, epoch: int) -> dict:
-        self.network.train()
-        cur = self._resumed if self._resumed is not None and self._resumed.epoch == epoch else None
-        self._resumed = None
-        if cur is None:
-            cur = EpochProgress(epoch, self.train_loader.generator.get_state(), StepStats(self.network.num_modules))
-        self.current = cur
+        cur = self.begin_epoch(epoch)
         every = self.recipe.run.checkpoint_every_steps
         run = self.recipe.run
         progress = Progress(epoch, run.epochs, self.steps_per_epoch, run.log_every, stream=self.progress_stream, done=cur.done)
         self.clock.reset()
         cur.restart_clock()
-        try:
+        with self.training_failures(epoch, cur), contextlib.closing(progress):
             for x, y in self.clock.loading(epoch_batches(self.train_loader, cur.start_state, cur.done)):
                 x = to_memory_format(x.to(self.device, non_blocking=True), self.channels_last)
                 y = y.to(self.device, non_blocking=True)
@@ -244,10 +240,6 @@ class DataParallelTrainer(DistributedTrainer):
                     raise self._interrupt()
                 if every and self.info.step % every == 0 and cur.done < self.steps_per_epoch:
                     self.save_checkpoint()
-        except torch.cuda.OutOfMemoryError:
-            raise self._out_of_memory(epoch, cur.done + 1, evaluating=False) from None
-        finally:
-            progress.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         stats = self.reduced_stats(cur.stats)

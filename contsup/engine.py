@@ -430,8 +430,11 @@ class Trainer:
         self._busy = False  # inside a step or a checkpoint write: the state is not consistent
 
     def make_loaders(self) -> tuple[DataLoader, DataLoader]:
-        """The training and test loaders (a distributed trainer shards them)."""
-        return make_loaders(self.recipe, self.dataset, self.device)
+        """The training and test loaders (a distributed trainer shards them); sets ``train_size``,
+        the images of the whole training set."""
+        train, test = make_loaders(self.recipe, self.dataset, self.device)
+        self.train_size = len(train.dataset)
+        return train, test
 
     def make_strategy(self) -> Any:
         """The run's strategy, with one optimizer and schedule per module (greedy) or one (end to end)."""
@@ -611,7 +614,7 @@ class Trainer:
         """A local loss that cannot be computed on this batch: which module, where, and what to change."""
         module = getattr(self.strategy, "active_module", None)
         d = self.recipe.data
-        short = step == self.steps_per_epoch and len(self.train_loader.dataset) % d.batch_size
+        short = step == self.steps_per_epoch and not d.drop_last and self.train_size % d.batch_size
         remedy = (
             f"it is the epoch's last, short batch ({short} image{'s' if short > 1 else ''}): set data.drop_last = true to leave it out"
             if short else "use a larger data.batch_size"
@@ -637,19 +640,36 @@ class Trainer:
             )
         return OutOfMemory(f"the GPU ran out of memory {what}; {self._kept()}")
 
-    def train_epoch(self, epoch: int) -> dict:
-        """One epoch of training then evaluation; returns that epoch's metrics. An epoch resumed
-        from a mid-epoch checkpoint continues after its last step with its running sums."""
+    def begin_epoch(self, epoch: int) -> EpochProgress:
+        """Training mode and where the epoch starts: after the steps of a mid-epoch checkpoint it
+        was resumed from, with their running sums, or at its first step."""
         self.network.train()
         cur = self._resumed if self._resumed is not None and self._resumed.epoch == epoch else None
         self._resumed = None
         if cur is None:
             cur = EpochProgress(epoch, self.train_loader.generator.get_state(), StepStats(self.network.num_modules))
         self.current = cur
+        return cur
+
+    @contextlib.contextmanager
+    def training_failures(self, epoch: int, cur: EpochProgress) -> Iterator[None]:
+        """Training steps that run out of GPU memory, or meet a batch their local loss cannot use,
+        end in one line naming the module, the epoch and the step (every trainer's steps run in this)."""
+        try:
+            yield
+        except torch.cuda.OutOfMemoryError:
+            raise self._out_of_memory(epoch, cur.done + 1, evaluating=False) from None
+        except BatchError as exc:
+            raise self._unusable_batch(exc, epoch, cur.done + 1) from None
+
+    def train_epoch(self, epoch: int) -> dict:
+        """One epoch of training then evaluation; returns that epoch's metrics. An epoch resumed
+        from a mid-epoch checkpoint continues after its last step with its running sums."""
+        cur = self.begin_epoch(epoch)
         every = self.recipe.run.checkpoint_every_steps
         progress = Progress(epoch, self.recipe.run.epochs, self.steps_per_epoch, self.recipe.run.log_every, done=cur.done)
         cur.restart_clock()
-        try:
+        with self.training_failures(epoch, cur), contextlib.closing(progress):
             for x, y in epoch_batches(self.train_loader, cur.start_state, cur.done):
                 x = to_memory_format(x.to(self.device, non_blocking=True), self.channels_last)
                 y = y.to(self.device, non_blocking=True)
@@ -664,12 +684,6 @@ class Trainer:
                     raise self._interrupt()
                 if every and self.info.step % every == 0 and cur.done < self.steps_per_epoch:
                     self.save_checkpoint()
-        except torch.cuda.OutOfMemoryError:
-            raise self._out_of_memory(epoch, cur.done + 1, evaluating=False) from None
-        except BatchError as exc:
-            raise self._unusable_batch(exc, epoch, cur.done + 1) from None
-        finally:
-            progress.close()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = cur.elapsed()

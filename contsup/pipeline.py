@@ -410,8 +410,9 @@ class PipelineTrainer(DistributedTrainer):
         if self.is_driver:
             train, test, self.train_size = sharded_loaders(self.recipe, self.dataset, self.device, self.replica, self.grid.replicas)
             problem = last_batch_problem(self.recipe, self.train_size, self.grid.replicas, "replicas")
-        count, lines = self.world.broadcast_object(
-            (len(train), problem.lines if problem else None) if self.world.is_main else None, "sharing the number of batches"
+        count, self.train_size, lines = self.world.broadcast_object(
+            (len(train), self.train_size, problem.lines if problem else None) if self.world.is_main else None,
+            "sharing the number of batches",
         )
         if lines:
             raise ContsupError(*lines) if self.world.is_main else Silent(ContsupError.exit_code)
@@ -452,21 +453,14 @@ class PipelineTrainer(DistributedTrainer):
     # -- training --------------------------------------------------------------------------
 
     def train_epoch(self, epoch: int) -> dict:
-        self.network.train()
-        cur = self._resumed if self._resumed is not None and self._resumed.epoch == epoch else None
-        self._resumed = None
-        if cur is None:
-            cur = EpochProgress(epoch, self.train_loader.generator.get_state(), StepStats(self.network.num_modules))
-        self.current = cur
+        cur = self.begin_epoch(epoch)
         self.clock.reset()
         cur.restart_clock()
-        try:
+        with self.training_failures(epoch, cur):
             if self.is_driver:
                 self._drive(cur, epoch)
             else:
                 self._follow(cur, epoch)
-        except torch.cuda.OutOfMemoryError:
-            raise self._out_of_memory(epoch, cur.done + 1, evaluating=False) from None
         self._flush()
         stats = self.reduced_stats(cur.stats)  # every rank has finished the epoch's last step here
         elapsed = cur.elapsed()

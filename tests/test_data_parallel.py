@@ -190,3 +190,18 @@ def test_a_last_batch_smaller_than_the_ranks_is_refused(tmp_path):
     assert not (tmp_path / "run").exists()  # a run that could not start leaves nothing behind
     dropped = run_ranks(2, ["train", str(tmp_path / "d.toml"), "--set", "data.drop_last=true"], tmp_path / "ranks2")
     assert [r.code for r in dropped] == [0, 0]
+
+
+def test_a_batch_supcon_cannot_use_stops_every_rank_with_one_line(tmp_path):
+    """The same failure as in one process: the epoch's short last batch (2 images, one per rank)
+    holds no pair of one class; the run says where and what to set."""
+    text = data_text(tmp_path / "run", train_size=34, epochs=1) + '\n[objective]\nuse = "supcon"\n'
+    (tmp_path / "s.toml").write_text(text)
+    rank0, rank1 = run_ranks(2, ["train", str(tmp_path / "s.toml")], tmp_path / "ranks")
+    assert (rank0.code, rank1.code) == (1, 1)
+    lines = rank0.lines()
+    assert len(lines) == 1 and lines[0].startswith("error: module 1 cannot train on step 3 of epoch 1: supcon: ")
+    assert lines[0].endswith(
+        "it is the epoch's last, short batch (2 images): set data.drop_last = true to leave it out; "
+        "no checkpoint was written yet"
+    )
