@@ -14,13 +14,11 @@ from hypothesis import strategies as st
 
 from contsup.data_parallel import ShardedBatchSampler, global_batch_size, shard_bounds
 from contsup.distributed_bench import read_report
-from contsup.engine import Trainer
 from contsup.order import SkippingBatchSampler
-from contsup.recipe import loads_recipe
 from contsup.rundir import read_metrics
 
 from ranks import run_ranks
-from tiny import assert_same_runs, one_thread, tiny_recipe_text  # noqa: F401 (fixture)
+from tiny import assert_same_runs, one_process, one_thread, tiny_recipe_text  # noqa: F401 (fixture)
 
 DATA = '\n[distributed]\nmode = "data"\ntimeout_s = 30\n'
 
@@ -32,11 +30,6 @@ def data_text(run: Path, **kwargs) -> str:
     return tiny_recipe_text(run, extra=DATA, **kwargs)
 
 
-def one_process(registries, text: str, run_dir: Path) -> Trainer:
-    recipe = loads_recipe(text.replace('mode = "data"', 'mode = "none"'), registries, source="tiny.toml")
-    trainer = Trainer(recipe, run_dir, log=open(os.devnull, "w"))
-    trainer.fit()
-    return trainer
 
 
 @pytest.fixture(scope="module")

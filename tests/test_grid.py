@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -17,14 +16,13 @@ from contsup.checkpoint import checkpoint_paths
 from contsup.cli import main
 from contsup.distributed import Launch, check_launch
 from contsup.distributed_bench import read_report
-from contsup.engine import Trainer
 from contsup.errors import ContsupError
 from contsup.pipeline import Grid, StagePlan
 from contsup.recipe import loads_recipe
 from contsup.rundir import read_metrics
 
 from ranks import die_on_message, run_ranks
-from tiny import assert_same_runs, one_thread, tiny_recipe_text  # noqa: F401 (fixture)
+from tiny import assert_same_runs, one_process, one_thread, tiny_recipe_text  # noqa: F401 (fixture)
 
 GRID = '\n[distributed]\nmode = "pipeline"\nstages = [2, 2]\nreplicas = 2\ntimeout_s = 30\n'
 
@@ -38,11 +36,6 @@ def grid_text(run: Path, **kwargs) -> str:
     return tiny_recipe_text(run, modules=4, extra=GRID, **kwargs)
 
 
-def one_process(registries, text: str, run_dir: Path) -> Trainer:
-    recipe = loads_recipe(text.replace('mode = "pipeline"', 'mode = "none"'), registries, source="tiny.toml")
-    trainer = Trainer(recipe, run_dir, log=open(os.devnull, "w"))
-    trainer.fit()
-    return trainer
 
 
 def assert_close_weights(state: dict, path: Path) -> None:

@@ -32,7 +32,7 @@ from contsup.rundir import read_metrics
 
 from conftest import ROOT
 from ranks import die_on_message, run_ranks
-from tiny import one_thread, tiny_recipe_text, without_measured  # noqa: F401 (fixture)
+from tiny import one_process, one_thread, tiny_recipe_text, without_measured  # noqa: F401 (fixture)
 
 PIPELINE = '\n[distributed]\nmode = "pipeline"\nstages = [2, 2]\ntimeout_s = 30\n'
 
@@ -43,12 +43,6 @@ def pipeline_text(run: Path, **kwargs) -> str:
     return tiny_recipe_text(run, modules=4, extra=PIPELINE, **kwargs)
 
 
-def sequential(registries, text: str, run_dir: Path) -> Trainer:
-    """The same recipe trained in this process, one module after another."""
-    recipe = loads_recipe(text.replace('mode = "pipeline"', 'mode = "none"'), registries, source="tiny.toml")
-    trainer = Trainer(recipe, run_dir, log=open(os.devnull, "w"))
-    trainer.fit()
-    return trainer
 
 
 def assert_same_weights(state: dict, path: Path) -> None:
@@ -80,7 +74,7 @@ def torchrun_run(tmp_path_factory):
 
 def test_torchrun_pipeline_equals_sequential_greedy_training(torchrun_run, registries, tmp_path):
     run, text, proc = torchrun_run
-    reference = sequential(registries, text, tmp_path / "sequential")
+    reference = one_process(registries, text, tmp_path / "sequential")
     assert_same_weights(reference.network.state_dict(), run / "model.pt")
     assert without_measured(read_metrics(run)) == without_measured(reference.history)
     assert "pipeline of 2 stages, as distributed.stages says: rank 0: modules 1-2; rank 1: modules 3-4" in proc.stdout
@@ -124,7 +118,7 @@ def test_a_pipeline_checkpoint_resumes_in_one_process(torchrun_run, registries, 
     newest.with_name(newest.name + ".sha256").unlink()
     (copy / "model.pt").unlink()
     assert main(["train", "--resume", str(copy), "--set", "distributed.mode=none", "--force"]) == 0
-    reference = sequential(registries, text, tmp_path / "sequential")
+    reference = one_process(registries, text, tmp_path / "sequential")
     assert_same_weights(reference.network.state_dict(), copy / "model.pt")
 
 
@@ -231,7 +225,7 @@ def test_ctrl_c_stops_every_rank_at_one_step_and_the_run_resumes_exactly(registr
     resumed = run_ranks(2, ["train", "--resume", str(run)], tmp_path / "second")
     assert [r.code for r in resumed] == [0, 0], resumed[0].err + resumed[1].err
     assert f"resuming {run} from {run}/checkpoints/step-000000002.pt (epoch 1, after step 2 of 4)" in resumed[0].out
-    reference = sequential(registries, text, tmp_path / "sequential")
+    reference = one_process(registries, text, tmp_path / "sequential")
     assert_same_weights(reference.network.state_dict(), run / "model.pt")
     assert without_measured(read_metrics(run)) == without_measured(reference.history)
 
@@ -244,7 +238,7 @@ def test_stages_balanced_by_measured_time_give_the_same_weights(registries, tmp_
     rank0, rank1 = run_ranks(2, ["train", str(tmp_path / "p.toml")], tmp_path / "ranks")
     assert (rank0.code, rank1.code) == (0, 0), rank0.err + rank1.err
     assert "pipeline of 2 stages, balanced by measured time per micro-batch: rank 0: module" in rank0.out
-    reference = sequential(registries, text, tmp_path / "sequential")
+    reference = one_process(registries, text, tmp_path / "sequential")
     assert_same_weights(reference.network.state_dict(), run / "model.pt")
 
 

@@ -3,11 +3,15 @@ helpers to compare two runs exactly."""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from contsup.engine import Trainer
+from contsup.recipe import loads_recipe
 from contsup.rundir import read_metrics
 
 from conftest import small_recipe_text
@@ -50,3 +54,12 @@ def assert_same_runs(a: Path, b: Path) -> None:
     ma, mb = read_metrics(a), read_metrics(b)
     assert [m["epoch"] for m in ma] == [m["epoch"] for m in mb]
     assert without_measured(ma) == without_measured(mb)
+
+
+def one_process(registries, text: str, run_dir: Path) -> Trainer:
+    """A distributed recipe's text trained in this process instead (distributed.mode = "none"),
+    one module after another: what the distributed runs are compared with."""
+    single = re.sub(r'mode = "(data|pipeline)"', 'mode = "none"', text)
+    trainer = Trainer(loads_recipe(single, registries, source="tiny.toml"), run_dir, log=open(os.devnull, "w"))
+    trainer.fit()
+    return trainer
