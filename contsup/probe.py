@@ -303,9 +303,9 @@ def probe_run(
     device: str = "auto",
     log: TextIO | None = None,
 ) -> dict:
-    """Probe the chosen modules (default: every one) of a finished run; returns the results and
-    writes them into RUN_DIR/probe.json, keeping the other modules' results already there when
-    they were made with the same options."""
+    """Probe the chosen modules (default: every one) of a finished run and write them into
+    RUN_DIR/probe.json, keeping the other modules' results already there when they were made with
+    the same options; returns what was written."""
     from contsup.engine import resolve_device
     from contsup.recipe import load_recipe, read_toml
     from contsup.rundir import RECIPE_FILE, atomic_write, load_model
@@ -369,7 +369,7 @@ def probe_run(
         data["results"] = sorted(kept + results, key=lambda r: r["module"])
         data["seconds"] += float(saved.get("seconds", 0.0))
     atomic_write(run_dir / PROBE_FILE, lambda f: json.dump(data, f, indent=2), binary=False)
-    return only_modules(data, chosen)
+    return data
 
 
 def only_modules(data: dict, modules: Sequence[int]) -> dict:
@@ -457,9 +457,8 @@ def probe_main(run_dirs: Sequence[str], options: ProbeOptions, modules: str | No
                 print(f"{d}: reusing {PROBE_FILE}", file=sys.stderr)
                 data = only_modules(data, wanted)
         if data is None:
-            probe_run(d, options, todo, device)
-            saved = load_probe(d)  # what was there with the same options, and what was just probed
-            data = only_modules(saved, parse_modules(modules, int(saved["modules"])))
+            saved = probe_run(d, options, todo, device)  # with what was there from the same options
+            data = only_modules(saved, parse_modules(modules, saved["modules"]))
         probes.append(data)
         _print_table(data)
     out = Path(plot) if plot else (Path(run_dirs[0]) / PROBE_PLOT if len(run_dirs) == 1 else Path(PROBE_PLOT))
