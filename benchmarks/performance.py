@@ -27,14 +27,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from contsup.bench import machine  # noqa: E402
-from contsup.engine import EndToEndStrategy, GreedyStrategy, StepStats, Trainer, seed_everything  # noqa: E402
-from contsup.memory import CostModel, fitted_costs, measure_step, recipe_parts  # noqa: E402
-from contsup.network import build_network  # noqa: E402
-from contsup.plugins import get_plugin_manager  # noqa: E402
-from contsup.recipe import load_recipe, loads_recipe  # noqa: E402
-from contsup.registry import Registries  # noqa: E402
-from contsup.rundir import atomic_write  # noqa: E402
+from contsup.tools.bench import machine  # noqa: E402
+from contsup.training.engine import EndToEndStrategy, GreedyStrategy, StepStats, Trainer, seed_everything  # noqa: E402
+from contsup.model.memory import CostModel, fitted_costs, measure_step, recipe_parts  # noqa: E402
+from contsup.model.network import build_network  # noqa: E402
+from contsup.core.plugins import get_plugin_manager  # noqa: E402
+from contsup.config.recipe import load_recipe, loads_recipe  # noqa: E402
+from contsup.core.registry import Registries  # noqa: E402
+from contsup.training.rundir import atomic_write  # noqa: E402
 from contsup.types import Costs  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results.json"
@@ -450,7 +450,7 @@ storage shared by views or in-place ops once, plus the context tensors the greed
 later modules. This count is exact and deterministic: the same on every machine and every run,
 so it is the memory figure of this page. A module's figure includes its units, its auxiliary
 head, its context adapters, its input and the context it keeps (`contsup profile RECIPE` shows
-the breakdown). "Predicted" is composed from pieces measured one by one (`contsup.memory`),
+the breakdown). "Predicted" is composed from pieces measured one by one (`contsup.model.memory`),
 "measured" is counted during a real greedy step: they agree to the byte.
 
 On CPU the process's peak resident set size (`contsup bench` reports it) is a poor substitute:

@@ -13,7 +13,7 @@ from contsup.hookspecs import hookimpl  # noqa: E402
 
 def load_model(run_dir, map_location="cpu"):
     """Rebuild a finished run's network (adapters included) as one ``nn.Module`` in eval mode."""
-    from contsup.rundir import load_model as _load
+    from contsup.training.rundir import load_model as _load
 
     return _load(run_dir, map_location=map_location)
 

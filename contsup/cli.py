@@ -35,8 +35,8 @@ class _Parser(argparse.ArgumentParser):
 def _registries(keep_clashes: bool = False):
     """The plugin manager and registries; load problems are printed as warnings. A name clash
     stops the command (PluginError) unless ``keep_clashes``: then it is in ``registries.clashes``."""
-    from contsup.plugins import get_plugin_manager
-    from contsup.registry import Registries
+    from contsup.core.plugins import get_plugin_manager
+    from contsup.core.registry import Registries
 
     pm = get_plugin_manager()
     registries = Registries.from_plugin_manager(pm, keep_clashes=keep_clashes)  # may add load errors
@@ -46,7 +46,7 @@ def _registries(keep_clashes: bool = False):
 
 
 def _recipe(args: argparse.Namespace):
-    from contsup.recipe import load_recipe
+    from contsup.config.recipe import load_recipe
 
     pm, registries = _registries()
     return pm, load_recipe(args.recipe, args.set or (), registries)
@@ -62,7 +62,7 @@ def plan_data(recipe: Any) -> dict:
     """What ``contsup plan --json`` prints: per module its units, sources, parameters, shapes."""
     import torch
 
-    from contsup.network import build_network, count_params
+    from contsup.model.network import build_network, count_params
 
     torch.manual_seed(recipe.run.seed)
     built = build_network(recipe)
@@ -143,13 +143,13 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from contsup import __version__
-    from contsup.distributed import check_single_process, launch_from_env
-    from contsup.engine import Trainer, preflight
-    from contsup.rundir import create_run_dir, default_run_dir, discard_unstarted, write_recipe, write_versions
+    from contsup.distributed.world import check_single_process, launch_from_env
+    from contsup.training.engine import Trainer, preflight
+    from contsup.training.rundir import create_run_dir, default_run_dir, discard_unstarted, write_recipe, write_versions
 
     launch = launch_from_env()
     if launch is not None:  # one of the processes torchrun started
-        from contsup.distributed import train
+        from contsup.distributed.world import train
 
         code = train(args, launch)
         if code is not None:
@@ -178,9 +178,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_resume(args: argparse.Namespace) -> int:
     """``contsup train --resume RUN_DIR``: continue a run exactly from its newest usable checkpoint."""
     from contsup import __version__
-    from contsup.distributed import check_single_process
-    from contsup.engine import Trainer
-    from contsup.resume import prepare_resume
+    from contsup.distributed.world import check_single_process
+    from contsup.training.engine import Trainer
+    from contsup.training.resume import prepare_resume
 
     if args.new:
         raise ContsupError("contsup train: --new and --resume exclude each other")
@@ -198,7 +198,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _fit_and_save(trainer: Any, run_dir: Path) -> int:
-    from contsup.rundir import append_metrics, save_model
+    from contsup.training.rundir import append_metrics, save_model
 
     history = trainer.fit(on_epoch=lambda m: append_metrics(run_dir, m))
     save_model(run_dir, trainer.network)
@@ -215,21 +215,21 @@ def _fit_and_save(trainer: Any, run_dir: Path) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from contsup.sweep import sweep_main
+    from contsup.tools.sweep import sweep_main
 
     _, registries = _registries()
     return sweep_main(args.sweep, registries, dry_run=args.dry_run)
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    from contsup.results import results_main
+    from contsup.tools.results import results_main
 
     _, registries = _registries()
     return results_main(args.dirs, registries, csv_path=args.csv, md_path=args.markdown)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from contsup.evaluation import evaluate_run
+    from contsup.tools.evaluation import evaluate_run
 
     _, registries = _registries()
     report = evaluate_run(
@@ -252,8 +252,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_probe(args: argparse.Namespace) -> int:
-    from contsup.probe import probe_main
-    from contsup.probe_options import ProbeOptions, check_options
+    from contsup.tools.probe import probe_main
+    from contsup.tools.probe_options import ProbeOptions, check_options
 
     names = [f.name for f in attrs.fields(ProbeOptions)]
     values = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
@@ -262,20 +262,20 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_weights(args: argparse.Namespace) -> int:
-    from contsup.weights import weights_main
+    from contsup.tools.weights import weights_main
 
     return weights_main(args.run, args.output, args.raw)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from contsup.report import report_main
+    from contsup.tools.report import report_main
 
     _, registries = _registries()
     return report_main(args.dirs, args.output, registries)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from contsup.profiling import profile_data, profile_text
+    from contsup.tools.profiling import profile_data, profile_text
 
     _, recipe = _recipe(args)
     if args.repeats < 1:
@@ -290,7 +290,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Three benchmarks behind one command: inference cost of context (--inference), one
     process against N for a distributed recipe, else greedy against end-to-end training."""
     if args.inference:
-        from contsup.inference import bench_inference_main
+        from contsup.tools.inference import bench_inference_main
 
         _, registries = _registries()
         warmup = 1 if args.warmup is None else args.warmup
@@ -300,8 +300,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _, recipe = _recipe(args)
     if recipe.distributed.mode != "none":
         return _bench_distributed(args, recipe)
-    from contsup.bench import bench_markdown, bench_rows, run_bench
-    from contsup.rundir import atomic_write
+    from contsup.tools.bench import bench_markdown, bench_rows, run_bench
+    from contsup.training.rundir import atomic_write
 
     warmup = 3 if args.warmup is None else args.warmup
     if args.steps < 1 or warmup < 0:
@@ -328,8 +328,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_distributed(args: argparse.Namespace, recipe: Any) -> int:
     """``contsup bench`` on a distributed recipe: train it with one process and with --nproc under
     torchrun; throughput, speed-up and each rank's utilisation."""
-    from contsup.distributed_bench import compare, format_comparison
-    from contsup.rundir import atomic_write
+    from contsup.distributed.timing import compare, format_comparison
+    from contsup.training.rundir import atomic_write
 
     if args.nproc < 2:
         raise ContsupError(f"contsup bench: --nproc must be >= 2 for a distributed recipe, got {args.nproc}")
@@ -347,8 +347,8 @@ def _bench_distributed(args: argparse.Namespace, recipe: Any) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from contsup.plugins import ALLOW_ENV
-    from contsup.registry import KINDS
+    from contsup.core.plugins import ALLOW_ENV
+    from contsup.core.registry import KINDS
 
     pm, registries = _registries(keep_clashes=True)  # list everything, then report the clashes
     provided = registries.by_plugin()
@@ -398,8 +398,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from contsup.options import describe_default, doc, field_types, type_name
-    from contsup.recipe import component_registry
-    from contsup.reference import summary
+    from contsup.config.recipe import component_registry
+    from contsup.tools.reference import summary
 
     kind = LIST_KINDS.get(args.kind)
     if kind is None:
@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modules", metavar="LIST", help="modules to probe, e.g. 0,4,8-16 (0 = the input x; default all)")
     p.add_argument("--device", default="auto", help='"auto", "cpu" or "cuda"')
     p.add_argument("--reuse", action="store_true", help="reuse a run's probe.json made with the same options")
-    from contsup.probe_options import ProbeOptions
+    from contsup.tools.probe_options import ProbeOptions
 
     for f in attrs.fields(ProbeOptions):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), metavar="N" if type(f.default) is int else "X",

@@ -32,7 +32,7 @@ class Partitioner(Protocol):
         """K positive unit counts summing to ``len(costs.units)``, in order."""
 
     # Optional: ``needs_costs = True`` (a class attribute) asks for measured costs (saved-tensor
-    # bytes per unit and each module's own overhead, ``contsup.memory``); without it ``costs`` is
+    # bytes per unit and each module's own overhead, ``contsup.model.memory``); without it ``costs`` is
     # one per unit and nothing is measured.
 
 

@@ -17,10 +17,10 @@ import attrs
 import torch
 from torch import nn
 
-from contsup.network import ContextModule, FinalCrossEntropy, GreedyNetwork, make_adapter
-from contsup.plugins import PluginInfo, PluginManager, get_plugin_manager
-from contsup.recipe import Recipe, loads_recipe
-from contsup.registry import Registries
+from contsup.model.network import ContextModule, FinalCrossEntropy, GreedyNetwork, make_adapter
+from contsup.core.plugins import PluginInfo, PluginManager, get_plugin_manager
+from contsup.config.recipe import Recipe, loads_recipe
+from contsup.core.registry import Registries
 from contsup.types import Shape, Source
 
 __all__ = ["plugin_manager", "registries", "validate_recipe", "check_selector", "check_adapter", "SHAPE_PROFILES"]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from contsup.plugins import get_plugin_manager
-from contsup.recipe import loads_recipe
-from contsup.registry import Registries
+from contsup.core.plugins import get_plugin_manager
+from contsup.config.recipe import loads_recipe
+from contsup.core.registry import Registries
 
 ROOT = Path(__file__).resolve().parents[1]
 

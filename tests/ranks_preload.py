@@ -11,8 +11,8 @@ torch.set_num_threads(1)
 import torch.distributed  # noqa: E402,F401
 
 import contsup.cli  # noqa: E402,F401
-import contsup.data_parallel  # noqa: E402,F401
-import contsup.pipeline  # noqa: E402,F401
-from contsup.plugins import get_plugin_manager  # noqa: E402
+import contsup.distributed.data_parallel  # noqa: E402,F401
+import contsup.distributed.pipeline  # noqa: E402,F401
+from contsup.core.plugins import get_plugin_manager  # noqa: E402
 
 get_plugin_manager()  # imports every built-in plugin (timm among them)

@@ -14,12 +14,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from contsup.checkpoint import (
+from contsup.training.checkpoint import (
     CorruptCheckpoint, checkpoint_paths, load_latest, read_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
-from contsup.engine import Trainer
+from contsup.training.engine import Trainer
 from contsup.errors import ContsupError
-from contsup.recipe import loads_recipe
+from contsup.config.recipe import loads_recipe
 
 from tiny import one_thread, tiny_recipe_text  # noqa: F401 (fixture)
 
@@ -175,7 +175,7 @@ def test_fuzz_damaged_checkpoints_never_crash(trained_state, tmp_path, data):
 def test_written_files_get_the_usual_permissions_not_private_ones(tmp_path):
     import stat
 
-    from contsup.rundir import UMASK, atomic_write
+    from contsup.training.rundir import UMASK, atomic_write
 
     path = tmp_path / "model.pt"
     atomic_write(path, lambda f: f.write(b"x"))

@@ -9,8 +9,8 @@ import torch
 
 import contsup
 from contsup.cli import main
-from contsup.plugins import BUILTIN_PLUGINS
-from contsup.rundir import read_metrics
+from contsup.core.plugins import BUILTIN_PLUGINS
+from contsup.training.rundir import read_metrics
 
 from conftest import small_recipe_text
 
@@ -172,8 +172,8 @@ def test_usage_errors_exit_2_without_traceback(capsys):
 
 def test_observers_are_called(small_recipe, tmp_path):
     from contsup import hookimpl
-    from contsup.engine import Trainer
-    from contsup.plugins import get_plugin_manager
+    from contsup.training.engine import Trainer
+    from contsup.core.plugins import get_plugin_manager
 
     calls = []
 

@@ -12,10 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contsup.data_parallel import ShardedBatchSampler, global_batch_size, shard_bounds
-from contsup.distributed_bench import read_report
-from contsup.order import SkippingBatchSampler
-from contsup.rundir import read_metrics
+from contsup.distributed.data_parallel import ShardedBatchSampler, global_batch_size, shard_bounds
+from contsup.distributed.timing import read_report
+from contsup.training.order import SkippingBatchSampler
+from contsup.training.rundir import read_metrics
 
 from ranks import run_ranks
 from tiny import assert_same_runs, one_process, one_thread, tiny_recipe_text  # noqa: F401 (fixture)
@@ -86,7 +86,7 @@ def nan_in_module_2_on_rank_1(rank: int) -> None:
     """Rank 1's module 2 has a NaN loss from its third step on (rank 0's stays finite)."""
     import attrs
 
-    from contsup.network import ContextModule
+    from contsup.model.network import ContextModule
 
     if rank != 1:
         return
@@ -117,7 +117,7 @@ def test_a_rank_that_fails_stops_the_others_saying_why(tmp_path):
 
 def ctrl_c_on_rank_1_at_step_3(rank: int) -> None:
     """Rank 1 (not rank 0) gets Ctrl-C after its third step: every rank stops there."""
-    from contsup import progress
+    from contsup.training import progress
 
     if rank != 1:
         return

@@ -12,14 +12,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from contsup import distributed
+from contsup.distributed import world as distributed
 from contsup.cli import main
-from contsup.distributed import (
+from contsup.distributed.world import (
     Launch, PeerLost, World, check_launch, choose_backend, is_communication_error, launch_from_env,
 )
-from contsup.engine import Trainer
+from contsup.training.engine import Trainer
 from contsup.errors import ContsupError, RecipeError
-from contsup.recipe import loads_recipe
+from contsup.config.recipe import loads_recipe
 
 from ranks import run_ranks
 from tiny import one_thread, tiny_recipe_text  # noqa: F401 (fixture)
@@ -181,7 +181,7 @@ def _fit(trainer) -> dict:
 
 @pytest.mark.parametrize("mode", ["data", "pipeline"])
 def test_one_rank_trains_exactly_as_one_process(registries, tmp_path, one_rank, mode):
-    from contsup.distributed import _trainer_class
+    from contsup.distributed.world import _trainer_class
 
     recipe = recipe_with(registries, tmp_path, f'mode = "{mode}"')
     single = recipe_with(registries, tmp_path, 'mode = "none"')
@@ -200,7 +200,7 @@ def test_micro_batches_accumulate_into_one_step_per_batch(registries, tmp_path, 
     """With M micro-batches each module takes one step per batch on the gradient of the whole
     batch: equal to M = 1 where nothing depends on the batch (here: batch norm frozen), up to
     summation order (one epoch: these small networks amplify rounding differences fast)."""
-    from contsup.pipeline import PipelineTrainer
+    from contsup.distributed.pipeline import PipelineTrainer
 
     monkeypatch.setattr(nn.BatchNorm2d, "forward", _frozen_batch_norm)
     runs = {}

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import re
 
-from contsup.reference import builtin_reference
-from contsup.recipe import SECTIONS
+from contsup.tools.reference import builtin_reference
+from contsup.config.recipe import SECTIONS
 
 from conftest import ROOT
 
 
 def test_recipe_reference_is_up_to_date():
     text = (ROOT / "docs" / "recipes.md").read_text()
-    assert text == builtin_reference(), "docs/recipes.md is stale: run python -m contsup.reference > docs/recipes.md"
+    assert text == builtin_reference(), "docs/recipes.md is stale: run python -m contsup.tools.reference > docs/recipes.md"
 
 
 def test_every_section_and_option_is_documented():

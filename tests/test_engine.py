@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from contsup.checkpoint import checkpoint_paths, load_latest
+from contsup.training.checkpoint import checkpoint_paths, load_latest
 from contsup.cli import main
-from contsup.network import ContextModule, GreedyNetwork
-from contsup.rundir import read_metrics
+from contsup.model.network import ContextModule, GreedyNetwork
+from contsup.training.rundir import read_metrics
 
 from tiny import assert_same_runs, one_thread, tiny_recipe_text  # noqa: F401 (fixture)
 
@@ -33,7 +33,7 @@ def test_a_diverging_run_stops_with_one_line(write_recipe, tmp_path, capsys):
 
 
 def test_an_epoch_line_without_a_measured_speed_still_prints():
-    from contsup.engine import summary_line
+    from contsup.training.engine import summary_line
 
     m = {"epoch": 1, "test_error_pct": 2.0, "test_local_acc_pct": [None, 50.0], "images_per_s": None, "epoch_time_s": 0.0}
     assert summary_line(m, 3) == "epoch 1/3: test error 2.00% | local acc % 50.0 | - img/s | 0.0s"
@@ -140,7 +140,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(write_recipe, tmp
         f"the last good checkpoint is {good} (end of epoch 1)"
     ]
     assert checkpoint_paths(run) == [good] and not list((run / "checkpoints").glob(".*.tmp"))
-    monkeypatch.setattr("contsup.rundir.append_metrics", lambda *a: (_ for _ in ()).throw(
+    monkeypatch.setattr("contsup.training.rundir.append_metrics", lambda *a: (_ for _ in ()).throw(
         OSError(errno.EACCES, "Permission denied", str(run / "metrics.jsonl"))))
     monkeypatch.setattr(torch, "save", saved)
     assert main(["train", "--resume", str(run)]) == 1

@@ -11,7 +11,7 @@ import torch
 
 import contsup
 from contsup.cli import main
-from contsup.rundir import read_metrics
+from contsup.training.rundir import read_metrics
 
 from tiny import one_thread, tiny_recipe_text  # noqa: F401 (fixture)
 

@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from contsup.checkpoint import checkpoint_paths
+from contsup.training.checkpoint import checkpoint_paths
 from contsup.cli import main
-from contsup.distributed import Launch, check_launch
-from contsup.distributed_bench import read_report
+from contsup.distributed.world import Launch, check_launch
+from contsup.distributed.timing import read_report
 from contsup.errors import ContsupError
-from contsup.pipeline import Grid, StagePlan
-from contsup.recipe import loads_recipe
-from contsup.rundir import read_metrics
+from contsup.distributed.pipeline import Grid, StagePlan
+from contsup.config.recipe import loads_recipe
+from contsup.training.rundir import read_metrics
 
 from ranks import die_on_message, run_ranks
 from tiny import assert_same_runs, one_process, one_thread, tiny_recipe_text  # noqa: F401 (fixture)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from contsup import hookspecs
-from contsup.engine import Trainer
-from contsup.network import build_network
+from contsup.training.engine import Trainer
+from contsup.model.network import build_network
 from contsup.errors import RecipeError
 from contsup.testing import check_selector, plugin_manager, registries, validate_recipe
 from contsup.types import Costs

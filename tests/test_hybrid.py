@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from contsup.errors import RecipeError
-from contsup.network import build_network
-from contsup.recipe import check_tiling, loads_recipe
+from contsup.model.network import build_network
+from contsup.config.recipe import check_tiling, loads_recipe
 
 from conftest import small_recipe_text
 

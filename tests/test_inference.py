@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from contsup.cli import main
-from contsup.inference import bare_forward, count_macs, inference_cost
-from contsup.network import build_network
+from contsup.tools.inference import bare_forward, count_macs, inference_cost
+from contsup.model.network import build_network
 
 from conftest import small_recipe_text
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-import contsup.memory as memory
-from contsup.engine import EndToEndStrategy, GreedyStrategy
-from contsup.memory import CostModel, SavedStorages, even_split, fitted_costs, measure_step, partition_costs, recipe_parts
-from contsup.network import build_network
+import contsup.model.memory as memory
+from contsup.training.engine import EndToEndStrategy, GreedyStrategy
+from contsup.model.memory import CostModel, SavedStorages, even_split, fitted_costs, measure_step, partition_costs, recipe_parts
+from contsup.model.network import build_network
 from contsup.types import Costs
 from contsup_partition import min_max_split, split_peak
 
@@ -104,7 +104,7 @@ objective = { use = "supcon", temperature = 0.1 }
 
 
 def test_prediction_equals_a_real_greedy_step_per_modules_range(registries):
-    from contsup.recipe import loads_recipe
+    from contsup.config.recipe import loads_recipe
 
     from conftest import small_recipe_text
 
@@ -119,9 +119,9 @@ def test_prediction_equals_a_real_greedy_step_per_modules_range(registries):
 
 
 def _partitioner(recipe, name):
-    from contsup.plugins import get_plugin_manager
-    from contsup.recipe import Chosen
-    from contsup.registry import Registries
+    from contsup.core.plugins import get_plugin_manager
+    from contsup.config.recipe import Chosen
+    from contsup.core.registry import Registries
 
     entry = Registries.from_plugin_manager(get_plugin_manager(entry_points=False)).partitioners.entry(name)
     return Chosen(name, entry.component, entry.component.Options(), entry.plugin)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from contsup.engine import STRATEGIES, StepStats, Trainer, e2e_parameters
+from contsup.training.engine import STRATEGIES, StepStats, Trainer, e2e_parameters
 from contsup.errors import ContsupError
-from contsup.network import build_network, plan_modules
+from contsup.model.network import build_network, plan_modules
 from contsup.types import Source
 
 
@@ -59,7 +59,7 @@ def test_context_is_added_into_a_new_tensor(small_recipe):
 
 
 def test_plan_for_resnet32_k16_r1e(registries):
-    from contsup.recipe import loads_recipe
+    from contsup.config.recipe import loads_recipe
 
     text = """
 [data]
@@ -173,4 +173,4 @@ def test_the_core_names_a_builtin_plugin_only_for_the_default_adapters():
             else:
                 continue
             found += [(path.relative_to(ROOT).as_posix(), n) for n in names if n.split(".")[0] in packages]
-    assert found == [("contsup/network.py", "contsup_context.adapters")]
+    assert found == [("contsup/model/network.py", "contsup_context.adapters")]

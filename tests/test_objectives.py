@@ -112,7 +112,7 @@ def test_a_supcon_run_stops_cleanly_on_a_short_last_batch_and_drop_last_avoids_i
     from conftest import small_recipe_text
 
     from contsup.cli import main
-    from contsup.rundir import read_metrics
+    from contsup.training.rundir import read_metrics
 
     torch.set_num_threads(1)
     extra = '\n[objective]\nuse = "supcon"\n'

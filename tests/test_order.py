@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, Dataset
 
-from contsup.order import SkippingBatchSampler, epoch_batches
+from contsup.training.order import SkippingBatchSampler, epoch_batches
 
 
 class Counting(Dataset):

@@ -19,16 +19,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contsup.checkpoint import checkpoint_paths
+from contsup.training.checkpoint import checkpoint_paths
 from contsup.cli import main
-from contsup.distributed_bench import read_report
-from contsup.engine import GreedyStrategy, Trainer
-from contsup.network import ContextStore
-from contsup.pipeline import (
+from contsup.distributed.timing import read_report
+from contsup.training.engine import GreedyStrategy, Trainer
+from contsup.model.network import ContextStore
+from contsup.distributed.pipeline import (
     HEAD, SPEC, Message, StagePlan, balanced_split, crossing, decode_header, encode_header,
 )
-from contsup.recipe import loads_recipe
-from contsup.rundir import read_metrics
+from contsup.config.recipe import loads_recipe
+from contsup.training.rundir import read_metrics
 
 from conftest import ROOT
 from ranks import die_on_message, run_ranks
@@ -127,7 +127,7 @@ def test_a_pipeline_checkpoint_resumes_in_one_process(torchrun_run, registries, 
 
 def record_first_message(rank: int, path: str) -> None:
     """Rank 1 saves the tensors of the first micro-batch it receives into ``path``."""
-    from contsup import pipeline
+    from contsup.distributed import pipeline
 
     if rank != 1:
         return
@@ -197,7 +197,7 @@ def test_a_rank_that_dies_stops_the_others_with_one_line(tmp_path):
 
 def ctrl_c_after_second_step(rank: int) -> None:
     """Rank 0 gets Ctrl-C right after its second step."""
-    from contsup import progress
+    from contsup.training import progress
 
     if rank != 0:
         return
@@ -293,7 +293,7 @@ def test_a_header_describes_its_message_exactly(kind, step, micro, count, batch,
 
 
 def test_only_what_later_modules_use_crosses_a_boundary(small_recipe):
-    from contsup.network import build_network
+    from contsup.model.network import build_network
 
     net = build_network(small_recipe(modules=6, context="R1")).network
     assert crossing(net, 3).features == (2,) and not crossing(net, 3).needs_x  # module 4 takes h_2^c

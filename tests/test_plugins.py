@@ -14,8 +14,8 @@ import pytest
 from contsup import hookimpl
 from contsup.cli import main
 from contsup.errors import PluginError
-from contsup.plugins import BUILTIN_PLUGINS, get_plugin_manager
-from contsup.registry import Registries
+from contsup.core.plugins import BUILTIN_PLUGINS, get_plugin_manager
+from contsup.core.registry import Registries
 
 from conftest import ROOT, small_recipe_text
 
@@ -366,7 +366,7 @@ def test_plugins_says_which_plugins_the_allowlist_leaves_out(fake_entry_points, 
 
 def test_messages_quoted_in_the_docs_are_real(fake_entry_points, monkeypatch, tmp_path, capsys):
     """docs/plugins/index.md quotes these lines; they must be what contsup prints."""
-    from contsup import requirements
+    from contsup.core import requirements
 
     docs = (ROOT / "docs" / "plugins" / "index.md").read_text()
     monkeypatch.delenv("CONTSUP_LOAD_PLUGINS", raising=False)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from contsup.cli import main
-from contsup.engine import EndToEndStrategy, GreedyStrategy, StepStats, Trainer
-from contsup.precision import Precision
-from contsup.recipe import loads_recipe
+from contsup.training.engine import EndToEndStrategy, GreedyStrategy, StepStats, Trainer
+from contsup.training.precision import Precision
+from contsup.config.recipe import loads_recipe
 
 from tiny import one_thread, tiny_recipe_text  # noqa: F401 (fixture)
 

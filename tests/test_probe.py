@@ -15,8 +15,8 @@ from PIL import Image
 
 from contsup.cli import main
 from contsup.errors import ContsupError
-from contsup.network import build_network
-from contsup.probe import (
+from contsup.model.network import build_network
+from contsup.tools.probe import (
     ProbeNet,
     ProbeOptions,
     chunks,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import re
 
-from contsup.progress import Progress
+from contsup.training.progress import Progress
 
 
 def test_plain_lines_every_n_steps_with_each_modules_loss():

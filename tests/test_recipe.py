@@ -9,7 +9,7 @@ import pytest
 
 from contsup.cli import main
 from contsup.errors import RecipeError
-from contsup.recipe import load_recipe, loads_recipe
+from contsup.config.recipe import load_recipe, loads_recipe
 
 from conftest import ROOT, small_recipe_text
 
@@ -155,7 +155,7 @@ def test_extends_inherits_and_overrides(tmp_path, registries):
 
 
 def test_resolved_recipe_round_trips(tmp_path, registries, small_recipe):
-    from contsup import tomlw
+    from contsup.core import tomlw
 
     recipe = small_recipe()
     path = tmp_path / "resolved.toml"
@@ -171,7 +171,7 @@ def test_every_shipped_recipe_validates(path, capsys):
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_shipped_sweep_validates(path, registries):
-    from contsup.sweep import check_runs, load_sweep
+    from contsup.tools.sweep import check_runs, load_sweep
 
     sweep = load_sweep(path)
     assert sweep.runs() and check_runs(sweep, registries) == []

@@ -9,9 +9,9 @@ import copy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from contsup import tomlw
+from contsup.core import tomlw
 from contsup.cli import main
-from contsup.recipe import parse_toml
+from contsup.config.recipe import parse_toml
 
 from conftest import ROOT, small_recipe_text
 

@@ -6,7 +6,7 @@ import attrs
 import pytest
 
 from contsup.errors import PluginError
-from contsup.registry import Registry, UnknownName
+from contsup.core.registry import Registry, UnknownName
 
 
 def component(name: str, **extra):

@@ -9,7 +9,7 @@ import shutil
 from PIL import Image
 
 from contsup.cli import main
-from contsup.plotting import method_label, method_labels
+from contsup.tools.plotting import method_label, method_labels
 
 
 def check_png(path) -> None:
@@ -77,8 +77,8 @@ def test_method_labels():
 
 
 def test_a_method_has_one_colour_in_every_figure():
-    from contsup.plotting import colours
-    from contsup.probe import label_method
+    from contsup.tools.plotting import colours
+    from contsup.tools.probe import label_method
 
     report = colours(["DGL", "ContSup R1E", "E2E", "hybrid DGL[1-4]+R1E[5-16]", "ContSup R1E · supcon"])
     probe = colours(["runs/a: DGL, K=16", "runs/b: ContSup R1E, K=16"], method=label_method)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from contsup import requirements
+from contsup.core import requirements
 from contsup.cli import main
 from contsup.errors import RecipeError
-from contsup.plugins import PluginInfo
-from contsup.recipe import loads_recipe
-from contsup.requirements import check_requirements, parse
+from contsup.core.plugins import PluginInfo
+from contsup.config.recipe import loads_recipe
+from contsup.core.requirements import check_requirements, parse
 
 from conftest import small_recipe_text
 

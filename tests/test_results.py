@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from contsup import tomlw
+from contsup.core import tomlw
 from contsup.cli import main
-from contsup.paper import cells, describe, matching_cells, method_differences, paper_schedule, schedule_differences
-from contsup.results import build_rows, csv_text, distinguishing_columns, find_runs, load_run, markdown
+from contsup.tools.paper import cells, describe, matching_cells, method_differences, paper_schedule, schedule_differences
+from contsup.tools.results import build_rows, csv_text, distinguishing_columns, find_runs, load_run, markdown
 
 from conftest import ROOT, small_recipe_text
 
@@ -103,7 +103,7 @@ def test_paper_cells_are_matched_by_configuration(registries):
 
 
 def test_hybrid_schemes_are_summarised_by_range():
-    from contsup.results import stages_summary
+    from contsup.tools.results import stages_summary
 
     stages = [{"range": [1, 4], "context": {"use": "none"}}, {"range": [5, 16]}, {"range": [17, 20], "objective": {"use": "supcon"}}]
     assert stages_summary(stages, {"context.use": "R1E"}) == "1-4: none; 5-16: R1E; 17-20: R1E + supcon"
@@ -174,8 +174,8 @@ PAPER_SWEEPS = sorted((ROOT / "recipes" / "paper").glob("*.sweep.toml"))
 
 @pytest.mark.parametrize("path", PAPER_SWEEPS, ids=lambda p: p.name)
 def test_the_shipped_paper_sweeps_match_their_cells_unmarked(path, registries):
-    from contsup.recipe import build_recipe, load_with_extends, set_path
-    from contsup.sweep import load_sweep
+    from contsup.config.recipe import build_recipe, load_with_extends, set_path
+    from contsup.tools.sweep import load_sweep
 
     sweep = load_sweep(path)
     unmatched = set()

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from contsup.checkpoint import checkpoint_paths, load_latest
+from contsup.training.checkpoint import checkpoint_paths, load_latest
 from contsup.cli import main
-from contsup.engine import Interrupted, Trainer
-from contsup.progress import Progress
-from contsup.recipe import loads_recipe
-from contsup.resume import recipe_differences
-from contsup.rundir import append_metrics, read_metrics
+from contsup.training.engine import Interrupted, Trainer
+from contsup.training.progress import Progress
+from contsup.config.recipe import loads_recipe
+from contsup.training.resume import recipe_differences
+from contsup.training.rundir import append_metrics, read_metrics
 
 from conftest import ROOT
 from tiny import assert_same_runs, one_thread, tiny_recipe_text, without_measured  # noqa: F401 (fixture)

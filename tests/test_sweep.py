@@ -9,7 +9,7 @@ import pytest
 
 from contsup.cli import main
 from contsup.errors import RecipeError
-from contsup.sweep import check_runs, describe_runs, load_sweep
+from contsup.tools.sweep import check_runs, describe_runs, load_sweep
 
 from conftest import small_recipe_text
 
@@ -128,7 +128,7 @@ def test_ctrl_c_stops_the_sweep_and_a_rerun_resumes(sweep_file, capsys, monkeypa
     import os
     import signal
 
-    from contsup.progress import Progress
+    from contsup.training.progress import Progress
 
     path = sweep_file('"data.train_size" = [64]\n"run.seed" = [0, 1]')  # 4 steps per run
     original, calls = Progress.update, {"n": 0}

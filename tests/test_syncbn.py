@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from contsup.syncbn import SyncBatchNorm, convert_sync_batchnorm
+from contsup.distributed.syncbn import SyncBatchNorm, convert_sync_batchnorm
 
 from ranks import run_ranks
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from contsup import hookimpl
-from contsup.plugins import BUILTIN_PLUGINS
+from contsup.core.plugins import BUILTIN_PLUGINS
 from contsup.testing import check_adapter, check_selector, plugin_manager, registries, validate_recipe
 from contsup.types import Source
 from contsup_context import ContSup

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader
 
 from contsup.cli import main
 from contsup.errors import ContsupError, RecipeError
-from contsup.network import build_network
-from contsup.recipe import loads_recipe
+from contsup.model.network import build_network
+from contsup.config.recipe import loads_recipe
 from contsup_datasets import Cifar10, Stl10, Svhn
 from contsup_datasets import cifar10 as cifar10_module
 from contsup_datasets import stl10 as stl10_module

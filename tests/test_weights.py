@@ -13,9 +13,9 @@ from PIL import Image
 from torch import nn
 
 from contsup.cli import main
-from contsup.network import ContextModule, FinalCrossEntropy, GreedyNetwork
+from contsup.model.network import ContextModule, FinalCrossEntropy, GreedyNetwork
 from contsup.types import Source
-from contsup.weights import adapter_norm, plot_weight_map, weight_map
+from contsup.tools.weights import adapter_norm, plot_weight_map, weight_map
 from contsup_context.adapters import InputEncoder, OfficialShortcutAdapter, ShortcutAdapter
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from contsup.engine import Trainer
-from contsup.recipe import loads_recipe
-from contsup.rundir import read_metrics
+from contsup.training.engine import Trainer
+from contsup.config.recipe import loads_recipe
+from contsup.training.rundir import read_metrics
 
 from conftest import small_recipe_text
 

@@ -86,7 +86,7 @@ class MemoryBalanced:
     """The exact contiguous split minimising the largest module's measured training memory."""
 
     name = "memory_balanced"
-    needs_costs = True  # build_network measures per-unit costs (contsup.memory) before split()
+    needs_costs = True  # build_network measures per-unit costs (contsup.model.memory) before split()
 
     @attrs.frozen
     class Options:

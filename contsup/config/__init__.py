@@ -1,0 +1,1 @@
+"""contsup.config: recipes: TOML -> validated, frozen Recipe; optimizers and schedules."""

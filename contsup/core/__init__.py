@@ -1,0 +1,1 @@
+"""contsup.core: the plugin manager and the registries."""

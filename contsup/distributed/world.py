@@ -1,0 +1,761 @@
+"""torch.distributed for contsup: launch checks, the process group, lost ranks, and ``contsup
+train`` in each of the processes torchrun starts.
+
+torchrun gives every process RANK, WORLD_SIZE and LOCAL_RANK. Rank 0 reads and checks the
+recipe and hands the resolved recipe to the others through the launcher's store; it alone
+writes the run directory (recipe, metrics, checkpoints, model), prints progress and runs the
+observers. Every wait on another rank has a deadline (``distributed.timeout_s``); a rank that
+ends or stops answering makes the others stop with one line naming it.
+:mod:`contsup.distributed.data_parallel` and :mod:`contsup.distributed.pipeline` hold the two ways of training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence, TextIO
+
+import attrs
+import torch
+import torch.distributed as dist
+
+from contsup.training.checkpoint import checkpoint_dir, checkpoint_name, rng_state, set_rng_state
+from contsup.training.checkpoint import describe as describe_checkpoint
+from contsup.training.engine import Interrupted, StepStats, Trainer, TrainingFailed, resolve_device, stop_signals, stopped
+from contsup.errors import ContsupError, one_line, reason
+
+GRACE_S = 3.0  # how long a rank that saw a failure waits to learn which rank it was
+HEARTBEAT_S = 0.5  # how often each rank says in the store that its process still runs
+START_TIMEOUT_S = 600.0  # how long ranks wait for each other (and for rank 0's recipe) at the start
+
+
+@attrs.frozen
+class Launch:
+    """Where torchrun put this process: its rank, the number of processes, its rank on its machine."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launch_from_env(environ: Mapping[str, str] | None = None) -> Launch | None:
+    """The torchrun variables of this process, or None when it was not started by torchrun."""
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" not in env and "RANK" not in env:
+        return None
+    try:
+        world = int(env["WORLD_SIZE"])
+        rank = int(env.get("RANK", "0"))
+        local = int(env.get("LOCAL_RANK", str(rank)))
+    except (KeyError, ValueError):
+        raise ContsupError(
+            "the launcher's RANK, WORLD_SIZE and LOCAL_RANK are not all whole numbers; start contsup with "
+            "torchrun --nproc_per_node=N -m contsup train RECIPE"
+        ) from None
+    if not 0 <= rank < world:
+        raise ContsupError(f"the launcher gave RANK={rank} with WORLD_SIZE={world}; a rank must be 0..{world - 1}")
+    return Launch(rank, world, local)
+
+
+def check_single_process(recipe: Any) -> None:
+    """A recipe asking for several processes but run without torchrun: say how to launch it."""
+    mode = recipe.distributed.mode
+    if mode != "none":
+        raise ContsupError(
+            f"{recipe.source}: distributed.mode = \"{mode}\" needs several processes started by torchrun: "
+            f"torchrun --nproc_per_node=N -m contsup train {recipe.source} (see docs/distributed.md), "
+            f"or --set distributed.mode=none for one process"
+        )
+
+
+def check_launch(recipe: Any, launch: Launch) -> None:
+    """Every problem between the recipe and the processes torchrun started, one line each."""
+    d, n, k = recipe.distributed, launch.world_size, recipe.partition.modules
+    where = recipe.source
+    problems = []
+    if d.mode == "none" and n > 1:
+        problems.append(
+            f"{where}: distributed.mode is \"none\" but torchrun started {n} processes; set distributed.mode = "
+            f"\"data\" or \"pipeline\" (--set distributed.mode=pipeline), or run one process"
+        )
+    if d.mode == "pipeline" and d.replicas == 1:
+        if n > k:
+            problems.append(
+                f"{where}: distributed.mode = \"pipeline\" with {n} processes needs at least {n} modules, and "
+                f"partition.modules is {k}; start at most {k} processes (--nproc_per_node) or raise partition.modules"
+            )
+        if d.stages and len(d.stages) != n:
+            problems.append(
+                f"{where}: distributed.stages has {len(d.stages)} entries but torchrun started {n} processes; "
+                f"give one module count per process, or [] to balance them automatically"
+            )
+    if d.mode == "pipeline" and d.replicas > 1:
+        problems += _grid_problems(recipe, n)
+    if d.mode == "data" and recipe.data.batch_size < n:
+        problems.append(
+            f"{where}: data.batch_size = {recipe.data.batch_size} is smaller than the {n} processes; each process "
+            f"needs at least one image of every batch (data.batch_size is the batch of all processes together)"
+        )
+    device = recipe.run.device
+    if device.startswith("cuda:"):
+        problems.append(
+            f"{where}: run.device = \"{device}\": under torchrun each process uses the GPU numbered by its "
+            f"LOCAL_RANK; use \"auto\" or \"cuda\""
+        )
+    cuda = device != "cpu" and torch.cuda.is_available()
+    if d.backend == "nccl" and not cuda:
+        problems.append(f"{where}: distributed.backend = \"nccl\" needs CUDA devices; use \"auto\" or \"gloo\"")
+    if d.backend == "gloo" and cuda:
+        problems.append(
+            f"{where}: distributed.backend = \"gloo\" cannot pass CUDA tensors between ranks; use \"auto\" "
+            f"(NCCL for CUDA tensors, gloo for the rest) or run.device = \"cpu\""
+        )
+    if problems:
+        raise ContsupError(*problems)
+
+
+def _grid_problems(recipe: Any, n: int) -> list[str]:
+    """A grid of stages x replicas: the processes must fill it, each stage needs a module and
+    each replica an image of every batch."""
+    d, k, where = recipe.distributed, recipe.partition.modules, recipe.source
+    r = d.replicas
+    if d.stages and len(d.stages) * r != n:
+        return [
+            f"{where}: distributed.stages has {len(d.stages)} entries and distributed.replicas is {r}, which needs "
+            f"{len(d.stages)} x {r} = {len(d.stages) * r} processes, but torchrun started {n}; start "
+            f"{len(d.stages) * r} processes (--nproc_per_node) or change distributed.replicas"
+        ]
+    if n % r:
+        return [
+            f"{where}: distributed.replicas = {r} needs a number of processes that {r} divides (stages x replicas), "
+            f"but torchrun started {n}; start a multiple of {r} processes (--nproc_per_node) or change "
+            f"distributed.replicas"
+        ]
+    problems = []
+    if n // r > k:
+        problems.append(
+            f"{where}: distributed.mode = \"pipeline\" with {n} processes in {r} replicas needs at least {n // r} "
+            f"modules, and partition.modules is {k}; start at most {k * r} processes (--nproc_per_node) or raise "
+            f"partition.modules"
+        )
+    if recipe.data.batch_size < r:
+        problems.append(
+            f"{where}: data.batch_size = {recipe.data.batch_size} is smaller than the {r} replicas "
+            f"(distributed.replicas); each replica needs at least one image of every batch (data.batch_size is the "
+            f"batch of all replicas together)"
+        )
+    return problems
+
+
+def check_device(recipe: Any, launch: Launch) -> None:
+    """This process's own GPU: the one numbered by its LOCAL_RANK must exist."""
+    device = recipe.run.device
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        count = torch.cuda.device_count()
+        if launch.local_rank >= count:
+            raise ContsupError(
+                f"rank {launch.rank}: LOCAL_RANK is {launch.local_rank} but this machine has {count} GPU"
+                f"{'s' if count != 1 else ''}; start at most {count} processes per machine (--nproc_per_node)"
+            )
+
+
+def choose_backend(option: str, device: torch.device) -> str:
+    """``auto``: NCCL for CUDA tensors and gloo for CPU tensors on a GPU run, gloo alone on a CPU run."""
+    if option != "auto":
+        return option
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+# -- failures --------------------------------------------------------------------------------
+
+
+class PeerLost(TrainingFailed):
+    """Another rank ended or stopped answering; the message names it."""
+
+
+class Silent(ContsupError):
+    """Stop with ``exit_code`` and print nothing: rank 0 has already said why."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__()
+        self.exit_code = exit_code
+
+
+def is_communication_error(exc: BaseException) -> bool:
+    """Whether ``exc`` came from the process group (a closed connection, a timeout), not from a bug."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        mark in text for mark in ("gloo", "Gloo", "NCCL", "nccl", "Connection", "Timed out", "timed out", "Broken pipe")
+    )
+
+
+# -- the process group -------------------------------------------------------------------------
+
+
+class World:
+    """This process's place among the ranks, and the collectives contsup uses, each under a
+    deadline; a failed one becomes :class:`PeerLost` naming the lost rank."""
+
+    def __init__(self, launch: Launch, store: Any, backend: str, timeout_s: float, device: torch.device) -> None:
+        self.rank = launch.rank
+        self.size = launch.world_size
+        self.launch = launch
+        self.store = dist.PrefixStore("contsup/", store)
+        self.backend = backend
+        self.timeout_s = timeout_s
+        self.timeout = datetime.timedelta(seconds=timeout_s)
+        self.device = device
+        self.control_device = device if backend == "nccl" else torch.device("cpu")
+        self.kept: Callable[[], str] = lambda: "no checkpoint was written yet"
+        self._stopped = threading.Event()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls, launch: Launch, store: Any, options: Any, device: torch.device) -> "World":
+        """Join the other processes in a process group (``store``: :func:`bootstrap_store`'s)."""
+        backend = choose_backend(options.backend, device)
+        timeout = datetime.timedelta(seconds=options.timeout_s)
+        if device.type == "cuda":
+            torch.cuda.set_device(launch.local_rank)
+        try:
+            dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size, timeout=timeout)
+        except (RuntimeError, ValueError) as exc:
+            raise ContsupError(
+                f"rank {launch.rank}: cannot join the other {launch.world_size - 1} processes ({reason(exc)}); "
+                f"start every process with the same torchrun command (docs/distributed.md)"
+            ) from None
+        world = cls(launch, store, backend, options.timeout_s, device)
+        world.start_heartbeat()
+        return world
+
+    def start_heartbeat(self) -> None:
+        """Count up ``beat/<rank>`` in the store every :data:`HEARTBEAT_S` from a thread, while
+        this process runs: a rank blocked in a wait on a third one still beats, a lost one does
+        not (see :meth:`lost`)."""
+        def beat() -> None:
+            while not self._stopped.wait(HEARTBEAT_S):
+                try:
+                    self.store.add(f"beat/{self.rank}", 1)
+                except Exception:
+                    return
+
+        threading.Thread(target=beat, name=f"contsup-heartbeat-{self.rank}", daemon=True).start()
+
+    def close(self) -> None:
+        self._stopped.set()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # -- collectives, each turning a communication failure into PeerLost ---------------
+
+    @contextlib.contextmanager
+    def guard(self, what: str) -> Iterator[None]:
+        """Run communication; a closed connection or a timeout becomes :class:`PeerLost`."""
+        try:
+            yield
+        except PeerLost:
+            raise
+        except Exception as exc:
+            if not is_communication_error(exc):
+                raise
+            raise self.lost(what, exc) from None
+
+    def all_reduce(self, tensor: torch.Tensor, what: str, op: Any = None) -> torch.Tensor:
+        with self.guard(what):
+            dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        """Rank 0's ``tensor`` on every rank (in place)."""
+        with self.guard(what):
+            dist.broadcast(tensor, src=0)
+        return tensor
+
+    def groups(self, layout: Sequence[Sequence[int]]) -> list["Group"]:
+        """One :class:`Group` per list of ranks in ``layout``; every rank calls this with the same
+        layout (torch creates process groups collectively, in the same order everywhere)."""
+        out = []
+        for ranks in layout:
+            with self.guard("creating the process groups"):
+                handle = dist.new_group(list(ranks), timeout=self.timeout) if len(ranks) > 1 else None
+            out.append(Group(self, tuple(ranks), handle))
+        return out
+
+    def broadcast_object(self, obj: Any, what: str) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        box = [obj]
+        with self.guard(what):
+            dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_objects(self, obj: Any, what: str) -> list[Any] | None:
+        """Every rank's ``obj``, in rank order, on rank 0 (None elsewhere)."""
+        out: list[Any] | None = [None] * self.size if self.is_main else None
+        with self.guard(what):
+            dist.gather_object(obj, out, dst=0)
+        return out
+
+    # -- which rank was lost ---------------------------------------------------------------
+
+    def publish_failure(self, exc: BaseException) -> None:
+        """Leave this rank's reason for stopping where the others look for it (a rank that stops
+        because of another, or silently after rank 0, only says it is still there)."""
+        if isinstance(exc, (PeerLost, Silent)):
+            with contextlib.suppress(Exception):
+                self.store.set_timeout(datetime.timedelta(seconds=GRACE_S))
+                self.store.set(f"alive/{self.rank}", "1")
+            return
+        if isinstance(exc, ContsupError):
+            text = "; ".join(exc.lines)
+        elif isinstance(exc, KeyboardInterrupt):
+            text = "interrupted"
+        else:
+            text = f"{type(exc).__name__}: {reason(exc, 200)}"
+        try:
+            self.store.set_timeout(datetime.timedelta(seconds=GRACE_S))
+            self.store.set(f"failed/{self.rank}", one_line(text))
+        except Exception:
+            pass
+
+    def linger(self) -> None:
+        """After this rank failed: close its connections so the others notice at once, and give
+        them a moment to read why (rank 0 may hold the store they read it from)."""
+        with contextlib.suppress(Exception):
+            self.close()
+        deadline = time.monotonic() + GRACE_S
+        others = [k for k in range(self.size) if k != self.rank]
+        while others and time.monotonic() < deadline:
+            try:
+                others = [k for k in others if not self.store.check([f"alive/{k}"])]
+            except Exception:
+                return
+            time.sleep(0.05)
+
+    def _failures(self) -> dict[int, str]:
+        out = {}
+        for k in range(self.size):
+            if k != self.rank and self.store.check([f"failed/{k}"]):
+                out[k] = self.store.get(f"failed/{k}").decode("utf-8", "replace")
+        return out
+
+    def _beats(self) -> dict[int, int]:
+        """Every other rank's heartbeat count (0 for a rank that never beat)."""
+        return {k: int(self.store.add(f"beat/{k}", 0)) for k in range(self.size) if k != self.rank}
+
+    def lost(self, what: str, exc: BaseException) -> PeerLost:
+        """The one-line error for a failed exchange: which rank stopped (and why, if it said) or
+        was lost, and what there is to resume from. A rank that says it is still there, or whose
+        heartbeat goes on (it waits on another), is not lost."""
+        kept = self.kept()
+        try:
+            self.store.set_timeout(datetime.timedelta(seconds=GRACE_S))
+            self.store.set(f"alive/{self.rank}", "1")
+            deadline = time.monotonic() + GRACE_S
+            first_beats = self._beats()
+            while True:
+                failed = self._failures()
+                if failed:
+                    k = min(failed)
+                    said = failed[k] if failed[k].endswith(kept) else f"{failed[k]}; {kept}"
+                    return PeerLost(f"rank {self.rank}: stopping because rank {k} stopped: {said}")
+                beats = self._beats()
+                missing = [k for k in beats if beats[k] == first_beats[k] and not self.store.check([f"alive/{k}"])]
+                if not missing or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.05)
+        except Exception:
+            return PeerLost(
+                f"rank {self.rank}: lost contact with the other ranks while {what} and with the rendezvous store "
+                f"(rank 0 or the launcher ended); {kept}"
+            )
+        if missing:
+            names = ", ".join(str(k) for k in missing)
+            return PeerLost(
+                f"rank {self.rank}: rank{'s' if len(missing) > 1 else ''} {names} {'were' if len(missing) > 1 else 'was'} "
+                f"lost while {what} (the process ended, or did not answer within distributed.timeout_s = "
+                f"{self.timeout_s:g} s); {kept}"
+            )
+        return PeerLost(
+            f"rank {self.rank}: an exchange failed while {what} though every rank is still running "
+            f"({reason(exc, 160)}); a rank slower than distributed.timeout_s = {self.timeout_s:g} s, or the network; {kept}"
+        )
+
+
+class Group:
+    """Some of the ranks (in a grid: those holding one pipeline stage, one per replica) and the
+    collectives contsup runs among them, under the world's deadlines and lost-rank reports. It
+    offers what :class:`World` offers for the gradient sums and broadcasts (``size``,
+    :meth:`all_reduce`, :meth:`broadcast`: from its first rank); a group of one rank does nothing."""
+
+    def __init__(self, world: World, ranks: tuple[int, ...], handle: Any) -> None:
+        self.world, self.ranks, self.handle = world, ranks, handle
+        self.size = len(ranks)
+        self.control_device = world.control_device
+
+    def all_reduce(self, tensor: torch.Tensor, what: str, op: Any = None) -> torch.Tensor:
+        if self.size > 1:
+            with self.world.guard(what):
+                dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=self.handle)
+        return tensor
+
+    def broadcast(self, tensor: torch.Tensor, what: str) -> torch.Tensor:
+        if self.size > 1:
+            with self.world.guard(what):
+                dist.broadcast(tensor, src=self.ranks[0], group=self.handle)
+        return tensor
+
+
+def any_rank(group: World | Group, wanted: bool, what: str) -> bool:
+    """Whether any rank of ``group`` ``wanted`` (one small all-reduce): how ranks agree to stop."""
+    flag = torch.tensor([1.0 if wanted else 0.0], device=group.control_device)
+    group.all_reduce(flag, what, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+# -- what both distributed trainers share ----------------------------------------------------------
+
+
+class DistributedTrainer(Trainer):
+    """A :class:`Trainer` on one rank. Rank 0 writes the run directory and runs the observers;
+    checkpoints are gathered to it collectively, so every rank calls :meth:`save_checkpoint` at the
+    same points. A stop (Ctrl-C) takes effect only where the ranks agree on it."""
+
+    def __init__(self, recipe: Any, run_dir: Path, world: World, hook: Any = None, log: TextIO | None = None) -> None:
+        self.world = world
+        self._stop_wanted_at: float | None = None
+        self._report: list[dict] = []
+        self._global_partial: StepStats | None = None
+        quiet = open(os.devnull, "w")
+        self.progress_stream = sys.stderr if world.is_main else quiet  # where the progress lines go
+        super().__init__(recipe, run_dir, hook=hook if world.is_main else None, log=log if world.is_main else quiet)
+        world.kept = self._kept
+
+    # -- checkpoints: every rank calls, rank 0 writes ------------------------------------
+
+    def reduced_stats(self, stats: StepStats) -> StepStats:
+        """The epoch's running sums over every rank's images, each module's counted once; collective."""
+        raise NotImplementedError
+
+    @property
+    def keeps_resumed_sums(self) -> bool:
+        """Whether this rank carries a resumed epoch's running sums (once per module over the ranks)."""
+        raise NotImplementedError
+
+    def gather_state(self) -> None:
+        """Bring what other ranks hold (and rank 0 does not) into rank 0's trainer; collective.
+        Here: the running sums of an unfinished epoch, for the checkpoint."""
+        self._global_partial = self.reduced_stats(self.current.stats) if self._mid_epoch() else None
+
+    def save_checkpoint(self) -> Path | None:
+        here = (self.info.step, len(self.history))
+        if self.last_checkpoint is not None and self.last_checkpoint[2] == here:
+            return self.last_checkpoint[0]
+        self.gather_state()
+        rngs = self.world.gather_objects(rng_state(), "gathering a checkpoint")
+        self._rngs = rngs
+        if self.world.is_main:
+            return super().save_checkpoint()
+        state = {"epoch": self.current.epoch if self._mid_epoch() else len(self.history) + 1,
+                 "batch": self.current.done if self._mid_epoch() else 0, "steps_per_epoch": self.steps_per_epoch}
+        path = checkpoint_dir(self.run_dir) / checkpoint_name(self.info.step)
+        self.last_checkpoint = (path, describe_checkpoint(state), here)
+        return path
+
+    def _mid_epoch(self) -> bool:
+        return self.current is not None and self.current.epoch == len(self.history) + 1
+
+    def checkpoint_state(self) -> dict:
+        state = super().checkpoint_state()
+        if state["partial"] is not None and self._global_partial is not None:
+            g = self._global_partial
+            state["partial"].update(loss=list(g.loss), correct=list(g.correct), seen=list(g.seen))
+        state["distributed"] = {
+            "mode": self.recipe.distributed.mode,
+            "world_size": self.world.size,
+            "rng": list(getattr(self, "_rngs", None) or []),
+        }
+        return state
+
+    def load_state(self, state: dict) -> None:
+        """Every rank loads the same checkpoint; its running sums (of every rank's images) stay on
+        the ranks that :attr:`keeps_resumed_sums`."""
+        super().load_state(state)
+        if self._resumed is not None and not self.keeps_resumed_sums:
+            self._resumed.stats = StepStats(self.network.num_modules)
+        saved = state.get("distributed") or {}
+        rngs = saved.get("rng") or []
+        if saved.get("world_size") == self.world.size and len(rngs) == self.world.size:
+            set_rng_state(rngs[self.world.rank])
+
+    # -- stopping: rank 0's Ctrl-C, agreed on by every rank ---------------------------------
+
+    def request_stop(self) -> None:
+        """Ask to stop after the current step; the ranks agree on which step (see subclasses)."""
+        if self._stop_wanted_at is None:
+            self._stop_wanted_at = time.monotonic()
+
+    @contextlib.contextmanager
+    def _ctrl_c_stops_at_a_step(self) -> Iterator[None]:
+        """As in one process, except that the copy of Ctrl-C (or SIGTERM) torchrun forwards right
+        after the terminal's (or scheduler's) own does not count as a second one."""
+
+        def handler(name: str) -> None:
+            first = self._stop_wanted_at
+            if first is not None and time.monotonic() - first > 1.0:
+                raise KeyboardInterrupt
+            if first is None:
+                self._stopped_by = name
+                if self.world.is_main:
+                    again = " (press it again to stop at once)" if name == "Ctrl-C" else ""
+                    sys.stderr.write(f"\n{name}: stopping after this step to save a checkpoint{again}\n")
+                    sys.stderr.flush()
+            self.request_stop()
+
+        with stop_signals(handler):
+            yield
+
+    def _interrupt(self) -> Interrupted:
+        if self._stop_requested:  # agreed by every rank: a consistent checkpoint can be gathered
+            exc = super()._interrupt()
+        else:  # a second Ctrl-C inside a step: no collective is safe now
+            resume = f"continue with: contsup train --resume {self.run_dir}"
+            exc = Interrupted(f"interrupted in the middle of a step; {self._kept()}; {resume}")
+        n = self.world.size
+        lines = [line.replace("contsup train --resume", f"torchrun --nproc_per_node={n} -m contsup train --resume")
+                 for line in exc.lines]
+        out = stopped(self._stopped_by, *lines)
+        out.agreed = self._stop_requested  # every rank stops here too (rank 0 alone then says so)
+        return out
+
+    # -- the end of a run -------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """After ``fit``: the final weights on rank 0 (collective), then rank 0 writes the model
+        and the distributed report."""
+        from contsup.distributed.timing import write_report
+        from contsup.training.rundir import save_model
+
+        self.gather_state()
+        if self.world.is_main:
+            save_model(self.run_dir, self.network)
+            write_report(self.run_dir, self.report())
+
+    def record_epoch(self, entry: dict) -> None:
+        """Rank 0: add one epoch's timings to ``distributed.json`` (rewritten each epoch)."""
+        from contsup.distributed.timing import write_report
+
+        if self.world.is_main:
+            self._report.append(entry)
+            write_report(self.run_dir, self.report())
+
+    def report(self) -> dict:
+        """What ``distributed.json`` holds (see :mod:`contsup.distributed.timing`)."""
+        d = self.recipe.distributed
+        return {
+            "mode": d.mode,
+            "world_size": self.world.size,
+            "backend": self.world.backend,
+            "device": str(self.device),
+            "batch_size": self.recipe.data.batch_size,
+            "epochs": self._report,
+        }
+
+
+def bootstrap_store(launch: Launch) -> Any:
+    """The launcher's key-value store (torchrun's, or rank 0's without torchrun), before any
+    process group exists: rank 0 hands the recipe to the others through it."""
+    timeout = datetime.timedelta(seconds=START_TIMEOUT_S)
+    try:
+        store, _, _ = next(dist.rendezvous("env://", rank=launch.rank, world_size=launch.world_size, timeout=timeout))
+    except (RuntimeError, ValueError) as exc:
+        raise ContsupError(
+            f"rank {launch.rank}: cannot reach the launcher's store ({reason(exc)}); start every process with "
+            f"the same torchrun command (docs/distributed.md)"
+        ) from None
+    return store
+
+
+def _start_on_main(args: Any, launch: Launch, pm: Any, registries: Any) -> tuple[Any, dict]:
+    """Rank 0: read and check the recipe, then make (or reopen) the run directory."""
+    from contsup import __version__
+    from contsup.training.engine import preflight
+    from contsup.config.recipe import load_recipe
+    from contsup.training.resume import prepare_resume
+    from contsup.training.rundir import create_run_dir, default_run_dir, write_recipe, write_versions
+
+    if args.resume is not None:
+        if args.new:
+            raise ContsupError("contsup train: --new and --resume exclude each other")
+        warn = lambda line: print(f"warning: {one_line(line)}", file=sys.stderr, flush=True)  # noqa: E731
+        run = prepare_resume(Path(args.resume), args.recipe, args.set or (), registries, args.force, warn)
+        recipe = run.recipe
+    else:
+        if args.force:
+            raise ContsupError("contsup train: --force only applies with --resume RUN_DIR")
+        if args.recipe is None:
+            raise ContsupError("contsup train: give a recipe file, or --resume RUN_DIR to continue a run")
+        recipe = load_recipe(args.recipe, args.set or (), registries)
+    check_launch(recipe, launch)
+    if recipe.distributed.mode == "none":
+        return recipe, {"status": "single"}
+    preflight(recipe)
+    n, mode = launch.world_size, recipe.distributed.mode
+    if args.resume is not None:
+        print(f"contsup {__version__}: resuming {run.run_dir} from {run.where()} on {n} processes", flush=True)
+        return recipe, {"status": "ok", "run_dir": str(run.run_dir), "resume": run.state is not None, "state": run.state}
+    run_dir = create_run_dir(default_run_dir(recipe), new=args.new)
+    write_recipe(run_dir, recipe)
+    write_versions(run_dir, recipe, pm)
+    print(f"contsup {__version__}: training {recipe.source} into {run_dir} on {n} processes ({mode} parallel)", flush=True)
+    return recipe, {"status": "ok", "run_dir": str(run_dir), "resume": False, "state": None}
+
+
+def _start(args: Any, launch: Launch, store: Any, pm: Any, registries: Any) -> tuple[Any, dict]:
+    """Every rank: the recipe and where the run goes, decided by rank 0 and passed on through the store."""
+    from contsup.config.recipe import build_recipe
+
+    key = "contsup/start"
+    if launch.is_main:
+        try:
+            recipe, start = _start_on_main(args, launch, pm, registries)
+        except ContsupError as exc:
+            say(exc)  # now: torchrun ends this process as soon as another one stops
+            store.set(key, json.dumps({"status": "error", "exit_code": exc.exit_code}))
+            _wait_until_read(store, launch.world_size - 1)  # this process may hold the store
+            raise Silent(exc.exit_code) from None
+        public = {k: v for k, v in start.items() if k != "state"}
+        store.set(key, json.dumps({**public, "recipe": recipe.table(), "source": recipe.source}))
+        return recipe, start
+    store.set_timeout(datetime.timedelta(seconds=START_TIMEOUT_S))
+    try:
+        start = json.loads(store.get(key))
+        store.add(f"{key}/read", 1)
+    except Exception as exc:
+        raise ContsupError(f"rank {launch.rank}: rank 0 did not start the run ({reason(exc)})") from None
+    if start["status"] == "error":
+        raise Silent(start["exit_code"])
+    try:
+        recipe = build_recipe(start["recipe"], start["source"], registries)
+    except ContsupError as exc:
+        raise ContsupError(*(f"rank {launch.rank}: {line}" for line in exc.lines)) from None
+    return recipe, start
+
+
+def say(exc: ContsupError) -> None:
+    """Print a problem as ``contsup.cli.main`` does: one line each, after its label."""
+    label = getattr(exc, "label", "error")
+    for line in exc.lines:
+        print(f"{label}: {one_line(line)}", file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _wait_until_read(store: Any, readers: int) -> None:
+    """Give the other ranks a moment to read rank 0's answer before it ends (and the store with it)."""
+    deadline = time.monotonic() + 10 * GRACE_S
+    with contextlib.suppress(Exception):
+        while store.add("contsup/start/read", 0) < readers and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def train(args: Any, launch: Launch) -> int | None:
+    """``contsup train`` (or ``--resume``) in one of the processes torchrun started; None when the
+    recipe is for one process and torchrun started one: the caller trains it as usual."""
+    from contsup.cli import _registries
+    from contsup.training.rundir import append_metrics, discard_unstarted
+
+    store = bootstrap_store(launch)
+    pm, registries = _registries()
+    recipe, start = _start(args, launch, store, pm, registries)
+    if start["status"] == "single":
+        return None
+    check_device(recipe, launch)
+    device = resolve_device(recipe.run.device)
+    world = World.start(launch, store, recipe.distributed, device)
+    run_dir = Path(start["run_dir"])
+    try:
+        state = start["state"] if world.is_main else None
+        if start["resume"]:
+            state = world.broadcast_object(state, "handing the checkpoint to every rank")
+        try:
+            trainer = _trainer_class(recipe.distributed.mode)(recipe, run_dir, world, hook=pm.hook)
+        except BaseException:
+            if world.is_main and not start["resume"]:
+                discard_unstarted(run_dir)
+            raise
+        if state is not None:
+            trainer.load_state(state)
+        on_epoch = (lambda m: append_metrics(run_dir, m)) if world.is_main else None
+        history = trainer.fit(on_epoch=on_epoch)
+        trainer.finish()
+    except BaseException as exc:
+        _fail(world, exc)
+    world.close()
+    if world.is_main:
+        _final_lines(history, run_dir, trainer)
+    return 0
+
+
+def _fail(world: World, exc: BaseException) -> NoReturn:
+    """This rank stops on ``exc``: it says why first (torchrun ends the other processes as soon
+    as one stops), leaves the reason where the others look, and gives them a moment to read it."""
+    agreed_stop = isinstance(exc, Interrupted) and getattr(exc, "agreed", False)
+    quiet = isinstance(exc, Silent) or (agreed_stop and not world.is_main)  # rank 0 says it
+    own = not quiet and not isinstance(exc, PeerLost)  # not a consequence of another rank's stop
+    if quiet:
+        pass
+    elif isinstance(exc, ContsupError):
+        say(exc)
+    elif isinstance(exc, KeyboardInterrupt):
+        print("interrupted", file=sys.stderr, flush=True)
+    else:
+        traceback.print_exc()
+        sys.stderr.flush()
+    world.publish_failure(exc if own else Silent(0))
+    if own:
+        world.linger()
+    code = getattr(exc, "exit_code", 130 if isinstance(exc, KeyboardInterrupt) else 1)
+    raise Silent(code) from None
+
+
+def _trainer_class(mode: str) -> type:
+    if mode == "data":
+        from contsup.distributed.data_parallel import DataParallelTrainer
+
+        return DataParallelTrainer
+    from contsup.distributed.pipeline import PipelineTrainer
+
+    return PipelineTrainer
+
+
+def _final_lines(history: list[dict], run_dir: Path, trainer: DistributedTrainer) -> None:
+    from contsup.distributed.timing import summary
+
+    if not history:
+        print(f"no epochs to train; run directory: {run_dir}")
+        return
+    print(summary(trainer.report()))
+    last = history[-1]
+    best = min(history, key=lambda m: m["test_error_pct"])
+    print(
+        f"final test error: {last['test_error_pct']:.2f}% "
+        f"(best {best['test_error_pct']:.2f}% at epoch {best['epoch']}); run directory: {run_dir}"
+    )
+
+
+__all__ = ["Launch", "World", "PeerLost", "DistributedTrainer", "launch_from_env", "check_launch", "train"]

@@ -1,0 +1,1 @@
+"""contsup.model: units -> partition -> GreedyNetwork; activation-memory costs."""

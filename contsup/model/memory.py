@@ -1,0 +1,615 @@
+"""Activation-memory accounting: what each unit, head and adapter keeps alive for backward, and
+what each module of a greedy network therefore costs.
+
+The exact, deterministic measure (``method = "saved"``, any device) counts the storages autograd
+saves for backward (``torch.autograd.graph.saved_tensors_hooks``): parameters and buffers are
+left out, and a storage shared by views or in-place ops counts once. On CUDA, ``method = "cuda"``
+instead takes ``torch.cuda.max_memory_allocated`` around each piece's forward and backward, which
+also sees gradients and temporaries.
+
+A module of units i..j costs its units, plus what it carries itself: its auxiliary head (and
+decoder), its context adapters, its input and every context tensor the store keeps alive for
+later modules while it trains. :class:`CostModel` measures every piece once and composes them,
+both for a concrete split (:meth:`CostModel.plan_costs`) and as the ``Costs`` table a partitioner
+optimises (:meth:`CostModel.costs`).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+
+import attrs
+import torch
+from torch import nn
+
+from contsup.model.network import Components, make_adapter, module_components
+from contsup.types import Costs, DatasetInfo, HeadSpec, Shape, Source
+
+Method = Literal["saved", "cuda"]
+StorageKey = tuple[str, int]
+
+
+def storage_key(t: torch.Tensor) -> StorageKey | None:
+    """What identifies ``t``'s memory: (device, address of its untyped storage); None if it has none."""
+    if t.layout != torch.strided or t.device.type == "meta":
+        return None
+    ptr = t.untyped_storage().data_ptr()
+    return None if ptr == 0 else (str(t.device), ptr)
+
+
+def storage_bytes(t: torch.Tensor) -> int:
+    """Bytes of the whole storage behind ``t`` (a view counts its base's storage)."""
+    return int(t.untyped_storage().nbytes())
+
+
+class SavedStorages:
+    """Records the unique storages autograd saves for backward while the context is active.
+
+    Storages in ``exclude`` (parameters, buffers) are ignored; each storage counts once however
+    many views or in-place results of it are saved. The recorded storages are held alive until
+    :meth:`clear`, so an address is never reused within one count.
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+        self.exclude = {k for k in (storage_key(t) for t in exclude) if k is not None}
+        self.saved: dict[StorageKey, tuple[int, Any]] = {}
+        self._hooks: Any = None
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        key = storage_key(t)
+        if key is not None and key not in self.exclude and key not in self.saved:
+            self.saved[key] = (storage_bytes(t), t.untyped_storage())
+        return t
+
+    @staticmethod
+    def _unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def __enter__(self) -> "SavedStorages":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+        self._hooks = None
+
+    def keys(self) -> set[StorageKey]:
+        return set(self.saved)
+
+    def total(self, skip: Iterable[StorageKey | None] = ()) -> int:
+        """Bytes of every recorded storage except those in ``skip``."""
+        skipped = set(skip)
+        return sum(n for k, (n, _) in self.saved.items() if k not in skipped)
+
+    def clear(self) -> None:
+        self.saved.clear()
+
+
+def module_tensors(*modules: nn.Module) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``modules``: what saved-tensor counts leave out."""
+    out: list[torch.Tensor] = []
+    for m in modules:
+        out += list(m.parameters()) + list(m.buffers())
+    return out
+
+
+# -- pieces -----------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Piece:
+    """What one unit, head or adapter costs on its own.
+
+    ``own``: bytes it keeps for backward besides its named inputs and its output; ``saves``: which
+    of those it keeps too ("in", "x", "out"), so that a storage two pieces share counts once;
+    ``ms``: median milliseconds of its forward and backward (None when not timed).
+    """
+
+    own: int
+    saves: frozenset[str]
+    ms: float | None = None
+
+
+PieceKind = Literal["unit", "head", "adapter"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _backward(result: torch.Tensor) -> None:
+    (result if result.dim() == 0 else result.float().sum()).backward()
+
+
+def measure_piece(
+    fn: Callable[[], torch.Tensor],
+    inputs: Mapping[str, torch.Tensor],
+    module: nn.Module,
+    *,
+    kind: PieceKind,
+    method: Method = "saved",
+    timing: bool = False,
+    repeats: int = 3,
+) -> Piece:
+    """Measure ``fn()`` (which uses ``module`` on ``inputs``): saved bytes or CUDA peak, and time.
+
+    With ``method = "cuda"`` the piece's figure is its peak allocation over forward and backward
+    minus what was allocated before; a unit's output is then taken out of ``own`` and marked
+    saved ("out" counts once per module boundary), heads count their input as saved.
+    """
+    device = next((t.device for t in inputs.values()), torch.device("cpu"))
+    if method == "saved":
+        with SavedStorages(module_tensors(module)) as rec:
+            out = fn()
+        input_keys = {name: storage_key(t) for name, t in inputs.items()}
+        out_key = storage_key(out) if out.dim() > 0 else None
+        if out_key in input_keys.values():
+            out_key = None
+        keys = rec.keys()
+        saves = {name for name, k in input_keys.items() if k in keys}
+        if out_key is not None and out_key in keys:
+            saves.add("out")
+        # only a unit's output can be shared (with the next unit or the head): elsewhere it is own
+        own = rec.total([*input_keys.values(), out_key if kind == "unit" else None])
+        del out
+        rec.clear()
+    elif method == "cuda":
+        if device.type != "cuda":
+            raise ValueError("method 'cuda' needs the piece's inputs on a CUDA device")
+        module.zero_grad(set_to_none=True)
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        out_bytes = storage_bytes(out) if out.dim() > 0 else 0
+        _backward(out)
+        del out
+        _sync(device)
+        delta = max(0, torch.cuda.max_memory_allocated(device) - base)
+        module.zero_grad(set_to_none=True)
+        if kind == "unit":
+            own, saves = max(0, delta - out_bytes), {"in", "out"}
+        elif kind == "head":
+            own, saves = delta, {"in"}
+        else:
+            own, saves = delta, set()
+    else:
+        raise ValueError(f"unknown measurement method '{method}'; use 'saved' or 'cuda'")
+    ms = _time_piece(fn, module, device, repeats) if timing else None
+    return Piece(int(own), frozenset(saves), ms)
+
+
+def _time_piece(fn: Callable[[], torch.Tensor], module: nn.Module, device: torch.device, repeats: int) -> float:
+    """Median milliseconds of forward + backward over ``repeats`` runs after one warm-up."""
+    times = []
+    for r in range(repeats + 1):
+        module.zero_grad(set_to_none=True)
+        _sync(device)
+        start = time.perf_counter()
+        _backward(fn())
+        _sync(device)
+        if r:
+            times.append(1000.0 * (time.perf_counter() - start))
+    module.zero_grad(set_to_none=True)
+    return statistics.median(times)
+
+
+# -- modules ----------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ModuleCost:
+    """A module's predicted training memory and time, with where the bytes go.
+
+    ``breakdown``: ``units`` (its blocks, output included), ``head`` (aux head or final head, and
+    decoder), ``adapters`` (context adapters), ``inputs`` (its input, x and the context tensors it
+    keeps or saves, each once).
+    """
+
+    index: int
+    unit_range: tuple[int, int]  # [first, last], 0-based, inclusive
+    bytes: int
+    ms: float | None
+    breakdown: dict[str, int]
+
+
+def unit_input_shapes(input_shape: Shape, shapes: Sequence[Shape]) -> list[Shape]:
+    """The input shape of every unit: x's for the first, the previous unit's output after."""
+    return [tuple(input_shape), *[tuple(s) for s in shapes[:-1]]]
+
+
+def starts_of(sizes: Sequence[int]) -> list[int]:
+    """The first unit of each module."""
+    out, s = [], 0
+    for size in sizes:
+        out.append(s)
+        s += size
+    return out
+
+
+def last_uses(sources: Sequence[Sequence[Source]]) -> dict[int, int]:
+    """For each feature h_j^c some module uses: the last (1-based) module that uses it."""
+    out: dict[int, int] = {}
+    for l, srcs in enumerate(sources, start=1):
+        for s in srcs:
+            if not s.is_input:
+                out[s.index] = max(out.get(s.index, 0), l)
+    return out
+
+
+class CostModel:
+    """The measured pieces of one recipe's network, and the module costs they predict.
+
+    Units are measured on construction, on copies (the originals' weights and batch-norm
+    statistics are untouched); heads and adapters on first use. Inputs come from a private
+    generator and new modules are built under a forked RNG, so measuring never changes the
+    global random state.
+    """
+
+    def __init__(
+        self,
+        recipe: Any,
+        parts: Any,
+        shapes: Sequence[Shape],
+        info: DatasetInfo,
+        *,
+        device: torch.device | str = "cpu",
+        method: Method = "saved",
+        timing: bool = False,
+        repeats: int = 3,
+        batch_size: int | None = None,
+    ) -> None:
+        self.device = torch.device(device)
+        if method == "cuda" and self.device.type != "cuda":
+            raise ValueError("method 'cuda' needs a CUDA device")
+        self.method, self.timing, self.repeats = method, timing, repeats
+        self.batch = batch_size or recipe.data.batch_size
+        self.k = recipe.partition.modules
+        self.info = info
+        self.input_shape = tuple(info.input_shape)
+        self.shapes = [tuple(s) for s in shapes]
+        self.in_shapes = unit_input_shapes(self.input_shape, self.shapes)
+        self.n = len(self.shapes)
+        self._staged = bool(recipe.stages)
+        self._components = module_components(recipe, self.k)
+        self._final_head = parts.head
+        self._gen = torch.Generator().manual_seed(0)
+        self.x = self._randn(self.input_shape)
+        self.y = torch.randint(0, info.num_classes, (self.batch,), generator=self._gen).to(self.device)
+        self.x_bytes = storage_bytes(self.x)
+        self.in_bytes = [self._bytes_of(s) for s in self.in_shapes]
+        self.out_bytes = [self._bytes_of(s) for s in self.shapes]
+        self.units = [self._measure_unit(u, unit) for u, unit in enumerate(parts.units)]
+        self._heads: dict[tuple, Piece] = {}
+        self._adapters: dict[tuple, Piece] = {}
+
+    def components(self, l: int, k: int) -> Components:
+        """Module l's selector, objective and decoder, those of its stage (a recipe's ``[[modules]]``
+        ranges are for its own K; without them every module of any K shares the sections')."""
+        if self._staged and k != self.k:
+            raise ValueError(f"the recipe's [[modules]] ranges are for K = {self.k}, not K = {k}")
+        return self._components[min(l, self.k) - 1]
+
+    def sources(self, k: int) -> list[tuple[Source, ...]]:
+        """Each module's sources, chosen by its own stage's selector."""
+        return [tuple(self.components(l, k).selector.sources(l, k)) for l in range(1, k + 1)]
+
+    # measuring
+
+    def _rng(self):
+        devices = [self.device] if self.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=devices)
+
+    def _randn(self, shape: Shape, grad: bool = False) -> torch.Tensor:
+        t = torch.randn((self.batch, *shape), generator=self._gen).to(self.device)
+        if grad:  # a non-leaf that requires grad, as inside a module; in-place ops stay legal
+            t = t.requires_grad_().clone()
+        return t
+
+    def _bytes_of(self, shape: Shape) -> int:
+        return self.batch * int(torch.Size(shape).numel()) * self.x.element_size()
+
+    def _measure(self, fn: Callable[[], torch.Tensor], inputs: Mapping[str, torch.Tensor], module: nn.Module, kind: PieceKind) -> Piece:
+        return measure_piece(fn, inputs, module, kind=kind, method=self.method, timing=self.timing, repeats=self.repeats)
+
+    def _measure_unit(self, u: int, unit: nn.Module) -> Piece:
+        with self._rng():
+            unit = copy.deepcopy(unit).to(self.device).train()
+        h = self._randn(self.in_shapes[u], grad=True)
+        return self._measure(lambda: unit(h), {"in": h}, unit, "unit")
+
+    def head(self, j: int, parts: Components, with_decoder: bool = False) -> Piece:
+        """The piece of the head on unit j's output: the final head and loss if j is the last
+        unit, else ``parts``' auxiliary head and loss (and its decoder's reconstruction)."""
+        last = j == self.n - 1
+        shape = self.shapes[j]
+        with_decoder = with_decoder and not last
+        key = (last, shape, with_decoder, None if last else id(parts))
+        if key not in self._heads:
+            self._heads[key] = self._measure_head(last, shape, parts, with_decoder)
+        return self._heads[key]
+
+    def _measure_head(self, last: bool, shape: Shape, parts: Components, with_decoder: bool) -> Piece:
+        import torch.nn.functional as F
+
+        with self._rng():
+            if last:
+                head = copy.deepcopy(self._final_head)
+                loss = F.cross_entropy
+            else:
+                head = parts.objective.head(HeadSpec(shape, self.shapes[-1], self.info.num_classes))
+                loss = parts.objective.loss
+            decoder = parts.decoder.build(shape, self.info) if with_decoder else None
+        holder = nn.ModuleList([head] + ([decoder] if decoder is not None else [])).to(self.device).train()
+        h = self._randn(shape, grad=True)
+        x, y = self.x, self.y
+
+        def fn() -> torch.Tensor:
+            total = loss(head(h), y)
+            if decoder is not None:
+                total = total + parts.decoder.loss(decoder(h), x, self.info)
+            return total
+
+        return self._measure(fn, {"in": h, "x": x}, holder, "head")
+
+    def adapter(self, source: Source, source_shape: Shape, target_shape: Shape, selector: Any) -> Piece:
+        """The piece of the adapter M_{l,s} ``selector`` makes from ``source_shape`` to ``target_shape``."""
+        key = (id(selector), source.is_input, tuple(source_shape), tuple(target_shape))
+        if key not in self._adapters:
+            with self._rng():
+                adapter = make_adapter(selector, source, tuple(source_shape), tuple(target_shape))
+            adapter = adapter.to(self.device).train()
+            c = self.x if tuple(source_shape) == self.input_shape else self._randn(tuple(source_shape))
+            self._adapters[key] = self._measure(lambda: adapter(c), {"in": c}, adapter, "adapter")
+        return self._adapters[key]
+
+    # composing
+
+    def boundary(self, u: int) -> int:
+        """Bytes of unit u's output when it sits inside a module (saved by u or by unit u+1)."""
+        if u == self.n - 1:
+            return self.out_term(u, self.head(u, self.components(self.k, self.k)))
+        saved = "out" in self.units[u].saves or "in" in self.units[u + 1].saves
+        return self.out_bytes[u] if saved else 0
+
+    def out_term(self, j: int, head: Piece) -> int:
+        """Bytes of a module's output (ending at unit j) if its last unit or its head keeps it."""
+        return self.out_bytes[j] if "out" in self.units[j].saves or "in" in head.saves else 0
+
+    def unit_bytes(self, u: int) -> int:
+        """Unit u's cost as a partitioner sees it: what it keeps, its output included."""
+        return self.units[u].own + self.boundary(u)
+
+    def module_cost(
+        self,
+        l: int,
+        i: int,
+        j: int,
+        sources: Sequence[Source],
+        feature_starts: Mapping[int, int],
+        kept: Iterable[int],
+        k: int,
+    ) -> ModuleCost:
+        """Module l of k over units i..j with ``sources``; ``feature_starts[m]`` is the first unit
+        of module m+1 (whose input is h_m^c); ``kept`` the features the store holds meanwhile."""
+        parts = self.components(l, k)
+        w_rec = parts.decoder.weights(l, k)[0] if parts.decoder is not None and l < k else 0.0
+        head = self.head(j, parts, with_decoder=w_rec != 0.0)
+        units = sum(self.units[u].own for u in range(i, j + 1))
+        units += sum(self.boundary(u) for u in range(i, j)) + self.out_term(j, head)
+        named: dict[str, int] = {}
+
+        def feature(m: int) -> tuple[str, int, Shape]:
+            if m == 0:
+                return "x", self.x_bytes, self.input_shape
+            start = feature_starts[m]
+            return f"h{m}", self.in_bytes[start], self.in_shapes[start]
+
+        if "in" in self.units[i].saves:
+            name, size = ("x", self.x_bytes) if l == 1 else (f"h{l - 1}", self.in_bytes[i])
+            named[name] = size
+        if "x" in head.saves:
+            named["x"] = self.x_bytes
+        adapters, ms = 0, 0.0
+        for s in sources:
+            name, size, shape = ("x", self.x_bytes, self.input_shape) if s.is_input else feature(s.index)
+            piece = self.adapter(s, shape, self.in_shapes[i], parts.selector)
+            adapters += piece.own
+            ms += piece.ms or 0.0
+            if "in" in piece.saves:
+                named[name] = size
+        for m in kept:
+            if m >= 1:
+                name, size, _ = feature(m)
+                named[name] = size
+        inputs = sum(named.values())
+        total = units + head.own + adapters + inputs
+        timed = self.timing
+        if timed:
+            ms += sum(self.units[u].ms or 0.0 for u in range(i, j + 1)) + (head.ms or 0.0)
+        breakdown = {"units": units, "head": head.own, "adapters": adapters, "inputs": inputs}
+        return ModuleCost(l, (i, j), int(total), ms if timed else None, breakdown)
+
+    def plan_costs(self, sizes: Sequence[int]) -> list[ModuleCost]:
+        """Every module's cost for the split ``sizes``, with its true sources and their shapes."""
+        k = len(sizes)
+        starts = starts_of(sizes)
+        sources = self.sources(k)
+        last_use = last_uses(sources)
+        feature_starts = {m: starts[m] for m in range(1, k)}
+        out = []
+        for l, (start, size) in enumerate(zip(starts, sizes), start=1):
+            kept = [m for m in range(1, l) if last_use.get(m, 0) >= l]
+            out.append(self.module_cost(l, start, start + size - 1, sources[l - 1], feature_starts, kept, k))
+        return out
+
+    def costs(self, k: int | None = None, like: Sequence[int] | None = None) -> Costs:
+        """The ``Costs`` table for K modules: ``units[u]`` what unit u keeps (output included),
+        ``overhead[i][j-i]`` the rest of a module over units i..j.
+
+        A module's own overhead depends on its index and, for feature sources, on where earlier
+        modules start. The table takes both from the split ``like`` (default: the even split),
+        so it is exact for every module of that split, for K = n and for input-only context.
+        """
+        k = k or self.k
+        n = self.n
+        like = tuple(like) if like is not None else even_split(n, k)
+        units = tuple(float(self.unit_bytes(u)) for u in range(n))
+        est_starts = starts_of(like)
+        sources = self.sources(k)
+        last_use = last_uses(sources)
+        overhead = []
+        for i in range(n):
+            l = 1 if i == 0 else min(k, max(2, max(m for m, s in enumerate(est_starts, start=1) if s <= i)))
+            feature_starts = {m: est_starts[m] for m in range(1, l - 1)}
+            feature_starts[l - 1] = i
+            kept = [m for m in range(1, l) if last_use.get(m, 0) >= l]
+            row = []
+            for j in range(i, n):
+                cost = self.module_cost(l, i, j, sources[l - 1], feature_starts, kept, k)
+                row.append(float(cost.bytes) - sum(units[i : j + 1]))
+            overhead.append(tuple(row))
+        return Costs(units, tuple(overhead))
+
+    def peak(self, sizes: Sequence[int]) -> int:
+        """The largest module cost of the split ``sizes``."""
+        return max(c.bytes for c in self.plan_costs(sizes))
+
+
+def even_split(n: int, k: int) -> tuple[int, ...]:
+    """K unit counts as equal as possible, earlier modules one fewer (the uniform partitioner's cut)."""
+    base, extra = divmod(n, k)
+    return tuple(base + (1 if i >= k - extra else 0) for i in range(k))
+
+
+def fitted_costs(model: CostModel, split: Callable[[Costs, int], Sequence[int]], k: int, rounds: int = 8) -> Costs:
+    """A ``Costs`` table that is exact for the split ``split`` makes of it.
+
+    The table's overhead assumes where earlier modules start (:meth:`CostModel.costs`); starting
+    from the even split, it is rebuilt around the split it yields until the two agree (a fixed
+    point, usually in one or two rounds). Without agreement after ``rounds``, the table whose
+    split has the smallest true peak is returned.
+    """
+    like = even_split(model.n, k)
+    tried: set[tuple[int, ...]] = set()
+    seen: list[tuple[int, Costs]] = []
+    for _ in range(rounds):
+        tried.add(like)
+        costs = model.costs(k, like)
+        sizes = tuple(int(s) for s in split(costs, k))
+        if sizes == like:
+            return costs
+        seen.append((model.peak(sizes), costs))
+        if sizes in tried:  # a cycle: no table agrees with its own split
+            break
+        like = sizes
+    return min(seen, key=lambda pc: pc[0])[1]
+
+
+# -- the engine's entry points ----------------------------------------------------------------
+
+
+def partition_costs(partitioner: Any, recipe: Any, parts: Any, shapes: Sequence[Shape], info: DatasetInfo) -> Costs:
+    """What ``partitioner.split`` is given: measured saved-tensor costs at the recipe's batch size
+    when the partitioner asks for them (``needs_costs = True``), else one per unit for free.
+
+    Measured on CPU with the deterministic saved-tensor count, so a split (and with it the
+    network's structure) is the same on every machine and a trained model always reloads.
+    """
+    if not getattr(partitioner, "needs_costs", False):
+        return Costs.uniform(len(shapes))
+    model = CostModel(recipe, parts, shapes, info, device="cpu", method="saved")
+    return fitted_costs(model, partitioner.split, recipe.partition.modules)
+
+
+def recipe_parts(recipe: Any) -> tuple[Any, list[Shape], DatasetInfo]:
+    """The recipe's backbone parts, unit output shapes and dataset info (fresh, seeded weights)."""
+    from contsup.model.network import trace_shapes
+
+    info = recipe.dataset.create().info()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.run.seed)
+        parts = recipe.backbone.create().build(tuple(info.input_shape), info.num_classes)
+    shapes = trace_shapes(list(parts.units), tuple(info.input_shape))
+    return parts, shapes, info
+
+
+# -- measuring a real training step -----------------------------------------------------------
+
+
+class StepMemory:
+    """Records, at the start of every backward pass, the bytes alive for it: the unique storages
+    saved since the previous backward plus the context tensors the store holds (x excluded: the
+    batch is held in every strategy and counts when something saves it)."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor], x: torch.Tensor) -> None:
+        self.recorder = SavedStorages(exclude)
+        self.x_key = storage_key(x)
+        self.stores: list[Any] = []
+        self.per_backward: list[int] = []
+        self._in_backward = False
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        if self._in_backward:
+            self._in_backward = False
+            self.recorder.clear()
+        return self.recorder._pack(t)
+
+    def _unpack(self, t: torch.Tensor) -> torch.Tensor:
+        if not self._in_backward:
+            self._in_backward = True
+            self.per_backward.append(self._alive())
+        return t
+
+    def _alive(self) -> int:
+        total = self.recorder.total()
+        seen = self.recorder.keys() | {self.x_key}
+        for store in self.stores:
+            for t in getattr(store, "kept", {}).values():
+                key = storage_key(t)
+                if key is not None and key not in seen:
+                    seen.add(key)
+                    total += storage_bytes(t)
+        return total
+
+
+def measure_step(strategy: Any, x: torch.Tensor, y: torch.Tensor) -> list[int]:
+    """Run one training step of ``strategy`` (greedy or end-to-end) and return, per backward
+    pass, the saved-tensor bytes alive for it (greedy: one entry per module)."""
+    from contsup.training.engine import StepStats
+
+    network = strategy.network
+    memory = StepMemory(module_tensors(network), x)
+    make_store = network.store
+
+    def store(x: torch.Tensor, detach: bool) -> Any:
+        s = make_store(x, detach)
+        memory.stores[:] = [s]
+        return s
+
+    network.store = store  # instance attribute, removed below: the class's method is untouched
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(memory._pack, memory._unpack):
+            strategy.step(x, y, StepStats(network.num_modules), lambda module, loss: None)
+    finally:
+        del network.store
+        memory.recorder.clear()
+        memory.stores.clear()
+    return memory.per_backward
+
+
+__all__ = [
+    "SavedStorages",
+    "Piece",
+    "measure_piece",
+    "CostModel",
+    "ModuleCost",
+    "partition_costs",
+    "recipe_parts",
+    "measure_step",
+]

@@ -1,0 +1,328 @@
+"""From a recipe to a :class:`GreedyNetwork`: units -> partition -> modules with adapters and heads.
+
+Index convention: modules are numbered 1..K; ``h_0 = x``; ``h_j^c`` is the context-enriched
+input of module j+1, so module l may use the input x and ``h_j^c`` for 0 <= j <= l-2.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, Sequence
+
+import attrs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from contsup.errors import ContsupError
+from contsup.types import Costs, DatasetInfo, HeadSpec, Shape, Source
+
+
+class FinalCrossEntropy:
+    """The last module's objective: the backbone's own head with plain cross-entropy."""
+
+    name = "final"
+
+    def loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(z, y)
+
+    def predict(self, z: torch.Tensor) -> torch.Tensor:
+        return z.argmax(dim=1)
+
+
+@attrs.frozen
+class LocalLoss:
+    """A module's training loss and what it predicted (None when its head does not classify)."""
+
+    total: torch.Tensor
+    local: torch.Tensor
+    reconstruction: torch.Tensor | None
+    prediction: torch.Tensor | None
+
+
+class ContextModule(nn.Module):
+    """Gradient-isolated module l: adapters M_{l,s}, the body F_l, the head A_l (and decoder).
+
+    ``forward(h, context)`` computes ``F_l(h + sum_s M_{l,s}(c_s))``; the sum makes a new tensor.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        body: nn.Module,
+        sources: Sequence[Source],
+        adapters: Mapping[Source, nn.Module],
+        head: nn.Module,
+        objective: Any,
+        decoder: nn.Module | None = None,
+        decoder_loss: Any = None,
+        weights: tuple[float, float] = (0.0, 1.0),
+        info: DatasetInfo | None = None,
+    ) -> None:
+        super().__init__()
+        self.index = index
+        self.sources = tuple(sources)
+        self.adapters = nn.ModuleDict({str(s): adapters[s] for s in self.sources})
+        self.body = body
+        self.head = head
+        self.decoder = decoder
+        self.objective = objective
+        self.decoder_loss = decoder_loss
+        self.weights = weights  # (reconstruction, local)
+        self.info = info
+
+    def enrich(self, h: torch.Tensor, context: Sequence[torch.Tensor]) -> torch.Tensor:
+        """h_{l-1}^c = h_{l-1} + sum_s M_{l,s}(c_s); context is aligned with ``self.sources``."""
+        for source, c in zip(self.sources, context):
+            h = h + self.adapters[str(source)](c)
+        return h
+
+    def forward(self, h: torch.Tensor, context: Sequence[torch.Tensor] = ()) -> torch.Tensor:
+        return self.body(self.enrich(h, context))
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> LocalLoss:
+        """The module's loss on its output ``out``: local objective [+ weighted reconstruction]."""
+        z = self.head(out)
+        local = self.objective.loss(z, y)
+        w_rec, w_local = self.weights
+        reconstruction = None
+        total = local if w_local == 1.0 else w_local * local
+        if self.decoder is not None and w_rec != 0.0:
+            reconstruction = self.decoder_loss(self.decoder(out), x, self.info)
+            total = total + w_rec * reconstruction
+        with torch.no_grad():
+            prediction = self.objective.predict(z.detach())
+        return LocalLoss(total, local.detach(), None if reconstruction is None else reconstruction.detach(), prediction)
+
+
+class ContextStore:
+    """The h_j^c that later modules use, kept (detached when training greedily) until their last use."""
+
+    def __init__(self, x: torch.Tensor, last_use: Mapping[int, int], detach: bool) -> None:
+        self.x = x
+        self.last_use = last_use
+        self.detach = detach
+        self.kept: dict[int, torch.Tensor] = {}
+
+    def gather(self, sources: Iterable[Source]) -> list[torch.Tensor]:
+        """The tensors for ``sources``, in order."""
+        return [self.x if s.is_input else self.kept[s.index] for s in sources]
+
+    def add(self, j: int, hc: torch.Tensor) -> None:
+        """Keep h_j^c if a later module uses it."""
+        if j in self.last_use:
+            self.kept[j] = hc.detach() if self.detach else hc
+
+    def release(self, module: int) -> None:
+        """Forget the features whose last user was ``module``."""
+        for j in [j for j in self.kept if self.last_use[j] <= module]:
+            del self.kept[j]
+
+
+class GreedyNetwork(nn.Module):
+    """The whole network: K context modules. ``forward(x)`` returns the final logits, adapters
+    included, so a trained network is used like any classifier."""
+
+    def __init__(self, modules: Sequence[ContextModule], info: DatasetInfo | None = None) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(modules)
+        self.info = info
+        last_use: dict[int, int] = {}
+        for m in modules:
+            for s in m.sources:
+                if not s.is_input:
+                    last_use[s.index] = max(last_use.get(s.index, 0), m.index)
+        self.last_use = last_use
+
+    @property
+    def num_modules(self) -> int:
+        return len(self.blocks)
+
+    def store(self, x: torch.Tensor, detach: bool) -> ContextStore:
+        return ContextStore(x, self.last_use, detach)
+
+    def module_outputs(self, x: torch.Tensor, last: int | None = None) -> list[torch.Tensor]:
+        """[h_1, ..., h_last] (default every module) for x: (B, C, H, W); later modules do not run."""
+        store = self.store(x, detach=False)
+        h, outs = x, []
+        for m in list(self.blocks)[:last]:
+            hc = m.enrich(h, store.gather(m.sources))
+            store.add(m.index - 1, hc)
+            h = m.body(hc)
+            store.release(m.index)
+            outs.append(h)
+        return outs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> logits (B, num_classes)."""
+        return self.blocks[-1].head(self.module_outputs(x)[-1])
+
+
+# -- building -----------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ModulePlan:
+    """What one module holds: 1-based ``index``, its units, its sources and its shapes."""
+
+    index: int
+    units: int
+    unit_range: tuple[int, int]  # [first, last], 0-based, inclusive
+    sources: tuple[Source, ...]
+    input_shape: Shape
+    output_shape: Shape
+
+
+def trace_shapes(units: Sequence[nn.Module], input_shape: Shape) -> list[Shape]:
+    """Each unit's output shape (C, H, W) for one input of ``input_shape``."""
+    shapes = []
+    modes = [u.training for u in units]
+    with torch.no_grad():
+        h = torch.zeros((2, *input_shape))
+        for unit in units:
+            unit.eval()
+            h = unit(h)
+            shapes.append(tuple(h.shape[1:]))
+    for unit, mode in zip(units, modes):
+        unit.train(mode)
+    return shapes
+
+
+def check_split(sizes: Sequence[int], n: int, k: int, who: str) -> tuple[int, ...]:
+    """A partitioner's answer must be K positive counts summing to n."""
+    sizes = tuple(int(s) for s in sizes)
+    if len(sizes) != k or any(s < 1 for s in sizes) or sum(sizes) != n:
+        raise ContsupError(
+            f"partitioner '{who}' returned {list(sizes)}, which is not {k} positive unit counts summing to {n}"
+        )
+    return sizes
+
+
+def plan_modules(
+    sizes: Sequence[int], shapes: Sequence[Shape], input_shape: Shape, selectors: Sequence[Any]
+) -> list[ModulePlan]:
+    """The module plans for a split; ``selectors[l-1]`` chooses module l's sources."""
+    k = len(sizes)
+    plans, start = [], 0
+    for l, size in enumerate(sizes, start=1):
+        end = start + size - 1
+        in_shape = input_shape if start == 0 else shapes[start - 1]
+        sources = tuple(selectors[l - 1].sources(l, k))
+        _check_sources(sources, l, k, selectors[l - 1])
+        plans.append(ModulePlan(l, size, (start, end), sources, tuple(in_shape), tuple(shapes[end])))
+        start = end + 1
+    return plans
+
+
+def _check_sources(sources: Sequence[Source], l: int, k: int, selector: Any) -> None:
+    who = getattr(selector, "name", type(selector).__name__)
+    seen = set()
+    for s in sources:
+        if not isinstance(s, Source):
+            raise ContsupError(f"context selector '{who}' returned {s!r} for module {l}; expected a contsup.types.Source")
+        if s in seen:
+            raise ContsupError(f"context selector '{who}' returned source {s} twice for module {l}")
+        seen.add(s)
+        if l == 1 or (not s.is_input and not 0 <= s.index <= l - 2):  # module 1 gets no context
+            raise ContsupError(
+                f"context selector '{who}' gave module {l} of {k} the source {s}; module {l} may use x and h0..h{l - 2}"
+                if l >= 2
+                else f"context selector '{who}' gave module 1 the source {s}; module 1 gets no context"
+            )
+
+
+def make_adapter(selector: Any, source: Source, source_shape: Shape, target_shape: Shape) -> nn.Module:
+    """The selector's own adapter for ``source``, else the paper's M_E / M_R."""
+    build = getattr(selector, "adapter", None)
+    adapter = build(source, source_shape, target_shape) if build is not None else None
+    if adapter is None:
+        from contsup_context.adapters import paper_adapter
+
+        adapter = paper_adapter(source.is_input, source_shape, target_shape)
+    return adapter
+
+
+@attrs.frozen
+class Components:
+    """The component instances one module uses (shared by the modules of one stage)."""
+
+    selector: Any
+    objective: Any
+    decoder: Any
+
+
+def module_components(recipe: Any, k: int) -> list[Components]:
+    """For modules 1..k, the selector, objective and decoder of the recipe's stage holding it."""
+    cache: dict[int, Components] = {}
+    out = []
+    for l in range(1, k + 1):
+        stage = recipe.stage(l)
+        key = id(stage) if recipe.stages else 0
+        if key not in cache:
+            cache[key] = Components(
+                stage.context.create(),
+                stage.objective.create(),
+                stage.decoder.create() if stage.decoder is not None else None,
+            )
+        out.append(cache[key])
+    return out
+
+
+@attrs.frozen
+class Built:
+    """A built network and what was learnt building it."""
+
+    network: GreedyNetwork
+    plans: list[ModulePlan]
+    info: DatasetInfo
+    unit_shapes: list[Shape]
+
+
+def build_network(recipe: Any, costs: Costs | None = None) -> Built:
+    """The recipe's network, freshly initialised from the current torch RNG state."""
+    dataset = recipe.dataset.create()
+    info = dataset.info()
+    input_shape = tuple(info.input_shape)
+    parts = recipe.backbone.create().build(input_shape, info.num_classes)
+    units = list(parts.units)
+    shapes = trace_shapes(units, input_shape)
+    k = recipe.partition.modules
+    n = len(units)
+    if k > n:
+        raise ContsupError(f"partition.modules: {k} is more than the {n} minimal units of the backbone; use 1..{n}")
+    partitioner = recipe.partitioner.create()
+    if costs is None:
+        from contsup.model.memory import partition_costs
+
+        costs = partition_costs(partitioner, recipe, parts, shapes, info)
+    sizes = check_split(partitioner.split(costs, k), n, k, recipe.partitioner.use)
+    components = module_components(recipe, k)
+    plans = plan_modules(sizes, shapes, input_shape, [c.selector for c in components])
+    final_shape = shapes[-1]
+    modules = []
+    for plan, parts_l in zip(plans, components):
+        body = nn.Sequential(*units[plan.unit_range[0] : plan.unit_range[1] + 1])
+        adapters = {}
+        for s in plan.sources:
+            source_shape = input_shape if s.is_input else plans[s.index].input_shape  # h_j^c feeds module j+1
+            adapters[s] = make_adapter(parts_l.selector, s, tuple(source_shape), plan.input_shape)
+        if plan.index == k:
+            head, obj, dec, dec_loss, weights = parts.head, FinalCrossEntropy(), None, None, (0.0, 1.0)
+        else:
+            obj = parts_l.objective
+            head = obj.head(HeadSpec(plan.output_shape, final_shape, info.num_classes))
+            decoder = parts_l.decoder
+            dec = decoder.build(plan.output_shape, info) if decoder is not None else None
+            dec_loss = decoder.loss if decoder is not None else None
+            weights = tuple(float(w) for w in decoder.weights(plan.index, k)) if decoder is not None else (0.0, 1.0)
+        modules.append(
+            ContextModule(
+                plan.index, body, plan.sources, adapters, head, obj,
+                decoder=dec, decoder_loss=dec_loss, weights=weights, info=info,
+            )
+        )
+    network = GreedyNetwork(modules, info)
+    return Built(network, plans, info, shapes)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,1 @@
+"""contsup.tools: sweeps, result tables, probes, reports, profiles and benches."""

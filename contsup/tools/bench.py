@@ -1,0 +1,252 @@
+"""``contsup bench``: end-to-end against the recipe's greedy training, in one process, alternating.
+
+Both train from the same initial backbone weights on the same batches. Memory: the saved-tensor
+bytes alive for the largest backward pass (exact and deterministic on any device; the main
+figure on CPU), the process's peak resident set size on CPU and the peak CUDA allocation on a
+GPU. Time: the median step over N steps after a warm-up, the two strategies alternating (and
+swapping which goes first) so that a busy machine slows both alike.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable, Literal, TextIO
+
+import attrs
+import torch
+
+from contsup.model.memory import CostModel, measure_step, recipe_parts
+
+Baseline = Literal["backbone", "recipe"]
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (it never goes down)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def machine() -> str:
+    """One line naming the machine: CPU model and cores, or the GPU."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = torch.get_num_threads()
+    text = f"{cpu}, {cores} cores available, {threads} torch thread{'' if threads == 1 else 's'}"
+    if torch.cuda.is_available():
+        text += f"; {torch.cuda.get_device_name()}"
+    return text
+
+
+def _batches(recipe: Any, device: torch.device, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``count`` training batches of the recipe's seeded loader (cycled if fewer)."""
+    from contsup.training.engine import make_loaders
+
+    loader, _ = make_loaders(attrs.evolve(recipe, data=attrs.evolve(recipe.data, workers=0)), recipe.dataset.create(), device)
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    while len(out) < count:
+        before = len(out)
+        for x, y in loader:
+            out.append((x.to(device), y.to(device)))
+            if len(out) == count:
+                break
+        if len(out) == before:
+            raise ValueError("the recipe's training set is empty")
+    return out
+
+
+def run_bench(
+    recipe: Any,
+    steps: int = 20,
+    warmup: int = 3,
+    baseline: Baseline = "backbone",
+    device: torch.device | None = None,
+    log: TextIO | None = None,
+) -> dict:
+    """Measure end-to-end and greedy training of ``recipe``; returns the figures and ratios.
+
+    ``baseline = "backbone"`` trains the plain backbone end-to-end (no context, no auxiliary
+    heads: what one would otherwise train); ``"recipe"`` trains the recipe's own network
+    end-to-end, context adapters included.
+    """
+    from contsup.training.engine import EndToEndStrategy, GreedyStrategy, resolve_device, seed_everything
+    from contsup.model.network import build_network
+    from contsup.types import Costs
+
+    log = log or sys.stderr
+    device = device or resolve_device(recipe.run.device)
+    say: Callable[[str], None] = lambda text: (log.write(text + "\n"), log.flush())
+    seed_everything(recipe.run.seed)
+    built = build_network(recipe)
+    sizes = [p.units for p in built.plans]
+    n = len(built.unit_shapes)
+    if baseline == "backbone":
+        seed_everything(recipe.run.seed)  # the backbone is built first: the same initial weights
+        plain = attrs.evolve(recipe, partition=attrs.evolve(recipe.partition, modules=1))
+        e2e_net = build_network(plain, costs=Costs.uniform(n)).network
+    elif baseline == "recipe":
+        import copy
+
+        e2e_net = copy.deepcopy(built.network)
+    else:
+        raise ValueError(f"baseline must be 'backbone' or 'recipe', got {baseline!r}")
+    greedy_net = built.network.to(device).train()
+    e2e_net = e2e_net.to(device).train()
+    total = warmup + steps + 1
+    optimizer, schedule = recipe.optimizer.create(), recipe.schedule.create()
+    greedy = GreedyStrategy(greedy_net, optimizer, schedule, total, total)
+    e2e = EndToEndStrategy(e2e_net, optimizer, schedule, total, total)
+    batches = _batches(recipe, device, total)
+    noop = lambda module, loss: None  # noqa: E731
+    from contsup.training.engine import StepStats
+
+    say(f"bench {recipe.source}: greedy {sizes} against end-to-end ({baseline}), {warmup} + {steps} steps each")
+    x, y = batches[0]
+    rss_before = peak_rss_bytes()
+
+    cuda: dict[str, list[tuple[int, int]]] = {"greedy": [], "e2e": []}
+
+    def timed(name: str, strategy: Any, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One step's milliseconds; on CUDA also its peak allocation (and peak over what was there)."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        strategy.step(x, y, StepStats(strategy.network.num_modules), noop)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            peak = torch.cuda.max_memory_allocated(device)
+            cuda[name].append((int(peak), int(peak - base)))
+        return 1000.0 * (time.perf_counter() - start)
+
+    # greedy first (one counted step, then the warm-up), so that its peak RSS is read before any
+    # end-to-end step has run
+    greedy_saved = measure_step(greedy, x, y)
+    for i in range(warmup):
+        timed("greedy", greedy, *batches[i])
+    rss_greedy = peak_rss_bytes()
+    e2e_saved = measure_step(e2e, x, y)
+    for i in range(warmup):
+        timed("e2e", e2e, *batches[i])
+    rss_both = peak_rss_bytes()
+    for name in cuda:
+        cuda[name].clear()
+    times: dict[str, list[float]] = {"greedy": [], "e2e": []}
+    start = time.perf_counter()
+    for i in range(steps):
+        x, y = batches[warmup + i]
+        order = [("greedy", greedy), ("e2e", e2e)]
+        for name, strategy in order if i % 2 == 0 else order[::-1]:
+            times[name].append(timed(name, strategy, x, y))
+        if (i + 1) % max(1, steps // 5) == 0 or i + 1 == steps:
+            say(f"  step {i + 1}/{steps} [{time.perf_counter() - start:.1f}s]")
+
+    def side(name: str, saved: list[int], rss: int | None) -> dict:
+        out = {
+            "saved_peak_bytes": max(saved),
+            "saved_per_backward_bytes": saved,
+            "step_ms_median": statistics.median(times[name]),
+            "step_ms": times[name],
+        }
+        if device.type == "cpu":
+            out["peak_rss_bytes"] = rss
+        if cuda[name]:
+            out["cuda_peak_bytes"] = max(p for p, _ in cuda[name])
+            out["cuda_step_peak_bytes"] = max(d for _, d in cuda[name])
+        return out
+
+    parts, shapes, info = recipe_parts(recipe)  # measured last: it would raise the peak RSS too
+    predicted = CostModel(recipe, parts, shapes, info, device="cpu", method="saved").plan_costs(sizes)
+    g = side("greedy", greedy_saved, rss_greedy)
+    e = side("e2e", e2e_saved, rss_both)
+    g["predicted_peak_bytes"] = max(c.bytes for c in predicted)
+    g["predicted_per_module_bytes"] = [c.bytes for c in predicted]
+    ratios = {
+        "saved_memory": g["saved_peak_bytes"] / e["saved_peak_bytes"],
+        "step_time": g["step_ms_median"] / e["step_ms_median"],
+        "measured_over_predicted": g["saved_peak_bytes"] / g["predicted_peak_bytes"],
+    }
+    if "cuda_step_peak_bytes" in g:
+        ratios["cuda_memory"] = g["cuda_step_peak_bytes"] / e["cuda_step_peak_bytes"]
+    return {
+        "recipe": recipe.source,
+        "backbone": recipe.backbone.use,
+        "context": recipe.context.use,
+        "partitioner": recipe.partitioner.use,
+        "modules_k": recipe.partition.modules,
+        "sizes": sizes,
+        "batch_size": recipe.data.batch_size,
+        "input_shape": list(built.info.input_shape),
+        "device": str(device),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "steps": steps,
+        "warmup": warmup,
+        "baseline": baseline,
+        "rss_before_steps_bytes": rss_before if device.type == "cpu" else None,
+        "greedy": g,
+        "e2e": e,
+        "ratios": ratios,
+    }
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f}"
+
+
+def bench_rows(result: dict) -> list[tuple[str, str, str, str]]:
+    """(figure, end-to-end, greedy, greedy / end-to-end) rows."""
+    g, e, r = result["greedy"], result["e2e"], result["ratios"]
+    rows = [
+        ("saved for backward, peak (MiB)", _mib(e["saved_peak_bytes"]), _mib(g["saved_peak_bytes"]), f"{r['saved_memory']:.3f}"),
+        ("predicted peak (MiB)", "-", _mib(g["predicted_peak_bytes"]), "-"),
+        ("median step (ms)", f"{e['step_ms_median']:.1f}", f"{g['step_ms_median']:.1f}", f"{r['step_time']:.3f}"),
+    ]
+    if "peak_rss_bytes" in g:
+        rows.append(("process peak RSS (MiB)", _mib(e["peak_rss_bytes"]), _mib(g["peak_rss_bytes"]), "-"))
+        before = _mib(result["rss_before_steps_bytes"])
+        rows.append(("process peak RSS before any step (MiB)", before, before, "-"))
+    if "cuda_step_peak_bytes" in g:
+        rows.append(
+            ("CUDA peak during a step (MiB)", _mib(e["cuda_step_peak_bytes"]), _mib(g["cuda_step_peak_bytes"]), f"{r['cuda_memory']:.3f}")
+        )
+    return rows
+
+
+def bench_markdown(result: dict, command: str) -> str:
+    """The result as a Markdown section, headed by the command and the machine."""
+    lines = [
+        f"## {result['backbone']}, {result['context']}, {result['partitioner']} K={result['modules_k']}, batch {result['batch_size']}",
+        "",
+        f"Command: `{command}`  ",
+        f"Machine: {result['machine']}; device {result['device']}; torch {result['torch']}  ",
+        f"Steps: median of {result['steps']} after {result['warmup']} warm-up, alternating; "
+        f"end-to-end baseline: {result['baseline']}; module sizes {result['sizes']}",
+        "",
+        "| figure | end-to-end | greedy | greedy / end-to-end |",
+        "| --- | --- | --- | --- |",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in bench_rows(result)]
+    lines += [
+        "",
+        f"Measured greedy peak / predicted peak: {result['ratios']['measured_over_predicted']:.3f}.",
+    ]
+    if "peak_rss_bytes" in result["greedy"]:
+        lines.append(
+            "Peak RSS only grows within a process and includes the libraries, the data and the "
+            "allocator's caches: the greedy figure is read before any end-to-end step, the end-to-end "
+            "one after both ran (so it is the larger of the two). The saved-tensor figure is the one to compare."
+        )
+    return "\n".join(lines) + "\n"

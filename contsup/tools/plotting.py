@@ -1,0 +1,139 @@
+"""Shared plotting conventions: headless figures, method names and one colour per method.
+
+Figures are made with ``matplotlib.figure.Figure`` directly (never pyplot), so nothing here
+touches the global backend and everything works without a display.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from contsup.training.rundir import atomic_write
+
+CONTEXT_NONE = ("none", "R0")
+# Keys that are not part of a "method": the number of modules and what does not change results.
+NOT_METHOD = ("partition.modules",)
+
+
+def new_figure(width: float = 7.0, height: float = 4.5, cols: int = 1) -> tuple[Any, Any]:
+    """(figure, axes): a headless matplotlib figure with ``cols`` side-by-side axes."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=120, layout="constrained")
+    axes = fig.subplots(1, cols) if cols > 1 else fig.subplots()
+    return fig, axes
+
+
+def save_png(fig: Any, path: str | Path) -> Path:
+    """Render ``fig`` to PNG and write it atomically; returns the path."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    data = buffer.getvalue()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(data))
+    return path
+
+
+def _stage_label(stage: Mapping[str, Any]) -> str:
+    context = (stage.get("context") or {}).get("use", "")
+    first, last = stage.get("range", ["?", "?"])
+    name = "DGL" if context in CONTEXT_NONE else context or "?"
+    return f"{name}[{first}-{last}]"
+
+
+def _context_name(config: Mapping[str, Any]) -> str:
+    """The shorthand (``M1R1E``, ``all``, ``none``) of the ``contsup`` selector's options."""
+    if config.get("context.dense"):
+        return "all" if config.get("context.input") else "dense"
+    m, r = int(config.get("context.intermediate") or 0), int(config.get("context.recent") or 0)
+    name = (f"M{m}" if m else "") + (f"R{r}" if r else "") + ("E" if config.get("context.input") else "")
+    return name or "none"
+
+
+def method_label(config: Mapping[str, Any]) -> str:
+    """A short human name for a flattened recipe (``{"context.use": "R1E", ...}``) without K:
+    ``DGL``, ``ContSup R1E``, ``E2E``, with the objective and decoder when not the defaults."""
+    if config.get("run.mode") == "e2e":
+        base = "E2E"
+    elif config.get("modules"):
+        stages = config["modules"]
+        stages = json.loads(stages) if isinstance(stages, str) else stages
+        base = "hybrid " + "+".join(_stage_label(s) for s in stages)
+    else:
+        context = config.get("context.use", "none")
+        if context == "contsup":
+            context = _context_name(config)
+        base = "DGL" if context in CONTEXT_NONE else f"ContSup {context}"
+    objective = config.get("objective.use")
+    if objective and objective != "cross_entropy" and config.get("run.mode") != "e2e":
+        base += f" · {objective}"
+    decoder = config.get("decoder.use")
+    if decoder and config.get("run.mode") != "e2e":
+        base += f" + {decoder}"
+    return base
+
+
+def method_key(config: Mapping[str, Any]) -> str:
+    """The configuration minus K (seed and bookkeeping keys are already left out of ``config``)."""
+    return json.dumps({k: v for k, v in config.items() if k not in NOT_METHOD}, sort_keys=True, default=str)
+
+
+def method_labels(configs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """{method key: label}; methods whose short labels collide get the keys that tell them apart."""
+    methods: dict[str, dict[str, Any]] = {}
+    for config in configs:
+        methods.setdefault(method_key(config), {k: v for k, v in config.items() if k not in NOT_METHOD})
+    by_label: dict[str, list[str]] = {}
+    for key, config in methods.items():
+        by_label.setdefault(method_label(config), []).append(key)
+    out: dict[str, str] = {}
+    for label, keys in by_label.items():
+        if len(keys) == 1:
+            out[keys[0]] = label
+            continue
+        all_keys = sorted({k for key in keys for k in methods[key]})
+        varying = [k for k in all_keys if len({json.dumps(methods[key].get(k), default=str) for key in keys}) > 1]
+        for key in keys:
+            extra = ", ".join(f"{k}={methods[key].get(k)}" for k in varying)
+            out[key] = f"{label} ({extra})"
+    return out
+
+
+# The paper's methods keep one colour in every figure (report, probe); others take the rest in turn.
+METHOD_COLOURS = {
+    "E2E": "tab:gray", "DGL": "tab:blue", "ContSup E": "tab:green", "ContSup R1E": "tab:orange",
+    "ContSup M1R1E": "tab:red", "ContSup M2R1E": "tab:purple",
+}
+
+
+def colours(labels: Iterable[str], method: Callable[[str], str] = lambda label: label) -> dict[str, Any]:
+    """One colour per label. When each label is a different method (``method(label)``), the
+    paper's methods get their fixed colours (``METHOD_COLOURS``) and other labels the colours no
+    paper method uses, in sorted order; otherwise (one method several times, e.g. at several K)
+    every label takes the next tab10/tab20 colour."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_rgba
+
+    unique = sorted(set(labels))
+    methods = [method(label) for label in unique]
+    if len(set(methods)) < len(methods):
+        cmap = colormaps["tab10" if len(unique) <= 10 else "tab20"]
+        return {label: to_rgba(cmap(i % cmap.N)) for i, label in enumerate(unique)}
+    fixed = {label: to_rgba(METHOD_COLOURS[m]) for label, m in zip(unique, methods) if m in METHOD_COLOURS}
+    rest = [label for label in unique if label not in fixed]
+    reserved = {to_rgba(c) for c in METHOD_COLOURS.values()}
+    cmap = colormaps["tab10" if len(rest) <= 10 - len(reserved) else "tab20"]
+    free = [c for c in (to_rgba(cmap(i)) for i in range(cmap.N)) if c not in reserved]
+    return {**fixed, **{label: free[i % len(free)] for i, label in enumerate(rest)}}
+
+
+def slug(text: str) -> str:
+    """A file-name-safe version of ``text``."""
+    out = "".join(c if c.isalnum() or c in "-_." else "-" for c in text)
+    while "--" in out:
+        out = out.replace("--", "-")
+    return out.strip("-") or "run"

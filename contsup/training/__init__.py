@@ -1,0 +1,1 @@
+"""contsup.training: the training loop, its strategies, checkpoints and run directories."""

@@ -1,0 +1,220 @@
+"""Checkpoint files: written atomically with a SHA-256 beside them, the last two kept, read with
+``torch.load(weights_only=True)``, and a damaged latest one skipped for the one before it.
+
+A checkpoint holds only tensors and plain containers (no pickled objects): the model, every
+optimizer, scheduler and grad scaler, the RNG states, the data order, the position in the run,
+the metrics so far and the resolved recipe. ``Trainer.checkpoint_state`` builds it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import random
+import re
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import numpy as np
+import torch
+
+from contsup.errors import ContsupError, reason
+from contsup.training.rundir import atomic_write
+
+CHECKPOINT_DIR = "checkpoints"
+FORMAT = 1
+KEEP = 2
+NAME = re.compile(r"^step-(\d{9})\.pt$")
+PARTIAL = re.compile(r"^\.step-\d{9}\.pt.*\.tmp$")  # what a writer killed mid-write leaves behind
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint file that cannot be used; the message says why."""
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:09d}.pt"
+
+
+def checkpoint_paths(run_dir: Path) -> list[Path]:
+    """The run's checkpoints, oldest first (by optimizer step)."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := NAME.match(p.name)) and p.is_file()]
+    return [p for _, p in sorted(found)]
+
+
+# -- RNG states as plain tensors and containers ----------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch CPU and (if present) every CUDA device's RNG state."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured (CUDA states only where the devices exist)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# -- writing -------------------------------------------------------------------------------
+
+
+class _HashingWriter:
+    """Passes bytes to ``f`` and hashes them on the way, so the file is not read back."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int = KEEP) -> Path:
+    """Write ``state`` as ``checkpoints/step-NNNNNNNNN.pt`` (atomically), its digest beside it,
+    then delete all but the newest ``keep`` checkpoints."""
+    folder = checkpoint_dir(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / checkpoint_name(int(state["global_step"]))
+    digest: dict[str, Any] = {}
+
+    def write(f: BinaryIO) -> None:
+        w = _HashingWriter(f)
+        torch.save(state, w)
+        digest.update(sha256=w.sha.hexdigest(), size=w.size)
+
+    _sidecar(path).unlink(missing_ok=True)  # never pair a new file with an old digest
+    atomic_write(path, write)
+    atomic_write(_sidecar(path), lambda f: f.write(f"{digest['sha256']}  {digest['size']}\n"), binary=False)
+    for old in checkpoint_paths(run_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+        _sidecar(old).unlink(missing_ok=True)
+    return path
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+# -- reading -------------------------------------------------------------------------------
+
+_REQUIRED: dict[str, type | tuple[type, ...]] = {
+    "format": int, "recipe": dict, "epoch": int, "batch": int, "global_step": int, "steps_per_epoch": int,
+    "model": dict, "optimizers": list, "schedulers": list, "scalers": list, "rng": dict,
+    "data_generator": torch.Tensor, "history": list,
+}
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and check one checkpoint; raises CorruptCheckpoint saying what is wrong."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CorruptCheckpoint(f"cannot be read ({exc.strerror or exc})") from None
+    sidecar = _sidecar(path)
+    if sidecar.exists():
+        try:
+            expected, size = sidecar.read_text(encoding="utf-8").split()
+            int(size)
+        except (OSError, UnicodeDecodeError, ValueError):
+            raise CorruptCheckpoint(f"its digest file {sidecar.name} is damaged") from None
+        if len(raw) != int(size):
+            raise CorruptCheckpoint(f"truncated or extended: {len(raw)} bytes, {size} were written")
+        if hashlib.sha256(raw).hexdigest() != expected:
+            raise CorruptCheckpoint("its contents changed after writing (SHA-256 mismatch)")
+    try:
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many kinds for damaged files
+        raise CorruptCheckpoint(f"not a readable checkpoint ({type(exc).__name__}: {reason(exc, 200)})") from None
+    _check_structure(state)
+    return state
+
+
+def _check_structure(state: Any) -> None:
+    if not isinstance(state, dict):
+        raise CorruptCheckpoint(f"holds a {type(state).__name__}, not a checkpoint")
+    for key, kind in _REQUIRED.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise CorruptCheckpoint(f"its '{key}' entry is missing or malformed")
+    if state["format"] != FORMAT:
+        raise CorruptCheckpoint(f"format {state['format']} is not the format {FORMAT} this contsup reads")
+    if (state["epoch"] != len(state["history"]) + 1 or not 0 <= state["batch"] <= state["steps_per_epoch"]
+            or state["global_step"] < 0 or state["steps_per_epoch"] < 1):
+        raise CorruptCheckpoint("its position (epoch, batch, step) does not agree with its metrics history")
+    if not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        raise CorruptCheckpoint("its model entry holds something other than tensors")
+    if not all(isinstance(m, dict) for m in state["history"]):
+        raise CorruptCheckpoint("its metrics history is malformed")
+    if state.get("partial") is not None and not isinstance(state["partial"], dict):
+        raise CorruptCheckpoint("its partial-epoch entry is malformed")
+    rng = state["rng"]
+    if not (isinstance(rng.get("python"), (tuple, list)) and isinstance(rng.get("numpy"), dict) and isinstance(rng.get("torch"), torch.Tensor)):
+        raise CorruptCheckpoint("its RNG state is malformed")
+
+
+def describe(state: dict[str, Any]) -> str:
+    """Where a checkpoint stands, in words: ``end of epoch 2`` or ``epoch 3, after step 5 of 20``."""
+    epoch, batch, n = state["epoch"], state["batch"], state["steps_per_epoch"]
+    if batch == 0:
+        return f"end of epoch {epoch - 1}" if epoch > 1 else "start of training"
+    return f"epoch {epoch}, after step {batch} of {n}"
+
+
+def load_latest(run_dir: Path, warn: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
+    """The newest usable checkpoint and its path; each damaged newer one is reported through
+    ``warn`` and renamed ``*.corrupt`` (kept for inspection, never loaded again), and temporary
+    files of a killed write are removed. None if the run has no checkpoint; an error naming every
+    damaged one if none is usable."""
+    folder = checkpoint_dir(run_dir)
+    for leftover in folder.iterdir() if folder.is_dir() else ():
+        if PARTIAL.match(leftover.name):
+            leftover.unlink(missing_ok=True)
+    paths = checkpoint_paths(run_dir)
+    if not paths:
+        return None
+    problems = []
+    for path in reversed(paths):
+        try:
+            state = read_checkpoint(path)
+        except CorruptCheckpoint as exc:
+            problems.append((path, str(exc)))
+            continue
+        for bad, why in problems:
+            warn(f"checkpoint {bad} is damaged: {why}; using the one before it")
+            _set_aside(bad)
+        return state, path
+    lines = [f"checkpoint {bad} is damaged: {why}" for bad, why in problems]
+    raise ContsupError(*lines, f"{run_dir}: none of its checkpoints is usable; start the run again with --new")
+
+
+def _set_aside(path: Path) -> None:
+    try:
+        path.rename(path.with_name(path.name + ".corrupt"))
+        _sidecar(path).unlink(missing_ok=True)
+    except OSError:
+        pass
