@@ -28,7 +28,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from contsup.tools.bench import machine  # noqa: E402
-from contsup.training.engine import EndToEndStrategy, GreedyStrategy, StepStats, Trainer, seed_everything  # noqa: E402
+from contsup.training.device import seed_everything  # noqa: E402
+from contsup.training.loop import Trainer
+from contsup.training.strategies import EndToEndStrategy, GreedyStrategy, StepStats
 from contsup.model.memory import CostModel, fitted_costs, measure_step, recipe_parts  # noqa: E402
 from contsup.model.network import build_network  # noqa: E402
 from contsup.core.plugins import get_plugin_manager  # noqa: E402

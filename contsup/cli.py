@@ -144,7 +144,8 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     from contsup import __version__
     from contsup.distributed.world import check_single_process, launch_from_env
-    from contsup.training.engine import Trainer, preflight
+    from contsup.training.device import preflight
+    from contsup.training.loop import Trainer
     from contsup.training.rundir import create_run_dir, default_run_dir, discard_unstarted, write_recipe, write_versions
 
     launch = launch_from_env()
@@ -179,7 +180,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     """``contsup train --resume RUN_DIR``: continue a run exactly from its newest usable checkpoint."""
     from contsup import __version__
     from contsup.distributed.world import check_single_process
-    from contsup.training.engine import Trainer
+    from contsup.training.loop import Trainer
     from contsup.training.resume import prepare_resume
 
     if args.new:
@@ -198,10 +199,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def _fit_and_save(trainer: Any, run_dir: Path) -> int:
-    from contsup.training.rundir import append_metrics, save_model
+    from contsup.training.rundir import append_metrics
 
     history = trainer.fit(on_epoch=lambda m: append_metrics(run_dir, m))
-    save_model(run_dir, trainer.network)
+    trainer.finish()
     if not history:
         print(f"no epochs to train; run directory: {run_dir}")
         return 0

@@ -41,7 +41,7 @@ def register_datasets(register):
 
 @hookspec
 def on_run_start(run):
-    """Called once before the first epoch; ``run`` is a :class:`contsup.training.engine.RunInfo`."""
+    """Called once before the first epoch; ``run`` is a :class:`contsup.training.loop.RunInfo`."""
 
 
 @hookspec

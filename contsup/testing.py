@@ -386,9 +386,7 @@ def _check_engine(selector: Any, k: int, problems: _Problems) -> None:
             if tuple(out.shape) != tuple(h.shape):
                 problems.add(f"adapter for {s} returned shape {tuple(out.shape)}; expected {tuple(h.shape)} (h's shape)", l, k)
                 return
-        hc = m.enrich(h, context)
-        store.add(l - 1, hc)
-        out = m.body(hc)
+        out = store.run(m, h)  # the engine's own wiring, on the context gathered above
         loss = m.loss(out, y, x).total
         reached = set()
         for leaf in _leaves(loss):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from contsup.training.checkpoint import (
     CorruptCheckpoint, checkpoint_paths, load_latest, read_checkpoint, rng_state, save_checkpoint, set_rng_state,
 )
-from contsup.training.engine import Trainer
+from contsup.training.loop import Trainer
 from contsup.errors import ContsupError
 from contsup.config.recipe import loads_recipe
 

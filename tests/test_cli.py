@@ -172,7 +172,7 @@ def test_usage_errors_exit_2_without_traceback(capsys):
 
 def test_observers_are_called(small_recipe, tmp_path):
     from contsup import hookimpl
-    from contsup.training.engine import Trainer
+    from contsup.training.loop import Trainer
     from contsup.core.plugins import get_plugin_manager
 
     calls = []

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from contsup.distributed.data_parallel import ShardedBatchSampler, global_batch_size, shard_bounds
+from contsup.training.order import ShardedBatchSampler, global_batch_size, shard_bounds
 from contsup.distributed.timing import read_report
 from contsup.training.order import SkippingBatchSampler
 from contsup.training.rundir import read_metrics

@@ -17,7 +17,7 @@ from contsup.cli import main
 from contsup.distributed.world import (
     Launch, PeerLost, World, check_launch, choose_backend, is_communication_error, launch_from_env,
 )
-from contsup.training.engine import Trainer
+from contsup.training.loop import Trainer
 from contsup.errors import ContsupError, RecipeError
 from contsup.config.recipe import loads_recipe
 
@@ -181,11 +181,11 @@ def _fit(trainer) -> dict:
 
 @pytest.mark.parametrize("mode", ["data", "pipeline"])
 def test_one_rank_trains_exactly_as_one_process(registries, tmp_path, one_rank, mode):
-    from contsup.distributed.world import _trainer_class
+    from contsup.distributed.world import make_parallel
 
     recipe = recipe_with(registries, tmp_path, f'mode = "{mode}"')
     single = recipe_with(registries, tmp_path, 'mode = "none"')
-    ours = _fit(_trainer_class(mode)(recipe, tmp_path / "a", one_rank, log=open(os.devnull, "w")))
+    ours = _fit(Trainer(recipe, tmp_path / "a", log=open(os.devnull, "w"), parallel=make_parallel(one_rank, recipe)))
     theirs = _fit(Trainer(single, tmp_path / "b", log=open(os.devnull, "w")))
     for key in theirs:
         assert torch.equal(ours[key], theirs[key]), key
@@ -200,13 +200,13 @@ def test_micro_batches_accumulate_into_one_step_per_batch(registries, tmp_path, 
     """With M micro-batches each module takes one step per batch on the gradient of the whole
     batch: equal to M = 1 where nothing depends on the batch (here: batch norm frozen), up to
     summation order (one epoch: these small networks amplify rounding differences fast)."""
-    from contsup.distributed.pipeline import PipelineTrainer
+    from contsup.distributed.pipeline import Pipeline
 
     monkeypatch.setattr(nn.BatchNorm2d, "forward", _frozen_batch_norm)
     runs = {}
     for m in (1, 3):
         recipe = recipe_with(registries, tmp_path, f'mode = "pipeline"\nmicro_batches = {m}', epochs=1)
-        trainer = PipelineTrainer(recipe, tmp_path / f"m{m}", one_rank, log=open(os.devnull, "w"))
+        trainer = Trainer(recipe, tmp_path / f"m{m}", log=open(os.devnull, "w"), parallel=Pipeline(one_rank, recipe))
         runs[m] = (_fit(trainer), trainer)
     (one, t1), (three, t3) = runs[1], runs[3]
     for key in one:

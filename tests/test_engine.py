@@ -33,7 +33,7 @@ def test_a_diverging_run_stops_with_one_line(write_recipe, tmp_path, capsys):
 
 
 def test_an_epoch_line_without_a_measured_speed_still_prints():
-    from contsup.training.engine import summary_line
+    from contsup.training.loop import summary_line
 
     m = {"epoch": 1, "test_error_pct": 2.0, "test_local_acc_pct": [None, 50.0], "images_per_s": None, "epoch_time_s": 0.0}
     assert summary_line(m, 3) == "epoch 1/3: test error 2.00% | local acc % 50.0 | - img/s | 0.0s"

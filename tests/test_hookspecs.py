@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from contsup import hookspecs
-from contsup.training.engine import Trainer
+from contsup.training.loop import Trainer
 from contsup.model.network import build_network
 from contsup.errors import RecipeError
 from contsup.testing import check_selector, plugin_manager, registries, validate_recipe

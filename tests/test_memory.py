@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import contsup.model.memory as memory
-from contsup.training.engine import EndToEndStrategy, GreedyStrategy
+from contsup.training.strategies import EndToEndStrategy, GreedyStrategy
 from contsup.model.memory import CostModel, SavedStorages, even_split, fitted_costs, measure_step, partition_costs, recipe_parts
 from contsup.model.network import build_network
 from contsup.types import Costs

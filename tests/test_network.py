@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from contsup.training.engine import STRATEGIES, StepStats, Trainer, e2e_parameters
+from contsup.training.loop import Trainer
+from contsup.training.strategies import STRATEGIES, StepStats, e2e_parameters
 from contsup.errors import ContsupError
 from contsup.model.network import build_network, plan_modules
 from contsup.types import Source

@@ -22,10 +22,13 @@ from hypothesis import strategies as st
 from contsup.training.checkpoint import checkpoint_paths
 from contsup.cli import main
 from contsup.distributed.timing import read_report
-from contsup.training.engine import GreedyStrategy, Trainer
+from contsup.training.loop import Trainer
+from contsup.training.strategies import GreedyStrategy
 from contsup.model.network import ContextStore
+from contsup.partition import min_max_split
+from contsup.types import Costs
 from contsup.distributed.pipeline import (
-    HEAD, SPEC, Message, StagePlan, balanced_split, crossing, decode_header, encode_header,
+    HEAD, SPEC, Message, StagePlan, crossing, decode_header, encode_header,
 )
 from contsup.config.recipe import loads_recipe
 from contsup.training.rundir import read_metrics
@@ -259,7 +262,7 @@ def _brute_force(costs: list[float], parts: int) -> float:
     lambda costs: st.tuples(st.just(costs), st.integers(1, len(costs)))))
 def test_balanced_split_is_optimal(case):
     costs, parts = case
-    sizes = balanced_split([float(c) for c in costs], parts)
+    sizes = min_max_split(Costs(tuple(float(c) for c in costs)), parts)
     assert len(sizes) == parts and all(s >= 1 for s in sizes) and sum(sizes) == len(costs)
     bounds = [0, *itertools.accumulate(sizes)]
     largest = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))

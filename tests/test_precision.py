@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from contsup.cli import main
-from contsup.training.engine import EndToEndStrategy, GreedyStrategy, StepStats, Trainer
+from contsup.training.loop import Trainer
+from contsup.training.strategies import EndToEndStrategy, GreedyStrategy, StepStats
 from contsup.training.precision import Precision
 from contsup.config.recipe import loads_recipe
 

@@ -15,7 +15,8 @@ import torch
 
 from contsup.training.checkpoint import checkpoint_paths, load_latest
 from contsup.cli import main
-from contsup.training.engine import Interrupted, Trainer
+from contsup.training.failures import Interrupted
+from contsup.training.loop import Trainer
 from contsup.training.progress import Progress
 from contsup.config.recipe import loads_recipe
 from contsup.training.resume import recipe_differences

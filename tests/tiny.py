@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from contsup.training.engine import Trainer
+from contsup.training.loop import Trainer
 from contsup.config.recipe import loads_recipe
 from contsup.training.rundir import read_metrics
 

@@ -26,29 +26,31 @@ import copy
 import statistics
 import time
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, ContextManager, Iterator, Sequence
 
 import attrs
 import torch
 import torch.distributed as dist
 
-from contsup.distributed.data_parallel import (
-    RANK_SEED, ReducingScaler, broadcast_tensors, global_batch_size, last_batch_problem, share_float_buffers,
-    sharded_loaders,
-)
-from contsup.distributed.world import DistributedTrainer, Silent, World, any_rank
-from contsup.distributed.timing import Clock, epoch_entry
-from contsup.training.engine import EpochProgress, EvalCounts, StepStats, epoch_metrics, seed_everything
-from contsup.errors import ContsupError
-from contsup.training.order import epoch_batches
-from contsup.training.precision import to_memory_format
-from contsup.training.progress import Progress
+from contsup.distributed.data_parallel import broadcast_tensors, share_float_buffers, sum_gradients
 from contsup.distributed.syncbn import convert_sync_batchnorm
+from contsup.distributed.timing import Clock
+from contsup.distributed.world import Ranks, Silent, World, any_rank
+from contsup.errors import ContsupError
+from contsup.model.network import GreedyNetwork
+from contsup.partition import min_max_split
+from contsup.training.device import seed_everything
+from contsup.training.evaluation import EvalCounts, Evaluation
+from contsup.training.loaders import batches_problem, make_loaders
+from contsup.training.order import RANK_SEED, epoch_batches, global_batch_size
+from contsup.training.parallel import Batch, Gathered
+from contsup.training.precision import Precision, to_memory_format
+from contsup.training.strategies import Check, GreedyStrategy, StepStats, Strategy, make_strategy
+from contsup.types import Costs
 
 # message kinds
-TRAIN, EVAL, END_EPOCH, END_EVAL, CHECKPOINT, STOP = range(1, 7)
-KIND_NAMES = {TRAIN: "train", EVAL: "eval", END_EPOCH: "end of epoch", END_EVAL: "end of evaluation",
-              CHECKPOINT: "checkpoint", STOP: "stop"}
+TRAIN, EVAL, END_EPOCH, END_EVAL, STOP = 1, 2, 3, 4, 6
+KIND_NAMES = {TRAIN: "train", EVAL: "eval", END_EPOCH: "end of epoch", END_EVAL: "end of evaluation", STOP: "stop"}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
           torch.int8, torch.uint8, torch.bool)
 MAX_DIMS = 8
@@ -57,34 +59,6 @@ SPEC = 2 + MAX_DIMS  # dtype, ndim, dims
 
 
 # -- which modules each rank owns --------------------------------------------------------------
-
-
-def balanced_split(costs: Sequence[float], parts: int) -> tuple[int, ...]:
-    """Sizes of ``parts`` non-empty contiguous groups of ``costs`` whose largest sum is smallest
-    (exact, by dynamic programming; ties go to the earliest cut)."""
-    n = len(costs)
-    if not 1 <= parts <= n:
-        raise ValueError(f"cannot cut {n} modules into {parts} non-empty stages")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[p][i]: smallest largest-stage cost of the first i modules in p stages
-    best = [[inf] * (n + 1) for _ in range(parts + 1)]
-    cut = [[0] * (n + 1) for _ in range(parts + 1)]
-    best[0][0] = 0.0
-    for p in range(1, parts + 1):
-        for i in range(p, n - (parts - p) + 1):
-            for j in range(p - 1, i):
-                value = max(best[p - 1][j], prefix[i] - prefix[j])
-                if value < best[p][i]:
-                    best[p][i], cut[p][i] = value, j
-    sizes, i = [], n
-    for p in range(parts, 0, -1):
-        j = cut[p][i]
-        sizes.append(i - j)
-        i = j
-    return tuple(reversed(sizes))
 
 
 @attrs.frozen
@@ -255,12 +229,11 @@ class Inbox:
 # -- one rank's modules ------------------------------------------------------------------------
 
 
+
 class Stage:
     """Trains and evaluates modules ``first..last`` of a network, as the greedy step does."""
 
-    def __init__(self, trainer: Any, first: int, last: int) -> None:
-        self.trainer = trainer
-        network = trainer.network
+    def __init__(self, network: GreedyNetwork, first: int, last: int) -> None:
         self.network = network
         self.modules = [m for m in network.blocks if first <= m.index <= last]
         self.first, self.last = first, last
@@ -281,13 +254,12 @@ class Stage:
         return tuple(out + [store.kept[j] for j in c.features])
 
     def train(
-        self, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None, kept: dict, weight: float,
-        first_micro: bool, last_micro: bool, stats: StepStats, check: Any,
+        self, strategy: GreedyStrategy, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None, kept: dict,
+        weight: float, first_micro: bool, last_micro: bool, stats: StepStats, check: Check,
     ) -> tuple[torch.Tensor, ...] | None:
         """One micro-batch through this rank's modules (h: (B, C, H, W), the input of module
         ``first``); gradients accumulate, scaled by ``weight``, and the last micro-batch steps.
         Returns what to send on."""
-        strategy = self.trainer.strategy
         store = self.network.store(x, detach=True)
         store.kept.update(kept)
         for m in self.modules:
@@ -296,15 +268,15 @@ class Stage:
         return self._pack(h, y, x, store) if self.outgoing is not None else None
 
     @torch.no_grad()
-    def evaluate(self, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None, kept: dict, counts: EvalCounts) -> tuple | None:
+    def evaluate(
+        self, precision: Precision, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None, kept: dict, counts: EvalCounts
+    ) -> tuple | None:
         """One test batch through this rank's modules in eval mode, counting each head's answers."""
         store = self.network.store(x, detach=False)
         store.kept.update(kept)
         for m in self.modules:
-            with self.trainer.precision.autocast():
-                hc = m.enrich(h, store.gather(m.sources))
-                store.add(m.index - 1, hc)
-                h = m.body(hc)
+            with precision.autocast():
+                h = store.run(m, h)
                 store.release(m.index)
                 z = m.head(h)
             counts.add(m, z, y)
@@ -313,37 +285,28 @@ class Stage:
 
 def measure_module_costs(trainer: Any, batch: int, repeats: int = 3) -> tuple[float, ...]:
     """Seconds one greedy step of each module takes on a micro-batch of ``batch`` random images
-    (the median of ``repeats`` after one warm-up), on a copy of the network."""
+    (the median of ``repeats`` after one warm-up), on a copy of the network and its strategy."""
     network = copy.deepcopy(trainer.network).train()
+    strategy = make_strategy(trainer.recipe, network, trainer.steps_per_epoch, trainer.precision)
     info, device = trainer.built.info, trainer.device
-    optimizer = trainer.recipe.optimizer.create()
-    optimizers = [optimizer.build(m.parameters()) for m in network.blocks]
     g = torch.Generator().manual_seed(0)
     x = torch.randn((batch, *info.input_shape), generator=g).to(device)
     y = torch.randint(0, info.num_classes, (batch,), generator=g).to(device)
     x = to_memory_format(x, trainer.channels_last)
+    stats = StepStats(network.num_modules)
     times: list[list[float]] = [[] for _ in network.blocks]
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         for rep in range(repeats + 1):
             store = network.store(x, detach=True)
             h = x
-            for m, opt in zip(network.blocks, optimizers):
+            for m in network.blocks:
                 start = time.perf_counter()
-                with trainer.precision.autocast():
-                    hc = m.enrich(h, store.gather(m.sources))
-                    store.add(m.index - 1, hc)
-                    out = m.body(hc)
-                    result = m.loss(out, y, x)
-                opt.zero_grad(set_to_none=True)
-                result.total.float().backward()
-                opt.step()
+                h = strategy.train_module(m, h, store, x, y, stats, lambda module, loss: None)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 if rep:
                     times[m.index - 1].append(time.perf_counter() - start)
-                h = out.detach()
-                store.release(m.index)
     return tuple(statistics.median(t) for t in times)
 
 
@@ -359,33 +322,81 @@ class _Length:
         return self.n
 
 
-class PipelineTrainer(DistributedTrainer):
-    """Pipeline training on one rank: the first stage of each replica (rank 0 alone with one
+class Pipeline:
+    """This rank's part in a pipeline run: the first stage of each replica (rank 0 alone with one
     replica) reads its share of the data and drives; the others follow the messages of the rank
-    before them."""
+    before them. A stop is decided by the first stages and travels down the pipeline in-band;
+    checkpoints fall on the same steps everywhere, so every rank knows when one is due."""
 
-    def __init__(self, recipe: Any, run_dir: Path, world: World, hook: Any = None, log: TextIO | None = None) -> None:
+    needs_agreement = True
+    signal_grace_s = 1.0
+
+    def __init__(self, world: World, recipe: Any) -> None:
         d = recipe.distributed
+        self.world, self.recipe = world, recipe
+        self.is_main = world.is_main
         self.grid = Grid(world.size // d.replicas, d.replicas)
         self.replica, self.stage_index = self.grid.place(world.rank)
         self.is_driver = self.stage_index == 0
-        super().__init__(recipe, run_dir, world, hook=hook, log=log)
         self.micro_batches = d.micro_batches
-        self.clock = Clock(self.device)
-        self.plan = self._plan_stages()
+        self.clock = Clock()
+        self.ranks = Ranks(world, recipe, self.clock)
+        self.train_size = 0
+        self.inbox: Inbox | None = None
+        self.outbox: Outbox | None = None
+        self._waiting: Message | None = None  # a message received while looking for a stop
+        self._gathered: tuple[tuple[int, int], Gathered] | None = None
+
+    # -- setting up ------------------------------------------------------------------------
+
+    def loaders(self, recipe: Any, dataset: Any, device: torch.device) -> tuple[Any, Any, int]:
+        """The first stage of every replica reads its share of each batch and of the test set (all
+        of them with one replica, as one process would); the others learn how many batches an
+        epoch has."""
+        train = test = problem = None
+        if self.is_driver:
+            train, test, self.train_size = make_loaders(recipe, dataset, device, self.replica, self.grid.replicas)
+            problem = batches_problem(recipe, self.train_size, self.grid.replicas, "replicas")
+        count, self.train_size, lines = self.world.broadcast_object(
+            (len(train), self.train_size, problem.lines if problem else None)
+            if self.world.is_main else None,
+            "sharing the number of batches",
+        )
+        if lines:
+            raise ContsupError(*lines) if self.world.is_main else Silent(ContsupError.exit_code)
+        return (train, test, self.train_size) if self.is_driver else (_Length(count), None, self.train_size)
+
+    def attach(self, trainer: Any) -> None:
+        """Plan the stages, take this rank's, and join the ranks holding the same stage."""
+        self.ranks.attach(trainer)
+        self.network, self.device, self.precision = trainer.network, trainer.device, trainer.precision
+        self.channels_last = trainer.channels_last
+        self.strategy = trainer.strategy
+        self.plan = self._plan_stages(trainer)
         first, last = self.plan.modules(self.stage_index)
-        self.stage = Stage(self, first, last)
+        self.stage = Stage(self.network, first, last)
         self.owned = list(range(first, last + 1))
         self._join_replicas()
-        self.inbox = self.outbox = None
+        d, world = self.recipe.distributed, self.world
         if self.stage.incoming is not None:
             self.inbox = Inbox(world, world.rank - 1, self.stage.incoming.count, self.device, self.channels_last, self.clock)
         if self.stage.outgoing is not None:
             self.outbox = Outbox(world, world.rank + 1, self.stage.outgoing.count, d.max_in_flight, self.clock)
-        self._gathered_at: tuple[int, int] | None = None
-        if world.is_main:
-            self.log.write(self.plan.describe(self.grid.replicas) + "\n")
-            self.log.flush()
+        trainer.log.write(self.plan.describe(self.grid.replicas) + "\n")
+        trainer.log.flush()
+
+    def _plan_stages(self, trainer: Any) -> StagePlan:
+        d, k, n = self.recipe.distributed, self.network.num_modules, self.grid.stages
+        if d.stages:
+            return StagePlan(tuple(d.stages))
+        if n == 1:
+            return StagePlan((k,))
+        plan = None
+        if self.world.is_main:
+            micro = -(-self.recipe.data.batch_size // self.micro_batches)
+            costs = measure_module_costs(trainer, micro)
+            plan = StagePlan(min_max_split(Costs(costs), n), costs)
+        return self.world.broadcast_object(plan, "sharing the stage plan")
 
     def _join_replicas(self) -> None:
         """This stage's group of ranks, one per replica (of one rank without replicas): they start
@@ -400,36 +411,9 @@ class PipelineTrainer(DistributedTrainer):
         broadcast_tensors(state, self.stage_group, "sharing the initial weights")
         if self.replica:
             seed_everything(self.recipe.run.seed + self.replica * RANK_SEED)
-        self.strategy.scalers = [ReducingScaler(s, self.stage_group, self.clock) for s in self.strategy.scalers]
 
-    def make_loaders(self) -> tuple[Any, Any]:
-        """The first stage of every replica reads its share of each batch and of the test set (all
-        of them with one replica, as one process would); the others learn how many batches an
-        epoch has."""
-        train = test = problem = None
-        if self.is_driver:
-            train, test, self.train_size = sharded_loaders(self.recipe, self.dataset, self.device, self.replica, self.grid.replicas)
-            problem = last_batch_problem(self.recipe, self.train_size, self.grid.replicas, "replicas")
-        count, self.train_size, lines = self.world.broadcast_object(
-            (len(train), self.train_size, problem.lines if problem else None) if self.world.is_main else None,
-            "sharing the number of batches",
-        )
-        if lines:
-            raise ContsupError(*lines) if self.world.is_main else Silent(ContsupError.exit_code)
-        return (train, test) if self.is_driver else (_Length(count), None)
-
-    def _plan_stages(self) -> StagePlan:
-        d, k, n = self.recipe.distributed, self.network.num_modules, self.grid.stages
-        if d.stages:
-            return StagePlan(tuple(d.stages))
-        if n == 1:
-            return StagePlan((k,))
-        plan = None
-        if self.world.is_main:
-            micro = -(-self.recipe.data.batch_size // self.micro_batches)
-            costs = measure_module_costs(self, micro)
-            plan = StagePlan(balanced_split(costs, n), costs)
-        return self.world.broadcast_object(plan, "sharing the stage plan")
+    def sync_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        sum_gradients(optimizer, self.stage_group, self.clock)
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -437,12 +421,11 @@ class PipelineTrainer(DistributedTrainer):
         if self.outbox is not None:
             self.outbox.send(message)
 
-    def _flush(self) -> None:
-        if self.outbox is not None:
-            self.outbox.flush()
-
     def _receive(self, *expected: int) -> Message:
-        message = self.inbox.receive()
+        if self._waiting is not None:
+            message, self._waiting = self._waiting, None
+        else:
+            message = self.inbox.receive()
         if message.kind not in expected:
             raise ContsupError(
                 f"rank {self.world.rank}: expected a {' or '.join(KIND_NAMES[k] for k in expected)} message from "
@@ -452,126 +435,82 @@ class PipelineTrainer(DistributedTrainer):
 
     # -- training --------------------------------------------------------------------------
 
-    def train_epoch(self, epoch: int) -> dict:
-        cur = self.begin_epoch(epoch)
+    def begin_epoch(self) -> None:
         self.clock.reset()
-        cur.restart_clock()
-        with self.training_failures(epoch, cur):
-            if self.is_driver:
-                self._drive(cur, epoch)
-            else:
-                self._follow(cur, epoch)
-        self._flush()
-        stats = self.reduced_stats(cur.stats)  # every rank has finished the epoch's last step here
-        elapsed = cur.elapsed()
-        try:
-            result = self._evaluate()
-        except torch.cuda.OutOfMemoryError:
-            raise self._out_of_memory(epoch, cur.done, evaluating=True) from None
-        clocks = self.world.gather_objects(self.clock.snapshot(self.world.rank, elapsed, self.owned), "gathering timings")
-        if self.world.is_main:
-            self.record_epoch(epoch_entry(epoch, cur.images, elapsed, clocks))
-        return epoch_metrics(epoch, self.info.step, self.strategy.lr(), stats, result, cur.images, elapsed, self.device)
 
-    def _drive(self, cur: EpochProgress, epoch: int) -> None:
-        """The first stage of a replica: read batches, train modules 1.., send on; decide
-        checkpoints and stops (in a grid, the first stages agree on them)."""
-        if self._stop_agreed():  # Ctrl-C between epochs
-            self._stop_everywhere()
-        every = self.recipe.run.checkpoint_every_steps
-        run = self.recipe.run
-        progress = Progress(epoch, run.epochs, self.steps_per_epoch, run.log_every, stream=self.progress_stream, done=cur.done)
-        try:
-            for x, y in self.clock.loading(epoch_batches(self.train_loader, cur.start_state, cur.done)):
-                x = to_memory_format(x.to(self.device, non_blocking=True), self.channels_last)
-                y = y.to(self.device, non_blocking=True)
+    def batches(self, loader: Any, cur: Any, device: torch.device, channels_last: bool) -> Iterator[Batch]:
+        """The first stages read batches; the others take the first micro-batch of each step
+        from the rank before them, until the end of the epoch (which they pass on)."""
+        if self.is_driver:
+            for x, y in self.clock.loading(epoch_batches(loader, cur.start_state, cur.done)):
+                x = to_memory_format(x.to(device, non_blocking=True), channels_last)
                 n = global_batch_size(cur.done, self.train_size, self.recipe.data.batch_size)
-                self._busy = True
-                check = self._check(epoch, cur.done + 1)
-                # as many micro-batches on every replica (their batch-norm exchanges pair up)
-                count = min(self.micro_batches, n // self.grid.replicas)
-                xs, ys = torch.tensor_split(x, count), torch.tensor_split(y, count)
-                for i, (xm, ym) in enumerate(zip(xs, ys)):
-                    message = Message(TRAIN, cur.done + 1, i, count, n)
-                    out = self._train(message, xm, ym, xm, {}, cur.stats, check)
-                    if out is not None:
-                        self._send(attrs.evolve(message, tensors=out))
-                cur.done += 1
-                cur.images += n
-                self.info.step += 1
-                self._busy = False
-                progress.update(cur.done, cur.stats.mean_loss())
-                if self._stop_agreed():
-                    self._stop_everywhere()
-                if every and self.info.step % every == 0 and cur.done < self.steps_per_epoch:
-                    self._send(Message(CHECKPOINT, self.info.step))
-                    self.save_checkpoint()
-        finally:
-            progress.close()
-        self._send(Message(END_EPOCH))
+                yield Batch(x, y.to(device, non_blocking=True), n)
+            self._send(Message(END_EPOCH))
+            return
+        while True:
+            message = self._receive(TRAIN, END_EPOCH)
+            if message.kind == END_EPOCH:
+                self._send(message)
+                return
+            yield Batch(None, None, message.batch, message)
+
+    def train_step(self, strategy: Strategy, batch: Batch, stats: StepStats, check: Check, epoch: int, step: int) -> None:
+        """The step's micro-batches through this rank's modules, each sent on as soon as it is done;
+        every micro-batch's loss is weighted by its share of the step's batch (of all replicas)."""
+        if self.is_driver:
+            # as many micro-batches on every replica (their batch-norm exchanges pair up)
+            count = min(self.micro_batches, batch.images // self.grid.replicas)
+            xs, ys = torch.tensor_split(batch.x, count), torch.tensor_split(batch.y, count)
+            for i, (xm, ym) in enumerate(zip(xs, ys)):
+                message = Message(TRAIN, step, i, count, batch.images)
+                self._train(strategy, message, xm, ym, xm, {}, stats, check, epoch)
+            return
+        message = batch.message
+        while True:
+            h, y, x, kept = self.stage.unpack(message.tensors)
+            self._train(strategy, message, h, y, x, kept, stats, check, epoch)
+            if message.micro == message.micro_count - 1:
+                return
+            message = self._receive(TRAIN)
 
     def _train(
-        self, message: Message, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None, kept: dict, stats: StepStats,
-        check: Any,
-    ) -> tuple[torch.Tensor, ...] | None:
-        """The micro-batch ``message`` describes through this rank's modules, its loss weighted by
-        its share of the step's batch (of all replicas together: ``message.batch`` images)."""
+        self, strategy: Any, message: Message, h: torch.Tensor, y: torch.Tensor, x: torch.Tensor | None, kept: dict,
+        stats: StepStats, check: Check, epoch: int,
+    ) -> None:
         first, last = message.micro == 0, message.micro == message.micro_count - 1
-        with self.clock.measure("compute"), self.world.guard(f"training step {message.step} of epoch {self.current.epoch}"):
-            return self.stage.train(h, y, x, kept, len(y) / message.batch, first, last, stats, check)
+        with self.clock.measure("compute"), self.world.guard(f"training step {message.step} of epoch {epoch}"):
+            out = self.stage.train(strategy, h, y, x, kept, len(y) / message.batch, first, last, stats, check)
+        if out is not None:
+            self._send(attrs.evolve(message, tensors=out))
 
-    def _stop_agreed(self) -> bool:
-        """On the first stages: whether to stop here, that is whether any of them was asked to
-        (one all-reduce over them; rank 0 alone decides without replicas)."""
-        return any_rank(self.stage_group, self._stop_wanted_at is not None, "agreeing whether to stop")
-
-    def _stop_everywhere(self) -> None:
-        self._send(Message(STOP, self.info.step))
-        self._stop_requested = True
-        raise self._interrupt()
-
-    def _follow(self, cur: EpochProgress, epoch: int) -> None:
-        """Later stages: train on what arrives, pass it on, and obey the control messages."""
-        while True:
-            message = self._receive(TRAIN, CHECKPOINT, STOP, END_EPOCH)
-            if message.kind == TRAIN:
-                self._busy = True
-                h, y, x, kept = self.stage.unpack(message.tensors)
-                out = self._train(message, h, y, x, kept, cur.stats, self._check(epoch, message.step))
-                if out is not None:
-                    self._send(attrs.evolve(message, tensors=out))
-                if message.micro == message.micro_count - 1:
-                    cur.done += 1
-                    cur.images += message.batch
-                    self.info.step += 1
-                    self._busy = False
-                continue
+    def agree_stop(self, wanted: bool) -> bool:
+        """The first stages agree (one all-reduce over them; rank 0 alone without replicas) and
+        send a stop down their pipelines; the other stages learn it from the next message."""
+        if self.is_driver:
+            stop = any_rank(self.stage_group, wanted, "agreeing whether to stop")
+            if stop:
+                self._send(Message(STOP))
+            return stop
+        message = self._receive(TRAIN, STOP, END_EPOCH)
+        if message.kind == STOP:
             self._send(message)
-            if message.kind == CHECKPOINT:
-                self.save_checkpoint()
-            elif message.kind == STOP:
-                self._stop_requested = True
-                raise self._interrupt()
-            else:
-                return
+            return True
+        self._waiting = message
+        return False
 
-    def reduced_stats(self, stats: StepStats) -> StepStats:
+    def end_training(self) -> None:
+        if self.outbox is not None:
+            self.outbox.flush()
+
+    def reduce_stats(self, stats: StepStats) -> StepStats:
         """Every module's running sums, each from the ranks that hold it (one per replica)."""
-        k = stats.modules
-        t = torch.zeros(4, k, dtype=torch.float64)
-        for i in (m - 1 for m in self.owned):
-            t[0, i], t[1, i], t[2, i] = stats.loss[i], stats.correct[i] or 0, stats.seen[i]
-            t[3, i] = 1.0 if stats.correct[i] is None else 0.0
-        t = self.world.all_reduce(t.to(self.world.control_device), "summing the training metrics").cpu()
-        out = StepStats(k)
-        out.loss = t[0].tolist()
-        out.correct = [None if m > 0 else int(round(c)) for c, m in zip(t[1].tolist(), t[3].tolist())]
-        out.seen = [int(round(s)) for s in t[2].tolist()]
-        return out
+        t = self.world.all_reduce(stats.as_tensor(self.owned).to(self.world.control_device), "summing the training metrics")
+        return StepStats.from_tensor(t, stats.modules)
 
     # -- evaluation ------------------------------------------------------------------------
 
-    def _evaluate(self) -> Any:
+    def evaluate(self, trainer: Any) -> Evaluation:
         """Test batches go through the stages like training ones (each replica its share of the
         test set); each rank counts its heads, the last stage the final loss, and the counts meet
         on every rank."""
@@ -580,10 +519,10 @@ class PipelineTrainer(DistributedTrainer):
         k = self.network.num_modules
         counts = EvalCounts(k)
         if self.is_driver:
-            for x, y in self.test_loader:
+            for x, y in trainer.test_loader:
                 x = to_memory_format(x.to(self.device, non_blocking=True), self.channels_last)
                 y = y.to(self.device, non_blocking=True)
-                out = self.stage.evaluate(x, y, x, {}, counts)
+                out = self.stage.evaluate(self.precision, x, y, x, {}, counts)
                 counts.images(len(y))
                 if out is not None:
                     self._send(Message(EVAL, batch=len(y), tensors=out))
@@ -595,22 +534,14 @@ class PipelineTrainer(DistributedTrainer):
                     self._send(message)
                     break
                 h, y, x, kept = self.stage.unpack(message.tensors)
-                out = self.stage.evaluate(h, y, x, kept, counts)
+                out = self.stage.evaluate(self.precision, h, y, x, kept, counts)
                 if out is not None:
                     self._send(attrs.evolve(message, tensors=out))
         self.network.train()
-        self._flush()
-        t = torch.zeros(2 * k + 2, dtype=torch.float64)
-        for i in (m - 1 for m in self.owned):
-            t[i] = counts.correct[i] or 0
-            t[k + i] = 1.0 if counts.correct[i] is None else 0.0
-        t[2 * k] = counts.total  # counted by the first stages only
-        t[2 * k + 1] = counts.loss_sum  # the last module's: on the last stages only
-        values = self.world.all_reduce(t.to(self.world.control_device), "summing the test results").cpu().tolist()
-        total = EvalCounts(k)
-        total.correct = [None if m > 0 else int(round(c)) for c, m in zip(values[:k], values[k : 2 * k])]
-        total.total, total.loss_sum = int(round(values[2 * k])), values[2 * k + 1]
-        return total.result()
+        self.end_training()
+        # images are counted by the first stages only, the final loss by the last stages only
+        t = self.world.all_reduce(counts.as_tensor(self.owned).to(self.world.control_device), "summing the test results")
+        return EvalCounts.from_tensor(t, k).result()
 
     def _share_batchnorm_statistics(self) -> None:
         """Replicas that normalise their own shares end up with different running statistics:
@@ -619,21 +550,20 @@ class PipelineTrainer(DistributedTrainer):
             for m in self.stage.modules:
                 share_float_buffers(m, self.stage_group, "sharing batch-norm statistics")
 
+    def record_epoch(self, epoch: int, images: int, elapsed: float) -> None:
+        self.ranks.record_epoch(epoch, images, elapsed, self.owned, self._shape())
+
     # -- checkpoints -----------------------------------------------------------------------
 
-    @property
-    def keeps_resumed_sums(self) -> bool:
-        return self.replica == 0
-
-    def gather_state(self) -> None:
+    def gather(self, trainer: Any) -> Gathered:
         """Bring every module's weights, optimizer, schedule and scaler from its owner in
         replica 0 (replicas hold the same) into rank 0's copy of the network and strategy, and
-        the epoch's running sums of every rank."""
-        here = (self.info.step, len(self.history))
-        if self._gathered_at == here:
-            return
+        the epoch's running sums of every rank; once per position of the run."""
+        here = (trainer.info.step, len(trainer.history))
+        if self._gathered is not None and self._gathered[0] == here:
+            return self._gathered[1]
         self._share_batchnorm_statistics()
-        super().gather_state()
+        partial = self.reduce_stats(trainer.current.stats) if trainer.mid_epoch() else None
         s = self.strategy
         part = {}
         for i in (m - 1 for m in self.owned if self.replica == 0):
@@ -653,10 +583,27 @@ class PipelineTrainer(DistributedTrainer):
                     s.optimizers[i].load_state_dict(p["optimizer"])
                     s.schedulers[i].load_state_dict(p["scheduler"])
                     s.scalers[i].load_state_dict(p["scaler"])
-        self._gathered_at = here
+        gathered = self.ranks.gathered(partial)
+        self._gathered = (here, gathered)
+        return gathered
+
+    def restore(self, state: dict, resumed: Any) -> None:
+        self.ranks.restore(state, resumed, keeps_sums=self.replica == 0)
+
+    def resume_command(self, run_dir: Path) -> str:
+        return self.ranks.resume_command(run_dir)
+
+    def guard(self, what: str) -> ContextManager[None]:
+        return self.world.guard(what)
+
+    def finish(self, run_dir: Path) -> None:
+        self.ranks.finish(run_dir, self._shape())
 
     def report(self) -> dict:
-        return {**super().report(), "stages": self.grid.stages, "replicas": self.grid.replicas}
+        return self.ranks.report(self._shape())
+
+    def _shape(self) -> dict:
+        return {"stages": self.grid.stages, "replicas": self.grid.replicas}
 
 
 def _to_cpu(obj: Any) -> Any:
@@ -670,4 +617,4 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["PipelineTrainer", "Grid", "StagePlan", "Stage", "Crossing", "balanced_split", "crossing"]
+__all__ = ["Pipeline", "Grid", "StagePlan", "Stage", "Crossing", "crossing", "measure_module_costs"]

@@ -26,9 +26,13 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from contsup.training.checkpoint import checkpoint_dir, checkpoint_name, rng_state, set_rng_state
-from contsup.training.checkpoint import describe as describe_checkpoint
-from contsup.training.engine import Interrupted, StepStats, Trainer, TrainingFailed, resolve_device, stop_signals, stopped
+from contsup.distributed.timing import Clock, epoch_entry, write_report
+from contsup.training.checkpoint import rng_state, set_rng_state
+from contsup.training.device import resolve_device
+from contsup.training.failures import Interrupted, TrainingFailed
+from contsup.training.loop import Trainer
+from contsup.training.parallel import Gathered
+from contsup.training.strategies import StepStats
 from contsup.errors import ContsupError, one_line, reason
 
 GRACE_S = 3.0  # how long a rank that saw a failure waits to learn which rank it was
@@ -428,152 +432,66 @@ def any_rank(group: World | Group, wanted: bool, what: str) -> bool:
     return bool(flag.item() > 0)
 
 
-# -- what both distributed trainers share ----------------------------------------------------------
+# -- what data-parallel and pipeline runs share ------------------------------------------------------
 
 
-class DistributedTrainer(Trainer):
-    """A :class:`Trainer` on one rank. Rank 0 writes the run directory and runs the observers;
-    checkpoints are gathered to it collectively, so every rank calls :meth:`save_checkpoint` at the
-    same points. A stop (Ctrl-C) takes effect only where the ranks agree on it."""
+class Ranks:
+    """What every distributed run does alike, composed into :class:`~contsup.distributed.data_parallel.DataParallel`
+    and :class:`~contsup.distributed.pipeline.Pipeline`: the resume command, each rank's RNG in
+    checkpoints, and ``distributed.json`` (the timings rank 0 writes every epoch)."""
 
-    def __init__(self, recipe: Any, run_dir: Path, world: World, hook: Any = None, log: TextIO | None = None) -> None:
-        self.world = world
-        self._stop_wanted_at: float | None = None
-        self._report: list[dict] = []
-        self._global_partial: StepStats | None = None
-        quiet = open(os.devnull, "w")
-        self.progress_stream = sys.stderr if world.is_main else quiet  # where the progress lines go
-        super().__init__(recipe, run_dir, hook=hook if world.is_main else None, log=log if world.is_main else quiet)
-        world.kept = self._kept
+    def __init__(self, world: World, recipe: Any, clock: Clock) -> None:
+        self.world, self.recipe, self.clock = world, recipe, clock
+        self.run_dir: Path | None = None
+        self.device: torch.device | None = None
+        self.epochs: list[dict] = []
 
-    # -- checkpoints: every rank calls, rank 0 writes ------------------------------------
+    def attach(self, trainer: Any) -> None:
+        """Lost-rank messages say what there is to resume from, as the trainer knows it."""
+        self.run_dir, self.device = trainer.run_dir, trainer.device
+        self.clock.device = trainer.device
+        self.world.kept = trainer.kept
 
-    def reduced_stats(self, stats: StepStats) -> StepStats:
-        """The epoch's running sums over every rank's images, each module's counted once; collective."""
-        raise NotImplementedError
+    def resume_command(self, run_dir: Path) -> str:
+        return f"torchrun --nproc_per_node={self.world.size} -m contsup train --resume {run_dir}"
 
-    @property
-    def keeps_resumed_sums(self) -> bool:
-        """Whether this rank carries a resumed epoch's running sums (once per module over the ranks)."""
-        raise NotImplementedError
-
-    def gather_state(self) -> None:
-        """Bring what other ranks hold (and rank 0 does not) into rank 0's trainer; collective.
-        Here: the running sums of an unfinished epoch, for the checkpoint."""
-        self._global_partial = self.reduced_stats(self.current.stats) if self._mid_epoch() else None
-
-    def save_checkpoint(self) -> Path | None:
-        here = (self.info.step, len(self.history))
-        if self.last_checkpoint is not None and self.last_checkpoint[2] == here:
-            return self.last_checkpoint[0]
-        self.gather_state()
+    def gathered(self, partial: StepStats | None) -> Gathered:
+        """The checkpoint's distributed entries, with every rank's RNG state (collective)."""
         rngs = self.world.gather_objects(rng_state(), "gathering a checkpoint")
-        self._rngs = rngs
-        if self.world.is_main:
-            return super().save_checkpoint()
-        state = {"epoch": self.current.epoch if self._mid_epoch() else len(self.history) + 1,
-                 "batch": self.current.done if self._mid_epoch() else 0, "steps_per_epoch": self.steps_per_epoch}
-        path = checkpoint_dir(self.run_dir) / checkpoint_name(self.info.step)
-        self.last_checkpoint = (path, describe_checkpoint(state), here)
-        return path
+        entry = {"mode": self.recipe.distributed.mode, "world_size": self.world.size, "rng": list(rngs or [])}
+        return Gathered(partial, {"distributed": entry})
 
-    def _mid_epoch(self) -> bool:
-        return self.current is not None and self.current.epoch == len(self.history) + 1
-
-    def checkpoint_state(self) -> dict:
-        state = super().checkpoint_state()
-        if state["partial"] is not None and self._global_partial is not None:
-            g = self._global_partial
-            state["partial"].update(loss=list(g.loss), correct=list(g.correct), seen=list(g.seen))
-        state["distributed"] = {
-            "mode": self.recipe.distributed.mode,
-            "world_size": self.world.size,
-            "rng": list(getattr(self, "_rngs", None) or []),
-        }
-        return state
-
-    def load_state(self, state: dict) -> None:
-        """Every rank loads the same checkpoint; its running sums (of every rank's images) stay on
-        the ranks that :attr:`keeps_resumed_sums`."""
-        super().load_state(state)
-        if self._resumed is not None and not self.keeps_resumed_sums:
-            self._resumed.stats = StepStats(self.network.num_modules)
+    def restore(self, state: dict, resumed: Any, keeps_sums: bool) -> None:
+        """Each rank's own RNG (when the run had as many ranks); a resumed epoch's running sums
+        (of every rank's images) stay only on the ranks that ``keeps_sums``."""
+        if resumed is not None and not keeps_sums:
+            resumed.stats = StepStats(resumed.stats.modules)
         saved = state.get("distributed") or {}
         rngs = saved.get("rng") or []
         if saved.get("world_size") == self.world.size and len(rngs) == self.world.size:
             set_rng_state(rngs[self.world.rank])
 
-    # -- stopping: rank 0's Ctrl-C, agreed on by every rank ---------------------------------
-
-    def request_stop(self) -> None:
-        """Ask to stop after the current step; the ranks agree on which step (see subclasses)."""
-        if self._stop_wanted_at is None:
-            self._stop_wanted_at = time.monotonic()
-
-    @contextlib.contextmanager
-    def _ctrl_c_stops_at_a_step(self) -> Iterator[None]:
-        """As in one process, except that the copy of Ctrl-C (or SIGTERM) torchrun forwards right
-        after the terminal's (or scheduler's) own does not count as a second one."""
-
-        def handler(name: str) -> None:
-            first = self._stop_wanted_at
-            if first is not None and time.monotonic() - first > 1.0:
-                raise KeyboardInterrupt
-            if first is None:
-                self._stopped_by = name
-                if self.world.is_main:
-                    again = " (press it again to stop at once)" if name == "Ctrl-C" else ""
-                    sys.stderr.write(f"\n{name}: stopping after this step to save a checkpoint{again}\n")
-                    sys.stderr.flush()
-            self.request_stop()
-
-        with stop_signals(handler):
-            yield
-
-    def _interrupt(self) -> Interrupted:
-        if self._stop_requested:  # agreed by every rank: a consistent checkpoint can be gathered
-            exc = super()._interrupt()
-        else:  # a second Ctrl-C inside a step: no collective is safe now
-            resume = f"continue with: contsup train --resume {self.run_dir}"
-            exc = Interrupted(f"interrupted in the middle of a step; {self._kept()}; {resume}")
-        n = self.world.size
-        lines = [line.replace("contsup train --resume", f"torchrun --nproc_per_node={n} -m contsup train --resume")
-                 for line in exc.lines]
-        out = stopped(self._stopped_by, *lines)
-        out.agreed = self._stop_requested  # every rank stops here too (rank 0 alone then says so)
-        return out
-
-    # -- the end of a run -------------------------------------------------------------------
-
-    def finish(self) -> None:
-        """After ``fit``: the final weights on rank 0 (collective), then rank 0 writes the model
-        and the distributed report."""
-        from contsup.distributed.timing import write_report
-        from contsup.training.rundir import save_model
-
-        self.gather_state()
+    def record_epoch(self, epoch: int, images: int, elapsed: float, modules: Sequence[int], extra: dict) -> None:
+        """Every rank's timings of the epoch to rank 0, which rewrites ``distributed.json`` (collective)."""
+        clocks = self.world.gather_objects(self.clock.snapshot(self.world.rank, elapsed, list(modules)), "gathering timings")
         if self.world.is_main:
-            save_model(self.run_dir, self.network)
-            write_report(self.run_dir, self.report())
+            self.epochs.append(epoch_entry(epoch, images, elapsed, clocks))
+            write_report(self.run_dir, self.report(extra))
 
-    def record_epoch(self, entry: dict) -> None:
-        """Rank 0: add one epoch's timings to ``distributed.json`` (rewritten each epoch)."""
-        from contsup.distributed.timing import write_report
-
+    def finish(self, run_dir: Path, extra: dict) -> None:
         if self.world.is_main:
-            self._report.append(entry)
-            write_report(self.run_dir, self.report())
+            write_report(run_dir, self.report(extra))
 
-    def report(self) -> dict:
+    def report(self, extra: dict) -> dict:
         """What ``distributed.json`` holds (see :mod:`contsup.distributed.timing`)."""
-        d = self.recipe.distributed
         return {
-            "mode": d.mode,
+            "mode": self.recipe.distributed.mode,
             "world_size": self.world.size,
             "backend": self.world.backend,
             "device": str(self.device),
             "batch_size": self.recipe.data.batch_size,
-            "epochs": self._report,
+            "epochs": self.epochs,
+            **extra,
         }
 
 
@@ -594,7 +512,7 @@ def bootstrap_store(launch: Launch) -> Any:
 def _start_on_main(args: Any, launch: Launch, pm: Any, registries: Any) -> tuple[Any, dict]:
     """Rank 0: read and check the recipe, then make (or reopen) the run directory."""
     from contsup import __version__
-    from contsup.training.engine import preflight
+    from contsup.training.device import preflight
     from contsup.config.recipe import load_recipe
     from contsup.training.resume import prepare_resume
     from contsup.training.rundir import create_run_dir, default_run_dir, write_recipe, write_versions
@@ -693,15 +611,14 @@ def train(args: Any, launch: Launch) -> int | None:
         if start["resume"]:
             state = world.broadcast_object(state, "handing the checkpoint to every rank")
         try:
-            trainer = _trainer_class(recipe.distributed.mode)(recipe, run_dir, world, hook=pm.hook)
+            trainer = Trainer(recipe, run_dir, hook=pm.hook, parallel=make_parallel(world, recipe))
         except BaseException:
             if world.is_main and not start["resume"]:
                 discard_unstarted(run_dir)
             raise
         if state is not None:
             trainer.load_state(state)
-        on_epoch = (lambda m: append_metrics(run_dir, m)) if world.is_main else None
-        history = trainer.fit(on_epoch=on_epoch)
+        history = trainer.fit(on_epoch=lambda m: append_metrics(run_dir, m))
         trainer.finish()
     except BaseException as exc:
         _fail(world, exc)
@@ -733,23 +650,24 @@ def _fail(world: World, exc: BaseException) -> NoReturn:
     raise Silent(code) from None
 
 
-def _trainer_class(mode: str) -> type:
-    if mode == "data":
-        from contsup.distributed.data_parallel import DataParallelTrainer
+def make_parallel(world: World, recipe: Any) -> Any:
+    """This rank's part in a ``distributed.mode = "data"`` or ``"pipeline"`` run."""
+    if recipe.distributed.mode == "data":
+        from contsup.distributed.data_parallel import DataParallel
 
-        return DataParallelTrainer
-    from contsup.distributed.pipeline import PipelineTrainer
+        return DataParallel(world, recipe)
+    from contsup.distributed.pipeline import Pipeline
 
-    return PipelineTrainer
+    return Pipeline(world, recipe)
 
 
-def _final_lines(history: list[dict], run_dir: Path, trainer: DistributedTrainer) -> None:
+def _final_lines(history: list[dict], run_dir: Path, trainer: Trainer) -> None:
     from contsup.distributed.timing import summary
 
     if not history:
         print(f"no epochs to train; run directory: {run_dir}")
         return
-    print(summary(trainer.report()))
+    print(summary(trainer.parallel.report()))
     last = history[-1]
     best = min(history, key=lambda m: m["test_error_pct"])
     print(
@@ -758,4 +676,4 @@ def _final_lines(history: list[dict], run_dir: Path, trainer: DistributedTrainer
     )
 
 
-__all__ = ["Launch", "World", "PeerLost", "DistributedTrainer", "launch_from_env", "check_launch", "train"]
+__all__ = ["Launch", "World", "Group", "Ranks", "PeerLost", "launch_from_env", "check_launch", "make_parallel", "train"]

@@ -581,7 +581,7 @@ class StepMemory:
 def measure_step(strategy: Any, x: torch.Tensor, y: torch.Tensor) -> list[int]:
     """Run one training step of ``strategy`` (greedy or end-to-end) and return, per backward
     pass, the saved-tensor bytes alive for it (greedy: one entry per module)."""
-    from contsup.training.engine import StepStats
+    from contsup.training.strategies import StepStats
 
     network = strategy.network
     memory = StepMemory(module_tensors(network), x)

@@ -117,6 +117,15 @@ class ContextStore:
         for j in [j for j in self.kept if self.last_use[j] <= module]:
             del self.kept[j]
 
+    def run(self, module: ContextModule, h: torch.Tensor) -> torch.Tensor:
+        """Module l on its input h_{l-1}: (B, C, H, W). h_{l-1}^c from the kept context (kept in
+        turn when a later module uses it), then F_l; returns h_l. The one forward wiring of a
+        greedy network: training, evaluation and the pipeline's stages all run modules here.
+        The caller releases (``release(l)``) once module l is done with its context."""
+        hc = module.enrich(h, self.gather(module.sources))
+        self.add(module.index - 1, hc)
+        return module.body(hc)
+
 
 class GreedyNetwork(nn.Module):
     """The whole network: K context modules. ``forward(x)`` returns the final logits, adapters
@@ -145,9 +154,7 @@ class GreedyNetwork(nn.Module):
         store = self.store(x, detach=False)
         h, outs = x, []
         for m in list(self.blocks)[:last]:
-            hc = m.enrich(h, store.gather(m.sources))
-            store.add(m.index - 1, hc)
-            h = m.body(hc)
+            h = store.run(m, h)
             store.release(m.index)
             outs.append(h)
         return outs

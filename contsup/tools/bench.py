@@ -51,9 +51,9 @@ def machine() -> str:
 
 def _batches(recipe: Any, device: torch.device, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``count`` training batches of the recipe's seeded loader (cycled if fewer)."""
-    from contsup.training.engine import make_loaders
+    from contsup.training.loaders import make_loaders
 
-    loader, _ = make_loaders(attrs.evolve(recipe, data=attrs.evolve(recipe.data, workers=0)), recipe.dataset.create(), device)
+    loader, _, _ = make_loaders(attrs.evolve(recipe, data=attrs.evolve(recipe.data, workers=0)), recipe.dataset.create(), device)
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     while len(out) < count:
         before = len(out)
@@ -80,7 +80,8 @@ def run_bench(
     heads: what one would otherwise train); ``"recipe"`` trains the recipe's own network
     end-to-end, context adapters included.
     """
-    from contsup.training.engine import EndToEndStrategy, GreedyStrategy, resolve_device, seed_everything
+    from contsup.training.device import resolve_device, seed_everything
+    from contsup.training.strategies import EndToEndStrategy, GreedyStrategy
     from contsup.model.network import build_network
     from contsup.types import Costs
 
@@ -109,7 +110,7 @@ def run_bench(
     e2e = EndToEndStrategy(e2e_net, optimizer, schedule, total, total)
     batches = _batches(recipe, device, total)
     noop = lambda module, loss: None  # noqa: E731
-    from contsup.training.engine import StepStats
+    from contsup.training.strategies import StepStats
 
     say(f"bench {recipe.source}: greedy {sizes} against end-to-end ({baseline}), {warmup} + {steps} steps each")
     x, y = batches[0]

@@ -41,7 +41,8 @@ def evaluate_run(
     run_dir: Path, data: Sequence[str], device: str | None, registries: Registries, warn: Callable[[str], None]
 ) -> dict[str, Any]:
     """Test error, loss and each module head's accuracy; ``data`` items are ``key=value`` for ``[data]``."""
-    from contsup.training.engine import evaluate, resolve_device
+    from contsup.training.device import resolve_device
+    from contsup.training.evaluation import evaluate
     from contsup.model.network import build_network
     from contsup.config.recipe import load_recipe
 

@@ -145,7 +145,7 @@ def inference_cost(network: Any, batches: Sequence[torch.Tensor], device: torch.
 
 def load_target(target: str, overrides: Sequence[str], registries: Any) -> tuple[Any, Any, str]:
     """(network, recipe, what): a run directory's trained network, or a recipe's fresh one."""
-    from contsup.training.engine import seed_everything
+    from contsup.training.device import seed_everything
     from contsup.model.network import build_network
     from contsup.config.recipe import load_recipe
     from contsup.training.rundir import RECIPE_FILE, load_model
@@ -172,7 +172,7 @@ def bench_inference_main(
 
     from torch.utils.data import DataLoader
 
-    from contsup.training.engine import resolve_device
+    from contsup.training.device import resolve_device
     from contsup.training.rundir import atomic_write
 
     log = log or sys.stdout

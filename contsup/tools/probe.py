@@ -306,7 +306,7 @@ def probe_run(
     """Probe the chosen modules (default: every one) of a finished run and write them into
     RUN_DIR/probe.json, keeping the other modules' results already there when they were made with
     the same options; returns what was written."""
-    from contsup.training.engine import resolve_device
+    from contsup.training.device import resolve_device
     from contsup.config.recipe import load_recipe, read_toml
     from contsup.training.rundir import RECIPE_FILE, atomic_write, load_model
 

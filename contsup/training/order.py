@@ -7,9 +7,11 @@ draws the same permutation and skips the batches already done.
 
 from __future__ import annotations
 
+import random
 import signal
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
 
@@ -32,9 +34,52 @@ class SkippingBatchSampler(Sampler[list[int]]):
         return len(self.batches)
 
 
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, end) of ``rank``'s contiguous share of n items (the first n % world ranks get one more)."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+class ShardedBatchSampler(SkippingBatchSampler):
+    """Shard ``rank`` of ``world`` of every batch of the one-process order (same generator, same
+    batches); with one shard, every batch whole."""
+
+    def __init__(
+        self, dataset_size: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(dataset_size, batch_size, generator, drop_last)
+        self.rank, self.world = rank, world
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in super().__iter__():
+            start, end = shard_bounds(len(batch), self.rank, self.world)
+            yield batch[start:end]
+
+
+def global_batch_size(step: int, dataset_size: int, batch_size: int) -> int:
+    """Images in 0-based batch ``step`` of an epoch, over every shard (the last one may be short)."""
+    return min(batch_size, dataset_size - step * batch_size)
+
+
+RANK_SEED = 1_000_003  # shards above 0 draw augmentation from seed + shard * RANK_SEED
+
+
 def ignore_interrupts(_worker_id: int) -> None:
     """Data-loader worker init: Ctrl-C is the main process's to handle (it stops at a step boundary)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def shard_worker_init(shard: int, worker_id: int) -> None:
+    """Loader worker of shard ``shard``: Ctrl-C is the main process's; shards above 0 draw other
+    augmentations."""
+    ignore_interrupts(worker_id)
+    if shard:
+        seed = (torch.initial_seed() + shard * RANK_SEED) % 2**63
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
 
 
 def epoch_batches(loader: DataLoader, start_state: torch.Tensor, done: int) -> Iterator:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import attrs
 
 from contsup import hookimpl
+from contsup.partition import min_max_split, split_peak
 from contsup.types import Costs
 
 
@@ -17,53 +16,6 @@ def uniform_split(n: int, k: int) -> tuple[int, ...]:
         raise ValueError(f"cannot cut {n} units into {k} non-empty modules")
     base, extra = divmod(n, k)
     return tuple(base + (1 if i >= k - extra else 0) for i in range(k))
-
-
-def split_peak(costs: Costs, sizes: tuple[int, ...]) -> float:
-    """The largest module cost of a split: max over modules of ``costs.segment(first, last)``."""
-    peak, start = -math.inf, 0
-    for size in sizes:
-        peak = max(peak, costs.segment(start, start + size - 1))
-        start += size
-    return peak
-
-
-def min_max_split(costs: Costs, k: int) -> tuple[int, ...]:
-    """The contiguous split into K modules whose largest ``costs.segment`` is smallest.
-
-    Exact (dynamic programming, O(K n^2) segment lookups). Among optimal splits it returns the
-    one with the earliest cuts: the lexicographically smallest tuple of unit counts, i.e. the
-    first module as short as an optimal split allows, then the second, and so on.
-    """
-    n = len(costs.units)
-    if not 1 <= k <= n:
-        raise ValueError(f"cannot cut {n} units into {k} non-empty modules")
-    seg = [[float(costs.segment(i, j)) for j in range(i, n)] for i in range(n)]  # seg[i][j - i]
-    if any(math.isnan(v) for row in seg for v in row):
-        raise ValueError("costs contain NaN")
-    # best[m][i]: the smallest peak of units i..n-1 cut into m modules (inf when impossible)
-    best = [[math.inf] * (n + 1) for _ in range(k + 1)]
-    best[0][n] = -math.inf
-    for m in range(1, k + 1):
-        row, rest = best[m], best[m - 1]
-        for i in range(n - m, -1, -1):
-            seg_i = seg[i]
-            value = math.inf
-            for e in range(i, n - m + 1):
-                v = max(seg_i[e - i], rest[e + 1])
-                if v < value:
-                    value = v
-            row[i] = value
-    peak = best[k][0]
-    sizes, i = [], 0
-    for m in range(k, 0, -1):
-        rest = best[m - 1]
-        for e in range(i, n - m + 1):  # the earliest end that still allows an optimal split
-            if seg[i][e - i] <= peak and rest[e + 1] <= peak:
-                break
-        sizes.append(e - i + 1)
-        i = e + 1
-    return tuple(sizes)
 
 
 class Uniform:
@@ -103,3 +55,6 @@ class MemoryBalanced:
 def register_partitioners(register):
     register(Uniform)
     register(MemoryBalanced)
+
+
+__all__ = ["Uniform", "MemoryBalanced", "uniform_split", "min_max_split", "split_peak"]

@@ -1,0 +1,212 @@
+"""How a network learns from one batch: greedily (each module on its own local loss, one
+optimizer and schedule per module) or end to end (one loss at the end, one optimizer).
+
+A greedy step, per batch and module by module: h^c from detached context, forward, local loss,
+backward, optimizer step, pass ``h.detach()`` on. Only one module's graph is alive at a time.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+import attrs
+import torch
+from torch import nn
+
+from contsup.config.optim import lr_scheduler
+from contsup.model.network import ContextModule, ContextStore, GreedyNetwork
+from contsup.training.precision import Precision
+
+if TYPE_CHECKING:
+    from contsup.config.recipe import Recipe
+
+Check = Callable[[int, torch.Tensor], None]  # (module, loss): raises when the loss is unusable
+SyncGradients = Callable[[torch.optim.Optimizer], None]  # sums an optimizer's gradients over ranks
+
+
+@attrs.define
+class StepStats:
+    """Per-module sums over an epoch: loss x batch, correct predictions, samples."""
+
+    modules: int
+    loss: list[float] = attrs.field(init=False)
+    correct: list[int | None] = attrs.field(init=False)
+    seen: list[int] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.loss = [0.0] * self.modules
+        self.correct = [0] * self.modules
+        self.seen = [0] * self.modules
+
+    def add(self, module: int, loss: float, prediction: torch.Tensor | None, y: torch.Tensor) -> None:
+        i = module - 1
+        self.loss[i] += loss * len(y)
+        self.seen[i] += len(y)
+        if prediction is None or self.correct[i] is None:
+            self.correct[i] = None
+        else:
+            self.correct[i] += int((prediction == y).sum())
+
+    def mean_loss(self) -> list[float | None]:
+        return [l / n if n else None for l, n in zip(self.loss, self.seen)]
+
+    def accuracy(self) -> list[float | None]:
+        return [100.0 * c / n if n and c is not None else None for c, n in zip(self.correct, self.seen)]
+
+    def as_tensor(self, modules: Any = None) -> torch.Tensor:
+        """[loss sums | correct | seen | 1 where a head does not classify], float64: (4, K), with
+        only the entries of ``modules`` (1-based indices; default all): summed over processes,
+        each module counted once."""
+        t = torch.zeros(4, self.modules, dtype=torch.float64)
+        for i in (m - 1 for m in (modules or range(1, self.modules + 1))):
+            t[0, i], t[1, i], t[2, i] = self.loss[i], self.correct[i] or 0, self.seen[i]
+            t[3, i] = 1.0 if self.correct[i] is None else 0.0
+        return t
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor, k: int) -> "StepStats":
+        loss, correct, seen, missing = t.cpu().view(4, k).tolist()
+        out = cls(k)
+        out.loss = loss
+        out.correct = [None if m > 0 else int(round(c)) for c, m in zip(correct, missing)]
+        out.seen = [int(round(s)) for s in seen]
+        return out
+
+
+class Strategy(Protocol):
+    """What the training loop asks of a way of learning."""
+
+    network: GreedyNetwork
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list[Any]
+    scalers: list[Any]
+    active_module: int | None  # the module being trained, for error messages (None: the whole network)
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats, check: Check, weight: float = 1.0) -> None:
+        """One optimizer step on a batch x: (B, C, H, W), y: (B,); the loss is scaled by ``weight``
+        (this process's share of a batch split over several)."""
+
+    def lr(self) -> float:
+        """The current learning rate (of the first module's optimizer)."""
+
+
+def _no_sync(_optimizer: torch.optim.Optimizer) -> None:
+    """One process: the gradients are already those of the whole batch."""
+
+
+class GreedyStrategy:
+    """Trains every module on its own local loss, with one optimizer and schedule per module.
+
+    ``precision`` (default fp32) adds autocast and one grad scaler per module; ``sync`` sums a
+    module's gradients over the processes that share its batch, just before its optimizer steps."""
+
+    def __init__(
+        self, network: GreedyNetwork, optimizer: Any, schedule: Any, total_steps: int, steps_per_epoch: int,
+        precision: Precision | None = None, sync: SyncGradients = _no_sync,
+    ) -> None:
+        self.network = network
+        self.optimizers = [optimizer.build(m.parameters()) for m in network.blocks]
+        self.schedulers = [lr_scheduler(o, schedule, total_steps, steps_per_epoch) for o in self.optimizers]
+        self.precision = precision or Precision()
+        self.scalers = [self.precision.scaler() for _ in self.optimizers]
+        self.sync = sync
+        self.active_module: int | None = None
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats, check: Check, weight: float = 1.0) -> None:
+        """One greedy step on a batch x: (B, C, H, W), y: (B,): module by module."""
+        store = self.network.store(x, detach=True)
+        h = x
+        for m in self.network.blocks:
+            h = self.train_module(m, h, store, x, y, stats, check, weight)
+        self.active_module = None
+
+    def train_module(
+        self, m: ContextModule, h: torch.Tensor, store: ContextStore, x: torch.Tensor | None, y: torch.Tensor,
+        stats: StepStats, check: Check, weight: float = 1.0, begin: bool = True, finish: bool = True,
+    ) -> torch.Tensor:
+        """Module ``m``'s part of a greedy step: h^c from detached context, forward, local loss,
+        backward and (when ``finish``) its own optimizer and schedule step. Returns its output
+        detached, for the next module. ``begin``, ``finish`` and ``weight`` let micro-batches
+        accumulate gradients into one step (the pipeline uses them)."""
+        i = m.index - 1
+        opt, sched, scaler = self.optimizers[i], self.schedulers[i], self.scalers[i]
+        self.active_module = m.index
+        with self.precision.autocast():
+            out = store.run(m, h)
+            result = m.loss(out, y, x)
+        check(m.index, result.total)
+        if begin:
+            opt.zero_grad(set_to_none=True)
+        loss = result.total if weight == 1.0 else result.total * weight
+        scaler.scale(loss).backward()
+        if finish:
+            self.sync(opt)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+        stats.add(m.index, float(result.local), result.prediction, y)
+        store.release(m.index)
+        return out.detach()
+
+    def lr(self) -> float:
+        return self.optimizers[0].param_groups[0]["lr"]
+
+
+def e2e_parameters(network: GreedyNetwork) -> list[nn.Parameter]:
+    """What end-to-end training updates: every module's adapters and body, and the final head."""
+    params: list[nn.Parameter] = []
+    for m in network.blocks:
+        params += list(m.adapters.parameters()) + list(m.body.parameters())
+    params += list(network.blocks[-1].head.parameters())
+    return params
+
+
+class EndToEndStrategy:
+    """Back-propagates the final cross-entropy through the whole network (adapters included)."""
+
+    def __init__(
+        self, network: GreedyNetwork, optimizer: Any, schedule: Any, total_steps: int, steps_per_epoch: int,
+        precision: Precision | None = None, sync: SyncGradients = _no_sync,
+    ) -> None:
+        self.network = network
+        self.optimizers = [optimizer.build(e2e_parameters(network))]
+        self.schedulers = [lr_scheduler(self.optimizers[0], schedule, total_steps, steps_per_epoch)]
+        self.precision = precision or Precision()
+        self.scalers = [self.precision.scaler()]
+        self.sync = sync
+        self.active_module: int | None = None  # the whole network trains at once
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats, check: Check, weight: float = 1.0) -> None:
+        last = self.network.blocks[-1]
+        with self.precision.autocast():
+            out = self.network.module_outputs(x)[-1]
+            result = last.loss(out, y, x)
+        check(last.index, result.total)
+        opt, scaler = self.optimizers[0], self.scalers[0]
+        opt.zero_grad(set_to_none=True)
+        loss = result.total if weight == 1.0 else result.total * weight
+        scaler.scale(loss).backward()
+        self.sync(opt)
+        scaler.step(opt)
+        scaler.update()
+        self.schedulers[0].step()
+        stats.add(last.index, float(result.local), result.prediction, y)
+
+    def lr(self) -> float:
+        return self.optimizers[0].param_groups[0]["lr"]
+
+
+STRATEGIES = {"greedy": GreedyStrategy, "e2e": EndToEndStrategy}
+
+
+def make_strategy(
+    recipe: Recipe, network: GreedyNetwork, steps_per_epoch: int, precision: Precision, sync: SyncGradients = _no_sync
+) -> Strategy:
+    """The recipe's strategy (``run.mode``), with its optimizer(s) and schedule(s) over the run."""
+    return STRATEGIES[recipe.run.mode](
+        network, recipe.optimizer.create(), recipe.schedule.create(), steps_per_epoch * recipe.run.epochs,
+        steps_per_epoch, precision=precision, sync=sync,
+    )
+
+
+__all__ = ["StepStats", "Strategy", "GreedyStrategy", "EndToEndStrategy", "STRATEGIES", "make_strategy", "e2e_parameters"]
