@@ -29,6 +29,7 @@ import torch.distributed as dist
 from contsup.training.checkpoint import checkpoint_dir, checkpoint_name, rng_state, set_rng_state
 from contsup.training.checkpoint import describe as describe_checkpoint
 from contsup.training.engine import Interrupted, StepStats, Trainer, TrainingFailed, resolve_device, stop_signals, stopped
+from contsup.core.version import __version__
 from contsup.errors import ContsupError, one_line, reason
 
 GRACE_S = 3.0  # how long a rank that saw a failure waits to learn which rank it was
@@ -593,7 +594,6 @@ def bootstrap_store(launch: Launch) -> Any:
 
 def _start_on_main(args: Any, launch: Launch, pm: Any, registries: Any) -> tuple[Any, dict]:
     """Rank 0: read and check the recipe, then make (or reopen) the run directory."""
-    from contsup import __version__
     from contsup.training.engine import preflight
     from contsup.config.recipe import load_recipe
     from contsup.training.resume import prepare_resume

@@ -29,6 +29,7 @@ from contsup.training.checkpoint import rng_state, save_checkpoint, set_rng_stat
 from contsup.errors import BatchError, ContsupError, one_line, reason
 from contsup.model.network import Built, GreedyNetwork, build_network
 from contsup.config.optim import lr_scheduler
+from contsup.core.version import __version__
 from contsup.training.order import SkippingBatchSampler, epoch_batches, ignore_interrupts
 from contsup.training.precision import Precision, apply_device_options, check_precision, to_memory_format
 from contsup.training.progress import Progress
@@ -448,8 +449,6 @@ class Trainer:
 
     def checkpoint_state(self) -> dict:
         """Everything a resumed run needs, as tensors and plain containers (``weights_only`` loads it)."""
-        from contsup import __version__
-
         cur = self.current
         mid_epoch = cur is not None and cur.epoch == len(self.history) + 1
         partial = None
