@@ -349,6 +349,11 @@ def load_with_extends(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     return _merge(merged, data)
 
 
+def is_sweep(data: Mapping[str, Any]) -> bool:
+    """Whether parsed TOML is a sweep file: it has a ``[sweep]`` table (no recipe section has that name)."""
+    return "sweep" in data
+
+
 def is_recipe(data: Mapping[str, Any]) -> bool:
     """Whether parsed TOML looks like a recipe: it has one of the recipe's sections or top-level keys."""
     return any(key in SECTION or key in TOP_LEVEL_KEYS for key in data)
@@ -662,8 +667,6 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), registries: Reg
 
         registries = Registries.from_plugin_manager(get_plugin_manager())
     data = load_with_extends(Path(path))
-    from contsup.tools.sweep import is_sweep
-
     if is_sweep(data):
         raise RecipeError([
             f"{path}: a sweep file ([sweep] and [axes]), not a recipe; check every combination with: "
