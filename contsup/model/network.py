@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contsup.adapters import paper_adapter
 from contsup.errors import ContsupError
 from contsup.types import Costs, DatasetInfo, HeadSpec, Shape, Source
 
@@ -235,8 +236,6 @@ def make_adapter(selector: Any, source: Source, source_shape: Shape, target_shap
     build = getattr(selector, "adapter", None)
     adapter = build(source, source_shape, target_shape) if build is not None else None
     if adapter is None:
-        from contsup_context.adapters import paper_adapter
-
         adapter = paper_adapter(source.is_input, source_shape, target_shape)
     return adapter
 
