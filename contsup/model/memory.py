@@ -25,7 +25,7 @@ import attrs
 import torch
 from torch import nn
 
-from contsup.model.network import Components, make_adapter, module_components
+from contsup.model.components import Components, make_adapter, module_components, trace_shapes
 from contsup.types import Costs, DatasetInfo, HeadSpec, Shape, Source
 
 Method = Literal["saved", "cuda"]
@@ -529,8 +529,6 @@ def partition_costs(partitioner: Any, recipe: Any, parts: Any, shapes: Sequence[
 
 def recipe_parts(recipe: Any) -> tuple[Any, list[Shape], DatasetInfo]:
     """The recipe's backbone parts, unit output shapes and dataset info (fresh, seeded weights)."""
-    from contsup.model.network import trace_shapes
-
     info = recipe.dataset.create().info()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.run.seed)
