@@ -19,7 +19,8 @@ from typing import Any, Callable, Literal, TextIO
 import attrs
 import torch
 
-from contsup.model.memory import CostModel, measure_step, recipe_parts
+from contsup.model.memory import CostModel, recipe_parts
+from contsup.training.measure import measure_step
 
 Baseline = Literal["backbone", "recipe"]
 
