@@ -29,6 +29,7 @@ import torch.distributed as dist
 from contsup.training.checkpoint import checkpoint_dir, checkpoint_name, rng_state, set_rng_state
 from contsup.training.checkpoint import describe as describe_checkpoint
 from contsup.training.engine import Interrupted, StepStats, Trainer, TrainingFailed, resolve_device, stop_signals, stopped
+from contsup.core.registry import load_registries
 from contsup.core.version import __version__
 from contsup.errors import ContsupError, one_line, reason
 
@@ -676,11 +677,10 @@ def _wait_until_read(store: Any, readers: int) -> None:
 def train(args: Any, launch: Launch) -> int | None:
     """``contsup train`` (or ``--resume``) in one of the processes torchrun started; None when the
     recipe is for one process and torchrun started one: the caller trains it as usual."""
-    from contsup.cli import _registries
     from contsup.training.rundir import append_metrics, discard_unstarted
 
     store = bootstrap_store(launch)
-    pm, registries = _registries()
+    pm, registries = load_registries()
     recipe, start = _start(args, launch, store, pm, registries)
     if start["status"] == "single":
         return None
