@@ -323,7 +323,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_distributed(args: argparse.Namespace, recipe: Any) -> int:
     """``contsup bench`` on a distributed recipe: train it with one process and with --nproc under
     torchrun; throughput, speed-up and each rank's utilisation."""
-    from contsup.distributed.timing import compare, format_comparison
+    from contsup.tools.distributed_bench import compare, format_comparison
     from contsup.training.rundir import atomic_write
 
     if args.nproc < 2:
