@@ -23,6 +23,7 @@ from contsup.options import as_table, at_least, option, requires_module, structu
 from contsup.core.registry import Registries, Registry, UnknownName
 from contsup.core.requirements import check_requirements
 from contsup.suggest import did_you_mean
+from contsup.core.plugins import get_plugin_manager
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -663,8 +664,6 @@ def _mark_overrides(problems: list[str], overridden: Sequence[str]) -> list[str]
 def load_recipe(path: str | Path, overrides: Sequence[str] = (), registries: Registries | None = None) -> Recipe:
     """Read, merge, override and validate the recipe at ``path``."""
     if registries is None:
-        from contsup.core.plugins import get_plugin_manager
-
         registries = Registries.from_plugin_manager(get_plugin_manager())
     data = load_with_extends(Path(path))
     if is_sweep(data):

@@ -28,10 +28,14 @@ import torch.distributed as dist
 
 from contsup.training.checkpoint import checkpoint_dir, checkpoint_name, rng_state, set_rng_state
 from contsup.training.checkpoint import describe as describe_checkpoint
-from contsup.training.engine import Interrupted, StepStats, Trainer, TrainingFailed, resolve_device, stop_signals, stopped
+from contsup.training.engine import Interrupted, StepStats, Trainer, TrainingFailed, preflight, resolve_device, stop_signals, stopped
 from contsup.core.registry import load_registries
 from contsup.core.version import __version__
 from contsup.errors import ContsupError, one_line, reason
+from contsup.distributed.timing import summary, write_report
+from contsup.training.rundir import append_metrics, create_run_dir, default_run_dir, discard_unstarted, save_model, write_recipe, write_versions
+from contsup.config.recipe import build_recipe, load_recipe
+from contsup.training.resume import prepare_resume
 
 GRACE_S = 3.0  # how long a rank that saw a failure waits to learn which rank it was
 HEARTBEAT_S = 0.5  # how often each rank says in the store that its process still runs
@@ -550,9 +554,6 @@ class DistributedTrainer(Trainer):
     def finish(self) -> None:
         """After ``fit``: the final weights on rank 0 (collective), then rank 0 writes the model
         and the distributed report."""
-        from contsup.distributed.timing import write_report
-        from contsup.training.rundir import save_model
-
         self.gather_state()
         if self.world.is_main:
             save_model(self.run_dir, self.network)
@@ -560,8 +561,6 @@ class DistributedTrainer(Trainer):
 
     def record_epoch(self, entry: dict) -> None:
         """Rank 0: add one epoch's timings to ``distributed.json`` (rewritten each epoch)."""
-        from contsup.distributed.timing import write_report
-
         if self.world.is_main:
             self._report.append(entry)
             write_report(self.run_dir, self.report())
@@ -595,11 +594,6 @@ def bootstrap_store(launch: Launch) -> Any:
 
 def _start_on_main(args: Any, launch: Launch, pm: Any, registries: Any) -> tuple[Any, dict]:
     """Rank 0: read and check the recipe, then make (or reopen) the run directory."""
-    from contsup.training.engine import preflight
-    from contsup.config.recipe import load_recipe
-    from contsup.training.resume import prepare_resume
-    from contsup.training.rundir import create_run_dir, default_run_dir, write_recipe, write_versions
-
     if args.resume is not None:
         if args.new:
             raise ContsupError("contsup train: --new and --resume exclude each other")
@@ -629,8 +623,6 @@ def _start_on_main(args: Any, launch: Launch, pm: Any, registries: Any) -> tuple
 
 def _start(args: Any, launch: Launch, store: Any, pm: Any, registries: Any) -> tuple[Any, dict]:
     """Every rank: the recipe and where the run goes, decided by rank 0 and passed on through the store."""
-    from contsup.config.recipe import build_recipe
-
     key = "contsup/start"
     if launch.is_main:
         try:
@@ -677,8 +669,6 @@ def _wait_until_read(store: Any, readers: int) -> None:
 def train(args: Any, launch: Launch) -> int | None:
     """``contsup train`` (or ``--resume``) in one of the processes torchrun started; None when the
     recipe is for one process and torchrun started one: the caller trains it as usual."""
-    from contsup.training.rundir import append_metrics, discard_unstarted
-
     store = bootstrap_store(launch)
     pm, registries = load_registries()
     recipe, start = _start(args, launch, store, pm, registries)
@@ -744,8 +734,6 @@ def _trainer_class(mode: str) -> type:
 
 
 def _final_lines(history: list[dict], run_dir: Path, trainer: DistributedTrainer) -> None:
-    from contsup.distributed.timing import summary
-
     if not history:
         print(f"no epochs to train; run directory: {run_dir}")
         return
