@@ -21,6 +21,9 @@ import torch
 
 from contsup.model.memory import CostModel, recipe_parts
 from contsup.training.measure import measure_step
+from contsup.training.engine import EndToEndStrategy, GreedyStrategy, StepStats, make_loaders, resolve_device, seed_everything
+from contsup.model.network import build_network
+from contsup.types import Costs
 
 Baseline = Literal["backbone", "recipe"]
 
@@ -52,8 +55,6 @@ def machine() -> str:
 
 def _batches(recipe: Any, device: torch.device, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``count`` training batches of the recipe's seeded loader (cycled if fewer)."""
-    from contsup.training.engine import make_loaders
-
     loader, _ = make_loaders(attrs.evolve(recipe, data=attrs.evolve(recipe.data, workers=0)), recipe.dataset.create(), device)
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     while len(out) < count:
@@ -81,10 +82,6 @@ def run_bench(
     heads: what one would otherwise train); ``"recipe"`` trains the recipe's own network
     end-to-end, context adapters included.
     """
-    from contsup.training.engine import EndToEndStrategy, GreedyStrategy, resolve_device, seed_everything
-    from contsup.model.network import build_network
-    from contsup.types import Costs
-
     log = log or sys.stderr
     device = device or resolve_device(recipe.run.device)
     say: Callable[[str], None] = lambda text: (log.write(text + "\n"), log.flush())
@@ -110,7 +107,6 @@ def run_bench(
     e2e = EndToEndStrategy(e2e_net, optimizer, schedule, total, total)
     batches = _batches(recipe, device, total)
     noop = lambda module, loss: None  # noqa: E731
-    from contsup.training.engine import StepStats
 
     say(f"bench {recipe.source}: greedy {sizes} against end-to-end ({baseline}), {warmup} + {steps} steps each")
     x, y = batches[0]
