@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from contsup.distributed.timing import compare, format_comparison
+from contsup.tools.distributed_bench import compare, format_comparison
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -31,7 +31,8 @@ from contsup.tools.bench import machine  # noqa: E402
 from contsup.training.device import seed_everything  # noqa: E402
 from contsup.training.loop import Trainer
 from contsup.training.strategies import EndToEndStrategy, GreedyStrategy, StepStats
-from contsup.model.memory import CostModel, fitted_costs, measure_step, recipe_parts  # noqa: E402
+from contsup.model.memory import CostModel, fitted_costs, recipe_parts  # noqa: E402
+from contsup.training.measure import measure_step  # noqa: E402
 from contsup.model.network import build_network  # noqa: E402
 from contsup.core.plugins import get_plugin_manager  # noqa: E402
 from contsup.config.recipe import load_recipe, loads_recipe  # noqa: E402

@@ -1,14 +1,8 @@
 """contsup: greedy local learning with context supply."""
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("contsup")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+source"
-
-from contsup.errors import ContsupError, RecipeError  # noqa: E402
-from contsup.hookspecs import hookimpl  # noqa: E402
+from contsup.core.version import __version__
+from contsup.errors import ContsupError, RecipeError
+from contsup.hookspecs import hookimpl
 
 
 def load_model(run_dir, map_location="cpu"):

@@ -33,16 +33,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _registries(keep_clashes: bool = False):
-    """The plugin manager and registries; load problems are printed as warnings. A name clash
-    stops the command (PluginError) unless ``keep_clashes``: then it is in ``registries.clashes``."""
-    from contsup.core.plugins import get_plugin_manager
-    from contsup.core.registry import Registries
+    """The plugin manager and registries, load problems printed as warnings
+    (:func:`contsup.core.registry.load_registries`, imported here, not at start-up)."""
+    from contsup.core.registry import load_registries
 
-    pm = get_plugin_manager()
-    registries = Registries.from_plugin_manager(pm, keep_clashes=keep_clashes)  # may add load errors
-    for line in [*pm.warnings, *pm.load_errors]:
-        print(f"warning: {line}", file=sys.stderr)
-    return pm, registries
+    return load_registries(keep_clashes=keep_clashes)
 
 
 def _recipe(args: argparse.Namespace):
@@ -329,7 +324,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _bench_distributed(args: argparse.Namespace, recipe: Any) -> int:
     """``contsup bench`` on a distributed recipe: train it with one process and with --nproc under
     torchrun; throughput, speed-up and each rank's utilisation."""
-    from contsup.distributed.timing import compare, format_comparison
+    from contsup.tools.distributed_bench import compare, format_comparison
     from contsup.training.rundir import atomic_write
 
     if args.nproc < 2:

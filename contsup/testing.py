@@ -17,7 +17,8 @@ import attrs
 import torch
 from torch import nn
 
-from contsup.model.network import ContextModule, FinalCrossEntropy, GreedyNetwork, make_adapter
+from contsup.model.components import make_adapter
+from contsup.model.network import ContextModule, FinalCrossEntropy, GreedyNetwork
 from contsup.core.plugins import PluginInfo, PluginManager, get_plugin_manager
 from contsup.config.recipe import Recipe, loads_recipe
 from contsup.core.registry import Registries

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from contsup.model.network import make_adapter
 from contsup.types import Source
 from contsup_context import ContSup
 from contsup_context.adapters import FastInputEncoder, InputEncoder, OfficialShortcutAdapter, ShortcutAdapter
@@ -124,6 +125,18 @@ def test_faster_encoders_run_at_h_resolution():
     fast = ContSup(ContSup.Options(input=True, encoder="fast")).adapter(Source.input(), (3, 32, 32), (64, 8, 8))
     assert isinstance(fast, FastInputEncoder) and fast.conv.in_channels == 3 and fast.conv.out_channels == 64
     assert sum(p.numel() for p in fast.parameters()) < sum(p.numel() for p in pooled.parameters())
+
+
+def test_the_paper_adapters_come_from_the_plugin_api():
+    """The engine's fallback (contsup.adapters) and the plugin's re-export are the same classes."""
+    import contsup.adapters
+    import contsup_context.adapters as plugin
+
+    assert plugin.InputEncoder is contsup.adapters.InputEncoder
+    assert plugin.ShortcutAdapter is contsup.adapters.ShortcutAdapter
+    assert plugin.paper_adapter is contsup.adapters.paper_adapter
+    assert isinstance(make_adapter(object(), Source.input(), (3, 8, 8), (4, 4, 4)), contsup.adapters.InputEncoder)
+    assert isinstance(make_adapter(object(), Source.feature(0), (4, 8, 8), (8, 4, 4)), contsup.adapters.ShortcutAdapter)
 
 
 def test_channels_last_encoder_computes_the_same_function():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from contsup.distributed.timing import Clock, epoch_entry, format_comparison, overall, read_report, summary, write_report
+from contsup.distributed.timing import Clock, epoch_entry, overall, read_report, summary, write_report
+from contsup.tools.distributed_bench import format_comparison
 
 
 def test_the_clock_adds_time_per_activity_and_counts_waiting_for_data():

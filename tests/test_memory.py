@@ -11,7 +11,8 @@ from torch import nn
 
 import contsup.model.memory as memory
 from contsup.training.strategies import EndToEndStrategy, GreedyStrategy
-from contsup.model.memory import CostModel, SavedStorages, even_split, fitted_costs, measure_step, partition_costs, recipe_parts
+from contsup.model.memory import CostModel, SavedStorages, even_split, fitted_costs, partition_costs, recipe_parts
+from contsup.training.measure import measure_step
 from contsup.model.network import build_network
 from contsup.types import Costs
 from contsup_partition import min_max_split, split_peak

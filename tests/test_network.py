@@ -148,10 +148,10 @@ def test_strategies_are_the_two_modes():
     assert set(STRATEGIES) == {"greedy", "e2e"}
 
 
-def test_the_core_names_a_builtin_plugin_only_for_the_default_adapters():
-    """contsup/ knows no concrete component: it reaches the built-ins through the loader's
-    BUILTIN_PLUGINS list, except for the paper's M_E / M_R, which the contract makes the
-    fallback of a selector that builds no adapter of its own (network.make_adapter)."""
+def test_the_core_names_no_builtin_plugin():
+    """contsup/ knows no concrete component: it reaches the built-ins only through the loader's
+    BUILTIN_PLUGINS list. The paper's M_E / M_R, the fallback of a selector that builds no adapter
+    of its own (network.make_adapter), live in the plugin API (contsup.adapters)."""
     import ast
 
     from conftest import ROOT
@@ -174,4 +174,4 @@ def test_the_core_names_a_builtin_plugin_only_for_the_default_adapters():
             else:
                 continue
             found += [(path.relative_to(ROOT).as_posix(), n) for n in names if n.split(".")[0] in packages]
-    assert found == [("contsup/model/network.py", "contsup_context.adapters")]
+    assert found == []

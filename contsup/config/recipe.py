@@ -23,6 +23,7 @@ from contsup.options import as_table, at_least, option, requires_module, structu
 from contsup.core.registry import Registries, Registry, UnknownName
 from contsup.core.requirements import check_requirements
 from contsup.suggest import did_you_mean
+from contsup.core.plugins import get_plugin_manager
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -349,6 +350,11 @@ def load_with_extends(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     return _merge(merged, data)
 
 
+def is_sweep(data: Mapping[str, Any]) -> bool:
+    """Whether parsed TOML is a sweep file: it has a ``[sweep]`` table (no recipe section has that name)."""
+    return "sweep" in data
+
+
 def is_recipe(data: Mapping[str, Any]) -> bool:
     """Whether parsed TOML looks like a recipe: it has one of the recipe's sections or top-level keys."""
     return any(key in SECTION or key in TOP_LEVEL_KEYS for key in data)
@@ -658,12 +664,8 @@ def _mark_overrides(problems: list[str], overridden: Sequence[str]) -> list[str]
 def load_recipe(path: str | Path, overrides: Sequence[str] = (), registries: Registries | None = None) -> Recipe:
     """Read, merge, override and validate the recipe at ``path``."""
     if registries is None:
-        from contsup.core.plugins import get_plugin_manager
-
         registries = Registries.from_plugin_manager(get_plugin_manager())
     data = load_with_extends(Path(path))
-    from contsup.tools.sweep import is_sweep
-
     if is_sweep(data):
         raise RecipeError([
             f"{path}: a sweep file ([sweep] and [axes]), not a recipe; check every combination with: "

@@ -16,6 +16,7 @@ import attrs
 import pluggy
 
 from contsup import hookspecs
+from contsup.core.version import __version__
 from contsup.suggest import did_you_mean
 
 ENTRY_POINT_GROUP = "contsup"
@@ -56,13 +57,6 @@ class PluginManager(pluggy.PluginManager):
         self.strict = False  # raise a plugin's errors instead of recording them (authors' tests)
 
 
-def _own_version() -> str:
-    try:
-        return importlib.metadata.version("contsup")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0+source"
-
-
 def _allowed() -> set[str] | None:
     raw = os.environ.get(ALLOW_ENV)
     if raw is None:
@@ -73,10 +67,9 @@ def _allowed() -> set[str] | None:
 def get_plugin_manager(*, builtins: tuple[str, ...] = BUILTIN_PLUGINS, entry_points: bool = True) -> PluginManager:
     """A fresh plugin manager with the built-ins and the allowed third-party plugins loaded."""
     pm = PluginManager()
-    version = _own_version()
     for module_name in builtins:
         pm.register(importlib.import_module(module_name), name=module_name)
-        pm.info[module_name] = PluginInfo(module_name, "contsup", version, builtin=True)
+        pm.info[module_name] = PluginInfo(module_name, "contsup", __version__, builtin=True)
     if entry_points:
         _load_entry_points(pm)
     return pm

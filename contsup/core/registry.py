@@ -7,10 +7,12 @@ options, e.g. ``"R1E"`` for the ``contsup`` selector) and list examples in ``exa
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Iterator, Mapping
 
 import attrs
 
+from contsup.core.plugins import PluginManager, get_plugin_manager, load_error
 from contsup.errors import PluginError
 from contsup.suggest import did_you_mean
 
@@ -230,11 +232,21 @@ def _third_party_failure(pm: Any, registries: Registries, plugin: str, hook: str
     errors = getattr(pm, "load_errors", None)
     if info is None or info.builtin or errors is None or getattr(pm, "strict", False):
         raise exc
-    from contsup.core.plugins import load_error
-
     cause = str(exc) if isinstance(exc, PluginError) else f"{hook} raised {type(exc).__name__}: {exc}"
     errors.append(load_error(plugin, info.entry_point or plugin, cause, info.distribution))
     # left out entirely: none of its components, and none of its observers either
     pm.unregister(name=plugin)
     getattr(pm, "info", {}).pop(plugin, None)
     registries.plugins.pop(plugin, None)
+
+
+def load_registries(keep_clashes: bool = False) -> tuple[PluginManager, Registries]:
+    """The plugin manager (built-ins, then the allowed third-party plugins) and its registries,
+    as every command and every torchrun rank starts; load problems are printed to stderr as
+    warnings. A name clash stops the caller (PluginError) unless ``keep_clashes``: then it is in
+    ``registries.clashes``."""
+    pm = get_plugin_manager()
+    registries = Registries.from_plugin_manager(pm, keep_clashes=keep_clashes)  # may add load errors
+    for line in [*pm.warnings, *pm.load_errors]:
+        print(f"warning: {line}", file=sys.stderr)
+    return pm, registries

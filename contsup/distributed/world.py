@@ -33,6 +33,8 @@ from contsup.training.failures import Interrupted, TrainingFailed
 from contsup.training.loop import Trainer
 from contsup.training.parallel import Gathered
 from contsup.training.strategies import StepStats
+from contsup.core.registry import load_registries
+from contsup.core.version import __version__
 from contsup.errors import ContsupError, one_line, reason
 
 GRACE_S = 3.0  # how long a rank that saw a failure waits to learn which rank it was
@@ -511,7 +513,6 @@ def bootstrap_store(launch: Launch) -> Any:
 
 def _start_on_main(args: Any, launch: Launch, pm: Any, registries: Any) -> tuple[Any, dict]:
     """Rank 0: read and check the recipe, then make (or reopen) the run directory."""
-    from contsup import __version__
     from contsup.training.device import preflight
     from contsup.config.recipe import load_recipe
     from contsup.training.resume import prepare_resume
@@ -594,11 +595,10 @@ def _wait_until_read(store: Any, readers: int) -> None:
 def train(args: Any, launch: Launch) -> int | None:
     """``contsup train`` (or ``--resume``) in one of the processes torchrun started; None when the
     recipe is for one process and torchrun started one: the caller trains it as usual."""
-    from contsup.cli import _registries
     from contsup.training.rundir import append_metrics, discard_unstarted
 
     store = bootstrap_store(launch)
-    pm, registries = _registries()
+    pm, registries = load_registries()
     recipe, start = _start(args, launch, store, pm, registries)
     if start["status"] == "single":
         return None

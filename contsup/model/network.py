@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from contsup.errors import ContsupError
+from contsup.model.components import make_adapter, module_components, trace_shapes
+from contsup.model.memory import partition_costs
 from contsup.types import Costs, DatasetInfo, HeadSpec, Shape, Source
 
 
@@ -179,21 +181,6 @@ class ModulePlan:
     output_shape: Shape
 
 
-def trace_shapes(units: Sequence[nn.Module], input_shape: Shape) -> list[Shape]:
-    """Each unit's output shape (C, H, W) for one input of ``input_shape``."""
-    shapes = []
-    modes = [u.training for u in units]
-    with torch.no_grad():
-        h = torch.zeros((2, *input_shape))
-        for unit in units:
-            unit.eval()
-            h = unit(h)
-            shapes.append(tuple(h.shape[1:]))
-    for unit, mode in zip(units, modes):
-        unit.train(mode)
-    return shapes
-
-
 def check_split(sizes: Sequence[int], n: int, k: int, who: str) -> tuple[int, ...]:
     """A partitioner's answer must be K positive counts summing to n."""
     sizes = tuple(int(s) for s in sizes)
@@ -237,43 +224,6 @@ def _check_sources(sources: Sequence[Source], l: int, k: int, selector: Any) -> 
             )
 
 
-def make_adapter(selector: Any, source: Source, source_shape: Shape, target_shape: Shape) -> nn.Module:
-    """The selector's own adapter for ``source``, else the paper's M_E / M_R."""
-    build = getattr(selector, "adapter", None)
-    adapter = build(source, source_shape, target_shape) if build is not None else None
-    if adapter is None:
-        from contsup_context.adapters import paper_adapter
-
-        adapter = paper_adapter(source.is_input, source_shape, target_shape)
-    return adapter
-
-
-@attrs.frozen
-class Components:
-    """The component instances one module uses (shared by the modules of one stage)."""
-
-    selector: Any
-    objective: Any
-    decoder: Any
-
-
-def module_components(recipe: Any, k: int) -> list[Components]:
-    """For modules 1..k, the selector, objective and decoder of the recipe's stage holding it."""
-    cache: dict[int, Components] = {}
-    out = []
-    for l in range(1, k + 1):
-        stage = recipe.stage(l)
-        key = id(stage) if recipe.stages else 0
-        if key not in cache:
-            cache[key] = Components(
-                stage.context.create(),
-                stage.objective.create(),
-                stage.decoder.create() if stage.decoder is not None else None,
-            )
-        out.append(cache[key])
-    return out
-
-
 @attrs.frozen
 class Built:
     """A built network and what was learnt building it."""
@@ -298,8 +248,6 @@ def build_network(recipe: Any, costs: Costs | None = None) -> Built:
         raise ContsupError(f"partition.modules: {k} is more than the {n} minimal units of the backbone; use 1..{n}")
     partitioner = recipe.partitioner.create()
     if costs is None:
-        from contsup.model.memory import partition_costs
-
         costs = partition_costs(partitioner, recipe, parts, shapes, info)
     sizes = check_split(partitioner.split(costs, k), n, k, recipe.partitioner.use)
     components = module_components(recipe, k)

@@ -19,7 +19,13 @@ from typing import Any, Callable, Literal, TextIO
 import attrs
 import torch
 
-from contsup.model.memory import CostModel, measure_step, recipe_parts
+from contsup.model.memory import CostModel, recipe_parts
+from contsup.training.measure import measure_step
+from contsup.training.device import resolve_device, seed_everything
+from contsup.training.loaders import make_loaders
+from contsup.training.strategies import EndToEndStrategy, GreedyStrategy, StepStats
+from contsup.model.network import build_network
+from contsup.types import Costs
 
 Baseline = Literal["backbone", "recipe"]
 
@@ -51,8 +57,6 @@ def machine() -> str:
 
 def _batches(recipe: Any, device: torch.device, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``count`` training batches of the recipe's seeded loader (cycled if fewer)."""
-    from contsup.training.loaders import make_loaders
-
     loader, _, _ = make_loaders(attrs.evolve(recipe, data=attrs.evolve(recipe.data, workers=0)), recipe.dataset.create(), device)
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     while len(out) < count:
@@ -80,11 +84,6 @@ def run_bench(
     heads: what one would otherwise train); ``"recipe"`` trains the recipe's own network
     end-to-end, context adapters included.
     """
-    from contsup.training.device import resolve_device, seed_everything
-    from contsup.training.strategies import EndToEndStrategy, GreedyStrategy
-    from contsup.model.network import build_network
-    from contsup.types import Costs
-
     log = log or sys.stderr
     device = device or resolve_device(recipe.run.device)
     say: Callable[[str], None] = lambda text: (log.write(text + "\n"), log.flush())
@@ -110,7 +109,6 @@ def run_bench(
     e2e = EndToEndStrategy(e2e_net, optimizer, schedule, total, total)
     batches = _batches(recipe, device, total)
     noop = lambda module, loss: None  # noqa: E731
-    from contsup.training.strategies import StepStats
 
     say(f"bench {recipe.source}: greedy {sizes} against end-to-end ({baseline}), {warmup} + {steps} steps each")
     x, y = batches[0]

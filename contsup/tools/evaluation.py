@@ -14,6 +14,10 @@ from contsup.training.checkpoint import describe, load_latest
 from contsup.errors import ContsupError, RecipeError, reason
 from contsup.core.registry import Registries
 from contsup.training.rundir import MODEL_FILE, RECIPE_FILE
+from contsup.training.device import resolve_device
+from contsup.training.evaluation import evaluate
+from contsup.model.network import build_network
+from contsup.config.recipe import load_recipe
 
 
 def run_weights(run_dir: Path, warn: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], str]:
@@ -41,11 +45,6 @@ def evaluate_run(
     run_dir: Path, data: Sequence[str], device: str | None, registries: Registries, warn: Callable[[str], None]
 ) -> dict[str, Any]:
     """Test error, loss and each module head's accuracy; ``data`` items are ``key=value`` for ``[data]``."""
-    from contsup.training.device import resolve_device
-    from contsup.training.evaluation import evaluate
-    from contsup.model.network import build_network
-    from contsup.config.recipe import load_recipe
-
     run_dir = Path(run_dir)
     if not (run_dir / RECIPE_FILE).exists():
         raise ContsupError(f"{run_dir}: not a run directory (it has no {RECIPE_FILE})")

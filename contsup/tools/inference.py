@@ -22,6 +22,10 @@ import torch
 from torch import nn
 
 from contsup.errors import ContsupError
+from contsup.training.device import resolve_device, seed_everything
+from contsup.model.network import build_network
+from contsup.config.recipe import load_recipe
+from contsup.training.rundir import RECIPE_FILE, atomic_write, load_model
 
 
 def bare_forward(network: Any, x: torch.Tensor) -> torch.Tensor:
@@ -145,11 +149,6 @@ def inference_cost(network: Any, batches: Sequence[torch.Tensor], device: torch.
 
 def load_target(target: str, overrides: Sequence[str], registries: Any) -> tuple[Any, Any, str]:
     """(network, recipe, what): a run directory's trained network, or a recipe's fresh one."""
-    from contsup.training.device import seed_everything
-    from contsup.model.network import build_network
-    from contsup.config.recipe import load_recipe
-    from contsup.training.rundir import RECIPE_FILE, load_model
-
     path = Path(target)
     if path.is_dir():
         if overrides:
@@ -171,9 +170,6 @@ def bench_inference_main(
     import json
 
     from torch.utils.data import DataLoader
-
-    from contsup.training.device import resolve_device
-    from contsup.training.rundir import atomic_write
 
     log = log or sys.stdout
     if batch_size is not None and batch_size < 1:

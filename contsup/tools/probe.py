@@ -30,6 +30,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from contsup.errors import ContsupError
 from contsup.tools.probe_options import ProbeOptions, check_options  # noqa: F401 (re-exported)
 from contsup.types import Shape
+from contsup.tools.plotting import colours, method_label, new_figure, save_png
+from contsup.tools.results import flatten
+from contsup.training.device import resolve_device
+from contsup.config.recipe import load_recipe, read_toml
+from contsup.training.rundir import MODEL_FILE, RECIPE_FILE, atomic_write, load_model
 
 PROBE_FILE = "probe.json"
 PROBE_PLOT = "probe.png"
@@ -268,9 +273,6 @@ def label_method(label: str) -> str:
 
 def run_label(run_dir: Path, recipe_table: dict) -> str:
     """The legend name of a run: its directory, method and K (e.g. ``digits_dgl: DGL, K=16``)."""
-    from contsup.tools.plotting import method_label
-    from contsup.tools.results import flatten
-
     config = flatten(recipe_table)
     return f"{Path(run_dir).name}: {method_label(config)}, K={config.get('partition.modules', '?')}"
 
@@ -306,10 +308,6 @@ def probe_run(
     """Probe the chosen modules (default: every one) of a finished run and write them into
     RUN_DIR/probe.json, keeping the other modules' results already there when they were made with
     the same options; returns what was written."""
-    from contsup.training.device import resolve_device
-    from contsup.config.recipe import load_recipe, read_toml
-    from contsup.training.rundir import RECIPE_FILE, atomic_write, load_model
-
     log = log or sys.stderr
     run_dir = Path(run_dir)
     network = load_model(run_dir)
@@ -394,8 +392,6 @@ def load_probe(run_dir: str | Path) -> dict | None:
 
 def plot_information(probes: Sequence[tuple[str, Any, dict]], path: str | Path, title: str | None = None) -> Path:
     """I(h_l, y) and probe accuracy against module index, one line per (label, colour, probe.json)."""
-    from contsup.tools.plotting import new_figure, save_png
-
     fig, (ax_i, ax_a) = new_figure(12.0, 4.6, cols=2)
     entropies = []
     k_max = 0
@@ -428,9 +424,6 @@ def plot_information(probes: Sequence[tuple[str, Any, dict]], path: str | Path, 
 
 def probe_main(run_dirs: Sequence[str], options: ProbeOptions, modules: str | None, device: str, plot: str | None, reuse: bool) -> int:
     """``contsup probe``: probe each run (or reuse its probe.json), then draw them in one figure."""
-    from contsup.tools.plotting import colours
-    from contsup.training.rundir import MODEL_FILE, RECIPE_FILE
-
     problems = []
     for d in run_dirs:
         p = Path(d)

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 
 from contsup.model.memory import CostModel, partition_costs, recipe_parts
+from contsup.training.device import resolve_device
+from contsup.model.network import check_split, plan_modules
 
 
 def _share(part: float, whole: float) -> float | None:
@@ -20,9 +22,6 @@ def _share(part: float, whole: float) -> float | None:
 def profile_data(recipe: Any, device: torch.device | None = None, repeats: int = 3) -> dict:
     """Per unit and per module: bytes kept for backward, milliseconds of forward + backward and
     their shares; the recipe's split, its predicted peak and the lower bound."""
-    from contsup.training.device import resolve_device
-    from contsup.model.network import check_split, plan_modules
-
     device = device or resolve_device(recipe.run.device)
     method = "cuda" if device.type == "cuda" else "saved"
     parts, shapes, info = recipe_parts(recipe)

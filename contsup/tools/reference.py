@@ -11,6 +11,7 @@ import attrs
 from contsup.options import describe_default, doc, field_types, type_name
 from contsup.config.recipe import SECTIONS, component_registry
 from contsup.core.registry import Registries
+from contsup.core.plugins import get_plugin_manager
 
 INTRO = """# Recipe reference
 
@@ -122,8 +123,6 @@ Entries can be overridden from the command line by index: `--set modules.1.range
 
 def builtin_reference() -> str:
     """The reference for the built-in plugins only (what docs/recipes.md documents)."""
-    from contsup.core.plugins import get_plugin_manager
-
     return recipe_reference(Registries.from_plugin_manager(get_plugin_manager(entry_points=False)))
 
 

@@ -12,6 +12,8 @@ from contsup.errors import ContsupError
 from contsup.tools.plotting import colours, method_key, method_labels, new_figure, save_png, slug
 from contsup.tools.results import RunResult, Row, build_rows, find_runs, load_run, markdown
 from contsup.training.rundir import METRICS_FILE, RECIPE_FILE, atomic_write
+from contsup.tools.probe import load_probe, plot_information
+from contsup.tools.weights import load_weights, plot_weight_map
 
 MEMORY_KINDS = {"cuda_max_allocated": "CUDA max allocated", "cpu_peak_rss": "process peak RSS"}
 
@@ -189,9 +191,6 @@ def plot_curves(row: Row, label: str, path: Path) -> Path:
 def write_report(paths: Sequence[str], out_dir: str | Path, registries: Any, command: str = "") -> tuple[Path, list[Path]]:
     """Every figure and the Markdown page for the finished runs under ``paths``; returns the
     page and the figures."""
-    from contsup.tools.probe import load_probe, plot_information
-    from contsup.tools.weights import load_weights, plot_weight_map
-
     run_dirs = find_runs(paths)
     if not run_dirs:
         raise ContsupError(f"no run directories (with {RECIPE_FILE} and {METRICS_FILE}) under {', '.join(map(str, paths))}")

@@ -29,7 +29,7 @@ import attrs
 
 from contsup.core import tomlw
 from contsup.errors import ContsupError, RecipeError
-from contsup.config.recipe import build_recipe, is_recipe, load_with_extends, read_toml, set_path
+from contsup.config.recipe import build_recipe, is_recipe, is_sweep, load_with_extends, read_toml, set_path
 from contsup.core.registry import Registries
 from contsup.suggest import did_you_mean
 
@@ -37,9 +37,6 @@ SWEEP_KEYS = ("recipe", "recipes", "out_dir")
 SWEEP_TABLES = ("sweep", "axes")
 
 
-def is_sweep(data: Mapping[str, Any]) -> bool:
-    """Whether parsed TOML is a sweep file: it has a ``[sweep]`` table (no recipe section has that name)."""
-    return "sweep" in data
 FINISHED_MARKER = "model.pt"
 
 

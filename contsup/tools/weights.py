@@ -23,6 +23,10 @@ import torch
 from torch import nn
 
 from contsup.errors import ContsupError
+from contsup.tools.plotting import new_figure, save_png
+from contsup.tools.probe import run_label
+from contsup.config.recipe import read_toml
+from contsup.training.rundir import RECIPE_FILE, atomic_write, load_model
 
 WEIGHTS_FILE = "weights.json"
 WEIGHTS_PLOT = "weights.png"
@@ -87,8 +91,6 @@ def plot_weight_map(data: dict, path: str | Path, title: str | None = None) -> P
     """Figure 6's layout: x axis the destination module, y axis the source (x, h0, h1, ...)."""
     import numpy as np
 
-    from contsup.tools.plotting import new_figure, save_png
-
     k = int(data["modules"])
     entries = data["entries"]
     rows = ["x"] + [f"h{j}" for j in range(max(k - 1, 1))]
@@ -128,10 +130,6 @@ def plot_weight_map(data: dict, path: str | Path, title: str | None = None) -> P
 
 def weights_main(run_dir: str, out: str | None, raw: bool) -> int:
     """``contsup weights``: write RUN_DIR/weights.json and the heat map."""
-    from contsup.tools.probe import run_label
-    from contsup.config.recipe import read_toml
-    from contsup.training.rundir import RECIPE_FILE, atomic_write, load_model
-
     path = Path(run_dir)
     network = load_model(path)
     entries = weight_map(network, fold_bn=not raw)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 import attrs
 import torch
 
+from contsup.core.version import __version__
 from contsup.errors import BatchError, ContsupError, one_line, reason
 from contsup.model.network import Built, GreedyNetwork, build_network
 from contsup.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
@@ -128,8 +129,6 @@ class Trainer:
     def checkpoint_state(self, gathered: Gathered | None = None) -> dict:
         """Everything a resumed run needs, as tensors and plain containers (``weights_only`` loads
         it); ``gathered``: what the other processes hold (:meth:`Parallel.gather`)."""
-        from contsup import __version__
-
         gathered = gathered or Gathered()
         cur = self.current
         mid_epoch = self.mid_epoch()

@@ -10,9 +10,10 @@ import attrs
 
 from contsup.training.checkpoint import describe, load_latest
 from contsup.errors import ContsupError
-from contsup.config.recipe import Recipe, load_recipe
+from contsup.config.recipe import Recipe, SECTIONS, load_recipe
 from contsup.core.registry import Registries
 from contsup.training.rundir import MODEL_FILE, RECIPE_FILE, write_metrics, write_recipe
+from contsup.options import as_table
 
 # Keys that do not change what is computed: they may differ on resume without --force.
 FREE_KEYS = (
@@ -36,9 +37,6 @@ def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _section_defaults() -> dict[str, Any]:
     """``section.key`` -> default, for the sections' own keys (``run.seed``, ``distributed.mode``)."""
-    from contsup.options import as_table
-    from contsup.config.recipe import SECTIONS
-
     return {f"{s.name}.{k}": v for s in SECTIONS for k, v in as_table(s.own()).items()}
 
 

@@ -17,6 +17,9 @@ import torch
 
 from contsup.core import tomlw
 from contsup.errors import ContsupError, reason
+from contsup.core.plugins import plugin_versions
+from contsup.model.network import build_network
+from contsup.config.recipe import load_recipe
 
 RECIPE_FILE = "recipe.toml"
 PLUGINS_FILE = "plugins.json"
@@ -110,8 +113,6 @@ def write_recipe(run_dir: Path, recipe: Any) -> None:
 
 
 def write_versions(run_dir: Path, recipe: Any, pm: Any) -> None:
-    from contsup.core.plugins import plugin_versions
-
     import timm
 
     data = {
@@ -159,9 +160,6 @@ def save_model(run_dir: Path, network: torch.nn.Module) -> None:
 
 def load_model(run_dir: str | Path, map_location: str = "cpu") -> torch.nn.Module:
     """The network of a finished run as one ordinary ``nn.Module`` in eval mode."""
-    from contsup.model.network import build_network
-    from contsup.config.recipe import load_recipe
-
     run_dir = Path(run_dir)
     if not (run_dir / RECIPE_FILE).exists():
         raise ContsupError(f"{run_dir}: not a run directory (no {RECIPE_FILE})")

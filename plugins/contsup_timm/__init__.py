@@ -11,6 +11,7 @@ from torch import nn
 from contsup import ContsupError, hookimpl
 from contsup.options import option
 from contsup.types import BackboneParts, Shape
+from contsup.suggest import did_you_mean
 
 from contsup_timm.cifar_resnet import CifarResNet
 
@@ -63,8 +64,6 @@ class TimmResNet:
 
         def __attrs_post_init__(self) -> None:
             if self.model not in timm_resnet_names():
-                from contsup.suggest import did_you_mean
-
                 raise ValueError(f"model: '{self.model}' is not a timm ResNet; {did_you_mean(self.model, timm_resnet_names())}")
 
     examples = ("resnet18", "resnet34", "resnet50")

@@ -1,0 +1,90 @@
+"""The paper's default context adapters: M_E encodes the raw input, M_R aligns an earlier feature.
+
+Both map a source tensor to the shape of the module input h they are added to. A context
+selector that builds no adapter of its own for a source gets these (:func:`paper_adapter`), so
+they belong to the plugin API: a third-party selector may also build or wrap them itself.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from contsup.types import Shape
+
+
+def pool_to(size: tuple[int, int], source_size: tuple[int, int]) -> nn.Module:
+    """Adaptive average pooling from ``source_size`` to ``size`` (H, W); the identity when they match."""
+    return nn.Identity() if tuple(size) == tuple(source_size) else nn.AdaptiveAvgPool2d(tuple(size))
+
+
+class InputEncoder(nn.Module):
+    """M_E: 3x3 conv+BN+ReLU, 3x3 conv+BN+ReLU, adaptive average pool to h's size.
+
+    x: (B, C_x, H_x, W_x) -> (B, C_h, H_h, W_h). ``hidden`` is the first conv's width: h's
+    channels in the paper (Table 7), 12 in the official code. ``pool_first`` pools x to h's size
+    before the convolutions (the "pooled" encoder): the same layers at h's resolution, not the
+    same function, and far cheaper where h is small. ``channels_last`` runs the convolutions in
+    channels-last memory format: the same function, faster on CPU at x's full resolution
+    (docs/performance.md); None (the default) uses it on CPU unless pooling first.
+    """
+
+    def __init__(
+        self,
+        source_shape: Shape,
+        target_shape: Shape,
+        hidden: int | None = None,
+        pool_first: bool = False,
+        channels_last: bool | None = None,
+    ) -> None:
+        super().__init__()
+        c_in, c_out = source_shape[0], target_shape[0]
+        hidden = hidden or c_out
+        self.pool_first = pool_first
+        self.channels_last = channels_last
+        self.conv1 = nn.Conv2d(c_in, hidden, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(hidden, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.act2 = nn.ReLU(inplace=True)
+        self.pool = pool_to(target_shape[1:], source_shape[1:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool_first:
+            x = self.pool(x)
+        channels_last = self.channels_last
+        if channels_last is None:
+            channels_last = x.device.type == "cpu" and not self.pool_first
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.act2(self.bn2(self.conv2(x)))
+        x = x if self.pool_first else self.pool(x)
+        return x.contiguous() if channels_last else x
+
+
+class ShortcutAdapter(nn.Module):
+    """M_R as the paper writes it: 1x1 conv to h's channels, adaptive average pool to h's size.
+
+    h_j: (B, C_s, H_s, W_s) -> (B, C_h, H_h, W_h). Pooling commutes with a 1x1 convolution, so
+    this pools first: the same result at a fraction of the cost.
+    """
+
+    def __init__(self, source_shape: Shape, target_shape: Shape) -> None:
+        super().__init__()
+        self.pool = pool_to(target_shape[1:], source_shape[1:])
+        self.conv = nn.Conv2d(source_shape[0], target_shape[0], 1, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.pool(h))
+
+
+def paper_adapter(is_input: bool, source_shape: Shape, target_shape: Shape) -> nn.Module:
+    """The paper's adapter for a source: M_E for the raw input, M_R for a feature."""
+    if is_input:
+        return InputEncoder(source_shape, target_shape)
+    return ShortcutAdapter(source_shape, target_shape)
+
+
+__all__ = ["InputEncoder", "ShortcutAdapter", "paper_adapter", "pool_to"]
