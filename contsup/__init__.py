@@ -1,15 +1,33 @@
-"""contsup: greedy local learning with context supply."""
+"""contsup: greedy local learning with context supply.
+
+The Python API (:mod:`contsup.api`) is imported on first use, so ``import contsup`` (and the
+command line's start-up) stays free of torch until something needs it::
+
+    import contsup
+    run = contsup.train("recipes/digits.toml", overrides=["run.epochs=1"])
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from contsup.core.version import __version__
 from contsup.errors import ContsupError, RecipeError
 from contsup.hookspecs import hookimpl
 
+if TYPE_CHECKING:
+    from contsup.api import Run, build_network, evaluate, load_model, load_recipe, train
 
-def load_model(run_dir, map_location="cpu"):
-    """Rebuild a finished run's network (adapters included) as one ``nn.Module`` in eval mode."""
-    from contsup.training.rundir import load_model as _load
-
-    return _load(run_dir, map_location=map_location)
+_API = ("Run", "train", "load_recipe", "build_network", "evaluate", "load_model")
 
 
-__all__ = ["ContsupError", "RecipeError", "hookimpl", "load_model", "__version__"]
+def __getattr__(name: str) -> Any:
+    """The API's names, imported from :mod:`contsup.api` when first asked for."""
+    if name in _API:
+        from contsup import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'contsup' has no attribute {name!r}")
+
+
+__all__ = ["ContsupError", "RecipeError", "hookimpl", "__version__", *_API]

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import attrs
 
-from contsup.errors import ContsupError, one_line
+from contsup.errors import ContsupError, one_line, report_failure
 
 LIST_KINDS = {
     "backbones": "backbones",
@@ -137,76 +137,10 @@ def _table(rows: Sequence[Sequence[str]]) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from contsup import __version__
-    from contsup.distributed.world import check_single_process, launch_from_env
-    from contsup.training.device import preflight
-    from contsup.training.loop import Trainer
-    from contsup.training.rundir import create_run_dir, default_run_dir, discard_unstarted, write_recipe, write_versions
+    """``contsup train RECIPE`` or ``--resume RUN_DIR``: :func:`contsup.api.train` does it all."""
+    from contsup.api import train
 
-    launch = launch_from_env()
-    if launch is not None:  # one of the processes torchrun started
-        from contsup.distributed.world import train
-
-        code = train(args, launch)
-        if code is not None:
-            return code
-    if args.resume is not None:
-        return cmd_resume(args)
-    if args.force:
-        raise ContsupError("contsup train: --force only applies with --resume RUN_DIR")
-    if args.recipe is None:
-        raise ContsupError("contsup train: give a recipe file, or --resume RUN_DIR to continue a run")
-    pm, recipe = _recipe(args)
-    check_single_process(recipe)
-    preflight(recipe)
-    run_dir = create_run_dir(default_run_dir(recipe), new=args.new)
-    write_recipe(run_dir, recipe)
-    write_versions(run_dir, recipe, pm)
-    print(f"contsup {__version__}: training {recipe.source} into {run_dir}", flush=True)
-    try:
-        trainer = Trainer(recipe, run_dir, hook=pm.hook)
-    except BaseException:  # e.g. the data files are missing: leave no half-made run behind
-        discard_unstarted(run_dir)
-        raise
-    return _fit_and_save(trainer, run_dir)
-
-
-def cmd_resume(args: argparse.Namespace) -> int:
-    """``contsup train --resume RUN_DIR``: continue a run exactly from its newest usable checkpoint."""
-    from contsup import __version__
-    from contsup.distributed.world import check_single_process
-    from contsup.training.loop import Trainer
-    from contsup.training.resume import prepare_resume
-
-    if args.new:
-        raise ContsupError("contsup train: --new and --resume exclude each other")
-    pm, registries = _registries()
-    run = prepare_resume(
-        Path(args.resume), args.recipe, args.set or (), registries, force=args.force,
-        warn=lambda line: print(f"warning: {one_line(line)}", file=sys.stderr, flush=True),
-    )
-    check_single_process(run.recipe)
-    print(f"contsup {__version__}: resuming {run.run_dir} from {run.where()}", flush=True)
-    trainer = Trainer(run.recipe, run.run_dir, hook=pm.hook)
-    if run.state is not None:
-        trainer.load_state(run.state)
-    return _fit_and_save(trainer, run.run_dir)
-
-
-def _fit_and_save(trainer: Any, run_dir: Path) -> int:
-    from contsup.training.rundir import append_metrics
-
-    history = trainer.fit(on_epoch=lambda m: append_metrics(run_dir, m))
-    trainer.finish()
-    if not history:
-        print(f"no epochs to train; run directory: {run_dir}")
-        return 0
-    last = history[-1]
-    best = min(history, key=lambda m: m["test_error_pct"])
-    print(
-        f"final test error: {last['test_error_pct']:.2f}% "
-        f"(best {best['test_error_pct']:.2f}% at epoch {best['epoch']}); run directory: {run_dir}"
-    )
+    train(args.recipe, args.set or (), resume=args.resume, new=args.new, force=args.force)
     return 0
 
 
@@ -225,7 +159,7 @@ def cmd_results(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from contsup.tools.evaluation import evaluate_run
+    from contsup.training.run_evaluation import evaluate_run
 
     _, registries = _registries()
     report = evaluate_run(
@@ -513,15 +447,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
-    except ContsupError as exc:
-        label = getattr(exc, "label", "error")
-        for line in exc.lines:
-            print(f"{label}: {one_line(line)}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except OSError as exc:  # a full disk, a folder without write permission: one line, not a traceback
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {one_line(where + (exc.strerror or str(exc)))}", file=sys.stderr)
-        return 1
+    except (ContsupError, KeyboardInterrupt, OSError) as exc:
+        return report_failure(exc)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+import sys
+from typing import Iterable, TextIO
 
 
 def one_line(text: str) -> str:
@@ -31,6 +32,33 @@ class ContsupError(Exception):
     def __init__(self, *lines: str) -> None:
         self.lines = tuple(lines)
         super().__init__("\n".join(self.lines))
+
+    def print(self, stream: TextIO | None = None) -> None:
+        """Print each line after the error's label (``error:``, ``stopped:``), as the command line does."""
+        stream = stream or sys.stderr
+        label = getattr(self, "label", "error")
+        for line in self.lines:
+            print(f"{label}: {one_line(line)}", file=stream)
+        stream.flush()
+
+
+def report_failure(exc: BaseException, stream: TextIO | None = None) -> int | None:
+    """Print what stopped a command as the command line does, one line, and return its exit
+    status: a :class:`ContsupError`'s lines and code, Ctrl-C outside a step (130), an operating
+    system refusal such as a full disk (1, naming the file). None for anything else: a bug,
+    whose traceback should be seen."""
+    stream = stream or sys.stderr
+    if isinstance(exc, ContsupError):
+        exc.print(stream)
+        return exc.exit_code
+    if isinstance(exc, KeyboardInterrupt):
+        print("interrupted", file=stream, flush=True)
+        return 130
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {one_line(where + (exc.strerror or str(exc)))}", file=stream, flush=True)
+        return 1
+    return None
 
 
 class BatchError(ContsupError):

@@ -181,7 +181,7 @@ def _fit(trainer) -> dict:
 
 @pytest.mark.parametrize("mode", ["data", "pipeline"])
 def test_one_rank_trains_exactly_as_one_process(registries, tmp_path, one_rank, mode):
-    from contsup.distributed.world import make_parallel
+    from contsup.distributed.launch import make_parallel
 
     recipe = recipe_with(registries, tmp_path, f'mode = "{mode}"')
     single = recipe_with(registries, tmp_path, 'mode = "none"')

@@ -23,7 +23,7 @@ from contsup.training.device import seed_everything
 from contsup.training.evaluation import EvalCounts, Evaluation, evaluation_counts
 from contsup.training.loaders import batches_problem, make_loaders
 from contsup.training.order import RANK_SEED, epoch_batches, global_batch_size
-from contsup.training.parallel import Batch, Gathered
+from contsup.training.parallel import Batch, EpochProgress, Gathered, TrainerView
 from contsup.training.precision import to_memory_format
 from contsup.training.strategies import Check, StepStats, Strategy
 
@@ -97,7 +97,7 @@ class DataParallel:
         train, test, self.train_size = shard_loaders(recipe, dataset, device, world.rank, world.size, "processes", world)
         return train, test, self.train_size
 
-    def attach(self, trainer: Any) -> None:
+    def attach(self, trainer: TrainerView) -> None:
         """Every rank starts from rank 0's weights; ranks above 0 draw other augmentations."""
         self.ranks.attach(trainer)
         self.network = trainer.network
@@ -114,7 +114,7 @@ class DataParallel:
     def begin_epoch(self) -> None:
         self.clock.reset()
 
-    def batches(self, loader: Any, cur: Any, device: torch.device, channels_last: bool) -> Iterator[Batch]:
+    def batches(self, loader: Any, cur: EpochProgress, device: torch.device, channels_last: bool) -> Iterator[Batch]:
         for x, y in self.clock.loading(epoch_batches(loader, cur.start_state, cur.done)):
             x = to_memory_format(x.to(device, non_blocking=True), channels_last)
             n = global_batch_size(cur.done, self.train_size, self.recipe.data.batch_size)
@@ -136,7 +136,7 @@ class DataParallel:
         t = self.world.all_reduce(stats.as_tensor().to(self.world.control_device), "summing the training metrics")
         return StepStats.from_tensor(t, stats.modules)
 
-    def evaluate(self, trainer: Any) -> Evaluation:
+    def evaluate(self, trainer: TrainerView) -> Evaluation:
         """Each rank evaluates its slice of the test set; the counts are summed."""
         self._share_batchnorm_statistics()
         counts = evaluation_counts(trainer.network, trainer.test_loader, trainer.device, trainer.precision, trainer.channels_last)
@@ -151,13 +151,13 @@ class DataParallel:
     def record_epoch(self, epoch: int, images: int, elapsed: float) -> None:
         self.ranks.record_epoch(epoch, images, elapsed, [], {})
 
-    def gather(self, trainer: Any) -> Gathered:
+    def gather(self, trainer: TrainerView) -> Gathered:
         """Rank 0's batch-norm statistics everywhere, and the running sums of an unfinished epoch."""
         self._share_batchnorm_statistics()
         partial = self.reduce_stats(trainer.current.stats) if trainer.mid_epoch() else None
         return self.ranks.gathered(partial)
 
-    def restore(self, state: dict, resumed: Any) -> None:
+    def restore(self, state: dict, resumed: EpochProgress | None) -> None:
         self.ranks.restore(state, resumed, keeps_sums=self.world.is_main)
 
     def resume_command(self, run_dir: Path) -> str:

@@ -43,7 +43,7 @@ from contsup.training.device import seed_everything
 from contsup.training.evaluation import EvalCounts, Evaluation
 from contsup.training.loaders import batches_problem, make_loaders
 from contsup.training.order import RANK_SEED, epoch_batches, global_batch_size
-from contsup.training.parallel import Batch, Gathered
+from contsup.training.parallel import Batch, EpochProgress, Gathered, TrainerView
 from contsup.training.precision import Precision, to_memory_format
 from contsup.training.strategies import Check, GreedyStrategy, StepStats, Strategy, make_strategy
 from contsup.types import Costs
@@ -283,7 +283,7 @@ class Stage:
         return self._pack(h, y, x, store) if self.outgoing is not None else None
 
 
-def measure_module_costs(trainer: Any, batch: int, repeats: int = 3) -> tuple[float, ...]:
+def measure_module_costs(trainer: TrainerView, batch: int, repeats: int = 3) -> tuple[float, ...]:
     """Seconds one greedy step of each module takes on a micro-batch of ``batch`` random images
     (the median of ``repeats`` after one warm-up), on a copy of the network and its strategy."""
     network = copy.deepcopy(trainer.network).train()
@@ -366,7 +366,7 @@ class Pipeline:
             raise ContsupError(*lines) if self.world.is_main else Silent(ContsupError.exit_code)
         return (train, test, self.train_size) if self.is_driver else (_Length(count), None, self.train_size)
 
-    def attach(self, trainer: Any) -> None:
+    def attach(self, trainer: TrainerView) -> None:
         """Plan the stages, take this rank's, and join the ranks holding the same stage."""
         self.ranks.attach(trainer)
         self.network, self.device, self.precision = trainer.network, trainer.device, trainer.precision
@@ -385,7 +385,7 @@ class Pipeline:
         trainer.log.write(self.plan.describe(self.grid.replicas) + "\n")
         trainer.log.flush()
 
-    def _plan_stages(self, trainer: Any) -> StagePlan:
+    def _plan_stages(self, trainer: TrainerView) -> StagePlan:
         d, k, n = self.recipe.distributed, self.network.num_modules, self.grid.stages
         if d.stages:
             return StagePlan(tuple(d.stages))
@@ -438,7 +438,7 @@ class Pipeline:
     def begin_epoch(self) -> None:
         self.clock.reset()
 
-    def batches(self, loader: Any, cur: Any, device: torch.device, channels_last: bool) -> Iterator[Batch]:
+    def batches(self, loader: Any, cur: EpochProgress, device: torch.device, channels_last: bool) -> Iterator[Batch]:
         """The first stages read batches; the others take the first micro-batch of each step
         from the rank before them, until the end of the epoch (which they pass on)."""
         if self.is_driver:
@@ -510,7 +510,7 @@ class Pipeline:
 
     # -- evaluation ------------------------------------------------------------------------
 
-    def evaluate(self, trainer: Any) -> Evaluation:
+    def evaluate(self, trainer: TrainerView) -> Evaluation:
         """Test batches go through the stages like training ones (each replica its share of the
         test set); each rank counts its heads, the last stage the final loss, and the counts meet
         on every rank."""
@@ -555,7 +555,7 @@ class Pipeline:
 
     # -- checkpoints -----------------------------------------------------------------------
 
-    def gather(self, trainer: Any) -> Gathered:
+    def gather(self, trainer: TrainerView) -> Gathered:
         """Bring every module's weights, optimizer, schedule and scaler from its owner in
         replica 0 (replicas hold the same) into rank 0's copy of the network and strategy, and
         the epoch's running sums of every rank; once per position of the run."""
@@ -587,7 +587,7 @@ class Pipeline:
         self._gathered = (here, gathered)
         return gathered
 
-    def restore(self, state: dict, resumed: Any) -> None:
+    def restore(self, state: dict, resumed: EpochProgress | None) -> None:
         self.ranks.restore(state, resumed, keeps_sums=self.replica == 0)
 
     def resume_command(self, run_dir: Path) -> str:

@@ -1,26 +1,22 @@
-"""torch.distributed for contsup: launch checks, the process group, lost ranks, and ``contsup
-train`` in each of the processes torchrun starts.
+"""torch.distributed for contsup: launch checks, the process group and its collectives under
+deadlines, lost ranks, and what every distributed run shares.
 
-torchrun gives every process RANK, WORLD_SIZE and LOCAL_RANK. Rank 0 reads and checks the
-recipe and hands the resolved recipe to the others through the launcher's store; it alone
-writes the run directory (recipe, metrics, checkpoints, model), prints progress and runs the
-observers. Every wait on another rank has a deadline (``distributed.timeout_s``); a rank that
-ends or stops answering makes the others stop with one line naming it.
-:mod:`contsup.distributed.data_parallel` and :mod:`contsup.distributed.pipeline` hold the two ways of training.
+torchrun gives every process RANK, WORLD_SIZE and LOCAL_RANK. Every wait on another rank has a
+deadline (``distributed.timeout_s``); a rank that ends or stops answering makes the others stop
+with one line naming it. :mod:`contsup.distributed.launch` starts a run on the ranks;
+:mod:`contsup.distributed.data_parallel` and :mod:`contsup.distributed.pipeline` hold the two
+ways of training.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import json
 import os
-import sys
 import threading
 import time
-import traceback
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NoReturn, Sequence, TextIO
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import attrs
 import torch
@@ -28,13 +24,9 @@ import torch.distributed as dist
 
 from contsup.distributed.timing import Clock, epoch_entry, write_report
 from contsup.training.checkpoint import rng_state, set_rng_state
-from contsup.training.device import resolve_device
-from contsup.training.failures import Interrupted, TrainingFailed
-from contsup.training.loop import Trainer
+from contsup.training.failures import TrainingFailed
 from contsup.training.parallel import Gathered
 from contsup.training.strategies import StepStats
-from contsup.core.registry import load_registries
-from contsup.core.version import __version__
 from contsup.errors import ContsupError, one_line, reason
 
 GRACE_S = 3.0  # how long a rank that saw a failure waits to learn which rank it was
@@ -497,183 +489,4 @@ class Ranks:
         }
 
 
-def bootstrap_store(launch: Launch) -> Any:
-    """The launcher's key-value store (torchrun's, or rank 0's without torchrun), before any
-    process group exists: rank 0 hands the recipe to the others through it."""
-    timeout = datetime.timedelta(seconds=START_TIMEOUT_S)
-    try:
-        store, _, _ = next(dist.rendezvous("env://", rank=launch.rank, world_size=launch.world_size, timeout=timeout))
-    except (RuntimeError, ValueError) as exc:
-        raise ContsupError(
-            f"rank {launch.rank}: cannot reach the launcher's store ({reason(exc)}); start every process with "
-            f"the same torchrun command (docs/distributed.md)"
-        ) from None
-    return store
-
-
-def _start_on_main(args: Any, launch: Launch, pm: Any, registries: Any) -> tuple[Any, dict]:
-    """Rank 0: read and check the recipe, then make (or reopen) the run directory."""
-    from contsup.training.device import preflight
-    from contsup.config.recipe import load_recipe
-    from contsup.training.resume import prepare_resume
-    from contsup.training.rundir import create_run_dir, default_run_dir, write_recipe, write_versions
-
-    if args.resume is not None:
-        if args.new:
-            raise ContsupError("contsup train: --new and --resume exclude each other")
-        warn = lambda line: print(f"warning: {one_line(line)}", file=sys.stderr, flush=True)  # noqa: E731
-        run = prepare_resume(Path(args.resume), args.recipe, args.set or (), registries, args.force, warn)
-        recipe = run.recipe
-    else:
-        if args.force:
-            raise ContsupError("contsup train: --force only applies with --resume RUN_DIR")
-        if args.recipe is None:
-            raise ContsupError("contsup train: give a recipe file, or --resume RUN_DIR to continue a run")
-        recipe = load_recipe(args.recipe, args.set or (), registries)
-    check_launch(recipe, launch)
-    if recipe.distributed.mode == "none":
-        return recipe, {"status": "single"}
-    preflight(recipe)
-    n, mode = launch.world_size, recipe.distributed.mode
-    if args.resume is not None:
-        print(f"contsup {__version__}: resuming {run.run_dir} from {run.where()} on {n} processes", flush=True)
-        return recipe, {"status": "ok", "run_dir": str(run.run_dir), "resume": run.state is not None, "state": run.state}
-    run_dir = create_run_dir(default_run_dir(recipe), new=args.new)
-    write_recipe(run_dir, recipe)
-    write_versions(run_dir, recipe, pm)
-    print(f"contsup {__version__}: training {recipe.source} into {run_dir} on {n} processes ({mode} parallel)", flush=True)
-    return recipe, {"status": "ok", "run_dir": str(run_dir), "resume": False, "state": None}
-
-
-def _start(args: Any, launch: Launch, store: Any, pm: Any, registries: Any) -> tuple[Any, dict]:
-    """Every rank: the recipe and where the run goes, decided by rank 0 and passed on through the store."""
-    from contsup.config.recipe import build_recipe
-
-    key = "contsup/start"
-    if launch.is_main:
-        try:
-            recipe, start = _start_on_main(args, launch, pm, registries)
-        except ContsupError as exc:
-            say(exc)  # now: torchrun ends this process as soon as another one stops
-            store.set(key, json.dumps({"status": "error", "exit_code": exc.exit_code}))
-            _wait_until_read(store, launch.world_size - 1)  # this process may hold the store
-            raise Silent(exc.exit_code) from None
-        public = {k: v for k, v in start.items() if k != "state"}
-        store.set(key, json.dumps({**public, "recipe": recipe.table(), "source": recipe.source}))
-        return recipe, start
-    store.set_timeout(datetime.timedelta(seconds=START_TIMEOUT_S))
-    try:
-        start = json.loads(store.get(key))
-        store.add(f"{key}/read", 1)
-    except Exception as exc:
-        raise ContsupError(f"rank {launch.rank}: rank 0 did not start the run ({reason(exc)})") from None
-    if start["status"] == "error":
-        raise Silent(start["exit_code"])
-    try:
-        recipe = build_recipe(start["recipe"], start["source"], registries)
-    except ContsupError as exc:
-        raise ContsupError(*(f"rank {launch.rank}: {line}" for line in exc.lines)) from None
-    return recipe, start
-
-
-def say(exc: ContsupError) -> None:
-    """Print a problem as ``contsup.cli.main`` does: one line each, after its label."""
-    label = getattr(exc, "label", "error")
-    for line in exc.lines:
-        print(f"{label}: {one_line(line)}", file=sys.stderr)
-    sys.stderr.flush()
-
-
-def _wait_until_read(store: Any, readers: int) -> None:
-    """Give the other ranks a moment to read rank 0's answer before it ends (and the store with it)."""
-    deadline = time.monotonic() + 10 * GRACE_S
-    with contextlib.suppress(Exception):
-        while store.add("contsup/start/read", 0) < readers and time.monotonic() < deadline:
-            time.sleep(0.02)
-
-
-def train(args: Any, launch: Launch) -> int | None:
-    """``contsup train`` (or ``--resume``) in one of the processes torchrun started; None when the
-    recipe is for one process and torchrun started one: the caller trains it as usual."""
-    from contsup.training.rundir import append_metrics, discard_unstarted
-
-    store = bootstrap_store(launch)
-    pm, registries = load_registries()
-    recipe, start = _start(args, launch, store, pm, registries)
-    if start["status"] == "single":
-        return None
-    check_device(recipe, launch)
-    device = resolve_device(recipe.run.device)
-    world = World.start(launch, store, recipe.distributed, device)
-    run_dir = Path(start["run_dir"])
-    try:
-        state = start["state"] if world.is_main else None
-        if start["resume"]:
-            state = world.broadcast_object(state, "handing the checkpoint to every rank")
-        try:
-            trainer = Trainer(recipe, run_dir, hook=pm.hook, parallel=make_parallel(world, recipe))
-        except BaseException:
-            if world.is_main and not start["resume"]:
-                discard_unstarted(run_dir)
-            raise
-        if state is not None:
-            trainer.load_state(state)
-        history = trainer.fit(on_epoch=lambda m: append_metrics(run_dir, m))
-        trainer.finish()
-    except BaseException as exc:
-        _fail(world, exc)
-    world.close()
-    if world.is_main:
-        _final_lines(history, run_dir, trainer)
-    return 0
-
-
-def _fail(world: World, exc: BaseException) -> NoReturn:
-    """This rank stops on ``exc``: it says why first (torchrun ends the other processes as soon
-    as one stops), leaves the reason where the others look, and gives them a moment to read it."""
-    agreed_stop = isinstance(exc, Interrupted) and getattr(exc, "agreed", False)
-    quiet = isinstance(exc, Silent) or (agreed_stop and not world.is_main)  # rank 0 says it
-    own = not quiet and not isinstance(exc, PeerLost)  # not a consequence of another rank's stop
-    if quiet:
-        pass
-    elif isinstance(exc, ContsupError):
-        say(exc)
-    elif isinstance(exc, KeyboardInterrupt):
-        print("interrupted", file=sys.stderr, flush=True)
-    else:
-        traceback.print_exc()
-        sys.stderr.flush()
-    world.publish_failure(exc if own else Silent(0))
-    if own:
-        world.linger()
-    code = getattr(exc, "exit_code", 130 if isinstance(exc, KeyboardInterrupt) else 1)
-    raise Silent(code) from None
-
-
-def make_parallel(world: World, recipe: Any) -> Any:
-    """This rank's part in a ``distributed.mode = "data"`` or ``"pipeline"`` run."""
-    if recipe.distributed.mode == "data":
-        from contsup.distributed.data_parallel import DataParallel
-
-        return DataParallel(world, recipe)
-    from contsup.distributed.pipeline import Pipeline
-
-    return Pipeline(world, recipe)
-
-
-def _final_lines(history: list[dict], run_dir: Path, trainer: Trainer) -> None:
-    from contsup.distributed.timing import summary
-
-    if not history:
-        print(f"no epochs to train; run directory: {run_dir}")
-        return
-    print(summary(trainer.parallel.report()))
-    last = history[-1]
-    best = min(history, key=lambda m: m["test_error_pct"])
-    print(
-        f"final test error: {last['test_error_pct']:.2f}% "
-        f"(best {best['test_error_pct']:.2f}% at epoch {best['epoch']}); run directory: {run_dir}"
-    )
-
-
-__all__ = ["Launch", "World", "Group", "Ranks", "PeerLost", "launch_from_env", "check_launch", "make_parallel", "train"]
+__all__ = ["Launch", "World", "Group", "Ranks", "PeerLost", "Silent", "any_rank", "launch_from_env", "check_launch", "check_single_process", "check_device"]

@@ -27,8 +27,9 @@ from typing import Any, Mapping, Sequence, TextIO
 
 import attrs
 
+from contsup import api
 from contsup.core import tomlw
-from contsup.errors import ContsupError, RecipeError
+from contsup.errors import ContsupError, RecipeError, report_failure
 from contsup.config.recipe import build_recipe, is_recipe, is_sweep, load_with_extends, read_toml, set_path
 from contsup.core.registry import Registries
 from contsup.suggest import did_you_mean
@@ -209,8 +210,6 @@ def describe_runs(sweep: Sweep, subset: Sequence[Run]) -> str:
 def run_sweep(sweep: Sweep, dry_run: bool = False, out: TextIO | None = None) -> int:
     """Train every unfinished combination in turn (or print the commands); 0 when all finished.
     A started but unfinished run resumes from its last checkpoint; Ctrl-C stops the sweep."""
-    from contsup.cli import main
-
     out = out or sys.stdout
     runs = sweep.runs()
     todo = [r for r in runs if not r.finished]
@@ -223,16 +222,12 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, out: TextIO | None = None) ->
     for i, run in enumerate(todo, start=1):
         if run.started:
             print(f"[{i}/{len(todo)}] resuming {run.run_dir}", file=out, flush=True)
-            code = main(["train", "--resume", str(run.run_dir)])
         else:
             print(f"[{i}/{len(todo)}] {run.command()}", file=out, flush=True)
-            args = ["train", str(run.recipe)]
-            for o in run.overrides():
-                args += ["--set", o]
-            code = main(args)
-        if code == 130:  # Ctrl-C: the run saved a checkpoint; stop the whole sweep, not just this run
+        code = _train(run)
+        if code in (130, 143):  # Ctrl-C or SIGTERM: the run saved a checkpoint; stop the whole sweep
             print(f"sweep stopped; run it again to resume {run.run_dir} and go on", file=out, flush=True)
-            return 130
+            return code
         if code != 0:
             failed.append((run, code))
     finished = sum(r.finished for r in runs)
@@ -240,6 +235,19 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, out: TextIO | None = None) ->
     for run, code in failed:
         print(f"  failed (exit {code}): {run.run_dir}", file=out)
     return 1 if failed else 0
+
+
+def _train(run: Run) -> int:
+    """Train (or resume) one combination through the Python API; its exit status, as
+    ``contsup train`` would end (a problem is printed as the command prints it)."""
+    try:
+        if run.started:
+            api.train(resume=run.run_dir)
+        else:
+            api.train(run.recipe, run.overrides())
+    except (ContsupError, KeyboardInterrupt, OSError) as exc:
+        return report_failure(exc)
+    return 0
 
 
 def sweep_main(path: str, registries: Registries, dry_run: bool) -> int:

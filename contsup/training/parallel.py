@@ -23,7 +23,8 @@ from contsup.training.strategies import Check, StepStats, Strategy
 
 if TYPE_CHECKING:
     from contsup.config.recipe import Recipe
-    from contsup.training.loop import EpochProgress, Trainer
+    from contsup.model.network import Built, GreedyNetwork
+    from contsup.training.precision import Precision
 
 
 @attrs.frozen
@@ -47,6 +48,41 @@ class Gathered:
     extra: dict = attrs.field(factory=dict)
 
 
+class EpochProgress(Protocol):
+    """Where an epoch stands (:class:`contsup.training.loop.EpochProgress`): its order and the
+    steps done, with their running sums."""
+
+    start_state: torch.Tensor
+    stats: StepStats
+    done: int
+
+
+class TrainerView(Protocol):
+    """What a :class:`Parallel` may read of the trainer it takes part in: public attributes only
+    (:class:`contsup.training.loop.Trainer` has them)."""
+
+    recipe: Recipe
+    run_dir: Path
+    device: torch.device
+    precision: Precision
+    channels_last: bool
+    built: Built
+    network: GreedyNetwork
+    strategy: Strategy
+    test_loader: Any
+    steps_per_epoch: int
+    history: list[dict]
+    current: EpochProgress | None
+    info: Any  # RunInfo: step and epoch
+    log: Any
+
+    def kept(self) -> str:
+        """What is left to resume from, for failure messages."""
+
+    def mid_epoch(self) -> bool:
+        """Whether an epoch is under way."""
+
+
 class Parallel(Protocol):
     """How one process takes part in a run. Every method is called by every process at the same
     point of the loop; those marked collective exchange data with the others."""
@@ -59,7 +95,7 @@ class Parallel(Protocol):
         """(training loader, test loader, images in the whole training set); the training
         loader's length is the steps per epoch, the same on every process. Collective."""
 
-    def attach(self, trainer: Trainer) -> None:
+    def attach(self, trainer: TrainerView) -> None:
         """Called once the network, loaders and strategy exist: share initial weights, plan
         stages, and so on. Collective."""
 
@@ -84,13 +120,13 @@ class Parallel(Protocol):
     def reduce_stats(self, stats: StepStats) -> StepStats:
         """The epoch's running sums over every process's images. Collective."""
 
-    def evaluate(self, trainer: Trainer) -> Evaluation:
+    def evaluate(self, trainer: TrainerView) -> Evaluation:
         """The test set's result over every process. Collective."""
 
     def record_epoch(self, epoch: int, images: int, elapsed: float) -> None:
         """An epoch ended: keep its timings. Collective."""
 
-    def gather(self, trainer: Trainer) -> Gathered:
+    def gather(self, trainer: TrainerView) -> Gathered:
         """Bring what other processes hold into this one's trainer for a checkpoint or the final
         model. Collective."""
 
@@ -124,7 +160,7 @@ class OneProcess:
             raise problem
         return train, test, size
 
-    def attach(self, trainer: Trainer) -> None:
+    def attach(self, trainer: TrainerView) -> None:
         pass
 
     def sync_gradients(self, optimizer: torch.optim.Optimizer) -> None:
@@ -150,13 +186,13 @@ class OneProcess:
     def reduce_stats(self, stats: StepStats) -> StepStats:
         return stats
 
-    def evaluate(self, trainer: Trainer) -> Evaluation:
+    def evaluate(self, trainer: TrainerView) -> Evaluation:
         return evaluate(trainer.network, trainer.test_loader, trainer.device, trainer.precision, trainer.channels_last)
 
     def record_epoch(self, epoch: int, images: int, elapsed: float) -> None:
         pass
 
-    def gather(self, trainer: Trainer) -> Gathered:
+    def gather(self, trainer: TrainerView) -> Gathered:
         return Gathered()
 
     def restore(self, state: dict, resumed: EpochProgress | None) -> None:

@@ -1,0 +1,113 @@
+"""Starting a run: from a recipe (a file, or one already loaded) or from a run directory to
+resume, to the run directory with its recipe and plugin versions, before anything trains.
+
+The one place where a run starts, for one process (:func:`contsup.api.train`) and for rank 0
+of a distributed run (:mod:`contsup.distributed.launch`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import attrs
+
+from contsup.config.recipe import Recipe, apply_overrides, build_recipe, load_recipe
+from contsup.core.registry import Registries
+from contsup.core.version import __version__
+from contsup.errors import ContsupError, RecipeError
+from contsup.training.resume import prepare_resume
+from contsup.training.rundir import create_run_dir, default_run_dir, write_recipe, write_versions
+
+
+@attrs.frozen
+class Request:
+    """What a caller asks for: a recipe (path or loaded) with overrides and an optional run
+    directory, or a run directory to resume (``resume``; ``recipe`` then optionally replaces the
+    run's own, which ``force`` allows to differ). ``new`` picks a fresh ``NAME-N`` directory."""
+
+    recipe: str | Path | Recipe | None = None
+    overrides: tuple[str, ...] = ()
+    out_dir: str | Path | None = None
+    resume: str | Path | None = None
+    new: bool = False
+    force: bool = False
+
+
+@attrs.frozen
+class Prepared:
+    """A checked recipe and, when resuming, the run directory, its checkpoint state (None: it
+    stopped before its first checkpoint) and where it stands."""
+
+    recipe: Recipe
+    resume_dir: Path | None = None
+    state: dict | None = None
+    where: str = ""
+
+
+@attrs.frozen
+class Started:
+    """A run directory ready to train into: the recipe, the directory and the checkpoint to load."""
+
+    recipe: Recipe
+    run_dir: Path
+    state: dict | None
+    resumed: bool
+
+
+def _overrides(request: Request) -> tuple[str, ...]:
+    if request.out_dir is None:
+        return tuple(request.overrides)
+    return (*request.overrides, f"run.out_dir={json.dumps(str(request.out_dir))}")
+
+
+def prepare(request: Request, registries: Registries, warn: Callable[[str], None]) -> Prepared:
+    """Check the request and load its recipe; nothing is written yet, except what resuming a
+    changed recipe with ``force`` records."""
+    if request.resume is not None:
+        if request.new:
+            raise ContsupError("contsup train: --new and --resume exclude each other")
+        if isinstance(request.recipe, Recipe):
+            raise ContsupError("contsup train: with --resume, give the recipe as a file path (or none: the run's own)")
+        recipe_path = None if request.recipe is None else str(request.recipe)
+        run = prepare_resume(Path(request.resume), recipe_path, _overrides(request), registries, request.force, warn)
+        return Prepared(run.recipe, run.run_dir, run.state, run.where())
+    if request.force:
+        raise ContsupError("contsup train: --force only applies with --resume RUN_DIR")
+    if request.recipe is None:
+        raise ContsupError("contsup train: give a recipe file, or --resume RUN_DIR to continue a run")
+    return Prepared(recipe_from(request.recipe, _overrides(request), registries))
+
+
+def recipe_from(recipe: str | Path | Recipe, overrides: Sequence[str], registries: Registries) -> Recipe:
+    """A recipe file read and checked, or a loaded recipe with ``overrides`` applied and checked again."""
+    if not isinstance(recipe, Recipe):
+        return load_recipe(recipe, overrides, registries)
+    if not overrides:
+        return recipe
+    data, keys, problems = apply_overrides(recipe.table(), overrides)
+    try:
+        changed = build_recipe(data, recipe.source, registries, keys)
+    except RecipeError as exc:
+        raise RecipeError([*problems, *exc.problems]) from None
+    if problems:
+        raise RecipeError(problems)
+    return changed
+
+
+def open_run(prepared: Prepared, pm: Any, new: bool = False, on: str = "") -> Started:
+    """Make the run directory (or reopen the one to resume) and say so in one line; ``on``
+    describes the processes (" on 2 processes (pipeline parallel)")."""
+    recipe = prepared.recipe
+    if prepared.resume_dir is not None:
+        print(f"contsup {__version__}: resuming {prepared.resume_dir} from {prepared.where}{on}", flush=True)
+        return Started(recipe, prepared.resume_dir, prepared.state, True)
+    run_dir = create_run_dir(default_run_dir(recipe), new=new)
+    write_recipe(run_dir, recipe)
+    write_versions(run_dir, recipe, pm)
+    print(f"contsup {__version__}: training {recipe.source} into {run_dir}{on}", flush=True)
+    return Started(recipe, run_dir, None, False)
+
+
+__all__ = ["Request", "Prepared", "Started", "prepare", "recipe_from", "open_run"]
