@@ -9,14 +9,11 @@ command line's start-up) stays free of torch until something needs it::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from contsup.core.version import __version__
 from contsup.errors import ContsupError, RecipeError
 from contsup.hookspecs import hookimpl
-
-if TYPE_CHECKING:
-    from contsup.api import Run, build_network, evaluate, load_model, load_recipe, train
 
 _API = ("Run", "train", "load_recipe", "build_network", "evaluate", "load_model")
 
