@@ -11,8 +11,10 @@ import torch
 from torch import nn
 
 from contsup.types import HeadSpec
+from contsup_objectives import HeadVariant
 
 VARIANTS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
+assert set(HeadVariant.__args__) == set(VARIANTS)  # type: ignore[attr-defined]  # the recipe key's choices
 
 
 def conv_plan(spec: HeadSpec) -> tuple[int, int]:
