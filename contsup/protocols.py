@@ -6,12 +6,13 @@ recipe keys) and is constructed as ``Component(options)``.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence, runtime_checkable
 
 from contsup.types import BackboneParts, Costs, DatasetInfo, HeadSpec, Shape, Source
+
+if TYPE_CHECKING:  # annotations only: importing torch takes seconds
+    import torch
+    from torch import nn
 
 
 @runtime_checkable

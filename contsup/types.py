@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import attrs
-from torch import nn
+
+if TYPE_CHECKING:  # annotations only: importing torch takes seconds, and `contsup list` needs none
+    from torch import nn
 
 Shape = tuple[int, ...]
 

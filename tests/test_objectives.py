@@ -143,3 +143,12 @@ def test_drop_last_that_leaves_no_batch_is_refused_before_training(write_recipe,
         f"than data.batch_size = 16; lower data.batch_size or set data.drop_last = false"
     ]
     assert not (tmp_path / "run").exists()
+
+
+def test_the_head_option_offers_exactly_the_variants_the_heads_build():
+    import typing
+
+    from contsup_objectives import HeadVariant
+    from contsup_objectives.heads import VARIANTS
+
+    assert set(typing.get_args(HeadVariant)) == set(VARIANTS)

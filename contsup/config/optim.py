@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import attrs
-import torch
 
 from contsup.options import at_least, greater_than, in_range, option
 from contsup.core.registry import Registry
+
+if TYPE_CHECKING:  # annotations only: validating a recipe needs no torch
+    import torch
 
 
 class SGD:
@@ -32,6 +34,8 @@ class SGD:
         self.options = options
 
     def build(self, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        import torch
+
         o = self.options
         return torch.optim.SGD(
             list(params), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay
@@ -94,6 +98,8 @@ def schedules() -> Registry:
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, schedule, total_steps: int, steps_per_epoch: int):
     """A per-step ``LambdaLR`` following ``schedule.factor``."""
+    import torch
+
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: schedule.factor(step, total_steps, steps_per_epoch)
     )

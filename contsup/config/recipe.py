@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import attrs
-import torch
 
 from contsup.errors import ContsupError, RecipeError
 from contsup.config.optim import optimizers, schedules
@@ -606,6 +605,8 @@ def _count_units_cached(backbone: Chosen, dataset: Chosen) -> int:
 
 
 def _count_units(backbone: Chosen, dataset: Chosen) -> int:
+    import torch  # here, not at the top: `contsup list` reads the registries and needs no torch
+
     info = dataset.create().info()
     with torch.device("meta"):
         parts = backbone.create().build(tuple(info.input_shape), info.num_classes)

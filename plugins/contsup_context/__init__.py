@@ -8,16 +8,18 @@ the ``contsup`` selector: ``M1R1E`` is ``input = true, recent = 1, intermediate 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
-from torch import nn
 
 from contsup import hookimpl
 from contsup.options import at_least, option
 from contsup.types import Shape, Source
 
-from contsup_context.adapters import FastInputEncoder, InputEncoder, OfficialShortcutAdapter, ShortcutAdapter
+if TYPE_CHECKING:  # annotations only: the adapters (and torch) load when the first one is built
+    from torch import nn
+
+_ADAPTERS = ("FastInputEncoder", "InputEncoder", "OfficialShortcutAdapter", "ShortcutAdapter")
 
 _NAME = re.compile(r"^(?:M(?P<m>[1-9]\d*))?(?:R(?P<r>0|[1-9]\d*))?(?P<e>E)?$")
 
@@ -95,6 +97,8 @@ class ContSup:
 
     def adapter(self, source: Source, source_shape: Shape, target_shape: Shape) -> nn.Module:
         """M_E for the input, M_R for a feature, in the variant the options choose."""
+        from contsup_context.adapters import FastInputEncoder, InputEncoder, OfficialShortcutAdapter, ShortcutAdapter
+
         if source.is_input:
             encoder = self.options.encoder
             if encoder == "fast":
@@ -109,3 +113,13 @@ class ContSup:
 @hookimpl
 def register_context_selectors(register):
     register(ContSup)
+
+
+def __getattr__(name: str) -> Any:
+    """``from contsup_context import InputEncoder`` still works: the adapter classes, which live
+    in ``contsup_context.adapters``, imported on first use (they need torch)."""
+    if name in _ADAPTERS:
+        from contsup_context import adapters
+
+        return getattr(adapters, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -4,24 +4,45 @@ crop and horizontal flip for training; per-channel normalisation for both splits
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import attrs
-from torchvision import datasets, transforms
 
 from contsup.options import option
 from contsup.types import DatasetInfo
 from contsup_datasets.files import DataFiles, check_classes, check_labels, non_empty, open_dataset
 
+if TYPE_CHECKING:  # annotations only: torchvision (seconds to import) loads with the files, not with the listing
+    from torchvision import datasets, transforms
+
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
 STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
-TRAIN_FILES = tuple(name for name, _ in datasets.CIFAR10.train_list)
-TEST_FILES = tuple(name for name, _ in datasets.CIFAR10.test_list)
-META_FILE = datasets.CIFAR10.meta["filename"]
+
+
+def _file_names() -> dict[str, Any]:
+    """TRAIN_FILES, TEST_FILES and META_FILE: the names of the files torchvision reads."""
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10
+    return {
+        "TRAIN_FILES": tuple(name for name, _ in cls.train_list),
+        "TEST_FILES": tuple(name for name, _ in cls.test_list),
+        "META_FILE": cls.meta["filename"],
+    }
+
+
+def __getattr__(name: str) -> Any:
+    """The module constants TRAIN_FILES, TEST_FILES and META_FILE, read from torchvision when first asked for."""
+    if name in ("TRAIN_FILES", "TEST_FILES", "META_FILE"):
+        return _file_names()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cifar10_transform(train: bool) -> transforms.Compose:
     """PIL image -> normalised (3, 32, 32) tensor; training adds crop and flip (torch's global RNG)."""
+    from torchvision import transforms
+
     augment = [transforms.RandomCrop(32, padding=4, padding_mode="reflect"), transforms.RandomHorizontalFlip()] if train else []
     return transforms.Compose([*augment, transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 
@@ -44,15 +65,21 @@ class Cifar10:
 
     def files(self) -> DataFiles:
         """The files torchvision requires (both splits and the metadata), with their md5 sums."""
+        from torchvision import datasets
+
         cls = datasets.CIFAR10
         root = Path(self.options.root).expanduser()
-        checked = tuple((n, m) for n, m in cls.train_list + cls.test_list) + ((META_FILE, cls.meta["md5"]),)
+        checked = tuple((n, m) for n, m in cls.train_list + cls.test_list) + ((cls.meta["filename"], cls.meta["md5"]),)
         return DataFiles(self.name, "CIFAR-10", root, root / cls.base_folder, checked, cls.url)
 
     def load(self, train: bool) -> datasets.CIFAR10:
         """The training or test split as (x: (3, 32, 32) float tensor, y: int) pairs."""
+        from torchvision import datasets
+
         files = self.files()
-        reads = (TRAIN_FILES if train else TEST_FILES) + (META_FILE,)
+        names = _file_names()
+        meta_file = names["META_FILE"]
+        reads = names["TRAIN_FILES" if train else "TEST_FILES"] + (meta_file,)
         data = open_dataset(
             files,
             self.options.download,
@@ -60,5 +87,5 @@ class Cifar10:
             reads,
         )
         check_labels(files, data.targets, len(data.data), len(CLASSES), reads)
-        check_classes(files, data.classes, CLASSES, META_FILE)
+        check_classes(files, data.classes, CLASSES, meta_file)
         return data

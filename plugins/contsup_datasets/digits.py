@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import attrs
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import TensorDataset
 
 from contsup.options import at_least, in_range, option
 from contsup.types import DatasetInfo
+
+if TYPE_CHECKING:  # annotations only: loading imports torch (and scikit-learn), listing does not
+    from torch.utils.data import TensorDataset
 
 # Mean and standard deviation of all 1,797 images scaled to [0, 1] (tests/test_datasets.py
 # recomputes them from the data).
@@ -35,8 +37,11 @@ class Digits:
         return DatasetInfo(input_shape=(1, self.options.size, self.options.size), num_classes=10, mean=(MEAN,), std=(STD,))
 
     def load(self, train: bool) -> TensorDataset:
+        import torch
+        import torch.nn.functional as F
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
+        from torch.utils.data import TensorDataset
 
         digits = load_digits()
         images = digits.images.astype(np.float32) / 16.0

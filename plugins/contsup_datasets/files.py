@@ -11,7 +11,6 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import attrs
 import numpy as np
-from torchvision.datasets.utils import check_integrity
 
 from contsup.errors import ContsupError
 
@@ -58,6 +57,8 @@ class DataFiles:
 
     def failing_checksum(self) -> list[Path]:
         """The files whose md5 sum is not the published one (empty when all are good)."""
+        from torchvision.datasets.utils import check_integrity
+
         return [self.path(name) for name, md5 in self.checked if not check_integrity(str(self.path(name)), md5)]
 
     def corrupt(self, paths: Iterable[Path], why: str) -> ContsupError:

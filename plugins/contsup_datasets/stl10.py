@@ -9,23 +9,36 @@ STL-10 always gets a 10-way head.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import attrs
-from torchvision import datasets, transforms
 
 from contsup.options import option
 from contsup.types import DatasetInfo
 from contsup_datasets.files import DataFiles, check_classes, check_labels, non_empty, open_dataset
 
+if TYPE_CHECKING:  # annotations only: torchvision (seconds to import) loads with the files, not with the listing
+    from torchvision import datasets, transforms
+
 CLASSES = ("airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck")
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)
 SIZE = 96
-CLASS_NAMES_FILE = datasets.STL10.class_names_file
+
+
+def __getattr__(name: str) -> Any:
+    """The module constant CLASS_NAMES_FILE, read from torchvision when first asked for."""
+    if name == "CLASS_NAMES_FILE":
+        from torchvision import datasets
+
+        return datasets.STL10.class_names_file
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def stl10_transform(train: bool) -> transforms.Compose:
     """PIL image -> normalised (3, 96, 96) tensor; training adds crop and flip (torch's global RNG)."""
+    from torchvision import transforms
+
     augment = [transforms.RandomCrop(SIZE, padding=4), transforms.RandomHorizontalFlip()] if train else []
     return transforms.Compose([*augment, transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 
@@ -48,6 +61,8 @@ class Stl10:
 
     def files(self) -> DataFiles:
         """The files torchvision requires (unlabelled images included), with their md5 sums."""
+        from torchvision import datasets
+
         cls = datasets.STL10
         root = Path(self.options.root).expanduser()
         checked = tuple((n, m) for n, m in cls.train_list + cls.test_list)
@@ -55,6 +70,8 @@ class Stl10:
 
     def load(self, train: bool) -> datasets.STL10:
         """The labelled training split or the test split as (x: (3, 96, 96) float tensor, y: int) pairs."""
+        from torchvision import datasets
+
         files = self.files()
         split = "train" if train else "test"
         reads = (f"{split}_X.bin", f"{split}_y.bin")
@@ -65,5 +82,5 @@ class Stl10:
             reads,
         )
         check_labels(files, data.labels, len(data.data), len(CLASSES), reads)
-        check_classes(files, getattr(data, "classes", None), CLASSES, CLASS_NAMES_FILE)
+        check_classes(files, getattr(data, "classes", None), CLASSES, datasets.STL10.class_names_file)
         return data

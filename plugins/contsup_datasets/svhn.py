@@ -5,13 +5,16 @@ to [-1, 1] for both splits."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
-from torchvision import datasets, transforms
 
 from contsup.options import option
 from contsup.types import DatasetInfo
 from contsup_datasets.files import DataFiles, check_labels, non_empty, open_dataset
+
+if TYPE_CHECKING:  # annotations only: torchvision (seconds to import) loads with the files, not with the listing
+    from torchvision import datasets, transforms
 
 CLASSES = tuple(str(d) for d in range(10))  # the .mat files label digit 0 as 10; torchvision maps it to 0
 MEAN = (0.5, 0.5, 0.5)
@@ -20,6 +23,8 @@ STD = (0.5, 0.5, 0.5)
 
 def svhn_transform(train: bool) -> transforms.Compose:
     """PIL image -> normalised (3, 32, 32) tensor; training adds a random crop (torch's global RNG)."""
+    from torchvision import transforms
+
     augment = [transforms.RandomCrop(32, padding=2)] if train else []
     return transforms.Compose([*augment, transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
 
@@ -42,12 +47,16 @@ class Svhn:
 
     def files(self, train: bool) -> DataFiles:
         """The one .mat file of the split, with its md5 sum."""
+        from torchvision import datasets
+
         url, name, md5 = datasets.SVHN.split_list["train" if train else "test"]
         root = Path(self.options.root).expanduser()
         return DataFiles(self.name, "SVHN", root, root, ((name, md5),), url)
 
     def load(self, train: bool) -> datasets.SVHN:
         """The training or test split as (x: (3, 32, 32) float tensor, y: int in 0..9) pairs."""
+        from torchvision import datasets
+
         files = self.files(train)
         split = "train" if train else "test"
         reads = (files.checked[0][0],)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import attrs
-import torch
-from torch.utils.data import TensorDataset
 
 from contsup.options import at_least, option
 from contsup.types import DatasetInfo
+
+if TYPE_CHECKING:  # annotations only: loading imports torch, listing does not
+    from torch.utils.data import TensorDataset
 
 
 def _shape(instance, attribute, value) -> None:
@@ -37,6 +40,9 @@ class Synthetic:
         return DatasetInfo(input_shape=tuple(self.options.shape), num_classes=self.options.classes, mean=(0.0,) * c, std=(1.0,) * c)
 
     def load(self, train: bool) -> TensorDataset:
+        import torch
+        from torch.utils.data import TensorDataset
+
         o = self.options
         gen = torch.Generator().manual_seed(o.seed)
         templates = torch.randn((o.classes, *o.shape), generator=gen)

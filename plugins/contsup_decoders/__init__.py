@@ -7,14 +7,17 @@ of InfoPro's published tables. The last module keeps plain cross-entropy.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import attrs
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from contsup import hookimpl
 from contsup.options import at_least, option
 from contsup.types import DatasetInfo, Shape
+
+if TYPE_CHECKING:  # annotations only: the decoder network (and torch) load when the first one is built
+    import torch
+    from torch import nn
 
 
 def interpolated_weights(module: int, num_modules: int, first: tuple[float, float], last: tuple[float, float]) -> tuple[float, float]:
@@ -26,26 +29,10 @@ def interpolated_weights(module: int, num_modules: int, first: tuple[float, floa
     return tuple((1 - t) * a + t * b for a, b in zip(first, last))  # type: ignore[return-value]
 
 
-class ReconstructionDecoder(nn.Module):
-    """Bilinear upsampling to the input size, 3x3 conv to ``width`` + BN + ReLU, 3x3 conv to the
-    input's channels, sigmoid. h: (B, C, H, W) -> (B, C_x, H_x, W_x) in [0, 1]."""
-
-    def __init__(self, feature_shape: Shape, input_shape: Shape, width: int = 12) -> None:
-        super().__init__()
-        self.size = tuple(input_shape[1:])
-        self.conv1 = nn.Conv2d(feature_shape[0], width, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(width, input_shape[0], 3, padding=1)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if tuple(h.shape[-2:]) != self.size:
-            h = F.interpolate(h, size=self.size, mode="bilinear", align_corners=True)
-        return torch.sigmoid(self.conv2(self.act1(self.bn1(self.conv1(h)))))
-
-
 def unnormalise(x: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
     """The dataset's normalised input mapped back to [0, 1]: x * std + mean, clamped."""
+    import torch
+
     mean = torch.tensor(info.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(info.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
     return (x * std + mean).clamp(0.0, 1.0)
@@ -68,9 +55,14 @@ class InfoPro:
         self.options = options
 
     def build(self, feature_shape: Shape, info: DatasetInfo) -> nn.Module:
+        from contsup_decoders.reconstruction import ReconstructionDecoder
+
         return ReconstructionDecoder(feature_shape, tuple(info.input_shape), self.options.width)
 
     def loss(self, reconstruction: torch.Tensor, x: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+        import torch
+        import torch.nn.functional as F
+
         target = unnormalise(x, info)
         with torch.autocast(device_type=reconstruction.device.type, enabled=False):
             return F.binary_cross_entropy(reconstruction.float(), target.float())
@@ -83,3 +75,13 @@ class InfoPro:
 @hookimpl
 def register_decoders(register):
     register(InfoPro)
+
+
+def __getattr__(name: str) -> Any:
+    """``from contsup_decoders import ReconstructionDecoder`` still works: the network, which lives
+    in ``contsup_decoders.reconstruction``, imported on first use (it needs torch)."""
+    if name == "ReconstructionDecoder":
+        from contsup_decoders.reconstruction import ReconstructionDecoder
+
+        return ReconstructionDecoder
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

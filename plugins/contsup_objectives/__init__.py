@@ -3,22 +3,22 @@ auxiliary classifier (in any of its published variants)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from contsup import hookimpl
 from contsup.options import at_least, greater_than, option
 from contsup.types import HeadSpec
 
-from contsup_objectives.heads import VARIANTS, AuxClassifier, Normalized
 from contsup_objectives.supcon import NoPositivePairs, supcon_loss
 
+if TYPE_CHECKING:  # annotations only: the heads (and torch) load when the first one is built
+    import torch
+    from torch import nn
+
+# the variants contsup_objectives.heads.VARIANTS builds (tests/test_objectives.py keeps the two equal)
 HeadVariant = Literal["0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"]
-assert set(HeadVariant.__args__) == set(VARIANTS)  # type: ignore[attr-defined]
 
 _HEAD_DOC = "auxiliary head: <convs>c<fully connected layers>f; 1c2f is the paper's (Table 6)"
 
@@ -37,9 +37,13 @@ class CrossEntropy:
         self.options = options
 
     def head(self, spec: HeadSpec) -> nn.Module:
+        from contsup_objectives.heads import AuxClassifier
+
         return AuxClassifier(spec, out=spec.num_classes, hidden=self.options.hidden, variant=self.options.head)
 
     def loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
         return F.cross_entropy(z, y)
 
     def predict(self, z: torch.Tensor) -> torch.Tensor:
@@ -64,6 +68,8 @@ class SupCon:
         self.options = options
 
     def head(self, spec: HeadSpec) -> nn.Module:
+        from contsup_objectives.heads import AuxClassifier, Normalized
+
         o = self.options
         return Normalized(AuxClassifier(spec, out=o.dim, hidden=o.hidden, variant=o.head))
 
@@ -79,6 +85,19 @@ class SupCon:
 def register_objectives(register):
     register(CrossEntropy)
     register(SupCon)
+
+
+_HEADS = ("VARIANTS", "AuxClassifier", "Normalized")
+
+
+def __getattr__(name: str) -> Any:
+    """``from contsup_objectives import AuxClassifier`` still works: the heads, which live in
+    ``contsup_objectives.heads``, imported on first use (they need torch)."""
+    if name in _HEADS:
+        from contsup_objectives import heads
+
+        return getattr(heads, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["CrossEntropy", "SupCon", "supcon_loss", "NoPositivePairs"]

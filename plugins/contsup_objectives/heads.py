@@ -12,7 +12,7 @@ from torch import nn
 
 from contsup.types import HeadSpec
 
-VARIANTS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
+VARIANTS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")  # the recipe key's choices (HeadVariant; a test keeps them equal)
 
 
 def conv_plan(spec: HeadSpec) -> tuple[int, int]:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from contsup.errors import BatchError
+
+if TYPE_CHECKING:  # annotations only: the package imports this module, and importing torch takes seconds
+    import torch
 
 
 class NoPositivePairs(BatchError, ValueError):
@@ -19,6 +22,8 @@ def supcon_loss(z: torch.Tensor, y: torch.Tensor, temperature: float = 0.07, bas
     positives of -log(exp(z_i.z_p / t) / sum_{k != i} exp(z_i.z_k / t)), times t / base_t; the
     loss is the mean over those anchors. Computed with log-sum-exp, so large logits are safe.
     """
+    import torch
+
     if z.dim() != 2 or y.dim() != 1 or len(z) != len(y):
         raise ValueError(f"supcon_loss expects z: (B, D) and y: (B,), got {tuple(z.shape)} and {tuple(y.shape)}")
     n = len(y)

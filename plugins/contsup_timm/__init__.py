@@ -1,19 +1,26 @@
-"""Built-in backbones: CIFAR ResNet-20/32/56/110 and any timm ResNet by name."""
+"""Built-in backbones: CIFAR ResNet-20/32/56/110 and any timm ResNet by name.
+
+Importing this package imports neither torch nor timm (listing the backbones needs neither):
+building a backbone imports them, and ``contsup_timm.cifar_resnet``, which registers the CIFAR
+ResNets in timm's own registry. If timm is already imported, this package registers them at once,
+so ``import timm, contsup_timm`` then ``timm.create_model("cifar_resnet32")`` works as before.
+"""
 
 from __future__ import annotations
 
 import functools
+import sys
+from typing import Any
 
 import attrs
-import timm
-from torch import nn
 
 from contsup import ContsupError, hookimpl
 from contsup.options import option
 from contsup.types import BackboneParts, Shape
 from contsup.suggest import did_you_mean
 
-from contsup_timm.cifar_resnet import CifarResNet
+if "timm" in sys.modules:  # cheap now (torch and timm are loaded): register the CIFAR ResNets in timm
+    from contsup_timm import cifar_resnet  # noqa: F401
 
 
 class _CifarBackbone:
@@ -30,6 +37,10 @@ class _CifarBackbone:
         self.options = options
 
     def build(self, input_shape: Shape, num_classes: int) -> BackboneParts:
+        import timm
+
+        from contsup_timm.cifar_resnet import CifarResNet  # registers cifar_resnet{20,32,56,110} in timm
+
         model = timm.create_model(f"cifar_resnet{self.depth}", num_classes=num_classes, in_chans=input_shape[0])
         assert isinstance(model, CifarResNet)
         return BackboneParts(units=[model.stem(), *model.blocks()], head=model.head())
@@ -45,11 +56,14 @@ def _cifar(depth: int) -> type:
 
 
 CIFAR_BACKBONES = tuple(_cifar(d) for d in (20, 32, 56, 110))
+_CIFAR_NAMES = frozenset(cls.name for cls in CIFAR_BACKBONES)
 
 
 @functools.lru_cache(maxsize=1)
 def timm_resnet_names() -> tuple[str, ...]:
     """Every model timm defines in its ResNet family (resnet18, resnet50d, seresnext26d_32x4d, ...)."""
+    import timm
+
     return tuple(timm.list_models(module="resnet"))
 
 
@@ -71,12 +85,17 @@ class TimmResNet:
     @classmethod
     def resolve_name(cls, name: str) -> dict | None:
         """``use = "resnet18"`` means ``use = "timm", model = "resnet18"``."""
+        if name in _CIFAR_NAMES:  # ours, never in timm's resnet module: no need to import timm to say so
+            return None
         return {"model": name} if name in timm_resnet_names() else None
 
     def __init__(self, options: "TimmResNet.Options") -> None:
         self.options = options
 
     def build(self, input_shape: Shape, num_classes: int) -> BackboneParts:
+        import timm
+        from torch import nn
+
         try:
             model = timm.create_model(self.options.model, num_classes=num_classes, in_chans=input_shape[0])
         except Exception as exc:  # timm raises many kinds for unusable arguments
@@ -92,3 +111,13 @@ def register_backbones(register):
     for cls in CIFAR_BACKBONES:
         register(cls)
     register(TimmResNet)
+
+
+def __getattr__(name: str) -> Any:
+    """``from contsup_timm import CifarResNet`` still works: the network, which lives in
+    ``contsup_timm.cifar_resnet``, imported on first use (it needs torch and timm)."""
+    if name == "CifarResNet":
+        from contsup_timm.cifar_resnet import CifarResNet
+
+        return CifarResNet
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
