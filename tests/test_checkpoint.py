@@ -19,7 +19,9 @@ from contsup.training.checkpoint import (
 )
 from contsup.training.loop import Trainer
 from contsup.errors import ContsupError
-from contsup.config.recipe import loads_recipe
+from contsup.cli import main
+from contsup.config.recipe import load_recipe, loads_recipe
+from contsup.training.rundir import read_metrics
 
 from tiny import one_thread, tiny_recipe_text  # noqa: F401 (fixture)
 
@@ -181,3 +183,43 @@ def test_written_files_get_the_usual_permissions_not_private_ones(tmp_path):
     atomic_write(path, lambda f: f.write(b"x"))
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~UMASK
     assert stat.S_IMODE(path.stat().st_mode) & 0o044 == 0o044 & ~UMASK  # group and others may read unless umask says no
+
+
+# -- checkpoints written by contsup 0.1.0 before the one-loop refactor ------------------------------
+
+OLD_RUN = Path(__file__).parent / "data" / "run-0.1.0"
+# ``OMP_NUM_THREADS=1 contsup train`` of tests/tiny.py's tiny recipe for one epoch at commit
+# bf52a7d (before the training layer was rewritten around one loop); its recipe.toml says so.
+
+
+def test_a_checkpoint_written_before_the_refactor_loads_and_matches_a_run_of_today(registries, tmp_path):
+    """The refactor kept the checkpoint format and the training arithmetic: the old file loads
+    (digest checked), and the same recipe trained now, as it was then, writes the same state bit
+    for bit; it restores into today's trainer."""
+    import subprocess
+    import sys
+
+    old = read_checkpoint(OLD_RUN / "checkpoints" / "step-000000004.pt")
+    out = tmp_path / "now"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "contsup", "train", str(OLD_RUN / "recipe.toml"), "--set", f'run.out_dir="{out}"']
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    now = read_checkpoint(out / "checkpoints" / "step-000000004.pt")
+    assert (now["format"], now["epoch"], now["batch"], now["global_step"]) == (old["format"], old["epoch"], old["batch"], old["global_step"])
+    for key, value in old["model"].items():
+        assert torch.equal(now["model"][key], value), key
+    assert str(now["optimizers"]) == str(old["optimizers"]) and now["schedulers"] == old["schedulers"]
+    measured = ("images_per_s", "epoch_time_s", "peak_memory_bytes")
+    strip = lambda h: [{k: v for k, v in m.items() if k not in measured} for m in h]  # noqa: E731
+    assert strip(now["history"]) == strip(old["history"])
+    recipe = load_recipe(OLD_RUN / "recipe.toml", [], registries)
+    Trainer(recipe, tmp_path / "restored", log=open(os.devnull, "w")).load_state(old)
+
+
+def test_a_run_written_before_the_refactor_resumes(tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "old"
+    shutil.copytree(OLD_RUN, run)
+    assert main(["train", "--resume", str(run), "--set", "run.epochs=2", "--force"]) == 0
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2] and (run / "model.pt").exists()
