@@ -6,6 +6,7 @@ recipe keys) and is constructed as ``Component(options)``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence, runtime_checkable
 
 from contsup.types import BackboneParts, Costs, DatasetInfo, HeadSpec, Shape, Source
@@ -91,7 +92,21 @@ class Dataset(Protocol):
         """A map-style dataset of (x: (C, H, W) float tensor, y: int) pairs."""
 
 
+@runtime_checkable
+class RunState(Protocol):
+    """What observers (``on_run_start``, ``on_epoch_end``, ``on_run_end``) receive about a run."""
+
+    recipe: Any  # the run's contsup.config.recipe.Recipe
+    run_dir: Path
+    network: nn.Module  # the GreedyNetwork being trained
+    plans: list  # one contsup.model.network.ModulePlan per module
+    device: torch.device
+    epoch: int  # the epoch in progress (at on_run_start: the epochs already done)
+    step: int  # optimizer steps done
+
+
 __all__ = [
+    "RunState",
     "Backbone",
     "Partitioner",
     "ContextSelector",

@@ -26,6 +26,7 @@ from contsup.training.order import RANK_SEED, epoch_batches, global_batch_size
 from contsup.training.parallel import Batch, EpochProgress, Gathered, TrainerView
 from contsup.training.precision import to_memory_format
 from contsup.training.strategies import Check, StepStats, Strategy
+from contsup.config.recipe import Recipe
 
 
 def broadcast_tensors(tensors: list[torch.Tensor], group: World | Group, what: str) -> None:
@@ -67,7 +68,7 @@ def sum_gradients(optimizer: torch.optim.Optimizer, group: World | Group, clock:
                 offset += g.numel()
 
 
-def shard_loaders(recipe: Any, dataset: Any, device: torch.device, shard: int, shards: int, whom: str, world: World) -> tuple[Any, Any, int]:
+def shard_loaders(recipe: Recipe, dataset: Any, device: torch.device, shard: int, shards: int, whom: str, world: World) -> tuple[Any, Any, int]:
     """Shard ``shard`` of ``shards`` of every batch and of the test set; a last batch that cannot
     give every shard an image is one line on rank 0 (the others stop silently)."""
     train, test, size = make_loaders(recipe, dataset, device, shard, shards)
@@ -83,7 +84,7 @@ class DataParallel:
     needs_agreement = True
     signal_grace_s = 1.0
 
-    def __init__(self, world: World, recipe: Any) -> None:
+    def __init__(self, world: World, recipe: Recipe) -> None:
         self.world, self.recipe = world, recipe
         self.is_main = world.is_main
         self.clock = Clock()
@@ -92,7 +93,7 @@ class DataParallel:
         self.network: torch.nn.Module | None = None
         self.train_size = 0
 
-    def loaders(self, recipe: Any, dataset: Any, device: torch.device) -> tuple[Any, Any, int]:
+    def loaders(self, recipe: Recipe, dataset: Any, device: torch.device) -> tuple[Any, Any, int]:
         world = self.world
         train, test, self.train_size = shard_loaders(recipe, dataset, device, world.rank, world.size, "processes", world)
         return train, test, self.train_size

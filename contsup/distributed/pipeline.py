@@ -47,6 +47,7 @@ from contsup.training.parallel import Batch, EpochProgress, Gathered, TrainerVie
 from contsup.training.precision import Precision, to_memory_format
 from contsup.training.strategies import Check, GreedyStrategy, StepStats, Strategy, make_strategy
 from contsup.types import Costs
+from contsup.config.recipe import Recipe
 
 # message kinds
 TRAIN, EVAL, END_EPOCH, END_EVAL, STOP = 1, 2, 3, 4, 6
@@ -331,7 +332,7 @@ class Pipeline:
     needs_agreement = True
     signal_grace_s = 1.0
 
-    def __init__(self, world: World, recipe: Any) -> None:
+    def __init__(self, world: World, recipe: Recipe) -> None:
         d = recipe.distributed
         self.world, self.recipe = world, recipe
         self.is_main = world.is_main
@@ -349,7 +350,7 @@ class Pipeline:
 
     # -- setting up ------------------------------------------------------------------------
 
-    def loaders(self, recipe: Any, dataset: Any, device: torch.device) -> tuple[Any, Any, int]:
+    def loaders(self, recipe: Recipe, dataset: Any, device: torch.device) -> tuple[Any, Any, int]:
         """The first stage of every replica reads its share of each batch and of the test set (all
         of them with one replica, as one process would); the others learn how many batches an
         epoch has."""

@@ -28,6 +28,7 @@ from contsup.training.failures import TrainingFailed
 from contsup.training.parallel import Gathered
 from contsup.training.strategies import StepStats
 from contsup.errors import ContsupError, one_line, reason
+from contsup.config.recipe import Recipe
 
 GRACE_S = 3.0  # how long a rank that saw a failure waits to learn which rank it was
 HEARTBEAT_S = 0.5  # how often each rank says in the store that its process still runs
@@ -66,7 +67,7 @@ def launch_from_env(environ: Mapping[str, str] | None = None) -> Launch | None:
     return Launch(rank, world, local)
 
 
-def check_single_process(recipe: Any) -> None:
+def check_single_process(recipe: Recipe) -> None:
     """A recipe asking for several processes but run without torchrun: say how to launch it."""
     mode = recipe.distributed.mode
     if mode != "none":
@@ -77,7 +78,7 @@ def check_single_process(recipe: Any) -> None:
         )
 
 
-def check_launch(recipe: Any, launch: Launch) -> None:
+def check_launch(recipe: Recipe, launch: Launch) -> None:
     """Every problem between the recipe and the processes torchrun started, one line each."""
     d, n, k = recipe.distributed, launch.world_size, recipe.partition.modules
     where = recipe.source
@@ -123,7 +124,7 @@ def check_launch(recipe: Any, launch: Launch) -> None:
         raise ContsupError(*problems)
 
 
-def _grid_problems(recipe: Any, n: int) -> list[str]:
+def _grid_problems(recipe: Recipe, n: int) -> list[str]:
     """A grid of stages x replicas: the processes must fill it, each stage needs a module and
     each replica an image of every batch."""
     d, k, where = recipe.distributed, recipe.partition.modules, recipe.source
@@ -156,7 +157,7 @@ def _grid_problems(recipe: Any, n: int) -> list[str]:
     return problems
 
 
-def check_device(recipe: Any, launch: Launch) -> None:
+def check_device(recipe: Recipe, launch: Launch) -> None:
     """This process's own GPU: the one numbered by its LOCAL_RANK must exist."""
     device = recipe.run.device
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
@@ -434,7 +435,7 @@ class Ranks:
     and :class:`~contsup.distributed.pipeline.Pipeline`: the resume command, each rank's RNG in
     checkpoints, and ``distributed.json`` (the timings rank 0 writes every epoch)."""
 
-    def __init__(self, world: World, recipe: Any, clock: Clock) -> None:
+    def __init__(self, world: World, recipe: Recipe, clock: Clock) -> None:
         self.world, self.recipe, self.clock = world, recipe, clock
         self.run_dir: Path | None = None
         self.device: torch.device | None = None

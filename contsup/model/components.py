@@ -13,6 +13,8 @@ from torch import nn
 
 from contsup.adapters import paper_adapter
 from contsup.types import Shape, Source
+from contsup.config.recipe import Recipe
+from contsup.protocols import ContextSelector, Decoder, Objective
 
 
 def trace_shapes(units: Sequence[nn.Module], input_shape: Shape) -> list[Shape]:
@@ -30,7 +32,7 @@ def trace_shapes(units: Sequence[nn.Module], input_shape: Shape) -> list[Shape]:
     return shapes
 
 
-def make_adapter(selector: Any, source: Source, source_shape: Shape, target_shape: Shape) -> nn.Module:
+def make_adapter(selector: ContextSelector, source: Source, source_shape: Shape, target_shape: Shape) -> nn.Module:
     """The selector's own adapter for ``source``, else the paper's M_E / M_R."""
     build = getattr(selector, "adapter", None)
     adapter = build(source, source_shape, target_shape) if build is not None else None
@@ -43,12 +45,12 @@ def make_adapter(selector: Any, source: Source, source_shape: Shape, target_shap
 class Components:
     """The component instances one module uses (shared by the modules of one stage)."""
 
-    selector: Any
-    objective: Any
-    decoder: Any
+    selector: ContextSelector
+    objective: Objective
+    decoder: Decoder | None
 
 
-def module_components(recipe: Any, k: int) -> list[Components]:
+def module_components(recipe: Recipe, k: int) -> list[Components]:
     """For modules 1..k, the selector, objective and decoder of the recipe's stage holding it."""
     cache: dict[int, Components] = {}
     out = []

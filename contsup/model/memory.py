@@ -27,6 +27,8 @@ from torch import nn
 
 from contsup.model.components import Components, make_adapter, module_components, trace_shapes
 from contsup.types import Costs, DatasetInfo, HeadSpec, Shape, Source
+from contsup.config.recipe import Recipe
+from contsup.protocols import ContextSelector
 
 Method = Literal["saved", "cuda"]
 StorageKey = tuple[str, int]
@@ -253,7 +255,7 @@ class CostModel:
 
     def __init__(
         self,
-        recipe: Any,
+        recipe: Recipe,
         parts: Any,
         shapes: Sequence[Shape],
         info: DatasetInfo,
@@ -357,7 +359,7 @@ class CostModel:
 
         return self._measure(fn, {"in": h, "x": x}, holder, "head")
 
-    def adapter(self, source: Source, source_shape: Shape, target_shape: Shape, selector: Any) -> Piece:
+    def adapter(self, source: Source, source_shape: Shape, target_shape: Shape, selector: ContextSelector) -> Piece:
         """The piece of the adapter M_{l,s} ``selector`` makes from ``source_shape`` to ``target_shape``."""
         key = (id(selector), source.is_input, tuple(source_shape), tuple(target_shape))
         if key not in self._adapters:
@@ -514,7 +516,7 @@ def fitted_costs(model: CostModel, split: Callable[[Costs, int], Sequence[int]],
 # -- the engine's entry points ----------------------------------------------------------------
 
 
-def partition_costs(partitioner: Any, recipe: Any, parts: Any, shapes: Sequence[Shape], info: DatasetInfo) -> Costs:
+def partition_costs(partitioner: Any, recipe: Recipe, parts: Any, shapes: Sequence[Shape], info: DatasetInfo) -> Costs:
     """What ``partitioner.split`` is given: measured saved-tensor costs at the recipe's batch size
     when the partitioner asks for them (``needs_costs = True``), else one per unit for free.
 
@@ -527,7 +529,7 @@ def partition_costs(partitioner: Any, recipe: Any, parts: Any, shapes: Sequence[
     return fitted_costs(model, partitioner.split, recipe.partition.modules)
 
 
-def recipe_parts(recipe: Any) -> tuple[Any, list[Shape], DatasetInfo]:
+def recipe_parts(recipe: Recipe) -> tuple[Any, list[Shape], DatasetInfo]:
     """The recipe's backbone parts, unit output shapes and dataset info (fresh, seeded weights)."""
     info = recipe.dataset.create().info()
     with torch.random.fork_rng(devices=[]):

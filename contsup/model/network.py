@@ -17,6 +17,8 @@ from contsup.errors import ContsupError
 from contsup.model.components import make_adapter, module_components, trace_shapes
 from contsup.model.memory import partition_costs
 from contsup.types import Costs, DatasetInfo, HeadSpec, Shape, Source
+from contsup.config.recipe import Recipe
+from contsup.protocols import ContextSelector, Objective
 
 
 class FinalCrossEntropy:
@@ -54,7 +56,7 @@ class ContextModule(nn.Module):
         sources: Sequence[Source],
         adapters: Mapping[Source, nn.Module],
         head: nn.Module,
-        objective: Any,
+        objective: Objective,
         decoder: nn.Module | None = None,
         decoder_loss: Any = None,
         weights: tuple[float, float] = (0.0, 1.0),
@@ -207,7 +209,7 @@ def plan_modules(
     return plans
 
 
-def _check_sources(sources: Sequence[Source], l: int, k: int, selector: Any) -> None:
+def _check_sources(sources: Sequence[Source], l: int, k: int, selector: ContextSelector) -> None:
     who = getattr(selector, "name", type(selector).__name__)
     seen = set()
     for s in sources:
@@ -234,7 +236,7 @@ class Built:
     unit_shapes: list[Shape]
 
 
-def build_network(recipe: Any, costs: Costs | None = None) -> Built:
+def build_network(recipe: Recipe, costs: Costs | None = None) -> Built:
     """The recipe's network, freshly initialised from the current torch RNG state."""
     dataset = recipe.dataset.create()
     info = dataset.info()

@@ -26,6 +26,7 @@ from contsup.training.loaders import make_loaders
 from contsup.training.strategies import EndToEndStrategy, GreedyStrategy, StepStats
 from contsup.model.network import build_network
 from contsup.types import Costs
+from contsup.config.recipe import Recipe
 
 Baseline = Literal["backbone", "recipe"]
 
@@ -55,7 +56,7 @@ def machine() -> str:
     return text
 
 
-def _batches(recipe: Any, device: torch.device, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _batches(recipe: Recipe, device: torch.device, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The first ``count`` training batches of the recipe's seeded loader (cycled if fewer)."""
     loader, _, _ = make_loaders(attrs.evolve(recipe, data=attrs.evolve(recipe.data, workers=0)), recipe.dataset.create(), device)
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -71,7 +72,7 @@ def _batches(recipe: Any, device: torch.device, count: int) -> list[tuple[torch.
 
 
 def run_bench(
-    recipe: Any,
+    recipe: Recipe,
     steps: int = 20,
     warmup: int = 3,
     baseline: Baseline = "backbone",

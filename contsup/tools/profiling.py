@@ -13,13 +13,14 @@ import torch
 from contsup.model.memory import CostModel, partition_costs, recipe_parts
 from contsup.training.device import resolve_device
 from contsup.model.network import check_split, plan_modules
+from contsup.config.recipe import Recipe
 
 
 def _share(part: float, whole: float) -> float | None:
     return part / whole if whole else None
 
 
-def profile_data(recipe: Any, device: torch.device | None = None, repeats: int = 3) -> dict:
+def profile_data(recipe: Recipe, device: torch.device | None = None, repeats: int = 3) -> dict:
     """Per unit and per module: bytes kept for backward, milliseconds of forward + backward and
     their shares; the recipe's split, its predicted peak and the lower bound."""
     device = device or resolve_device(recipe.run.device)

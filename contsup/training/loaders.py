@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Subset
 
 from contsup.errors import ContsupError
 from contsup.training.order import ShardedBatchSampler, shard_bounds, shard_worker_init
+from contsup.protocols import Dataset
 
 if TYPE_CHECKING:
     from contsup.config.recipe import Recipe
@@ -38,7 +39,7 @@ def batches_problem(recipe: Recipe, train_size: int, shards: int = 1, whom: str 
 
 
 def make_loaders(
-    recipe: Recipe, dataset: Any, device: torch.device, shard: int = 0, shards: int = 1
+    recipe: Recipe, dataset: Dataset, device: torch.device, shard: int = 0, shards: int = 1
 ) -> tuple[DataLoader, DataLoader, int]:
     """Shard ``shard`` of ``shards`` of every training batch, in the order one process draws, and
     of the test set; and the size of the whole training set. Shards above 0 draw their own

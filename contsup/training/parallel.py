@@ -20,6 +20,7 @@ from contsup.training.loaders import batches_problem, make_loaders
 from contsup.training.order import epoch_batches
 from contsup.training.precision import to_memory_format
 from contsup.training.strategies import Check, StepStats, Strategy
+from contsup.protocols import Dataset
 
 if TYPE_CHECKING:
     from contsup.config.recipe import Recipe
@@ -91,7 +92,7 @@ class Parallel(Protocol):
     needs_agreement: bool  # a stop must be agreed on before a checkpoint can be written
     signal_grace_s: float  # a second stop signal within this many seconds repeats the first
 
-    def loaders(self, recipe: Recipe, dataset: Any, device: torch.device) -> tuple[Any, Any, int]:
+    def loaders(self, recipe: Recipe, dataset: Dataset, device: torch.device) -> tuple[Any, Any, int]:
         """(training loader, test loader, images in the whole training set); the training
         loader's length is the steps per epoch, the same on every process. Collective."""
 
@@ -153,7 +154,7 @@ class OneProcess:
     needs_agreement = False
     signal_grace_s = 0.0
 
-    def loaders(self, recipe: Recipe, dataset: Any, device: torch.device) -> tuple[Any, Any, int]:
+    def loaders(self, recipe: Recipe, dataset: Dataset, device: torch.device) -> tuple[Any, Any, int]:
         train, test, size = make_loaders(recipe, dataset, device)
         problem = batches_problem(recipe, size)
         if problem is not None:

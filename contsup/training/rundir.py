@@ -19,7 +19,7 @@ from contsup.core import tomlw
 from contsup.errors import ContsupError, reason
 from contsup.core.plugins import plugin_versions
 from contsup.model.network import build_network
-from contsup.config.recipe import load_recipe
+from contsup.config.recipe import Recipe, load_recipe
 
 RECIPE_FILE = "recipe.toml"
 PLUGINS_FILE = "plugins.json"
@@ -65,7 +65,7 @@ def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) 
         pass
 
 
-def default_run_dir(recipe: Any) -> Path:
+def default_run_dir(recipe: Recipe) -> Path:
     return Path(recipe.run.out_dir) if recipe.run.out_dir else Path("runs") / recipe.name
 
 
@@ -101,7 +101,7 @@ def discard_unstarted(run_dir: Path) -> None:
         run_dir.rmdir()
 
 
-def write_recipe(run_dir: Path, recipe: Any) -> None:
+def write_recipe(run_dir: Path, recipe: Recipe) -> None:
     """The resolved recipe into ``run_dir``; ``run.out_dir`` names ``run_dir`` itself when
     ``--new`` chose a fresh sibling of the recipe's directory."""
     header = f"The resolved recipe of this run (from {recipe.source}); every key with its value.\n"
@@ -112,7 +112,7 @@ def write_recipe(run_dir: Path, recipe: Any) -> None:
     atomic_write(run_dir / RECIPE_FILE, lambda f: f.write(text), binary=False)
 
 
-def write_versions(run_dir: Path, recipe: Any, pm: Any) -> None:
+def write_versions(run_dir: Path, recipe: Recipe, pm: Any) -> None:
     import timm
 
     data = {
