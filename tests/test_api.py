@@ -102,3 +102,30 @@ def test_evaluate_and_load_model_agree_with_the_run(recipe_file, tmp_path):
     assert given["test_error_pct"] == pytest.approx(report["test_error_pct"]) and given["run_dir"] is None
     with pytest.raises(TypeError, match="recipe="):
         contsup.evaluate(model)
+
+
+def test_the_api_page_runs_as_written(recipe_file, tmp_path, monkeypatch):
+    """Every Python block of docs/api.md, in order, on a tiny recipe instead of the digits one."""
+    import re
+
+    from conftest import ROOT
+
+    page = (ROOT / "docs" / "api.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert len(blocks) == 4
+    monkeypatch.chdir(tmp_path)
+    code = "\n".join(blocks).replace("recipes/digits.toml", str(recipe_file))
+    exec(compile(code, "docs/api.md", "exec"), {})
+    assert (tmp_path / "runs" / "notebook-r1e" / "model.pt").exists() and (tmp_path / "runs" / "notebook-none").is_dir()
+
+
+def test_overriding_a_loaded_recipes_component_starts_its_table_afresh(recipe_file):
+    recipe = contsup.load_recipe(recipe_file)  # context R1E: its table holds input = true, recent = 1
+    from contsup.core.registry import load_registries
+    from contsup.training.start import recipe_from
+
+    _, registries = load_registries()
+    dgl = recipe_from(recipe, ['context.use="none"'], registries)
+    assert dgl.context.use == "none" and recipe.context.use == "R1E"
+    same = recipe_from(recipe, ['context.use="R1E"', "optimizer.lr=0.2"], registries)
+    assert same.table()["context"] == recipe.table()["context"] and same.optimizer.options.lr == 0.2

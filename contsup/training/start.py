@@ -86,7 +86,7 @@ def recipe_from(recipe: str | Path | Recipe, overrides: Sequence[str], registrie
         return load_recipe(recipe, overrides, registries)
     if not overrides:
         return recipe
-    data, keys, problems = apply_overrides(recipe.table(), overrides)
+    data, keys, problems = apply_overrides(_fresh_components(recipe.table(), overrides), overrides)
     try:
         changed = build_recipe(data, recipe.source, registries, keys)
     except RecipeError as exc:
@@ -94,6 +94,27 @@ def recipe_from(recipe: str | Path | Recipe, overrides: Sequence[str], registrie
     if problems:
         raise RecipeError(problems)
     return changed
+
+
+def _fresh_components(table: dict, overrides: Sequence[str]) -> dict:
+    """A loaded recipe's table holds every option of every component; an override that names
+    another component (``context.use=...``) starts that table afresh, as a recipe file that
+    names only ``use`` would, so the old component's options do not stick to the new one."""
+    for text in overrides:
+        key, _, value = text.partition("=")
+        path = key.strip().split(".")
+        if path[-1] != "use" or len(path) < 2:
+            continue
+        node: Any = table
+        for part in path[:-1]:
+            node = node[int(part)] if isinstance(node, list) and part.isdigit() and int(part) < len(node) else (
+                node.get(part) if isinstance(node, dict) else None)
+            if node is None:
+                break
+        if isinstance(node, dict) and str(node.get("use")) != value.strip().strip('"').strip("'"):
+            for name in [k for k in node if k != "use"]:
+                del node[name]
+    return table
 
 
 def open_run(prepared: Prepared, pm: Any, new: bool = False, on: str = "") -> Started:
