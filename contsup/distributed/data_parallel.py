@@ -78,6 +78,18 @@ def shard_loaders(recipe: Recipe, dataset: Any, device: torch.device, shard: int
     return train, test, size
 
 
+def shard_batches(
+    loader: Any, cur: EpochProgress, device: torch.device, channels_last: bool, clock: Clock, train_size: int,
+    batch_size: int,
+) -> Iterator[Batch]:
+    """This shard's slice of each remaining batch of the epoch, counted as the images of the whole
+    batch (every shard's), the time spent waiting for data on ``clock``."""
+    for x, y in clock.loading(epoch_batches(loader, cur.start_state, cur.done)):
+        x = to_memory_format(x.to(device, non_blocking=True), channels_last)
+        n = global_batch_size(cur.done, train_size, batch_size)
+        yield Batch(x, y.to(device, non_blocking=True), n)
+
+
 class DataParallel:
     """This rank's part in a data-parallel run (greedy or end to end)."""
 
@@ -116,10 +128,7 @@ class DataParallel:
         self.clock.reset()
 
     def batches(self, loader: Any, cur: EpochProgress, device: torch.device, channels_last: bool) -> Iterator[Batch]:
-        for x, y in self.clock.loading(epoch_batches(loader, cur.start_state, cur.done)):
-            x = to_memory_format(x.to(device, non_blocking=True), channels_last)
-            n = global_batch_size(cur.done, self.train_size, self.recipe.data.batch_size)
-            yield Batch(x, y.to(device, non_blocking=True), n)
+        return shard_batches(loader, cur, device, channels_last, self.clock, self.train_size, self.recipe.data.batch_size)
 
     def train_step(self, strategy: Strategy, batch: Batch, stats: StepStats, check: Check, epoch: int, step: int) -> None:
         """This rank's slice, its loss weighed by its share of the batch."""
@@ -174,4 +183,4 @@ class DataParallel:
         return self.ranks.report({})
 
 
-__all__ = ["DataParallel", "broadcast_tensors", "share_float_buffers", "sum_gradients", "shard_loaders"]
+__all__ = ["DataParallel", "broadcast_tensors", "share_float_buffers", "sum_gradients", "shard_loaders", "shard_batches"]

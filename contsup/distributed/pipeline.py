@@ -32,7 +32,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from contsup.distributed.data_parallel import broadcast_tensors, share_float_buffers, sum_gradients
+from contsup.distributed.data_parallel import broadcast_tensors, shard_batches, share_float_buffers, sum_gradients
 from contsup.distributed.syncbn import convert_sync_batchnorm
 from contsup.distributed.timing import Clock
 from contsup.distributed.world import Ranks, Silent, World, any_rank
@@ -42,7 +42,7 @@ from contsup.partition import min_max_split
 from contsup.training.device import seed_everything
 from contsup.training.evaluation import EvalCounts, Evaluation
 from contsup.training.loaders import batches_problem, make_loaders
-from contsup.training.order import RANK_SEED, epoch_batches, global_batch_size
+from contsup.training.order import RANK_SEED
 from contsup.training.parallel import Batch, EpochProgress, Gathered, TrainerView
 from contsup.training.precision import Precision, to_memory_format
 from contsup.training.strategies import Check, GreedyStrategy, StepStats, Strategy, make_strategy
@@ -443,10 +443,7 @@ class Pipeline:
         """The first stages read batches; the others take the first micro-batch of each step
         from the rank before them, until the end of the epoch (which they pass on)."""
         if self.is_driver:
-            for x, y in self.clock.loading(epoch_batches(loader, cur.start_state, cur.done)):
-                x = to_memory_format(x.to(device, non_blocking=True), channels_last)
-                n = global_batch_size(cur.done, self.train_size, self.recipe.data.batch_size)
-                yield Batch(x, y.to(device, non_blocking=True), n)
+            yield from shard_batches(loader, cur, device, channels_last, self.clock, self.train_size, self.recipe.data.batch_size)
             self._send(Message(END_EPOCH))
             return
         while True:

@@ -5,7 +5,7 @@ shape, the component instances of a module's stage, and the adapter for a contex
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import attrs
 import torch

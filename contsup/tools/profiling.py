@@ -6,8 +6,6 @@ its largest unit, and K modules cannot all be below the average.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from contsup.model.memory import CostModel, partition_costs, recipe_parts

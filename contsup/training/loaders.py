@@ -4,7 +4,7 @@ the test set (whole, or one contiguous shard)."""
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Subset

@@ -29,7 +29,7 @@ from contsup.training.device import peak_memory, resolve_device, seed_everything
 from contsup.training.evaluation import Evaluation
 from contsup.training.failures import Interrupted, NonFiniteLoss, OutOfMemory, TrainingFailed, stop_signals, stopped
 from contsup.training.parallel import Gathered, OneProcess, Parallel
-from contsup.training.precision import Precision, apply_device_options, check_precision, to_memory_format
+from contsup.training.precision import Precision, apply_device_options, check_precision
 from contsup.training.progress import Progress
 from contsup.training.rundir import save_model
 from contsup.training.strategies import StepStats, Strategy, make_strategy
