@@ -29,6 +29,8 @@ class InputEncoder(nn.Module):
     (docs/performance.md); None (the default) uses it on CPU unless pooling first.
     """
 
+    adapter_kind = "M_E"  # what contsup plan calls it
+
     def __init__(
         self,
         source_shape: Shape,
@@ -70,6 +72,8 @@ class ShortcutAdapter(nn.Module):
     h_j: (B, C_s, H_s, W_s) -> (B, C_h, H_h, W_h). Pooling commutes with a 1x1 convolution, so
     this pools first: the same result at a fraction of the cost.
     """
+
+    adapter_kind = "M_R"  # what contsup plan calls it
 
     def __init__(self, source_shape: Shape, target_shape: Shape) -> None:
         super().__init__()

@@ -67,13 +67,34 @@ def plan_data(recipe: Any) -> dict:
         stage = recipe.stage(plan.index)
         last = plan.index == k
         w_rec, w_local = m.weights
+        details = []
+        for s in plan.sources:
+            adapter = m.adapters[str(s)]
+            details.append(
+                {
+                    "name": str(s),
+                    "adapter": getattr(adapter, "adapter_kind", None) or type(adapter).__name__,
+                    "class": type(adapter).__name__,
+                    "params": count_params(adapter),
+                    "source_shape": list(built.info.input_shape if s.is_input else built.plans[s.index].input_shape),
+                }
+            )
+        split = {
+            "body": count_params(m.body),
+            "head": count_params(m.head),
+            "adapters": count_params(m.adapters),
+            "decoder": count_params(m.decoder) if m.decoder is not None else 0,
+        }
         modules.append(
             {
                 "index": plan.index,
                 "units": plan.units,
                 "unit_range": list(plan.unit_range),
                 "sources": [str(s) for s in plan.sources],
+                "source_details": details,
                 "params": count_params(m),
+                "params_split": split,
+                "input_shape": list(plan.input_shape),
                 "output_shape": list(plan.output_shape),
                 "context": stage.context.use,
                 "objective": "cross_entropy (backbone head)" if last else stage.objective.use,
@@ -126,7 +147,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if not varied and len(data["modules"]) > 1:
         first = data["modules"][0]
         print(f"local objective of modules 1..{len(data['modules']) - 1}: {first['objective']}, head {first['head']}")
+    print()
+    print("each module's input shape, the adapter serving each source, and params = body + head + adapters + decoder:")
+    print(_table(_detail_rows(data["modules"])))
     return 0
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _detail_rows(modules: Sequence[dict]) -> list[tuple[str, ...]]:
+    """The second table of ``contsup plan``: each module's input shape, the adapter serving each
+    source with its parameter count, and the module's parameters split into its parts."""
+    decoders = any(m["params_split"]["decoder"] for m in modules)
+    header = ["module", "input shape", "sources (adapter, params)", "body", "head", "adapters"]
+    header += ["decoder"] if decoders else []
+    rows = [tuple(header)]
+    for m in modules:
+        split = m["params_split"]
+        context = ", ".join(f"{d['name']} ({d['adapter']}, {d['params']:,})" for d in m["source_details"])
+        row = [str(m["index"]), _shape(m["input_shape"]), context or "-", f"{split['body']:,}", f"{split['head']:,}", f"{split['adapters']:,}"]
+        row += [f"{split['decoder']:,}"] if decoders else []
+        rows.append(tuple(row))
+    return rows
 
 
 def _table(rows: Sequence[Sequence[str]]) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence, runtime_checkable
 
-from contsup.types import BackboneParts, Costs, DatasetInfo, HeadSpec, Shape, Source
+from contsup.types import BackboneParts, Costs, DatasetInfo, HeadSpec, NetworkLayout, Shape, Source
 
 if TYPE_CHECKING:  # annotations only: importing torch takes seconds
     import torch
@@ -44,10 +44,27 @@ class ContextSelector(Protocol):
     Options: ClassVar[type]
 
     def sources(self, module: int, num_modules: int) -> tuple[Source, ...]:
-        """The sources of 1-based ``module``: the input and/or features h_j^c with j <= module-2."""
+        """The sources of 1-based ``module``: the input and/or features h_j^c with j <= module-2.
+
+        A selector may instead define ``sources(module, num_modules, layout)`` (a third
+        parameter, or one named ``layout``; see :class:`LayoutContextSelector`): it is then
+        given the :class:`~contsup.types.NetworkLayout` of the split the partitioner chose
+        (each module's input and output shape, unit range and stage). The engine looks at the
+        signature, so two-argument selectors keep working unchanged."""
 
     # Optional: ``adapter(source, source_shape, target_shape) -> nn.Module | None`` builds the
     # adapter M_{l,s} for one source; None (or no such method) uses the paper's M_E / M_R.
+
+
+@runtime_checkable
+class LayoutContextSelector(Protocol):
+    """A context selector that reads the network's layout (the ``stage`` selector is one)."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    def sources(self, module: int, num_modules: int, layout: NetworkLayout) -> tuple[Source, ...]:
+        """The sources of 1-based ``module`` of ``layout.num_modules == num_modules`` modules."""
 
 
 @runtime_checkable
@@ -110,6 +127,7 @@ __all__ = [
     "Backbone",
     "Partitioner",
     "ContextSelector",
+    "LayoutContextSelector",
     "Objective",
     "Decoder",
     "Dataset",

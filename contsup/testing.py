@@ -3,7 +3,9 @@
 ``plugin_manager`` and ``registries`` load the built-ins and your plugin, and nothing else
 installed, so other plugins cannot change what a test sees. ``check_selector`` checks a context
 selector against the engine's contract for every 1 <= l <= K <= 32 and raises an
-``AssertionError`` naming the module and K of every problem it finds.
+``AssertionError`` naming the module and K of every problem it finds. ``network_layout`` builds
+the :class:`~contsup.types.NetworkLayout` a recipe's selector is given, and ``preview_sources``
+the sources a selector gives every module of a recipe's network, without the command line.
 """
 
 from __future__ import annotations
@@ -11,20 +13,25 @@ from __future__ import annotations
 import gc
 import importlib.metadata
 import weakref
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import attrs
 import torch
 from torch import nn
 
-from contsup.model.components import make_adapter
+from contsup.model.components import make_adapter, selector_sources, takes_layout
 from contsup.model.network import ContextModule, FinalCrossEntropy, GreedyNetwork
+from contsup.model.network import _check_sources as check_module_sources, network_layout as _network_layout
 from contsup.core.plugins import PluginInfo, PluginManager, get_plugin_manager
-from contsup.config.recipe import Recipe, loads_recipe
+from contsup.config.recipe import Recipe, load_recipe, loads_recipe
 from contsup.core.registry import Registries
-from contsup.types import Shape, Source
+from contsup.types import NetworkLayout, Shape, Source
 
-__all__ = ["plugin_manager", "registries", "validate_recipe", "check_selector", "check_adapter", "SHAPE_PROFILES"]
+__all__ = [
+    "plugin_manager", "registries", "validate_recipe", "recipe", "network_layout", "preview_sources",
+    "check_selector", "check_adapter", "chain_layout", "SHAPE_PROFILES",
+]
 
 # Representative (input shape, [module input shapes h, ...]) of the networks contsup trains.
 SHAPE_PROFILES: dict[str, tuple[Shape, list[Shape]]] = {
@@ -73,6 +80,56 @@ def registries(*plugins: object) -> Registries:
 def validate_recipe(text: str, *plugins: object, source: str = "test.toml") -> Recipe:
     """Validate recipe TOML ``text`` against the built-ins plus ``plugins``; raises RecipeError."""
     return loads_recipe(text, registries(*plugins), source=source)
+
+
+def recipe(recipe_or_path: Any, *plugins: object, overrides: Sequence[str] = ()) -> Recipe:
+    """A validated recipe from a :class:`Recipe`, a path to a TOML file or TOML text (a string
+    with a line break), with the built-ins plus ``plugins``; ``overrides`` as ``--set`` takes
+    them (``'context.use="stage"'``). Raises RecipeError."""
+    if isinstance(recipe_or_path, Recipe):
+        if overrides:
+            raise ValueError("overrides need a path or TOML text, not a Recipe")
+        return recipe_or_path
+    regs = registries(*plugins)
+    if isinstance(recipe_or_path, str) and "\n" in recipe_or_path:
+        if overrides:
+            raise ValueError("overrides need a path; put the keys in the TOML text")
+        return loads_recipe(recipe_or_path, regs)
+    return load_recipe(Path(recipe_or_path), overrides, regs)
+
+
+def network_layout(recipe_or_path: Any, *plugins: object, overrides: Sequence[str] = ()) -> NetworkLayout:
+    """The :class:`~contsup.types.NetworkLayout` the recipe's selectors are given: every
+    module's input and output shape, unit range and stage, from the recipe's split. Builds the
+    backbone once on CPU (a forward pass of a batch of two to trace shapes), reads no data."""
+    return _network_layout(recipe(recipe_or_path, *plugins, overrides=overrides))
+
+
+def _selector(selector_or_name: Any, *plugins: object) -> Any:
+    if isinstance(selector_or_name, str):
+        resolved = registries(*plugins).context_selectors.resolve(selector_or_name)
+        return resolved.component(resolved.component.Options(**resolved.preset))
+    return _instance(selector_or_name)
+
+
+def preview_sources(selector_or_name: Any, recipe_or_path: Any, *plugins: object) -> dict[int, tuple[str, ...]]:
+    """The sources ``selector_or_name`` gives every module of the recipe's network, keyed by the
+    1-based module, as ``contsup plan`` prints them (``"x"``, ``"hJ"``).
+
+    The selector is a name as a recipe writes it (``"stage"``, ``"R1E"``, one of ``plugins``'
+    names), a class (built with default options) or an instance; the recipe is a
+    :class:`Recipe`, a path or TOML text. Every module is given this selector, whatever the
+    recipe's ``[context]`` says; the answers are checked against the index convention as the
+    engine checks them (a ``ContsupError`` names the module)."""
+    selector = _selector(selector_or_name, *plugins)
+    layout = network_layout(recipe_or_path, *plugins)
+    k = layout.num_modules
+    out = {}
+    for l in range(1, k + 1):
+        sources = selector_sources(selector, l, k, layout)
+        check_module_sources(sources, l, k, selector)
+        out[l] = tuple(str(s) for s in sources)
+    return out
 
 
 # -- the selector checker ----------------------------------------------------------------------
@@ -135,13 +192,19 @@ def _who(selector: Any) -> str:
     return f"context selector '{getattr(selector, 'name', '?')}' ({type(selector).__qualname__})"
 
 
-def check_selector(selector: Any, *, max_modules: int = 32, profiles: dict | None = None) -> None:
+def check_selector(
+    selector: Any, *, max_modules: int = 32, profiles: dict | None = None, layouts: Sequence[NetworkLayout] = ()
+) -> None:
     """Check a context selector (a class, built with default options, or an instance).
 
     For every 1 <= l <= K <= ``max_modules``: sources are Sources, in range (module 1 none,
     else x and h_j^c with 0 <= j <= l-2), none twice, the same on every call; every adapter
     gives h's shape, leaves its input as it was and keeps no reference to it; module l's loss,
     built as the engine builds it, reaches only module l's parameters.
+
+    A selector whose ``sources`` takes the layout is given, for each K, that of K one-unit
+    modules over a small three-stage network (``chain_layout(K)``); ``layouts`` (for example
+    ``network_layout(recipe)``) adds the source checks on those networks too.
     """
     selector = _instance(selector)
     problems = _Problems(_who(selector))
@@ -152,15 +215,15 @@ def check_selector(selector: Any, *, max_modules: int = 32, profiles: dict | Non
     try:
         with torch.random.fork_rng(devices=[]):  # leave the caller's random state as it was
             torch.manual_seed(0)
-            _check(selector, max_modules, SHAPE_PROFILES if profiles is None else profiles, problems)
+            _check(selector, max_modules, SHAPE_PROFILES if profiles is None else profiles, problems, tuple(layouts))
     finally:
         torch.set_num_threads(threads)
     problems.raise_if_any()
 
 
-def _check(selector: Any, max_modules: int, profiles: dict, problems: _Problems) -> None:
+def _check(selector: Any, max_modules: int, profiles: dict, problems: _Problems, layouts: tuple = ()) -> None:
     """Sources first; adapters on the representative shapes; then, if all is well, the engine."""
-    ok = _check_sources(selector, max_modules, problems)
+    ok = _check_sources(selector, max_modules, problems, layouts)
     kinds = _source_kinds(selector, max_modules) if ok else {True, False}
     for label, (input_shape, stages) in profiles.items():
         for source, source_shape, target_shape in _profile_cases(input_shape, stages):
@@ -181,7 +244,10 @@ def _check(selector: Any, max_modules: int, profiles: dict, problems: _Problems)
 def _source_kinds(selector: Any, max_modules: int) -> set[bool]:
     """Which kinds of source the selector ever chooses: True for the input, False for features."""
     return {
-        s.is_input for k in range(1, max_modules + 1) for l in range(1, k + 1) for s in selector.sources(l, k)
+        s.is_input
+        for k in range(1, max_modules + 1)
+        for l in range(1, k + 1)
+        for s in selector_sources(selector, l, k, chain_layout(k))
     }
 
 
@@ -191,14 +257,30 @@ def _allowed(l: int) -> str:
     return f"module {l} may use x and h0" + (f"..h{l - 2}" if l > 2 else "")
 
 
-def _check_sources(selector: Any, max_modules: int, problems: _Problems) -> bool:
-    """The index convention for every 1 <= l <= K <= max_modules; False if any is broken."""
+def chain_layout(k: int) -> NetworkLayout:
+    """The layout ``check_selector`` gives a layout-aware selector for K modules: K one-unit
+    modules of a small chain of convolutions from 3x12x12, in three stages (4x12x12, 8x6x6,
+    16x3x3, a third of the units each)."""
+    if k not in _CHAIN_LAYOUTS:
+        shapes = [tuple(unit[1]) for unit in _chain_units(k)]
+        _CHAIN_LAYOUTS[k] = NetworkLayout.from_split(CHAIN_INPUT, shapes, (1,) * k)
+    return _CHAIN_LAYOUTS[k]
+
+
+_CHAIN_LAYOUTS: dict[int, NetworkLayout] = {}
+
+
+def _check_sources(selector: Any, max_modules: int, problems: _Problems, layouts: tuple = ()) -> bool:
+    """The index convention for every 1 <= l <= K <= max_modules (and for every module of each
+    of ``layouts``); False if any is broken."""
     before = problems.count
-    for k in range(1, max_modules + 1):
+    cases = [(k, chain_layout(k) if takes_layout(selector) else None) for k in range(1, max_modules + 1)]
+    cases += [(layout.num_modules, layout) for layout in layouts]
+    for k, layout in cases:
         for l in range(1, k + 1):
             try:
-                sources = tuple(selector.sources(l, k))
-                again = tuple(selector.sources(l, k))
+                sources = selector_sources(selector, l, k, layout)
+                again = selector_sources(selector, l, k, layout)
             except Exception as exc:  # reported, not raised: show every problem at once
                 problems.add(f"sources({l}, K) raised {type(exc).__name__}: {exc}", l, k)
                 continue
@@ -316,20 +398,31 @@ def _run_adapter(adapter: nn.Module, source_shape: Shape, target_shape: Shape) -
 # -- the engine check: one greedy step on a small chain of convolutions --------------------------
 
 
-def _chain(n: int) -> tuple[Shape, list[nn.Module], list[Shape]]:
-    """``n`` small conv units from 3x12x12: a third at 4x12x12, a third at 8x6x6, the rest at 16x3x3."""
-    input_shape: Shape = (3, 12, 12)
-    units, shapes = [], []
-    channels, size = input_shape[0], input_shape[1]
+CHAIN_INPUT: Shape = (3, 12, 12)
+
+
+def _chain_units(n: int) -> list[tuple[int, Shape, int]]:
+    """(input channels, output shape, stride) of the ``n`` units of the chain below."""
+    out = []
+    channels, size = CHAIN_INPUT[0], CHAIN_INPUT[1]
     for i in range(n):
         stage = min(2, 3 * i // n)
         out_channels, stride = (4, 8, 16)[stage], 1
         if i > 0 and stage != min(2, 3 * (i - 1) // n):
             stride = 2
-        units.append(nn.Sequential(nn.Conv2d(channels, out_channels, 3, stride=stride, padding=1), nn.ReLU()))
-        channels, size = out_channels, (size + 1) // stride if stride == 2 else size
-        shapes.append((channels, size, size))
-    return input_shape, units, shapes
+        size = (size + 1) // 2 if stride == 2 else size
+        out.append((channels, (out_channels, size, size), stride))
+        channels = out_channels
+    return out
+
+
+def _chain(n: int) -> tuple[Shape, list[nn.Module], list[Shape]]:
+    """``n`` small conv units from 3x12x12: a third at 4x12x12, a third at 8x6x6, the rest at 16x3x3."""
+    units, shapes = [], []
+    for channels, shape, stride in _chain_units(n):
+        units.append(nn.Sequential(nn.Conv2d(channels, shape[0], 3, stride=stride, padding=1), nn.ReLU()))
+        shapes.append(shape)
+    return CHAIN_INPUT, units, shapes
 
 
 def _leaves(loss: torch.Tensor) -> list[torch.Tensor]:
@@ -360,8 +453,9 @@ def _check_engine(selector: Any, k: int, problems: _Problems) -> None:
     input_shape, units, shapes = _chain(k)
     inputs = [input_shape, *shapes[:-1]]  # module l's input h_{l-1}: h_j^c has inputs[j]'s shape
     modules = []
+    layout = NetworkLayout.from_split(input_shape, shapes, (1,) * k)
     for l in range(1, k + 1):
-        sources = tuple(selector.sources(l, k))
+        sources = selector_sources(selector, l, k, layout)
         adapters = {}
         for s in sources:
             source_shape = input_shape if s.is_input else inputs[s.index]

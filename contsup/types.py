@@ -47,6 +47,91 @@ class Source:
 
 
 @attrs.frozen
+class ModuleLayout:
+    """Where one module sits in the network (part of :class:`NetworkLayout`).
+
+    ``index`` is 1-based; ``unit_range`` is [first, last] of the backbone's minimal units,
+    0-based and inclusive; ``input_shape`` is h_{l-1}'s shape (x's for module 1) and so also the
+    shape of h_{l-1}^c, the feature source ``Source.feature(l - 1)``; ``output_shape`` is h_l's;
+    ``stage`` is the 1-based backbone stage (see ``NetworkLayout.stages``) the module's input
+    comes from, 0 for module 1, whose input is x.
+    """
+
+    index: int
+    unit_range: tuple[int, int]
+    input_shape: Shape
+    output_shape: Shape
+    stage: int
+
+    @property
+    def units(self) -> int:
+        return self.unit_range[1] - self.unit_range[0] + 1
+
+
+@attrs.frozen
+class NetworkLayout:
+    """The network a context selector chooses sources for: every module's shapes and units.
+
+    Built from the split, after the partitioner and before any source is chosen, so a selector's
+    ``sources(module, num_modules, layout)`` may use it. Shapes are (C, H, W), without the batch.
+
+    - ``input_shape``: x's shape;
+    - ``unit_shapes[u]``: the output shape of the backbone's minimal unit u (0-based);
+    - ``stages``: the backbone's resolution stages as [first, last] unit ranges (0-based,
+      inclusive): maximal runs of consecutive units with the same output shape. For a CIFAR
+      ResNet-32 on 32x32 images: (0, 5) at 16x32x32 (the stem and five blocks), (6, 10) at
+      32x16x16, (11, 15) at 64x8x8;
+    - ``modules``: one :class:`ModuleLayout` per module, in order; ``module(l)`` is module l's.
+    """
+
+    input_shape: Shape
+    unit_shapes: tuple[Shape, ...]
+    stages: tuple[tuple[int, int], ...]
+    modules: tuple[ModuleLayout, ...]
+
+    @property
+    def num_modules(self) -> int:
+        return len(self.modules)
+
+    def module(self, l: int) -> ModuleLayout:
+        """Module l's layout, 1-based."""
+        if not 1 <= l <= len(self.modules):
+            raise IndexError(f"module {l} of a {len(self.modules)}-module network; modules are 1..{len(self.modules)}")
+        return self.modules[l - 1]
+
+    def feature_shape(self, j: int) -> Shape:
+        """The shape of h_j^c, the input of module j+1 (h_0^c = x)."""
+        return self.module(j + 1).input_shape
+
+    def source_shape(self, source: "Source") -> Shape:
+        """The shape of a source: x's, or h_j^c's."""
+        return self.input_shape if source.is_input else self.feature_shape(source.index)
+
+    @classmethod
+    def from_split(cls, input_shape: Sequence[int], unit_shapes: Sequence[Sequence[int]], sizes: Sequence[int]) -> "NetworkLayout":
+        """The layout of units with output shapes ``unit_shapes`` cut into modules of ``sizes`` units."""
+        input_shape = tuple(int(d) for d in input_shape)
+        shapes = tuple(tuple(int(d) for d in s) for s in unit_shapes)
+        if sum(sizes) != len(shapes) or any(int(s) < 1 for s in sizes):
+            raise ValueError(f"sizes {list(sizes)} are not positive unit counts summing to {len(shapes)}")
+        stages: list[tuple[int, int]] = []
+        for u, shape in enumerate(shapes):
+            if stages and shapes[stages[-1][0]] == shape:
+                stages[-1] = (stages[-1][0], u)
+            else:
+                stages.append((u, u))
+        stage_of = {u: s for s, (a, b) in enumerate(stages, start=1) for u in range(a, b + 1)}
+        modules, start = [], 0
+        for l, size in enumerate(sizes, start=1):
+            end = start + int(size) - 1
+            in_shape = input_shape if start == 0 else shapes[start - 1]
+            stage = 0 if start == 0 else stage_of[start - 1]
+            modules.append(ModuleLayout(l, (start, end), in_shape, shapes[end], stage))
+            start = end + 1
+        return cls(input_shape, shapes, tuple(stages), tuple(modules))
+
+
+@attrs.frozen
 class DatasetInfo:
     """What the engine knows about a dataset without reading its files."""
 

@@ -1,7 +1,8 @@
 """The plugin tutorial cannot rot: every code block of docs/plugins/tutorial-context-selector.md
-is compared with the example package it builds (docs/plugins/examples/contsup-geometric) or run,
-and that package is installed for real (``pip install --target``) and used from the command line
-in subprocesses, as a user would."""
+is compared with the example package it builds (docs/plugins/examples/contsup-geometric, then,
+after an ``<!-- example: contsup-stageskip -->`` line, the layout-aware contsup-stageskip) or run,
+and those packages are installed for real (``pip install --target``) and used from the command
+line in subprocesses, as a user would."""
 
 from __future__ import annotations
 
@@ -21,14 +22,21 @@ import pytest
 from conftest import ROOT
 
 TUTORIAL = ROOT / "docs" / "plugins" / "tutorial-context-selector.md"
-EXAMPLE = ROOT / "docs" / "plugins" / "examples" / "contsup-geometric"
+EXAMPLES = ROOT / "docs" / "plugins" / "examples"
+GEOMETRIC, STAGESKIP = "contsup-geometric", "contsup-stageskip"
+EXAMPLE = EXAMPLES / GEOMETRIC
 # What the reader types to set up, and what the tests do instead (see the `installed` fixture).
 SETUP = {
     "mkdir contsup-geometric": "the fixture copies the example package into contsup-geometric/",
     "cd contsup-geometric": "commands run inside that copy",
     'pip install -e ".[test]"': "pip install --no-deps --no-build-isolation --target (the test's environment has pytest)",
+    "cd ..": "the next example's commands run in its own copy",
+    "mkdir contsup-stageskip": "the fixture copies the second example package into contsup-stageskip/",
+    "cd contsup-stageskip": "its commands run inside that copy",
 }
 BLOCK = re.compile(r"(?:<!-- (?P<marker>[^\n]*?) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)^```", re.S | re.M)
+# A line of its own naming the example package the blocks after it belong to (the first: geometric).
+SWITCH = re.compile(r"^<!-- example: (?P<name>[\w-]+) -->$", re.M)
 
 
 @attrs.frozen
@@ -37,6 +45,15 @@ class Block:
     lang: str
     body: str
     line: int
+    example: str = GEOMETRIC
+
+    @property
+    def folder(self) -> Path:
+        return EXAMPLES / self.example
+
+    @property
+    def module(self) -> str:
+        return self.example.replace("-", "_")
 
     @property
     def kind(self) -> str:
@@ -50,19 +67,29 @@ class Block:
         return f"{TUTORIAL.name}, line {self.line} ({self.marker or 'no marker'})"
 
 
-def tutorial_blocks() -> list[Block]:
+def tutorial_blocks(example: str | None = GEOMETRIC) -> list[Block]:
+    """The code blocks of ``example``'s part of the tutorial (None: every block)."""
     text = TUTORIAL.read_text()
-    return [
-        Block(m["marker"] or "", m["lang"], m["body"], text.count("\n", 0, m.start("body")))
-        for m in BLOCK.finditer(text)
-    ]
+    switches = [(m.start(), m["name"]) for m in SWITCH.finditer(text)]
+    blocks = []
+    for m in BLOCK.finditer(text):
+        owner = ([name for at, name in switches if at < m.start()] or [GEOMETRIC])[-1]
+        blocks.append(Block(m["marker"] or "", m["lang"], m["body"], text.count("\n", 0, m.start("body")), owner))
+    return [b for b in blocks if example is None or b.example == example]
 
 
-def example_files() -> set[str]:
+def test_the_tutorial_has_both_examples():
+    assert [m["name"] for m in SWITCH.finditer(TUTORIAL.read_text())] == [STAGESKIP]
+    assert {b.example for b in tutorial_blocks(None)} == {GEOMETRIC, STAGESKIP}
+    assert all((EXAMPLES / name).is_dir() for name in (GEOMETRIC, STAGESKIP))
+
+
+def example_files(example: str = GEOMETRIC) -> set[str]:
     """The example package's own files (not what building or testing it leaves behind)."""
     out = set()
-    for path in EXAMPLE.rglob("*"):
-        rel = path.relative_to(EXAMPLE)
+    folder = EXAMPLES / example
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
         if path.is_file() and not any(p in ("__pycache__", ".pytest_cache", "build", "runs") or p.endswith(".egg-info") for p in rel.parts):
             out.add(rel.as_posix())
     return out
@@ -103,7 +130,7 @@ def matches_lines(expected: str, actual: str) -> str:
 
 
 def test_every_block_is_checked():
-    blocks = tutorial_blocks()
+    blocks = tutorial_blocks(None)
     assert len(blocks) > 10
     known = {"file", "part of", "run", "output", "doctest", "setup", "tree"}
     previous = None
@@ -114,33 +141,35 @@ def test_every_block_is_checked():
         previous = block
 
 
-def test_file_blocks_are_the_example_package():
+@pytest.mark.parametrize("example", [GEOMETRIC, STAGESKIP])
+def test_file_blocks_are_the_example_package(example):
     shown = {}
-    for block in tutorial_blocks():
+    for block in tutorial_blocks(example):
         if block.kind == "file":
-            path = EXAMPLE / block.argument
+            path = block.folder / block.argument
             assert path.is_file(), f"{block}: the example package has no {block.argument}"
             diff = "".join(difflib.unified_diff(path.read_text().splitlines(True), block.body.splitlines(True), str(path), "tutorial"))
             assert block.body == path.read_text(), f"{block} differs from {path}:\n{diff}"
             shown[block.argument] = block
-    assert set(shown) == example_files(), "the tutorial must show every file of the example package, and only those"
+    assert set(shown) == example_files(example), "the tutorial must show every file of the example package, and only those"
 
 
 def test_part_blocks_appear_in_their_files():
-    for block in tutorial_blocks():
+    for block in tutorial_blocks(None):
         if block.kind == "part of":
-            assert block.body in (EXAMPLE / block.argument).read_text(), f"{block} is not word for word in {block.argument}"
+            assert block.body in (block.folder / block.argument).read_text(), f"{block} is not word for word in {block.argument}"
 
 
-def test_tree_block_lists_the_package():
-    (tree,) = [b for b in tutorial_blocks() if b.kind == "tree"]
+@pytest.mark.parametrize("example", [GEOMETRIC, STAGESKIP])
+def test_tree_block_lists_the_package(example):
+    (tree,) = [b for b in tutorial_blocks(example) if b.kind == "tree"]
     lines = tree.body.splitlines()
-    assert lines[0] == "contsup-geometric/"
-    assert {l.strip() for l in lines[1:]} == example_files()
+    assert lines[0] == f"{example}/"
+    assert {l.strip() for l in lines[1:]} == example_files(example)
 
 
 def test_setup_blocks_hold_only_known_commands():
-    for block in tutorial_blocks():
+    for block in tutorial_blocks(None):
         if block.kind == "setup":
             for line in block.body.strip().splitlines():
                 assert line in SETUP, f"{block}: '{line}' is not a setup command the tests know; add it to SETUP"
@@ -154,13 +183,15 @@ def test_the_recipe_is_the_digits_recipe_with_the_selector_line_changed():
     assert diff == ['+ requires = ["contsup-geometric>=0.1"]', '- use = "R1E"', '+ use = "geometric"']
 
 
-def test_doctest_blocks(monkeypatch):
-    monkeypatch.syspath_prepend(str(EXAMPLE))
-    monkeypatch.setitem(sys.modules, "contsup_geometric", None)  # restored (removed) afterwards
-    del sys.modules["contsup_geometric"]  # so the import below reads the example's file
+@pytest.mark.parametrize("example", [GEOMETRIC, STAGESKIP])
+def test_doctest_blocks(monkeypatch, example):
+    module = example.replace("-", "_")
+    monkeypatch.syspath_prepend(str(EXAMPLES / example))
+    monkeypatch.setitem(sys.modules, module, None)  # restored (removed) afterwards
+    del sys.modules[module]  # so the import below reads the example's file
     parser = doctest.DocTestParser()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    blocks = [b for b in tutorial_blocks() if b.kind == "doctest"]
+    blocks = [b for b in tutorial_blocks(example) if b.kind == "doctest"]
     assert blocks
     for block in blocks:
         test = parser.get_doctest(block.body, {}, str(block), str(TUTORIAL), block.line)
@@ -181,22 +212,25 @@ def test_output_matching_is_strict_enough():
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    """A copy of the example package, installed with pip into a target folder, and the
-    environment in which `contsup` and `python` see it."""
+def installed_examples(tmp_path_factory):
+    """A copy of each example package, installed with pip into one target folder (as a reader
+    following both parts has both in one environment), and the environment in which `contsup`
+    and `python` see them."""
     tmp = tmp_path_factory.mktemp("tutorial")
-    folder = tmp / "contsup-geometric"
-    shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache", "build", "*.egg-info", "runs"))
     site = tmp / "site"
-    pip = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(site), str(folder)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert pip.returncode == 0, pip.stdout + pip.stderr
-    shutil.rmtree(folder / "build", ignore_errors=True)  # what the build leaves in the copy
-    for egg in folder.glob("*.egg-info"):
-        shutil.rmtree(egg)
+    folders = {}
+    for example in (GEOMETRIC, STAGESKIP):
+        folder = folders[example] = tmp / example
+        shutil.copytree(EXAMPLES / example, folder, ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache", "build", "*.egg-info", "runs"))
+        pip = subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+             "--target", str(site), str(folder)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert pip.returncode == 0, pip.stdout + pip.stderr
+        shutil.rmtree(folder / "build", ignore_errors=True)  # what the build leaves in the copy
+        for egg in folder.glob("*.egg-info"):
+            shutil.rmtree(egg)
     bin_dir = tmp / "bin"
     bin_dir.mkdir()
     for name, command in {"contsup": "-m contsup", "python": ""}.items():
@@ -210,7 +244,14 @@ def installed(tmp_path_factory):
     env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
     env["OMP_NUM_THREADS"] = "1"  # small networks: threads only contend with each other
     env["PYTHONDONTWRITEBYTECODE"] = "1"
-    return folder, env
+    return folders, env
+
+
+@pytest.fixture(scope="module")
+def installed(installed_examples):
+    """The first example's copy and the environment (both examples installed)."""
+    folders, env = installed_examples
+    return folders[GEOMETRIC], env
 
 
 def run(command: str, folder: Path, env: dict) -> subprocess.CompletedProcess:
@@ -232,11 +273,24 @@ def test_installed_package_is_listed_with_its_distribution(installed):
     assert data["errors"] == []
 
 
+def test_the_layout_aware_package_is_listed(installed_examples):
+    folders, env = installed_examples
+    result = run("contsup plugins --json", folders[STAGESKIP], env)
+    assert result.returncode == 0, result.stdout
+    data = json.loads(result.stdout)
+    (plugin,) = [p for p in data["plugins"] if p["name"] == "stageskip"]
+    assert plugin["distribution"] == "contsup-stageskip" and plugin["version"] == "0.1.0"
+    assert plugin["registered"] == [{"kind": "context selector", "name": "stage_entry"}]
+    assert data["errors"] == []
+
+
 @pytest.mark.slow
-def test_tutorial_commands_run_and_print_what_it_shows(installed):
-    """Runs every `run` block in order, as the reader would, and checks the outputs shown."""
-    folder, env = installed
-    blocks = tutorial_blocks()
+def test_tutorial_commands_run_and_print_what_it_shows(installed_examples):
+    """Runs every `run` block in order, as the reader would, each in its example's folder, and
+    checks the outputs shown."""
+    folders, env = installed_examples
+    folder = folders[GEOMETRIC]
+    blocks = tutorial_blocks(None)
     ran = 0
     for i, block in enumerate(blocks):
         if block.kind != "run":
@@ -248,7 +302,7 @@ def test_tutorial_commands_run_and_print_what_it_shows(installed):
         elif block.argument:
             assert block.argument == "exit 2", f"{block}: unknown run marker"
             expected_status = 2
-        result = run(command, folder, env)
+        result = run(command, folders[block.example], env)
         ran += 1
         assert result.returncode == expected_status, f"{block}: `{command}` exited {result.returncode}:\n{result.stdout}"
         assert "Traceback" not in result.stdout, f"{block}: `{command}` printed a traceback:\n{result.stdout}"
@@ -263,3 +317,5 @@ def test_tutorial_commands_run_and_print_what_it_shows(installed):
         "distribution": "contsup-geometric", "version": "0.1.0", "builtin": False, "recipe": {"context": "geometric"}
     }
     assert versions["plugins"]["contsup_context"]["recipe"] == {}  # not named, yet its M_E encodes x
+    smoke = json.loads((folders[STAGESKIP] / "runs" / "smoke_stageskip" / "plugins.json").read_text())
+    assert smoke["plugins"]["stageskip"]["recipe"] == {"context": "stage_entry"}

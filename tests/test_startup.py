@@ -66,7 +66,7 @@ def test_list_backbones_imports_no_heavy_package():
 def test_list_context_selectors_imports_no_heavy_package():
     result = run_fresh(["list", "context_selectors"])
     assert result["codes"] == [0]
-    assert listed(result["out"]) == ["contsup"]
+    assert listed(result["out"]) == ["contsup", "stage"]  # stage: the layout-aware built-in (issue 16)
     assert "R1E" in result["out"] and "encoder = " in result["out"] and "shortcut = " in result["out"]
     assert result["heavy"] == []
 

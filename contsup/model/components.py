@@ -5,14 +5,15 @@ shape, the component instances of a module's stage, and the adapter for a contex
 
 from __future__ import annotations
 
-from typing import Sequence
+import inspect
+from typing import Any, Sequence
 
 import attrs
 import torch
 from torch import nn
 
 from contsup.adapters import paper_adapter
-from contsup.types import Shape, Source
+from contsup.types import NetworkLayout, Shape, Source
 from contsup.config.recipe import Recipe
 from contsup.protocols import ContextSelector, Decoder, Objective
 
@@ -30,6 +31,34 @@ def trace_shapes(units: Sequence[nn.Module], input_shape: Shape) -> list[Shape]:
     for unit, mode in zip(units, modes):
         unit.train(mode)
     return shapes
+
+
+def takes_layout(selector: Any) -> bool:
+    """Whether ``selector.sources`` takes the network's layout: ``sources(module, num_modules,
+    layout)`` (a third parameter, or one named ``layout``); two-argument selectors never see it."""
+    try:
+        params = list(inspect.signature(selector.sources).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable: called the classic way
+        return False
+    if any(p.name == "layout" for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3
+
+
+def selector_sources(selector: ContextSelector, module: int, num_modules: int, layout: NetworkLayout | None) -> tuple[Source, ...]:
+    """Module ``module``'s sources from ``selector``, given ``layout`` when it takes one."""
+    if takes_layout(selector):
+        if layout is None:
+            raise TypeError(f"context selector '{getattr(selector, 'name', '?')}' needs the network's layout")
+        try:
+            named = "layout" in inspect.signature(selector.sources).parameters
+        except (TypeError, ValueError):
+            named = False
+        if named:
+            return tuple(selector.sources(module, num_modules, layout=layout))
+        return tuple(selector.sources(module, num_modules, layout))
+    return tuple(selector.sources(module, num_modules))
 
 
 def make_adapter(selector: ContextSelector, source: Source, source_shape: Shape, target_shape: Shape) -> nn.Module:
@@ -67,4 +96,4 @@ def module_components(recipe: Recipe, k: int) -> list[Components]:
     return out
 
 
-__all__ = ["trace_shapes", "make_adapter", "Components", "module_components"]
+__all__ = ["trace_shapes", "takes_layout", "selector_sources", "make_adapter", "Components", "module_components"]

@@ -25,8 +25,8 @@ import attrs
 import torch
 from torch import nn
 
-from contsup.model.components import Components, make_adapter, module_components, trace_shapes
-from contsup.types import Costs, DatasetInfo, HeadSpec, Shape, Source
+from contsup.model.components import Components, make_adapter, module_components, selector_sources, trace_shapes
+from contsup.types import Costs, DatasetInfo, HeadSpec, NetworkLayout, Shape, Source
 from contsup.config.recipe import Recipe
 from contsup.protocols import ContextSelector
 
@@ -297,9 +297,12 @@ class CostModel:
             raise ValueError(f"the recipe's [[modules]] ranges are for K = {self.k}, not K = {k}")
         return self._components[min(l, self.k) - 1]
 
-    def sources(self, k: int) -> list[tuple[Source, ...]]:
-        """Each module's sources, chosen by its own stage's selector."""
-        return [tuple(self.components(l, k).selector.sources(l, k)) for l in range(1, k + 1)]
+    def sources(self, k: int, sizes: Sequence[int] | None = None) -> list[tuple[Source, ...]]:
+        """Each module's sources for the split ``sizes`` (default: the even split), chosen by its
+        own stage's selector; a layout-aware selector is given that split's layout."""
+        sizes = tuple(sizes) if sizes is not None else even_split(self.n, k)
+        layout = NetworkLayout.from_split(self.input_shape, self.shapes, sizes)
+        return [selector_sources(self.components(l, k).selector, l, k, layout) for l in range(1, k + 1)]
 
     # measuring
 
@@ -441,7 +444,7 @@ class CostModel:
         """Every module's cost for the split ``sizes``, with its true sources and their shapes."""
         k = len(sizes)
         starts = starts_of(sizes)
-        sources = self.sources(k)
+        sources = self.sources(k, sizes)
         last_use = last_uses(sources)
         feature_starts = {m: starts[m] for m in range(1, k)}
         out = []
@@ -463,7 +466,7 @@ class CostModel:
         like = tuple(like) if like is not None else even_split(n, k)
         units = tuple(float(self.unit_bytes(u)) for u in range(n))
         est_starts = starts_of(like)
-        sources = self.sources(k)
+        sources = self.sources(k, like)
         last_use = last_uses(sources)
         overhead = []
         for i in range(n):

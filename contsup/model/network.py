@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from contsup.errors import ContsupError
-from contsup.model.components import make_adapter, module_components, trace_shapes
+from contsup.model.components import make_adapter, module_components, selector_sources, trace_shapes
 from contsup.model.memory import partition_costs
-from contsup.types import Costs, DatasetInfo, HeadSpec, Shape, Source
+from contsup.types import Costs, DatasetInfo, HeadSpec, NetworkLayout, Shape, Source
 from contsup.config.recipe import Recipe
 from contsup.protocols import ContextSelector, Objective
 
@@ -196,16 +196,16 @@ def check_split(sizes: Sequence[int], n: int, k: int, who: str) -> tuple[int, ..
 def plan_modules(
     sizes: Sequence[int], shapes: Sequence[Shape], input_shape: Shape, selectors: Sequence[Any]
 ) -> list[ModulePlan]:
-    """The module plans for a split; ``selectors[l-1]`` chooses module l's sources."""
+    """The module plans for a split; ``selectors[l-1]`` chooses module l's sources, given the
+    split's :class:`~contsup.types.NetworkLayout` when its ``sources`` takes one."""
     k = len(sizes)
-    plans, start = [], 0
-    for l, size in enumerate(sizes, start=1):
-        end = start + size - 1
-        in_shape = input_shape if start == 0 else shapes[start - 1]
-        sources = tuple(selectors[l - 1].sources(l, k))
+    layout = NetworkLayout.from_split(input_shape, shapes, sizes)
+    plans = []
+    for m in layout.modules:
+        l = m.index
+        sources = selector_sources(selectors[l - 1], l, k, layout)
         _check_sources(sources, l, k, selectors[l - 1])
-        plans.append(ModulePlan(l, size, (start, end), sources, tuple(in_shape), tuple(shapes[end])))
-        start = end + 1
+        plans.append(ModulePlan(l, m.units, m.unit_range, sources, m.input_shape, m.output_shape))
     return plans
 
 
@@ -235,11 +235,15 @@ class Built:
     info: DatasetInfo
     unit_shapes: list[Shape]
 
+    @property
+    def layout(self) -> NetworkLayout:
+        """The layout the selectors were given: every module's shapes, units and stage."""
+        return NetworkLayout.from_split(self.info.input_shape, self.unit_shapes, [p.units for p in self.plans])
 
-def build_network(recipe: Recipe, costs: Costs | None = None) -> Built:
-    """The recipe's network, freshly initialised from the current torch RNG state."""
-    dataset = recipe.dataset.create()
-    info = dataset.info()
+
+def _split(recipe: Recipe, costs: Costs | None) -> tuple[DatasetInfo, Any, list[Shape], tuple[int, ...]]:
+    """Steps 1-3 of building: the dataset's info, the backbone's parts, unit shapes and the split."""
+    info = recipe.dataset.create().info()
     input_shape = tuple(info.input_shape)
     parts = recipe.backbone.create().build(input_shape, info.num_classes)
     units = list(parts.units)
@@ -252,6 +256,24 @@ def build_network(recipe: Recipe, costs: Costs | None = None) -> Built:
     if costs is None:
         costs = partition_costs(partitioner, recipe, parts, shapes, info)
     sizes = check_split(partitioner.split(costs, k), n, k, recipe.partitioner.use)
+    return info, parts, shapes, sizes
+
+
+def network_layout(recipe: Recipe, costs: Costs | None = None) -> NetworkLayout:
+    """The layout the recipe's selectors are given (every module's shapes, units and stage),
+    without building modules; the caller's torch RNG state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.run.seed)
+        info, _, shapes, sizes = _split(recipe, costs)
+    return NetworkLayout.from_split(info.input_shape, shapes, sizes)
+
+
+def build_network(recipe: Recipe, costs: Costs | None = None) -> Built:
+    """The recipe's network, freshly initialised from the current torch RNG state."""
+    info, parts, shapes, sizes = _split(recipe, costs)
+    input_shape = tuple(info.input_shape)
+    units = list(parts.units)
+    k = recipe.partition.modules
     components = module_components(recipe, k)
     plans = plan_modules(sizes, shapes, input_shape, [c.selector for c in components])
     final_shape = shapes[-1]

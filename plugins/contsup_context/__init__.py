@@ -1,4 +1,5 @@
-"""Built-in context selectors: none/R0, E, Rn, RnE, MiRnE, all, and ``contsup`` with options.
+"""Built-in context selectors: none/R0, E, Rn, RnE, MiRnE, all, and ``contsup`` with options;
+``stage``, which reads the network's layout.
 
 For module l (1-based) the sources are the raw input x (through M_E) and features h_j^c with
 0 <= j <= l-2 (through M_R); module 1 gets none. The names are shorthands for the options of
@@ -14,7 +15,7 @@ import attrs
 
 from contsup import hookimpl
 from contsup.options import at_least, option
-from contsup.types import Shape, Source
+from contsup.types import NetworkLayout, Shape, Source
 
 if TYPE_CHECKING:  # annotations only: the adapters (and torch) load when the first one is built
     from torch import nn
@@ -97,22 +98,73 @@ class ContSup:
 
     def adapter(self, source: Source, source_shape: Shape, target_shape: Shape) -> nn.Module:
         """M_E for the input, M_R for a feature, in the variant the options choose."""
-        from contsup_context.adapters import FastInputEncoder, InputEncoder, OfficialShortcutAdapter, ShortcutAdapter
+        return build_adapter(self.options.encoder, self.options.shortcut, source, source_shape, target_shape)
 
-        if source.is_input:
-            encoder = self.options.encoder
-            if encoder == "fast":
-                return FastInputEncoder(source_shape, target_shape)
-            hidden = 12 if encoder == "official" else None
-            return InputEncoder(source_shape, target_shape, hidden=hidden, pool_first=encoder == "pooled")
-        if self.options.shortcut == "official":
-            return OfficialShortcutAdapter(source_shape, target_shape)
-        return ShortcutAdapter(source_shape, target_shape)
+
+def build_adapter(encoder: str, shortcut: str, source: Source, source_shape: Shape, target_shape: Shape) -> nn.Module:
+    """M_E (variant ``encoder``) for the input, M_R (variant ``shortcut``) for a feature."""
+    from contsup_context.adapters import FastInputEncoder, InputEncoder, OfficialShortcutAdapter, ShortcutAdapter
+
+    if source.is_input:
+        if encoder == "fast":
+            return FastInputEncoder(source_shape, target_shape)
+        hidden = 12 if encoder == "official" else None
+        return InputEncoder(source_shape, target_shape, hidden=hidden, pool_first=encoder == "pooled")
+    if shortcut == "official":
+        return OfficialShortcutAdapter(source_shape, target_shape)
+    return ShortcutAdapter(source_shape, target_shape)
+
+
+def stage_sources(module: int, layout: NetworkLayout, *, input: bool = True) -> tuple[Source, ...]:
+    """Sources of 1-based ``module``: x (if ``input``) and h_j^c for the first module j+1 whose
+    input has module l's input shape, when j+1 < l (the entry of module l's resolution stage)."""
+    if module <= 1:
+        return ()
+    shape = layout.module(module).input_shape
+    entry = next(m.index for m in layout.modules if m.input_shape == shape)
+    chosen = [Source.input()] if input else []
+    if entry < module:
+        chosen.append(Source.feature(entry - 1))  # h_{entry-1}^c is the entry module's input
+    return tuple(chosen)
+
+
+class Stage:
+    """Module l gets x and h_j^c, the input of the first module j+1 whose input has module l's
+    shape (C, H, W), when j+1 < l: the entry of l's resolution stage (a module opening a stage
+    gets x only). It reads the network's layout; on ResNet-32 with K = 16: module 2 x, 3-7 x and
+    h1, 8 x, 9-12 x and h7, 13 x, 14-16 x and h12.
+
+    Each source goes through M_E or M_R in the variants ``encoder`` and ``shortcut`` choose, as
+    for the ``contsup`` selector.
+    """
+
+    name = "stage"
+
+    @attrs.frozen
+    class Options:
+        input: bool = option(True, doc="also add the raw input x through the input encoder M_E")
+        encoder: Literal["paper", "official", "pooled", "fast"] = option(
+            "paper", doc='M_E variant, as for the contsup selector (see its encoder option)'
+        )
+        shortcut: Literal["paper", "official"] = option(
+            "paper", doc='M_R: "paper" = 1x1 conv + pool; "official" = 1x1 conv + BN + ReLU + pool'
+        )
+
+    def __init__(self, options: "Stage.Options") -> None:
+        self.options = options
+
+    def sources(self, module: int, num_modules: int, layout: NetworkLayout) -> tuple[Source, ...]:
+        return stage_sources(module, layout, input=self.options.input)
+
+    def adapter(self, source: Source, source_shape: Shape, target_shape: Shape) -> nn.Module:
+        """M_E for the input, M_R for the stage entry's input, in the variants the options choose."""
+        return build_adapter(self.options.encoder, self.options.shortcut, source, source_shape, target_shape)
 
 
 @hookimpl
 def register_context_selectors(register):
     register(ContSup)
+    register(Stage)
 
 
 def __getattr__(name: str) -> Any:

@@ -21,6 +21,8 @@ class FastInputEncoder(nn.Module):
     cost per module is a fraction of one backbone convolution (C_x input channels, not C_h).
     """
 
+    adapter_kind = "M_E fast"  # what contsup plan calls it
+
     def __init__(self, source_shape: Shape, target_shape: Shape) -> None:
         super().__init__()
         self.pool = pool_to(target_shape[1:], source_shape[1:])
@@ -37,6 +39,8 @@ class OfficialShortcutAdapter(nn.Module):
 
     The BN and ReLU sit between conv and pool, so the pool cannot move first.
     """
+
+    adapter_kind = "M_R official"  # what contsup plan calls it
 
     def __init__(self, source_shape: Shape, target_shape: Shape) -> None:
         super().__init__()
