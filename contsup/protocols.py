@@ -34,7 +34,8 @@ class Partitioner(Protocol):
 
     # Optional: ``needs_costs = True`` (a class attribute) asks for measured costs (saved-tensor
     # bytes per unit and each module's own overhead, ``contsup.model.memory``); without it ``costs`` is
-    # one per unit and nothing is measured.
+    # one per unit and nothing is measured. ``cost_batch_size`` (an int, or None for
+    # ``data.batch_size``) sets the batch those costs are measured at.
 
 
 @runtime_checkable
