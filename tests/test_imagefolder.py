@@ -204,3 +204,30 @@ def test_skip_unreadable_leaves_corrupt_images_out_with_one_warning(tmp_path, ca
         f"warning: imagefolder: skipped 1 unreadable image of 24 in {root / 'train'} "
         f"(data.skip_unreadable = true; first: {bad})"
     ]
+
+
+def test_the_notebook_example_trains_the_shipped_folder_recipe_through_the_api(tmp_path):
+    """docs/datasets.md's notebook example, made tiny: contsup.train on recipes/imagefolder.toml
+    with overrides, then the classes, the reloaded model and a prediction on a val/ image."""
+    import contsup
+    from conftest import ROOT
+
+    root = make_folder(tmp_path / "images", train=6, val=2)
+    run = contsup.train(
+        ROOT / "recipes" / "imagefolder.toml",
+        overrides=[
+            f"data.root={json.dumps(str(root))}", "data.classes=0", "data.size=16", "data.batch_size=6",
+            "data.workers=0", 'backbone.use="cifar_resnet20"', "partition.modules=2", "run.epochs=1",
+            'run.device="cpu"',
+        ],
+        out_dir=tmp_path / "run",
+    )
+    assert run.final is not None and "final test error" in run.summary()
+    classes = json.loads((run.run_dir / "classes.json").read_text())
+    assert classes == list(CLASSES)
+    model = contsup.load_model(run.run_dir)
+    recipe = contsup.load_recipe(run.run_dir / "recipe.toml")
+    val = recipe.dataset.create().load(train=False)
+    x, y = val[0]
+    predicted = model(x.unsqueeze(0)).argmax(1).item()
+    assert classes[y] == "eight" and 0 <= predicted < 3
