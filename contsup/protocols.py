@@ -91,6 +91,10 @@ class Dataset(Protocol):
     def load(self, train: bool) -> Any:
         """A map-style dataset of (x: (C, H, W) float tensor, y: int) pairs."""
 
+    # Optional: ``classes() -> tuple[str, ...]``, the class names in label order; a run writes
+    # them to ``classes.json``. An item that cannot be read raises ``contsup.errors.UnreadableData``
+    # naming the file: the run stops on it with a checkpoint (exit status 1).
+
 
 __all__ = [
     "Backbone",
