@@ -66,6 +66,22 @@ class BatchError(ContsupError):
     in which no two samples share a label). Training stops with the module, epoch and step named."""
 
 
+class UnreadableData(ContsupError):
+    """A data file that cannot be read once a run is under way, raised by a dataset's items (an
+    image that does not decode). The training loop stops on it as a training failure (exit
+    status 1) with a checkpoint to resume from once the file is replaced; the line names the file."""
+
+    exit_code = 1
+
+    def __init__(self, *lines: str) -> None:
+        if len(lines) == 1 and "Traceback" in lines[0]:
+            # a DataLoader worker re-raises it as UnreadableData(its traceback): keep the original line
+            last = [line for line in lines[0].splitlines() if line.strip()][-1]
+            prefix = f"{type(self).__module__}.{type(self).__name__}: "
+            lines = (last[len(prefix):] if last.startswith(prefix) else last,)
+        super().__init__(*lines)
+
+
 class RecipeError(ContsupError):
     """Every problem found in a recipe, collected so the user sees them all at once."""
 

@@ -35,7 +35,8 @@ class Partitioner(Protocol):
 
     # Optional: ``needs_costs = True`` (a class attribute) asks for measured costs (saved-tensor
     # bytes per unit and each module's own overhead, ``contsup.model.memory``); without it ``costs`` is
-    # one per unit and nothing is measured.
+    # one per unit and nothing is measured. ``cost_batch_size`` (an int, or None for
+    # ``data.batch_size``) sets the batch those costs are measured at.
 
 
 @runtime_checkable
@@ -107,6 +108,10 @@ class Dataset(Protocol):
 
     def load(self, train: bool) -> Any:
         """A map-style dataset of (x: (C, H, W) float tensor, y: int) pairs."""
+
+    # Optional: ``classes() -> tuple[str, ...]``, the class names in label order; a run writes
+    # them to ``classes.json``. An item that cannot be read raises ``contsup.errors.UnreadableData``
+    # naming the file: the run stops on it with a checkpoint (exit status 1).
 
 
 @runtime_checkable

@@ -131,3 +131,25 @@ def test_overhead_moves_the_cut():
 def test_impossible_memory_balanced_cuts_are_refused():
     with pytest.raises(ValueError):
         min_max_split(Costs((1.0, 1.0)), 3)
+
+
+def test_memory_balanced_measured_at_a_small_batch_finds_the_same_split(registries):
+    """partition.measure_batch: saved activations grow in proportion to the batch, so costs
+    measured at batch 4 give the split measured at the recipe's batch 32 (what lets the ImageNet
+    recipes plan on a CPU in seconds)."""
+    import torch
+
+    from conftest import small_recipe_text
+    from contsup.config.recipe import loads_recipe
+    from contsup.model.network import build_network
+
+    splits = []
+    for measure in (0, 4):
+        text = small_recipe_text(batch_size=32, modules=4).replace(
+            "[partition]\n", f'[partition]\nuse = "memory_balanced"\nmeasure_batch = {measure}\n'
+        )
+        recipe = loads_recipe(text, registries, source="small.toml")
+        assert recipe.partitioner.create().cost_batch_size == (measure or None)
+        torch.manual_seed(0)
+        splits.append(tuple(p.units for p in build_network(recipe).plans))
+    assert splits[0] == splits[1] != (2, 2, 3, 3)  # measured, not uniform's split

@@ -77,7 +77,7 @@ def test_list_context_selectors_imports_no_heavy_package():
         ("partitioners", ["uniform", "memory_balanced"]),
         ("objectives", ["cross_entropy", "supcon"]),
         ("decoders", ["infopro"]),
-        ("datasets", ["digits", "synthetic", "cifar10", "svhn", "stl10"]),
+        ("datasets", ["digits", "synthetic", "cifar10", "cifar100", "svhn", "stl10", "imagefolder"]),
         ("optimizers", ["sgd"]),
         ("schedules", ["cosine", "constant"]),
     ],

@@ -26,7 +26,7 @@ from contsup.cli import main
 from contsup.errors import ContsupError, RecipeError
 from contsup.model.network import build_network
 from contsup.config.recipe import loads_recipe
-from contsup_datasets import Cifar10, Stl10, Svhn
+from contsup_datasets import Cifar10, Cifar100, Stl10, Svhn
 from contsup_datasets import cifar10 as cifar10_module
 from contsup_datasets import stl10 as stl10_module
 
@@ -479,3 +479,64 @@ def test_the_stl10_k4_recipe_trains_a_step_on_fake_files(tmp_path, capsys, skip_
     assert main(args) == 0, capsys.readouterr().err
     metrics = (out_dir / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 1 and '"step": 1' in metrics[0]
+
+
+# -- CIFAR-100 -----------------------------------------------------------------------------------
+
+CIFAR100_TRAIN, CIFAR100_TEST = 10, 6
+
+
+def write_cifar100(root: Path, seed: int = 0) -> dict[str, tuple[np.ndarray, list[int]]]:
+    """cifar-100-python/: the train and test pickles (fine and coarse labels) and meta, as
+    published. Returns {file: (images (N, 3, 32, 32) uint8, fine labels)}."""
+    from contsup_datasets import cifar100 as cifar100_module
+
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for name, n in (("train", CIFAR100_TRAIN), ("test", CIFAR100_TEST)):
+        images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+        fine = [int(v) for v in rng.integers(0, 100, n)]
+        entry = {
+            "filenames": [f"{name}_{i}.png" for i in range(n)], "batch_label": f"{name} batch",
+            "fine_labels": fine, "coarse_labels": [v // 5 for v in fine], "data": images.reshape(n, 3072),
+        }
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+        written[name] = (images, fine)
+    meta = {"fine_label_names": list(cifar100_module.CLASSES), "coarse_label_names": [f"super{i}" for i in range(20)]}
+    (folder / "meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return written
+
+
+def test_cifar100_loads_the_real_format_with_the_paper_cifar_preprocessing(tmp_path, skip_md5):
+    from contsup_datasets import Cifar100
+    from contsup_datasets import cifar100 as cifar100_module
+
+    written = write_cifar100(tmp_path)
+    d = Cifar100(Cifar100.Options(root=str(tmp_path)))
+    assert d.info().num_classes == 100 and d.info().input_shape == (3, 32, 32)
+    train, test = d.load(train=True), d.load(train=False)
+    assert len(train) == CIFAR100_TRAIN and len(test) == CIFAR100_TEST
+    images, labels = written["test"]
+    for i in range(CIFAR100_TEST):
+        x, y = test[i]
+        assert y == labels[i]  # the fine labels
+        assert torch.allclose(x, normalised(images[i : i + 1], cifar100_module.MEAN, cifar100_module.STD)[0], atol=1e-5)
+    torch.manual_seed(0)
+    images = written["train"][0]
+    seen = [window(train[i][0], images[i], 4, "reflect", True, cifar100_module.MEAN, cifar100_module.STD) for i in range(len(train))]
+    assert None not in seen and any(f for _, _, f in seen) and any((t, l) != (4, 4) for t, l, _ in seen)
+
+
+def test_cifar100_missing_files_and_bad_sums_are_one_line(tmp_path):
+    from contsup_datasets import Cifar100
+
+    with pytest.raises(ContsupError) as info:
+        Cifar100(Cifar100.Options(root=str(tmp_path / "none"))).load(train=True)
+    assert str(info.value).startswith(f"cifar100: no CIFAR-100 files in {tmp_path / 'none' / 'cifar-100-python'}")
+    write_cifar100(tmp_path)  # real md5 check: these tiny files cannot match the published sums
+    with pytest.raises(ContsupError) as info:
+        Cifar100(Cifar100.Options(root=str(tmp_path))).load(train=False)
+    assert "\n" not in str(info.value) and "wrong md5 sum" in str(info.value)
+    assert str(tmp_path / "cifar-100-python" / "train") in str(info.value)

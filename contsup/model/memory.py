@@ -523,12 +523,15 @@ def partition_costs(partitioner: Any, recipe: Recipe, parts: Any, shapes: Sequen
     """What ``partitioner.split`` is given: measured saved-tensor costs at the recipe's batch size
     when the partitioner asks for them (``needs_costs = True``), else one per unit for free.
 
-    Measured on CPU with the deterministic saved-tensor count, so a split (and with it the
+    Measured at the partitioner's ``cost_batch_size`` when it has one (saved activations grow in
+    proportion to the batch, so a small batch finds the split of a large one far faster). Measured
+    on CPU with the deterministic saved-tensor count, so a split (and with it the
     network's structure) is the same on every machine and a trained model always reloads.
     """
     if not getattr(partitioner, "needs_costs", False):
         return Costs.uniform(len(shapes))
-    model = CostModel(recipe, parts, shapes, info, device="cpu", method="saved")
+    batch = getattr(partitioner, "cost_batch_size", None)  # None: the recipe's batch
+    model = CostModel(recipe, parts, shapes, info, device="cpu", method="saved", batch_size=batch)
     return fitted_costs(model, partitioner.split, recipe.partition.modules)
 
 

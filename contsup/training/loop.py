@@ -20,7 +20,7 @@ import attrs
 import torch
 
 from contsup.core.version import __version__
-from contsup.errors import BatchError, ContsupError, one_line, reason
+from contsup.errors import BatchError, ContsupError, UnreadableData, one_line, reason
 from contsup.model.network import Built, GreedyNetwork, build_network
 from contsup.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from contsup.training.checkpoint import checkpoint_dir, checkpoint_name, rng_state, save_checkpoint, set_rng_state
@@ -31,7 +31,7 @@ from contsup.training.failures import Interrupted, NonFiniteLoss, OutOfMemory, T
 from contsup.training.parallel import Gathered, OneProcess, Parallel
 from contsup.training.precision import Precision, apply_device_options, check_precision
 from contsup.training.progress import Progress
-from contsup.training.rundir import save_model
+from contsup.training.rundir import save_model, write_classes
 from contsup.training.strategies import StepStats, Strategy, make_strategy
 
 if TYPE_CHECKING:
@@ -105,6 +105,8 @@ class Trainer:
         self.dataset = recipe.dataset.create()
         self.train_loader, self.test_loader, self.train_size = self.parallel.loaders(recipe, self.dataset, self.device)
         self.steps_per_epoch = len(self.train_loader)
+        if main and hasattr(self.dataset, "classes") and self.run_dir.is_dir():
+            write_classes(self.run_dir, self.dataset.classes())  # the dataset names its classes: classes.json
         self.strategy: Strategy = make_strategy(
             recipe, self.network, self.steps_per_epoch, self.precision, sync=self.parallel.sync_gradients
         )
@@ -359,6 +361,19 @@ class Trainer:
             raise self._out_of_memory(epoch, cur.done + 1, evaluating=False) from None
         except BatchError as exc:
             raise self._unusable_batch(exc, epoch, cur.done + 1) from None
+        except UnreadableData as exc:
+            raise self._unreadable(exc, f"reading step {cur.done + 1} of epoch {epoch}") from None
+
+    def _unreadable(self, exc: UnreadableData, where: str) -> TrainingFailed:
+        """A data file that does not decode: the dataset's line (naming the file), where, and a
+        checkpoint of the run as it stands (the batch was not trained yet) to resume from."""
+        if self.checkpoints and not self._busy and not self.parallel.needs_agreement:
+            self.save_checkpoint()
+            path, at, _ = self.last_checkpoint
+            kept = f"saved checkpoint {path} ({at}); continue with: {self.parallel.resume_command(self.run_dir)}"
+        else:
+            kept = self.kept()
+        return TrainingFailed(f"{one_line(str(exc))} ({where}); {kept}")
 
     # -- training ------------------------------------------------------------------------
 
@@ -405,6 +420,8 @@ class Trainer:
             result = parallel.evaluate(self)
         except torch.cuda.OutOfMemoryError:
             raise self._out_of_memory(epoch, cur.done, evaluating=True) from None
+        except UnreadableData as exc:
+            raise self._unreadable(exc, f"evaluating after epoch {epoch}") from None
         parallel.record_epoch(epoch, cur.images, elapsed)
         return epoch_metrics(epoch, self.info.step, self.strategy.lr(), stats, result, cur.images, elapsed, self.device)
 

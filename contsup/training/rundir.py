@@ -11,7 +11,7 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -25,6 +25,7 @@ RECIPE_FILE = "recipe.toml"
 PLUGINS_FILE = "plugins.json"
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.pt"
+CLASSES_FILE = "classes.json"
 
 
 def _read_umask() -> int:
@@ -95,7 +96,7 @@ def discard_unstarted(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     names = {p.name for p in run_dir.iterdir()}
-    if names <= {RECIPE_FILE, PLUGINS_FILE}:
+    if names <= {RECIPE_FILE, PLUGINS_FILE, CLASSES_FILE}:
         for name in names:
             (run_dir / name).unlink()
         run_dir.rmdir()
@@ -123,6 +124,19 @@ def write_versions(run_dir: Path, recipe: Recipe, pm: Any) -> None:
         "plugins": plugin_versions(pm, recipe.providers()),
     }
     atomic_write(run_dir / PLUGINS_FILE, lambda f: json.dump(data, f, indent=2), binary=False)
+
+
+def write_classes(run_dir: Path, names: Sequence[str]) -> None:
+    """The dataset's class names in label order (``classes.json``: a JSON list; label i is
+    ``names[i]``), for datasets that name their classes."""
+    names = [str(n) for n in names]
+    atomic_write(Path(run_dir) / CLASSES_FILE, lambda f: json.dump(names, f, indent=1), binary=False)
+
+
+def read_classes(run_dir: str | Path) -> list[str] | None:
+    """The class names a run recorded, or None when its dataset names none."""
+    path = Path(run_dir) / CLASSES_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def append_metrics(run_dir: Path, metrics: dict) -> None:

@@ -39,12 +39,12 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def cifar10_transform(train: bool) -> transforms.Compose:
+def cifar10_transform(train: bool, mean: tuple[float, ...] = MEAN, std: tuple[float, ...] = STD) -> transforms.Compose:
     """PIL image -> normalised (3, 32, 32) tensor; training adds crop and flip (torch's global RNG)."""
     from torchvision import transforms
 
     augment = [transforms.RandomCrop(32, padding=4, padding_mode="reflect"), transforms.RandomHorizontalFlip()] if train else []
-    return transforms.Compose([*augment, transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    return transforms.Compose([*augment, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 class Cifar10:
