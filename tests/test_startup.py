@@ -79,7 +79,7 @@ def test_list_context_selectors_imports_no_heavy_package():
         ("decoders", ["infopro"]),
         ("datasets", ["digits", "synthetic", "cifar10", "svhn", "stl10"]),
         ("optimizers", ["sgd"]),
-        ("schedules", ["cosine", "constant"]),
+        ("schedules", ["cosine", "constant", "official_cosine"]),
     ],
 )
 def test_every_list_kind_imports_no_heavy_package(kind, names):
