@@ -206,3 +206,68 @@ def test_results_show_the_final_or_the_best_test_error_and_say_which(tmp_path, c
     assert "| best test error % |" in out and "| 3.00 ± 1.41 |" in out and "lowest over its epochs" in err
     (row,) = csv.DictReader(csv_path.open())
     assert float(row["test_error_mean"]) == 5.0 and float(row["best_test_error_mean"]) == 3.0
+
+
+# The official code's partition tables (cut after [stage, block]; /work/shared/paper/results.md)
+EQUAL_TABLES = {
+    ("cifar_resnet32", 2): [[2, 1]],
+    ("cifar_resnet32", 4): [[1, 2], [2, 1], [3, 0]],
+    ("cifar_resnet32", 8): [[1, 0], [1, 2], [1, 4], [2, 1], [2, 3], [3, 0], [3, 2]],
+    ("cifar_resnet110", 4): [[1, 11], [2, 7], [3, 3]],
+    ("cifar_resnet110", 8): [[1, 4], [1, 11], [2, 0], [2, 7], [2, 14], [3, 3], [3, 10]],
+}
+
+
+@pytest.mark.parametrize("backbone, k", list(EQUAL_TABLES), ids=lambda v: str(v))
+def test_the_official_equal_tables_are_the_uniform_split(backbone, k):
+    from contsup_partition import Cuts, uniform_split
+
+    units = 16 if backbone == "cifar_resnet32" else 55
+    costs = _costs(units)
+    cuts = Cuts(Cuts.Options(after=tuple(tuple(c) for c in EQUAL_TABLES[backbone, k])))
+    assert cuts.split(costs, k) == uniform_split(units, k)
+
+
+def _costs(units):
+    from contsup.types import Costs
+
+    return Costs(units=(1.0,) * units, overhead=tuple((0.0,) * (units - i) for i in range(units)))
+
+
+def test_k16_cuts_after_every_unit_and_sizes_work_too():
+    from contsup_partition import Cuts
+
+    every = tuple([(0, 0)] + [(s, b) for s in (1, 2, 3) for b in range(5)][:-1])
+    assert Cuts(Cuts.Options(after=every)).split(_costs(16), 16) == (1,) * 16
+    assert Cuts(Cuts.Options(sizes=(16, 39))).split(_costs(55), 2) == (16, 39)
+
+
+@pytest.mark.parametrize(
+    "name, sizes",
+    [
+        ("resnet110_cifar10_k2_official_cuts.toml", [16, 39]),
+        ("resnet110_cifar10_k3_official_cuts.toml", [11, 11, 33]),
+        ("resnet110_cifar10_k4_official_cuts.toml", [8, 8, 12, 27]),
+        ("resnet32_cifar10_k2_official_cuts.toml", [5, 11]),
+        ("resnet32_cifar10_k4_official_cuts.toml", [4, 2, 3, 7]),
+    ],
+)
+def test_the_figure_4_recipes_cut_where_the_official_tables_do(name, sizes, registries):
+    recipe = load_recipe(PAPER / "figure4" / name, registries=registries)
+    built = build_network(recipe)
+    assert [p.units for p in built.plans] == sizes
+
+
+def test_bad_cut_points_are_one_line_each(registries):
+    text = small_recipe_text(modules=3, extra="")
+    bad = text.replace("[partition]\n", '[partition]\nuse = "cuts"\nafter = [[0, 2]]\nsizes = [1, 2]\n')
+    with pytest.raises(RecipeError) as err:
+        loads_recipe(bad, registries, source="c.toml")
+    assert err.value.problems == (
+        "c.toml: partition.after: [0, 2] is not a cut point: use [0, 0] (after the stem) or [stage >= 1, block >= 0]",
+    )
+    from contsup.errors import ContsupError
+
+    wrong_k = loads_recipe(text.replace("[partition]\n", '[partition]\nuse = "cuts"\nafter = [[1, 1]]\n'), registries)
+    with pytest.raises(ContsupError, match="1 cut points make 2 modules, but partition.modules = 3"):
+        build_network(wrong_k)

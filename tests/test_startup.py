@@ -74,7 +74,7 @@ def test_list_context_selectors_imports_no_heavy_package():
 @pytest.mark.parametrize(
     "kind, names",
     [
-        ("partitioners", ["uniform", "memory_balanced"]),
+        ("partitioners", ["uniform", "memory_balanced", "cuts"]),
         ("objectives", ["cross_entropy", "supcon"]),
         ("decoders", ["infopro"]),
         ("datasets", ["digits", "synthetic", "cifar10", "svhn", "stl10"]),
