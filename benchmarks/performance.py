@@ -484,7 +484,9 @@ def render(results: dict) -> str:
         ours = ", ".join(map(str, r110[(4, "none", "memory_balanced")]["sizes"]))
         lines += [
             "For comparison, the official ContSup code's memory-balanced cut of ResNet-110 at K=4 "
-            f"(after blocks (1,6), (1,14), (2,8)) is 7, 8, 12, 28 units; contsup's, without context, is {ours}.",
+            "(after [stage, block] (1,6), (1,14), (2,8), blocks counted from 0 within a stage, the reading under which "
+            f"the official equal tables are the uniform split) is 8, 8, 12, 27 units (partition.use = \"cuts\", "
+            f"recipes/paper/figure4/); contsup's, without context, is {ours}.",
             "",
         ]
         lines += memory_tables(results["memory"], results["memory_meta"])

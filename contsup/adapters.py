@@ -1,8 +1,13 @@
-"""The paper's default context adapters: M_E encodes the raw input, M_R aligns an earlier feature.
+"""The context adapters: M_E encodes the raw input, M_R aligns an earlier feature.
 
-Both map a source tensor to the shape of the module input h they are added to. A context
-selector that builds no adapter of its own for a source gets these (:func:`paper_adapter`), so
-they belong to the plugin API: a third-party selector may also build or wrap them itself.
+Each maps a source tensor to the shape of the module input h it is added to. Two variants:
+the paper's text (:func:`paper_adapter`: M_E's first width h's channels, M_R a 1x1 conv) and the
+official code's (:func:`official_adapter`: M_E's first width 12, M_R with BN and ReLU), which
+produced the published numbers and is what the built-in selectors build by default. A context
+selector that builds no adapter of its own for a source gets :func:`paper_adapter` (the engine's
+fallback, kept so that third-party networks and their checkpoints stay as they were; see
+docs/architecture.md, Decisions); a selector that wants the official ones returns
+``official_adapter(...)`` from its ``adapter`` method.
 """
 
 from __future__ import annotations
@@ -84,11 +89,45 @@ class ShortcutAdapter(nn.Module):
         return self.conv(self.pool(h))
 
 
+class OfficialShortcutAdapter(nn.Module):
+    """M_R as the official code builds it: 1x1 conv, BN, ReLU, then adaptive average pool.
+
+    The BN and ReLU sit between conv and pool, so the pool cannot move first.
+    """
+
+    adapter_kind = "M_R official"  # what contsup plan calls it
+
+    def __init__(self, source_shape: Shape, target_shape: Shape) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(source_shape[0], target_shape[0], 1, bias=False)
+        self.bn = nn.BatchNorm2d(target_shape[0])
+        self.act = nn.ReLU(inplace=True)
+        self.pool = pool_to(target_shape[1:], source_shape[1:])
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.act(self.bn(self.conv(h))))
+
+
+OFFICIAL_ENCODER_WIDTH = 12  # the official M_E's first convolution
+
+
+def official_adapter(is_input: bool, source_shape: Shape, target_shape: Shape) -> nn.Module:
+    """The official code's adapter for a source: M_E of first width 12 for the raw input, M_R
+    with BN and ReLU for a feature."""
+    if is_input:
+        return InputEncoder(source_shape, target_shape, hidden=OFFICIAL_ENCODER_WIDTH)
+    return OfficialShortcutAdapter(source_shape, target_shape)
+
+
 def paper_adapter(is_input: bool, source_shape: Shape, target_shape: Shape) -> nn.Module:
-    """The paper's adapter for a source: M_E for the raw input, M_R for a feature."""
+    """The paper's text's adapter for a source: M_E (first width h's channels) for the raw input,
+    M_R (1x1 conv + pool) for a feature. The engine's fallback for selectors that build none."""
     if is_input:
         return InputEncoder(source_shape, target_shape)
     return ShortcutAdapter(source_shape, target_shape)
 
 
-__all__ = ["InputEncoder", "ShortcutAdapter", "paper_adapter", "pool_to"]
+__all__ = [
+    "InputEncoder", "ShortcutAdapter", "OfficialShortcutAdapter", "official_adapter", "paper_adapter", "pool_to",
+    "OFFICIAL_ENCODER_WIDTH",
+]

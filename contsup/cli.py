@@ -199,7 +199,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     from contsup.tools.results import results_main
 
     _, registries = _registries()
-    return results_main(args.dirs, registries, csv_path=args.csv, md_path=args.markdown)
+    return results_main(args.dirs, registries, csv_path=args.csv, md_path=args.markdown, error=args.error)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -426,6 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dirs", nargs="+", help="run directories or folders holding them (searched recursively)")
     p.add_argument("--csv", metavar="FILE", help="also write the table as CSV")
     p.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
+    p.add_argument(
+        "--error", choices=("final", "best"), default="final",
+        help="which test error the table shows: each run's final epoch's (default) or its best over the epochs "
+        "(the official code's); the CSV has both",
+    )
     p.set_defaults(func=cmd_results)
     p = sub.add_parser("eval", help="test error and every local head's accuracy of a run", description=(
         "Evaluate a run's model.pt (or, for an unfinished run, its newest checkpoint) on the test set."

@@ -107,7 +107,7 @@ def test_shortcut_pools_first_with_the_same_result(source_shape, target_shape):
 
 
 def test_encoder_widths_follow_the_variant():
-    paper = selector("E").adapter(Source.input(), (3, 32, 32), (64, 8, 8))
+    paper = ContSup(ContSup.Options(input=True, encoder="paper")).adapter(Source.input(), (3, 32, 32), (64, 8, 8))
     official = ContSup(ContSup.Options(input=True, encoder="official")).adapter(Source.input(), (3, 32, 32), (64, 8, 8))
     assert paper.conv1.out_channels == 64 and official.conv1.out_channels == 12
     assert isinstance(ContSup(ContSup.Options(recent=1, shortcut="official")).adapter(Source.feature(0), (16, 8, 8), (32, 4, 4)), OfficialShortcutAdapter)

@@ -53,7 +53,7 @@ def test_messages_name_the_ranges():
 HYBRID = """
 [[modules]]
 range = [1, 2]
-context = { use = "none" }
+context = { use = "none", encoder = "paper", shortcut = "paper" }
 
 [[modules]]
 range = [3, 5]
@@ -70,7 +70,7 @@ def test_each_range_gets_its_components(registries):
     assert names == ["CrossEntropy", "CrossEntropy", "SupCon", "SupCon", "FinalCrossEntropy"]
     assert recipe.stage(4).objective.options.temperature == 0.1
     table = recipe.table()
-    assert table["modules"][0] == {"range": [1, 2], "context": {"use": "none", "input": False, "recent": 0, "intermediate": 0, "dense": False, "encoder": "paper", "shortcut": "paper"}}
+    assert table["modules"][0] == {"range": [1, 2], "context": {"use": "none", "input": False, "recent": 0, "intermediate": 0, "dense": False, "encoder": "paper", "shortcut": "paper", "input_once": False}}
 
 
 def test_bad_ranges_are_recipe_errors(registries):

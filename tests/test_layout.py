@@ -166,7 +166,8 @@ def test_preview_sources_takes_names_classes_instances_paths_and_text(tmp_path):
 
 
 def test_plan_json_has_input_shapes_source_details_and_the_parameter_split(write_recipe, capsys):
-    path = write_recipe(small_recipe_text(modules=4, context="stage"))
+    text = small_recipe_text(modules=4, context="stage")  # the paper text's adapters, named M_E and M_R
+    path = write_recipe(text.replace('use = "stage"', 'use = "stage"\nencoder = "paper"\nshortcut = "paper"'))
     assert main(["plan", str(path), "--json"]) == 0
     modules = json.loads(capsys.readouterr().out)["modules"]
     assert [m["sources"] for m in modules] == [[], ["x"], ["x", "h1"], ["x"]]  # the old key, still strings

@@ -74,12 +74,12 @@ def test_list_context_selectors_imports_no_heavy_package():
 @pytest.mark.parametrize(
     "kind, names",
     [
-        ("partitioners", ["uniform", "memory_balanced"]),
+        ("partitioners", ["uniform", "memory_balanced", "cuts"]),
         ("objectives", ["cross_entropy", "supcon"]),
         ("decoders", ["infopro"]),
         ("datasets", ["digits", "synthetic", "cifar10", "cifar100", "svhn", "stl10", "imagefolder"]),
         ("optimizers", ["sgd"]),
-        ("schedules", ["cosine", "constant"]),
+        ("schedules", ["cosine", "constant", "official_cosine"]),
     ],
 )
 def test_every_list_kind_imports_no_heavy_package(kind, names):

@@ -66,6 +66,38 @@ class Cosine:
         return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+class OfficialCosine:
+    """The official code's schedule, set once per epoch: a cosine over all the epochs,
+    ``cos_e = lr/2 (1 + cos(pi e / E))`` for 1-based epoch e of E, blended during the first W
+    warm-up epochs from ``start_lr`` into it: ``lr_e = cos_e (e - 1)/W + start_lr (W + 1 - e)/W``.
+    Epoch 1 trains at ``start_lr``, epoch W+1 on is the plain cosine, the last epoch at 0."""
+
+    name = "official_cosine"
+    needs_base_lr = True  # lr_scheduler passes the optimizer's lr: start_lr is absolute, not a fraction
+
+    @attrs.frozen
+    class Options:
+        warmup_epochs: int = option(10, doc="epochs blended from start_lr into the cosine", validator=at_least(0))
+        start_lr: float = option(0.01, doc="learning rate of the first epoch (absolute, whatever optimizer.lr is)", validator=at_least(0.0))
+
+    def __init__(self, options: "OfficialCosine.Options") -> None:
+        self.options = options
+
+    def lr(self, epoch: int, epochs: int, base_lr: float) -> float:
+        """The learning rate of 1-based ``epoch`` of ``epochs``."""
+        cosine = 0.5 * base_lr * (1 + math.cos(math.pi * epoch / epochs))
+        w = self.options.warmup_epochs
+        if epoch <= w:
+            return cosine * (epoch - 1) / w + self.options.start_lr * (w + 1 - epoch) / w
+        return cosine
+
+    def factor(self, step: int, total_steps: int, steps_per_epoch: int, base_lr: float = 1.0) -> float:
+        """The lr multiplier at 0-based ``step``: constant within an epoch."""
+        epochs = max(1, round(total_steps / max(1, steps_per_epoch)))
+        epoch = min(epochs, step // max(1, steps_per_epoch) + 1)
+        return self.lr(epoch, epochs, base_lr) / base_lr
+
+
 class Constant:
     """Linear warm-up, then a constant learning rate."""
 
@@ -93,13 +125,21 @@ def schedules() -> Registry:
     registry = Registry("schedule")
     registry.add(Cosine, "contsup")
     registry.add(Constant, "contsup")
+    registry.add(OfficialCosine, "contsup")
     return registry
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, schedule, total_steps: int, steps_per_epoch: int):
-    """A per-step ``LambdaLR`` following ``schedule.factor``."""
+    """A per-step ``LambdaLR`` following ``schedule.factor`` (given the group's lr as ``base_lr``
+    when the schedule says ``needs_base_lr``, for schedules with an absolute learning rate)."""
     import torch
 
+    if getattr(schedule, "needs_base_lr", False):
+        lambdas = [
+            (lambda step, base=group["lr"]: schedule.factor(step, total_steps, steps_per_epoch, base_lr=base))
+            for group in optimizer.param_groups
+        ]
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: schedule.factor(step, total_steps, steps_per_epoch)
     )

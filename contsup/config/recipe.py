@@ -18,6 +18,7 @@ import attrs
 
 from contsup.errors import ContsupError, RecipeError
 from contsup.config.optim import optimizers, schedules
+from contsup.config.presets import apply_preset
 from contsup.options import as_table, at_least, option, requires_module, structure
 from contsup.core.registry import Registries, Registry, UnknownName
 from contsup.core.requirements import check_requirements
@@ -55,6 +56,11 @@ class RunOptions:
     channels_last: bool = option(False, doc="keep the network and its inputs in channels-last memory format (faster convolutions on recent GPUs)")
     deterministic: bool = option(
         False, doc="use deterministic algorithms only (torch and cuDNN); off, cuDNN picks the fastest algorithms on CUDA"
+    )
+    init: Literal["default", "official"] = option(
+        "default", doc='"default": the backbone\'s own initialisation, heads, adapters and decoders PyTorch\'s; "official": '
+        "every convolution (heads, adapters and decoders included) drawn from normal(0, sqrt(2 / (k*k*out_channels))) and "
+        "every batch norm set to weight 1, bias 0, as the official code does (preset = \"official\")",
     )
 
     def __attrs_post_init__(self) -> None:
@@ -166,7 +172,7 @@ SECTIONS = (
     Section("log", LogOptions, "", None, None),
     Section("distributed", DistributedOptions, "", None, None),
 )
-TOP_LEVEL_KEYS = ("extends", "modules")
+TOP_LEVEL_KEYS = ("extends", "modules", "preset")
 SECTION = {s.name: s for s in SECTIONS}
 STAGE_KEYS = ("range", "context", "objective", "decoder")
 
@@ -473,9 +479,27 @@ def _read_section(
     return result, problems
 
 
+def _option_fields(section: str, use: str | None, registries: Registries) -> Any:
+    """The option names of the component ``use`` chooses in ``section`` (its default when None);
+    None for a section without components, False when the name does not resolve."""
+    spec = SECTION.get(section)
+    if spec is None or spec.kind is None:
+        return None
+    use = use if use is not None else spec.default_use
+    if not isinstance(use, str):
+        return False
+    try:
+        resolved = component_registry(spec.kind, registries).resolve(use)
+    except UnknownName:
+        return False
+    return {f.name for f in attrs.fields(resolved.component.Options)}
+
+
 def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, overridden: Sequence[str] = ()) -> Recipe:
-    """Validate recipe ``data`` (already parsed and merged); raises RecipeError with every problem."""
-    problems: list[str] = []
+    """Validate recipe ``data`` (already parsed and merged); raises RecipeError with every problem.
+    A ``preset`` fills in the keys the recipe leaves out first (:mod:`contsup.config.presets`)."""
+    data, problems = apply_preset(data, functools.partial(_option_fields, registries=registries))
+    problems = [f"{source}: {p}" for p in problems]
     names = [s.name for s in SECTIONS]
     for key, value in data.items():
         if key in TOP_LEVEL_KEYS:

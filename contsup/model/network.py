@@ -300,7 +300,24 @@ def build_network(recipe: Recipe, costs: Costs | None = None) -> Built:
             )
         )
     network = GreedyNetwork(modules, info)
+    if recipe.run.init == "official":
+        official_init(network)
     return Built(network, plans, info, shapes)
+
+
+def official_init(network: nn.Module) -> None:
+    """Re-initialise as the official code does, in module order: every convolution's weight from
+    normal(0, sqrt(2 / (k_h * k_w * out_channels))) (biases untouched), every batch norm to weight 1
+    and bias 0. Linear layers keep theirs."""
+    with torch.no_grad():
+        for m in network.modules():
+            if isinstance(m, nn.Conv2d):
+                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                m.weight.normal_(0.0, (2.0 / n) ** 0.5)
+            elif isinstance(m, nn.BatchNorm2d):
+                if m.weight is not None:
+                    m.weight.fill_(1.0)
+                    m.bias.zero_()
 
 
 def count_params(module: nn.Module) -> int:

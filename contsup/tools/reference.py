@@ -25,6 +25,12 @@ replaces the inherited table. On the command line, `--set key.path=value` overri
 the value is read as a TOML literal, and a bare word is taken as a string
 (`--set context.use=R1E`, `--set optimizer.lr=0.05`, `--set run.device=cpu`).
 
+`preset = "official"` (or `"paper"`) at the top of a recipe fills in the keys it leaves out with
+what the authors' official code did (its adapters, module 2 of RnE given x once, `run.init =
+"official"`, `schedule.use = "official_cosine"`) or with what the paper's text says; a key the
+recipe or `--set` gives wins, and a table choosing another component than the preset's gets none
+of its keys for it. docs/experiments.md sets the two side by side.
+
 Every problem in a recipe is reported at once, one line each, naming the file and key path and
 the closest valid choice; the command then exits with status 2. A malformed `--set` is one of
 those lines, and a problem with a key that came from `--set` ends with `(from --set KEY)`.

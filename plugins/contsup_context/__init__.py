@@ -26,9 +26,12 @@ _NAME = re.compile(r"^(?:M(?P<m>[1-9]\d*))?(?:R(?P<r>0|[1-9]\d*))?(?P<e>E)?$")
 
 
 def contsup_sources(
-    module: int, *, input: bool, recent: int, intermediate: int, dense: bool
+    module: int, *, input: bool, recent: int, intermediate: int, dense: bool, input_once: bool = False
 ) -> tuple[Source, ...]:
-    """The sources of 1-based ``module`` for the given options, input first then by index."""
+    """The sources of 1-based ``module`` for the given options, input first then by index.
+
+    ``input_once`` (with ``input``) leaves out h_0^c, which is x itself, so x reaches a module
+    once, through M_E: the official code's module 2 under RnE gets x only."""
     if module <= 1:
         return ()
     chosen: set[Source] = set()
@@ -43,6 +46,8 @@ def contsup_sources(
             chosen.add(Source.feature(j))
     for k in range(1, intermediate + 1):
         chosen.add(Source.feature((k * last) // (intermediate + 1)))
+    if input and input_once:
+        chosen.discard(Source.feature(0))
     return tuple(sorted(chosen, key=Source.sort_key))
 
 
@@ -62,13 +67,18 @@ class ContSup:
         )
         dense: bool = option(False, doc="add every h_j^c with j <= l-2 (with input = true: the 'all' selector)")
         encoder: Literal["paper", "official", "pooled", "fast"] = option(
-            "paper",
-            doc='M_E: "paper" = two 3x3 conv+BN+ReLU at x\'s size, first width h\'s channels (Table 7), then pool; '
-            '"official" = the same with first width 12; "pooled" = pool x to h\'s size first, then the paper\'s layers; '
-            '"fast" = pool first, then one 3x3 conv+BN+ReLU (docs/performance.md)',
+            "official",
+            doc='M_E: "official" = two 3x3 conv+BN+ReLU at x\'s size, first width 12, then pool (the official code, '
+            'which produced the published numbers); "paper" = the same with first width h\'s channels (Table 7; trains '
+            'unstably without warm-up, docs/experiments.md); "pooled" = pool x to h\'s size first, then the paper\'s '
+            'layers; "fast" = pool first, then one 3x3 conv+BN+ReLU (docs/performance.md)',
         )
         shortcut: Literal["paper", "official"] = option(
-            "paper", doc='M_R: "paper" = 1x1 conv + pool; "official" = 1x1 conv + BN + ReLU + pool'
+            "official", doc='M_R: "official" = 1x1 conv + BN + ReLU + pool (the official code); "paper" = 1x1 conv + pool (the paper\'s text)'
+        )
+        input_once: bool = option(
+            False, doc="with input = true, leave out h_0^c (which is x itself) as a feature source, so x reaches each "
+            "module once, through M_E: module 2 of RnE gets x only, as in the official code (preset = \"official\")",
         )
 
     @classmethod
@@ -94,7 +104,9 @@ class ContSup:
 
     def sources(self, module: int, num_modules: int) -> tuple[Source, ...]:
         o = self.options
-        return contsup_sources(module, input=o.input, recent=o.recent, intermediate=o.intermediate, dense=o.dense)
+        return contsup_sources(
+            module, input=o.input, recent=o.recent, intermediate=o.intermediate, dense=o.dense, input_once=o.input_once
+        )
 
     def adapter(self, source: Source, source_shape: Shape, target_shape: Shape) -> nn.Module:
         """M_E for the input, M_R for a feature, in the variant the options choose."""
@@ -103,12 +115,14 @@ class ContSup:
 
 def build_adapter(encoder: str, shortcut: str, source: Source, source_shape: Shape, target_shape: Shape) -> nn.Module:
     """M_E (variant ``encoder``) for the input, M_R (variant ``shortcut``) for a feature."""
-    from contsup_context.adapters import FastInputEncoder, InputEncoder, OfficialShortcutAdapter, ShortcutAdapter
+    from contsup_context.adapters import (
+        OFFICIAL_ENCODER_WIDTH, FastInputEncoder, InputEncoder, OfficialShortcutAdapter, ShortcutAdapter,
+    )
 
     if source.is_input:
         if encoder == "fast":
             return FastInputEncoder(source_shape, target_shape)
-        hidden = 12 if encoder == "official" else None
+        hidden = OFFICIAL_ENCODER_WIDTH if encoder == "official" else None
         return InputEncoder(source_shape, target_shape, hidden=hidden, pool_first=encoder == "pooled")
     if shortcut == "official":
         return OfficialShortcutAdapter(source_shape, target_shape)
@@ -144,10 +158,10 @@ class Stage:
     class Options:
         input: bool = option(True, doc="also add the raw input x through the input encoder M_E")
         encoder: Literal["paper", "official", "pooled", "fast"] = option(
-            "paper", doc='M_E variant, as for the contsup selector (see its encoder option)'
+            "official", doc='M_E variant, as for the contsup selector (see its encoder option)'
         )
         shortcut: Literal["paper", "official"] = option(
-            "paper", doc='M_R: "paper" = 1x1 conv + pool; "official" = 1x1 conv + BN + ReLU + pool'
+            "official", doc='M_R: "official" = 1x1 conv + BN + ReLU + pool (the official code); "paper" = 1x1 conv + pool'
         )
 
     def __init__(self, options: "Stage.Options") -> None:
