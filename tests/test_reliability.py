@@ -1,0 +1,172 @@
+"""Reliability of run directories (issue 18): the run-directory lock, resumes that never rewrite
+finished work, digests of model.pt and checkpoints, damaged files reported in one line, SIGHUP,
+and what kills leave behind."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import contsup
+from contsup.cli import main
+from contsup.errors import ContsupError
+from contsup.training.checkpoint import checkpoint_paths, load_latest, save_checkpoint
+from contsup.training.order import ignore_interrupts
+from contsup.training.progress import Progress
+from contsup.training.rundir import read_metrics
+
+from tiny import one_thread, tiny_recipe_text  # noqa: F401 (fixture)
+
+
+def _signal_at(monkeypatch, global_step: int, signum: int = signal.SIGINT) -> None:
+    """Send ourselves ``signum`` right after the given step (counted over the whole run)."""
+    original = Progress.update
+    count = {"n": 0}
+
+    def update(self, step, losses):
+        count["n"] += 1
+        if count["n"] == global_step:
+            os.kill(os.getpid(), signum)
+        original(self, step, losses)
+
+    monkeypatch.setattr(Progress, "update", update)
+
+
+def _stopped_run(write_recipe, tmp_path, monkeypatch, capsys, name="run", step=6, **kwargs) -> Path:
+    """Two epochs of 4 steps, stopped with Ctrl-C after ``step`` (6: inside epoch 2, epoch 1 in metrics.jsonl)."""
+    run = tmp_path / name
+    path = write_recipe(tiny_recipe_text(run, **kwargs), f"{name}.toml")
+    with monkeypatch.context() as m:
+        _signal_at(m, step)
+        assert main(["train", str(path)]) == 130
+    capsys.readouterr()
+    return run
+
+
+def _finished_run(write_recipe, tmp_path, capsys, name="done", epochs=1) -> Path:
+    run = tmp_path / name
+    assert main(["train", str(write_recipe(tiny_recipe_text(run, epochs=epochs, train_size=8), f"{name}.toml"))]) == 0
+    capsys.readouterr()
+    return run
+
+
+def _snapshot(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+def _error_lines(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+
+# -- digests ---------------------------------------------------------------------------------
+
+
+def test_model_pt_has_a_digest_and_a_changed_model_is_refused_in_one_line(write_recipe, tmp_path, capsys):
+    run = _finished_run(write_recipe, tmp_path, capsys)
+    model = run / "model.pt"
+    digest, size = (run / "model.pt.sha256").read_text().split()
+    assert int(size) == model.stat().st_size
+    good = model.read_bytes()
+    assert main(["eval", str(run)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    bad = bytearray(good)
+    bad[-100] ^= 0x40  # one flipped bit, inside the weights
+    model.write_bytes(bytes(bad))
+    message = (f"{model} is damaged: its contents changed after writing (SHA-256 mismatch); evaluate the run's "
+               f"last checkpoint instead (move model.pt away and run contsup eval)")
+    assert main(["eval", str(run)]) == 2
+    assert _error_lines(capsys) == [f"error: {message}"]
+    with pytest.raises(ContsupError) as err:
+        contsup.load_model(run)
+    assert err.value.lines == (message,)
+    # without its digest (a run from before digests) it loads, with one line saying it is unverified
+    model.write_bytes(good)
+    (run / "model.pt.sha256").unlink()
+    assert main(["eval", str(run)]) == 0
+    assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")] == [
+        f"warning: {model} could not be verified: it has no digest (model.pt.sha256)"
+    ]
+    contsup.load_model(run)
+    assert capsys.readouterr().err.count("could not be verified") == 1
+
+
+@pytest.mark.parametrize("content, what", [(torch.zeros(3), "a Tensor"), ([1, 2], "a list"),
+                                           ({"w": [1.0]}, "a dict of other things than tensors")])
+def test_a_model_pt_that_is_no_state_dict_is_one_line(write_recipe, tmp_path, capsys, content, what):
+    run = _finished_run(write_recipe, tmp_path, capsys)
+    torch.save(content, run / "model.pt")
+    (run / "model.pt.sha256").unlink(missing_ok=True)
+    message = f"{run / 'model.pt'}: holds {what}, not a network's weights (a state dict of tensors)"
+    assert main(["eval", str(run)]) == 2
+    assert _error_lines(capsys)[-1] == f"error: {message}"
+    with pytest.raises(ContsupError) as err:
+        contsup.load_model(run)
+    assert err.value.lines == (message,)
+
+
+def test_a_checkpoint_without_its_digest_is_used_with_one_warning(write_recipe, tmp_path, monkeypatch, capsys):
+    run = _stopped_run(write_recipe, tmp_path, monkeypatch, capsys)
+    latest = checkpoint_paths(run)[-1]
+    latest.with_name(latest.name + ".sha256").unlink()
+    warnings = []
+    state, path = load_latest(run, warnings.append)
+    assert path == latest and state["global_step"] == 6
+    assert warnings == [
+        f"checkpoint {latest} could not be verified: its digest file {latest.name}.sha256 is missing "
+        f"(only its structure was checked)"
+    ]
+
+
+def test_a_checkpoint_never_shows_under_its_name_without_its_digest(tmp_path, monkeypatch):
+    """The digest is written before the checkpoint takes its name: a kill in between leaves
+    an orphan digest (removed on the next write or load), never an unverifiable checkpoint."""
+    seen = []
+    original = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".pt"):
+            seen.append(Path(str(dst) + ".sha256").exists())
+        return original(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    save_checkpoint(tmp_path, {"global_step": 3, "payload": torch.ones(2)})
+    assert seen == [True]
+
+
+# -- damaged metrics --------------------------------------------------------------------------
+
+
+def test_results_and_report_skip_a_metrics_line_with_a_bad_byte(write_recipe, tmp_path, capsys):
+    run = _finished_run(write_recipe, tmp_path, capsys, epochs=2)
+    metrics = run / "metrics.jsonl"
+    raw = metrics.read_bytes()
+    assert raw.count(b"\n") == 2
+    metrics.write_bytes(raw.replace(b'"epoch": 1', b'"epoch": \xff1', 1))
+    warning = f"warning: {metrics}: line 1 is not UTF-8 (byte 11 of the line); skipped"
+    assert main(["results", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert warning in captured.err.splitlines() and "Traceback" not in captured.err
+    assert main(["report", str(run), "-o", str(tmp_path / "report")]) == 0
+    assert warning in capsys.readouterr().err.splitlines()
+    assert [m["epoch"] for m in read_metrics(run)] == [2]
+
+
+# -- leftovers -------------------------------------------------------------------------------
+
+
+def test_an_orphan_digest_is_removed_when_pruning(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    orphan = folder / "step-000000001.pt.sha256"
+    orphan.write_text("0" * 64 + "  10\n")
+    save_checkpoint(tmp_path, {"global_step": 2, "payload": torch.ones(2)})
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000000002.pt", "step-000000002.pt.sha256"]
