@@ -67,6 +67,123 @@ def _error_lines(capsys) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.strip()]
 
 
+# -- the run-directory lock ------------------------------------------------------------------
+
+
+def test_resuming_a_run_another_process_holds_exits_2_naming_it_and_a_dead_holders_lock_is_taken_over(
+    write_recipe, tmp_path, monkeypatch, capsys,
+):
+    run = _stopped_run(write_recipe, tmp_path, monkeypatch, capsys)
+    assert not (run / ".lock").exists()  # released when the run stopped
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, socket, sys, time\n"
+         "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "os.write(fd, f'{os.getpid()} {socket.gethostname()}\\n'.encode())\n"
+         "print('locked', flush=True)\n"
+         "time.sleep(120)\n",
+         str(run / ".lock")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = _snapshot(run)
+        assert main(["train", "--resume", str(run)]) == 2
+        assert _error_lines(capsys) == [
+            f"error: {run} is in use by process {holder.pid} on {socket.gethostname()} (it holds {run}/.lock); "
+            f"wait for it to end, or stop it first"
+        ]
+        assert _snapshot(run) == before  # nothing touched: not the metrics, not the checkpoints
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without releasing: its lock file is stale and taken over with one warning
+    assert main(["train", "--resume", str(run)]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: {run}: took over the lock left by process {holder.pid} on {socket.gethostname()}, "
+        f"which is no longer running"
+    ]
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
+    assert not (run / ".lock").exists()
+
+
+def test_the_lock_is_held_while_training_and_released_at_the_end_and_on_a_stop(write_recipe, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "held"
+    seen = []
+    original = Progress.update
+
+    def update(self, step, losses):
+        fd = os.open(run / ".lock", os.O_RDWR)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            seen.append(os.pread(fd, 100, 0).decode())
+        finally:
+            os.close(fd)
+        original(self, step, losses)
+
+    monkeypatch.setattr(Progress, "update", update)
+    assert main(["train", str(write_recipe(tiny_recipe_text(run, epochs=1, train_size=16), "held.toml"))]) == 0
+    assert seen and set(seen) == {f"{os.getpid()} {socket.gethostname()}\n"}
+    assert not (run / ".lock").exists()
+    monkeypatch.undo()
+    stopped = _stopped_run(write_recipe, tmp_path, monkeypatch, capsys, name="stopped", step=2)
+    assert not (stopped / ".lock").exists()
+    # a lock held in this process through another open file refuses too (flock is per open file)
+    fd = os.open(stopped / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        with pytest.raises(ContsupError, match=r"is in use by another process \(it holds "):
+            contsup.train(resume=stopped)
+    finally:
+        os.close(fd)
+
+
+# -- a finished run is never retrained --------------------------------------------------------
+
+
+def test_a_finished_run_whose_checkpoints_are_gone_is_not_retrained(write_recipe, tmp_path, capsys):
+    run = _finished_run(write_recipe, tmp_path, capsys)
+    shutil.rmtree(run / "checkpoints")
+    before = _snapshot(run)
+    assert main(["train", "--resume", str(run)]) == 2
+    assert _error_lines(capsys) == [
+        f"error: --resume {run}: the run finished (1 epochs in metrics.jsonl) and has its model.pt, but no "
+        f"checkpoint is left in {run}/checkpoints; it cannot be trained on, and it is not retrained over its "
+        f"results: start a new run with --new"
+    ]
+    assert _snapshot(run) == before
+
+
+def test_an_unfinished_run_whose_checkpoints_are_gone_keeps_its_metrics(write_recipe, tmp_path, monkeypatch, capsys):
+    run = _stopped_run(write_recipe, tmp_path, monkeypatch, capsys)
+    assert [m["epoch"] for m in read_metrics(run)] == [1]
+    shutil.rmtree(run / "checkpoints")
+    before = _snapshot(run)
+    assert main(["train", "--resume", str(run)]) == 2
+    assert _error_lines(capsys) == [
+        f"error: --resume {run}: metrics.jsonl records 1 finished epoch(s) but no checkpoint is left in "
+        f"{run}/checkpoints to continue from; resuming would retrain from the beginning and drop them: put the "
+        f"checkpoints back, or start a new run with --new"
+    ]
+    assert _snapshot(run) == before
+
+
+def test_checkpoints_replaced_by_a_file_wipe_nothing(write_recipe, tmp_path, monkeypatch, capsys):
+    run = _stopped_run(write_recipe, tmp_path, monkeypatch, capsys)
+    shutil.rmtree(run / "checkpoints")
+    (run / "checkpoints").write_text("not a folder")
+    before = _snapshot(run)
+    assert main(["train", "--resume", str(run)]) == 2
+    assert _error_lines(capsys) == [
+        f"error: --resume {run}: {run}/checkpoints is not a directory, so the run's checkpoints are not there; "
+        f"put them back (nothing was changed)"
+    ]
+    assert _snapshot(run) == before
+
+
 # -- digests ---------------------------------------------------------------------------------
 
 
@@ -161,6 +278,20 @@ def test_results_and_report_skip_a_metrics_line_with_a_bad_byte(write_recipe, tm
 
 
 # -- leftovers -------------------------------------------------------------------------------
+
+
+def test_leftovers_of_kills_are_removed_on_resume(write_recipe, tmp_path, monkeypatch, capsys):
+    run = _stopped_run(write_recipe, tmp_path, monkeypatch, capsys)
+    (run / ".model.pt.k1ll3d.tmp").write_bytes(b"PK\x03\x04 half a model")  # killed writing model.pt
+    (run / ".metrics.jsonl.x.tmp").write_text("{")
+    orphan = run / "checkpoints" / "step-000000002.pt.sha256"  # killed while pruning step 2
+    orphan.write_text("0" * 64 + "  10\n")
+    assert main(["train", "--resume", str(run)]) == 0
+    names = sorted(p.name for p in run.iterdir())
+    assert not [n for n in names if n.endswith(".tmp")], names
+    assert not orphan.exists()
+    folder = run / "checkpoints"
+    assert all((folder / p.name[: -len(".sha256")]).exists() for p in folder.glob("*.sha256"))
 
 
 def test_an_orphan_digest_is_removed_when_pruning(tmp_path):
