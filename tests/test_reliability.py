@@ -277,6 +277,43 @@ def test_results_and_report_skip_a_metrics_line_with_a_bad_byte(write_recipe, tm
     assert [m["epoch"] for m in read_metrics(run)] == [2]
 
 
+# -- SIGHUP ----------------------------------------------------------------------------------
+
+
+def test_sighup_stops_like_ctrl_c_with_a_checkpoint_and_exit_129(write_recipe, tmp_path, monkeypatch, capsys):
+    def unhandled(signum, frame):
+        raise AssertionError("SIGHUP reached the handler outside training: the run does not handle it")
+
+    previous = signal.signal(signal.SIGHUP, unhandled)
+    try:
+        run = tmp_path / "hup"
+        path = write_recipe(tiny_recipe_text(run), "hup.toml")
+        with monkeypatch.context() as m:
+            _signal_at(m, 3, signal.SIGHUP)
+            assert main(["train", str(path)]) == 129
+        err = capsys.readouterr().err
+        assert "SIGHUP: stopping after this step to save a checkpoint" in err
+        stops = [line for line in err.splitlines() if line.startswith("stopped: ")]
+        assert stops == [
+            f"stopped: stopped by SIGHUP at epoch 1, after step 3 of 4; saved checkpoint "
+            f"{run}/checkpoints/step-000000003.pt; continue with: contsup train --resume {run}"
+        ]
+        assert signal.getsignal(signal.SIGHUP) is unhandled  # the previous handler is back
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert main(["train", "--resume", str(run)]) == 0
+
+
+def test_data_loader_workers_leave_sighup_to_the_main_process():
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGHUP)
+    try:
+        ignore_interrupts(0)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGHUP, before[1])
+
+
 # -- leftovers -------------------------------------------------------------------------------
 
 
