@@ -338,3 +338,14 @@ def test_an_orphan_digest_is_removed_when_pruning(tmp_path):
     orphan.write_text("0" * 64 + "  10\n")
     save_checkpoint(tmp_path, {"global_step": 2, "payload": torch.ones(2)})
     assert sorted(p.name for p in folder.iterdir()) == ["step-000000002.pt", "step-000000002.pt.sha256"]
+
+
+def test_contsup_eval_of_a_run_leaves_its_files_alone(write_recipe, tmp_path, monkeypatch, capsys):
+    """A run that may be training writes a checkpoint's digest, then the checkpoint: eval must
+    not take either for a leftover."""
+    run = _stopped_run(write_recipe, tmp_path, monkeypatch, capsys)
+    in_flight = [run / "checkpoints" / ".step-000000008.pt.abcd.tmp", run / "checkpoints" / "step-000000008.pt.sha256"]
+    for path in in_flight:
+        path.write_bytes(b"a write in progress")
+    assert main(["eval", str(run)]) == 0
+    assert all(path.exists() for path in in_flight)

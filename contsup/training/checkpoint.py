@@ -170,16 +170,21 @@ def describe(state: dict[str, Any]) -> str:
     return f"epoch {epoch}, after step {batch} of {n}"
 
 
-def load_latest(run_dir: Path, warn: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
+def load_latest(
+    run_dir: Path, warn: Callable[[str], None], tidy: bool = True,
+) -> tuple[dict[str, Any], Path] | None:
     """The newest usable checkpoint and its path; each damaged newer one is reported through
-    ``warn`` and renamed ``*.corrupt`` (kept for inspection, never loaded again), and temporary
-    files of a killed write are removed. None if the run has no checkpoint; an error naming every
-    damaged one if none is usable."""
+    ``warn`` and renamed ``*.corrupt`` (kept for inspection, never loaded again). With ``tidy``
+    (the caller holds the run directory's lock: a resume) temporary files of a killed write and
+    digests left without their checkpoint are removed; a reader that does not hold it (``contsup
+    eval`` of a run that may be training) leaves them, as they may be a write in progress. None if
+    the run has no checkpoint; an error naming every damaged one if none is usable."""
     folder = checkpoint_dir(run_dir)
-    for leftover in folder.iterdir() if folder.is_dir() else ():
-        if PARTIAL.match(leftover.name):
-            leftover.unlink(missing_ok=True)
-    _remove_orphan_digests(folder)
+    if tidy:
+        for leftover in folder.iterdir() if folder.is_dir() else ():
+            if PARTIAL.match(leftover.name):
+                leftover.unlink(missing_ok=True)
+        _remove_orphan_digests(folder)
     paths = checkpoint_paths(run_dir)
     if not paths:
         return None

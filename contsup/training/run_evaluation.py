@@ -25,7 +25,7 @@ def run_weights(run_dir: Path, warn: Callable[[str], None]) -> tuple[dict[str, t
     model = run_dir / MODEL_FILE
     if model.exists():
         return read_model_file(model, warn), MODEL_FILE
-    found = load_latest(run_dir, warn)
+    found = load_latest(run_dir, warn, tidy=False)  # the run may be training: touch none of its files
     if found is None:
         raise ContsupError(f"{run_dir}: has neither {MODEL_FILE} nor a checkpoint to evaluate")
     state, path = found
