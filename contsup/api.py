@@ -102,7 +102,7 @@ def train(
     run directory (default ``run.out_dir``, else ``runs/<recipe name>``); ``new`` picks a fresh
     ``NAME-N`` directory when that one exists; ``force`` resumes with a changed recipe. Under
     torchrun every process calls this, and each trains its part of a distributed recipe.
-    Problems raise :class:`~contsup.errors.ContsupError`; Ctrl-C (or SIGTERM) stops after the
+    Problems raise :class:`~contsup.errors.ContsupError`; Ctrl-C (or SIGTERM, SIGHUP) stops after the
     current step with a checkpoint and raises :class:`~contsup.training.failures.Interrupted`.
     """
     pm, registries = load_registries()
@@ -113,19 +113,26 @@ def train(
         if trainer is not None:
             return _finished(trainer)
     prepared = prepare(request, registries, _warn)
-    check_single_process(prepared.recipe)
-    preflight(prepared.recipe)
-    started = open_run(prepared, pm, new)
-    try:
-        trainer = Trainer(started.recipe, started.run_dir, hook=pm.hook)
-    except BaseException:  # e.g. the data files are missing: leave no half-made run behind
-        if not started.resumed:
-            rundir.discard_unstarted(started.run_dir)
+    try:  # a resumed run's directory is locked from here, a new one's from open_run
+        check_single_process(prepared.recipe)
+        preflight(prepared.recipe)
+        started = open_run(prepared, pm, new, warn=_warn)
+    except BaseException:
+        prepared.release()
         raise
-    if started.state is not None:
-        trainer.load_state(started.state)
-    trainer.fit(on_epoch=lambda m: rundir.append_metrics(started.run_dir, m))
-    trainer.finish()
+    try:
+        try:
+            trainer = Trainer(started.recipe, started.run_dir, hook=pm.hook)
+        except BaseException:  # e.g. the data files are missing: leave no half-made run behind
+            if not started.resumed:
+                rundir.discard_unstarted(started.run_dir)
+            raise
+        if started.state is not None:
+            trainer.load_state(started.state)
+        trainer.fit(on_epoch=lambda m: rundir.append_metrics(started.run_dir, m))
+        trainer.finish()
+    finally:
+        started.release()
     return _finished(trainer)
 
 
@@ -141,7 +148,7 @@ def _finished(trainer: Trainer) -> Run:
 
 def load_model(run_dir: str | Path, map_location: str = "cpu") -> GreedyNetwork:
     """Rebuild a finished run's network (adapters included) as one ``nn.Module`` in eval mode."""
-    return rundir.load_model(run_dir, map_location=map_location)
+    return rundir.load_model(run_dir, map_location=map_location, warn=_warn)
 
 
 def evaluate(

@@ -64,13 +64,18 @@ def _start_on_main(request: Request, launch: Launch, pm: Any, registries: Regist
     one process that torchrun started alone comes back as it is."""
     prepared = prepare(request, registries, _warn)
     recipe = prepared.recipe
-    check_launch(recipe, launch)
-    if recipe.distributed.mode == "none":
-        return recipe
-    preflight(recipe)
-    n = launch.world_size
-    on = f" on {n} processes" if prepared.resume_dir is not None else f" on {n} processes ({recipe.distributed.mode} parallel)"
-    return open_run(prepared, pm, request.new, on)
+    try:  # a resumed run's directory is locked: until the run ends, or released at once here
+        check_launch(recipe, launch)
+        if recipe.distributed.mode == "none":
+            prepared.release()  # the caller prepares the run again and locks it
+            return recipe
+        preflight(recipe)
+        n = launch.world_size
+        on = f" on {n} processes" if prepared.resume_dir is not None else f" on {n} processes ({recipe.distributed.mode} parallel)"
+        return open_run(prepared, pm, request.new, on, warn=_warn)
+    except BaseException:
+        prepared.release()
+        raise
 
 
 def _start(request: Request, launch: Launch, store: Any, pm: Any, registries: Registries) -> tuple[Started, bool] | None:
@@ -122,6 +127,13 @@ def train_on_ranks(request: Request, launch: Launch, pm: Any, registries: Regist
     if start is None:
         return None
     started, has_state = start
+    try:  # rank 0 holds the run directory's lock until the run ends
+        return _train_started(started, has_state, launch, store, pm)
+    finally:
+        started.release()
+
+
+def _train_started(started: Started, has_state: bool, launch: Launch, store: Any, pm: Any) -> Trainer:
     recipe, run_dir = started.recipe, started.run_dir
     check_device(recipe, launch)
     world = World.start(launch, store, recipe.distributed, resolve_device(recipe.run.device))

@@ -9,11 +9,11 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import attrs
 
-from contsup.errors import ContsupError
+from contsup.errors import ContsupError, one_line
 from contsup.tools.paper import describe, matching_cells, schedule_differences
 from contsup.config.recipe import read_toml
 from contsup.core.registry import Registries
@@ -50,8 +50,15 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def load_run(run_dir: Path) -> RunResult:
-    return RunResult(run_dir, read_toml(run_dir / RECIPE_FILE), read_metrics(run_dir), (run_dir / MODEL_FILE).exists())
+def warn_line(line: str) -> None:
+    """One warning line on standard error (a damaged line of metrics.jsonl, skipped)."""
+    print(f"warning: {one_line(line)}", file=sys.stderr, flush=True)
+
+
+def load_run(run_dir: Path, warn: Callable[[str], None] | None = warn_line) -> RunResult:
+    """One run directory's recipe and metrics; a damaged metrics line is skipped with one line through ``warn``."""
+    metrics = read_metrics(run_dir, warn)
+    return RunResult(run_dir, read_toml(run_dir / RECIPE_FILE), metrics, (run_dir / MODEL_FILE).exists())
 
 
 def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

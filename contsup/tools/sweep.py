@@ -225,7 +225,7 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, out: TextIO | None = None) ->
         else:
             print(f"[{i}/{len(todo)}] {run.command()}", file=out, flush=True)
         code = _train(run)
-        if code in (130, 143):  # Ctrl-C or SIGTERM: the run saved a checkpoint; stop the whole sweep
+        if code in (129, 130, 143):  # SIGHUP, Ctrl-C or SIGTERM: the run saved a checkpoint; stop the whole sweep
             print(f"sweep stopped; run it again to resume {run.run_dir} and go on", file=out, flush=True)
             return code
         if code != 0:

@@ -8,18 +8,17 @@ the metrics so far and the resolved recipe. ``Trainer.checkpoint_state`` builds 
 
 from __future__ import annotations
 
-import hashlib
 import io
 import random
 import re
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from contsup.errors import ContsupError, reason
-from contsup.training.rundir import atomic_write
+from contsup.training.rundir import DamagedFile, check_digest, save_digested, sidecar
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = 1
@@ -79,45 +78,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # -- writing -------------------------------------------------------------------------------
 
 
-class _HashingWriter:
-    """Passes bytes to ``f`` and hashes them on the way, so the file is not read back."""
-
-    def __init__(self, f: BinaryIO) -> None:
-        self.f, self.sha, self.size = f, hashlib.sha256(), 0
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        self.size += len(data)
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
 def save_checkpoint(run_dir: Path, state: dict[str, Any], keep: int = KEEP) -> Path:
-    """Write ``state`` as ``checkpoints/step-NNNNNNNNN.pt`` (atomically), its digest beside it,
-    then delete all but the newest ``keep`` checkpoints."""
+    """Write ``state`` as ``checkpoints/step-NNNNNNNNN.pt`` (atomically, its digest written just
+    before it takes its name), then delete all but the newest ``keep`` checkpoints and any digest
+    left without its checkpoint (by a kill while pruning)."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / checkpoint_name(int(state["global_step"]))
-    digest: dict[str, Any] = {}
-
-    def write(f: BinaryIO) -> None:
-        w = _HashingWriter(f)
-        torch.save(state, w)
-        digest.update(sha256=w.sha.hexdigest(), size=w.size)
-
-    _sidecar(path).unlink(missing_ok=True)  # never pair a new file with an old digest
-    atomic_write(path, write)
-    atomic_write(_sidecar(path), lambda f: f.write(f"{digest['sha256']}  {digest['size']}\n"), binary=False)
+    save_digested(path, state)
     for old in checkpoint_paths(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
         _sidecar(old).unlink(missing_ok=True)
+    _remove_orphan_digests(folder)
     return path
 
 
 def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + ".sha256")
+    return sidecar(path)
+
+
+def _remove_orphan_digests(folder: Path) -> None:
+    """Digest files whose checkpoint is gone (a kill between deleting the two)."""
+    for digest in folder.iterdir() if folder.is_dir() else ():
+        if digest.name.endswith(".pt.sha256") and NAME.match(digest.name[: -len(".sha256")]):
+            if not digest.with_name(digest.name[: -len(".sha256")]).exists():
+                digest.unlink(missing_ok=True)
 
 
 # -- reading -------------------------------------------------------------------------------
@@ -129,29 +114,29 @@ _REQUIRED: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load and check one checkpoint; raises CorruptCheckpoint saying what is wrong."""
+def read_checkpoint(path: Path, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Load and check one checkpoint; raises CorruptCheckpoint saying what is wrong. One without
+    its digest file (every checkpoint is written with one) is checked by its structure only, and
+    ``warn`` says that it could not be verified."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
         raise CorruptCheckpoint(f"cannot be read ({exc.strerror or exc})") from None
-    sidecar = _sidecar(path)
-    if sidecar.exists():
-        try:
-            expected, size = sidecar.read_text(encoding="utf-8").split()
-            int(size)
-        except (OSError, UnicodeDecodeError, ValueError):
-            raise CorruptCheckpoint(f"its digest file {sidecar.name} is damaged") from None
-        if len(raw) != int(size):
-            raise CorruptCheckpoint(f"truncated or extended: {len(raw)} bytes, {size} were written")
-        if hashlib.sha256(raw).hexdigest() != expected:
-            raise CorruptCheckpoint("its contents changed after writing (SHA-256 mismatch)")
+    try:
+        verified = check_digest(path, raw)
+    except DamagedFile as exc:
+        raise CorruptCheckpoint(str(exc)) from None
     try:
         state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds for damaged files
         raise CorruptCheckpoint(f"not a readable checkpoint ({type(exc).__name__}: {reason(exc, 200)})") from None
     _check_structure(state)
+    if not verified and warn is not None:
+        warn(
+            f"checkpoint {path} could not be verified: its digest file {_sidecar(path).name} is missing "
+            f"(only its structure was checked)"
+        )
     return state
 
 
@@ -185,22 +170,28 @@ def describe(state: dict[str, Any]) -> str:
     return f"epoch {epoch}, after step {batch} of {n}"
 
 
-def load_latest(run_dir: Path, warn: Callable[[str], None]) -> tuple[dict[str, Any], Path] | None:
+def load_latest(
+    run_dir: Path, warn: Callable[[str], None], tidy: bool = True,
+) -> tuple[dict[str, Any], Path] | None:
     """The newest usable checkpoint and its path; each damaged newer one is reported through
-    ``warn`` and renamed ``*.corrupt`` (kept for inspection, never loaded again), and temporary
-    files of a killed write are removed. None if the run has no checkpoint; an error naming every
-    damaged one if none is usable."""
+    ``warn`` and renamed ``*.corrupt`` (kept for inspection, never loaded again). With ``tidy``
+    (the caller holds the run directory's lock: a resume) temporary files of a killed write and
+    digests left without their checkpoint are removed; a reader that does not hold it (``contsup
+    eval`` of a run that may be training) leaves them, as they may be a write in progress. None if
+    the run has no checkpoint; an error naming every damaged one if none is usable."""
     folder = checkpoint_dir(run_dir)
-    for leftover in folder.iterdir() if folder.is_dir() else ():
-        if PARTIAL.match(leftover.name):
-            leftover.unlink(missing_ok=True)
+    if tidy:
+        for leftover in folder.iterdir() if folder.is_dir() else ():
+            if PARTIAL.match(leftover.name):
+                leftover.unlink(missing_ok=True)
+        _remove_orphan_digests(folder)
     paths = checkpoint_paths(run_dir)
     if not paths:
         return None
     problems = []
     for path in reversed(paths):
         try:
-            state = read_checkpoint(path)
+            state = read_checkpoint(path, warn)
         except CorruptCheckpoint as exc:
             problems.append((path, str(exc)))
             continue

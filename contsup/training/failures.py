@@ -1,5 +1,5 @@
 """How training stops early: failures of the run itself (exit 1), and stops asked for by a
-person or a scheduler (Ctrl-C, SIGTERM), which the loop takes at a step boundary."""
+person, a scheduler or a closed terminal (Ctrl-C, SIGTERM, SIGHUP), which the loop takes at a step boundary."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ class OutOfMemory(TrainingFailed):
 
 
 class Interrupted(ContsupError):
-    """Stopped on request (Ctrl-C, or SIGTERM from a scheduler: exit status 143); the message says
+    """Stopped on request (Ctrl-C: exit status 130, SIGTERM from a scheduler: 143, SIGHUP from a
+    closed terminal: 129); the message says
     which checkpoint to resume from. ``agreed``: every process stopped at the same step."""
 
     exit_code = 130
@@ -34,11 +35,15 @@ class Interrupted(ContsupError):
     agreed = False
 
 
-STOP_SIGNALS = {signal.SIGINT: ("Ctrl-C", 130), signal.SIGTERM: ("SIGTERM", 143)}
+# what stops a run at the next step: name and exit status (128 + the signal's number). SIGHUP
+# is what a closed terminal (or an ssh session that drops) sends.
+STOP_SIGNALS = {
+    signal.SIGINT: ("Ctrl-C", 130), signal.SIGTERM: ("SIGTERM", 143), signal.SIGHUP: ("SIGHUP", 129),
+}
 
 
 def stopped(name: str, *lines: str) -> Interrupted:
-    """The Interrupted error for a stop asked by ``name`` ("Ctrl-C" or "SIGTERM"), with its exit status."""
+    """The Interrupted error for a stop asked by ``name`` ("Ctrl-C", "SIGTERM" or "SIGHUP"), with its exit status."""
     exc = Interrupted(*lines)
     exc.exit_code = dict(STOP_SIGNALS.values()).get(name, Interrupted.exit_code)
     return exc
@@ -46,7 +51,7 @@ def stopped(name: str, *lines: str) -> Interrupted:
 
 @contextlib.contextmanager
 def stop_signals(handler: Callable[[str], None]) -> Iterator[None]:
-    """Route Ctrl-C and SIGTERM (what a cluster scheduler sends before it kills a job) to
+    """Route Ctrl-C, SIGTERM (what a cluster scheduler sends before it kills a job) and SIGHUP to
     ``handler(name)`` while training, in the main thread; the previous handlers come back after."""
     if threading.current_thread() is not threading.main_thread():
         yield

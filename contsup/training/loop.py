@@ -118,7 +118,7 @@ class Trainer:
         self._resumed: EpochProgress | None = None
         self._stop_wanted_at: float | None = None  # when the first Ctrl-C (or SIGTERM) arrived
         self._stop_agreed = False  # every process stops after this step
-        self._stopped_by = "Ctrl-C"  # or "SIGTERM": what asked the run to stop
+        self._stopped_by = "Ctrl-C"  # or "SIGTERM", "SIGHUP": what asked the run to stop
         self._busy = False  # inside a step or a checkpoint write: the state is not consistent
         self.parallel.attach(self)
 

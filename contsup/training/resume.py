@@ -8,11 +8,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 
-from contsup.training.checkpoint import describe, load_latest
+from contsup.training.checkpoint import checkpoint_dir, describe, load_latest
 from contsup.errors import ContsupError
 from contsup.config.recipe import Recipe, SECTIONS, load_recipe
 from contsup.core.registry import Registries
-from contsup.training.rundir import MODEL_FILE, RECIPE_FILE, write_metrics, write_recipe
+from contsup.training.lock import RunLock
+from contsup.training.rundir import (
+    METRICS_FILE, MODEL_FILE, RECIPE_FILE, read_metrics, remove_partial_writes, write_metrics, write_recipe,
+)
 from contsup.options import as_table
 
 # Keys that do not change what is computed: they may differ on resume without --force.
@@ -57,12 +60,14 @@ def recipe_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list
 
 @attrs.frozen
 class Resumption:
-    """What ``contsup train --resume`` continues: the recipe, and the checkpoint (None: from the start)."""
+    """What ``contsup train --resume`` continues: the recipe, and the checkpoint (None: from the
+    start); ``lock``: the run directory's lock, held from here until the run ends."""
 
     run_dir: Path
     recipe: Recipe
     state: dict | None
     checkpoint: Path | None
+    lock: RunLock | None = None
 
     def where(self) -> str:
         if self.state is None:
@@ -78,15 +83,39 @@ def prepare_resume(
     force: bool,
     warn: Callable[[str], None],
 ) -> Resumption:
-    """Check that ``run_dir`` can be resumed with this recipe; refuses a changed recipe unless ``force``."""
+    """Check that ``run_dir`` can be resumed with this recipe; refuses a changed recipe unless
+    ``force``. Takes the run directory's lock first (another process training into it is refused)
+    and hands it on in the result; on a refusal it is released again."""
     run_dir = Path(run_dir)
     saved_recipe = run_dir / RECIPE_FILE
     if not run_dir.is_dir():
         raise ContsupError(f"--resume {run_dir}: no such run directory")
     if not saved_recipe.exists():
         raise ContsupError(f"--resume {run_dir}: not a run directory (it has no {RECIPE_FILE})")
+    lock = RunLock.take(run_dir, warn)
+    try:
+        return attrs.evolve(_prepare_locked(run_dir, recipe_path, overrides, registries, force, warn), lock=lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _prepare_locked(
+    run_dir: Path, recipe_path: str | None, overrides: Sequence[str], registries: Registries, force: bool,
+    warn: Callable[[str], None],
+) -> Resumption:
+    saved_recipe = run_dir / RECIPE_FILE
+    folder = checkpoint_dir(run_dir)
+    if folder.exists() and not folder.is_dir():
+        raise ContsupError(
+            f"--resume {run_dir}: {folder} is not a directory, so the run's checkpoints are not there; "
+            f"put them back (nothing was changed)"
+        )
+    remove_partial_writes(run_dir)
     found = load_latest(run_dir, warn)
     state, checkpoint = found if found is not None else (None, None)
+    if state is None:
+        _nothing_to_lose(run_dir, warn)
     recipe = load_recipe(recipe_path or saved_recipe, overrides, registries)
     if state is not None:
         before = state["recipe"]
@@ -109,3 +138,22 @@ def prepare_resume(
         write_recipe(run_dir, recipe)
     write_metrics(run_dir, state["history"] if state is not None else [])
     return Resumption(run_dir, recipe, state, checkpoint)
+
+
+def _nothing_to_lose(run_dir: Path, warn: Callable[[str], None]) -> None:
+    """A run without checkpoints starts again from the beginning, rewriting model.pt and
+    metrics.jsonl: refused when they hold finished work (the checkpoints were deleted)."""
+    epochs = read_metrics(run_dir, warn)
+    folder = checkpoint_dir(run_dir)
+    if (run_dir / MODEL_FILE).exists():
+        done = f" ({len(epochs)} epochs in {METRICS_FILE})" if epochs else ""
+        raise ContsupError(
+            f"--resume {run_dir}: the run finished{done} and has its {MODEL_FILE}, but no checkpoint is left in "
+            f"{folder}; it cannot be trained on, and it is not retrained over its results: start a new run with --new"
+        )
+    if epochs:
+        raise ContsupError(
+            f"--resume {run_dir}: {METRICS_FILE} records {len(epochs)} finished epoch(s) but no checkpoint is left in "
+            f"{folder} to continue from; resuming would retrain from the beginning and drop them: put the checkpoints "
+            f"back, or start a new run with --new"
+        )

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from contsup.training.checkpoint import describe, load_latest
 from contsup.errors import ContsupError, RecipeError, reason
 from contsup.core.registry import Registries
-from contsup.training.rundir import MODEL_FILE, RECIPE_FILE
+from contsup.training.rundir import MODEL_FILE, RECIPE_FILE, read_model_file
 from contsup.training.device import resolve_device
 from contsup.training.evaluation import evaluate
 from contsup.model.network import build_network
@@ -24,11 +24,8 @@ def run_weights(run_dir: Path, warn: Callable[[str], None]) -> tuple[dict[str, t
     """The network weights of ``model.pt``, else of the newest usable checkpoint, and which they are."""
     model = run_dir / MODEL_FILE
     if model.exists():
-        try:
-            return torch.load(model, map_location="cpu", weights_only=True), MODEL_FILE
-        except Exception as exc:
-            raise ContsupError(f"{model}: cannot be read ({type(exc).__name__}: {reason(exc, 200)})") from None
-    found = load_latest(run_dir, warn)
+        return read_model_file(model, warn), MODEL_FILE
+    found = load_latest(run_dir, warn, tidy=False)  # the run may be training: touch none of its files
     if found is None:
         raise ContsupError(f"{run_dir}: has neither {MODEL_FILE} nor a checkpoint to evaluate")
     state, path = found

@@ -6,12 +6,16 @@ never leaves a half-written model; runs never overwrite each other.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import platform
+import re
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 import torch
 
@@ -26,6 +30,13 @@ PLUGINS_FILE = "plugins.json"
 METRICS_FILE = "metrics.jsonl"
 MODEL_FILE = "model.pt"
 CLASSES_FILE = "classes.json"
+LOCK_FILE = ".lock"
+# what atomic_write leaves behind when a kill cuts a write short: .NAME.XXXXXXXX.tmp
+PARTIAL_WRITE = re.compile(r"^\.(recipe\.toml|plugins\.json|classes\.json|metrics\.jsonl|model\.pt(\.sha256)?)\..+\.tmp$")
+
+
+def _stderr_warning(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr, flush=True)
 
 
 def _read_umask() -> int:
@@ -37,10 +48,14 @@ def _read_umask() -> int:
 UMASK = _read_umask()
 
 
-def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) -> None:
+def atomic_write(
+    path: Path, write: Callable[[Any], None], binary: bool = True, before_rename: Callable[[], None] | None = None,
+) -> None:
     """Write ``path`` through ``write(fileobj)`` into a temporary sibling, fsync, then rename.
     The file gets the permissions any new file gets (0666 less the umask), not the temporary
-    file's private 0600, so colleagues on a shared machine can read results."""
+    file's private 0600, so colleagues on a shared machine can read results. ``before_rename``
+    runs once the data is on disk, before it takes the name (a digest written first means a file
+    never shows under its name without its digest)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -49,6 +64,8 @@ def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) 
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -64,6 +81,69 @@ def atomic_write(path: Path, write: Callable[[Any], None], binary: bool = True) 
             os.close(dir_fd)
     except OSError:
         pass
+
+
+# -- digests: a SHA-256 and size beside a file, computed while it is written -------------------
+
+
+class DamagedFile(Exception):
+    """A file whose digest says it changed after writing; the message says how."""
+
+
+class _HashingWriter:
+    """Passes bytes to ``f`` and hashes them on the way, so the file is not read back."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def sidecar(path: Path) -> Path:
+    """The digest file beside ``path``: ``NAME.sha256``."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def save_digested(path: Path, obj: Any) -> None:
+    """``torch.save(obj)`` into ``path`` atomically, its digest (``NAME.sha256``) written before
+    the file takes its name, so the file is never there without the digest that matches it."""
+    path = Path(path)
+    digest: dict[str, Any] = {}
+
+    def write(f: BinaryIO) -> None:
+        w = _HashingWriter(f)
+        torch.save(obj, w)
+        digest.update(sha256=w.sha.hexdigest(), size=w.size)
+
+    def write_digest() -> None:
+        atomic_write(sidecar(path), lambda f: f.write(f"{digest['sha256']}  {digest['size']}\n"), binary=False)
+
+    atomic_write(path, write, before_rename=write_digest)
+
+
+def check_digest(path: Path, raw: bytes) -> bool:
+    """Whether ``raw`` (the bytes of ``path``) was verified against its digest: False when the
+    digest file is missing; raises :class:`DamagedFile` when it does not match."""
+    digest = sidecar(path)
+    if not digest.exists():
+        return False
+    try:
+        expected, size = digest.read_text(encoding="utf-8").split()
+        int(size)
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise DamagedFile(f"its digest file {digest.name} is damaged") from None
+    if len(raw) != int(size):
+        raise DamagedFile(f"truncated or extended: {len(raw)} bytes, {size} were written")
+    if hashlib.sha256(raw).hexdigest() != expected:
+        raise DamagedFile("its contents changed after writing (SHA-256 mismatch)")
+    return True
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -96,7 +176,7 @@ def discard_unstarted(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     names = {p.name for p in run_dir.iterdir()}
-    if names <= {RECIPE_FILE, PLUGINS_FILE, CLASSES_FILE}:
+    if names <= {RECIPE_FILE, PLUGINS_FILE, CLASSES_FILE, LOCK_FILE}:
         for name in names:
             (run_dir / name).unlink()
         run_dir.rmdir()
@@ -153,26 +233,80 @@ def write_metrics(run_dir: Path, history: list[dict]) -> None:
     atomic_write(Path(run_dir) / METRICS_FILE, lambda f: f.write(text), binary=False)
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    """Every complete line of metrics.jsonl (a torn last line from a crash is skipped)."""
+def read_metrics(run_dir: Path, warn: Callable[[str], None] | None = None) -> list[dict]:
+    """Every complete line of metrics.jsonl. A torn last line from a crash is skipped quietly;
+    a damaged line before it (not UTF-8, not a JSON object) is skipped with one line through
+    ``warn`` naming the file and the line."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
+    lines = path.read_bytes().split(b"\n")
+    while lines and not lines[-1].strip():
+        lines.pop()
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, raw in enumerate(lines, 1):
+        last = number == len(lines)
         try:
-            out.append(json.loads(line))
+            metrics = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            problem = f"is not UTF-8 (byte {exc.start + 1} of the line)"
         except json.JSONDecodeError:
-            continue
+            if last:
+                continue  # torn by a crash while it was written
+            problem = "is not JSON"
+        else:
+            if isinstance(metrics, dict):
+                out.append(metrics)
+                continue
+            problem = f"holds a {type(metrics).__name__}, not an epoch's metrics"
+        if warn is not None:
+            warn(f"{path}: line {number} {problem}; skipped")
     return out
 
 
+def remove_partial_writes(run_dir: Path) -> None:
+    """Remove the temporary files of writes a kill cut short (``.model.pt.XXXX.tmp``)."""
+    for leftover in Path(run_dir).iterdir():
+        if PARTIAL_WRITE.match(leftover.name):
+            leftover.unlink(missing_ok=True)
+
+
 def save_model(run_dir: Path, network: torch.nn.Module) -> None:
+    """The final weights as ``model.pt`` with its digest ``model.pt.sha256``."""
     state = {k: v.detach().cpu() for k, v in network.state_dict().items()}
-    atomic_write(run_dir / MODEL_FILE, lambda f: torch.save(state, f))
+    save_digested(Path(run_dir) / MODEL_FILE, state)
 
 
-def load_model(run_dir: str | Path, map_location: str = "cpu") -> torch.nn.Module:
+def read_model_file(
+    path: Path, warn: Callable[[str], None] | None = None, map_location: str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """The state dict in ``model.pt``, checked against its digest (a missing digest, as in runs
+    written before contsup recorded one, is one warning) and checked to be a state dict of tensors."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ContsupError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        verified = check_digest(path, raw)
+    except DamagedFile as exc:
+        raise ContsupError(f"{path} is damaged: {exc}; evaluate the run's last checkpoint instead "
+                           f"(move {path.name} away and run contsup eval)") from None
+    if not verified:
+        (warn or _stderr_warning)(f"{path} could not be verified: it has no digest ({sidecar(path).name})")
+    try:
+        state = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises many kinds for damaged files
+        raise ContsupError(f"{path}: cannot be read ({type(exc).__name__}: {reason(exc, 200)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        what = f"a {type(state).__name__}" if not isinstance(state, dict) else "a dict of other things than tensors"
+        raise ContsupError(f"{path}: holds {what}, not a network's weights (a state dict of tensors)")
+    return state
+
+
+def load_model(
+    run_dir: str | Path, map_location: str = "cpu", warn: Callable[[str], None] | None = None,
+) -> torch.nn.Module:
     """The network of a finished run as one ordinary ``nn.Module`` in eval mode."""
     run_dir = Path(run_dir)
     if not (run_dir / RECIPE_FILE).exists():
@@ -184,10 +318,7 @@ def load_model(run_dir: str | Path, map_location: str = "cpu") -> torch.nn.Modul
         )
     recipe = load_recipe(run_dir / RECIPE_FILE)
     network = build_network(recipe).network
-    try:
-        state = torch.load(run_dir / MODEL_FILE, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        raise ContsupError(f"{run_dir / MODEL_FILE}: cannot be read ({type(exc).__name__}: {exc})") from None
+    state = read_model_file(run_dir / MODEL_FILE, warn, map_location)
     try:
         network.load_state_dict(state)
     except RuntimeError as exc:

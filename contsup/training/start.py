@@ -8,6 +8,7 @@ of a distributed run (:mod:`contsup.distributed.launch`).
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -16,7 +17,8 @@ import attrs
 from contsup.config.recipe import Recipe, apply_overrides, build_recipe, load_recipe
 from contsup.core.registry import Registries
 from contsup.core.version import __version__
-from contsup.errors import ContsupError, RecipeError
+from contsup.errors import ContsupError, RecipeError, one_line
+from contsup.training.lock import RunLock
 from contsup.training.resume import prepare_resume
 from contsup.training.rundir import create_run_dir, default_run_dir, write_recipe, write_versions
 
@@ -38,22 +40,34 @@ class Request:
 @attrs.frozen
 class Prepared:
     """A checked recipe and, when resuming, the run directory, its checkpoint state (None: it
-    stopped before its first checkpoint) and where it stands."""
+    stopped before its first checkpoint), where it stands and its lock (held by this process:
+    the caller releases it, with :meth:`release`, when the run ends or does not start)."""
 
     recipe: Recipe
     resume_dir: Path | None = None
     state: dict | None = None
     where: str = ""
+    lock: RunLock | None = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 @attrs.frozen
 class Started:
-    """A run directory ready to train into: the recipe, the directory and the checkpoint to load."""
+    """A run directory ready to train into: the recipe, the directory, the checkpoint to load and
+    the directory's lock (on the process that writes the run; released with :meth:`release`)."""
 
     recipe: Recipe
     run_dir: Path
     state: dict | None
     resumed: bool
+    lock: RunLock | None = None
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
 
 def _overrides(request: Request) -> tuple[str, ...]:
@@ -72,7 +86,7 @@ def prepare(request: Request, registries: Registries, warn: Callable[[str], None
             raise ContsupError("contsup train: with --resume, give the recipe as a file path (or none: the run's own)")
         recipe_path = None if request.recipe is None else str(request.recipe)
         run = prepare_resume(Path(request.resume), recipe_path, _overrides(request), registries, request.force, warn)
-        return Prepared(run.recipe, run.run_dir, run.state, run.where())
+        return Prepared(run.recipe, run.run_dir, run.state, run.where(), run.lock)
     if request.force:
         raise ContsupError("contsup train: --force only applies with --resume RUN_DIR")
     if request.recipe is None:
@@ -117,18 +131,30 @@ def _fresh_components(table: dict, overrides: Sequence[str]) -> dict:
     return table
 
 
-def open_run(prepared: Prepared, pm: Any, new: bool = False, on: str = "") -> Started:
-    """Make the run directory (or reopen the one to resume) and say so in one line; ``on``
-    describes the processes (" on 2 processes (pipeline parallel)")."""
+def open_run(
+    prepared: Prepared, pm: Any, new: bool = False, on: str = "", warn: Callable[[str], None] | None = None,
+) -> Started:
+    """Make the run directory and lock it (or reopen the one to resume, which ``prepare``
+    locked) and say so in one line; ``on`` describes the processes (" on 2 processes (pipeline
+    parallel)"). The lock travels on in the result."""
     recipe = prepared.recipe
     if prepared.resume_dir is not None:
         print(f"contsup {__version__}: resuming {prepared.resume_dir} from {prepared.where}{on}", flush=True)
-        return Started(recipe, prepared.resume_dir, prepared.state, True)
+        return Started(recipe, prepared.resume_dir, prepared.state, True, prepared.lock)
     run_dir = create_run_dir(default_run_dir(recipe), new=new)
-    write_recipe(run_dir, recipe)
-    write_versions(run_dir, recipe, pm)
+    lock = RunLock.take(run_dir, warn or _print_warning)
+    try:
+        write_recipe(run_dir, recipe)
+        write_versions(run_dir, recipe, pm)
+    except BaseException:
+        lock.release()
+        raise
     print(f"contsup {__version__}: training {recipe.source} into {run_dir}{on}", flush=True)
-    return Started(recipe, run_dir, None, False)
+    return Started(recipe, run_dir, None, False, lock)
+
+
+def _print_warning(line: str) -> None:
+    print(f"warning: {one_line(line)}", file=sys.stderr, flush=True)
 
 
 __all__ = ["Request", "Prepared", "Started", "prepare", "recipe_from", "open_run"]
