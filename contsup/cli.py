@@ -57,6 +57,7 @@ def plan_data(recipe: Any) -> dict:
     """What ``contsup plan --json`` prints: per module its units, sources, parameters, shapes."""
     import torch
 
+    from contsup.model.memory import plan_memory
     from contsup.model.network import build_network, count_params
 
     torch.manual_seed(recipe.run.seed)
@@ -103,11 +104,21 @@ def plan_data(recipe: Any) -> dict:
                 "weights": {"reconstruction": w_rec, "local": w_local},
             }
         )
+    memory = plan_memory(recipe, built.network, built.plans, [p.units for p in built.plans])
+    for entry, mem in zip(modules, memory.modules):
+        entry["memory"] = {
+            "bytes": mem.bytes, "adapter_bytes": mem.adapter_bytes, "body_bytes": mem.body_bytes,
+            "body_flops": mem.body_flops, "adapter_flops": mem.adapter_flops,
+        }
     return {
         "backbone": recipe.backbone.use,
         "input_shape": list(built.info.input_shape),
         "num_units": len(built.unit_shapes),
         "modules": modules,
+        "memory": {
+            "batch_size": memory.batch, "measured_batch": memory.measured_batch,
+            "units_bytes": memory.units_bytes, "largest_module_bytes": max(m.bytes for m in memory.modules),
+        },
     }
 
 
@@ -150,7 +161,60 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print()
     print("each module's input shape, the adapter serving each source, and params = body + head + adapters + decoder:")
     print(_table(_detail_rows(data["modules"])))
+    print()
+    _print_memory(data, recipe)
     return 0
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def _print_memory(data: dict, recipe: Any) -> None:
+    """The plan's third part: what training each module keeps for backward, against end to end,
+    and one warning line when context adapters cost more than the bodies they feed."""
+    mem = data["memory"]
+    measured = "" if mem["measured_batch"] == mem["batch_size"] else f", measured at batch {mem['measured_batch']} and scaled"
+    print(f"activation memory kept for backward at batch {mem['batch_size']} (MiB{measured}):")
+    rows = [("module", "training", "its adapters", "its units", "MFLOPs per image: body / adapters")]
+    for m in data["modules"]:
+        x = m["memory"]
+        flops = f"{x['body_flops'] / 1e6:,.1f} / {x['adapter_flops'] / 1e6:,.1f}"
+        rows.append((str(m["index"]), _mib(x["bytes"]), _mib(x["adapter_bytes"]), _mib(x["body_bytes"]), flops))
+    print(_table(rows))
+    units, largest = mem["units_bytes"], mem["largest_module_bytes"]
+    ratio = f" ({largest / units:.2f}x)" if units else ""
+    print(f"largest module: {_mib(largest)} MiB{ratio}; every unit at once, as end-to-end training keeps them: {_mib(units)} MiB")
+    heavy = [m for m in data["modules"] if m["memory"]["adapter_bytes"] > m["memory"]["body_bytes"]
+             or m["memory"]["adapter_flops"] > m["memory"]["body_flops"]]
+    if heavy:
+        worst = max(heavy, key=lambda m: m["memory"]["adapter_bytes"])["memory"]
+        names = _span([m["index"] for m in heavy])
+        options = getattr(recipe.context, "options", None)
+        remedies = []
+        if getattr(options, "encoder", "fast") != "fast":
+            remedies.append('context.encoder = "fast" (pool x to the module\'s size first, then one conv)')
+        if getattr(options, "shortcut", "paper") == "official":
+            remedies.append('context.shortcut = "paper" (pool first, then the 1x1 conv)')
+        cheaper = "set " + " and ".join(remedies) if remedies else "choose a cheaper adapter for these modules"
+        print(
+            f"warning: the context adapters of module{'s' if len(heavy) > 1 else ''} {names} cost more memory or "
+            f"arithmetic than the module's body (the largest: {_mib(worst['adapter_bytes'])} MiB against "
+            f"{_mib(worst['body_bytes'])} MiB); {cheaper}",
+            file=sys.stderr,
+        )
+
+
+def _span(indices: Sequence[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3, 5"."""
+    parts, start = [], None
+    for i, k in enumerate(indices):
+        if start is None:
+            start = k
+        if i + 1 == len(indices) or indices[i + 1] != k + 1:
+            parts.append(str(start) if start == k else f"{start}-{k}")
+            start = None
+    return ", ".join(parts)
 
 
 def _shape(shape: Sequence[int]) -> str:

@@ -215,3 +215,63 @@ def test_a_memory_balanced_run_reloads(write_recipe, tmp_path):
     model = contsup.load_model(out_dir)
     assert [len(m.body) for m in model.blocks] != [3, 3, 4]  # not the uniform split
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+
+
+# -- contsup plan's memory figures ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("context", ["none", "R1E"])
+def test_the_plans_module_memory_equals_a_real_greedy_step(small_recipe, context):
+    """What contsup plan reports per module is what a real greedy step keeps (at a batch it
+    measures at, so no scaling)."""
+    from contsup.cli import plan_data
+
+    recipe = small_recipe(modules=4, context=context, batch_size=4)
+    data = plan_data(recipe)
+    assert data["memory"]["measured_batch"] == data["memory"]["batch_size"] == 4
+    _, greedy = greedy_and_e2e(recipe)
+    assert [m["memory"]["bytes"] for m in data["modules"]] == measure_step(greedy, *batch(recipe))
+    assert data["memory"]["largest_module_bytes"] == max(m["memory"]["bytes"] for m in data["modules"])
+    parts = [m["memory"] for m in data["modules"]]
+    assert all(p["adapter_bytes"] + p["body_bytes"] <= p["bytes"] for p in parts)
+    assert (parts[1]["adapter_flops"] > 0) == (context == "R1E") and all(p["body_flops"] > 0 for p in parts)
+
+
+IMAGENET_SCALE = """
+[run]
+seed = 0
+[data]
+use = "synthetic"
+shape = [3, 224, 224]
+classes = 10
+train_size = 4
+test_size = 2
+batch_size = 2
+[backbone]
+use = "resnet50"
+[partition]
+modules = 4
+[context]
+use = "R1E"
+encoder = "{encoder}"
+shortcut = "{shortcut}"
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("encoder", ["paper", "fast"])
+def test_the_plan_warns_when_the_input_encoder_outweighs_the_modules_it_feeds(write_recipe, capsys, encoder):
+    """The paper's encoder works at 224 x 224 with as many channels as the module: more than the
+    ResNet-50 blocks it feeds; the ImageNet recipes' adapters (the fast encoder, the paper's
+    pool-first M_R) do not."""
+    from contsup.cli import main
+
+    path = write_recipe(IMAGENET_SCALE.format(encoder=encoder, shortcut="paper"))
+    assert main(["plan", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "activation memory kept for backward at batch 2" in captured.out
+    warnings = [line for line in captured.err.splitlines() if "context adapters" in line]
+    if encoder == "paper":
+        assert len(warnings) == 1 and 'set context.encoder = "fast"' in warnings[0]
+    else:
+        assert warnings == []

@@ -545,7 +545,84 @@ def recipe_parts(recipe: Recipe) -> tuple[Any, list[Shape], DatasetInfo]:
     return parts, shapes, info
 
 
+PLAN_BATCH = 8  # the batch contsup plan measures at when the partitioner names none: a plan stays quick
+
+
+@attrs.frozen
+class ModuleMemory:
+    """What training one module keeps for backward (the figure ``memory_balanced`` balances), at
+    the recipe's batch, with the share of its context adapters and of its body's units; and the
+    arithmetic of one image's forward through the body and through the adapters."""
+
+    index: int
+    bytes: int
+    adapter_bytes: int
+    body_bytes: int
+    body_flops: int
+    adapter_flops: int
+
+    @property
+    def adapters_dominate(self) -> bool:
+        """Whether the adapters cost more memory or arithmetic than the module's body."""
+        return self.adapter_bytes > self.body_bytes or self.adapter_flops > self.body_flops
+
+
+@attrs.frozen
+class PlanMemory:
+    """Every module's :class:`ModuleMemory`; ``units_bytes`` what the whole backbone's units keep
+    (what end-to-end training keeps, its head aside). Measured on the CPU at ``measured_batch``
+    images (``partition.measure_batch`` when the partitioner has one, else at most
+    :data:`PLAN_BATCH`) and scaled linearly to ``batch``: saved activations grow in proportion to
+    the batch (batch norm's per-channel statistics aside), so the figures are exact when the two
+    batches agree and estimates otherwise."""
+
+    modules: tuple[ModuleMemory, ...]
+    units_bytes: int
+    batch: int
+    measured_batch: int
+
+
+def forward_flops(module: nn.Module, shape: Shape) -> int:
+    """Floating-point operations of one image of ``shape`` through ``module`` (torch's count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = module.training
+    module.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        module(torch.zeros((1, *shape)))
+    module.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def plan_memory(recipe: Recipe, network: nn.Module, plans: Sequence[Any], sizes: Sequence[int]) -> PlanMemory:
+    """Each module's training memory for the split ``sizes`` of ``network`` (built from
+    ``recipe``), as :class:`PlanMemory` says."""
+    partitioner = recipe.partitioner.create()
+    batch = recipe.data.batch_size
+    measured = min(getattr(partitioner, "cost_batch_size", None) or PLAN_BATCH, batch)
+    parts, shapes, info = recipe_parts(recipe)
+    model = CostModel(recipe, parts, shapes, info, device="cpu", method="saved", batch_size=measured)
+    scale = batch / measured
+    out = []
+    for cost, plan, m in zip(model.plan_costs(sizes), plans, network.blocks):
+        adapter_flops = sum(
+            forward_flops(m.adapters[str(s)], info.input_shape if s.is_input else plans[s.index].input_shape)
+            for s in plan.sources
+        )
+        out.append(ModuleMemory(
+            cost.index, round(cost.bytes * scale), round(cost.breakdown["adapters"] * scale),
+            round(cost.breakdown["units"] * scale), forward_flops(m.body, plan.input_shape), adapter_flops,
+        ))
+    units = sum(model.unit_bytes(u) for u in range(model.n))
+    return PlanMemory(tuple(out), round(units * scale), batch, measured)
+
+
 __all__ = [
+    "ModuleMemory",
+    "PlanMemory",
+    "plan_memory",
+    "forward_flops",
     "SavedStorages",
     "Piece",
     "measure_piece",
