@@ -288,3 +288,35 @@ def test_metrics_written_after_the_last_checkpoint_are_recomputed_once(write_rec
     assert main(["train", "--resume", str(run)]) == 0
     metrics = read_metrics(run)
     assert [m["epoch"] for m in metrics] == [1, 2] and "from" not in metrics[1]
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers_stops_at_a_step(write_recipe, tmp_path):
+    """What docker stop, Slurm and systemd do: SIGTERM to every process of the job, data-loading
+    workers included. The workers leave it to the main process, which stops after its step with
+    a checkpoint (exit 143), not with a dead-worker traceback."""
+    run = tmp_path / "group"
+    text = tiny_recipe_text(run, epochs=2, train_size=192, batch_size=8, modules=2, context="E")
+    text = text.replace("[run]\n", "[run]\ncheckpoint_every_steps = 4\n").replace("[data]\n", "[data]\nworkers = 1\n")
+    path = write_recipe(text, "group.toml")
+    env = {
+        **os.environ, "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins"), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "contsup", "train", str(path)], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not checkpoint_paths(run):
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        os.killpg(proc.pid, signal.SIGTERM)
+        err = proc.communicate(timeout=60)[1].decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    assert [line for line in err.splitlines() if line.startswith("stopped: ")][0].startswith("stopped: stopped by SIGTERM at epoch ")

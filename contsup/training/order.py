@@ -67,10 +67,12 @@ RANK_SEED = 1_000_003  # shards above 0 draw augmentation from seed + shard * RA
 
 
 def ignore_interrupts(_worker_id: int) -> None:
-    """Data-loader worker init: Ctrl-C, and the SIGHUP of a closed terminal (sent to the whole
-    process group), are the main process's to handle (it stops at a step boundary)."""
+    """Data-loader worker init: Ctrl-C, the SIGHUP of a closed terminal and the SIGTERM of
+    ``docker stop``, Slurm or systemd (each sent to the whole process group) are the main
+    process's to handle: it stops at a step boundary, then ends its workers itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def shard_worker_init(shard: int, worker_id: int) -> None:
