@@ -338,29 +338,54 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _, recipe = _recipe(args)
     if recipe.distributed.mode != "none":
         return _bench_distributed(args, recipe)
-    from contsup.tools.bench import bench_markdown, bench_rows, run_bench
+    from contsup.tools.bench import bench_figure, bench_markdown, bench_rows, configuration_rows, run_bench
     from contsup.training.rundir import atomic_write
 
     warmup = 3 if args.warmup is None else args.warmup
+    segments = _segments(args.segments)
     if args.steps < 1 or warmup < 0:
         raise ContsupError(f"contsup bench: --steps must be >= 1 and --warmup >= 0, got {args.steps} and {warmup}")
     out = Path(args.out or Path("bench") / recipe.name)
-    json_path, md_path = Path(f"{out}.json"), Path(f"{out}.md")
+    json_path, md_path, png_path = Path(f"{out}.json"), Path(f"{out}.md"), Path(f"{out}.png")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ContsupError(f"contsup bench: --out {out}: cannot create {out.parent}: {exc.strerror}") from None
-    result = run_bench(recipe, steps=args.steps, warmup=warmup, baseline=args.baseline)
+    result = run_bench(recipe, steps=args.steps, warmup=warmup, baseline=args.baseline, segments=segments)
     sets = "".join(f" --set {s}" for s in args.set or ())
     command = f"contsup bench {args.recipe}{sets} --steps {args.steps} --warmup {warmup} --baseline {args.baseline}"
+    if args.segments != "auto":
+        command += f" --segments {args.segments}"
     try:
         atomic_write(json_path, lambda f: json.dump(result, f, indent=2), binary=False)
         atomic_write(md_path, lambda f: f.write(bench_markdown(result, command)), binary=False)
+        if result["checkpointing"]:
+            bench_figure(result, png_path)
     except OSError as exc:
         raise ContsupError(f"contsup bench: --out {out}: cannot write the results: {exc.strerror}") from None
     print(_table([("figure", "end-to-end", "greedy", "greedy / e2e"), *bench_rows(result)]))
-    print(f"wrote {json_path} and {md_path}")
+    if result["checkpointing"]:
+        print()
+        print(_table([("configuration", "peak MiB", "peak / e2e", "step ms", "step / e2e"), *configuration_rows(result)]))
+        print(f"wrote {json_path}, {md_path} and {png_path}")
+    else:
+        print(f"wrote {json_path} and {md_path}")
     return 0
+
+
+def _segments(text: str) -> list[int] | None:
+    """--segments: "auto" (None: the bench's default set), "none" ([]) or counts "2,4,16"."""
+    if text == "auto":
+        return None
+    if text == "none":
+        return []
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ContsupError(f"contsup bench: --segments must be auto, none or counts such as 2,4,16, got {text!r}")
+    return counts
 
 
 def _bench_distributed(args: argparse.Namespace, recipe: Any) -> int:
@@ -539,7 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed steps (training, default 3) or passes (--inference, default 1) first")
     p.add_argument("--baseline", choices=("backbone", "recipe"), default="backbone",
                    help="training: the end-to-end side is the plain backbone (default) or the recipe's network with its adapters")
-    p.add_argument("--out", help="training: output path without suffix, writes PATH.json and PATH.md (default bench/<recipe name>); distributed: output folder")
+    p.add_argument("--segments", default="auto", metavar="auto|none|S,S,..",
+                   help="training: also end-to-end under activation checkpointing over S groups of units; auto tries 2, 4, 8, K and sqrt(units) (default auto)")
+    p.add_argument("--out", help="training: output path without suffix, writes PATH.json, PATH.md and, with checkpointing, the memory-versus-time figure PATH.png (default bench/<recipe name>); distributed: output folder")
     p.add_argument("--nproc", type=int, default=2, help="distributed recipe: processes of the distributed run (default 2)")
     p.add_argument("--device", default="", help="--inference: device (default: the recipe's run.device)")
     p.add_argument("--repeats", type=int, default=5, help="--inference: timed passes of each kind; the median is reported (default 5)")

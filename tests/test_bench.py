@@ -24,9 +24,22 @@ def test_bench_writes_json_and_markdown(write_recipe, tmp_path, capsys):
     assert g["peak_rss_bytes"] > 0 and e["peak_rss_bytes"] > 0
     markdown = out.with_suffix(".md").read_text()
     assert "contsup bench" in markdown and "| saved for backward, peak (MiB) |" in markdown
+    # checkpointing over S = 2, 3 (sqrt of ResNet-20's 11 units), 4 = K and 8 groups, the same meter
+    ckpt = {c["segments"]: c for c in data["checkpointing"]}
+    assert sorted(ckpt) == [2, 3, 4, 8] and data["checkpointing_best_segments"] in ckpt
+    assert e["live_peak_bytes"] == e["saved_peak_bytes"] == e["peak_bytes"]  # plain end-to-end: the same figure
+    for c in ckpt.values():
+        assert 0 < c["peak_bytes"] < e["peak_bytes"] and len(c["step_ms"]) == 2
+        assert c["live_peak_backward_bytes"] > c["live_peak_forward_bytes"]  # recomputation counted
+    r = data["ratios"]
+    assert r["checkpointing_k_memory"] == ckpt[4]["peak_bytes"] / e["peak_bytes"] < 1
+    assert r["checkpointing_best_memory"] <= r["checkpointing_k_memory"]
+    assert "| checkpointing S=K |" in markdown and f"| checkpointing best S={data['checkpointing_best_segments']} |" in markdown
+    assert "checkpointing S=K" in printed and out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     # the recipe's own network trained end-to-end keeps its adapters: more than the plain backbone
     recipe_side = tmp_path / "recipe"
-    assert main(["bench", str(path), "--steps", "1", "--warmup", "0", "--baseline", "recipe", "--out", str(recipe_side)]) == 0
+    assert main(["bench", str(path), "--steps", "1", "--warmup", "0", "--baseline", "recipe", "--segments", "none", "--out", str(recipe_side)]) == 0
+    assert not recipe_side.with_suffix(".png").exists()
     with_adapters = json.loads(recipe_side.with_suffix(".json").read_text())["e2e"]["saved_peak_bytes"]
     assert with_adapters > e["saved_peak_bytes"]
 
@@ -36,6 +49,13 @@ def test_bench_refuses_zero_steps(write_recipe, capsys):
     assert main(["bench", str(path), "--steps", "0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--steps must be >= 1" in err
+
+
+def test_bench_refuses_bad_segments(write_recipe, capsys):
+    path = write_recipe(small_recipe_text())
+    assert main(["bench", str(path), "--segments", "2,x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--segments must be" in err
 
 
 def test_bench_reports_an_unwritable_output_in_one_line(write_recipe, tmp_path, capsys):

@@ -1,6 +1,11 @@
 """``contsup bench``: end-to-end against the recipe's greedy training, in one process, alternating.
 
-Both train from the same initial backbone weights on the same batches. Memory: the saved-tensor
+Beside the two, end-to-end under activation checkpointing (``torch.utils.checkpoint`` over S
+contiguous groups of the backbone's units: S = K and a few more, the best one reported), what a
+user who only wants memory would pick instead; its memory is the live peak of the saved tensors
+over the whole step, recomputation in backward included (:func:`measure_live`).
+
+All train from the same initial backbone weights on the same batches. Memory: the saved-tensor
 bytes alive for the largest backward pass (exact and deterministic on any device; the main
 figure on CPU), the process's peak resident set size on CPU and the peak CUDA allocation on a
 GPU. Time: the median step over N steps after a warm-up, the two strategies alternating (and
@@ -9,24 +14,26 @@ swapping which goes first) so that a busy machine slows both alike.
 
 from __future__ import annotations
 
+import math
 import platform
 import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable, Literal, TextIO
+from typing import Any, Callable, Literal, Sequence, TextIO
 
 import attrs
 import torch
 
 from contsup.model.memory import CostModel, recipe_parts
-from contsup.training.measure import measure_step
+from contsup.training.measure import measure_live, measure_step
 from contsup.training.device import resolve_device, seed_everything
 from contsup.training.loaders import make_loaders
-from contsup.training.strategies import EndToEndStrategy, GreedyStrategy, StepStats
+from contsup.training.strategies import CheckpointStrategy, EndToEndStrategy, GreedyStrategy, StepStats
 from contsup.model.network import build_network
 from contsup.types import Costs
 from contsup.config.recipe import Recipe
+from contsup.tools.plotting import new_figure, save_png
 
 Baseline = Literal["backbone", "recipe"]
 
@@ -71,6 +78,12 @@ def _batches(recipe: Recipe, device: torch.device, count: int) -> list[tuple[tor
     return out
 
 
+def default_segments(units: int, k: int) -> list[int]:
+    """The checkpointing segment counts tried: 2, 4, 8, K and sqrt(units), those that fit."""
+    wanted = {2, 4, 8, k, max(1, round(math.sqrt(units)))}
+    return sorted(s for s in wanted if 1 <= s <= units)
+
+
 def run_bench(
     recipe: Recipe,
     steps: int = 20,
@@ -78,12 +91,14 @@ def run_bench(
     baseline: Baseline = "backbone",
     device: torch.device | None = None,
     log: TextIO | None = None,
+    segments: Sequence[int] | None = None,
 ) -> dict:
     """Measure end-to-end and greedy training of ``recipe``; returns the figures and ratios.
 
     ``baseline = "backbone"`` trains the plain backbone end-to-end (no context, no auxiliary
     heads: what one would otherwise train); ``"recipe"`` trains the recipe's own network
-    end-to-end, context adapters included.
+    end-to-end, context adapters included. ``segments``: the checkpointing configurations (the
+    plain backbone, S groups of units each); None tries :func:`default_segments`, ``[]`` none.
     """
     log = log or sys.stderr
     device = device or resolve_device(recipe.run.device)
@@ -102,12 +117,17 @@ def run_bench(
         e2e_net = copy.deepcopy(built.network)
     else:
         raise ValueError(f"baseline must be 'backbone' or 'recipe', got {baseline!r}")
+    seed_everything(recipe.run.seed)
+    plain = attrs.evolve(recipe, partition=attrs.evolve(recipe.partition, modules=1))
+    ckpt_net = build_network(plain, costs=Costs.uniform(n)).network.to(device).train()
+    segments = default_segments(n, recipe.partition.modules) if segments is None else sorted(set(segments))
     greedy_net = built.network.to(device).train()
     e2e_net = e2e_net.to(device).train()
     total = warmup + steps + 1
     optimizer, schedule = recipe.optimizer.create(), recipe.schedule.create()
     greedy = GreedyStrategy(greedy_net, optimizer, schedule, total, total)
     e2e = EndToEndStrategy(e2e_net, optimizer, schedule, total, total)
+    ckpts = {f"ckpt{s}": CheckpointStrategy(ckpt_net, optimizer, schedule, total, total, s) for s in segments}
     batches = _batches(recipe, device, total)
     noop = lambda module, loss: None  # noqa: E731
 
@@ -115,7 +135,7 @@ def run_bench(
     x, y = batches[0]
     rss_before = peak_rss_bytes()
 
-    cuda: dict[str, list[tuple[int, int]]] = {"greedy": [], "e2e": []}
+    cuda: dict[str, list[tuple[int, int]]] = {"greedy": [], "e2e": [], **{name: [] for name in ckpts}}
 
     def timed(name: str, strategy: Any, x: torch.Tensor, y: torch.Tensor) -> float:
         """One step's milliseconds; on CUDA also its peak allocation (and peak over what was there)."""
@@ -141,14 +161,20 @@ def run_bench(
     for i in range(warmup):
         timed("e2e", e2e, *batches[i])
     rss_both = peak_rss_bytes()
+    live = {"greedy": measure_live(greedy, x, y), "e2e": measure_live(e2e, x, y)}
+    for name, strategy in ckpts.items():
+        live[name] = measure_live(strategy, x, y)
+        for i in range(warmup):
+            timed(name, strategy, *batches[i])
     for name in cuda:
         cuda[name].clear()
-    times: dict[str, list[float]] = {"greedy": [], "e2e": []}
+    times: dict[str, list[float]] = {name: [] for name in cuda}
     start = time.perf_counter()
+    order = [("greedy", greedy), ("e2e", e2e), *ckpts.items()]
     for i in range(steps):
         x, y = batches[warmup + i]
-        order = [("greedy", greedy), ("e2e", e2e)]
-        for name, strategy in order if i % 2 == 0 else order[::-1]:
+        turn = order[i % len(order) :] + order[: i % len(order)]  # rotating, so none always goes first
+        for name, strategy in turn if i % 2 == 0 else turn[::-1]:
             times[name].append(timed(name, strategy, x, y))
         if (i + 1) % max(1, steps // 5) == 0 or i + 1 == steps:
             say(f"  step {i + 1}/{steps} [{time.perf_counter() - start:.1f}s]")
@@ -157,10 +183,15 @@ def run_bench(
         out = {
             "saved_peak_bytes": max(saved),
             "saved_per_backward_bytes": saved,
+            "live_peak_bytes": live[name]["peak"],
+            "live_peak_forward_bytes": live[name]["forward"],
+            "live_peak_backward_bytes": live[name]["backward"],
+            # what the configuration keeps for backward at its worst moment: the larger of the two
+            "peak_bytes": max(max(saved), live[name]["peak"]),
             "step_ms_median": statistics.median(times[name]),
             "step_ms": times[name],
         }
-        if device.type == "cpu":
+        if device.type == "cpu" and rss is not None:
             out["peak_rss_bytes"] = rss
         if cuda[name]:
             out["cuda_peak_bytes"] = max(p for p, _ in cuda[name])
@@ -178,6 +209,25 @@ def run_bench(
         "step_time": g["step_ms_median"] / e["step_ms_median"],
         "measured_over_predicted": g["saved_peak_bytes"] / g["predicted_peak_bytes"],
     }
+    checkpointing = []
+    for s in segments:
+        name = f"ckpt{s}"
+        c = side(name, [live[name]["forward"]], None)
+        c["segments"] = s
+        c["segment_sizes"] = ckpts[name].sizes
+        c["memory_ratio"] = c["peak_bytes"] / e["peak_bytes"]
+        c["step_time_ratio"] = c["step_ms_median"] / e["step_ms_median"]
+        checkpointing.append(c)
+    k = recipe.partition.modules
+    at_k = next((c for c in checkpointing if c["segments"] == k), None)
+    best = min(checkpointing, key=lambda c: (c["peak_bytes"], c["step_ms_median"])) if checkpointing else None
+    ratios["memory"] = g["peak_bytes"] / e["peak_bytes"]
+    if at_k:
+        ratios["checkpointing_k_memory"] = at_k["memory_ratio"]
+        ratios["checkpointing_k_step_time"] = at_k["step_time_ratio"]
+    if best:
+        ratios["checkpointing_best_memory"] = best["memory_ratio"]
+        ratios["checkpointing_best_step_time"] = best["step_time_ratio"]
     if "cuda_step_peak_bytes" in g:
         ratios["cuda_memory"] = g["cuda_step_peak_bytes"] / e["cuda_step_peak_bytes"]
     return {
@@ -198,6 +248,8 @@ def run_bench(
         "rss_before_steps_bytes": rss_before if device.type == "cpu" else None,
         "greedy": g,
         "e2e": e,
+        "checkpointing": checkpointing,
+        "checkpointing_best_segments": best["segments"] if best else None,
         "ratios": ratios,
     }
 
@@ -225,6 +277,59 @@ def bench_rows(result: dict) -> list[tuple[str, str, str, str]]:
     return rows
 
 
+def configurations(result: dict) -> list[tuple[str, dict]]:
+    """(label, figures) of every configuration measured: end-to-end, greedy, each checkpointing."""
+    k, best = result["modules_k"], result.get("checkpointing_best_segments")
+    out = [("end-to-end", result["e2e"]), (f"greedy K={k}", result["greedy"])]
+    for c in result.get("checkpointing", []):
+        tags = [t for t, hit in (("S=K", c["segments"] == k), ("best", c["segments"] == best)) if hit]
+        out.append((f"checkpointing S={c['segments']}" + (f" ({', '.join(tags)})" if tags else ""), c))
+    return out
+
+
+def configuration_rows(result: dict) -> list[tuple[str, str, str, str, str]]:
+    """(configuration, peak kept for backward MiB, peak / end-to-end, median step ms, step /
+    end-to-end) for every configuration, end-to-end first; the summary rows
+    ``checkpointing S=K`` and ``checkpointing best S=..`` last."""
+    e = result["e2e"]
+    rows = []
+
+    def row(label: str, c: dict) -> tuple[str, str, str, str, str]:
+        return (
+            label, _mib(c["peak_bytes"]), f"{c['peak_bytes'] / e['peak_bytes']:.3f}",
+            f"{c['step_ms_median']:.1f}", f"{c['step_ms_median'] / e['step_ms_median']:.3f}",
+        )
+
+    rows = [row(label, c) for label, c in configurations(result)]
+    k, best = result["modules_k"], result.get("checkpointing_best_segments")
+    by_s = {c["segments"]: c for c in result.get("checkpointing", [])}
+    if k in by_s:
+        rows.append(row("checkpointing S=K", by_s[k]))
+    if best is not None:
+        rows.append(row(f"checkpointing best S={best}", by_s[best]))
+    return rows
+
+
+def bench_figure(result: dict, path: Any) -> Any:
+    """Memory against time, every configuration a point: peak kept for backward (MiB) over the
+    median step relative to end-to-end. Written as a PNG at ``path``; returns the path."""
+    fig, ax = new_figure(6.5, 4.5)
+    e = result["e2e"]
+    for label, c in configurations(result):
+        marker = "s" if label == "end-to-end" else "o" if label.startswith("greedy") else "^"
+        x, y = c["step_ms_median"] / e["step_ms_median"], c["peak_bytes"] / 2**20
+        ax.scatter([x], [y], marker=marker, s=40)
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    ax.set_xlabel("median step / end-to-end")
+    ax.set_ylabel("peak kept for backward (MiB)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(
+        f"{result['backbone']}, {result['context']} K={result['modules_k']}, batch {result['batch_size']}", fontsize=9
+    )
+    ax.grid(alpha=0.3)
+    return save_png(fig, path)
+
+
 def bench_markdown(result: dict, command: str) -> str:
     """The result as a Markdown section, headed by the command and the machine."""
     lines = [
@@ -243,6 +348,18 @@ def bench_markdown(result: dict, command: str) -> str:
         "",
         f"Measured greedy peak / predicted peak: {result['ratios']['measured_over_predicted']:.3f}.",
     ]
+    if result.get("checkpointing"):
+        lines += [
+            "",
+            "Against activation checkpointing (`torch.utils.checkpoint`, non-reentrant, over S contiguous "
+            "groups of the plain backbone's units). Peak kept for backward: the saved tensors alive at the "
+            "worst moment of the step, backward's recomputation included (greedy: the larger of that and "
+            "its saved-for-backward figure, which counts the kept context).",
+            "",
+            "| configuration | peak kept for backward (MiB) | peak / end-to-end | median step (ms) | step / end-to-end |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        lines += [f"| {' | '.join(r)} |" for r in configuration_rows(result)]
     if "peak_rss_bytes" in result["greedy"]:
         lines.append(
             "Peak RSS only grows within a process and includes the libraries, the data and the "

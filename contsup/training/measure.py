@@ -3,12 +3,16 @@
 :meth:`contsup.model.memory.CostModel.plan_costs` predicts these figures from pieces measured
 alone; :func:`measure_step` counts them during one greedy (or end-to-end) step of the training
 loop's own strategy, which is how ``tests/test_memory.py`` pins the prediction to the byte and how
-``contsup bench`` reports the memory of both modes.
+``contsup bench`` reports the memory of both modes. :func:`measure_live` follows the saved
+storages over the whole step instead, backward included, so that a strategy that recomputes
+(activation checkpointing) is charged for what it recomputes.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import contextlib
+import weakref
+from typing import Any, Iterable, Iterator
 
 import torch
 
@@ -75,4 +79,111 @@ def measure_step(strategy: Any, x: torch.Tensor, y: torch.Tensor) -> list[int]:
     return memory.per_backward
 
 
-__all__ = ["StepMemory", "measure_step"]
+class _Held:
+    """One saved reference to a storage the meter counts; dropping it (the graph let go of the
+    saved tensor) releases the reference."""
+
+    __slots__ = ("meter", "key", "__weakref__")
+
+    def __init__(self, meter: "LiveMemory", key: Any) -> None:
+        self.meter, self.key = meter, key
+
+    def __del__(self) -> None:
+        self.meter._release(self.key)
+
+
+class LiveMemory:
+    """The saved-tensor bytes alive over a whole step, forward and backward: a storage counts from
+    the moment autograd saves it until the graph drops the last saved reference to it (after the
+    backward that used it), so the peak includes what recomputation (activation checkpointing)
+    saves during backward. Parameters and buffers are left out, as everywhere.
+
+    Plain end-to-end frees nothing before its backward starts: its peak equals
+    :class:`StepMemory`'s figure. A strategy that recomputes runs its segments under
+    :meth:`recomputation` (see ``strategy.recompute_scope``), which counts the recomputed
+    tensors checkpointing keeps for its backward.
+    """
+
+    def __init__(self, exclude: Iterable[torch.Tensor]) -> None:
+        self.exclude = {k for k in (storage_key(t) for t in exclude) if k is not None}
+        self.live: dict[Any, list[int]] = {}  # key -> [bytes, references]
+        self.current = 0
+        self.peak = 0
+        self.peak_forward = 0
+        self.peak_backward = 0
+
+    def hold(self, t: torch.Tensor) -> _Held | None:
+        """Count ``t``'s storage as alive until the returned object is dropped (None: not counted)."""
+        key = storage_key(t)
+        if key is None or key in self.exclude:
+            return None
+        entry = self.live.get(key)
+        if entry is None:
+            entry = self.live[key] = [storage_bytes(t), 0]
+            self.current += entry[0]
+            self.peak = max(self.peak, self.current)
+            if torch._C._current_graph_task_id() == -1:
+                self.peak_forward = max(self.peak_forward, self.current)
+            else:
+                self.peak_backward = max(self.peak_backward, self.current)
+        entry[1] += 1
+        return _Held(self, key)
+
+    def _release(self, key: Any) -> None:
+        entry = self.live.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            self.current -= entry[0]
+            del self.live[key]
+
+    def _pack(self, t: torch.Tensor) -> tuple[torch.Tensor, _Held | None]:
+        return t, self.hold(t)
+
+    @staticmethod
+    def _unpack(packed: tuple[torch.Tensor, Any]) -> torch.Tensor:
+        return packed[0]
+
+    @contextlib.contextmanager
+    def recomputation(self) -> Iterator[None]:
+        """Around a checkpointed segment's function: during backward's recomputation, count each
+        tensor checkpointing keeps (until its backward unpacks it); in the forward, nothing (the
+        checkpoint keeps only the segment's inputs, which the outer hooks count)."""
+        top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        if top is None or torch._C._current_graph_task_id() == -1:
+            yield
+            return
+        inner_pack, inner_unpack = top
+
+        def pack(t: torch.Tensor) -> Any:
+            kept = t.detach() if t.requires_grad else t  # what checkpointing stores, and drops
+            held = self.hold(kept)
+            if held is not None:
+                weakref.finalize(kept, lambda h=[held]: h.clear())
+            del held
+            return inner_pack(kept)
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, inner_unpack):
+            yield
+
+
+def measure_live(strategy: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, int]:
+    """Run one training step of ``strategy`` and return the peak saved-tensor bytes alive at any
+    moment of it (``peak``), in its forward passes (``forward``) and in its backward passes
+    (``backward``), recomputation included."""
+    network = strategy.network
+    meter = LiveMemory(module_tensors(network))
+    scoped = hasattr(strategy, "recompute_scope")
+    if scoped:
+        strategy.recompute_scope = meter.recomputation
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(meter._pack, meter._unpack):
+            strategy.step(x, y, StepStats(network.num_modules), lambda module, loss: None)
+    finally:
+        if scoped:
+            strategy.recompute_scope = contextlib.nullcontext
+    return {"peak": meter.peak, "forward": meter.peak_forward, "backward": meter.peak_backward}
+
+
+__all__ = ["StepMemory", "measure_step", "LiveMemory", "measure_live"]

@@ -1,17 +1,22 @@
 """How a network learns from one batch: greedily (each module on its own local loss, one
 optimizer and schedule per module) or end to end (one loss at the end, one optimizer).
 
+:class:`CheckpointStrategy` is end to end under activation checkpointing, the memory baseline
+``contsup bench`` measures greedy training against.
+
 A greedy step, per batch and module by module: h^c from detached context, forward, local loss,
 backward, optimizer step, pass ``h.detach()`` on. Only one module's graph is alive at a time.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+import contextlib
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
 
 import attrs
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from contsup.config.optim import lr_scheduler
 from contsup.model.network import ContextModule, ContextStore, GreedyNetwork
@@ -196,6 +201,63 @@ class EndToEndStrategy:
         return self.optimizers[0].param_groups[0]["lr"]
 
 
+def segment_sizes(units: int, segments: int) -> list[int]:
+    """``units`` split into ``segments`` contiguous groups, as equal as possible (larger first)."""
+    if not 1 <= segments <= units:
+        raise ValueError(f"segments must be between 1 and {units}, got {segments}")
+    base, extra = divmod(units, segments)
+    return [base + (1 if i < extra else 0) for i in range(segments)]
+
+
+class CheckpointStrategy(EndToEndStrategy):
+    """End to end under activation checkpointing: the units of a network without context (the
+    plain backbone) run in ``segments`` contiguous groups, each through
+    ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)``: the forward keeps only each
+    group's input and backward recomputes one group at a time. The same gradients as
+    :class:`EndToEndStrategy`, less memory, more time; what a user who only wants memory would
+    pick instead of greedy training. ``recompute_scope`` wraps every group's function (the live
+    meter of ``training/measure.py`` counts the recomputed tensors through it)."""
+
+    def __init__(
+        self, network: GreedyNetwork, optimizer: Any, schedule: Any, total_steps: int, steps_per_epoch: int,
+        segments: int, precision: Precision | None = None, sync: SyncGradients = _no_sync,
+    ) -> None:
+        super().__init__(network, optimizer, schedule, total_steps, steps_per_epoch, precision=precision, sync=sync)
+        if any(m.sources for m in network.blocks):
+            raise ValueError("checkpointing runs a network without context adapters (the plain backbone)")
+        self.units: list[nn.Module] = [u for m in network.blocks for u in m.body]
+        self.sizes = segment_sizes(len(self.units), segments)
+        self.recompute_scope: Callable[[], Any] = contextlib.nullcontext
+
+    def _segment(self, units: Sequence[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+        def run(h: torch.Tensor) -> torch.Tensor:
+            with self.recompute_scope():
+                for u in units:
+                    h = u(h)
+            return h
+
+        return run
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats, check: Check, weight: float = 1.0) -> None:
+        last = self.network.blocks[-1]
+        with self.precision.autocast():
+            h, first = x, 0
+            for size in self.sizes:
+                h = checkpoint(self._segment(self.units[first : first + size]), h, use_reentrant=False)
+                first += size
+            result = last.loss(h, y, x)
+        check(last.index, result.total)
+        opt, scaler = self.optimizers[0], self.scalers[0]
+        opt.zero_grad(set_to_none=True)
+        loss = result.total if weight == 1.0 else result.total * weight
+        scaler.scale(loss).backward()
+        self.sync(opt)
+        scaler.step(opt)
+        scaler.update()
+        self.schedulers[0].step()
+        stats.add(last.index, float(result.local), result.prediction, y)
+
+
 STRATEGIES = {"greedy": GreedyStrategy, "e2e": EndToEndStrategy}
 
 
@@ -209,4 +271,4 @@ def make_strategy(
     )
 
 
-__all__ = ["StepStats", "Strategy", "GreedyStrategy", "EndToEndStrategy", "STRATEGIES", "make_strategy", "e2e_parameters"]
+__all__ = ["StepStats", "Strategy", "GreedyStrategy", "EndToEndStrategy", "CheckpointStrategy", "segment_sizes", "STRATEGIES", "make_strategy", "e2e_parameters"]
