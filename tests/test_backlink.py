@@ -195,3 +195,17 @@ units = 1
     assert main(["train", str(path)]) == 0
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and metrics[0]["test_error_pct"] < 100.0
+
+
+def test_profile_notes_the_linked_memory(registries, tmp_path):
+    from contsup.tools.profiling import profile_data, profile_text
+    from contsup.cli import _table
+
+    plain = profile_data(_recipe(registries, tmp_path, modules=3), repeats=1)
+    data = profile_data(_recipe(registries, tmp_path, extra="\n[backlink]\nunits = 1\n", modules=3), repeats=1)
+    assert plain["backlink"] is None
+    link = data["backlink"]
+    assert link["linked_bytes"][0] == 0 and all(b > 0 for b in link["linked_bytes"][1:])
+    assert link["linked_bytes"][1] == data["units"][data["modules"][0]["unit_range"][1]]["bytes"]
+    assert link["peak_bytes"] >= data["predicted_peak_bytes"]
+    assert "backlink (1 unit)" in profile_text(data, _table)
