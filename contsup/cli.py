@@ -57,12 +57,14 @@ def plan_data(recipe: Any) -> dict:
     """What ``contsup plan --json`` prints: per module its units, sources, parameters, shapes."""
     import torch
 
-    from contsup.model.memory import plan_memory
+    from contsup.model.memory import backlink_spans, plan_memory
     from contsup.model.network import build_network, count_params
 
     torch.manual_seed(recipe.run.seed)
     built = build_network(recipe)
     k = len(built.plans)
+    link = recipe.backlink.units if recipe.run.mode == "greedy" else 0
+    spans = backlink_spans([p.units for p in built.plans], link)
     modules = []
     for plan, m in zip(built.plans, built.network.blocks):
         stage = recipe.stage(plan.index)
@@ -102,13 +104,18 @@ def plan_data(recipe: Any) -> dict:
                 "head": "backbone" if last else getattr(stage.objective.options, "head", type(m.head).__name__),
                 "decoder": None if last or stage.decoder is None else stage.decoder.use,
                 "weights": {"reconstruction": w_rec, "local": w_local},
+                "backlink": None if spans[plan.index - 1] is None else {
+                    "units": spans[plan.index - 1][1] - spans[plan.index - 1][0] + 1,
+                    "unit_range": list(spans[plan.index - 1]),
+                    "trained_by": plan.index + 1,
+                },
             }
         )
     memory = plan_memory(recipe, built.network, built.plans, [p.units for p in built.plans])
     for entry, mem in zip(modules, memory.modules):
         entry["memory"] = {
             "bytes": mem.bytes, "adapter_bytes": mem.adapter_bytes, "body_bytes": mem.body_bytes,
-            "body_flops": mem.body_flops, "adapter_flops": mem.adapter_flops,
+            "body_flops": mem.body_flops, "adapter_flops": mem.adapter_flops, "backlink_bytes": mem.backlink_bytes,
         }
     return {
         "backbone": recipe.backbone.use,
@@ -132,6 +139,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     header = ["module", "units", "unit range", "sources", "params", "output shape"]
     if varied:
         header += ["context", "objective", "head", "decoder (w_rec, w_local)"]
+    linked = any(m["backlink"] for m in data["modules"])
+    if linked:
+        header.append("backlink")
     rows = [tuple(header)]
     for m in data["modules"]:
         w = m["weights"]
@@ -146,6 +156,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if varied:
             decoder = f"{m['decoder']} ({w['reconstruction']:g}, {w['local']:g})" if m["decoder"] else "-"
             row += [m["context"], m["objective"], m["head"], decoder]
+        if linked:
+            b = m["backlink"]
+            row.append(f"{b['unit_range'][0]}-{b['unit_range'][1]} (+ loss {b['trained_by']})" if b else "-")
         rows.append(tuple(row))
     context = "per [[modules]] range" if recipe.stages else recipe.context.use
     print(
@@ -155,6 +168,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(_table(rows))
     total = sum(m["params"] for m in data["modules"])
     print(f"total parameters: {total:,}")
+    if any(m["backlink"] for m in data["modules"]):
+        n = recipe.backlink.units
+        print(f"backlink: the loss of module l+1 also trains the last {n} unit{'s' if n != 1 else ''} of module l "
+              f"(column \"backlink\": those units); earlier units and all context stay isolated")
     if not varied and len(data["modules"]) > 1:
         first = data["modules"][0]
         print(f"local objective of modules 1..{len(data['modules']) - 1}: {first['objective']}, head {first['head']}")
@@ -176,12 +193,19 @@ def _print_memory(data: dict, recipe: Any) -> None:
     mem = data["memory"]
     measured = "" if mem["measured_batch"] == mem["batch_size"] else f", measured at batch {mem['measured_batch']} and scaled"
     print(f"activation memory kept for backward at batch {mem['batch_size']} (MiB{measured}):")
+    linked = any(m["memory"]["backlink_bytes"] for m in data["modules"])
     rows = [("module", "training", "its adapters", "its units", "MFLOPs per image: body / adapters")]
+    if linked:
+        rows[0] += ("backlink (in training)",)
     for m in data["modules"]:
         x = m["memory"]
         flops = f"{x['body_flops'] / 1e6:,.1f} / {x['adapter_flops'] / 1e6:,.1f}"
-        rows.append((str(m["index"]), _mib(x["bytes"]), _mib(x["adapter_bytes"]), _mib(x["body_bytes"]), flops))
+        row = (str(m["index"]), _mib(x["bytes"]), _mib(x["adapter_bytes"]), _mib(x["body_bytes"]), flops)
+        rows.append(row + ((_mib(x["backlink_bytes"]),) if linked else ()))
     print(_table(rows))
+    if linked:
+        print("backlink: each module's training figure includes the linked units of the module before it, kept "
+              "until its backward (estimated from their measurements)")
     units, largest = mem["units_bytes"], mem["largest_module_bytes"]
     ratio = f" ({largest / units:.2f}x)" if units else ""
     print(f"largest module: {_mib(largest)} MiB{ratio}; every unit at once, as end-to-end training keeps them: {_mib(units)} MiB")

@@ -101,6 +101,18 @@ class LogOptions:
 
 
 @attrs.frozen
+class BacklinkOptions:
+    """BackLink (Guo et al., 2023): module l+1's loss also trains the last units of module l
+    (docs/objectives.md)."""
+
+    units: int = option(
+        0, doc="N: module l+1's loss back-propagates into the last N units of module l (2 <= l+1 <= K) and stops "
+        "there; each of those units learns from the sum of both losses' gradients; 0: off (plain greedy)",
+        validator=at_least(0),
+    )
+
+
+@attrs.frozen
 class DistributedOptions:
     """Training on several processes started by torchrun (docs/distributed.md)."""
 
@@ -170,6 +182,7 @@ SECTIONS = (
     Section("optimizer", NoOptions, "optimizer", "optimizers", "sgd"),
     Section("schedule", NoOptions, "learning-rate schedule", "schedules", "cosine"),
     Section("log", LogOptions, "", None, None),
+    Section("backlink", BacklinkOptions, "", None, None),
     Section("distributed", DistributedOptions, "", None, None),
 )
 TOP_LEVEL_KEYS = ("extends", "modules", "preset")
@@ -238,6 +251,7 @@ class Recipe:
     schedule: Chosen
     stages: tuple[Stage, ...] = ()  # from [[modules]]; empty: every module uses the sections above
     log: LogOptions = attrs.field(factory=LogOptions)
+    backlink: BacklinkOptions = attrs.field(factory=BacklinkOptions)
     distributed: DistributedOptions = attrs.field(factory=DistributedOptions)
 
     @property
@@ -264,6 +278,7 @@ class Recipe:
         if self.stages:
             out["modules"] = [stage.table(self) for stage in self.stages]
         out["log"] = as_table(self.log)
+        out["backlink"] = as_table(self.backlink)
         out["distributed"] = as_table(self.distributed)
         return out
 
@@ -544,6 +559,7 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
         schedule=parts["schedule"]["chosen"],
         stages=stages,
         log=parts["log"]["own"],
+        backlink=parts["backlink"]["own"],
         distributed=parts["distributed"]["own"],
     )
 
@@ -668,6 +684,14 @@ def _distributed_checks(parts: Mapping[str, Mapping[str, Any]], source: str) -> 
             f"{source}: distributed.mode: \"pipeline\" trains each module on its own rank, which needs "
             f"run.mode = \"greedy\"; use distributed.mode = \"data\" for end-to-end training"
         )
+    b = parts["backlink"]["own"]
+    if b is not None and b.units > 0 and d.mode == "pipeline":
+        problems.append(
+            f"{source}: backlink.units: BackLink is not available with distributed.mode = \"pipeline\" yet "
+            f"(module l+1's loss would cross ranks); use backlink.units = 0 or distributed.mode = \"none\" or \"data\""
+        )
+    if b is not None and b.units > 0 and run is not None and run.mode != "greedy":
+        problems.append(f"{source}: backlink.units: BackLink needs run.mode = \"greedy\"; use backlink.units = 0")
     k = partition.modules if partition is not None else None
     if d.stages and k is not None and sum(d.stages) != k:
         problems.append(

@@ -560,6 +560,7 @@ class ModuleMemory:
     body_bytes: int
     body_flops: int
     adapter_flops: int
+    backlink_bytes: int = 0  # with BackLink: module l-1's last units, kept while module l trains (in ``bytes``)
 
     @property
     def adapters_dominate(self) -> bool:
@@ -595,9 +596,24 @@ def forward_flops(module: nn.Module, shape: Shape) -> int:
     return int(counter.get_total_flops())
 
 
+def backlink_spans(sizes: Sequence[int], units: int) -> list[tuple[int, int] | None]:
+    """Per module l, the [first, last] units (0-based, inclusive) that module l+1's loss also
+    trains with BackLink of ``units`` (the last ``units`` of module l, all of them when it has
+    fewer); None for the last module and when ``units`` is 0."""
+    out: list[tuple[int, int] | None] = []
+    start = 0
+    for l, n in enumerate(sizes, start=1):
+        last = start + n - 1
+        out.append((max(start, last - units + 1), last) if units > 0 and l < len(sizes) else None)
+        start += n
+    return out
+
+
 def plan_memory(recipe: Recipe, network: nn.Module, plans: Sequence[Any], sizes: Sequence[int]) -> PlanMemory:
     """Each module's training memory for the split ``sizes`` of ``network`` (built from
-    ``recipe``), as :class:`PlanMemory` says."""
+    ``recipe``), as :class:`PlanMemory` says. With BackLink, module l's figure adds what module
+    l-1's linked units keep (their saved activations, each unit's output included), alive until
+    module l's backward: an estimate from the units' own measurements (docs/objectives.md)."""
     partitioner = recipe.partitioner.create()
     batch = recipe.data.batch_size
     measured = min(getattr(partitioner, "cost_batch_size", None) or PLAN_BATCH, batch)
@@ -605,14 +621,17 @@ def plan_memory(recipe: Recipe, network: nn.Module, plans: Sequence[Any], sizes:
     model = CostModel(recipe, parts, shapes, info, device="cpu", method="saved", batch_size=measured)
     scale = batch / measured
     out = []
+    spans = backlink_spans(sizes, recipe.backlink.units if recipe.run.mode == "greedy" else 0)
     for cost, plan, m in zip(model.plan_costs(sizes), plans, network.blocks):
+        span = spans[plan.index - 2] if plan.index >= 2 else None
+        linked = round(sum(model.unit_bytes(u) for u in range(span[0], span[1] + 1)) * scale) if span else 0
         adapter_flops = sum(
             forward_flops(m.adapters[str(s)], info.input_shape if s.is_input else plans[s.index].input_shape)
             for s in plan.sources
         )
         out.append(ModuleMemory(
-            cost.index, round(cost.bytes * scale), round(cost.breakdown["adapters"] * scale),
-            round(cost.breakdown["units"] * scale), forward_flops(m.body, plan.input_shape), adapter_flops,
+            cost.index, round(cost.bytes * scale) + linked, round(cost.breakdown["adapters"] * scale),
+            round(cost.breakdown["units"] * scale), forward_flops(m.body, plan.input_shape), adapter_flops, linked,
         ))
     units = sum(model.unit_bytes(u) for u in range(model.n))
     return PlanMemory(tuple(out), round(units * scale), batch, measured)
@@ -622,6 +641,7 @@ __all__ = [
     "ModuleMemory",
     "PlanMemory",
     "plan_memory",
+    "backlink_spans",
     "forward_flops",
     "SavedStorages",
     "Piece",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from contsup.model.memory import CostModel, partition_costs, recipe_parts
+from contsup.model.memory import CostModel, backlink_spans, partition_costs, recipe_parts
 from contsup.training.device import resolve_device
 from contsup.model.network import check_split, plan_modules
 from contsup.config.recipe import Recipe
@@ -39,6 +39,8 @@ def profile_data(recipe: Recipe, device: torch.device | None = None, repeats: in
     peak = max(modules, key=lambda m: m.bytes)
     largest = max(unit_bytes)
     bound = max(largest, total_bytes / k)
+    spans = backlink_spans(sizes, recipe.backlink.units if recipe.run.mode == "greedy" else 0)
+    linked = [0] + [sum(unit_bytes[span[0] : span[1] + 1]) if span else 0 for span in spans[:-1]]
     return {
         "recipe": recipe.source,
         "backbone": recipe.backbone.use,
@@ -81,6 +83,11 @@ def profile_data(recipe: Recipe, device: torch.device | None = None, repeats: in
         "largest_unit_bytes": largest,
         "lower_bound_bytes": bound,
         "peak_over_bound": peak.bytes / bound if bound else None,
+        "backlink": None if not any(linked) else {
+            "units": recipe.backlink.units,
+            "linked_bytes": linked,  # per module l: module l-1's linked units, kept while module l trains
+            "peak_bytes": max(m.bytes + b for m, b in zip(modules, linked)),
+        },
     }
 
 
@@ -134,4 +141,11 @@ def profile_text(data: dict, table) -> str:
         f"{mib(data['total_unit_bytes'] / data['modules_k'])}) = {mib(data['lower_bound_bytes'])} MiB; "
         f"peak / bound = {data['peak_over_bound']:.2f}",
     ]
+    link = data.get("backlink")
+    if link:
+        lines.append(
+            f"backlink ({link['units']} unit{'s' if link['units'] != 1 else ''}): each module also keeps the previous "
+            f"module's linked units while it trains (up to {mib(max(link['linked_bytes']))} MiB, not in the figures "
+            f"above); predicted peak with them: {mib(link['peak_bytes'])} MiB"
+        )
     return "\n".join(lines)

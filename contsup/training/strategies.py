@@ -6,6 +6,10 @@ optimizer and schedule per module) or end to end (one loss at the end, one optim
 
 A greedy step, per batch and module by module: h^c from detached context, forward, local loss,
 backward, optimizer step, pass ``h.detach()`` on. Only one module's graph is alive at a time.
+
+With BackLink (``[backlink] units = N``, docs/objectives.md) module l's last N units keep their
+graph until module l+1's backward has reached them, and module l steps only then, on the sum of
+both losses' gradients; nothing before those N units is reached by module l+1's loss.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from contsup.config.optim import lr_scheduler
+from contsup.errors import ContsupError
 from contsup.model.network import ContextModule, ContextStore, GreedyNetwork
 from contsup.training.precision import Precision
 
@@ -107,9 +112,10 @@ class GreedyStrategy:
 
     def __init__(
         self, network: GreedyNetwork, optimizer: Any, schedule: Any, total_steps: int, steps_per_epoch: int,
-        precision: Precision | None = None, sync: SyncGradients = _no_sync,
+        precision: Precision | None = None, sync: SyncGradients = _no_sync, backlink: int = 0,
     ) -> None:
         self.network = network
+        self.backlink = int(backlink)
         self.optimizers = [optimizer.build(m.parameters()) for m in network.blocks]
         self.schedulers = [lr_scheduler(o, schedule, total_steps, steps_per_epoch) for o in self.optimizers]
         self.precision = precision or Precision()
@@ -119,10 +125,65 @@ class GreedyStrategy:
 
     def step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats, check: Check, weight: float = 1.0) -> None:
         """One greedy step on a batch x: (B, C, H, W), y: (B,): module by module."""
+        if self.backlink > 0:
+            return self._backlink_step(x, y, stats, check, weight)
         store = self.network.store(x, detach=True)
         h = x
         for m in self.network.blocks:
             h = self.train_module(m, h, store, x, y, stats, check, weight)
+        self.active_module = None
+
+    def _finish(self, i: int) -> None:
+        """Module i+1's optimizer and schedule step, on the gradients it has gathered."""
+        opt, scaler = self.optimizers[i], self.scalers[i]
+        self.sync(opt)
+        scaler.step(opt)
+        scaler.update()
+        self.schedulers[i].step()
+
+    def _backlink_step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats, check: Check, weight: float) -> None:
+        """A greedy step with BackLink: module l (l < K) runs its body as prefix -> suffix (its
+        last N units), the suffix from a detached copy of the prefix's output. Its own loss
+        back-propagates through the suffix (keeping the suffix's graph), then through the prefix
+        and adapters; h_l goes on to module l+1 undetached, so module l+1's loss reaches the
+        suffix and stops at its detached input. Module l steps after module l+1's backward."""
+        store = self.network.store(x, detach=True)
+        blocks = list(self.network.blocks)
+        h, pending = x, None  # pending: the module whose step waits for the next one's backward
+        for m in blocks:
+            i = m.index - 1
+            opt, scaler = self.optimizers[i], self.scalers[i]
+            self.active_module = m.index
+            linked = m.index < len(blocks)
+            if pending is not None and scaler.is_enabled():  # module l's grads in module l's loss scale
+                ratio = float(self.scalers[pending].get_scale()) / float(scaler.get_scale())
+                h.register_hook(lambda g, r=ratio: g * r)
+            with self.precision.autocast():
+                hc = m.enrich(h, store.gather(m.sources))
+                store.add(m.index - 1, hc)
+                if linked:
+                    prefix, suffix = split_body(m, self.backlink)
+                    p = prefix(hc)
+                    p_in = p.detach().requires_grad_(True)
+                    out = suffix(p_in)
+                else:
+                    out = m.body(hc)
+                result = m.loss(out, y, x)
+            check(m.index, result.total)
+            opt.zero_grad(set_to_none=True)
+            loss = result.total if weight == 1.0 else result.total * weight
+            scaler.scale(loss).backward(retain_graph=linked)  # the suffix's graph waits for module l+1
+            if linked and p.requires_grad:
+                p.backward(p_in.grad)  # the prefix, adapters (and module l-1's span) from module l's loss
+            if pending is not None:
+                self._finish(pending)
+            stats.add(m.index, float(result.local), result.prediction, y)
+            store.release(m.index)
+            del result, loss
+            if linked:
+                h, pending = out, i
+            else:
+                self._finish(i)
         self.active_module = None
 
     def train_module(
@@ -155,6 +216,19 @@ class GreedyStrategy:
 
     def lr(self) -> float:
         return self.optimizers[0].param_groups[0]["lr"]
+
+
+def split_body(m: ContextModule, units: int) -> tuple[nn.Module, nn.Module]:
+    """Module ``m``'s body as (prefix, suffix), the suffix its last ``units`` units (all of them
+    when it has fewer)."""
+    if not isinstance(m.body, nn.Sequential):
+        raise ContsupError(
+            f"backlink.units: module {m.index}'s body is a {type(m.body).__name__}, not a sequence of units; "
+            f"BackLink needs one (use backlink.units = 0)"
+        )
+    n = len(m.body)
+    cut = max(0, n - units)
+    return m.body[:cut], m.body[cut:]
 
 
 def e2e_parameters(network: GreedyNetwork) -> list[nn.Parameter]:
@@ -265,10 +339,14 @@ def make_strategy(
     recipe: Recipe, network: GreedyNetwork, steps_per_epoch: int, precision: Precision, sync: SyncGradients = _no_sync
 ) -> Strategy:
     """The recipe's strategy (``run.mode``), with its optimizer(s) and schedule(s) over the run."""
+    extra = {"backlink": recipe.backlink.units} if recipe.run.mode == "greedy" and recipe.backlink.units else {}
     return STRATEGIES[recipe.run.mode](
         network, recipe.optimizer.create(), recipe.schedule.create(), steps_per_epoch * recipe.run.epochs,
-        steps_per_epoch, precision=precision, sync=sync,
+        steps_per_epoch, precision=precision, sync=sync, **extra,
     )
 
 
-__all__ = ["StepStats", "Strategy", "GreedyStrategy", "EndToEndStrategy", "CheckpointStrategy", "segment_sizes", "STRATEGIES", "make_strategy", "e2e_parameters"]
+__all__ = [
+    "StepStats", "Strategy", "GreedyStrategy", "EndToEndStrategy", "CheckpointStrategy", "segment_sizes", "STRATEGIES",
+    "make_strategy", "e2e_parameters", "split_body",
+]
