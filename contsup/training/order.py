@@ -7,6 +7,7 @@ draws the same permutation and skips the batches already done.
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 from typing import Iterator
@@ -67,18 +68,25 @@ RANK_SEED = 1_000_003  # shards above 0 draw augmentation from seed + shard * RA
 
 
 def ignore_interrupts(_worker_id: int) -> None:
-    """Data-loader worker init: Ctrl-C, the SIGHUP of a closed terminal and the SIGTERM of
-    ``docker stop``, Slurm or systemd (each sent to the whole process group) are the main
-    process's to handle: it stops at a step boundary, then ends its workers itself."""
+    """Data-loader worker init: Ctrl-C and the SIGHUP of a closed terminal (sent to the whole
+    process group) are the main process's to handle (it stops at a step boundary)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def leave_process_group() -> None:
+    """Data-loader worker init: a process group of its own, so a signal sent to the run's whole
+    process group (``kill -TERM -PGID``, a job runner's SIGTERM) reaches the main process alone,
+    which stops at a step boundary and then ends its workers itself. SIGTERM keeps its default
+    in the worker: the main process (and multiprocessing, at exit) ends a worker with it."""
+    os.setpgrp()
 
 
 def shard_worker_init(shard: int, worker_id: int) -> None:
     """Loader worker of shard ``shard``: Ctrl-C is the main process's; shards above 0 draw other
     augmentations."""
     ignore_interrupts(worker_id)
+    leave_process_group()
     if shard:
         seed = (torch.initial_seed() + shard * RANK_SEED) % 2**63
         torch.manual_seed(seed)
