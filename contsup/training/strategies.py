@@ -255,10 +255,14 @@ class EndToEndStrategy:
         self.sync = sync
         self.active_module: int | None = None  # the whole network trains at once
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The last module's output h_K for x: (B, C, H, W), through every module."""
+        return self.network.module_outputs(x)[-1]
+
     def step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats, check: Check, weight: float = 1.0) -> None:
         last = self.network.blocks[-1]
         with self.precision.autocast():
-            out = self.network.module_outputs(x)[-1]
+            out = self.forward(x)
             result = last.loss(out, y, x)
         check(last.index, result.total)
         opt, scaler = self.optimizers[0], self.scalers[0]
@@ -312,24 +316,13 @@ class CheckpointStrategy(EndToEndStrategy):
 
         return run
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats, check: Check, weight: float = 1.0) -> None:
-        last = self.network.blocks[-1]
-        with self.precision.autocast():
-            h, first = x, 0
-            for size in self.sizes:
-                h = checkpoint(self._segment(self.units[first : first + size]), h, use_reentrant=False)
-                first += size
-            result = last.loss(h, y, x)
-        check(last.index, result.total)
-        opt, scaler = self.optimizers[0], self.scalers[0]
-        opt.zero_grad(set_to_none=True)
-        loss = result.total if weight == 1.0 else result.total * weight
-        scaler.scale(loss).backward()
-        self.sync(opt)
-        scaler.step(opt)
-        scaler.update()
-        self.schedulers[0].step()
-        stats.add(last.index, float(result.local), result.prediction, y)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """h_K for x, one checkpointed group of units after another."""
+        h, first = x, 0
+        for size in self.sizes:
+            h = checkpoint(self._segment(self.units[first : first + size]), h, use_reentrant=False)
+            first += size
+        return h
 
 
 STRATEGIES = {"greedy": GreedyStrategy, "e2e": EndToEndStrategy}
