@@ -19,7 +19,7 @@ import attrs
 from contsup.errors import ContsupError, RecipeError
 from contsup.config.optim import optimizers, schedules
 from contsup.config.presets import apply_preset
-from contsup.options import as_table, at_least, option, requires_module, structure
+from contsup.options import MAX_EPOCHS, as_table, at_least, between, option, requires_module, structure
 from contsup.core.registry import Registries, Registry, UnknownName
 from contsup.core.requirements import check_requirements
 from contsup.suggest import did_you_mean
@@ -39,7 +39,7 @@ class RunOptions:
     """How the experiment runs."""
 
     seed: int = option(0, doc="seed for initialisation, data order and augmentation")
-    epochs: int = option(10, doc="number of training epochs", validator=at_least(1))
+    epochs: int = option(10, doc="number of training epochs", validator=between(1, MAX_EPOCHS))
     device: str = option("auto", doc='"auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:N"')
     out_dir: str = option("", doc='run directory; "" means runs/<recipe name>')
     mode: Literal["greedy", "e2e"] = option("greedy", doc='"greedy": local losses per module; "e2e": end-to-end backprop')
@@ -75,7 +75,7 @@ class DataOptions:
 
     batch_size: int = option(128, doc="training batch size", validator=at_least(1))
     test_batch_size: int = option(0, doc="evaluation batch size (0: same as batch_size)", validator=at_least(0))
-    workers: int = option(0, doc="data-loading worker processes", validator=at_least(0))
+    workers: int = option(0, doc="data-loading worker processes", validator=between(0, 1024))
     drop_last: bool = option(
         False, doc="training: leave out each epoch's last batch when it is short (a batch of one image breaks "
         "batch norm; supcon needs two images of one class in every batch)"
@@ -142,7 +142,8 @@ class DistributedOptions:
         "process computes them"
     )
     timeout_s: float = option(
-        300.0, doc="seconds a rank waits for another before reporting it lost", validator=at_least(1)
+        300.0, doc="seconds a rank waits for another before reporting it lost",
+        validator=between(1, 1_000_000_000),  # about 32 years; Python's timedelta ends at 8.6e13 s
     )
     backend: Literal["auto", "gloo", "nccl"] = option(
         "auto", doc='"auto": NCCL for CUDA tensors and gloo for CPU ones (gloo alone without CUDA); "gloo"; "nccl"'
