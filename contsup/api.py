@@ -123,13 +123,13 @@ def train(
     try:
         try:
             trainer = Trainer(started.recipe, started.run_dir, hook=pm.hook)
-        except BaseException:  # e.g. the data files are missing: leave no half-made run behind
-            if not started.resumed:
+            if started.state is not None:
+                trainer.load_state(started.state)
+            trainer.fit(on_epoch=lambda m: rundir.append_metrics(started.run_dir, m))
+        except BaseException:  # the data files are missing, the first step fails: leave no
+            if not started.resumed:  # half-made run behind (one with a checkpoint stays)
                 rundir.discard_unstarted(started.run_dir)
             raise
-        if started.state is not None:
-            trainer.load_state(started.state)
-        trainer.fit(on_epoch=lambda m: rundir.append_metrics(started.run_dir, m))
         trainer.finish()
     finally:
         started.release()

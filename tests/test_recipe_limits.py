@@ -1,17 +1,19 @@
 """Recipes that validate also run: every number option stays within what torch and the data
-plugins accept, checked when the recipe is validated, one line naming the key, the value and the
-range."""
+plugins accept (checked when the recipe is validated, one line naming the key, the value and the
+range), and a run that fails at its first step leaves no run directory behind."""
 
 from __future__ import annotations
 
 import attrs
 import pytest
 
+from contsup import api
 from contsup.cli import main
+from contsup.errors import ContsupError
 from contsup.options import option, structure
 
 from conftest import ROOT
-from tiny import tiny_recipe_text
+from tiny import one_thread, tiny_recipe_text  # noqa: F401 (one_thread: a fixture, applied here)
 
 DIGITS = ROOT / "recipes" / "digits.toml"
 
@@ -81,3 +83,15 @@ def test_a_plugins_options_get_the_bounds_without_declaring_them():
     ]
     assert structure(Options, {"count": 2**63 - 1, "scale": -3.4e38}, "x.toml: thing")[1] == []
 
+
+def test_a_run_failing_at_its_first_step_leaves_no_run_directory(tmp_path, capsys):
+    """A weight decay within float32's range still makes the first step's parameters infinite:
+    the run stops with one line, and the same command works once the recipe is fixed."""
+    out = tmp_path / "run"
+    path = tmp_path / "tiny.toml"
+    path.write_text(tiny_recipe_text(out, epochs=1, train_size=16))
+    with pytest.raises(ContsupError, match="became n"):
+        api.train(path, ["optimizer.weight_decay=3e38"])
+    assert not out.exists()
+    run = api.train(path)
+    assert run.run_dir == out and (out / "model.pt").exists()

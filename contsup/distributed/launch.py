@@ -143,13 +143,13 @@ def _train_started(started: Started, has_state: bool, launch: Launch, store: Any
             state = world.broadcast_object(state, "handing the checkpoint to every rank")
         try:
             trainer = Trainer(recipe, run_dir, hook=pm.hook, parallel=make_parallel(world, recipe))
-        except BaseException:
+            if state is not None:
+                trainer.load_state(state)
+            trainer.fit(on_epoch=lambda m: append_metrics(run_dir, m))
+        except BaseException:  # before the first checkpoint: no half-made run directory
             if world.is_main and not has_state:
                 discard_unstarted(run_dir)
             raise
-        if state is not None:
-            trainer.load_state(state)
-        trainer.fit(on_epoch=lambda m: append_metrics(run_dir, m))
         trainer.finish()
     except BaseException as exc:
         _fail(world, exc)
