@@ -95,3 +95,98 @@ def test_a_run_failing_at_its_first_step_leaves_no_run_directory(tmp_path, capsy
     assert not out.exists()
     run = api.train(path)
     assert run.run_dir == out and (out / "model.pt").exists()
+
+
+# -- what validate reads: one line for each way a recipe file can be broken --------------------
+
+
+def test_a_symbolic_link_loop_is_one_line(tmp_path, capsys):
+    loop = tmp_path / "loop.toml"
+    loop.symlink_to(loop.name)
+    assert validate_lines(capsys, loop) == [
+        "2", f"error: {loop}: a symbolic link loop (the link leads back to itself); point it at a recipe file"]
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "loop.toml"\n')
+    assert validate_lines(capsys, child) == [
+        "2", f"error: {child}: extends: {loop}: a symbolic link loop (the link leads back to itself); point it at a recipe file"]
+
+
+@pytest.mark.parametrize("text, where", [
+    ("x = " + "[" * 800 + "]" * 800 + "\n", ""),  # deep enough for the TOML reader's own recursion
+    ("x = " + "{a = " * 300 + "1" + "}" * 300 + "\n", " (x.a.a ... a.a)"),
+    ("[" + ".".join(["a"] * 2000) + "]\n", " (a.a.a ... a.a)"),
+    (".".join(["a"] * 2000) + " = 1\n", " (a.a.a ... a.a)"),
+    ("x = " + "[" * 40 + "]" * 40 + "\n", " (x.0.0 ... 0.0)"),
+])
+def test_tables_and_arrays_nested_hundreds_deep_are_one_line(write_recipe, capsys, text, where):
+    path = write_recipe(text)
+    assert validate_lines(capsys, path) == [
+        "2", f"error: {path}: tables or arrays nested more than 32 levels deep{where}; a recipe needs a few levels"]
+
+
+def test_an_extends_chain_hundreds_deep_is_one_line(tmp_path, capsys):
+    for i in range(400):
+        (tmp_path / f"c{i}.toml").write_text(f'extends = "c{i + 1}.toml"\n')
+    (tmp_path / "c400.toml").write_text(tiny_recipe_text(""))
+    assert validate_lines(capsys, tmp_path / "c0.toml") == ["2", (
+        f"error: {tmp_path / 'c0.toml'}: extends: a chain of more than 64 recipes (c0.toml -> ... -> "
+        f"{tmp_path / 'c64.toml'}); at most 64 recipes can extend one another")]
+    (tmp_path / "c63.toml").write_text(tiny_recipe_text(""))  # 64 recipes extending one another are fine
+    assert validate_lines(capsys, tmp_path / "c0.toml")[0] == "0"
+
+
+def test_a_byte_order_mark_is_accepted(write_recipe, capsys):
+    path = write_recipe(tiny_recipe_text(""))
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert validate_lines(capsys, path) == ["0"]
+
+
+@pytest.mark.parametrize("char, kind", [("\x00", "a NUL byte (\\x00)"), ("\x07", "a control character (\\x07)")])
+def test_a_nul_byte_or_control_character_is_named_with_its_position(write_recipe, capsys, char, kind):
+    path = write_recipe(f"[run]\nseed = 1{char}\n")
+    assert validate_lines(capsys, path) == [
+        "2", f"error: {path}: not valid TOML: {kind} at line 2, column 9; a recipe is plain text: remove it"]
+
+
+def test_extends_naming_no_file_or_a_directory_names_extends_and_the_recipe(tmp_path, capsys):
+    path = tmp_path / "recipe.toml"
+    path.write_text('extends = ""\n')
+    assert validate_lines(capsys, path) == [
+        "2", f'error: {path}: extends: "" names no file; give a recipe file (relative to {tmp_path})']
+    (tmp_path / "base").mkdir()
+    path.write_text('extends = "base"\n')
+    assert validate_lines(capsys, path) == [
+        "2", f"error: {path}: extends: {tmp_path / 'base'} is a directory, not a recipe file"]
+
+
+def test_set_extends_is_refused_not_ignored(write_recipe, capsys):
+    path = write_recipe(tiny_recipe_text(""))
+    assert validate_lines(capsys, path, "extends=other.toml") == ["2", (
+        "error: --set extends=other.toml: extends cannot be set on the command line (the recipes it names are "
+        "merged before --set applies); write extends in the recipe, or --set the keys themselves")]
+
+
+def test_set_values_nested_too_deep_are_one_short_line(write_recipe, capsys):
+    path = write_recipe(tiny_recipe_text(""))
+    deep = "x=" + "[" * 2000 + "]" * 2000
+    assert validate_lines(capsys, path, deep) == [
+        "2", f"error: --set {deep[:60]}...(4002 characters): nests tables or arrays more than 32 levels deep; "
+             f"a recipe needs a few levels"]
+    assert validate_lines(capsys, path, ".".join(["a"] * 40) + "=1")[0] == "2"
+
+
+@pytest.mark.parametrize("setting, line", [
+    ("bogus.x=1", "bogus: unknown section; did you mean"),
+    ("modules.0.range=[5, 1]", "modules: expected [[modules]] tables"),
+    ("optimizer.nesterov=true", "optimizer.momentum: must be > 0 while nesterov = true"),
+    ("run={epochs = 0}", "run.epochs: must be >= 1, got 0"),
+    ("data.use=digits", "data.shape: unknown key for data 'digits'"),
+])
+def test_problems_a_set_causes_say_which_set(write_recipe, capsys, setting, line):
+    """Found by test_recipe_fuzz: problems about a table holding the key, a key beside a changed
+    `use` or a cross-field check naming the key lacked the mark."""
+    path = write_recipe(tiny_recipe_text("").replace("lr = 0.05", "lr = 0.05\nmomentum = 0.0\nnesterov = false"))
+    key = ".".join(p.strip() for p in setting.partition("=")[0].split("."))
+    code, *lines = validate_lines(capsys, path, setting)
+    hits = [item for item in lines if line in item]
+    assert code == "2" and hits and all(item.endswith(f" (from --set {key})") for item in hits), lines
