@@ -65,14 +65,13 @@ def in_range(low: float, high: float, *, high_open: bool = False) -> Callable:
 
 
 def between(low: float, high: float) -> Callable:
-    """``low <= value <= high``, its message naming the end it crossed (``must be >= 1``, as
-    :func:`at_least` says it, or ``must be <= 1000000``): a lower bound with a ceiling."""
-    floor = at_least(low)
+    """``low <= value <= high``: a lower bound with a ceiling. The message names the end it
+    crossed (``must be >= 1``, as :func:`at_least` says it, or ``must be <= 1000000``), then the range."""
 
-    def check(instance: Any, attribute: Any, value: Any) -> None:
-        floor(instance, attribute, value)
-        if value > high:
-            raise ValueError(f"must be <= {high}, got {value!r}")
+    def check(_instance: Any, _attribute: Any, value: Any) -> None:
+        if not low <= value <= high:
+            end = f">= {low}" if value < low else f"<= {high}"
+            raise ValueError(f"must be {end}, got {value!r} (allowed: {low} to {high})")
 
     check.describe = f"in [{low}, {high}]"  # type: ignore[attr-defined]
     return check

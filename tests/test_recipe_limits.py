@@ -31,8 +31,8 @@ def validate_lines(capsys, path, *sets: str) -> list[str]:
 @pytest.mark.parametrize("setting, line", [
     ("run.seed=18446744073709551616",
      "run.seed: must be a 64-bit integer, in [-9223372036854775808, 9223372036854775807], got 18446744073709551616"),
-    ("data.split_seed=-1", "data.split_seed: must be >= 0, got -1"),
-    ("data.split_seed=4294967296", "data.split_seed: must be <= 4294967295, got 4294967296"),
+    ("data.split_seed=-1", "data.split_seed: must be >= 0, got -1 (allowed: 0 to 4294967295)"),
+    ("data.split_seed=4294967296", "data.split_seed: must be <= 4294967295, got 4294967296 (allowed: 0 to 4294967295)"),
     ("optimizer.lr=1e308", "optimizer.lr: must be within float32's range, [-3.4028235e+38, 3.4028235e+38], got 1e+308"),
     ("optimizer.lr=3.5e38", "optimizer.lr: must be within float32's range, [-3.4028235e+38, 3.4028235e+38], got 3.5e+38"),
     ("optimizer.lr=1" + "0" * 400,
@@ -41,10 +41,10 @@ def validate_lines(capsys, path, *sets: str) -> list[str]:
      "optimizer.weight_decay: must be within float32's range, [-3.4028235e+38, 3.4028235e+38], got 1e+39"),
     ("run.epochs=1000000000000000000000",
      "run.epochs: must be a 64-bit integer, in [-9223372036854775808, 9223372036854775807], got 1000000000000000000000"),
-    ("run.epochs=1000001", "run.epochs: must be <= 1000000, got 1000001"),
-    ("schedule.warmup_epochs=1e9", "schedule.warmup_epochs: must be <= 1000000, got 1000000000.0"),
-    ("data.workers=100000000000", "data.workers: must be <= 1024, got 100000000000"),
-    ("distributed.timeout_s=1e30", "distributed.timeout_s: must be <= 1000000000, got 1e+30"),
+    ("run.epochs=1000001", "run.epochs: must be <= 1000000, got 1000001 (allowed: 1 to 1000000)"),
+    ("schedule.warmup_epochs=1e9", "schedule.warmup_epochs: must be <= 1000000, got 1000000000.0 (allowed: 0 to 1000000)"),
+    ("data.workers=100000000000", "data.workers: must be <= 1024, got 100000000000 (allowed: 0 to 1024)"),
+    ("distributed.timeout_s=1e30", "distributed.timeout_s: must be <= 1000000000, got 1e+30 (allowed: 1 to 1000000000)"),
 ])
 def test_numbers_a_run_cannot_take_are_refused_in_validation(capsys, setting, line):
     key = setting.partition("=")[0]
@@ -179,7 +179,7 @@ def test_set_values_nested_too_deep_are_one_short_line(write_recipe, capsys):
     ("bogus.x=1", "bogus: unknown section; did you mean"),
     ("modules.0.range=[5, 1]", "modules: expected [[modules]] tables"),
     ("optimizer.nesterov=true", "optimizer.momentum: must be > 0 while nesterov = true"),
-    ("run={epochs = 0}", "run.epochs: must be >= 1, got 0"),
+    ("run={epochs = 0}", "run.epochs: must be >= 1, got 0 (allowed: 1 to 1000000)"),
     ("data.use=digits", "data.shape: unknown key for data 'digits'"),
 ])
 def test_problems_a_set_causes_say_which_set(write_recipe, capsys, setting, line):

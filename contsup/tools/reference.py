@@ -9,7 +9,7 @@ from __future__ import annotations
 import attrs
 
 from contsup.options import FLOAT_MAX, INT_MAX, INT_MIN, allowed, describe_default, doc, field_types, type_name
-from contsup.config.recipe import SECTIONS, component_registry
+from contsup.config.recipe import MAX_EXTENDS, MAX_NESTING, SECTIONS, component_registry
 from contsup.core.registry import Registries
 from contsup.core.plugins import get_plugin_manager
 
@@ -40,7 +40,12 @@ use: an integer is a 64-bit one ({int_min} to {int_max}, as TOML and
 torch count), a number is finite and within float32's range (magnitude at most {float_max:.8g}).
 A value outside is refused when the recipe is validated, one line naming the key, the value and
 the range, before a run directory is made.
-""".format(int_min=INT_MIN, int_max=INT_MAX, float_max=FLOAT_MAX)
+
+A recipe is UTF-8 text (a byte-order mark at its start is ignored; a NUL byte or another control
+character is refused with its line and column), its tables and arrays nest at most {nesting}
+levels deep, and at most {extends} recipes extend one another. `extends` is read from the files
+alone: `--set extends=...` is refused, since inherited recipes are merged before `--set` applies.
+""".format(int_min=INT_MIN, int_max=INT_MAX, float_max=FLOAT_MAX, nesting=MAX_NESTING, extends=MAX_EXTENDS)
 
 
 def _options_table(cls: type) -> list[str]:
