@@ -60,6 +60,13 @@ def test_the_ends_of_each_range_are_allowed(capsys, setting):
     assert (code, lines) == ("0", [])
 
 
+def test_synthetic_noise_that_makes_the_first_loss_nan_is_refused(capsys, write_recipe):
+    """Noise of 3e38 fits float32 but made the images infinite: a NaN loss, blamed on the lr."""
+    path = write_recipe(tiny_recipe_text(""))
+    assert validate_lines(capsys, path, "data.noise=3e38") == [
+        "2", f"error: {path}: data.noise: must be <= 1000000.0, got 3e+38 (allowed: 0.0 to 1000000.0) (from --set data.noise)"]
+
+
 def test_list_items_are_bounded_too(capsys, write_recipe):
     path = write_recipe(tiny_recipe_text(""))
     assert validate_lines(capsys, path, "data.shape=[3, 8, 9223372036854775808]") == [
