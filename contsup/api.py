@@ -28,6 +28,7 @@ from contsup.model.network import GreedyNetwork
 from contsup.model.network import build_network as _build
 from contsup.training.device import preflight, resolve_device, seed_everything
 from contsup.training.evaluation import evaluate as _evaluate
+from contsup.training.failures import Interrupted
 from contsup.training.loop import Trainer
 from contsup.training import rundir
 from contsup.training.run_evaluation import evaluate_run
@@ -123,12 +124,17 @@ def train(
     try:
         try:
             trainer = Trainer(started.recipe, started.run_dir, hook=pm.hook)
-            if started.state is not None:
-                trainer.load_state(started.state)
-            trainer.fit(on_epoch=lambda m: rundir.append_metrics(started.run_dir, m))
-        except BaseException:  # the data files are missing, the first step fails: leave no
-            if not started.resumed:  # half-made run behind (one with a checkpoint stays)
+        except BaseException:  # e.g. the data files are missing: leave no half-made run behind
+            if not started.resumed:
                 rundir.discard_unstarted(started.run_dir)
+            raise
+        if started.state is not None:
+            trainer.load_state(started.state)
+        try:
+            trainer.fit(on_epoch=lambda m: rundir.append_metrics(started.run_dir, m))
+        except Exception as exc:
+            if not started.resumed and not isinstance(exc, Interrupted):
+                rundir.discard_unstarted(started.run_dir)  # failed before its first checkpoint
             raise
         trainer.finish()
     finally:

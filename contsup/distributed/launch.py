@@ -143,12 +143,17 @@ def _train_started(started: Started, has_state: bool, launch: Launch, store: Any
             state = world.broadcast_object(state, "handing the checkpoint to every rank")
         try:
             trainer = Trainer(recipe, run_dir, hook=pm.hook, parallel=make_parallel(world, recipe))
-            if state is not None:
-                trainer.load_state(state)
-            trainer.fit(on_epoch=lambda m: append_metrics(run_dir, m))
-        except BaseException:  # before the first checkpoint: no half-made run directory
+        except BaseException:
             if world.is_main and not has_state:
                 discard_unstarted(run_dir)
+            raise
+        if state is not None:
+            trainer.load_state(state)
+        try:
+            trainer.fit(on_epoch=lambda m: append_metrics(run_dir, m))
+        except Exception as exc:
+            if world.is_main and not has_state and not isinstance(exc, Interrupted):
+                discard_unstarted(run_dir)  # failed before its first checkpoint
             raise
         trainer.finish()
     except BaseException as exc:
