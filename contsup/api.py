@@ -28,6 +28,7 @@ from contsup.model.network import GreedyNetwork
 from contsup.model.network import build_network as _build
 from contsup.training.device import preflight, resolve_device, seed_everything
 from contsup.training.evaluation import evaluate as _evaluate
+from contsup.training.failures import Interrupted
 from contsup.training.loop import Trainer
 from contsup.training import rundir
 from contsup.training.run_evaluation import evaluate_run
@@ -129,7 +130,12 @@ def train(
             raise
         if started.state is not None:
             trainer.load_state(started.state)
-        trainer.fit(on_epoch=lambda m: rundir.append_metrics(started.run_dir, m))
+        try:
+            trainer.fit(on_epoch=lambda m: rundir.append_metrics(started.run_dir, m))
+        except Exception as exc:
+            if not started.resumed and not isinstance(exc, Interrupted):
+                rundir.discard_unstarted(started.run_dir)  # failed before its first checkpoint
+            raise
         trainer.finish()
     finally:
         started.release()

@@ -19,6 +19,13 @@ from contsup.suggest import did_you_mean
 
 NOTHING = attrs.NOTHING
 
+# What every number option can hold, whatever its own bounds: TOML's integers are 64-bit (and so
+# are torch's), and training computes in float32 at most, so a float option beyond float32's
+# range (a learning rate of 1e308) cannot be used. Options narrow these with their validators.
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+FLOAT_MAX = 3.4028234663852886e38  # the largest finite float32
+MAX_EPOCHS = 1_000_000  # epochs (and warm-up epochs) a run can be given: far beyond any that can finish
+
 
 def option(default: Any = NOTHING, *, doc: str, validator: Callable | None = None) -> Any:
     """An attrs field with a one-line ``doc`` (shown in docs/recipes.md) and a validator."""
@@ -55,6 +62,27 @@ def in_range(low: float, high: float, *, high_open: bool = False) -> Callable:
 
     check.describe = f"in [{low}, {high}{')' if high_open else ']'}"  # type: ignore[attr-defined]
     return check
+
+
+def between(low: float, high: float) -> Callable:
+    """``low <= value <= high``: a lower bound with a ceiling. The message names the end it
+    crossed (``must be >= 1``, as :func:`at_least` says it, or ``must be <= 1000000``), then the range."""
+
+    def check(_instance: Any, _attribute: Any, value: Any) -> None:
+        if not low <= value <= high:
+            end = f">= {low}" if value < low else f"<= {high}"
+            raise ValueError(f"must be {end}, got {value!r} (allowed: {low} to {high})")
+
+    check.describe = f"in [{low}, {high}]"  # type: ignore[attr-defined]
+    return check
+
+
+def allowed(f: attrs.Attribute, tp: Any) -> str:
+    """The values an option of type ``tp`` allows, as docs/recipes.md writes them: what its
+    validator declares, "any" for a number without one (every number option also stays within
+    :data:`INT_MIN`..:data:`INT_MAX`, or float32's range), "" when nothing is declared."""
+    described = getattr(f.validator, "describe", "")
+    return described or ("any" if tp in (int, float) else "")
 
 
 def requires_module(module: str, install: str) -> Callable:
@@ -119,6 +147,12 @@ def _value_desc(value: Any) -> str:
     return f"{kind} ({shown})" if shown else kind
 
 
+def _number(value: int | float) -> str:
+    """A number for a message: a huge integer by its size, not its hundreds of digits."""
+    text = repr(value)
+    return text if len(text) <= 24 else f"an integer of {len(text.lstrip('-'))} digits ({text[:6]}...)"
+
+
 def convert(value: Any, tp: Any) -> Any:
     """``value`` converted to ``tp``; raises ValueError with a readable message."""
     origin = typing.get_origin(tp)
@@ -147,11 +181,15 @@ def convert(value: Any, tp: Any) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not INT_MIN <= value <= INT_MAX:
+                raise ValueError(f"must be a 64-bit integer, in [{INT_MIN}, {INT_MAX}], got {_number(value)}")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
+            if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"expected a finite number, got {value!r}")
+            if abs(value) > FLOAT_MAX:  # an int too: float(10**400) would overflow
+                raise ValueError(f"must be within float32's range, [-{FLOAT_MAX:.8g}, {FLOAT_MAX:.8g}], got {_number(value)}")
             return float(value)
     elif tp is str:
         if isinstance(value, str):

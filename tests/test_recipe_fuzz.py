@@ -200,3 +200,23 @@ def test_a_few_known_answers(tmp_path, capsys):
     # found by the --set fuzzer: a value with a line break printed as two lines
     assert main(["validate", str(path), "--set", "a\x85b"]) == 2
     assert capsys.readouterr().err.splitlines() == ["error: --set a\\x85b: expected key.path=value"]
+
+
+
+@FUZZ
+@given(data=st.data())
+def test_every_problem_a_set_causes_says_which_set(tmp_path, capsys, data):
+    """The recipe is valid, so every problem comes from a --set: each line is about the --set
+    itself or ends with (from --set KEY) naming one that was given."""
+    path = tmp_path / "recipe.toml"
+    path.write_text(small_recipe_text())
+    sets = [f"{data.draw(set_keys)}={data.draw(set_values)}" for _ in range(data.draw(st.integers(1, 3)))]
+    code = main(["validate", str(path), *[a for s in sets for a in ("--set", s)]])
+    err = capsys.readouterr().err
+    assert code in (0, 2) and "Traceback" not in err
+    keys = {".".join(p.strip() for p in s.partition("=")[0].strip().split(".")) for s in sets}
+    for line in err.splitlines():
+        if line.startswith("error: --set "):
+            continue
+        assert line.endswith(")") and " (from --set " in line, line
+        assert line.rpartition(" (from --set ")[2][:-1] in keys, line

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import attrs
 
-from contsup.options import at_least, greater_than, in_range, option
+from contsup.options import MAX_EPOCHS, at_least, between, greater_than, in_range, option
 from contsup.core.registry import Registry
 
 if TYPE_CHECKING:  # annotations only: validating a recipe needs no torch
@@ -49,7 +49,7 @@ class Cosine:
 
     @attrs.frozen
     class Options:
-        warmup_epochs: float = option(0.0, doc="epochs of linear warm-up before the cosine decay", validator=at_least(0))
+        warmup_epochs: float = option(0.0, doc="epochs of linear warm-up before the cosine decay", validator=between(0, MAX_EPOCHS))
         final_ratio: float = option(0.0, doc="learning rate at the end, as a fraction of lr", validator=in_range(0.0, 1.0))
 
     def __init__(self, options: "Cosine.Options") -> None:
@@ -77,7 +77,7 @@ class OfficialCosine:
 
     @attrs.frozen
     class Options:
-        warmup_epochs: int = option(10, doc="epochs blended from start_lr into the cosine", validator=at_least(0))
+        warmup_epochs: int = option(10, doc="epochs blended from start_lr into the cosine", validator=between(0, MAX_EPOCHS))
         start_lr: float = option(0.01, doc="learning rate of the first epoch (absolute, whatever optimizer.lr is)", validator=at_least(0.0))
 
     def __init__(self, options: "OfficialCosine.Options") -> None:
@@ -105,7 +105,7 @@ class Constant:
 
     @attrs.frozen
     class Options:
-        warmup_epochs: float = option(0.0, doc="epochs of linear warm-up", validator=at_least(0))
+        warmup_epochs: float = option(0.0, doc="epochs of linear warm-up", validator=between(0, MAX_EPOCHS))
 
     def __init__(self, options: "Constant.Options") -> None:
         self.options = options

@@ -9,7 +9,9 @@ overrides any key, the value parsed as a TOML literal (a bare word is taken as a
 from __future__ import annotations
 
 import copy
+import errno
 import functools
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
@@ -19,7 +21,7 @@ import attrs
 from contsup.errors import ContsupError, RecipeError
 from contsup.config.optim import optimizers, schedules
 from contsup.config.presets import apply_preset
-from contsup.options import as_table, at_least, option, requires_module, structure
+from contsup.options import MAX_EPOCHS, as_table, at_least, between, option, requires_module, structure
 from contsup.core.registry import Registries, Registry, UnknownName
 from contsup.core.requirements import check_requirements
 from contsup.suggest import did_you_mean
@@ -39,7 +41,7 @@ class RunOptions:
     """How the experiment runs."""
 
     seed: int = option(0, doc="seed for initialisation, data order and augmentation")
-    epochs: int = option(10, doc="number of training epochs", validator=at_least(1))
+    epochs: int = option(10, doc="number of training epochs", validator=between(1, MAX_EPOCHS))
     device: str = option("auto", doc='"auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:N"')
     out_dir: str = option("", doc='run directory; "" means runs/<recipe name>')
     mode: Literal["greedy", "e2e"] = option("greedy", doc='"greedy": local losses per module; "e2e": end-to-end backprop')
@@ -75,7 +77,7 @@ class DataOptions:
 
     batch_size: int = option(128, doc="training batch size", validator=at_least(1))
     test_batch_size: int = option(0, doc="evaluation batch size (0: same as batch_size)", validator=at_least(0))
-    workers: int = option(0, doc="data-loading worker processes", validator=at_least(0))
+    workers: int = option(0, doc="data-loading worker processes", validator=between(0, 1024))
     drop_last: bool = option(
         False, doc="training: leave out each epoch's last batch when it is short (a batch of one image breaks "
         "batch norm; supcon needs two images of one class in every batch)"
@@ -142,7 +144,8 @@ class DistributedOptions:
         "process computes them"
     )
     timeout_s: float = option(
-        300.0, doc="seconds a rank waits for another before reporting it lost", validator=at_least(1)
+        300.0, doc="seconds a rank waits for another before reporting it lost",
+        validator=between(1, 1_000_000_000),  # about 32 years; Python's timedelta ends at 8.6e13 s
     )
     backend: Literal["auto", "gloo", "nccl"] = option(
         "auto", doc='"auto": NCCL for CUDA tensors and gloo for CPU ones (gloo alone without CUDA); "gloo"; "nccl"'
@@ -307,13 +310,66 @@ class Recipe:
 
 # -- reading ----------------------------------------------------------------------------------
 
+# Tables and arrays inside one another: a recipe needs four levels ([[modules]] entries' tables);
+# hundreds would exhaust Python's recursion in the reader, the merge or the checks.
+MAX_NESTING = 32
+MAX_EXTENDS = 64  # recipes in one extends chain
+# What TOML allows nowhere: control characters other than tab, line feed and carriage return.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _position(text: str, index: int) -> str:
+    line = text.count("\n", 0, index) + 1
+    return f"line {line}, column {index - text.rfind(chr(10), 0, index)}"
+
+
+def nesting(value: Any) -> tuple[int, list[str]]:
+    """How deep tables and arrays nest in ``value`` (a scalar: 0) and the key path to the deepest,
+    measured without recursion and stopping past :data:`MAX_NESTING`."""
+    deepest: tuple[int, list[str]] = (0, [])
+    stack: list[tuple[Any, list[str]]] = [(value, [])]
+    while stack and deepest[0] <= MAX_NESTING:
+        node, path = stack.pop()
+        if isinstance(node, Mapping):
+            children = [(str(k), v) for k, v in node.items()]
+        elif isinstance(node, list):
+            children = [(str(i), v) for i, v in enumerate(node)]
+        else:
+            continue
+        if len(path) + 1 > deepest[0]:
+            deepest = (len(path) + 1, path)
+        stack += [(v, [*path, k]) for k, v in children]
+    return deepest
+
+
+def _short_path(path: Sequence[str]) -> str:
+    return ".".join(path) if len(path) <= 6 else f"{'.'.join(path[:3])} ... {'.'.join(path[-2:])}"
+
 
 def parse_toml(text: str, where: str) -> dict[str, Any]:
-    """TOML text -> dict, or a one-line error naming the file, line and column."""
+    """TOML text -> dict, or a one-line error naming the file, line and column. A byte-order
+    mark at the start is ignored, as most TOML readers do; a control character is named."""
+    text = text.removeprefix("\ufeff")
+    bad = _CONTROL.search(text)
+    if bad:
+        kind = "a NUL byte" if bad.group() == "\0" else "a control character"
+        raise RecipeError([
+            f"{where}: not valid TOML: {kind} ({ascii(bad.group())[1:-1]}) at {_position(text, bad.start())}; "
+            f"a recipe is plain text: remove it"
+        ])
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError([f"{where}: not valid TOML: {exc}"]) from None
+    except RecursionError:
+        data = None
+    depth, path = nesting(data) if data is not None else (MAX_NESTING + 1, [])
+    if depth > MAX_NESTING:
+        at = f" ({_short_path(path)})" if path else ""
+        raise RecipeError([
+            f"{where}: tables or arrays nested more than {MAX_NESTING} levels deep{at}; a recipe needs a few levels"
+        ])
+    return data
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -325,6 +381,8 @@ def read_toml(path: Path) -> dict[str, Any]:
     except IsADirectoryError:
         raise RecipeError([f"{path}: is a directory, not a recipe file"]) from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise RecipeError([_LINK_LOOP.format(path=path)]) from None
         raise RecipeError([f"{path}: cannot read: {exc.strerror}"]) from None
     try:
         text = raw.decode("utf-8")
@@ -347,13 +405,24 @@ def _merge(base: dict[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+_LINK_LOOP = "{path}: a symbolic link loop (the link leads back to itself); point it at a recipe file"
+
+
 def load_with_extends(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """The recipe at ``path`` merged over the recipes it ``extends`` (relative to its folder)."""
     path = Path(path)
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError):  # a symbolic link loop (RuntimeError before Python 3.13)
+        raise RecipeError([_LINK_LOOP.format(path=path)]) from None
     if resolved in _seen:
         chain = " -> ".join(str(p) for p in (*_seen, resolved))
         raise RecipeError([f"{path}: extends: recipes extend each other in a cycle: {chain}"])
+    if len(_seen) >= MAX_EXTENDS:
+        raise RecipeError([
+            f"{_seen[0]}: extends: a chain of more than {MAX_EXTENDS} recipes ({_seen[0].name} -> ... -> {path}); "
+            f"at most {MAX_EXTENDS} recipes can extend one another"
+        ])
     data = read_toml(path)
     parent = data.pop("extends", None)
     if parent is None:
@@ -364,8 +433,16 @@ def load_with_extends(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any
     merged: dict[str, Any] = {}
     for name in parents:
         parent_path = path.parent / name
-        if not parent_path.exists():
+        if not name.strip():
+            raise RecipeError([f'{path}: extends: "{name}" names no file; give a recipe file (relative to {path.parent})'])
+        if parent_path.is_dir():
+            raise RecipeError([f"{path}: extends: {parent_path} is a directory, not a recipe file"])
+        if not (parent_path.exists() or parent_path.is_symlink()):
             raise RecipeError([f"{path}: extends: no such recipe file {parent_path}"])
+        try:
+            parent_path.resolve()
+        except (OSError, RuntimeError):
+            raise RecipeError([f"{path}: extends: " + _LINK_LOOP.format(path=parent_path)]) from None
         merged = _merge(merged, load_with_extends(parent_path, (*_seen, resolved)))
     return _merge(merged, data)
 
@@ -388,11 +465,21 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = [p.strip() for p in key.strip().split(".")]
     if not all(path):
         raise ValueError(f"--set {text}: '{key}' is not a key path like optimizer.lr")
+    if path[0] == "extends":
+        raise ValueError(
+            f"--set {text}: extends cannot be set on the command line (the recipes it names are merged before "
+            f"--set applies); write extends in the recipe, or --set the keys themselves"
+        )
     raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except RecursionError:
+        value = None
+    if value is None or len(path) + nesting(value)[0] > MAX_NESTING:
+        shown = text if len(text) <= 80 else f"{text[:60]}...({len(text)} characters)"
+        raise ValueError(f"--set {shown}: nests tables or arrays more than {MAX_NESTING} levels deep; a recipe needs a few levels")
     return path, value
 
 
@@ -543,7 +630,7 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
     problems += _cross_checks(parts, source)
     problems += _distributed_checks(parts, source)
     if problems:
-        raise RecipeError(_mark_overrides(problems, overridden))
+        raise RecipeError(_mark_overrides(problems, overridden, source))
     return Recipe(
         source=source,
         run=parts["run"]["own"],
@@ -701,13 +788,31 @@ def _distributed_checks(parts: Mapping[str, Mapping[str, Any]], source: str) -> 
     return problems
 
 
-def _mark_overrides(problems: list[str], overridden: Sequence[str]) -> list[str]:
-    """Say ``(from --set)`` on problems about keys that came from the command line."""
+def _mark_overrides(problems: list[str], overridden: Sequence[str], source: str = "") -> list[str]:
+    """Say ``(from --set KEY)`` on problems about keys that came from the command line: the
+    problem's key path is KEY, a table holding it or a key inside it (``modules[0].range`` is
+    ``modules.0.range``), a key beside the ``use`` KEY changed, or its text names KEY (``needs
+    run.mode = "greedy"``) or, within KEY's table, KEY's last part (``momentum: must be > 0 while
+    nesterov = true``)."""
     marked = []
     for problem in problems:
-        hit = next((k for k in overridden if f": {k}:" in problem or f": {k} " in problem), None)
+        rest = problem[len(source) + 2:] if source and problem.startswith(f"{source}: ") else problem
+        about, _, text = rest.partition(": ")
+        about = re.sub(r"\[(\d+)\]", r".\1", about)
+        hit = next((k for k in overridden if _is_about(k, about, text)), None)
         marked.append(f"{problem} (from --set {hit})" if hit else problem)
     return marked
+
+
+def _is_about(key: str, about: str, text: str) -> bool:
+    if key == about or key.startswith(f"{about}.") or about.startswith(f"{key}."):
+        return True
+    if re.search(rf"(?<![\w.]){re.escape(key)}\b", text):
+        return True
+    table, _, leaf = key.rpartition(".")
+    if leaf == "use" and about.startswith(f"{table}."):  # another component: its options are checked anew
+        return True
+    return bool(table) and about.rpartition(".")[0] == table and re.search(rf"(?<![\w.]){re.escape(leaf)} =", text) is not None
 
 
 def load_recipe(path: str | Path, overrides: Sequence[str] = (), registries: Registries | None = None) -> Recipe:

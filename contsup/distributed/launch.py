@@ -149,7 +149,12 @@ def _train_started(started: Started, has_state: bool, launch: Launch, store: Any
             raise
         if state is not None:
             trainer.load_state(state)
-        trainer.fit(on_epoch=lambda m: append_metrics(run_dir, m))
+        try:
+            trainer.fit(on_epoch=lambda m: append_metrics(run_dir, m))
+        except Exception as exc:
+            if world.is_main and not has_state and not isinstance(exc, Interrupted):
+                discard_unstarted(run_dir)  # failed before its first checkpoint
+            raise
         trainer.finish()
     except BaseException as exc:
         _fail(world, exc)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import attrs
 
-from contsup.options import describe_default, doc, field_types, type_name
-from contsup.config.recipe import SECTIONS, component_registry
+from contsup.options import FLOAT_MAX, INT_MAX, INT_MIN, allowed, describe_default, doc, field_types, type_name
+from contsup.config.recipe import MAX_EXTENDS, MAX_NESTING, SECTIONS, component_registry
 from contsup.core.registry import Registries
 from contsup.core.plugins import get_plugin_manager
 
@@ -34,7 +34,18 @@ of its keys for it. docs/experiments.md sets the two side by side.
 Every problem in a recipe is reported at once, one line each, naming the file and key path and
 the closest valid choice; the command then exits with status 2. A malformed `--set` is one of
 those lines, and a problem with a key that came from `--set` ends with `(from --set KEY)`.
-"""
+
+A number option allows what its `allowed` column says, and never more than what training can
+use: an integer is a 64-bit one ({int_min} to {int_max}, as TOML and
+torch count), a number is finite and within float32's range (magnitude at most {float_max:.8g}).
+A value outside is refused when the recipe is validated, one line naming the key, the value and
+the range, before a run directory is made.
+
+A recipe is UTF-8 text (a byte-order mark at its start is ignored; a NUL byte or another control
+character is refused with its line and column), its tables and arrays nest at most {nesting}
+levels deep, and at most {extends} recipes extend one another. `extends` is read from the files
+alone: `--set extends=...` is refused, since inherited recipes are merged before `--set` applies.
+""".format(int_min=INT_MIN, int_max=INT_MAX, float_max=FLOAT_MAX, nesting=MAX_NESTING, extends=MAX_EXTENDS)
 
 
 def _options_table(cls: type) -> list[str]:
@@ -42,10 +53,13 @@ def _options_table(cls: type) -> list[str]:
     if not fields:
         return ["(no options)", ""]
     types = field_types(cls)
-    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    lines = ["| key | type | default | allowed | meaning |", "| --- | --- | --- | --- | --- |"]
     for f in fields:
         meaning = doc(f).replace("|", "\\|")
-        lines.append(f"| `{f.name}` | {type_name(types[f.name])} | `{describe_default(f.default)}` | {meaning} |")
+        values = allowed(f, types[f.name])
+        lines.append(
+            f"| `{f.name}` | {type_name(types[f.name])} | `{describe_default(f.default)}` | {values} | {meaning} |"
+        )
     lines.append("")
     return lines
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import attrs
 import numpy as np
 
-from contsup.options import at_least, in_range, option
+from contsup.options import at_least, between, in_range, option
 from contsup.types import DatasetInfo
 
 if TYPE_CHECKING:  # annotations only: loading imports torch (and scikit-learn), listing does not
@@ -28,7 +28,10 @@ class Digits:
     class Options:
         size: int = option(32, doc="side of the square images fed to the network (bilinear upsampling from 8)", validator=at_least(8))
         test_fraction: float = option(0.2, doc="share of the images held out for testing (stratified)", validator=in_range(0.05, 0.5))
-        split_seed: int = option(0, doc="seed of the fixed train/test split (independent of run.seed)")
+        split_seed: int = option(
+            0, doc="seed of the fixed train/test split (independent of run.seed)",
+            validator=between(0, 2**32 - 1),  # what scikit-learn takes as a random_state
+        )
 
     def __init__(self, options: "Digits.Options") -> None:
         self.options = options

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from contsup.options import at_least, option
+from contsup.options import at_least, between, option
 from contsup.types import DatasetInfo
 
 if TYPE_CHECKING:  # annotations only: loading imports torch, listing does not
@@ -29,7 +29,10 @@ class Synthetic:
         classes: int = option(10, doc="number of classes", validator=at_least(2))
         train_size: int = option(256, doc="number of training images", validator=at_least(1))
         test_size: int = option(128, doc="number of test images", validator=at_least(1))
-        noise: float = option(1.0, doc="standard deviation of the noise added to the class template", validator=at_least(0.0))
+        noise: float = option(
+            1.0, doc="standard deviation of the noise added to the class template",
+            validator=between(0.0, 1e6),  # images of 1e19 overflow float32 in batch-norm variances: NaN losses
+        )
         seed: int = option(0, doc="seed of the templates and the noise (independent of run.seed)")
 
     def __init__(self, options: "Synthetic.Options") -> None:
