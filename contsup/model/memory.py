@@ -701,6 +701,7 @@ class PlanMemory:
     units_bytes: int
     batch: int
     measured_batch: int
+    notes: tuple[str, ...] = ()  # pieces measured with real arithmetic, and why (CostModel.notes)
 
 
 def forward_flops(module: nn.Module, shape: Shape) -> int:
@@ -752,7 +753,7 @@ def plan_memory(recipe: Recipe, network: nn.Module, plans: Sequence[Any], sizes:
             cost.breakdown["units"], forward_flops(m.body, plan.input_shape), adapter_flops, linked,
         ))
     units = sum(model.unit_bytes(u) for u in range(model.n))
-    return PlanMemory(tuple(out), units, batch, measured)
+    return PlanMemory(tuple(out), units, batch, measured, tuple(model.notes))
 
 
 __all__ = [
