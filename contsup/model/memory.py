@@ -124,12 +124,14 @@ class Piece:
 
     ``own``: bytes it keeps for backward besides its named inputs and its output; ``saves``: which
     of those it keeps too ("in", "x", "out"), so that a storage two pieces share counts once;
-    ``ms``: median milliseconds of its forward and backward (None when not timed).
+    ``ms``: median milliseconds of its forward and backward (None when not timed); ``params``:
+    how many parameters (elements) its module has.
     """
 
     own: int
     saves: frozenset[str]
     ms: float | None = None
+    params: int = 0
 
 
 PieceKind = Literal["unit", "head", "adapter"]
@@ -205,7 +207,7 @@ def measure_piece(
     else:
         raise ValueError(f"unknown measurement method '{method}'; use one of {', '.join(METHODS)}")
     ms = _time_piece(fn, module, device, repeats) if timing else None
-    return Piece(int(own), frozenset(saves), ms)
+    return Piece(int(own), frozenset(saves), ms, sum(int(p.numel()) for p in module.parameters()))
 
 
 def _time_piece(fn: Callable[[], torch.Tensor], module: nn.Module, device: torch.device, repeats: int) -> float:
@@ -240,6 +242,7 @@ class ModuleCost:
     bytes: int
     ms: float | None
     breakdown: dict[str, int]
+    params: int = 0  # parameters (elements) of its units, head, decoder and adapters
 
 
 def unit_input_shapes(input_shape: Shape, shapes: Sequence[Shape]) -> list[Shape]:
@@ -542,10 +545,12 @@ class CostModel:
         if "x" in head.saves:
             named["x"] = self.x_bytes
         adapters, ms = 0, 0.0
+        params = sum(self.units[u].params for u in range(i, j + 1)) + head.params
         for s in sources:
             name, size, shape = ("x", self.x_bytes, self.input_shape) if s.is_input else feature(s.index)
             piece = self.adapter(s, shape, self.in_shapes[i], parts.selector)
             adapters += piece.own
+            params += piece.params
             ms += piece.ms or 0.0
             if "in" in piece.saves:
                 named[name] = size
@@ -559,7 +564,7 @@ class CostModel:
         if timed:
             ms += sum(self.units[u].ms or 0.0 for u in range(i, j + 1)) + (head.ms or 0.0)
         breakdown = {"units": units, "head": head.own, "adapters": adapters, "inputs": inputs}
-        return ModuleCost(l, (i, j), int(total), ms if timed else None, breakdown)
+        return ModuleCost(l, (i, j), int(total), ms if timed else None, breakdown, params)
 
     def plan_costs(self, sizes: Sequence[int]) -> list[ModuleCost]:
         """Every module's cost for the split ``sizes``, with its true sources and their shapes."""
@@ -640,7 +645,9 @@ def fitted_costs(model: CostModel, split: Callable[[Costs, int], Sequence[int]],
 # -- the engine's entry points ----------------------------------------------------------------
 
 
-def partition_costs(partitioner: Any, recipe: Recipe, parts: Any, shapes: Sequence[Shape], info: DatasetInfo) -> Costs:
+def partition_costs(
+    partitioner: Any, recipe: Recipe, parts: Any, shapes: Sequence[Shape], info: DatasetInfo, fake_mode: FakeTensorMode | None = None,
+) -> Costs:
     """What ``partitioner.split`` is given: measured saved-tensor costs at the recipe's batch size
     when the partitioner asks for them (``needs_costs = True``), else one per unit for free.
 
@@ -648,11 +655,12 @@ def partition_costs(partitioner: Any, recipe: Recipe, parts: Any, shapes: Sequen
     proportion to the batch). Counted from shapes (fake tensors, no arithmetic) with the
     deterministic saved-tensor count, which is the CPU's to the byte, so a split (and with it the
     network's structure) is the same on every machine and a trained model always reloads.
+    ``fake_mode``: the one ``parts`` were built in, when they are fake (:func:`recipe_parts`).
     """
     if not getattr(partitioner, "needs_costs", False):
         return Costs.uniform(len(shapes))
     batch = getattr(partitioner, "cost_batch_size", None)  # None: the recipe's batch
-    model = CostModel(recipe, parts, shapes, info, device="cpu", method="shapes", batch_size=batch)
+    model = CostModel(recipe, parts, shapes, info, device="cpu", method="shapes", batch_size=batch, fake_mode=fake_mode)
     return fitted_costs(model, partitioner.split, recipe.partition.modules)
 
 
