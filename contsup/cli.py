@@ -192,8 +192,7 @@ def _print_memory(data: dict, recipe: Any) -> None:
     """The plan's third part: what training each module keeps for backward, against end to end,
     and one warning line when context adapters cost more than the bodies they feed."""
     mem = data["memory"]
-    measured = "" if mem["measured_batch"] == mem["batch_size"] else f", measured at batch {mem['measured_batch']} and scaled"
-    print(f"activation memory kept for backward at batch {mem['batch_size']} (MiB{measured}):")
+    print(f"activation memory kept for backward at batch {mem['batch_size']} (MiB):")
     linked = any(m["memory"]["backlink_bytes"] for m in data["modules"])
     rows = [("module", "training", "its adapters", "its units", "MFLOPs per image: body / adapters")]
     if linked:
