@@ -347,6 +347,10 @@ def test_a_piece_fake_tensors_cannot_run_is_measured_for_real_with_a_note(small_
     saved_model = CostModel(recipe, parts, shapes, info, method="saved")
     assert shapes_model.units == saved_model.units
     assert len(shapes_model.notes) == 1 and shapes_model.notes[0].startswith("unit 1: measured with real arithmetic")
+    bound = CostModel(recipe, parts, shapes, info, method="shapes", real_fallback=False)  # what a fit estimate uses
+    assert bound.units[1].own == 0 and bound.units[1].params == saved_model.units[1].params
+    assert bound.units[:1] + bound.units[2:] == saved_model.units[:1] + saved_model.units[2:]
+    assert bound.notes[0].startswith("unit 1: counted as keeping nothing (a lower bound)")
     with pytest.raises(ValueError, match="timing needs real arithmetic"):
         CostModel(recipe, parts, shapes, info, method="shapes", timing=True)
 

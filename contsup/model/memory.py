@@ -309,7 +309,8 @@ class CostModel:
     "shapes"`` every piece runs on fake tensors: the backbone's units with fake copies of their
     weights (the originals untouched; parts built in ``fake_mode`` as they are), new heads and
     adapters built fake; a piece that fails there
-    is measured for real and noted in :attr:`notes`. Real measurements run on copies (the
+    is measured for real (with ``real_fallback``; without, it is counted as keeping nothing, a
+    lower bound that allocates nothing) and noted in :attr:`notes`. Real measurements run on copies (the
     originals' weights and batch-norm statistics are untouched); their inputs come from a private
     generator and new modules are built under a forked RNG, so measuring never changes the global
     random state.
@@ -328,6 +329,7 @@ class CostModel:
         repeats: int = 3,
         batch_size: int | None = None,
         fake_mode: FakeTensorMode | None = None,
+        real_fallback: bool = True,
     ) -> None:
         self.device = torch.device(device)
         if method not in METHODS:
@@ -337,6 +339,7 @@ class CostModel:
         if method == "shapes" and timing:
             raise ValueError("timing needs real arithmetic: measure with method 'saved' or 'cuda'")
         self.method, self.timing, self.repeats = method, timing, repeats
+        self.real_fallback = real_fallback
         self.batch = batch_size or recipe.data.batch_size
         self.k = recipe.partition.modules
         self.info = info
@@ -419,8 +422,13 @@ class CostModel:
             try:
                 return self._measure_fake(kind, build, args)
             except Exception as exc:  # a piece fake tensors cannot run: measured for real below
-                note = f"{what}: measured with real arithmetic, fake tensors could not run it ({type(exc).__name__}: {one_line(str(exc))})"
+                how = "measured with real arithmetic" if self.real_fallback else "counted as keeping nothing (a lower bound)"
+                note = f"{what}: {how}, fake tensors could not run it ({type(exc).__name__}: {one_line(str(exc))})"
                 self.notes.append(note[:300])
+                if not self.real_fallback:
+                    with self._rng(), self._fake:
+                        module = build(False)
+                    return Piece(0, frozenset(), None, sum(int(t.numel()) for t in module.parameters()))
         with self._rng():
             module = build(True)
         if any(isinstance(t, FakeTensor) for _, t in named_tensors(module)):
@@ -655,12 +663,16 @@ def partition_costs(
     proportion to the batch). Counted from shapes (fake tensors, no arithmetic) with the
     deterministic saved-tensor count, which is the CPU's to the byte, so a split (and with it the
     network's structure) is the same on every machine and a trained model always reloads.
-    ``fake_mode``: the one ``parts`` were built in, when they are fake (:func:`recipe_parts`).
+    ``fake_mode``: the one ``parts`` were built in, when they are fake (:func:`recipe_parts`);
+    a piece fake tensors cannot run then counts as keeping nothing (a lower bound) rather than
+    being measured for real.
     """
     if not getattr(partitioner, "needs_costs", False):
         return Costs.uniform(len(shapes))
     batch = getattr(partitioner, "cost_batch_size", None)  # None: the recipe's batch
-    model = CostModel(recipe, parts, shapes, info, device="cpu", method="shapes", batch_size=batch, fake_mode=fake_mode)
+    model = CostModel(
+        recipe, parts, shapes, info, device="cpu", method="shapes", batch_size=batch, fake_mode=fake_mode, real_fallback=fake_mode is None,
+    )
     return fitted_costs(model, partitioner.split, recipe.partition.modules)
 
 

@@ -9,8 +9,9 @@ decoder, adapters, input and the context kept for later modules); every paramete
 network (a one-process run holds them all on its device); and that module's gradients and
 optimizer state (one buffer per parameter for SGD with momentum, two for Adam-style
 optimizers, none otherwise). Left out: temporaries of the forward and backward, other modules'
-gradients, the data in memory and the allocator's overhead, so the figure is a lower bound
-and a run is refused only when even that exceeds what the machine has.
+gradients, the data in memory and the allocator's overhead, and a piece fake tensors cannot
+run (a loss that branches on the labels, such as supcon's) counts as keeping nothing, so the
+figure is a lower bound and a run is refused only when even that exceeds what the machine has.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def estimate_need(recipe: Recipe) -> Need:
     parts, shapes, info = recipe_parts(recipe, fake)
     k, n = recipe.partition.modules, len(shapes)
     batch = recipe.data.batch_size
-    model = CostModel(recipe, parts, shapes, info, batch_size=batch, fake_mode=fake)
+    model = CostModel(recipe, parts, shapes, info, batch_size=batch, fake_mode=fake, real_fallback=False)
     half = recipe.run.precision in ("bf16", "fp16")  # autocast keeps most activations at 2 bytes
     total_params = sum(u.params for u in model.units) + model.head(n - 1, model.components(k, k)).params
     per_param = PARAM_BYTES * (1 + optimizer_buffers(recipe))  # a gradient, and the optimizer's buffers
