@@ -125,6 +125,7 @@ def plan_data(recipe: Any) -> dict:
         "memory": {
             "batch_size": memory.batch, "measured_batch": memory.measured_batch,
             "units_bytes": memory.units_bytes, "largest_module_bytes": max(m.bytes for m in memory.modules),
+            "notes": list(memory.notes),
         },
     }
 
@@ -191,8 +192,7 @@ def _print_memory(data: dict, recipe: Any) -> None:
     """The plan's third part: what training each module keeps for backward, against end to end,
     and one warning line when context adapters cost more than the bodies they feed."""
     mem = data["memory"]
-    measured = "" if mem["measured_batch"] == mem["batch_size"] else f", measured at batch {mem['measured_batch']} and scaled"
-    print(f"activation memory kept for backward at batch {mem['batch_size']} (MiB{measured}):")
+    print(f"activation memory kept for backward at batch {mem['batch_size']} (MiB):")
     linked = any(m["memory"]["backlink_bytes"] for m in data["modules"])
     rows = [("module", "training", "its adapters", "its units", "MFLOPs per image: body / adapters")]
     if linked:
@@ -209,6 +209,8 @@ def _print_memory(data: dict, recipe: Any) -> None:
     units, largest = mem["units_bytes"], mem["largest_module_bytes"]
     ratio = f" ({largest / units:.2f}x)" if units else ""
     print(f"largest module: {_mib(largest)} MiB{ratio}; every unit at once, as end-to-end training keeps them: {_mib(units)} MiB")
+    for note in mem["notes"]:
+        print(f"note: {note}", file=sys.stderr)
     heavy = [m for m in data["modules"] if m["memory"]["adapter_bytes"] > m["memory"]["body_bytes"]
              or m["memory"]["adapter_flops"] > m["memory"]["body_flops"]]
     if heavy:

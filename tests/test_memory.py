@@ -275,3 +275,94 @@ def test_the_plan_warns_when_the_input_encoder_outweighs_the_modules_it_feeds(wr
         assert len(warnings) == 1 and 'set context.encoder = "fast"' in warnings[0]
     else:
         assert warnings == []
+
+
+# -- costs counted from shapes ------------------------------------------------------------------
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def pieces(model):
+    """Every piece a cost model has measured, in the order it measured them."""
+    return [*model.units, *model._heads.values(), *model._adapters.values()]
+
+
+def assert_shapes_equal_saved(recipe, parts=None):
+    parts_shapes_info = recipe_parts(recipe)
+    parts = parts or parts_shapes_info[0]
+    _, shapes, info = parts_shapes_info
+    k = recipe.partition.modules
+    models = {m: CostModel(recipe, parts, shapes, info, method=m) for m in ("saved", "shapes")}
+    tables = {m: (model.costs(k), model.plan_costs(even_split(model.n, k))) for m, model in models.items()}
+    assert pieces(models["shapes"]) == pieces(models["saved"])  # every unit, head and adapter, to the byte
+    assert tables["shapes"] == tables["saved"]
+    assert models["shapes"].notes == []
+    return models["shapes"]
+
+
+@pytest.mark.parametrize("path, overrides", [
+    ("recipes/paper/resnet32_cifar10.toml", []),
+    ("recipes/paper/resnet32_cifar10.toml", ["context.use=R1E"]),
+    ("recipes/paper/resnet32_cifar10.toml", ["context.use=M2R1E", "context.encoder=fast"]),
+    ("recipes/paper/resnet32_cifar10.toml", ["preset=paper", "context.use=all"]),
+    ("recipes/paper/infopro/resnet32_cifar10_k4.toml", []),
+    ("recipes/paper/resnet110_cifar10.toml", ["context.use=R1E"]),
+    ("recipes/paper/infopro/resnet110_cifar10_k16.toml", []),
+])
+def test_costs_from_shapes_equal_the_measured_bytes_on_the_paper_recipes(registries, path, overrides):
+    """Fake tensors see what real arithmetic saves: the paper's CIFAR ResNet-32/110 recipes with
+    context selectors and InfoPro's decoders, every piece equal to the real count."""
+    from contsup.config.recipe import load_recipe
+
+    recipe = load_recipe(REPO / path, ["data.batch_size=2", *overrides], registries)
+    model = assert_shapes_equal_saved(recipe)
+    assert len(model._heads) >= 4 and (overrides == [] or len(model._adapters) >= 3)
+
+
+def test_costs_from_shapes_equal_the_measured_bytes_for_a_timm_resnet50(registries):
+    from contsup.config.recipe import loads_recipe
+
+    from test_backbones import IMAGENET_RECIPE
+
+    text = IMAGENET_RECIPE.format(size=32, model="resnet50", partition="uniform", k=4, measure="", context="R1E", encoder='encoder = "fast"')
+    assert_shapes_equal_saved(loads_recipe(text, registries, source="imagenet.toml"))
+
+
+class ValueBranch(nn.Module):
+    """A unit that branches on its input's values: fake tensors cannot run it."""
+
+    def __init__(self, unit):
+        super().__init__()
+        self.unit = unit
+
+    def forward(self, h):
+        return self.unit(h) if h.sum() > -1e30 else self.unit(h) * 2
+
+
+def test_a_piece_fake_tensors_cannot_run_is_measured_for_real_with_a_note(small_recipe):
+    recipe = small_recipe(modules=4, context="R1E", batch_size=4)
+    parts, shapes, info = recipe_parts(recipe)
+    parts = attrs.evolve(parts, units=[parts.units[0], ValueBranch(parts.units[1]), *parts.units[2:]])
+    shapes_model = CostModel(recipe, parts, shapes, info, method="shapes")
+    saved_model = CostModel(recipe, parts, shapes, info, method="saved")
+    assert shapes_model.units == saved_model.units
+    assert len(shapes_model.notes) == 1 and shapes_model.notes[0].startswith("unit 1: measured with real arithmetic")
+    bound = CostModel(recipe, parts, shapes, info, method="shapes", real_fallback=False)  # what a fit estimate uses
+    assert bound.units[1].own == 0 and bound.units[1].params == saved_model.units[1].params
+    assert bound.units[:1] + bound.units[2:] == saved_model.units[:1] + saved_model.units[2:]
+    assert bound.notes[0].startswith("unit 1: counted as keeping nothing (a lower bound)")
+    with pytest.raises(ValueError, match="timing needs real arithmetic"):
+        CostModel(recipe, parts, shapes, info, method="shapes", timing=True)
+
+
+def test_costs_from_shapes_allocate_nothing_of_the_batch(small_recipe, registries):
+    """Fake parts and a fake batch: a network whose activations would need 250 GB is costed
+    without allocating them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    recipe = small_recipe(modules=4, context="R1E", batch_size=4)
+    recipe = attrs.evolve(recipe, data=attrs.evolve(recipe.data, batch_size=2**20))
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    parts, shapes, info = recipe_parts(recipe, fake)
+    model = CostModel(recipe, parts, shapes, info, fake_mode=fake)
+    assert model.peak(even_split(model.n, 4)) > 2**37

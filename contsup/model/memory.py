@@ -1,11 +1,16 @@
 """Activation-memory accounting: what each unit, head and adapter keeps alive for backward, and
 what each module of a greedy network therefore costs.
 
-The exact, deterministic measure (``method = "saved"``, any device) counts the storages autograd
-saves for backward (``torch.autograd.graph.saved_tensors_hooks``): parameters and buffers are
-left out, and a storage shared by views or in-place ops counts once. On CUDA, ``method = "cuda"``
-instead takes ``torch.cuda.max_memory_allocated`` around each piece's forward and backward, which
-also sees gradients and temporaries.
+The exact, deterministic measure counts the storages autograd saves for backward
+(``torch.autograd.graph.saved_tensors_hooks``): parameters and buffers are left out, and a storage
+shared by views or in-place ops counts once. ``method = "shapes"`` (the default) counts them with
+fake tensors (``torch._subclasses.fake_tensor.FakeTensorMode``): every op runs on shapes alone,
+so an ImageNet-sized network, or one far too large for the machine, costs no arithmetic and no
+memory to measure. A piece that needs real values (a data-dependent branch, an op fake tensors do
+not support) is measured for real instead, with a note in :attr:`CostModel.notes`. ``method =
+"saved"`` counts the same storages while running the real arithmetic (what timing needs too). On
+CUDA, ``method = "cuda"`` instead takes ``torch.cuda.max_memory_allocated`` around each piece's
+forward and backward, which also sees gradients and temporaries.
 
 A module of units i..j costs its units, plus what it carries itself: its auxiliary head (and
 decoder), its context adapters, its input and every context tensor the store keeps alive for
@@ -16,6 +21,7 @@ optimises (:meth:`CostModel.costs`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 import time
@@ -24,21 +30,31 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 import attrs
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from contsup.model.components import Components, make_adapter, module_components, selector_sources, trace_shapes
 from contsup.types import Costs, DatasetInfo, HeadSpec, NetworkLayout, Shape, Source
 from contsup.config.recipe import Recipe
+from contsup.errors import one_line
 from contsup.protocols import ContextSelector
 
-Method = Literal["saved", "cuda"]
+Method = Literal["shapes", "saved", "cuda"]
+METHODS = ("shapes", "saved", "cuda")
 StorageKey = tuple[str, int]
 
 
 def storage_key(t: torch.Tensor) -> StorageKey | None:
-    """What identifies ``t``'s memory: (device, address of its untyped storage); None if it has none."""
-    if t.layout != torch.strided or t.device.type == "meta":
+    """What identifies ``t``'s memory: (device, address of its untyped storage); None if it has none.
+
+    A fake or meta tensor has no data, so no address: its storage object itself identifies it
+    (the address of the storage, which views and in-place results share and which stays unique
+    while the storage lives; :class:`SavedStorages` keeps what it records alive)."""
+    if t.layout != torch.strided:
         return None
-    ptr = t.untyped_storage().data_ptr()
+    storage = t.untyped_storage()
+    if isinstance(t, FakeTensor) or t.device.type == "meta":
+        return None if storage.nbytes() == 0 else ("fake", int(storage._cdata))
+    ptr = storage.data_ptr()
     return None if ptr == 0 else (str(t.device), ptr)
 
 
@@ -108,12 +124,14 @@ class Piece:
 
     ``own``: bytes it keeps for backward besides its named inputs and its output; ``saves``: which
     of those it keeps too ("in", "x", "out"), so that a storage two pieces share counts once;
-    ``ms``: median milliseconds of its forward and backward (None when not timed).
+    ``ms``: median milliseconds of its forward and backward (None when not timed); ``params``:
+    how many parameters (elements) its module has.
     """
 
     own: int
     saves: frozenset[str]
     ms: float | None = None
+    params: int = 0
 
 
 PieceKind = Literal["unit", "head", "adapter"]
@@ -137,16 +155,22 @@ def measure_piece(
     method: Method = "saved",
     timing: bool = False,
     repeats: int = 3,
+    exclude: Iterable[torch.Tensor] | None = None,
 ) -> Piece:
     """Measure ``fn()`` (which uses ``module`` on ``inputs``): saved bytes or CUDA peak, and time.
 
-    With ``method = "cuda"`` the piece's figure is its peak allocation over forward and backward
-    minus what was allocated before; a unit's output is then taken out of ``own`` and marked
-    saved ("out" counts once per module boundary), heads count their input as saved.
+    With ``method = "saved"`` (or "shapes": the same count, ``fn`` then running on fake tensors)
+    the storages autograd saves are counted, leaving out ``exclude`` (default: ``module``'s
+    parameters and buffers). With ``method = "cuda"`` the piece's figure is its peak allocation
+    over forward and backward minus what was allocated before; a unit's output is then taken out
+    of ``own`` and marked saved ("out" counts once per module boundary), heads count their input
+    as saved.
     """
     device = next((t.device for t in inputs.values()), torch.device("cpu"))
-    if method == "saved":
-        with SavedStorages(module_tensors(module)) as rec:
+    if method in ("saved", "shapes"):
+        if timing and method == "shapes":
+            raise ValueError("timing needs real arithmetic: measure with method 'saved' or 'cuda'")
+        with SavedStorages(module_tensors(module) if exclude is None else exclude) as rec:
             out = fn()
         input_keys = {name: storage_key(t) for name, t in inputs.items()}
         out_key = storage_key(out) if out.dim() > 0 else None
@@ -181,9 +205,9 @@ def measure_piece(
         else:
             own, saves = delta, set()
     else:
-        raise ValueError(f"unknown measurement method '{method}'; use 'saved' or 'cuda'")
+        raise ValueError(f"unknown measurement method '{method}'; use one of {', '.join(METHODS)}")
     ms = _time_piece(fn, module, device, repeats) if timing else None
-    return Piece(int(own), frozenset(saves), ms)
+    return Piece(int(own), frozenset(saves), ms, sum(int(p.numel()) for p in module.parameters()))
 
 
 def _time_piece(fn: Callable[[], torch.Tensor], module: nn.Module, device: torch.device, repeats: int) -> float:
@@ -218,6 +242,7 @@ class ModuleCost:
     bytes: int
     ms: float | None
     breakdown: dict[str, int]
+    params: int = 0  # parameters (elements) of its units, head, decoder and adapters
 
 
 def unit_input_shapes(input_shape: Shape, shapes: Sequence[Shape]) -> list[Shape]:
@@ -244,13 +269,51 @@ def last_uses(sources: Sequence[Sequence[Source]]) -> dict[int, int]:
     return out
 
 
+class _HeadLoss(nn.Module):
+    """A head piece as one module: the head's loss on h, plus the decoder's on x when there is one."""
+
+    def __init__(self, head: nn.Module, loss: Callable, decoder: nn.Module | None = None, decoder_loss: Callable | None = None) -> None:
+        super().__init__()
+        self.head, self.decoder = head, decoder
+        self._losses = (loss, decoder_loss)  # a tuple: a loss that is a module stays unregistered, as it was
+
+    def forward(self, h: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        loss, decoder_loss = self._losses
+        total = loss(self.head(h), y)
+        if self.decoder is not None:
+            total = total + decoder_loss(self.decoder(h), x)
+        return total
+
+
+@contextlib.contextmanager
+def _training(module: nn.Module):
+    """``module`` in training mode while the context lasts, every submodule's mode restored after."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.train()
+    try:
+        yield module
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of ``module`` by name, tied ones under each of their names."""
+    return [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+
+
 class CostModel:
     """The measured pieces of one recipe's network, and the module costs they predict.
 
-    Units are measured on construction, on copies (the originals' weights and batch-norm
-    statistics are untouched); heads and adapters on first use. Inputs come from a private
-    generator and new modules are built under a forked RNG, so measuring never changes the
-    global random state.
+    Units are measured on construction, heads and adapters on first use. With ``method =
+    "shapes"`` every piece runs on fake tensors: the backbone's units with fake copies of their
+    weights (the originals untouched; parts built in ``fake_mode`` as they are), new heads and
+    adapters built fake; a piece that fails there
+    is measured for real (with ``real_fallback``; without, it is counted as keeping nothing, a
+    lower bound that allocates nothing) and noted in :attr:`notes`. Real measurements run on copies (the
+    originals' weights and batch-norm statistics are untouched); their inputs come from a private
+    generator and new modules are built under a forked RNG, so measuring never changes the global
+    random state.
     """
 
     def __init__(
@@ -261,15 +324,22 @@ class CostModel:
         info: DatasetInfo,
         *,
         device: torch.device | str = "cpu",
-        method: Method = "saved",
+        method: Method = "shapes",
         timing: bool = False,
         repeats: int = 3,
         batch_size: int | None = None,
+        fake_mode: FakeTensorMode | None = None,
+        real_fallback: bool = True,
     ) -> None:
         self.device = torch.device(device)
+        if method not in METHODS:
+            raise ValueError(f"unknown measurement method '{method}'; use one of {', '.join(METHODS)}")
         if method == "cuda" and self.device.type != "cuda":
             raise ValueError("method 'cuda' needs a CUDA device")
+        if method == "shapes" and timing:
+            raise ValueError("timing needs real arithmetic: measure with method 'saved' or 'cuda'")
         self.method, self.timing, self.repeats = method, timing, repeats
+        self.real_fallback = real_fallback
         self.batch = batch_size or recipe.data.batch_size
         self.k = recipe.partition.modules
         self.info = info
@@ -281,9 +351,15 @@ class CostModel:
         self._components = module_components(recipe, self.k)
         self._final_head = parts.head
         self._gen = torch.Generator().manual_seed(0)
-        self.x = self._randn(self.input_shape)
-        self.y = torch.randint(0, info.num_classes, (self.batch,), generator=self._gen).to(self.device)
-        self.x_bytes = storage_bytes(self.x)
+        self._real: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.notes: list[str] = []
+        if method == "shapes":
+            self._fake = fake_mode or FakeTensorMode(allow_non_fake_inputs=True)
+            with self._fake:
+                self._fake_xy = (torch.empty((self.batch, *self.input_shape)), torch.zeros((self.batch,), dtype=torch.long))
+        else:
+            self._real_xy()
+        self.x_bytes = self._bytes_of(self.input_shape)
         self.in_bytes = [self._bytes_of(s) for s in self.in_shapes]
         self.out_bytes = [self._bytes_of(s) for s in self.shapes]
         self.units = [self._measure_unit(u, unit) for u, unit in enumerate(parts.units)]
@@ -310,23 +386,78 @@ class CostModel:
         devices = [self.device] if self.device.type == "cuda" else []
         return torch.random.fork_rng(devices=devices)
 
-    def _randn(self, shape: Shape, grad: bool = False) -> torch.Tensor:
-        t = torch.randn((self.batch, *shape), generator=self._gen).to(self.device)
+    def _real_xy(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real batch (x, y), drawn on first need from the private generator."""
+        if self._real is None:
+            x = self._randn(self.input_shape)
+            y = torch.randint(0, self.info.num_classes, (self.batch,), generator=self._gen).to(self.device)
+            self._real = (x, y)
+        return self._real
+
+    def _xy(self, fake: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._fake_xy if fake else self._real_xy()
+
+    def _randn(self, shape: Shape, grad: bool = False, fake: bool = False) -> torch.Tensor:
+        if fake:  # called inside the fake mode: shapes only
+            t = torch.empty((self.batch, *shape))
+        else:
+            t = torch.randn((self.batch, *shape), generator=self._gen).to(self.device)
         if grad:  # a non-leaf that requires grad, as inside a module; in-place ops stay legal
             t = t.requires_grad_().clone()
         return t
 
     def _bytes_of(self, shape: Shape) -> int:
-        return self.batch * int(torch.Size(shape).numel()) * self.x.element_size()
+        return self.batch * int(torch.Size(shape).numel()) * torch.empty((), dtype=torch.get_default_dtype()).element_size()
 
-    def _measure(self, fn: Callable[[], torch.Tensor], inputs: Mapping[str, torch.Tensor], module: nn.Module, kind: PieceKind) -> Piece:
-        return measure_piece(fn, inputs, module, kind=kind, method=self.method, timing=self.timing, repeats=self.repeats)
+    def _measure(
+        self,
+        what: str,
+        kind: PieceKind,
+        build: Callable[[bool], nn.Module],
+        args: Callable[[bool], tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]],
+    ) -> Piece:
+        """One piece: ``build(real)`` makes its module (``real``: weights it may change, i.e. a
+        copy of the backbone's), ``args(fake)`` its call arguments and named inputs."""
+        if self.method == "shapes":
+            try:
+                return self._measure_fake(kind, build, args)
+            except Exception as exc:  # a piece fake tensors cannot run: measured for real below
+                how = "measured with real arithmetic" if self.real_fallback else "counted as keeping nothing (a lower bound)"
+                note = f"{what}: {how}, fake tensors could not run it ({type(exc).__name__}: {one_line(str(exc))})"
+                self.notes.append(note[:300])
+                if not self.real_fallback:
+                    with self._rng(), self._fake:
+                        module = build(False)
+                    return Piece(0, frozenset(), None, sum(int(t.numel()) for t in module.parameters()))
+        with self._rng():
+            module = build(True)
+        if any(isinstance(t, FakeTensor) for _, t in named_tensors(module)):
+            raise ValueError(f"{what}: its weights are fake, and it cannot be measured from shapes alone")
+        module = module.to(self.device).train()
+        call, named = args(False)
+        method = "saved" if self.method == "shapes" else self.method
+        return measure_piece(lambda: module(*call), named, module, kind=kind, method=method, timing=self.timing, repeats=self.repeats)
+
+    def _measure_fake(
+        self,
+        kind: PieceKind,
+        build: Callable[[bool], nn.Module],
+        args: Callable[[bool], tuple[tuple[torch.Tensor, ...], dict[str, torch.Tensor]]],
+    ) -> Piece:
+        with self._rng(), self._fake:
+            module = build(False)
+        with self._fake, _training(module):
+            state = {name: t if isinstance(t, FakeTensor) else self._fake.from_tensor(t) for name, t in named_tensors(module)}
+            call, named = args(True)
+            fn = lambda: torch.func.functional_call(module, state, call, strict=False)  # noqa: E731
+            return measure_piece(fn, named, module, kind=kind, method="shapes", exclude=list(state.values()))
 
     def _measure_unit(self, u: int, unit: nn.Module) -> Piece:
-        with self._rng():
-            unit = copy.deepcopy(unit).to(self.device).train()
-        h = self._randn(self.in_shapes[u], grad=True)
-        return self._measure(lambda: unit(h), {"in": h}, unit, "unit")
+        def args(fake: bool):
+            h = self._randn(self.in_shapes[u], grad=True, fake=fake)
+            return (h,), {"in": h}
+
+        return self._measure(f"unit {u}", "unit", lambda real: copy.deepcopy(unit) if real else unit, args)
 
     def head(self, j: int, parts: Components, with_decoder: bool = False) -> Piece:
         """The piece of the head on unit j's output: the final head and loss if j is the last
@@ -342,35 +473,36 @@ class CostModel:
     def _measure_head(self, last: bool, shape: Shape, parts: Components, with_decoder: bool) -> Piece:
         import torch.nn.functional as F
 
-        with self._rng():
-            if last:
-                head = copy.deepcopy(self._final_head)
-                loss = F.cross_entropy
-            else:
-                head = parts.objective.head(HeadSpec(shape, self.shapes[-1], self.info.num_classes))
-                loss = parts.objective.loss
+        def build(real: bool) -> nn.Module:
             decoder = parts.decoder.build(shape, self.info) if with_decoder else None
-        holder = nn.ModuleList([head] + ([decoder] if decoder is not None else [])).to(self.device).train()
-        h = self._randn(shape, grad=True)
-        x, y = self.x, self.y
+            decoder_loss = (lambda out, x: parts.decoder.loss(out, x, self.info)) if with_decoder else None
+            if last:
+                return _HeadLoss(copy.deepcopy(self._final_head) if real else self._final_head, F.cross_entropy)
+            head = parts.objective.head(HeadSpec(shape, self.shapes[-1], self.info.num_classes))
+            return _HeadLoss(head, parts.objective.loss, decoder, decoder_loss)
 
-        def fn() -> torch.Tensor:
-            total = loss(head(h), y)
-            if decoder is not None:
-                total = total + parts.decoder.loss(decoder(h), x, self.info)
-            return total
+        def args(fake: bool):
+            h = self._randn(shape, grad=True, fake=fake)
+            x, y = self._xy(fake)
+            return (h, x, y), {"in": h, "x": x}
 
-        return self._measure(fn, {"in": h, "x": x}, holder, "head")
+        return self._measure(f"the head on a {list(shape)} feature", "head", build, args)
 
     def adapter(self, source: Source, source_shape: Shape, target_shape: Shape, selector: ContextSelector) -> Piece:
         """The piece of the adapter M_{l,s} ``selector`` makes from ``source_shape`` to ``target_shape``."""
         key = (id(selector), source.is_input, tuple(source_shape), tuple(target_shape))
         if key not in self._adapters:
-            with self._rng():
-                adapter = make_adapter(selector, source, tuple(source_shape), tuple(target_shape))
-            adapter = adapter.to(self.device).train()
-            c = self.x if tuple(source_shape) == self.input_shape else self._randn(tuple(source_shape))
-            self._adapters[key] = self._measure(lambda: adapter(c), {"in": c}, adapter, "adapter")
+
+            def args(fake: bool):
+                x, _ = self._xy(fake)
+                if tuple(source_shape) == self.input_shape:
+                    return (x,), {"in": x}
+                c = self._randn(tuple(source_shape), fake=fake)
+                return (c,), {"in": c}
+
+            build = lambda real: make_adapter(selector, source, tuple(source_shape), tuple(target_shape))  # noqa: E731
+            what = f"the adapter from {source} {list(source_shape)} to {list(target_shape)}"
+            self._adapters[key] = self._measure(what, "adapter", build, args)
         return self._adapters[key]
 
     # composing
@@ -421,10 +553,12 @@ class CostModel:
         if "x" in head.saves:
             named["x"] = self.x_bytes
         adapters, ms = 0, 0.0
+        params = sum(self.units[u].params for u in range(i, j + 1)) + head.params
         for s in sources:
             name, size, shape = ("x", self.x_bytes, self.input_shape) if s.is_input else feature(s.index)
             piece = self.adapter(s, shape, self.in_shapes[i], parts.selector)
             adapters += piece.own
+            params += piece.params
             ms += piece.ms or 0.0
             if "in" in piece.saves:
                 named[name] = size
@@ -438,7 +572,7 @@ class CostModel:
         if timed:
             ms += sum(self.units[u].ms or 0.0 for u in range(i, j + 1)) + (head.ms or 0.0)
         breakdown = {"units": units, "head": head.own, "adapters": adapters, "inputs": inputs}
-        return ModuleCost(l, (i, j), int(total), ms if timed else None, breakdown)
+        return ModuleCost(l, (i, j), int(total), ms if timed else None, breakdown, params)
 
     def plan_costs(self, sizes: Sequence[int]) -> list[ModuleCost]:
         """Every module's cost for the split ``sizes``, with its true sources and their shapes."""
@@ -519,33 +653,41 @@ def fitted_costs(model: CostModel, split: Callable[[Costs, int], Sequence[int]],
 # -- the engine's entry points ----------------------------------------------------------------
 
 
-def partition_costs(partitioner: Any, recipe: Recipe, parts: Any, shapes: Sequence[Shape], info: DatasetInfo) -> Costs:
+def partition_costs(
+    partitioner: Any, recipe: Recipe, parts: Any, shapes: Sequence[Shape], info: DatasetInfo, fake_mode: FakeTensorMode | None = None,
+) -> Costs:
     """What ``partitioner.split`` is given: measured saved-tensor costs at the recipe's batch size
     when the partitioner asks for them (``needs_costs = True``), else one per unit for free.
 
     Measured at the partitioner's ``cost_batch_size`` when it has one (saved activations grow in
-    proportion to the batch, so a small batch finds the split of a large one far faster). Measured
-    on CPU with the deterministic saved-tensor count, so a split (and with it the
+    proportion to the batch). Counted from shapes (fake tensors, no arithmetic) with the
+    deterministic saved-tensor count, which is the CPU's to the byte, so a split (and with it the
     network's structure) is the same on every machine and a trained model always reloads.
+    ``fake_mode``: the one ``parts`` were built in, when they are fake (:func:`recipe_parts`);
+    a piece fake tensors cannot run then counts as keeping nothing (a lower bound) rather than
+    being measured for real.
     """
     if not getattr(partitioner, "needs_costs", False):
         return Costs.uniform(len(shapes))
     batch = getattr(partitioner, "cost_batch_size", None)  # None: the recipe's batch
-    model = CostModel(recipe, parts, shapes, info, device="cpu", method="saved", batch_size=batch)
+    model = CostModel(
+        recipe, parts, shapes, info, device="cpu", method="shapes", batch_size=batch, fake_mode=fake_mode, real_fallback=fake_mode is None,
+    )
     return fitted_costs(model, partitioner.split, recipe.partition.modules)
 
 
-def recipe_parts(recipe: Recipe) -> tuple[Any, list[Shape], DatasetInfo]:
-    """The recipe's backbone parts, unit output shapes and dataset info (fresh, seeded weights)."""
+def recipe_parts(recipe: Recipe, fake: FakeTensorMode | None = None) -> tuple[Any, list[Shape], DatasetInfo]:
+    """The recipe's backbone parts, unit output shapes and dataset info (fresh, seeded weights).
+
+    With ``fake``, the parts are built and traced inside that fake mode: fake weights, shapes
+    alone, nothing allocated however large the network or its input (give the same mode to
+    :class:`CostModel`)."""
     info = recipe.dataset.create().info()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), (fake or contextlib.nullcontext()):
         torch.manual_seed(recipe.run.seed)
         parts = recipe.backbone.create().build(tuple(info.input_shape), info.num_classes)
-    shapes = trace_shapes(list(parts.units), tuple(info.input_shape))
+        shapes = trace_shapes(list(parts.units), tuple(info.input_shape))
     return parts, shapes, info
-
-
-PLAN_BATCH = 8  # the batch contsup plan measures at when the partitioner names none: a plan stays quick
 
 
 @attrs.frozen
@@ -571,16 +713,15 @@ class ModuleMemory:
 @attrs.frozen
 class PlanMemory:
     """Every module's :class:`ModuleMemory`; ``units_bytes`` what the whole backbone's units keep
-    (what end-to-end training keeps, its head aside). Measured on the CPU at ``measured_batch``
-    images (``partition.measure_batch`` when the partitioner has one, else at most
-    :data:`PLAN_BATCH`) and scaled linearly to ``batch``: saved activations grow in proportion to
-    the batch (batch norm's per-channel statistics aside), so the figures are exact when the two
-    batches agree and estimates otherwise."""
+    (what end-to-end training keeps, its head aside). Counted from shapes at the recipe's batch,
+    so ``measured_batch`` is ``batch`` and the figures are the CPU's saved bytes exactly (a
+    piece fake tensors cannot run is measured for real, at that batch too)."""
 
     modules: tuple[ModuleMemory, ...]
     units_bytes: int
     batch: int
     measured_batch: int
+    notes: tuple[str, ...] = ()  # pieces measured with real arithmetic, and why (CostModel.notes)
 
 
 def forward_flops(module: nn.Module, shape: Shape) -> int:
@@ -614,27 +755,25 @@ def plan_memory(recipe: Recipe, network: nn.Module, plans: Sequence[Any], sizes:
     ``recipe``), as :class:`PlanMemory` says. With BackLink, module l's figure adds what module
     l-1's linked units keep (their saved activations, each unit's output included), alive until
     module l's backward: an estimate from the units' own measurements (docs/objectives.md)."""
-    partitioner = recipe.partitioner.create()
-    batch = recipe.data.batch_size
-    measured = min(getattr(partitioner, "cost_batch_size", None) or PLAN_BATCH, batch)
-    parts, shapes, info = recipe_parts(recipe)
-    model = CostModel(recipe, parts, shapes, info, device="cpu", method="saved", batch_size=measured)
-    scale = batch / measured
+    batch = measured = recipe.data.batch_size
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    parts, shapes, info = recipe_parts(recipe, fake)
+    model = CostModel(recipe, parts, shapes, info, device="cpu", method="shapes", batch_size=batch, fake_mode=fake)
     out = []
     spans = backlink_spans(sizes, recipe.backlink.units if recipe.run.mode == "greedy" else 0)
     for cost, plan, m in zip(model.plan_costs(sizes), plans, network.blocks):
         span = spans[plan.index - 2] if plan.index >= 2 else None
-        linked = round(sum(model.unit_bytes(u) for u in range(span[0], span[1] + 1)) * scale) if span else 0
+        linked = sum(model.unit_bytes(u) for u in range(span[0], span[1] + 1)) if span else 0
         adapter_flops = sum(
             forward_flops(m.adapters[str(s)], info.input_shape if s.is_input else plans[s.index].input_shape)
             for s in plan.sources
         )
         out.append(ModuleMemory(
-            cost.index, round(cost.bytes * scale) + linked, round(cost.breakdown["adapters"] * scale),
-            round(cost.breakdown["units"] * scale), forward_flops(m.body, plan.input_shape), adapter_flops, linked,
+            cost.index, cost.bytes + linked, cost.breakdown["adapters"],
+            cost.breakdown["units"], forward_flops(m.body, plan.input_shape), adapter_flops, linked,
         ))
     units = sum(model.unit_bytes(u) for u in range(model.n))
-    return PlanMemory(tuple(out), round(units * scale), batch, measured)
+    return PlanMemory(tuple(out), units, batch, measured, tuple(model.notes))
 
 
 __all__ = [

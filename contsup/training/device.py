@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from contsup.errors import ContsupError
+from contsup.training.fit import check_fits
 from contsup.training.precision import check_precision
 
 if TYPE_CHECKING:
@@ -37,8 +38,10 @@ def resolve_device(name: str) -> torch.device:
 
 def preflight(recipe: Recipe) -> None:
     """What a valid recipe can still ask for in vain on this machine (an absent device, fp16 on a
-    CPU): found before a run directory is made."""
-    check_precision(recipe.run.precision, resolve_device(recipe.run.device))
+    CPU, a first step larger than the device's memory): found before a run directory is made."""
+    device = resolve_device(recipe.run.device)
+    check_precision(recipe.run.precision, device)
+    check_fits(recipe, device)
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:

@@ -44,8 +44,8 @@ class MemoryBalanced:
     @attrs.frozen
     class Options:
         measure_batch: int = option(
-            0, doc="batch size the per-unit costs are measured at, on CPU (0: data.batch_size); saved activations grow "
-            "in proportion to the batch, so a small one (e.g. 8) gives the same split at ImageNet scale in seconds",
+            0, doc="batch size the per-unit costs are counted at (0: data.batch_size); they are counted from shapes, "
+            "so any batch is quick, and saved activations grow in proportion to the batch, so a small one gives the same split",
             validator=at_least(0),
         )
 
