@@ -2,7 +2,7 @@
 :class:`ContsupError` of one-line messages (a bad recipe, a device this machine lacks, a loss
 that became NaN) or train their first step and checkpoint it; never any other exception.
 
-A few examples run by default; ``pytest -m slow`` runs many more."""
+A few examples run by default; ``pytest -m fuzz`` runs many more."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def test_generated_recipes_fail_in_one_line_or_train_their_first_step(tmp_path, 
     assert "Traceback" not in "".join(capsys.readouterr())
 
 
-@pytest.mark.slow
+@pytest.mark.fuzz
 @settings(max_examples=400, **TRAIN)
 @given(data=st.data())
 def test_many_generated_recipes_fail_in_one_line_or_train_their_first_step(tmp_path, monkeypatch, capsys, data):
