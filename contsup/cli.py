@@ -104,6 +104,7 @@ def plan_data(recipe: Any) -> dict:
                 "head": "backbone" if last else getattr(stage.objective.options, "head", type(m.head).__name__),
                 "decoder": None if last or stage.decoder is None else stage.decoder.use,
                 "weights": {"reconstruction": w_rec, "local": w_local},
+                "auglocal": _auglocal_entry(m.head, built.unit_shapes),
                 "backlink": None if spans[plan.index - 1] is None else {
                     "units": spans[plan.index - 1][1] - spans[plan.index - 1][0] + 1,
                     "unit_range": list(spans[plan.index - 1]),
@@ -116,6 +117,7 @@ def plan_data(recipe: Any) -> dict:
         entry["memory"] = {
             "bytes": mem.bytes, "adapter_bytes": mem.adapter_bytes, "body_bytes": mem.body_bytes,
             "body_flops": mem.body_flops, "adapter_flops": mem.adapter_flops, "backlink_bytes": mem.backlink_bytes,
+            "head_bytes": mem.head_bytes,
         }
     return {
         "backbone": recipe.backbone.use,
@@ -127,6 +129,34 @@ def plan_data(recipe: Any) -> dict:
             "units_bytes": memory.units_bytes, "largest_module_bytes": max(m.bytes for m in memory.modules),
         },
     }
+
+
+def _auglocal_entry(head: Any, unit_shapes: Sequence[Any]) -> dict | None:
+    """What the plan says of an AugLocal head (one built from copies of later units): its depth,
+    the units it copies with their output shapes, and its parameters; None for any other head."""
+    inner = next((s for s in head.modules() if hasattr(s, "sampled") and hasattr(s, "depth")), None)
+    if inner is None:
+        return None
+    return {
+        "depth": int(inner.depth),
+        "units": [int(u) for u in inner.sampled],
+        "unit_shapes": [list(unit_shapes[u]) for u in inner.sampled],
+        "params": sum(p.numel() for p in head.parameters()),
+    }
+
+
+def _print_auglocal(modules: Sequence[dict]) -> None:
+    """The plan's AugLocal table: per local module, its head's depth, copied units, parameters and memory."""
+    rows = [("module", "depth", "copies of units (output shape)", "head params", "head memory (MiB)")]
+    for m in modules:
+        a = m["auglocal"]
+        if a is None:
+            continue
+        copied = ", ".join(f"{u} ({_shape(s)})" for u, s in zip(a["units"], a["unit_shapes"]))
+        rows.append((str(m["index"]), str(a["depth"]), copied, f"{a['params']:,}", _mib(m["memory"]["head_bytes"])))
+    print("auglocal heads: fresh copies (own weights, reinitialised) of later backbone units, then pool + linear:")
+    print(_table(rows))
+    print()
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -179,6 +209,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print("each module's input shape, the adapter serving each source, and params = body + head + adapters + decoder:")
     print(_table(_detail_rows(data["modules"])))
     print()
+    if any(m["auglocal"] for m in data["modules"]):
+        _print_auglocal(data["modules"])
     _print_memory(data, recipe)
     return 0
 

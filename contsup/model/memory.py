@@ -280,6 +280,7 @@ class CostModel:
         self._staged = bool(recipe.stages)
         self._components = module_components(recipe, self.k)
         self._final_head = parts.head
+        self._unit_modules = tuple(parts.units)
         self._gen = torch.Generator().manual_seed(0)
         self.x = self._randn(self.input_shape)
         self.y = torch.randint(0, info.num_classes, (self.batch,), generator=self._gen).to(self.device)
@@ -328,26 +329,34 @@ class CostModel:
         h = self._randn(self.in_shapes[u], grad=True)
         return self._measure(lambda: unit(h), {"in": h}, unit, "unit")
 
-    def head(self, j: int, parts: Components, with_decoder: bool = False) -> Piece:
+    def head(self, j: int, parts: Components, with_decoder: bool = False, module: int = 0, k: int = 0) -> Piece:
         """The piece of the head on unit j's output: the final head and loss if j is the last
-        unit, else ``parts``' auxiliary head and loss (and its decoder's reconstruction)."""
+        unit, else ``parts``' auxiliary head and loss (and its decoder's reconstruction) for
+        module ``module`` of ``k``. Heads are measured once per shape, unless they are built
+        from the backbone's later units (AugLocal's): those once per (unit, module, K)."""
         last = j == self.n - 1
         shape = self.shapes[j]
         with_decoder = with_decoder and not last
-        key = (last, shape, with_decoder, None if last else id(parts))
+        spec = HeadSpec(
+            shape, self.shapes[-1], self.info.num_classes,
+            module=module, num_modules=k, last_unit=j, units=self._unit_modules, unit_shapes=self.shapes,
+        )
+        where = (j, module, k) if not last and getattr(getattr(parts.objective, "options", None), "head", None) == "auglocal" else None
+        key = (last, shape, with_decoder, None if last else id(parts), where)
         if key not in self._heads:
-            self._heads[key] = self._measure_head(last, shape, parts, with_decoder)
+            self._heads[key] = self._measure_head(last, spec, parts, with_decoder)
         return self._heads[key]
 
-    def _measure_head(self, last: bool, shape: Shape, parts: Components, with_decoder: bool) -> Piece:
+    def _measure_head(self, last: bool, spec: HeadSpec, parts: Components, with_decoder: bool) -> Piece:
         import torch.nn.functional as F
 
+        shape = spec.shape
         with self._rng():
             if last:
                 head = copy.deepcopy(self._final_head)
                 loss = F.cross_entropy
             else:
-                head = parts.objective.head(HeadSpec(shape, self.shapes[-1], self.info.num_classes))
+                head = parts.objective.head(spec)
                 loss = parts.objective.loss
             decoder = parts.decoder.build(shape, self.info) if with_decoder else None
         holder = nn.ModuleList([head] + ([decoder] if decoder is not None else [])).to(self.device).train()
@@ -404,7 +413,7 @@ class CostModel:
         of module m+1 (whose input is h_m^c); ``kept`` the features the store holds meanwhile."""
         parts = self.components(l, k)
         w_rec = parts.decoder.weights(l, k)[0] if parts.decoder is not None and l < k else 0.0
-        head = self.head(j, parts, with_decoder=w_rec != 0.0)
+        head = self.head(j, parts, with_decoder=w_rec != 0.0, module=l, k=k)
         units = sum(self.units[u].own for u in range(i, j + 1))
         units += sum(self.boundary(u) for u in range(i, j)) + self.out_term(j, head)
         named: dict[str, int] = {}
@@ -561,6 +570,7 @@ class ModuleMemory:
     body_flops: int
     adapter_flops: int
     backlink_bytes: int = 0  # with BackLink: module l-1's last units, kept while module l trains (in ``bytes``)
+    head_bytes: int = 0  # what its head (auxiliary or final, and decoder) keeps (in ``bytes``)
 
     @property
     def adapters_dominate(self) -> bool:
@@ -632,6 +642,7 @@ def plan_memory(recipe: Recipe, network: nn.Module, plans: Sequence[Any], sizes:
         out.append(ModuleMemory(
             cost.index, round(cost.bytes * scale) + linked, round(cost.breakdown["adapters"] * scale),
             round(cost.breakdown["units"] * scale), forward_flops(m.body, plan.input_shape), adapter_flops, linked,
+            round(cost.breakdown["head"] * scale),
         ))
     units = sum(model.unit_bytes(u) for u in range(model.n))
     return PlanMemory(tuple(out), round(units * scale), batch, measured)
