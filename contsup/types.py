@@ -169,13 +169,6 @@ class HeadSpec:
     units: tuple["nn.Module", ...] = attrs.field(default=(), converter=tuple, eq=False, repr=False)
     unit_shapes: tuple[Shape, ...] = attrs.field(default=(), converter=lambda s: tuple(tuple(x) for x in s))
 
-    @property
-    def later_units(self) -> range:
-        """The minimal units after the module's last one (empty when that is unknown)."""
-        if self.last_unit is None or not self.units:
-            return range(0)
-        return range(self.last_unit + 1, len(self.units))
-
     def unit_input_shape(self, u: int) -> Shape:
         """The shape unit u (u >= 1) takes: the output shape of unit u - 1."""
         return self.unit_shapes[u - 1]

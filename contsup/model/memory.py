@@ -341,7 +341,8 @@ class CostModel:
             shape, self.shapes[-1], self.info.num_classes,
             module=module, num_modules=k, last_unit=j, units=self._unit_modules, unit_shapes=self.shapes,
         )
-        where = (j, module, k) if not last and getattr(getattr(parts.objective, "options", None), "head", None) == "auglocal" else None
+        from_units = getattr(getattr(parts.objective, "options", None), "head", None) == "auglocal"
+        where = (j, module, k) if from_units and not last else None
         key = (last, shape, with_decoder, None if last else id(parts), where)
         if key not in self._heads:
             self._heads[key] = self._measure_head(last, spec, parts, with_decoder)
