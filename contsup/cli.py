@@ -104,6 +104,7 @@ def plan_data(recipe: Any) -> dict:
                 "head": "backbone" if last else getattr(stage.objective.options, "head", type(m.head).__name__),
                 "decoder": None if last or stage.decoder is None else stage.decoder.use,
                 "weights": {"reconstruction": w_rec, "local": w_local},
+                "auglocal": _auglocal_entry(m.head, built.unit_shapes),
                 "backlink": None if spans[plan.index - 1] is None else {
                     "units": spans[plan.index - 1][1] - spans[plan.index - 1][0] + 1,
                     "unit_range": list(spans[plan.index - 1]),
@@ -116,6 +117,7 @@ def plan_data(recipe: Any) -> dict:
         entry["memory"] = {
             "bytes": mem.bytes, "adapter_bytes": mem.adapter_bytes, "body_bytes": mem.body_bytes,
             "body_flops": mem.body_flops, "adapter_flops": mem.adapter_flops, "backlink_bytes": mem.backlink_bytes,
+            "head_bytes": mem.head_bytes,
         }
     return {
         "backbone": recipe.backbone.use,
@@ -128,6 +130,34 @@ def plan_data(recipe: Any) -> dict:
             "notes": list(memory.notes),
         },
     }
+
+
+def _auglocal_entry(head: Any, unit_shapes: Sequence[Any]) -> dict | None:
+    """What the plan says of an AugLocal head (one built from copies of later units): its depth,
+    the units it copies with their output shapes, and its parameters; None for any other head."""
+    inner = next((s for s in head.modules() if hasattr(s, "sampled") and hasattr(s, "depth")), None)
+    if inner is None:
+        return None
+    return {
+        "depth": int(inner.depth),
+        "units": [int(u) for u in inner.sampled],
+        "unit_shapes": [list(unit_shapes[u]) for u in inner.sampled],
+        "params": sum(p.numel() for p in head.parameters()),
+    }
+
+
+def _print_auglocal(modules: Sequence[dict]) -> None:
+    """The plan's AugLocal table: per local module, its head's depth, copied units, parameters and memory."""
+    rows = [("module", "depth", "copies of units (output shape)", "head params", "head memory (MiB)")]
+    for m in modules:
+        a = m["auglocal"]
+        if a is None:
+            continue
+        copied = ", ".join(f"{u} ({_shape(s)})" for u, s in zip(a["units"], a["unit_shapes"]))
+        rows.append((str(m["index"]), str(a["depth"]), copied, f"{a['params']:,}", _mib(m["memory"]["head_bytes"])))
+    print("auglocal heads: fresh copies (own weights, reinitialised) of later backbone units, then pool + linear:")
+    print(_table(rows))
+    print()
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -180,6 +210,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print("each module's input shape, the adapter serving each source, and params = body + head + adapters + decoder:")
     print(_table(_detail_rows(data["modules"])))
     print()
+    if any(m["auglocal"] for m in data["modules"]):
+        _print_auglocal(data["modules"])
     _print_memory(data, recipe)
     return 0
 
@@ -377,26 +409,57 @@ def cmd_bench(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ContsupError(f"contsup bench: --out {out}: cannot create {out.parent}: {exc.strerror}") from None
-    result = run_bench(recipe, steps=args.steps, warmup=warmup, baseline=args.baseline, segments=segments)
+    variants = _variants(args, recipe)
+    result = run_bench(recipe, steps=args.steps, warmup=warmup, baseline=args.baseline, segments=segments, variants=variants)
     sets = "".join(f" --set {s}" for s in args.set or ())
     command = f"contsup bench {args.recipe}{sets} --steps {args.steps} --warmup {warmup} --baseline {args.baseline}"
     if args.segments != "auto":
         command += f" --segments {args.segments}"
+    command += "".join(f" --variant '{v}'" for v in args.variant or ())
     try:
         atomic_write(json_path, lambda f: json.dump(result, f, indent=2), binary=False)
         atomic_write(md_path, lambda f: f.write(bench_markdown(result, command)), binary=False)
-        if result["checkpointing"]:
+        configurations = bool(result["checkpointing"] or result["variants"])
+        if configurations:
             bench_figure(result, png_path)
     except OSError as exc:
         raise ContsupError(f"contsup bench: --out {out}: cannot write the results: {exc.strerror}") from None
     print(_table([("figure", "end-to-end", "greedy", "greedy / e2e"), *bench_rows(result)]))
-    if result["checkpointing"]:
+    if configurations:
         print()
         print(_table([("configuration", "peak MiB", "peak / e2e", "step ms", "step / e2e"), *configuration_rows(result)]))
         print(f"wrote {json_path}, {md_path} and {png_path}")
     else:
         print(f"wrote {json_path} and {md_path}")
     return 0
+
+
+def _variants(args: argparse.Namespace, recipe: Any) -> list[tuple[str, Any]]:
+    """--variant "LABEL:key=value;key=value": the recipe (with its --set) and those overrides too,
+    measured beside it; it must keep the recipe's data and backbone (the bench feeds all the same batches)."""
+    from contsup.config.recipe import RecipeError, load_recipe
+
+    out = []
+    for text in args.variant or ():
+        label, colon, rest = text.partition(":")
+        sets = [part.strip() for part in rest.split(";") if part.strip()]
+        if not colon or not label.strip() or not sets:
+            raise ContsupError(
+                f"contsup bench: --variant {text!r}: expected LABEL:key=value[;key=value...], such as "
+                f"'BackLink:context.use=none;backlink.units=1'"
+            )
+        _, registries = _registries()
+        try:
+            variant = load_recipe(args.recipe, [*(args.set or ()), *sets], registries)
+        except RecipeError as exc:
+            raise ContsupError(f"contsup bench: --variant {text!r}: {'; '.join(exc.problems)}") from None
+        if variant.data != recipe.data or variant.backbone != recipe.backbone or variant.run.mode != "greedy":
+            raise ContsupError(
+                f"contsup bench: --variant {text!r} changes the data, the backbone or run.mode; a variant "
+                f"trains greedily on the recipe's batches: change context, objective, partition or backlink keys"
+            )
+        out.append((label.strip(), variant))
+    return out
 
 
 def _segments(text: str) -> list[int] | None:
@@ -592,6 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training: the end-to-end side is the plain backbone (default) or the recipe's network with its adapters")
     p.add_argument("--segments", default="auto", metavar="auto|none|S,S,..",
                    help="training: also end-to-end under activation checkpointing over S groups of units; auto tries 2, 4, 8, K and sqrt(units) (default auto)")
+    p.add_argument("--variant", action="append", metavar="LABEL:KEY=VALUE[;KEY=VALUE..]",
+                   help="training: also measure the recipe's greedy training with these overrides, labelled LABEL "
+                        "(repeatable), e.g. 'DGL:context.use=none'")
     p.add_argument("--out", help="training: output path without suffix, writes PATH.json, PATH.md and, with checkpointing, the memory-versus-time figure PATH.png (default bench/<recipe name>); distributed: output folder")
     p.add_argument("--nproc", type=int, default=2, help="distributed recipe: processes of the distributed run (default 2)")
     p.add_argument("--device", default="", help="--inference: device (default: the recipe's run.device)")

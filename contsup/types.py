@@ -151,11 +151,27 @@ class BackboneParts:
 
 @attrs.frozen
 class HeadSpec:
-    """What an objective needs to build an auxiliary head for one module's output."""
+    """What an objective needs to build an auxiliary head for one module's output.
+
+    The first three fields are all a classic head needs. The rest say where the module sits, for
+    heads built from the backbone itself (AugLocal's, docs/objectives.md): ``module`` is l of
+    ``num_modules`` (1-based; 0 when unknown), ``last_unit`` the module's last minimal unit
+    (0-based), ``units`` the backbone's minimal units (to copy, never to share: they are the
+    network's own) and ``unit_shapes`` their output shapes (C, H, W).
+    """
 
     shape: Shape  # the module's output h_l: (C, H, W)
     final_shape: Shape  # the backbone's last feature: (C, H, W)
     num_classes: int
+    module: int = 0
+    num_modules: int = 0
+    last_unit: int | None = None
+    units: tuple["nn.Module", ...] = attrs.field(default=(), converter=tuple, eq=False, repr=False)
+    unit_shapes: tuple[Shape, ...] = attrs.field(default=(), converter=lambda s: tuple(tuple(x) for x in s))
+
+    def unit_input_shape(self, u: int) -> Shape:
+        """The shape unit u (u >= 1) takes: the output shape of unit u - 1."""
+        return self.unit_shapes[u - 1]
 
 
 @attrs.frozen

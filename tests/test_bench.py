@@ -65,3 +65,47 @@ def test_bench_reports_an_unwritable_output_in_one_line(write_recipe, tmp_path, 
     assert main(["bench", str(path), "--out", str(blocker / "sub" / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot create" in err
+
+
+def test_bench_measures_variants_beside_the_recipe(write_recipe, tmp_path, capsys):
+    """DGL, BackLink and AugLocal from one command: each variant is the recipe's greedy training
+    with its overrides, on the same batches; the link's kept units and the deeper heads show."""
+    path = write_recipe(small_recipe_text(modules=4, context="R1E", batch_size=4, train_size=8))
+    out = tmp_path / "variants"
+    args = ["bench", str(path), "--steps", "1", "--warmup", "0", "--segments", "none", "--out", str(out),
+            "--variant", "DGL:context.use=none", "--variant", "BackLink:context.use=none;backlink.units=1",
+            "--variant", "AugLocal:context.use=none;objective.head=auglocal"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.with_suffix(".json").read_text())
+    by = {v["label"]: v for v in data["variants"]}
+    assert list(by) == ["DGL", "BackLink", "AugLocal"]
+    assert (by["BackLink"]["backlink"], by["AugLocal"]["head"], by["DGL"]["context"]) == (1, "auglocal", "none")
+    dgl = by["DGL"]["peak_bytes"]
+    assert by["BackLink"]["peak_bytes"] > dgl  # module l's last unit stays alive for module l+1
+    assert by["AugLocal"]["peak_bytes"] > dgl  # heads of copied units keep more than 1c2f
+    assert data["greedy"]["peak_bytes"] > dgl  # R1E keeps its context
+    for label in by:
+        assert f"greedy K=4, {label}" in printed
+    assert "| greedy K=4, BackLink |" in out.with_suffix(".md").read_text()
+
+
+def test_bench_trains_the_recipes_backlink(write_recipe, tmp_path):
+    plain, linked = (
+        write_recipe(small_recipe_text(modules=4, context="none", batch_size=4, train_size=8, extra=extra), name)
+        for name, extra in (("plain.toml", ""), ("linked.toml", "\n[backlink]\nunits = 1\n"))
+    )
+    peaks = []
+    for path in (plain, linked):
+        out = tmp_path / path.stem
+        assert main(["bench", str(path), "--steps", "1", "--warmup", "0", "--segments", "none", "--out", str(out)]) == 0
+        peaks.append(json.loads(out.with_suffix(".json").read_text())["greedy"]["peak_bytes"])
+    assert peaks[1] > peaks[0]
+
+
+def test_bench_refuses_a_variant_it_cannot_compare(write_recipe, capsys):
+    path = write_recipe(small_recipe_text(modules=4, batch_size=4, train_size=8))
+    assert main(["bench", str(path), "--variant", "no-label-or-keys"]) == 2
+    assert main(["bench", str(path), "--variant", "x:data.batch_size=2"]) == 2
+    err = capsys.readouterr().err
+    assert "LABEL:key=value" in err and "changes the data" in err and "Traceback" not in err

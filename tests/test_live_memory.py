@@ -114,3 +114,30 @@ def test_checkpointing_refuses_a_network_with_context(small_recipe):
     network = build_network(recipe, costs=Costs.uniform(10)).network
     with pytest.raises(ValueError, match="without context"):
         CheckpointStrategy(network, recipe.optimizer.create(), recipe.schedule.create(), 10, 10, 2)
+
+
+def test_a_retained_graph_is_counted_only_while_it_lives(small_recipe):
+    """BackLink retains module l's graph for module l+1's backward; its head's part is never
+    walked again and must be let go with it, not stay counted (and alive) to the end of the step."""
+    from contsup.training.strategies import GreedyStrategy
+    from contsup.model.memory import module_tensors
+
+    peaks = {}
+    for units in (0, 1):
+        recipe = small_recipe(modules=10, context="none", batch_size=8)  # one unit per module
+        torch.manual_seed(0)
+        network = build_network(recipe).network.train()
+        strategy = GreedyStrategy(network, recipe.optimizer.create(), recipe.schedule.create(), 10, 10, backlink=units)
+        meter = LiveMemory(module_tensors(network))
+        x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+        with torch.autograd.graph.saved_tensors_hooks(meter._pack, meter._unpack):
+            strategy.step(x, y, StepStats(network.num_modules), lambda module, loss: None)
+        assert meter.current == 0 and not meter.live  # everything saved was released by the end
+        peaks[units] = meter.peak
+    units_kept = measure_step(
+        GreedyStrategy(build_network(small_recipe(modules=10, context="none", batch_size=8)).network.train(),
+                       recipe.optimizer.create(), recipe.schedule.create(), 10, 10),
+        torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,)),
+    )
+    # the link keeps at most one more module (here one unit) alive beside the one training
+    assert peaks[0] < peaks[1] <= peaks[0] + max(units_kept)

@@ -89,7 +89,7 @@ def paper_table(context, objective="supcon", modules=16, decoder=None, backbone=
 
 
 def test_paper_cells_are_matched_by_configuration(registries):
-    assert len(cells()) == 97
+    assert len(cells()) == 97 + 4  # Tables 2, 3 and 11; Table 9's BackLink cells
     assert describe(matching_cells(paper_table("R1E"), registries)) == "9.98 ± 0.18 (Tables 2, 11)"
     assert describe(matching_cells(paper_table("E", "cross_entropy", 2), registries)) == "8.04 ± 0.22 (Table 2)"
     spelled = paper_table("contsup")
@@ -100,6 +100,21 @@ def test_paper_cells_are_matched_by_configuration(registries):
     assert describe(matching_cells(paper_table("none", "cross_entropy", 1, None, "cifar_resnet110", "svhn", "e2e"), registries)) == "3.07 ± 0.23 (Table 3)"
     assert matching_cells(paper_table("R1E", dataset="digits"), registries) == []
     assert describe(matching_cells(paper_table("none"), registries)).endswith("*")  # Table 11's R0 caveat
+
+
+def test_backlink_runs_match_table_9_and_no_cell_without_the_link(registries):
+    linked = paper_table("E", "cross_entropy", 2)
+    linked["backlink"] = {"units": 2}
+    assert describe(matching_cells(linked, registries)) == "6.88 (Table 9)"
+    alone = paper_table("none", "cross_entropy", 4)
+    alone["backlink"] = {"units": 2}
+    assert describe(matching_cells(alone, registries)) == "7.55 (Table 9)"
+    other = paper_table("E", "cross_entropy", 2)
+    other["backlink"] = {"units": 1}  # another link length: the paper did not run it
+    assert matching_cells(other, registries) == []
+    plain = paper_table("E", "cross_entropy", 2)
+    plain["backlink"] = {"units": 0}
+    assert describe(matching_cells(plain, registries)) == "8.04 ± 0.22 (Table 2)"
 
 
 def test_hybrid_schemes_are_summarised_by_range():

@@ -350,6 +350,7 @@ class CostModel:
         self._staged = bool(recipe.stages)
         self._components = module_components(recipe, self.k)
         self._final_head = parts.head
+        self._unit_modules = tuple(parts.units)
         self._gen = torch.Generator().manual_seed(0)
         self._real: tuple[torch.Tensor, torch.Tensor] | None = None
         self.notes: list[str] = []
@@ -459,26 +460,36 @@ class CostModel:
 
         return self._measure(f"unit {u}", "unit", lambda real: copy.deepcopy(unit) if real else unit, args)
 
-    def head(self, j: int, parts: Components, with_decoder: bool = False) -> Piece:
+    def head(self, j: int, parts: Components, with_decoder: bool = False, module: int = 0, k: int = 0) -> Piece:
         """The piece of the head on unit j's output: the final head and loss if j is the last
-        unit, else ``parts``' auxiliary head and loss (and its decoder's reconstruction)."""
+        unit, else ``parts``' auxiliary head and loss (and its decoder's reconstruction) for
+        module ``module`` of ``k``. Heads are measured once per shape, unless they are built
+        from the backbone's later units (AugLocal's): those once per (unit, module, K)."""
         last = j == self.n - 1
         shape = self.shapes[j]
         with_decoder = with_decoder and not last
-        key = (last, shape, with_decoder, None if last else id(parts))
+        spec = HeadSpec(
+            shape, self.shapes[-1], self.info.num_classes,
+            module=module, num_modules=k, last_unit=j, units=self._unit_modules, unit_shapes=self.shapes,
+        )
+        from_units = getattr(getattr(parts.objective, "options", None), "head", None) == "auglocal"
+        where = (j, module, k) if from_units and not last else None
+        key = (last, shape, with_decoder, None if last else id(parts), where)
         if key not in self._heads:
-            self._heads[key] = self._measure_head(last, shape, parts, with_decoder)
+            self._heads[key] = self._measure_head(last, spec, parts, with_decoder)
         return self._heads[key]
 
-    def _measure_head(self, last: bool, shape: Shape, parts: Components, with_decoder: bool) -> Piece:
+    def _measure_head(self, last: bool, spec: HeadSpec, parts: Components, with_decoder: bool) -> Piece:
         import torch.nn.functional as F
+
+        shape = spec.shape
 
         def build(real: bool) -> nn.Module:
             decoder = parts.decoder.build(shape, self.info) if with_decoder else None
             decoder_loss = (lambda out, x: parts.decoder.loss(out, x, self.info)) if with_decoder else None
             if last:
                 return _HeadLoss(copy.deepcopy(self._final_head) if real else self._final_head, F.cross_entropy)
-            head = parts.objective.head(HeadSpec(shape, self.shapes[-1], self.info.num_classes))
+            head = parts.objective.head(spec)
             return _HeadLoss(head, parts.objective.loss, decoder, decoder_loss)
 
         def args(fake: bool):
@@ -536,7 +547,7 @@ class CostModel:
         of module m+1 (whose input is h_m^c); ``kept`` the features the store holds meanwhile."""
         parts = self.components(l, k)
         w_rec = parts.decoder.weights(l, k)[0] if parts.decoder is not None and l < k else 0.0
-        head = self.head(j, parts, with_decoder=w_rec != 0.0)
+        head = self.head(j, parts, with_decoder=w_rec != 0.0, module=l, k=k)
         units = sum(self.units[u].own for u in range(i, j + 1))
         units += sum(self.boundary(u) for u in range(i, j)) + self.out_term(j, head)
         named: dict[str, int] = {}
@@ -703,6 +714,7 @@ class ModuleMemory:
     body_flops: int
     adapter_flops: int
     backlink_bytes: int = 0  # with BackLink: module l-1's last units, kept while module l trains (in ``bytes``)
+    head_bytes: int = 0  # what its head (auxiliary or final, and decoder) keeps (in ``bytes``)
 
     @property
     def adapters_dominate(self) -> bool:
@@ -771,6 +783,7 @@ def plan_memory(recipe: Recipe, network: nn.Module, plans: Sequence[Any], sizes:
         out.append(ModuleMemory(
             cost.index, cost.bytes + linked, cost.breakdown["adapters"],
             cost.breakdown["units"], forward_flops(m.body, plan.input_shape), adapter_flops, linked,
+            cost.breakdown["head"],
         ))
     units = sum(model.unit_bytes(u) for u in range(model.n))
     return PlanMemory(tuple(out), units, batch, measured, tuple(model.notes))

@@ -288,7 +288,10 @@ def build_network(recipe: Recipe, costs: Costs | None = None) -> Built:
             head, obj, dec, dec_loss, weights = parts.head, FinalCrossEntropy(), None, None, (0.0, 1.0)
         else:
             obj = parts_l.objective
-            head = obj.head(HeadSpec(plan.output_shape, final_shape, info.num_classes))
+            head = obj.head(HeadSpec(
+                plan.output_shape, final_shape, info.num_classes,
+                module=plan.index, num_modules=k, last_unit=plan.unit_range[1], units=units, unit_shapes=shapes,
+            ))
             decoder = parts_l.decoder
             dec = decoder.build(plan.output_shape, info) if decoder is not None else None
             dec_loss = decoder.loss if decoder is not None else None

@@ -92,8 +92,13 @@ def run_bench(
     device: torch.device | None = None,
     log: TextIO | None = None,
     segments: Sequence[int] | None = None,
+    variants: Sequence[tuple[str, Recipe]] = (),
 ) -> dict:
     """Measure end-to-end and greedy training of ``recipe``; returns the figures and ratios.
+
+    ``variants``: (label, recipe) pairs of other greedy configurations of the same backbone and
+    data (another context, BackLink, AugLocal heads, ...), each measured as the recipe's own
+    greedy training is and reported beside it (``result["variants"]``).
 
     ``baseline = "backbone"`` trains the plain backbone end-to-end (no context, no auxiliary
     heads: what one would otherwise train); ``"recipe"`` trains the recipe's own network
@@ -125,7 +130,14 @@ def run_bench(
     e2e_net = e2e_net.to(device).train()
     total = warmup + steps + 1
     optimizer, schedule = recipe.optimizer.create(), recipe.schedule.create()
-    greedy = GreedyStrategy(greedy_net, optimizer, schedule, total, total)
+    greedy = greedy_strategy(recipe, greedy_net, total)
+    others: dict[str, Any] = {}
+    variant_sizes: dict[str, list[int]] = {}
+    for label, variant in variants:
+        seed_everything(variant.run.seed)
+        vbuilt = build_network(variant)
+        variant_sizes[label] = [p.units for p in vbuilt.plans]
+        others[f"variant:{label}"] = greedy_strategy(variant, vbuilt.network.to(device).train(), total)
     e2e = EndToEndStrategy(e2e_net, optimizer, schedule, total, total)
     ckpts = {f"ckpt{s}": CheckpointStrategy(ckpt_net, optimizer, schedule, total, total, s) for s in segments}
     batches = _batches(recipe, device, total)
@@ -135,7 +147,7 @@ def run_bench(
     x, y = batches[0]
     rss_before = peak_rss_bytes()
 
-    cuda: dict[str, list[tuple[int, int]]] = {"greedy": [], "e2e": [], **{name: [] for name in ckpts}}
+    cuda: dict[str, list[tuple[int, int]]] = {"greedy": [], "e2e": [], **{name: [] for name in [*ckpts, *others]}}
 
     def timed(name: str, strategy: Any, x: torch.Tensor, y: torch.Tensor) -> float:
         """One step's milliseconds; on CUDA also its peak allocation (and peak over what was there)."""
@@ -166,11 +178,17 @@ def run_bench(
         live[name] = measure_live(strategy, x, y)
         for i in range(warmup):
             timed(name, strategy, *batches[i])
+    others_saved = {}
+    for name, strategy in others.items():
+        others_saved[name] = measure_step(strategy, x, y)
+        live[name] = measure_live(strategy, x, y)
+        for i in range(warmup):
+            timed(name, strategy, *batches[i])
     for name in cuda:
         cuda[name].clear()
     times: dict[str, list[float]] = {name: [] for name in cuda}
     start = time.perf_counter()
-    order = [("greedy", greedy), ("e2e", e2e), *ckpts.items()]
+    order = [("greedy", greedy), ("e2e", e2e), *ckpts.items(), *others.items()]
     for i in range(steps):
         x, y = batches[warmup + i]
         turn = order[i % len(order) :] + order[: i % len(order)]  # rotating, so none always goes first
@@ -218,6 +236,15 @@ def run_bench(
         c["memory_ratio"] = c["peak_bytes"] / e["peak_bytes"]
         c["step_time_ratio"] = c["step_ms_median"] / e["step_ms_median"]
         checkpointing.append(c)
+    measured_variants = []
+    for label, variant in variants:
+        name = f"variant:{label}"
+        v = side(name, others_saved[name], None)
+        v.update(label=label, context=variant.context.use, backlink=variant.backlink.units,
+                 head=getattr(variant.objective.options, "head", None), sizes=variant_sizes[label])
+        v["memory_ratio"] = v["peak_bytes"] / e["peak_bytes"]
+        v["step_time_ratio"] = v["step_ms_median"] / e["step_ms_median"]
+        measured_variants.append(v)
     k = recipe.partition.modules
     at_k = next((c for c in checkpointing if c["segments"] == k), None)
     best = min(checkpointing, key=lambda c: (c["peak_bytes"], c["step_ms_median"])) if checkpointing else None
@@ -250,8 +277,15 @@ def run_bench(
         "e2e": e,
         "checkpointing": checkpointing,
         "checkpointing_best_segments": best["segments"] if best else None,
+        "variants": measured_variants,
         "ratios": ratios,
     }
+
+
+def greedy_strategy(recipe: Recipe, network: Any, total: int) -> GreedyStrategy:
+    """The recipe's greedy training of ``network`` over ``total`` steps, BackLink included."""
+    link = recipe.backlink.units if recipe.run.mode == "greedy" else 0
+    return GreedyStrategy(network, recipe.optimizer.create(), recipe.schedule.create(), total, total, backlink=link)
 
 
 def _mib(n: float) -> str:
@@ -281,6 +315,7 @@ def configurations(result: dict) -> list[tuple[str, dict]]:
     """(label, figures) of every configuration measured: end-to-end, greedy, each checkpointing."""
     k, best = result["modules_k"], result.get("checkpointing_best_segments")
     out = [("end-to-end", result["e2e"]), (f"greedy K={k}", result["greedy"])]
+    out += [(f"greedy K={k}, {v['label']}", v) for v in result.get("variants", [])]
     for c in result.get("checkpointing", []):
         tags = [t for t, hit in (("S=K", c["segments"] == k), ("best", c["segments"] == best)) if hit]
         out.append((f"checkpointing S={c['segments']}" + (f" ({', '.join(tags)})" if tags else ""), c))
@@ -348,11 +383,21 @@ def bench_markdown(result: dict, command: str) -> str:
         "",
         f"Measured greedy peak / predicted peak: {result['ratios']['measured_over_predicted']:.3f}.",
     ]
-    if result.get("checkpointing"):
+    if result.get("checkpointing") or result.get("variants"):
+        lines += [""]
+        if result.get("checkpointing"):
+            lines += [
+                "Against activation checkpointing (`torch.utils.checkpoint`, non-reentrant, over S contiguous "
+                "groups of the plain backbone's units)."
+            ]
+        if result.get("variants"):
+            lines += [
+                "Variants (`--variant`): the recipe's greedy training with other settings, on the same batches: "
+                + "; ".join(f"{v['label']}: context {v['context']}, head {v['head']}, backlink {v['backlink']}"
+                            for v in result["variants"]) + "."
+            ]
         lines += [
-            "",
-            "Against activation checkpointing (`torch.utils.checkpoint`, non-reentrant, over S contiguous "
-            "groups of the plain backbone's units). Peak kept for backward: the saved tensors alive at the "
+            "Peak kept for backward: the saved tensors alive at the "
             "worst moment of the step, backward's recomputation included (greedy: the larger of that and "
             "its saved-for-backward figure, which counts the kept context).",
             "",

@@ -1,4 +1,4 @@
-"""The paper's published test errors (its Tables 2, 3 and 11) and how a run is matched to them."""
+"""The paper's published test errors (its Tables 2, 3, 9 and 11) and how a run is matched to them."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ class Cell:
     error: float
     std: float | None = None
     note: str = ""
+    backlink: int = 0  # [backlink] units: Table 9's BackLink rows link the next module's loss back
 
     def label(self) -> str:
         std = f" ± {self.std:.2f}" if self.std is not None else ""
@@ -121,6 +122,7 @@ def matching_cells(recipe: Mapping[str, Any], registries: Registries) -> list[Ce
             and (cell.mode == "e2e" or recipe.get("objective", {}).get("use") == cell.objective)
             and (cell.mode == "e2e" or decoder == cell.decoder)
             and _context_matches(recipe.get("context", {}), cell.context, registries)
+            and recipe.get("backlink", {}).get("units", 0) == cell.backlink
         ):
             out.append(cell)
     return out

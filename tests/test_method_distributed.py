@@ -1,0 +1,57 @@
+"""AugLocal heads and BackLink in distributed training: data-parallel (2 gloo ranks of b images)
+matches one process of 2b images for both; AugLocal in the pipeline is bit-identical to
+sequential greedy training (its heads are local to their module, so nothing new crosses)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from contsup.training.rundir import read_metrics
+
+from ranks import run_ranks
+from tiny import one_process, one_thread, tiny_recipe_text, without_measured  # noqa: F401 (fixture)
+
+AUGLOCAL = '\n[objective]\nuse = "cross_entropy"\nhead = "auglocal"\ndepth = 2\n'
+BACKLINK = "\n[backlink]\nunits = 1\n"
+DATA = '\n[distributed]\nmode = "data"\ntimeout_s = 30\n'
+PIPELINE = '\n[distributed]\nmode = "pipeline"\nstages = [2, 2]\ntimeout_s = 30\n'
+
+
+def _train_ranks(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "d.toml").write_text(text)
+    results = run_ranks(2, ["train", str(tmp_path / "d.toml")], tmp_path / "ranks")
+    assert [r.code for r in results] == [0, 0], results[0].err + results[1].err
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("method", ["auglocal", "backlink"])
+def test_data_parallel_matches_one_process(registries, tmp_path, method):
+    extra = {"auglocal": AUGLOCAL, "backlink": BACKLINK}[method] + DATA
+    # two steps: these small networks amplify the ranks' other summation order fast
+    text = tiny_recipe_text(tmp_path / "run", epochs=1, batch_size=16, train_size=32, modules=3, extra=extra)
+    run = _train_ranks(tmp_path, text)
+    reference = one_process(registries, text, tmp_path / "one")
+    saved = torch.load(run / "model.pt", weights_only=True)
+    assert saved.keys() == reference.network.state_dict().keys()
+    for key, value in reference.network.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(saved[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(saved[key], value), key
+    for a, b in zip(read_metrics(run), reference.history):
+        assert a["step"] == b["step"] and a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+def test_auglocal_in_the_pipeline_is_exactly_one_process(registries, tmp_path):
+    text = tiny_recipe_text(tmp_path / "run", modules=4, extra=AUGLOCAL + PIPELINE)
+    run = _train_ranks(tmp_path, text)
+    reference = one_process(registries, text, tmp_path / "sequential")
+    saved = torch.load(run / "model.pt", weights_only=True)
+    state = reference.network.state_dict()
+    assert saved.keys() == state.keys() and any(".head.features." in key for key in state)
+    for key, value in state.items():
+        assert torch.equal(saved[key], value), key
+    assert without_measured(read_metrics(run)) == without_measured(reference.history)
