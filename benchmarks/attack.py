@@ -23,9 +23,10 @@ Every case runs ``python -m contsup ...`` in a subprocess on a tiny digits recip
 - concurrent launches on one run directory: the loser exits 2 naming the holder, epochs in
   metrics.jsonl strictly increasing, the result bit-exact;
 - damaged files (truncated, one flipped bit, replaced by a directory, deleted) then ``eval``,
-  ``results``, ``report``, ``--resume`` and ``load_model``: ``clean``, ``unaffected`` (output as
-  on the intact run), ``warned`` (different, with a warning line), ``repaired`` (resume bit-exact)
-  or ``silent`` (different output, no word: corrupt data used);
+  ``results``, ``report`` (on the files they read), ``--resume`` and ``load_model``: ``clean``,
+  ``unaffected`` (output as on the intact run), ``warned`` (a warning line says what it could
+  not trust), ``repaired`` (resume bit-exact) or ``silent`` (different output, no word: corrupt
+  data used);
 - full disk (a tmpfs of a few MB as run.out_dir, mounted in ``unshare -rm``) and read-only run
   directories (a read-only bind mount: this machine runs as root, which ``chmod -w`` does not stop);
 - malicious pickles (``__reduce__`` creating a marker file) as model.pt or a checkpoint on every
@@ -60,7 +61,7 @@ PRELOAD = Path(__file__).resolve().parent / "attack_preload"
 RECIPE = ROOT / "recipes" / "digits.toml"
 TINY = ["data.size=8", "backbone.use=cifar_resnet20", "partition.modules=4"]
 EVERY = 5  # run.checkpoint_every_steps of the kill, signal and damage runs
-LONG = TINY + ["run.epochs=3", f"run.checkpoint_every_steps={EVERY}"]  # 3 epochs of 23 steps
+LONG = TINY + ["run.epochs=2", f"run.checkpoint_every_steps={EVERY}"]  # 2 epochs of 23 steps
 MEASURED = ("images_per_s", "epoch_time_s", "peak_memory_bytes")
 STOP_EXITS = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129}
 MEMORY_LIMIT = 6 << 30  # bytes of address space for training malformed recipes (a shared machine)
@@ -75,14 +76,24 @@ def error_lines(stderr: str) -> list[str]:
 
 
 def first_line(stderr: str) -> str:
+    """The first error line; for a traceback, its last line (the exception)."""
     lines = error_lines(stderr) or [line for line in stderr.splitlines() if line.strip()]
+    if "Traceback (most recent call last)" in stderr:
+        lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(" ")][-1:]
     return lines[0][:300] if lines else ""
 
 
+def unsafe_advice(stderr: str) -> bool:
+    """torch's advice to load with weights_only=False (what a malicious pickle needs), or terminal
+    escape codes, passed on in a message."""
+    return ("weights_only" in stderr and "False" in stderr) or "\x1b" in stderr or "\\x1b" in stderr
+
+
 def classify(exit_code: int | None, stderr: str, timed_out: bool = False, accepted: str = "trained") -> str:
-    """One command's outcome: ``hang``, ``traceback``, ``clean`` (exit 2 and exactly one line,
-    starting ``error:``, without a literal ``\\n``), ``multiline`` (exit 2 otherwise), ``accepted``
-    (exit 0: the name passed in, e.g. ``trained``) or ``other`` (any other exit status)."""
+    """One command's outcome: ``hang``, ``traceback``, ``clean`` (exit 2 and every line an
+    ``error:`` line of its own, without a literal ``\\n``: one problem, or several each on its
+    line), ``multiline`` (exit 2 otherwise), ``accepted`` (exit 0: the name passed in, e.g.
+    ``trained``) or ``other`` (any other exit status)."""
     if timed_out:
         return "hang"
     if "Traceback (most recent call last)" in stderr:
@@ -91,7 +102,7 @@ def classify(exit_code: int | None, stderr: str, timed_out: bool = False, accept
         return accepted
     if exit_code == 2:
         lines = error_lines(stderr)
-        if len(lines) == 1 and lines[0].startswith("error: ") and "\\n" not in lines[0]:
+        if lines and all(line.startswith("error: ") for line in lines) and "\\n" not in stderr:
             return "clean"
         return "multiline"
     return "other"
@@ -99,14 +110,15 @@ def classify(exit_code: int | None, stderr: str, timed_out: bool = False, accept
 
 def classify_damage(exit_code: int | None, stderr: str, stdout: str, intact_stdout: str, timed_out: bool = False) -> str:
     """A command on a damaged run: as :func:`classify` when it fails; when it succeeds,
-    ``unaffected`` (the same output as on the intact run), ``warned`` (different, with a warning
-    line saying so) or ``silent`` (different and no word: damaged data used as if sound)."""
+    ``warned`` (a warning line says what it could not trust), ``unaffected`` (no warning, the
+    same output as on the intact run) or ``silent`` (no warning, a different output: damaged
+    data used as if sound)."""
     outcome = classify(exit_code, stderr, timed_out, accepted="ok")
     if outcome != "ok":
         return outcome
-    if stdout == intact_stdout:
-        return "unaffected"
-    return "warned" if any(line.startswith("warning:") for line in stderr.splitlines()) else "silent"
+    if any(line.startswith("warning:") for line in stderr.splitlines()):
+        return "warned"
+    return "unaffected" if stdout == intact_stdout else "silent"
 
 
 def without_measured(metrics: list[dict]) -> list[dict]:
@@ -171,7 +183,9 @@ def case(category: str, name: str, inp: str, r: dict | None, outcome: str, **det
     return {
         "category": category, "case": name, "input": inp,
         "command": shown(r["cmd"]) if r else "", "exit": r["exit"] if r else None,
-        "outcome": outcome, "stderr": first_line(r["stderr"]) if r else "", **details,
+        "outcome": outcome, "stderr": first_line(r["stderr"]) if r else "",
+        "error_lines": len(error_lines(r["stderr"])) if r else 0,
+        "unsafe_advice": unsafe_advice(r["stderr"]) if r else False, **details,
     }
 
 
@@ -183,23 +197,21 @@ def train_cmd(out: Path, sets: list[str], *extra: str) -> list[str]:
 
 
 def fingerprint(run_dir: Path) -> dict | None:
-    """SHA-256 of each model.pt tensor and metrics.jsonl less timings, from a subprocess (the
-    harness itself imports no torch); None when the run has no readable model.pt."""
-    code = (
-        "import hashlib, json, sys, torch\n"
-        "d = sys.argv[1]\n"
-        "sd = torch.load(d + '/model.pt', map_location='cpu', weights_only=True)\n"
-        "w = {k: hashlib.sha256(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest() for k, v in sd.items()}\n"
-        "print(json.dumps(w))\n"
-    )
-    r = run([sys.executable, "-c", code, str(run_dir)], timeout=120)
-    if r["exit"] != 0:
+    """SHA-256 of each model.pt tensor and metrics.jsonl less timings; None when the run has no
+    readable model.pt."""
+    import torch
+
+    try:
+        sd = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+        weights = {k: hashlib.sha256(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+                   for k, v in sd.items()}
+    except Exception:  # any damage: not comparable
         return None
     try:
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
         metrics = None
-    return {"weights": json.loads(r["stdout"]), "metrics": without_measured(metrics) if metrics is not None else None}
+    return {"weights": weights, "metrics": without_measured(metrics) if metrics is not None else None}
 
 
 class References:
@@ -450,7 +462,7 @@ def kill_points(ref_seconds: float, rng: random.Random, quick: bool) -> list[tup
         ("mid-epoch, after a checkpoint (step 12)", "step:12", 0),
         ("last step of epoch 1", "step:23", 0),
         ("evaluation of epoch 1", "eval:1", 0),
-        ("evaluation of epoch 3 (last)", "eval:3", 0),
+        ("evaluation of epoch 2 (last)", "eval:2", 0),
         ("metrics.jsonl write, epoch 1", "metrics:1", 0),
         ("checkpoint write, first", "write:step-:1", 0),
         ("checkpoint write, fourth", "write:step-:4", 0),
@@ -459,11 +471,11 @@ def kill_points(ref_seconds: float, rng: random.Random, quick: bool) -> list[tup
         ("pruning, fifth", "prune:5", 0),
         ("model.pt write", "write:model.pt:1", 0),
         ("model.pt rename (digest in place)", "rename:model.pt:1", 0),
-        ("last step of the run", "step:69", 0),
+        ("last step of the run", "step:46", 0),
     ]
     if quick:
-        points = [points[i] for i in (2, 8, 13)]
-    times = sorted(round(rng.uniform(2.0, max(3.0, ref_seconds - 0.5)), 2) for _ in range(3 if quick else 8))
+        points = [points[i] for i in (2, 8)]
+    times = sorted(round(rng.uniform(2.0, max(3.0, ref_seconds - 0.5)), 2) for _ in range(1 if quick else 6))
     return points + [(f"SIGKILL after {t:.2f}s", "", t) for t in times]
 
 
@@ -925,10 +937,10 @@ def markdown(cases: list[dict], seconds: float, quick: bool) -> str:
                                            for cat, o in outcomes.items())]
     bad = [c for c in cases if c["outcome"] not in GOOD
            or c.get("literal_newline") or c.get("bit_exact") is False or c.get("lost_beyond_interval")
-           or c.get("leftovers") or c.get("marker_created")]
+           or c.get("leftovers") or c.get("marker_created") or c.get("unsafe_advice")]
     lines += ["", f"## Not clean ({len(bad)})", ""]
     for c in bad:
-        flags = [k for k in ("literal_newline", "marker_created") if c.get(k)]
+        flags = [k for k in ("literal_newline", "marker_created", "unsafe_advice") if c.get(k)]
         if c.get("bit_exact") is False:
             flags.append("not bit-exact")
         if c.get("lost_beyond_interval"):
@@ -953,7 +965,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="output folder (attack.json, attack.md, the runs)")
     p.add_argument("--quick", action="store_true", help="a seeded subset, about 3 minutes")
     p.add_argument("--only", default="", help="comma-separated categories: malformed,kills,signals,concurrent,damage,disk,pickles")
-    p.add_argument("--train-all", action="store_true", help="also train every recipe validate rejects (default: a seeded third)")
+    p.add_argument("--train-all", action="store_true", help="also train every recipe validate rejects (default: a seeded quarter)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -986,8 +998,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if "malformed" in only:
         all_cases = malformed_cases()
-        chosen = sorted(rng.sample(range(len(all_cases)), 24)) if args.quick else range(len(all_cases))
-        train_sample = set(rng.sample(range(len(all_cases)), len(all_cases) // 3))
+        chosen = sorted(rng.sample(range(len(all_cases)), 12)) if args.quick else range(len(all_cases))
+        train_sample = set(rng.sample(range(len(all_cases)), len(all_cases) // 4))
         gather([pool.submit(malformed_one, all_cases[i], work / "malformed", args.train_all or i in train_sample)
                 for i in chosen], "malformed input")
     if "kills" in only:
@@ -1010,9 +1022,12 @@ def main(argv: list[str] | None = None) -> int:
         intact_dir = work / "intact" / "run"
         shutil.copytree(finished, intact_dir, symlinks=True)
         intact = {k: normalise(run(c, timeout=240)["stdout"], intact_dir) for k, c in damage_commands(intact_dir).items()}
-        jobs = [(t, h, c) for t, h in damage_targets(finished) for c in ("eval", "results", "report", "load_model", "resume")]
+        # results and report read metrics.jsonl and recipe.toml only
+        jobs = [(t, h, c) for t, h in damage_targets(finished) for c in ("eval", "results", "report", "load_model", "resume")
+                if c not in ("results", "report") or t in ("metrics.jsonl", "recipe.toml")]
         if args.quick:
-            jobs = [j for j in jobs if j[1] in ("flip", "flip+no-digest")][:6]
+            jobs = [j for j in jobs if (j[0], j[1], j[2]) in {("model.pt", "flip", "eval"), ("model.pt", "flip", "load_model"),
+                                                               ("metrics.jsonl", "bad-utf8", "results")}]
         gather([pool.submit(damage_one, t, h, c, finished, stopped, intact, work / "damage", refs) for t, h, c in jobs],
                "damaged files")
     if "disk" in only:
@@ -1023,7 +1038,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.quick:
                 sizes = sizes[1:2]
             futures = [pool.submit(disk_one, n, s, f, work / "disk", refs) for n, s, f in sizes]
-            futures.append(pool.submit(readonly_one, work / "disk", finished, stopped))
+            if not args.quick:
+                futures.append(pool.submit(readonly_one, work / "disk", finished, stopped))
             gather(futures, "full disk and read-only")
         else:
             print("attack: unshare -rm cannot mount a tmpfs here; full-disk and read-only cases skipped", file=sys.stderr)

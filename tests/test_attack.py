@@ -29,6 +29,7 @@ TRACEBACK = 'Traceback (most recent call last):\n  File "x.py", line 1, in <modu
     (2, "error: recipe.toml: [run] seed: 18446744073709551616 is above 2**63 - 1\n", False, "clean"),
     (2, "warning: something minor\nerror: recipe.toml: [run] epochs: must be at least 1\n", False, "clean"),
     (2, "error: first line\nand a second one\n", False, "multiline"),
+    (2, "error: r.toml: data.use: missing required key\nerror: r.toml: backbone.use: missing required key\n", False, "clean"),
     (2, "error: Weights only load failed.\\nRe-running `torch.load` with `weights_only` set to `False`\n", False, "multiline"),
     (2, "oops, not an error line\n", False, "multiline"),
     (2, "", False, "multiline"),
@@ -47,6 +48,13 @@ def test_classify_names_what_an_accepted_input_is(attack):
     assert attack.classify(0, "", accepted="valid") == "valid"
     assert attack.first_line("warning: w\nerror: the problem\n") == "error: the problem"
     assert attack.first_line("") == ""
+    assert attack.first_line(TRACEBACK) == "OverflowError: Overflow when unpacking long long"
+
+
+def test_unsafe_advice_flags_torchs_weights_only_text_and_escape_codes(attack):
+    assert attack.unsafe_advice("error: model.pt: cannot be read (Re-running `torch.load` with `weights_only` set to `False` ...)")
+    assert attack.unsafe_advice("error: x \x1b[1mdo those steps\x1b[0m")
+    assert not attack.unsafe_advice("error: model.pt: not a weights file (it would run code when loaded)")
 
 
 def test_classify_damage_tells_unaffected_warned_and_silent_apart(attack):
@@ -54,6 +62,7 @@ def test_classify_damage_tells_unaffected_warned_and_silent_apart(attack):
     assert attack.classify_damage(0, "", intact, intact) == "unaffected"
     assert attack.classify_damage(0, "warning: model.pt is damaged; using the newest checkpoint\n", "test error: 4.1%\n", intact) == "warned"
     assert attack.classify_damage(0, "", "test error: 90.0%\n", intact) == "silent"
+    assert attack.classify_damage(0, "warning: model.pt could not be verified: it has no digest\n", intact, intact) == "warned"
     assert attack.classify_damage(2, "error: model.pt: its contents changed after writing\n", "", intact) == "clean"
     assert attack.classify_damage(1, TRACEBACK, "", intact) == "traceback"
 
