@@ -316,6 +316,12 @@ def malformed_cases() -> list[dict]:
         for v in values:
             s(f"{key}={v}", f"{key}={v}")
     s("unknown key", "run.speed=3")
+    s("typo in a section", "optimiser.lr=0.1")
+    s("value with spaces", "run.out_dir= ")
+    s("key with spaces", " run.seed =1")
+    s("hex seed", "run.seed=0x10")
+    s("batch_size true", "data.batch_size=true")
+    s("lr as a list", "optimizer.lr=[0.1]")
     s("unknown section", "turbo.on=true")
     s("unknown key in data", "data.colour=1")
     s("deep dotted key", "run." + ".".join(["a"] * 300) + "=1")
@@ -443,7 +449,7 @@ def malformed_one(c: dict, work: Path, train_it: bool) -> list[dict]:
     v = classify(r["exit"], r["stderr"], r["timed_out"], accepted="valid")
     out.append(case("malformed", c["name"], inp, r, v, step="validate", literal_newline="\\n" in r["stderr"]))
     if train_it or v != "clean":
-        r = run(contsup("train", str(path), *args), timeout=240, limit=True)
+        r = run(contsup("train", str(path), *args), timeout=150, limit=True)  # a tiny epoch takes seconds
         o = classify(r["exit"], r["stderr"], r["timed_out"])
         out.append(case("malformed", c["name"], inp, r, o, step="train", literal_newline="\\n" in r["stderr"],
                         validated=v))
@@ -509,7 +515,11 @@ def kill_one(name: str, hook: str, after: float, work: Path, refs: References) -
     survived = r2["exit"] == 0
     exact = survived and compare(out, ref)
     lost = steps_lost(done, start, EVERY) if killed else 0
-    return case("kills", name, hook or f"SIGKILL at {after:.2f}s", r2, "survived" if survived else classify(r2["exit"], r2["stderr"], r2["timed_out"]),
+    if killed:
+        outcome = "survived" if survived else classify(r2["exit"], r2["stderr"], r2["timed_out"])
+    else:  # the run ended before the kill point came: no kill to survive
+        outcome = "missed" if r1["exit"] == 0 else classify(r1["exit"], r1["stderr"], r1["timed_out"])
+    return case("kills", name, hook or f"SIGKILL at {after:.2f}s", r2, outcome,
                 killed=killed, steps_done=done, resumed_from=start, lost_beyond_interval=lost, bit_exact=exact,
                 how=how, leftovers=leftovers(out) if out.exists() else [], kill_stderr=first_line(r1["stderr"]))
 
@@ -966,6 +976,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a seeded subset, about 3 minutes")
     p.add_argument("--only", default="", help="comma-separated categories: malformed,kills,signals,concurrent,damage,disk,pickles")
     p.add_argument("--train-all", action="store_true", help="also train every recipe validate rejects (default: a seeded quarter)")
+    p.add_argument("--malformed", type=int, default=0, metavar="N",
+                   help="a seeded sample of N malformed inputs (default: all; 12 with --quick)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -984,6 +996,7 @@ def main(argv: list[str] | None = None) -> int:
         for f in futures:
             got = f.result()
             cases.extend(got if isinstance(got, list) else [got])
+            write(out, cases, time.monotonic() - began, args, partial=True)  # what is done so far survives a stop
         print(f"attack: {label} done ({time.monotonic() - began:.0f} s)", file=sys.stderr, flush=True)
 
     needs_runs = only & {"kills", "signals", "concurrent", "damage", "disk", "pickles"}
@@ -996,15 +1009,19 @@ def main(argv: list[str] | None = None) -> int:
         stopped_run(stopped, at=30)  # inside epoch 2: epoch 1 in metrics.jsonl, checkpoints at 25 and 30
         print(f"attack: reference run {ref['seconds']:.1f} s", file=sys.stderr, flush=True)
 
-    if "malformed" in only:
-        all_cases = malformed_cases()
-        chosen = sorted(rng.sample(range(len(all_cases)), 12)) if args.quick else range(len(all_cases))
-        train_sample = set(rng.sample(range(len(all_cases)), len(all_cases) // 4))
-        gather([pool.submit(malformed_one, all_cases[i], work / "malformed", args.train_all or i in train_sample)
-                for i in chosen], "malformed input")
-    if "kills" in only:
-        pts = kill_points(refs.get(LONG)["seconds"], rng, args.quick)
-        gather([pool.submit(kill_one, n, h, t, work / "kills", refs) for n, h, t in pts], "kills")
+    if "pickles" in only:
+        paths = ["eval", "weights", "probe", "bench --inference", "--resume", "load_model", "evaluate"]
+        jobs = [(k, pth) for k in ("torch zip", "raw pickle") for pth in paths]
+        if args.quick:
+            jobs = jobs[:2]
+        gather([pool.submit(pickle_one, k, pth, finished, stopped, work / "pickles") for k, pth in jobs],
+               "malicious pickles")
+    if "concurrent" in only:
+        kinds = ["two resumes at once", "three resumes at once", "resume while it trains", "resume while a resume runs",
+                 "two trains into one out_dir", "train while it trains", "train --new while it trains"]
+        if args.quick:
+            kinds = ["resume while it trains"]
+        gather([pool.submit(concurrent_one, k, work / "concurrent", refs) for k in kinds], "concurrent launches")
     if "signals" in only:
         combos = [(s, g, w) for w in (0, 2) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) for g in (False, True)]
         if args.quick:
@@ -1012,12 +1029,6 @@ def main(argv: list[str] | None = None) -> int:
         if any(w for *_, w in combos):
             refs.get(LONG + ["data.workers=2"])
         gather([pool.submit(signal_one, s, g, w, work / "signals", refs) for s, g, w in combos], "signals")
-    if "concurrent" in only:
-        kinds = ["two resumes at once", "three resumes at once", "resume while it trains", "resume while a resume runs",
-                 "two trains into one out_dir", "train while it trains", "train --new while it trains"]
-        if args.quick:
-            kinds = ["resume while it trains"]
-        gather([pool.submit(concurrent_one, k, work / "concurrent", refs) for k in kinds], "concurrent launches")
     if "damage" in only:
         intact_dir = work / "intact" / "run"
         shutil.copytree(finished, intact_dir, symlinks=True)
@@ -1043,21 +1054,30 @@ def main(argv: list[str] | None = None) -> int:
             gather(futures, "full disk and read-only")
         else:
             print("attack: unshare -rm cannot mount a tmpfs here; full-disk and read-only cases skipped", file=sys.stderr)
-    if "pickles" in only:
-        paths = ["eval", "weights", "probe", "bench --inference", "--resume", "load_model", "evaluate"]
-        jobs = [(k, pth) for k in ("torch zip", "raw pickle") for pth in paths]
-        if args.quick:
-            jobs = jobs[:2]
-        gather([pool.submit(pickle_one, k, pth, finished, stopped, work / "pickles") for k, pth in jobs],
-               "malicious pickles")
+    if "kills" in only:
+        pts = kill_points(refs.get(LONG)["seconds"], rng, args.quick)
+        gather([pool.submit(kill_one, n, h, t, work / "kills", refs) for n, h, t in pts], "kills")
+    if "malformed" in only:
+        all_cases = malformed_cases()
+        n = min(len(all_cases), args.malformed or (12 if args.quick else len(all_cases)))
+        chosen = sorted(rng.sample(range(len(all_cases)), n))
+        train_sample = set(rng.sample(range(len(all_cases)), len(all_cases) // 4))
+        gather([pool.submit(malformed_one, all_cases[i], work / "malformed", args.train_all or i in train_sample)
+                for i in chosen], "malformed input")
     pool.shutdown()
-    seconds = time.monotonic() - began
-    (out / "attack.json").write_text(json.dumps({"seconds": round(seconds, 1), "quick": args.quick, "seed": args.seed,
-                                                 "cases": cases}, indent=1, default=str))
-    md = markdown(cases, seconds, args.quick)
-    (out / "attack.md").write_text(md)
-    print(md)
+    print(write(out, cases, time.monotonic() - began, args, partial=False))
     return 0
+
+
+def write(out: Path, cases: list[dict], seconds: float, args: argparse.Namespace, partial: bool) -> str:
+    (out / "attack.json").write_text(json.dumps({"seconds": round(seconds, 1), "quick": args.quick, "seed": args.seed,
+                                                 "only": args.only, "partial": partial, "cases": cases},
+                                                indent=1, default=str))
+    md = markdown(cases, seconds, args.quick)
+    if partial:
+        md = md.replace("\n", " (partial: still running)\n", 1)
+    (out / "attack.md").write_text(md)
+    return md
 
 
 if __name__ == "__main__":
