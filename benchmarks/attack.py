@@ -695,9 +695,20 @@ def damage_targets(run_dir: Path) -> list[tuple[str, str]]:
     ] for h in hs]
 
 
-LOAD_MODEL = (
-    "import hashlib, sys, torch, contsup\n"
-    "net = contsup.load_model(sys.argv[1])\n"
+# The Python API raises ContsupError for bad input: a caller prints its one line; anything else
+# escaping is a traceback.
+API_ERROR = (
+    "import sys, contsup\n"
+    "def one_line(exc):\n"
+    "    print(f'error: {exc}', file=sys.stderr)\n"
+    "    sys.exit(2)\n"
+)
+LOAD_MODEL = API_ERROR + (
+    "import hashlib, torch\n"
+    "try:\n"
+    "    net = contsup.load_model(sys.argv[1])\n"
+    "except contsup.ContsupError as exc:\n"
+    "    one_line(exc)\n"
     "h = hashlib.sha256()\n"
     "for k, v in sorted(net.state_dict().items()):\n"
     "    h.update(k.encode()); h.update(v.contiguous().view(-1).view(torch.uint8).numpy().tobytes())\n"
@@ -875,7 +886,12 @@ def write_with_digest(path: Path, data: bytes) -> None:
     (path.parent / (path.name + ".sha256")).write_text(f"{hashlib.sha256(data).hexdigest()}  {len(data)}\n")
 
 
-EVALUATE = "import sys, contsup\nprint(contsup.evaluate(sys.argv[1]))\n"
+EVALUATE = API_ERROR + (
+    "try:\n"
+    "    print(contsup.evaluate(sys.argv[1]))\n"
+    "except contsup.ContsupError as exc:\n"
+    "    one_line(exc)\n"
+)
 
 
 def pickle_one(kind: str, path_name: str, finished: Path, stopped: Path, work: Path) -> dict:
@@ -978,11 +994,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-all", action="store_true", help="also train every recipe validate rejects (default: a seeded quarter)")
     p.add_argument("--malformed", type=int, default=0, metavar="N",
                    help="a seeded sample of N malformed inputs (default: all; 12 with --quick)")
+    p.add_argument("--render", action="store_true",
+                   help="only rewrite OUT/attack.md from OUT/attack.json (several files: OUT/*/attack.json merged)")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     only = set(filter(None, args.only.split(","))) or {"malformed", "kills", "signals", "concurrent", "damage", "disk", "pickles"}
     out = args.out.resolve()
+    if args.render:
+        print(render(out))
+        return 0
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -1067,6 +1088,27 @@ def main(argv: list[str] | None = None) -> int:
     pool.shutdown()
     print(write(out, cases, time.monotonic() - began, args, partial=False))
     return 0
+
+
+def api_contract(cases: list[dict]) -> list[dict]:
+    """Results written before the API scripts printed a ContsupError as one line: such an error
+    escaping ``load_model``/``evaluate`` is the API's contract, not a traceback."""
+    for c in cases:
+        api = c["case"].endswith(("-> load_model", "-> evaluate"))
+        if api and c["outcome"] == "traceback" and c["stderr"].startswith("contsup.errors."):
+            c["outcome"], c["stderr"] = "clean", "error: " + c["stderr"].split(": ", 1)[-1]
+    return cases
+
+
+def render(out: Path) -> str:
+    files = [out / "attack.json"] if (out / "attack.json").exists() else sorted(out.glob("*/attack.json"))
+    loaded = [json.loads(f.read_text()) for f in files]
+    cases = api_contract([c for d in loaded for c in d["cases"]])
+    md = markdown(cases, sum(d["seconds"] for d in loaded), all(d["quick"] for d in loaded))
+    if any(d.get("partial") for d in loaded):
+        md = md.replace("\n", " (partial: stopped before the end)\n", 1)
+    (out / "attack.md").write_text(md)
+    return md
 
 
 def write(out: Path, cases: list[dict], seconds: float, args: argparse.Namespace, partial: bool) -> str:

@@ -91,3 +91,14 @@ def test_counts_and_markdown(attack):
     md = attack.markdown(cases, 1.0, quick=True)
     assert "| kills | 2 | 1 | 1 | 0 | 1 | 1 | 1 |" in md
     assert "## Not clean (2)" in md and "4 steps lost beyond the interval" in md and "- damage: d: silent" in md
+
+
+def test_a_contsup_error_raised_by_the_python_api_is_its_contract_not_a_traceback(attack):
+    cases = [
+        {"case": "raw pickle as model.pt -> load_model", "outcome": "traceback",
+         "stderr": "contsup.errors.ContsupError: run/model.pt: cannot be read"},
+        {"case": "model.pt: truncate -> load_model", "outcome": "traceback", "stderr": "TypeError: Expected state_dict"},
+        {"case": "model.pt: truncate -> eval", "outcome": "traceback", "stderr": "contsup.errors.ContsupError: x"},
+    ]
+    assert [c["outcome"] for c in attack.api_contract(cases)] == ["clean", "traceback", "traceback"]
+    assert cases[0]["stderr"] == "error: run/model.pt: cannot be read"
