@@ -994,6 +994,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-all", action="store_true", help="also train every recipe validate rejects (default: a seeded quarter)")
     p.add_argument("--malformed", type=int, default=0, metavar="N",
                    help="a seeded sample of N malformed inputs (default: all; 12 with --quick)")
+    p.add_argument("--malformed-start", type=int, default=0, metavar="I",
+                   help="malformed inputs from the I-th on (to continue a stopped run in another OUT)")
     p.add_argument("--render", action="store_true",
                    help="only rewrite OUT/attack.md from OUT/attack.json (several files: OUT/*/attack.json merged)")
     p.add_argument("--jobs", type=int, default=2)
@@ -1080,8 +1082,9 @@ def main(argv: list[str] | None = None) -> int:
         gather([pool.submit(kill_one, n, h, t, work / "kills", refs) for n, h, t in pts], "kills")
     if "malformed" in only:
         all_cases = malformed_cases()
-        n = min(len(all_cases), args.malformed or (12 if args.quick else len(all_cases)))
-        chosen = sorted(rng.sample(range(len(all_cases)), n))
+        pool_of = range(args.malformed_start, len(all_cases))
+        n = min(len(pool_of), args.malformed or (12 if args.quick else len(pool_of)))
+        chosen = sorted(rng.sample(pool_of, n))
         train_sample = set(rng.sample(range(len(all_cases)), len(all_cases) // 4))
         gather([pool.submit(malformed_one, all_cases[i], work / "malformed", args.train_all or i in train_sample)
                 for i in chosen], "malformed input")
