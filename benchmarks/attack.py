@@ -726,7 +726,10 @@ def damage_commands(run_dir: Path) -> dict[str, list[str]]:
 
 
 def normalise(text: str, run_dir: Path) -> str:
-    return text.replace(str(run_dir.parent), "RUN")
+    """Output comparable between copies of a run: its path, and which file eval read (model.pt
+    or a checkpoint, which it names), left out."""
+    text = text.replace(str(run_dir.parent), "RUN")
+    return re.sub(r"^(RUN/run): [^;\n]*;", r"\1: SOURCE;", text, flags=re.M)
 
 
 def damage_one(target: str, how: str, command: str, finished: Path, stopped: Path, intact: dict, work: Path,
@@ -757,7 +760,7 @@ def damage_one(target: str, how: str, command: str, finished: Path, stopped: Pat
     cmd = damage_commands(run_dir)[command]
     r = run(cmd, timeout=240)
     o = classify_damage(r["exit"], r["stderr"], normalise(r["stdout"], run_dir), intact[command], r["timed_out"])
-    return case("damage", f"{inp} -> {command}", inp, r, o, command=command)
+    return case("damage", f"{inp} -> {command}", inp, r, o, command=command, stdout=r["stdout"][-300:])
 
 
 # -- full disk and read-only -------------------------------------------------------------------------

@@ -102,3 +102,13 @@ def test_a_contsup_error_raised_by_the_python_api_is_its_contract_not_a_tracebac
     ]
     assert [c["outcome"] for c in attack.api_contract(cases)] == ["clean", "traceback", "traceback"]
     assert cases[0]["stderr"] == "error: run/model.pt: cannot be read"
+
+
+def test_eval_naming_the_checkpoint_it_read_is_not_a_different_output(attack):
+    run = Path("/x/run")
+    from_model = attack.normalise("/x/run: model.pt; digits test set, 360 images\ntest error: 3.89%\n", run)
+    from_checkpoint = attack.normalise("/x/run: checkpoint step-000000046.pt (end of epoch 2); digits test set, 360 images\n"
+                                       "test error: 3.89%\n", run)
+    assert from_model == from_checkpoint
+    assert attack.classify_damage(0, "", from_checkpoint, from_model) == "unaffected"
+    assert attack.normalise("/x/run: model.pt; digits\ntest error: 4.17%\n", run) != from_model
