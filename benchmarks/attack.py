@@ -426,8 +426,8 @@ def malformed_cases() -> list[dict]:
     return cases
 
 
-def malformed_one(c: dict, work: Path, train_it: bool) -> list[dict]:
-    d = work / re.sub(r"[^A-Za-z0-9]+", "-", c["name"])[:60]
+def malformed_one(c: dict, work: Path, train_it: bool, index: int = 0) -> list[dict]:
+    d = work / f"{index:03d}-{re.sub(r'[^A-Za-z0-9]+', '-', c['name'])[:60]}"
     d.mkdir(parents=True)
     sets = [x.replace("OUT", str(d)) for x in c.get("sets", [])]
     if "text" in c:
@@ -1089,7 +1089,7 @@ def main(argv: list[str] | None = None) -> int:
         n = min(len(pool_of), args.malformed or (12 if args.quick else len(pool_of)))
         chosen = sorted(rng.sample(pool_of, n))
         train_sample = set(rng.sample(range(len(all_cases)), len(all_cases) // 4))
-        gather([pool.submit(malformed_one, all_cases[i], work / "malformed", args.train_all or i in train_sample)
+        gather([pool.submit(malformed_one, all_cases[i], work / "malformed", args.train_all or i in train_sample, i)
                 for i in chosen], "malformed input")
     pool.shutdown()
     print(write(out, cases, time.monotonic() - began, args, partial=False))
