@@ -15,7 +15,8 @@ Every case runs ``python -m contsup ...`` in a subprocess on a tiny digits recip
   (timeout) or ``trained`` (accepted and trained);
 - kills: SIGKILL at chosen points (a preload, ``benchmarks/attack_preload/sitecustomize.py``,
   kills the process at a step, inside a step, in evaluation, mid-write of a checkpoint or of
-  model.pt, before their rename, while pruning, at a metrics write) and at seeded times spread
+  model.pt, before their rename, while pruning, at a metrics write) and a seeded fraction of a
+  second after seeded steps spread
   over the run, then ``--resume``: survived, bit-exact with an uninterrupted run (model.pt state
   dicts and metrics.jsonl less timings), steps redone beyond the checkpoint interval, leftovers;
 - signals: SIGINT, SIGTERM, SIGHUP to the process and to its process group, with data.workers 0
@@ -481,8 +482,10 @@ def kill_points(ref_seconds: float, rng: random.Random, quick: bool) -> list[tup
     ]
     if quick:
         points = [points[i] for i in (2, 8)]
-    times = sorted(round(rng.uniform(2.0, max(3.0, ref_seconds - 0.5)), 2) for _ in range(1 if quick else 6))
-    return points + [(f"SIGKILL after {t:.2f}s", "", t) for t in times]
+    # seeded points over the run's 46 steps, each a seeded fraction of a second after its step
+    # (counted, not timed from the start: the start takes from 5 s to 30 s on a busy machine)
+    times = sorted((rng.randint(1, 46), round(rng.uniform(0.0, 0.4), 2)) for _ in range(1 if quick else 6))
+    return points + [(f"SIGKILL {d:.2f}s after step {n}", "", n + d) for n, d in times]
 
 
 def kill_one(name: str, hook: str, after: float, work: Path, refs: References) -> dict:
@@ -496,11 +499,12 @@ def kill_one(name: str, hook: str, after: float, work: Path, refs: References) -
     else:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                 env=env(ATTACK_STEPS=str(steps1)), start_new_session=True)
-        try:
-            o, e = proc.communicate(timeout=after)
-        except subprocess.TimeoutExpired:
+        step, delay = int(after), after - int(after)
+        wait_steps(steps1, step, proc)
+        time.sleep(delay)
+        if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-            o, e = proc.communicate()
+        o, e = proc.communicate()
         r1 = {"cmd": cmd, "exit": proc.returncode, "stdout": o, "stderr": e, "timed_out": False}
     killed = r1["exit"] == -signal.SIGKILL
     done = max(read_steps(steps1), default=0)
@@ -511,15 +515,17 @@ def kill_one(name: str, hook: str, after: float, work: Path, refs: References) -
         r2 = run(contsup("train", "--resume", str(out)), timeout=300, environ=env(ATTACK_STEPS=str(steps2)))
         how = "resumed"
     resumed = read_steps(steps2)
-    start = resumed[0] - 1 if resumed else (done if r2["exit"] == 0 else 0)
-    survived = r2["exit"] == 0
+    # killed after the run had finished (model.pt written): resume says so, nothing to redo
+    complete = r2["exit"] == 2 and "already finished" in r2["stderr"]
+    start = resumed[0] - 1 if resumed else (done if r2["exit"] == 0 or complete else 0)
+    survived = r2["exit"] == 0 or complete
     exact = survived and compare(out, ref)
     lost = steps_lost(done, start, EVERY) if killed else 0
     if killed:
         outcome = "survived" if survived else classify(r2["exit"], r2["stderr"], r2["timed_out"])
     else:  # the run ended before the kill point came: no kill to survive
         outcome = "missed" if r1["exit"] == 0 else classify(r1["exit"], r1["stderr"], r1["timed_out"])
-    return case("kills", name, hook or f"SIGKILL at {after:.2f}s", r2, outcome,
+    return case("kills", name, hook or name, r2, outcome,
                 killed=killed, steps_done=done, resumed_from=start, lost_beyond_interval=lost, bit_exact=exact,
                 how=how, leftovers=leftovers(out) if out.exists() else [], kill_stderr=first_line(r1["stderr"]))
 
