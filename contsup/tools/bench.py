@@ -92,6 +92,7 @@ def run_bench(
     device: torch.device | None = None,
     log: TextIO | None = None,
     segments: Sequence[int] | None = None,
+    recompute: bool = False,
 ) -> dict:
     """Measure end-to-end and greedy training of ``recipe``; returns the figures and ratios.
 
@@ -99,6 +100,8 @@ def run_bench(
     heads: what one would otherwise train); ``"recipe"`` trains the recipe's own network
     end-to-end, context adapters included. ``segments``: the checkpointing configurations (the
     plain backbone, S groups of units each); None tries :func:`default_segments`, ``[]`` none.
+    ``recompute``: also the recipe's greedy training with ``context.recompute = true`` (the same
+    initial weights), result ``"greedy_recompute"``.
     """
     log = log or sys.stderr
     device = device or resolve_device(recipe.run.device)
@@ -122,11 +125,18 @@ def run_bench(
     ckpt_net = build_network(plain, costs=Costs.uniform(n)).network.to(device).train()
     segments = default_segments(n, recipe.partition.modules) if segments is None else sorted(set(segments))
     greedy_net = built.network.to(device).train()
+    variants: dict[str, GreedyStrategy] = {}
+    if recompute:
+        seed_everything(recipe.run.seed)
+        again = attrs.evolve(recipe, context_options=attrs.evolve(recipe.context_options, recompute=True))
+        recompute_net = build_network(again).network.to(device).train()
     e2e_net = e2e_net.to(device).train()
     total = warmup + steps + 1
     optimizer, schedule = recipe.optimizer.create(), recipe.schedule.create()
     greedy = GreedyStrategy(greedy_net, optimizer, schedule, total, total)
     e2e = EndToEndStrategy(e2e_net, optimizer, schedule, total, total)
+    if recompute:
+        variants["greedy_recompute"] = GreedyStrategy(recompute_net, optimizer, schedule, total, total)
     ckpts = {f"ckpt{s}": CheckpointStrategy(ckpt_net, optimizer, schedule, total, total, s) for s in segments}
     batches = _batches(recipe, device, total)
     noop = lambda module, loss: None  # noqa: E731
@@ -135,7 +145,7 @@ def run_bench(
     x, y = batches[0]
     rss_before = peak_rss_bytes()
 
-    cuda: dict[str, list[tuple[int, int]]] = {"greedy": [], "e2e": [], **{name: [] for name in ckpts}}
+    cuda: dict[str, list[tuple[int, int]]] = {"greedy": [], "e2e": [], **{name: [] for name in (*variants, *ckpts)}}
 
     def timed(name: str, strategy: Any, x: torch.Tensor, y: torch.Tensor) -> float:
         """One step's milliseconds; on CUDA also its peak allocation (and peak over what was there)."""
@@ -162,7 +172,8 @@ def run_bench(
         timed("e2e", e2e, *batches[i])
     rss_both = peak_rss_bytes()
     live = {"greedy": measure_live(greedy, x, y), "e2e": measure_live(e2e, x, y)}
-    for name, strategy in ckpts.items():
+    variant_saved = {name: measure_step(strategy, x, y) for name, strategy in variants.items()}
+    for name, strategy in {**variants, **ckpts}.items():
         live[name] = measure_live(strategy, x, y)
         for i in range(warmup):
             timed(name, strategy, *batches[i])
@@ -170,7 +181,7 @@ def run_bench(
         cuda[name].clear()
     times: dict[str, list[float]] = {name: [] for name in cuda}
     start = time.perf_counter()
-    order = [("greedy", greedy), ("e2e", e2e), *ckpts.items()]
+    order = [("greedy", greedy), ("e2e", e2e), *variants.items(), *ckpts.items()]
     for i in range(steps):
         x, y = batches[warmup + i]
         turn = order[i % len(order) :] + order[: i % len(order)]  # rotating, so none always goes first
@@ -204,11 +215,18 @@ def run_bench(
     e = side("e2e", e2e_saved, rss_both)
     g["predicted_peak_bytes"] = max(c.bytes for c in predicted)
     g["predicted_per_module_bytes"] = [c.bytes for c in predicted]
+    extra: dict[str, dict] = {}
     ratios = {
         "saved_memory": g["saved_peak_bytes"] / e["saved_peak_bytes"],
         "step_time": g["step_ms_median"] / e["step_ms_median"],
         "measured_over_predicted": g["saved_peak_bytes"] / g["predicted_peak_bytes"],
     }
+    for name, saved in variant_saved.items():
+        v = side(name, saved, None)
+        ratios[f"{name}_memory"] = v["peak_bytes"] / e["peak_bytes"]
+        ratios[f"{name}_step_time"] = v["step_ms_median"] / e["step_ms_median"]
+        ratios[f"{name}_over_greedy_step_time"] = v["step_ms_median"] / g["step_ms_median"]
+        extra[name] = v
     checkpointing = []
     for s in segments:
         name = f"ckpt{s}"
@@ -248,6 +266,7 @@ def run_bench(
         "rss_before_steps_bytes": rss_before if device.type == "cpu" else None,
         "greedy": g,
         "e2e": e,
+        **extra,
         "checkpointing": checkpointing,
         "checkpointing_best_segments": best["segments"] if best else None,
         "ratios": ratios,
@@ -281,6 +300,8 @@ def configurations(result: dict) -> list[tuple[str, dict]]:
     """(label, figures) of every configuration measured: end-to-end, greedy, each checkpointing."""
     k, best = result["modules_k"], result.get("checkpointing_best_segments")
     out = [("end-to-end", result["e2e"]), (f"greedy K={k}", result["greedy"])]
+    if "greedy_recompute" in result:
+        out.append((f"greedy K={k}, context.recompute", result["greedy_recompute"]))
     for c in result.get("checkpointing", []):
         tags = [t for t, hit in (("S=K", c["segments"] == k), ("best", c["segments"] == best)) if hit]
         out.append((f"checkpointing S={c['segments']}" + (f" ({', '.join(tags)})" if tags else ""), c))
@@ -348,11 +369,12 @@ def bench_markdown(result: dict, command: str) -> str:
         "",
         f"Measured greedy peak / predicted peak: {result['ratios']['measured_over_predicted']:.3f}.",
     ]
-    if result.get("checkpointing"):
+    if result.get("checkpointing") or "greedy_recompute" in result:
         lines += [
             "",
             "Against activation checkpointing (`torch.utils.checkpoint`, non-reentrant, over S contiguous "
-            "groups of the plain backbone's units). Peak kept for backward: the saved tensors alive at the "
+            "groups of the plain backbone's units; `context.recompute`: the greedy training with its context "
+            "adapters recomputed in backward). Peak kept for backward: the saved tensors alive at the "
             "worst moment of the step, backward's recomputation included (greedy: the larger of that and "
             "its saved-for-backward figure, which counts the kept context).",
             "",
