@@ -65,3 +65,16 @@ def test_bench_reports_an_unwritable_output_in_one_line(write_recipe, tmp_path, 
     assert main(["bench", str(path), "--out", str(blocker / "sub" / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot create" in err
+
+
+def test_bench_recompute_adds_the_greedy_training_with_recomputed_adapters(write_recipe, tmp_path, capsys):
+    path = write_recipe(small_recipe_text(modules=4, context="R1E", batch_size=4, train_size=8))
+    out = tmp_path / "result"
+    assert main(["bench", str(path), "--steps", "1", "--warmup", "0", "--segments", "none", "--recompute", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.with_suffix(".json").read_text())
+    g, rc = data["greedy"], data["greedy_recompute"]
+    assert rc["peak_bytes"] < g["peak_bytes"] and rc["live_peak_backward_bytes"] > 0  # recomputation counted
+    assert data["ratios"]["greedy_recompute_memory"] == rc["peak_bytes"] / data["e2e"]["peak_bytes"]
+    assert "greedy K=4, context.recompute" in printed and "--recompute" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").exists()
