@@ -101,7 +101,8 @@ class ContextOptions:
     )
     recompute_head: bool = option(
         False, doc="the same for each module's head (the auxiliary classifier, and the backbone's head of the "
-        "last module): it keeps only its input for backward",
+        "last module): it keeps only its input through the forward; the peak of a step does not drop, since the "
+        "head's backward comes first, while the module's units still hold theirs (docs/performance.md)",
     )
 
 
