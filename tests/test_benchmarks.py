@@ -64,3 +64,14 @@ def test_recompute_rows_and_targets_render():
     assert "| 110.0 MiB, 3.50x | yes |" in doc  # below the official code's 111.6 MiB and 3.99x
     assert "| 3.75 (80.0 MiB) at 1.40x | no |" in doc
     assert "| 1/1.60 (50.0 of 80.0 MiB) at its step +0.70x end-to-end | no |" in doc
+
+
+def test_official_code_section_renders_and_answers_its_target():
+    perf = load_script()
+    row = lambda mib, ratio: {"peak_bytes": mib * 2**20, "step_ms_median": 1000 * ratio, "step_time_ratio": ratio}  # noqa: E731
+    official = {"machine": "test", "rounds": 3, "rows": {
+        "official code R1E": row(111.6, 4.3), "contsup R1E": row(111.6, 3.5), "contsup end-to-end": row(303.5, 1.0)}}
+    meta = {"machine": "test", "date": "today", "torch": "x"}
+    doc = perf.render({"meta": meta, "official": official, "official_meta": meta})
+    assert "### The official code in the same process" in doc and "| official code R1E | 111.6 | 4300 | 4.30 |" in doc
+    assert "| 111.6 against 111.6 MiB, 3.50x against 4.30x | yes |" in doc
