@@ -60,6 +60,7 @@ def test_recompute_rows_and_targets_render():
     assert "| greedy K=16, context.recompute | 80.0 | 0.267 | 4900.0 | 4.900 |" in doc
     assert "### The fast encoder with recompute" in doc and perf.FAST_COMMAND in doc
     assert "| greedy K=16, context.recompute | 50.0 | 0.167 | 1900.0 | 1.900 |" in doc
+    assert "| checkpointing S=8 (best) | 80.0 | 0.267 | 1200.0 | 1.200 |" in doc
     assert "76.0 MiB at batch 128" in doc  # 12 + 12 + 64 + 64 channels at 32x32, float32
     assert "| 110.0 MiB, 3.50x | yes |" in doc  # below the official code's 111.6 MiB and 3.99x
     assert "| 3.75 (80.0 MiB) at 1.40x | no |" in doc
