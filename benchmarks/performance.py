@@ -27,7 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from contsup.tools.bench import configuration_rows, machine, run_bench  # noqa: E402
+from contsup.tools.bench import configuration_rows, configurations, machine, run_bench  # noqa: E402
 from contsup.training.device import seed_everything  # noqa: E402
 from contsup.training.loop import Trainer
 from contsup.training.strategies import EndToEndStrategy, GreedyStrategy, StepStats
@@ -264,13 +264,115 @@ def time_section(k: int = 16, steps: int = 5, warmup: int = 1, batch: int = 128)
 # -- against activation checkpointing ---------------------------------------------------------
 
 CHECKPOINT_RECIPE = "benchmarks/resnet32_k16.toml"
-CHECKPOINT_COMMAND = f"OMP_NUM_THREADS=1 contsup bench {CHECKPOINT_RECIPE} --steps 3 --warmup 1"
+CHECKPOINT_COMMAND = f"OMP_NUM_THREADS=1 contsup bench {CHECKPOINT_RECIPE} --steps 3 --warmup 1 --recompute"
+FAST_SEGMENTS = 8  # the best checkpointing configuration of the section above on this network
+FAST_COMMAND = (
+    f"OMP_NUM_THREADS=1 contsup bench {CHECKPOINT_RECIPE} --set context.encoder=fast --steps 3 --warmup 1 "
+    f"--segments {FAST_SEGMENTS} --recompute"
+)
+# the official ContSup code, R1E, K=16, as first measured (CPU, one thread); the "official" section
+# (benchmarks/official_code.py) measures it again beside contsup, in one process
+OFFICIAL_CODE = {"step_time": 3.99, "peak_mib": 111.6}
+OFFICIAL_COMMAND = "OMP_NUM_THREADS=1 python benchmarks/official_code.py CHECKOUT --json official_code.json"
 
 
 def checkpointing_section(steps: int = 3, warmup: int = 1) -> dict:
-    """``contsup bench`` of ResNet-32 K=16 R1E (official adapters): end-to-end, greedy and
-    end-to-end under torch.utils.checkpoint over S = 2, 4, 8, K, sqrt(units) groups."""
-    return run_bench(load_recipe(ROOT / CHECKPOINT_RECIPE, registries=registries()), steps=steps, warmup=warmup)
+    """``contsup bench`` of ResNet-32 K=16 R1E (official adapters): end-to-end, greedy (with and
+    without ``context.recompute``) and end-to-end under torch.utils.checkpoint over S = 2, 4, 8,
+    K, sqrt(units) groups."""
+    recipe = load_recipe(ROOT / CHECKPOINT_RECIPE, registries=registries())
+    return run_bench(recipe, steps=steps, warmup=warmup, recompute=True)
+
+
+def official_table(o: dict) -> list[str]:
+    lines = [
+        f"Command: `{OFFICIAL_COMMAND}`, CHECKOUT a clone of the official ContSup code (github.com/Tab-ct/ContSup). "
+        f"Machine: {o['machine']}. Its training forward (the whole greedy step) against contsup's greedy step of the "
+        f"recipe above and end-to-end training, {o['rounds']} rounds in rotating order, one batch of 128, one "
+        "thread; the same live meter for all.",
+        "",
+        "| configuration | peak kept for backward (MiB) | median step (ms) | step / end-to-end |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, r in o["rows"].items():
+        lines.append(f"| {name} | {mib(r['peak_bytes'])} | {r['step_ms_median']:.0f} | {r['step_time_ratio']:.2f} |")
+    return lines + [""]
+
+
+def recompute_notes(result: dict) -> str:
+    """What ``context.recompute`` buys on this network and what bounds it."""
+    g, rc, e = result["greedy"], result["greedy_recompute"], result["e2e"]
+    batch, (c, h, w) = result["batch_size"], result["input_shape"]
+    widest = 64  # the last stage's channels: the widest M_E output, at x's full size
+    encoder = batch * (2 * 12 + 2 * widest) * h * w * 4  # conv and ReLU outputs of both layers
+    return (
+        f"With `context.recompute = true` the adapters keep nothing through the forward: the peak goes from "
+        f"{mib(g['peak_bytes'])} to {mib(rc['peak_bytes'])} MiB (end-to-end / peak {e['peak_bytes'] / g['peak_bytes']:.2f} "
+        f"to {e['peak_bytes'] / rc['peak_bytes']:.2f}) for {rc['step_ms_median'] / g['step_ms_median']:.2f}x the step. "
+        "The official M_E works at x's full size whatever the module's size, so one more forward of it is a large "
+        "share of the step, and while backward recomputes it its own activations are alive again: for a "
+        f"{widest}-channel module the two conv outputs and two ReLU outputs at {h}x{w} ({2 * 12 + 2 * widest} channels "
+        f"in all) are {mib(encoder)} MiB at batch {batch}, which bounds the recomputed peak from below. The fast "
+        "encoder (next table) pools first and has no such floor."
+    )
+
+
+def fast_section(steps: int = 3, warmup: int = 1) -> dict:
+    """The same with the fast encoder, beside checkpointing over FAST_SEGMENTS groups."""
+    recipe = load_recipe(ROOT / CHECKPOINT_RECIPE, ["context.encoder=fast"], registries=registries())
+    return run_bench(recipe, steps=steps, warmup=warmup, segments=[FAST_SEGMENTS], recompute=True)
+
+
+def fast_table(result: dict, meta: dict) -> list[str]:
+    lines = [
+        f"Command: `{FAST_COMMAND}`. Machine: {result.get('machine', meta['machine'])}. The same network with "
+        "`context.encoder = \"fast\"`, with and without `context.recompute`, beside checkpointing over "
+        f"S = {FAST_SEGMENTS} groups, in one process (ratios within the run). Its digits test error is in the "
+        "accuracy table below.",
+        "",
+        "| configuration | peak kept for backward (MiB) | peak / end-to-end | median step (ms) | step / end-to-end |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    measured = configuration_rows(result)[: len(configurations(result))]  # without the summary rows
+    return lines + [f"| {' | '.join(r)} |" for r in measured] + [""]
+
+
+def recompute_targets(results: dict) -> list[str]:
+    """The rows of the targets table that the two bench sections measure."""
+    lines = []
+    c, f, o = results.get("checkpointing"), results.get("fast"), results.get("official")
+    if o:
+        ours, theirs = o["rows"]["contsup R1E"], o["rows"]["official code R1E"]
+        ok = ours["peak_bytes"] <= theirs["peak_bytes"] and ours["step_time_ratio"] < theirs["step_time_ratio"]
+        lines.append(
+            f"| K=16 R1E, official adapters: peak and step below the official code's, in one process | "
+            f"{mib(ours['peak_bytes'])} against {mib(theirs['peak_bytes'])} MiB, {ours['step_time_ratio']:.2f}x against "
+            f"{theirs['step_time_ratio']:.2f}x | {'yes' if ok else 'no'} |"
+        )
+    if c and "greedy_recompute" in c:
+        g, e, rc = c["greedy"], c["e2e"], c["greedy_recompute"]
+        step = g["step_ms_median"] / e["step_ms_median"]
+        ok = round(g["peak_bytes"] / MIB, 1) <= OFFICIAL_CODE["peak_mib"] and step < OFFICIAL_CODE["step_time"]
+        lines.append(
+            f"| K=16 R1E, official adapters: peak <= {OFFICIAL_CODE['peak_mib']} MiB and step below the official code's "
+            f"first measured {OFFICIAL_CODE['step_time']}x | {mib(g['peak_bytes'])} MiB, {step:.2f}x | {'yes' if ok else 'no'} |"
+        )
+        over = rc["step_ms_median"] / g["step_ms_median"]
+        reach = e["peak_bytes"] / rc["peak_bytes"]
+        lines.append(
+            f"| the same with context.recompute: end-to-end / peak >= 5 at a step <= 1.2x that of no recompute | "
+            f"{reach:.2f} ({mib(rc['peak_bytes'])} MiB) at {over:.2f}x | {'yes' if reach >= 5 and over <= 1.2 else 'no'} |"
+        )
+    if f and "greedy_recompute" in f and f.get("checkpointing"):
+        e, rc, ck = f["e2e"], f["greedy_recompute"], f["checkpointing"][0]
+        memory = ck["peak_bytes"] / rc["peak_bytes"]
+        slower = (rc["step_ms_median"] - ck["step_ms_median"]) / e["step_ms_median"]
+        lines.append(
+            f"| K=16 R1E, fast encoder + context.recompute: <= 1/1.5 of the memory of checkpointing S={ck['segments']} "
+            f"at <= its step + 0.3x end-to-end | 1/{memory:.2f} ({mib(rc['peak_bytes'])} of {mib(ck['peak_bytes'])} MiB) "
+            f"at its step {slower:+.2f}x end-to-end | {'yes' if memory >= 1.5 and slower <= 0.3 else 'no'} |"
+        )
+    return lines
 
 
 def checkpointing_table(result: dict, meta: dict) -> list[str]:
@@ -291,6 +393,8 @@ def checkpointing_table(result: dict, meta: dict) -> list[str]:
         "| --- | --- | --- | --- | --- |",
     ]
     lines += [f"| {' | '.join(r)} |" for r in configuration_rows(result)]
+    if "greedy_recompute" in result:
+        lines += ["", recompute_notes(result)]
     return lines + [
         "",
         "On a CUDA GPU, `benchmarks/gpu_check.sh` measures `torch.cuda.max_memory_allocated` and the "
@@ -305,6 +409,7 @@ def checkpointing_table(result: dict, meta: dict) -> list[str]:
 
 
 ACCURACY_VARIANTS = (
+    ("R1E, official adapters", "recipes/digits.toml", ["context.encoder=official", "context.shortcut=official"]),
     ("R1E, paper encoder", "recipes/digits.toml", ["context.encoder=paper"]),
     ("R1E, fast encoder", "recipes/digits.toml", ["context.encoder=fast"]),
     ("R1E, pooled encoder", "recipes/digits.toml", ["context.encoder=pooled"]),
@@ -477,13 +582,13 @@ def targets_table(results: dict) -> list[str]:
             met = "-" if limit is None else ("yes" if ratio <= limit else "no")
             goal = f"<= {limit:.2f}x end-to-end" if limit else "reported (the paper's GPU figure: 1.70x)"
             lines.append(f"| step time K=16, {name}: {goal} | {ratio:.2f}x | {met} |")
-    return lines + [""]
+    return lines + recompute_targets(results) + [""]
 
 
 STATIC_HEAD = """# Performance
 
 This page is generated by `{command}` (last run: {date}; torch {torch}). Do not edit it by hand:
-rerun the command, or one section of it with `--sections memory|time|checkpointing|accuracy`.
+rerun the command, or one section of it with `--sections memory|time|checkpointing|fast|accuracy`.
 
 ## How memory is measured
 
@@ -537,6 +642,12 @@ def render(results: dict) -> str:
     if "checkpointing" in results:
         lines += ["## Against activation checkpointing", ""]
         lines += checkpointing_table(results["checkpointing"], results["checkpointing_meta"])
+    if "official" in results:
+        lines += ["### The official code in the same process", ""]
+        lines += official_table(results["official"])
+    if "fast" in results:
+        lines += ["### The fast encoder with recompute", ""]
+        lines += fast_table(results["fast"], results["fast_meta"])
     if "accuracy" in results:
         lines += ["## Accuracy of the input encoders on digits", ""]
         lines += accuracy_table(results["accuracy"], results["accuracy_meta"])
@@ -621,18 +732,26 @@ Both also shrink the encoder's activations (the memory tables' "R1E, fast encode
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--sections", default="memory,time,checkpointing,accuracy", help="comma list of memory, time, checkpointing, accuracy"
+        "--sections", default="memory,time,checkpointing,fast,accuracy",
+        help="comma list of memory, time, checkpointing, fast, accuracy (and official, with --official-json)"
     )
     parser.add_argument(
         "--checkpointing-json", metavar="PATH",
         help="checkpointing: take the section from the JSON of the contsup bench command it names instead of running it",
+    )
+    parser.add_argument(
+        "--fast-json", metavar="PATH", help="fast: take the section from the JSON of the contsup bench command it names",
+    )
+    parser.add_argument(
+        "--official-json", metavar="PATH", help="official: the JSON benchmarks/official_code.py wrote (needs a checkout "
+        "of the official code, so it is never run from here)",
     )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant in the time section")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first in the time section")
     parser.add_argument("--seeds", default="0,1,2", help="seeds of the accuracy section")
     parser.add_argument(
         "--accuracy-variants", type=int, default=len(ACCURACY_VARIANTS),
-        help="run only the first N variants of the accuracy section (paper, fast, pooled, DGL, end-to-end)",
+        help="run only the first N variants of the accuracy section (official adapters, paper, fast, pooled encoders, DGL, end-to-end)",
     )
     parser.add_argument("--resume", action="store_true", help="accuracy: reuse runs already in the results file")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's own choice)")
@@ -640,9 +759,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(DOC), help="the Markdown file to write")
     args = parser.parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = set(sections) - {"memory", "time", "checkpointing", "accuracy"}
+    unknown = set(sections) - {"memory", "time", "checkpointing", "fast", "official", "accuracy"}
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    if "official" in sections and not args.official_json:
+        parser.error("the official section needs --official-json (the output of benchmarks/official_code.py)")
     if args.threads:
         torch.set_num_threads(args.threads)
     results_path = Path(args.results)
@@ -660,6 +781,8 @@ def main(argv: list[str] | None = None) -> int:
         "checkpointing": lambda: (
             json.loads(Path(args.checkpointing_json).read_text()) if args.checkpointing_json else checkpointing_section()
         ),
+        "fast": lambda: json.loads(Path(args.fast_json).read_text()) if args.fast_json else fast_section(),
+        "official": lambda: json.loads(Path(args.official_json).read_text()),
         "accuracy": lambda: accuracy_section(
             tuple(int(s) for s in args.seeds.split(",")), args.accuracy_variants, lambda d: keep("accuracy", d),
             results.get("accuracy") if args.resume else None,

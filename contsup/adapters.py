@@ -12,6 +12,8 @@ docs/architecture.md, Decisions); a selector that wants the official ones return
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -21,6 +23,23 @@ from contsup.types import Shape
 def pool_to(size: tuple[int, int], source_size: tuple[int, int]) -> nn.Module:
     """Adaptive average pooling from ``source_size`` to ``size`` (H, W); the identity when they match."""
     return nn.Identity() if tuple(size) == tuple(source_size) else nn.AdaptiveAvgPool2d(tuple(size))
+
+
+class _BackToContiguous(torch.autograd.Function):
+    """``x.contiguous()`` for a channels-last ``x`` whose gradient goes back channels-last.
+
+    The plain ``.contiguous()`` hands its contiguous gradient to the layer before; a pooling
+    layer whose input is channels-last then copies its whole full-size input gradient into that
+    layout in its backward (two copies at x's resolution, the largest tensors of M_E). Converting
+    the small pooled gradient instead gives the same numbers without those copies."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
 
 
 class InputEncoder(nn.Module):
@@ -68,7 +87,7 @@ class InputEncoder(nn.Module):
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
         x = x if self.pool_first else self.pool(x)
-        return x.contiguous() if channels_last else x
+        return _BackToContiguous.apply(x) if channels_last else x
 
 
 class ShortcutAdapter(nn.Module):

@@ -119,11 +119,14 @@ def plan_data(recipe: Any) -> dict:
             "body_flops": mem.body_flops, "adapter_flops": mem.adapter_flops, "backlink_bytes": mem.backlink_bytes,
             "head_bytes": mem.head_bytes,
         }
+        if recipe.context_options.recompute:  # the adapters keep nothing through the forward
+            entry["memory"]["forward_bytes"] = mem.bytes - mem.adapter_bytes
     return {
         "backbone": recipe.backbone.use,
         "input_shape": list(built.info.input_shape),
         "num_units": len(built.unit_shapes),
         "modules": modules,
+        "recompute": {"adapters": recipe.context_options.recompute, "head": recipe.context_options.recompute_head},
         "memory": {
             "batch_size": memory.batch, "measured_batch": memory.measured_batch,
             "units_bytes": memory.units_bytes, "largest_module_bytes": max(m.bytes for m in memory.modules),
@@ -226,15 +229,24 @@ def _print_memory(data: dict, recipe: Any) -> None:
     mem = data["memory"]
     print(f"activation memory kept for backward at batch {mem['batch_size']} (MiB):")
     linked = any(m["memory"]["backlink_bytes"] for m in data["modules"])
+    recompute = data["recompute"]["adapters"]
     rows = [("module", "training", "its adapters", "its units", "MFLOPs per image: body / adapters")]
     if linked:
         rows[0] += ("backlink (in training)",)
+    if recompute:
+        rows[0] += ("forward keeps, adapters recomputed",)
     for m in data["modules"]:
         x = m["memory"]
         flops = f"{x['body_flops'] / 1e6:,.1f} / {x['adapter_flops'] / 1e6:,.1f}"
         row = (str(m["index"]), _mib(x["bytes"]), _mib(x["adapter_bytes"]), _mib(x["body_bytes"]), flops)
-        rows.append(row + ((_mib(x["backlink_bytes"]),) if linked else ()))
+        row += (_mib(x["backlink_bytes"]),) if linked else ()
+        rows.append(row + ((_mib(x["forward_bytes"]),) if recompute else ()))
     print(_table(rows))
+    if recompute or data["recompute"]["head"]:
+        pieces = " and ".join(p for p, on in (("context adapters", recompute), ("heads", data["recompute"]["head"])) if on)
+        print(f"context.recompute: the {pieces} keep only their inputs through the forward and run again in backward, "
+              f"one at a time, once the module's units are done (\"training\" counts them kept; contsup bench "
+              f"--recompute measures the peak)")
     if linked:
         print("backlink: each module's training figure includes the linked units of the module before it, kept "
               "until its backward (estimated from their measurements)")
@@ -410,12 +422,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ContsupError(f"contsup bench: --out {out}: cannot create {out.parent}: {exc.strerror}") from None
     variants = _variants(args, recipe)
-    result = run_bench(recipe, steps=args.steps, warmup=warmup, baseline=args.baseline, segments=segments, variants=variants)
+    result = run_bench(
+        recipe, steps=args.steps, warmup=warmup, baseline=args.baseline, segments=segments, variants=variants,
+        recompute=args.recompute,
+    )
     sets = "".join(f" --set {s}" for s in args.set or ())
     command = f"contsup bench {args.recipe}{sets} --steps {args.steps} --warmup {warmup} --baseline {args.baseline}"
     if args.segments != "auto":
         command += f" --segments {args.segments}"
     command += "".join(f" --variant '{v}'" for v in args.variant or ())
+    if args.recompute:
+        command += " --recompute"
     try:
         atomic_write(json_path, lambda f: json.dump(result, f, indent=2), binary=False)
         atomic_write(md_path, lambda f: f.write(bench_markdown(result, command)), binary=False)
@@ -658,7 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", action="append", metavar="LABEL:KEY=VALUE[;KEY=VALUE..]",
                    help="training: also measure the recipe's greedy training with these overrides, labelled LABEL "
                         "(repeatable), e.g. 'DGL:context.use=none'")
-    p.add_argument("--out", help="training: output path without suffix, writes PATH.json, PATH.md and, with checkpointing, the memory-versus-time figure PATH.png (default bench/<recipe name>); distributed: output folder")
+    p.add_argument("--recompute", action="store_true",
+                   help="training: also the variant context.recompute, the recipe's greedy training with context.recompute = true (the context adapters run again in backward)")
+    p.add_argument("--out", help="training: output path without suffix, writes PATH.json, PATH.md and, with checkpointing or variants, the memory-versus-time figure PATH.png (default bench/<recipe name>); distributed: output folder")
     p.add_argument("--nproc", type=int, default=2, help="distributed recipe: processes of the distributed run (default 2)")
     p.add_argument("--device", default="", help="--inference: device (default: the recipe's run.device)")
     p.add_argument("--repeats", type=int, default=5, help="--inference: timed passes of each kind; the median is reported (default 5)")

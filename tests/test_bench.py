@@ -109,3 +109,16 @@ def test_bench_refuses_a_variant_it_cannot_compare(write_recipe, capsys):
     assert main(["bench", str(path), "--variant", "x:data.batch_size=2"]) == 2
     err = capsys.readouterr().err
     assert "LABEL:key=value" in err and "changes the data" in err and "Traceback" not in err
+
+
+def test_bench_recompute_adds_the_greedy_training_with_recomputed_adapters(write_recipe, tmp_path, capsys):
+    path = write_recipe(small_recipe_text(modules=4, context="R1E", batch_size=4, train_size=8))
+    out = tmp_path / "result"
+    assert main(["bench", str(path), "--steps", "1", "--warmup", "0", "--segments", "none", "--recompute", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.with_suffix(".json").read_text())
+    g, rc = data["greedy"], data["greedy_recompute"]
+    assert rc["peak_bytes"] < g["peak_bytes"] and rc["live_peak_backward_bytes"] > 0  # recomputation counted
+    assert data["ratios"]["greedy_recompute_memory"] == rc["peak_bytes"] / data["e2e"]["peak_bytes"]
+    assert "greedy K=4, context.recompute" in printed and "--recompute" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").exists()

@@ -44,3 +44,36 @@ def test_checkpointing_section_renders():
     assert "## Against activation checkpointing" in doc and perf.CHECKPOINT_COMMAND in doc
     assert "| checkpointing S=K | 160.0 | 0.533 | 1300.0 | 1.300 |" in doc
     assert "| checkpointing best S=8 | 80.0 | 0.267 | 1300.0 | 1.300 |" in doc
+
+
+def test_recompute_rows_and_targets_render():
+    perf = load_script()
+    side = lambda mib, ms: {"peak_bytes": mib * 2**20, "step_ms_median": ms}  # noqa: E731
+    base = {"machine": "test", "batch_size": 128, "input_shape": [3, 32, 32], "modules_k": 16, "steps": 3, "warmup": 1,
+            "e2e": side(300, 1000), "greedy": side(110, 3500)}
+    recomputed = lambda mib, ms: {**side(mib, ms), "label": "context.recompute"}  # noqa: E731 - bench's --recompute variant
+    official = {**base, "greedy_recompute": side(80, 4900), "variants": [recomputed(80, 4900)],
+                "checkpointing_best_segments": 8, "checkpointing": [{**side(80, 1200), "segments": 8}]}
+    fast = {**base, "greedy": side(70, 1600), "greedy_recompute": side(50, 1900), "variants": [recomputed(50, 1900)],
+            "checkpointing_best_segments": 8, "checkpointing": [{**side(80, 1200), "segments": 8}]}
+    meta = {"machine": "test", "date": "today", "torch": "x"}
+    doc = perf.render({"meta": meta, "checkpointing": official, "checkpointing_meta": meta, "fast": fast, "fast_meta": meta})
+    assert "| greedy K=16, context.recompute | 80.0 | 0.267 | 4900.0 | 4.900 |" in doc
+    assert "### The fast encoder with recompute" in doc and perf.FAST_COMMAND in doc
+    assert "| greedy K=16, context.recompute | 50.0 | 0.167 | 1900.0 | 1.900 |" in doc
+    assert "| checkpointing S=8 (best) | 80.0 | 0.267 | 1200.0 | 1.200 |" in doc
+    assert "76.0 MiB at batch 128" in doc  # 12 + 12 + 64 + 64 channels at 32x32, float32
+    assert "| 110.0 MiB, 3.50x | yes |" in doc  # below the official code's 111.6 MiB and 3.99x
+    assert "| 3.75 (80.0 MiB) at 1.40x | no |" in doc
+    assert "| 1/1.60 (50.0 of 80.0 MiB) at its step +0.70x end-to-end | no |" in doc
+
+
+def test_official_code_section_renders_and_answers_its_target():
+    perf = load_script()
+    row = lambda mib, ratio: {"peak_bytes": mib * 2**20, "step_ms_median": 1000 * ratio, "step_time_ratio": ratio}  # noqa: E731
+    official = {"machine": "test", "rounds": 3, "rows": {
+        "official code R1E": row(111.6, 4.3), "contsup R1E": row(111.6, 3.5), "contsup end-to-end": row(303.5, 1.0)}}
+    meta = {"machine": "test", "date": "today", "torch": "x"}
+    doc = perf.render({"meta": meta, "official": official, "official_meta": meta})
+    assert "### The official code in the same process" in doc and "| official code R1E | 111.6 | 4300 | 4.30 |" in doc
+    assert "| 111.6 against 111.6 MiB, 3.50x against 4.30x | yes |" in doc

@@ -152,3 +152,46 @@ def test_channels_last_encoder_computes_the_same_function():
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.allclose(pa.grad, pb.grad, rtol=1e-9, atol=1e-9)
     assert InputEncoder((3, 8, 8), (8, 4, 4)).channels_last is None  # on CPU, unless pooling first
+
+
+@pytest.mark.parametrize("target", [(8, 16, 16), (16, 8, 8), (8, 32, 32)])
+def test_channels_last_encoder_hands_its_pool_a_channels_last_gradient_and_the_same_numbers(target):
+    """The encoder's output is contiguous, but the gradient going back into its pooling layer is
+    channels-last like the pool's input (the plain .contiguous() would hand it a contiguous one,
+    and the pool's backward would copy its full-size input gradient): the numbers are the same."""
+    torch.manual_seed(0)
+    encoder = InputEncoder((3, 32, 32), target, hidden=12, channels_last=True)
+    x = torch.randn(4, 3, 32, 32)
+    seen = []
+
+    class Spy(torch.nn.Module):  # records the gradient reaching the pool's output
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            out = self.inner(h)
+            out.register_hook(seen.append)
+            return out
+
+    encoder.pool = Spy(encoder.pool)
+
+    def plain(m: InputEncoder) -> torch.Tensor:  # the same layers, ending in a plain .contiguous()
+        h = x.contiguous(memory_format=torch.channels_last)
+        h = m.act2(m.bn2(m.conv2(m.act1(m.bn1(m.conv1(h))))))
+        return m.pool(h).contiguous()
+
+    grads = []
+    for run in (plain, lambda m: m(x)):
+        for p in encoder.parameters():
+            p.grad = None
+        out = run(encoder)
+        assert out.is_contiguous()
+        out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
+        grads.append([p.grad.clone() for p in encoder.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    plain_grad, ours = seen
+    assert ours.is_contiguous(memory_format=torch.channels_last) and torch.equal(ours, plain_grad)
+    if target[1:] != (32, 32):  # a real pool: the plain .contiguous() hands it the other layout
+        assert not plain_grad.is_contiguous(memory_format=torch.channels_last)

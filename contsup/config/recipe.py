@@ -92,6 +92,23 @@ class PartitionOptions:
 
 
 @attrs.frozen
+class ContextOptions:
+    """Keys common to every context selector: what the context adapters keep for backward."""
+
+    recompute: bool = option(
+        False, doc="the context adapters keep no activations for backward and run again during it (activation "
+        "checkpointing of the adapters alone): the same gradients, the adapters' memory no longer adds to the "
+        "body's, one more adapter forward per step; the recomputation leaves batch-norm running statistics as the "
+        "forward left them (docs/performance.md)",
+    )
+    recompute_head: bool = option(
+        False, doc="the same for each module's head (the auxiliary classifier, and the backbone's head of the "
+        "last module): it keeps only its input through the forward; the peak of a step does not drop, since the "
+        "head's backward comes first, while the module's units still hold theirs (docs/performance.md)",
+    )
+
+
+@attrs.frozen
 class LogOptions:
     """Optional loggers, besides metrics.jsonl and the progress display."""
 
@@ -179,7 +196,7 @@ SECTIONS = (
     Section("data", DataOptions, "dataset", "datasets", None),
     Section("backbone", NoOptions, "backbone", "backbones", None),
     Section("partition", PartitionOptions, "partitioner", "partitioners", "uniform"),
-    Section("context", NoOptions, "context selector", "context_selectors", "none"),
+    Section("context", ContextOptions, "context selector", "context_selectors", "none"),
     Section("objective", NoOptions, "local objective", "objectives", "cross_entropy"),
     Section("decoder", NoOptions, "decoder", "decoders", None, optional=True),
     Section("optimizer", NoOptions, "optimizer", "optimizers", "sgd"),
@@ -254,6 +271,7 @@ class Recipe:
     schedule: Chosen
     stages: tuple[Stage, ...] = ()  # from [[modules]]; empty: every module uses the sections above
     log: LogOptions = attrs.field(factory=LogOptions)
+    context_options: ContextOptions = attrs.field(factory=ContextOptions)  # [context]'s own keys
     backlink: BacklinkOptions = attrs.field(factory=BacklinkOptions)
     distributed: DistributedOptions = attrs.field(factory=DistributedOptions)
 
@@ -269,7 +287,7 @@ class Recipe:
             ("data", self.data, self.dataset),
             ("backbone", None, self.backbone),
             ("partition", self.partition, self.partitioner),
-            ("context", None, self.context),
+            ("context", self.context_options, self.context),
             ("objective", None, self.objective),
             ("decoder", None, self.decoder),
             ("optimizer", None, self.optimizer),
@@ -646,6 +664,7 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
         schedule=parts["schedule"]["chosen"],
         stages=stages,
         log=parts["log"]["own"],
+        context_options=parts["context"]["own"],
         backlink=parts["backlink"]["own"],
         distributed=parts["distributed"]["own"],
     )
@@ -708,6 +727,10 @@ def _read_stages(
                 continue
             part, section_problems = _read_section(SECTION[name], table, f"{at}.{name}", registries)
             problems += section_problems
+            problems += [
+                f"{at}.{name}.{key}: set it in the [{name}] section, where it applies to every module"
+                for key in table if key in {f.name for f in attrs.fields(SECTION[name].own)}
+            ]
             chosen[name] = part["chosen"]
         ranges.append((bounds[0], bounds[1]))
         if len(chosen) == 3 and chosen["context"] is not None and chosen["objective"] is not None:

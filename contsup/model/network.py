@@ -6,6 +6,7 @@ input of module j+1, so module l may use the input x and ``h_j^c`` for 0 <= j <=
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Iterable, Mapping, Sequence
 
 import attrs
@@ -16,6 +17,7 @@ from torch import nn
 from contsup.errors import ContsupError
 from contsup.model.components import make_adapter, module_components, selector_sources, trace_shapes
 from contsup.model.memory import partition_costs
+from contsup.model.recompute import Scope, recomputed
 from contsup.types import Costs, DatasetInfo, HeadSpec, NetworkLayout, Shape, Source
 from contsup.config.recipe import Recipe
 from contsup.protocols import ContextSelector, Objective
@@ -47,6 +49,9 @@ class ContextModule(nn.Module):
     """Gradient-isolated module l: adapters M_{l,s}, the body F_l, the head A_l (and decoder).
 
     ``forward(h, context)`` computes ``F_l(h + sum_s M_{l,s}(c_s))``; the sum makes a new tensor.
+    ``recompute`` (``recompute_head``) runs every adapter (the head) through
+    :func:`~contsup.model.recompute.recomputed`: it keeps only its input for backward and runs
+    again there, under ``recompute_scope()`` (the live memory meter counts through it).
     """
 
     def __init__(
@@ -61,9 +66,14 @@ class ContextModule(nn.Module):
         decoder_loss: Any = None,
         weights: tuple[float, float] = (0.0, 1.0),
         info: DatasetInfo | None = None,
+        recompute: bool = False,
+        recompute_head: bool = False,
     ) -> None:
         super().__init__()
         self.index = index
+        self.recompute = recompute
+        self.recompute_head = recompute_head
+        self.recompute_scope: Scope = contextlib.nullcontext
         self.sources = tuple(sources)
         self.adapters = nn.ModuleDict({str(s): adapters[s] for s in self.sources})
         self.body = body
@@ -77,7 +87,8 @@ class ContextModule(nn.Module):
     def enrich(self, h: torch.Tensor, context: Sequence[torch.Tensor]) -> torch.Tensor:
         """h_{l-1}^c = h_{l-1} + sum_s M_{l,s}(c_s); context is aligned with ``self.sources``."""
         for source, c in zip(self.sources, context):
-            h = h + self.adapters[str(source)](c)
+            adapter = self.adapters[str(source)]
+            h = h + (recomputed(adapter, adapter, c, scope=self.recompute_scope) if self.recompute else adapter(c))
         return h
 
     def forward(self, h: torch.Tensor, context: Sequence[torch.Tensor] = ()) -> torch.Tensor:
@@ -85,7 +96,7 @@ class ContextModule(nn.Module):
 
     def loss(self, out: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> LocalLoss:
         """The module's loss on its output ``out``: local objective [+ weighted reconstruction]."""
-        z = self.head(out)
+        z = recomputed(self.head, self.head, out, scope=self.recompute_scope) if self.recompute_head else self.head(out)
         local = self.objective.loss(z, y)
         w_rec, w_local = self.weights
         reconstruction = None
@@ -300,6 +311,7 @@ def build_network(recipe: Recipe, costs: Costs | None = None) -> Built:
             ContextModule(
                 plan.index, body, plan.sources, adapters, head, obj,
                 decoder=dec, decoder_loss=dec_loss, weights=weights, info=info,
+                recompute=recipe.context_options.recompute, recompute_head=recipe.context_options.recompute_head,
             )
         )
     network = GreedyNetwork(modules, info)

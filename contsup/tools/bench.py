@@ -84,6 +84,9 @@ def default_segments(units: int, k: int) -> list[int]:
     return sorted(s for s in wanted if 1 <= s <= units)
 
 
+RECOMPUTE = "context.recompute"  # the label of the variant `--recompute` adds
+
+
 def run_bench(
     recipe: Recipe,
     steps: int = 20,
@@ -93,6 +96,7 @@ def run_bench(
     log: TextIO | None = None,
     segments: Sequence[int] | None = None,
     variants: Sequence[tuple[str, Recipe]] = (),
+    recompute: bool = False,
 ) -> dict:
     """Measure end-to-end and greedy training of ``recipe``; returns the figures and ratios.
 
@@ -104,6 +108,8 @@ def run_bench(
     heads: what one would otherwise train); ``"recipe"`` trains the recipe's own network
     end-to-end, context adapters included. ``segments``: the checkpointing configurations (the
     plain backbone, S groups of units each); None tries :func:`default_segments`, ``[]`` none.
+    ``recompute``: also the variant ``context.recompute`` (the recipe with ``context.recompute =
+    true``: the same initial weights), whose figures are also ``result["greedy_recompute"]``.
     """
     log = log or sys.stderr
     device = device or resolve_device(recipe.run.device)
@@ -127,6 +133,9 @@ def run_bench(
     ckpt_net = build_network(plain, costs=Costs.uniform(n)).network.to(device).train()
     segments = default_segments(n, recipe.partition.modules) if segments is None else sorted(set(segments))
     greedy_net = built.network.to(device).train()
+    if recompute:
+        again = attrs.evolve(recipe, context_options=attrs.evolve(recipe.context_options, recompute=True))
+        variants = [*variants, (RECOMPUTE, again)]
     e2e_net = e2e_net.to(device).train()
     total = warmup + steps + 1
     optimizer, schedule = recipe.optimizer.create(), recipe.schedule.create()
@@ -241,10 +250,17 @@ def run_bench(
         name = f"variant:{label}"
         v = side(name, others_saved[name], None)
         v.update(label=label, context=variant.context.use, backlink=variant.backlink.units,
-                 head=getattr(variant.objective.options, "head", None), sizes=variant_sizes[label])
+                 head=getattr(variant.objective.options, "head", None), sizes=variant_sizes[label],
+                 recompute=variant.context_options.recompute)
         v["memory_ratio"] = v["peak_bytes"] / e["peak_bytes"]
         v["step_time_ratio"] = v["step_ms_median"] / e["step_ms_median"]
         measured_variants.append(v)
+    extra = {}
+    if recompute:  # the recompute variant's figures, under the names the targets read
+        extra["greedy_recompute"] = rc = measured_variants[-1]
+        ratios["greedy_recompute_memory"] = rc["memory_ratio"]
+        ratios["greedy_recompute_step_time"] = rc["step_time_ratio"]
+        ratios["greedy_recompute_over_greedy_step_time"] = rc["step_ms_median"] / g["step_ms_median"]
     k = recipe.partition.modules
     at_k = next((c for c in checkpointing if c["segments"] == k), None)
     best = min(checkpointing, key=lambda c: (c["peak_bytes"], c["step_ms_median"])) if checkpointing else None
@@ -275,6 +291,7 @@ def run_bench(
         "rss_before_steps_bytes": rss_before if device.type == "cpu" else None,
         "greedy": g,
         "e2e": e,
+        **extra,
         "checkpointing": checkpointing,
         "checkpointing_best_segments": best["segments"] if best else None,
         "variants": measured_variants,
@@ -392,8 +409,10 @@ def bench_markdown(result: dict, command: str) -> str:
             ]
         if result.get("variants"):
             lines += [
-                "Variants (`--variant`): the recipe's greedy training with other settings, on the same batches: "
-                + "; ".join(f"{v['label']}: context {v['context']}, head {v['head']}, backlink {v['backlink']}"
+                "Variants (`--variant`, `--recompute`): the recipe's greedy training with other settings, on the "
+                "same batches: "
+                + "; ".join(f"{v['label']}: context {v['context']}, head {v['head']}, backlink {v['backlink']}, "
+                            f"recompute {v['recompute']}"
                             for v in result["variants"]) + "."
             ]
         lines += [

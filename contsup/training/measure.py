@@ -100,8 +100,8 @@ class LiveMemory:
 
     Plain end-to-end frees nothing before its backward starts: its peak equals
     :class:`StepMemory`'s figure. A strategy that recomputes runs its segments under
-    :meth:`recomputation` (see ``strategy.recompute_scope``), which counts the recomputed
-    tensors checkpointing keeps for its backward.
+    :meth:`recomputation` (see ``strategy.recompute_scope``, and a module's when its adapters or
+    head recompute), which counts the recomputed tensors checkpointing keeps for its backward.
     """
 
     def __init__(self, exclude: Iterable[torch.Tensor]) -> None:
@@ -178,15 +178,16 @@ def measure_live(strategy: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, i
     (``backward``), recomputation included."""
     network = strategy.network
     meter = LiveMemory(module_tensors(network))
-    scoped = hasattr(strategy, "recompute_scope")
-    if scoped:
-        strategy.recompute_scope = meter.recomputation
+    # what recomputes: a checkpointing strategy's segments, the modules' adapters and heads
+    scoped = [o for o in (strategy, *network.blocks) if hasattr(o, "recompute_scope")]
+    for o in scoped:
+        o.recompute_scope = meter.recomputation
     try:
         with torch.autograd.graph.saved_tensors_hooks(meter._pack, meter._unpack):
             strategy.step(x, y, StepStats(network.num_modules), lambda module, loss: None)
     finally:
-        if scoped:
-            strategy.recompute_scope = contextlib.nullcontext
+        for o in scoped:
+            o.recompute_scope = contextlib.nullcontext
     return {"peak": meter.peak, "forward": meter.peak_forward, "backward": meter.peak_backward}
 
 

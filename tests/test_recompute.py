@@ -1,0 +1,123 @@
+"""``[context] recompute`` / ``recompute_head``: the adapters (heads) run again in backward instead of
+keeping their activations, with the same training as without and batch-norm statistics moved once."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+import torch
+from torch import nn
+
+from contsup.cli import main
+from contsup.config.recipe import ContextOptions, RecipeError, loads_recipe
+from contsup.model.network import build_network
+from contsup.model.recompute import recomputed
+from contsup.training.measure import measure_live
+from contsup.training.strategies import EndToEndStrategy, GreedyStrategy, StepStats
+
+from conftest import small_recipe_text
+
+STEPS = 3
+
+
+def _train(recipe, options: ContextOptions, mode: str = "greedy") -> nn.Module:
+    """The recipe's network after STEPS steps (float64, seeded batches) with ``options``."""
+    recipe = attrs.evolve(recipe, context_options=options)
+    torch.manual_seed(0)
+    network = build_network(recipe).network.double().train()
+    make = GreedyStrategy if mode == "greedy" else EndToEndStrategy
+    strategy = make(network, recipe.optimizer.create(), recipe.schedule.create(), 10, 10)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(STEPS):
+        x = torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 10, (8,), generator=g)
+        strategy.step(x, y, StepStats(network.num_modules), lambda module, loss: None)
+    return network
+
+
+@pytest.mark.parametrize("mode", ["greedy", "e2e"])
+def test_recomputing_adapters_and_heads_trains_as_keeping_them(small_recipe, mode):
+    recipe = small_recipe(modules=4, context="R1E", batch_size=8)  # official adapters: BN in M_E and M_R
+    kept = _train(recipe, ContextOptions(), mode).state_dict()
+    again = _train(recipe, ContextOptions(recompute=True, recompute_head=True), mode).state_dict()
+    assert kept.keys() == again.keys()
+    for name in kept:  # parameters, running statistics and batch counters alike
+        torch.testing.assert_close(again[name], kept[name], rtol=1e-10, atol=1e-12, msg=name)
+    counters = {n: int(v) for n, v in again.items() if n.endswith("num_batches_tracked")}
+    assert any(".adapters." in n for n in counters) and any(".head." in n for n in counters)
+    trained = {n: c for n, c in counters.items() if mode == "greedy" or ".head." not in n or n.startswith("blocks.3.")}
+    assert set(trained.values()) == {STEPS}  # once per step, not once more for the recomputation
+
+
+def test_recomputed_matches_the_plain_piece_with_dropout_and_batch_norm():
+    torch.manual_seed(0)
+    piece = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=None), nn.Dropout(0.5), nn.ReLU())
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64)
+    piece = piece.double().train()
+    results = []
+    for recompute in (False, True):
+        for p in piece.parameters():
+            p.grad = None
+        bn = piece[1]
+        bn.reset_running_stats()
+        torch.manual_seed(7)
+        out = recomputed(piece, piece, x) if recompute else piece(x)
+        torch.manual_seed(99)  # backward's recomputation must draw the forward's dropout mask anyway
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in piece.parameters()],
+                        bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked)))
+    (o0, g0, m0, v0, n0), (o1, g1, m1, v1, n1) = results
+    torch.testing.assert_close(o1, o0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(m1, m0)  # momentum None: a second update would change the average
+    torch.testing.assert_close(v1, v0)
+    assert n0 == n1 == 1
+
+
+def test_recomputed_is_the_plain_call_without_autograd():
+    piece = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)).train()
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        out = recomputed(piece, piece, x)
+    assert not out.requires_grad and int(piece[1].num_batches_tracked) == 1
+
+
+def test_the_live_meter_shows_less_kept_with_recompute(small_recipe):
+    recipe = small_recipe(modules=4, context="R1E", batch_size=8)
+    peaks = {}
+    for recompute in (False, True):
+        r = attrs.evolve(recipe, context_options=ContextOptions(recompute=recompute))
+        torch.manual_seed(0)
+        network = build_network(r).network.train()
+        strategy = GreedyStrategy(network, r.optimizer.create(), r.schedule.create(), 10, 10)
+        x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+        peaks[recompute] = measure_live(strategy, x, y)
+    plain, again = peaks[False], peaks[True]
+    assert plain["backward"] == 0  # nothing recomputed: everything is saved in the forward
+    assert again["forward"] < plain["forward"]  # the adapters keep nothing through the forward
+    assert 0 < again["backward"]  # ... and the meter counts them again while backward recomputes them
+    assert again["peak"] < plain["peak"]
+
+
+def test_recipe_keys_validate_and_round_trip(registries):
+    text = small_recipe_text(context='R1E"\nrecompute = true\nrecompute_head = true\n#')
+    recipe = loads_recipe(text, registries, source="r.toml")
+    assert recipe.context_options == ContextOptions(recompute=True, recompute_head=True)
+    table = recipe.table()["context"]
+    assert table["recompute"] is True and table["recompute_head"] is True and table["use"] == "R1E"
+    network = build_network(recipe).network
+    assert all(m.recompute and m.recompute_head for m in network.blocks)
+    with pytest.raises(RecipeError, match=r"context\.recompute: expected a boolean|context\.recompute:"):
+        loads_recipe(small_recipe_text(context='R1E"\nrecompute = "yes"\n#'), registries, source="r.toml")
+    staged = small_recipe_text(extra='\n[[modules]]\nrange = [1, 4]\ncontext = { use = "R1E", recompute = true }\n')
+    with pytest.raises(RecipeError, match=r"modules\[0\]\.context\.recompute: set it in the \[context\] section"):
+        loads_recipe(staged, registries, source="r.toml")
+
+
+def test_plan_shows_what_the_forward_keeps_with_recompute(write_recipe, capsys):
+    path = write_recipe(small_recipe_text(modules=3, context='R1E"\nrecompute = true\n#'))
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "forward keeps, adapters recomputed" in out
+    assert "context.recompute: the context adapters keep only their inputs" in out
