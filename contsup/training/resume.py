@@ -14,7 +14,8 @@ from contsup.config.recipe import Recipe, SECTIONS, load_recipe
 from contsup.core.registry import Registries
 from contsup.training.lock import RunLock
 from contsup.training.rundir import (
-    METRICS_FILE, MODEL_FILE, RECIPE_FILE, read_metrics, remove_partial_writes, write_metrics, write_recipe,
+    METRICS_FILE, MODEL_FILE, RECIPE_FILE, read_metrics, refused_writes, remove_partial_writes, write_metrics,
+    write_recipe,
 )
 from contsup.options import as_table
 
@@ -133,10 +134,12 @@ def _prepare_locked(
             f"--resume {run_dir}: the run already finished its {done} epochs; to train on, raise "
             f"run.epochs (--set run.epochs={done + 1}) and pass --force"
         )
-    if changed:
-        warn(f"resuming with a changed recipe (--force): {', '.join(changed)}")
-        write_recipe(run_dir, recipe)
-    write_metrics(run_dir, state["history"] if state is not None else [])
+    kept = f"its checkpoint {checkpoint} is kept" if checkpoint is not None else "nothing was trained yet"
+    with refused_writes(run_dir, lambda: f"{kept} and nothing in the run directory changed"):
+        if changed:
+            warn(f"resuming with a changed recipe (--force): {', '.join(changed)}")
+            write_recipe(run_dir, recipe)
+        write_metrics(run_dir, state["history"] if state is not None else [])
     return Resumption(run_dir, recipe, state, checkpoint)
 
 

@@ -6,6 +6,8 @@ never leaves a half-written model; runs never overwrite each other.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -15,7 +17,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import torch
 
@@ -24,6 +26,7 @@ from contsup.errors import ContsupError, reason
 from contsup.core.plugins import plugin_versions
 from contsup.model.network import build_network
 from contsup.config.recipe import Recipe, load_recipe
+from contsup.training.failures import TrainingFailed
 
 RECIPE_FILE = "recipe.toml"
 PLUGINS_FILE = "plugins.json"
@@ -55,9 +58,14 @@ def atomic_write(
     The file gets the permissions any new file gets (0666 less the umask), not the temporary
     file's private 0600, so colleagues on a shared machine can read results. ``before_rename``
     runs once the data is on disk, before it takes the name (a digest written first means a file
-    never shows under its name without its digest)."""
+    never shows under its name without its digest). An operating system refusal (a full disk, a
+    read-only file system) is raised as an ``OSError`` naming ``path``, not the temporary file,
+    and ``path`` keeps what it held before."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise named(exc, path) from None
     try:
         os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb" if binary else "w") as f:
@@ -67,11 +75,13 @@ def atomic_write(
         if before_rename is not None:
             before_rename()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.filename in (None, tmp):
+            raise named(exc, path) from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -81,6 +91,64 @@ def atomic_write(
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def named(exc: OSError, path: Path) -> OSError:
+    """``exc`` with ``path`` as its file (a write's own error names no file, or the temporary one)."""
+    if exc.errno is None:
+        return exc
+    return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
+
+
+# -- writes the operating system refuses ----------------------------------------------------
+
+# the refusals that are the machine's, not the run's: a full disk or quota, a read-only file
+# system, no permission to write
+REFUSED_WRITES = {errno.ENOSPC: "space is freed", errno.EDQUOT: "space is freed (or the quota raised)",
+                  errno.EROFS: "the file system is writable again", errno.EACCES: "the run directory is writable",
+                  errno.EPERM: "the run directory is writable"}
+
+
+class WriteFailed(TrainingFailed):
+    """The operating system refused a file of a run (full disk, quota, read-only file system,
+    permissions): a failure of the machine, not of the input, so exit status 1, as any failure
+    of a run under way. The line names the file and the run, what is safe, and how to finish."""
+
+
+def refused_write(exc: BaseException) -> OSError | None:
+    """The operating system's refusal (:data:`REFUSED_WRITES`) behind ``exc``, or None: ``exc``
+    itself, or an error raised while handling one (torch's zip writer answers a failed write with
+    ``RuntimeError: ... unexpected pos``; the ``OSError`` is its context)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in REFUSED_WRITES:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def write_failed(run_dir: Path, exc: OSError, safe: str, then: str | None = None) -> WriteFailed:
+    """One line for a refused write into ``run_dir``: the file, the reason, ``safe`` (what is
+    kept) and ``then`` (default: resuming the run finishes it)."""
+    what = exc.filename or run_dir
+    when = REFUSED_WRITES.get(exc.errno, "it can be written")
+    then = then or f"once {when}, contsup train --resume {run_dir} finishes the run"
+    return WriteFailed(f"cannot write {what} ({exc.strerror or exc}) for the run {run_dir}; {safe}; "
+                       f"{then.replace('{when}', when)}")
+
+
+@contextlib.contextmanager
+def refused_writes(run_dir: Path, safe: Callable[[], str], then: str | None = None) -> Iterator[None]:
+    """Turn a refused write inside the block into :class:`WriteFailed` (``safe()`` says what is
+    kept; ``then`` what to do, ``{when}`` standing for "space is freed" or the like)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        refusal = refused_write(exc)
+        if refusal is None:
+            raise
+        raise write_failed(Path(run_dir), refusal, safe(), then) from None
 
 
 # -- digests: a SHA-256 and size beside a file, computed while it is written -------------------
@@ -95,11 +163,16 @@ class _HashingWriter:
 
     def __init__(self, f: BinaryIO) -> None:
         self.f, self.sha, self.size = f, hashlib.sha256(), 0
+        self.error: OSError | None = None  # what the file refused, which torch reports as a RuntimeError
 
     def write(self, data: bytes) -> int:
         self.sha.update(data)
         self.size += len(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -119,7 +192,12 @@ def save_digested(path: Path, obj: Any) -> None:
 
     def write(f: BinaryIO) -> None:
         w = _HashingWriter(f)
-        torch.save(obj, w)
+        try:
+            torch.save(obj, w)
+        except RuntimeError:
+            if w.error is None:
+                raise
+            raise w.error from None  # torch's zip writer hides the file's refusal (ENOSPC) as "unexpected pos"
         digest.update(sha256=w.sha.hexdigest(), size=w.size)
 
     def write_digest() -> None:
@@ -220,17 +298,29 @@ def read_classes(run_dir: str | Path) -> list[str] | None:
 
 
 def append_metrics(run_dir: Path, metrics: dict) -> None:
-    """Append one epoch's metrics as one JSON line (flushed and synced)."""
-    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(metrics) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one epoch's metrics as one JSON line (flushed and synced). A write the operating
+    system refuses names the file; a line it cut short is the torn last line that
+    :func:`read_metrics` skips and a resume rewrites."""
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise named(exc, path) from None
 
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
     """Replace metrics.jsonl with ``history`` (on resume: exactly the epochs the checkpoint holds)."""
     text = "".join(json.dumps(m) + "\n" for m in history)
     atomic_write(Path(run_dir) / METRICS_FILE, lambda f: f.write(text), binary=False)
+
+
+def forget_metrics(run_dir: Path) -> None:
+    """Empty metrics.jsonl (in place: on a full disk too) when no checkpoint holds its epochs."""
+    with contextlib.suppress(FileNotFoundError):
+        os.truncate(Path(run_dir) / METRICS_FILE, 0)
 
 
 def read_metrics(run_dir: Path, warn: Callable[[str], None] | None = None) -> list[dict]:
