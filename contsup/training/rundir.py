@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import platform
 import re
 import sys
@@ -206,6 +207,20 @@ def save_digested(path: Path, obj: Any) -> None:
     atomic_write(path, write, before_rename=write_digest)
 
 
+REFUSED_PICKLE = "it holds pickled objects other than tensors, refused unread (loading them could run code)"
+
+
+def load_tensors(raw: bytes, map_location: str = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` of a file's bytes. A pickle that names anything beyond
+    tensors and plain containers (code to run, as in a malicious file) is refused unread as
+    :class:`DamagedFile` saying so: torch's own message advises loading it with
+    ``weights_only=False``, which would run that code."""
+    try:
+        return torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise DamagedFile(REFUSED_PICKLE) from None
+
+
 def check_digest(path: Path, raw: bytes) -> bool:
     """Whether ``raw`` (the bytes of ``path``) was verified against its digest: False when the
     digest file is missing; raises :class:`DamagedFile` when it does not match."""
@@ -232,6 +247,9 @@ def create_run_dir(path: Path, new: bool = False) -> Path:
     """Create the run directory; an existing non-empty one is an error unless ``new`` asks for
     a fresh suffixed sibling (``name-2``, ``name-3``, ...)."""
     path = Path(path)
+    if path.exists() and not path.is_dir() and not new:
+        raise ContsupError(f"run directory {path} is a file, not a directory; set run.out_dir to a directory "
+                           f"(or pass --new for a fresh {path.name}-N directory beside it)")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not new:
             raise ContsupError(
@@ -242,7 +260,14 @@ def create_run_dir(path: Path, new: bool = False) -> Path:
         while (path.parent / f"{path.name}-{i}").exists():
             i += 1
         path = path.parent / f"{path.name}-{i}"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the machine's problem, not the path's
+            raise write_failed(path, named(exc, path), "nothing was trained yet", "once {when}, the same command starts the run") from None
+        where = f" at {exc.filename}" if exc.filename and Path(exc.filename) != path else ""
+        raise ContsupError(f"run directory {path} cannot be created ({exc.strerror or exc}{where}); "
+                           f"set run.out_dir to a directory that can be written") from None
     return path
 
 
@@ -263,12 +288,16 @@ def discard_unstarted(run_dir: Path) -> None:
 def write_recipe(run_dir: Path, recipe: Recipe) -> None:
     """The resolved recipe into ``run_dir``; ``run.out_dir`` names ``run_dir`` itself when
     ``--new`` chose a fresh sibling of the recipe's directory."""
-    header = f"The resolved recipe of this run (from {recipe.source}); every key with its value.\n"
     table = recipe.table()
     if Path(run_dir) != default_run_dir(recipe):
         table["run"]["out_dir"] = str(run_dir)
-    text = tomlw.dumps(table, header=header)
-    atomic_write(run_dir / RECIPE_FILE, lambda f: f.write(text), binary=False)
+    write_recipe_table(run_dir, table, str(recipe.source))
+
+
+def write_recipe_table(run_dir: Path, table: dict, origin: str) -> None:
+    """``recipe.toml`` from a resolved recipe's table (``origin``: where it came from)."""
+    text = tomlw.dumps(table, header=f"The resolved recipe of this run (from {origin}); every key with its value.\n")
+    atomic_write(Path(run_dir) / RECIPE_FILE, lambda f: f.write(text), binary=False)
 
 
 def write_versions(run_dir: Path, recipe: Recipe, pm: Any) -> None:
@@ -367,30 +396,45 @@ def save_model(run_dir: Path, network: torch.nn.Module) -> None:
     save_digested(Path(run_dir) / MODEL_FILE, state)
 
 
+class UnusableModel(ContsupError):
+    """``model.pt`` cannot be used; ``why`` says why in a few words (the line also names the file)."""
+
+    def __init__(self, line: str, why: str) -> None:
+        super().__init__(line)
+        self.why = why
+
+
 def read_model_file(
     path: Path, warn: Callable[[str], None] | None = None, map_location: str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """The state dict in ``model.pt``, checked against its digest (a missing digest, as in runs
-    written before contsup recorded one, is one warning) and checked to be a state dict of tensors."""
+    written before contsup recorded one, is one warning) and checked to be a state dict of tensors;
+    raises :class:`UnusableModel` otherwise."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ContsupError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        why = exc.strerror or str(exc)
+        raise UnusableModel(f"{path}: cannot be read ({why})", why) from None
     try:
         verified = check_digest(path, raw)
     except DamagedFile as exc:
-        raise ContsupError(f"{path} is damaged: {exc}; evaluate the run's last checkpoint instead "
-                           f"(move {path.name} away and run contsup eval)") from None
+        raise UnusableModel(f"{path} is damaged: {exc}; evaluate the run's last checkpoint instead "
+                            f"(move {path.name} away and run contsup eval)", str(exc)) from None
     if not verified:
         (warn or _stderr_warning)(f"{path} could not be verified: it has no digest ({sidecar(path).name})")
     try:
-        state = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
+        state = load_tensors(raw, map_location)
+    except DamagedFile as exc:
+        raise UnusableModel(f"{path}: {exc}, so it is not the file contsup wrote; contsup train --resume "
+                            f"{path.parent} writes it again from the run's final checkpoint", str(exc)) from None
     except Exception as exc:  # torch raises many kinds for damaged files
-        raise ContsupError(f"{path}: cannot be read ({type(exc).__name__}: {reason(exc, 200)})") from None
+        why = f"{type(exc).__name__}: {reason(exc, 200)}"
+        raise UnusableModel(f"{path}: cannot be read ({why})", why) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         what = f"a {type(state).__name__}" if not isinstance(state, dict) else "a dict of other things than tensors"
-        raise ContsupError(f"{path}: holds {what}, not a network's weights (a state dict of tensors)")
+        why = f"it holds {what}, not a network's weights"
+        raise UnusableModel(f"{path}: holds {what}, not a network's weights (a state dict of tensors)", why)
     return state
 
 
