@@ -193,3 +193,16 @@ def test_a_quota_or_a_read_only_file_system_says_what_to_fix(write_recipe, tmp_p
     line = _one_error_line(capsys)
     assert f"cannot write {run / 'model.pt'} ({os.strerror(code)}) for the run {run}" in line
     assert line.endswith(f"once {then}, contsup train --resume {run} finishes the run")
+
+
+def test_a_results_table_that_fills_the_disk_names_the_file_and_keeps_the_old_one(write_recipe, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    assert main(["train", str(write_recipe(tiny_recipe_text(run, epochs=1, train_size=8), "run.toml"))]) == 0
+    table = tmp_path / "table.md"
+    table.write_text("the previous table\n")
+    capsys.readouterr()
+    with monkeypatch.context() as m:
+        _disk_fills(m, "table.md")
+        assert main(["results", str(run), "--markdown", str(table)]) == 1
+    assert _one_error_line(capsys) == f"error: {table}: No space left on device"
+    assert table.read_text() == "the previous table\n"
