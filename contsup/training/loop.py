@@ -23,7 +23,9 @@ from contsup.core.version import __version__
 from contsup.errors import BatchError, ContsupError, UnreadableData, one_line, reason
 from contsup.model.network import Built, GreedyNetwork, build_network
 from contsup.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from contsup.training.checkpoint import checkpoint_dir, checkpoint_name, rng_state, save_checkpoint, set_rng_state
+from contsup.training.checkpoint import (
+    checkpoint_dir, checkpoint_name, checkpoint_paths, rng_state, save_checkpoint, set_rng_state,
+)
 from contsup.training.checkpoint import describe as describe_checkpoint
 from contsup.training.device import peak_memory, resolve_device, seed_everything
 from contsup.training.evaluation import Evaluation
@@ -265,8 +267,12 @@ class Trainer:
         return refused_writes(self.run_dir, self._kept_after_refusal)
 
     def _kept_after_refusal(self) -> str:
-        safe = f"{self.kept()}, and no half-written file replaced a complete one"
-        if self.checkpoints and self.last_checkpoint is None and self.parallel.is_main and self.history:
+        kept = self.kept()
+        on_disk = checkpoint_paths(self.run_dir) if self.checkpoints else []
+        if self.last_checkpoint is None and on_disk:  # resumed, and no checkpoint written since
+            kept = f"the last good checkpoint is {on_disk[-1]}"
+        safe = f"{kept}, and no half-written file replaced a complete one"
+        if self.checkpoints and not on_disk and self.parallel.is_main and self.history:
             # no checkpoint holds the epochs metrics.jsonl records: a resume trains them again,
             # so they go (truncating needs no space), or the resume would take them for lost work
             forget_metrics(self.run_dir)
