@@ -136,12 +136,16 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(write_recipe, tmp
     assert main(["train", str(write_recipe(tiny_recipe_text(run)))]) == 1
     good = run / "checkpoints" / "step-000000004.pt"
     assert lines_of(capsys.readouterr().err) == [
-        f"error: cannot write a checkpoint into {run}: No space left on device; "
-        f"the last good checkpoint is {good} (end of epoch 1)"
+        f"error: cannot write {run / 'checkpoints' / 'step-000000008.pt'} (No space left on device) for the run {run}; "
+        f"the last good checkpoint is {good} (end of epoch 1), and no half-written file replaced a complete one; "
+        f"once space is freed, contsup train --resume {run} finishes the run"
     ]
     assert checkpoint_paths(run) == [good] and not list((run / "checkpoints").glob(".*.tmp"))
     monkeypatch.setattr("contsup.training.rundir.append_metrics", lambda *a: (_ for _ in ()).throw(
         OSError(errno.EACCES, "Permission denied", str(run / "metrics.jsonl"))))
     monkeypatch.setattr(torch, "save", saved)
     assert main(["train", "--resume", str(run)]) == 1
-    assert lines_of(capsys.readouterr().err) == [f"error: {run / 'metrics.jsonl'}: Permission denied"]
+    assert lines_of(capsys.readouterr().err) == [
+        f"error: cannot write {run / 'metrics.jsonl'} (Permission denied) for the run {run}; the last good checkpoint "
+        f"is {good}, and no half-written file replaced a complete one; once the run directory is "
+        f"writable, contsup train --resume {run} finishes the run"]

@@ -17,7 +17,7 @@ from contsup.errors import ContsupError, one_line
 from contsup.tools.paper import describe, matching_cells, schedule_differences
 from contsup.config.recipe import read_toml
 from contsup.core.registry import Registries
-from contsup.training.rundir import METRICS_FILE, MODEL_FILE, RECIPE_FILE, read_metrics
+from contsup.training.rundir import METRICS_FILE, MODEL_FILE, RECIPE_FILE, atomic_write, read_metrics
 
 # Keys that do not change what is being measured: runs differing only here are one configuration.
 IGNORED = ("run.seed", "run.out_dir", "run.device", "run.log_every", "data.workers", "data.test_batch_size", "data.root", "data.download")
@@ -262,8 +262,10 @@ def results_main(
         notes.append(f"{len(unfinished)} unfinished run(s) left out: " + ", ".join(str(r.run_dir) for r in unfinished))
     for note in notes:
         print(note, file=sys.stderr)
-    if md_path:
-        Path(md_path).write_text(text + "".join(f"\n{n}\n" for n in notes))
+    if md_path:  # atomically: a full disk names the file and leaves the previous table whole
+        md = text + "".join(f"\n{n}\n" for n in notes)
+        atomic_write(Path(md_path), lambda f: f.write(md), binary=False)
     if csv_path:
-        Path(csv_path).write_text(csv_text(columns, rows))
+        table = csv_text(columns, rows)
+        atomic_write(Path(csv_path), lambda f: f.write(table), binary=False)
     return 0

@@ -8,7 +8,6 @@ the metrics so far and the resolved recipe. ``Trainer.checkpoint_state`` builds 
 
 from __future__ import annotations
 
-import io
 import random
 import re
 from pathlib import Path
@@ -18,7 +17,7 @@ import numpy as np
 import torch
 
 from contsup.errors import ContsupError, reason
-from contsup.training.rundir import DamagedFile, check_digest, save_digested, sidecar
+from contsup.training.rundir import DamagedFile, check_digest, load_tensors, save_digested, sidecar
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = 1
@@ -128,7 +127,9 @@ def read_checkpoint(path: Path, warn: Callable[[str], None] | None = None) -> di
     except DamagedFile as exc:
         raise CorruptCheckpoint(str(exc)) from None
     try:
-        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        state = load_tensors(raw)
+    except DamagedFile as exc:
+        raise CorruptCheckpoint(str(exc)) from None
     except Exception as exc:  # torch raises many kinds for damaged files
         raise CorruptCheckpoint(f"not a readable checkpoint ({type(exc).__name__}: {reason(exc, 200)})") from None
     _check_structure(state)

@@ -88,8 +88,11 @@ class RunLock:
             pid, host = stale
             state = "is still running but does not hold the lock" if _alive(pid, host) else "is no longer running"
             warn(f"{run_dir}: took over the lock left by process {pid} on {host}, which {state}")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        except OSError:  # a full disk: the flock holds all the same, only the holder goes unnamed
+            pass
         return cls(run_dir, fd)
 
     def release(self) -> None:

@@ -23,7 +23,9 @@ from contsup.core.version import __version__
 from contsup.errors import BatchError, ContsupError, UnreadableData, one_line, reason
 from contsup.model.network import Built, GreedyNetwork, build_network
 from contsup.training.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from contsup.training.checkpoint import checkpoint_dir, checkpoint_name, rng_state, save_checkpoint, set_rng_state
+from contsup.training.checkpoint import (
+    checkpoint_dir, checkpoint_name, checkpoint_paths, rng_state, save_checkpoint, set_rng_state,
+)
 from contsup.training.checkpoint import describe as describe_checkpoint
 from contsup.training.device import peak_memory, resolve_device, seed_everything
 from contsup.training.evaluation import Evaluation
@@ -31,7 +33,7 @@ from contsup.training.failures import Interrupted, NonFiniteLoss, OutOfMemory, T
 from contsup.training.parallel import Gathered, OneProcess, Parallel
 from contsup.training.precision import Precision, apply_device_options, check_precision
 from contsup.training.progress import Progress
-from contsup.training.rundir import save_model, write_classes
+from contsup.training.rundir import METRICS_FILE, forget_metrics, refused_writes, save_model, write_classes
 from contsup.training.strategies import StepStats, Strategy, make_strategy
 
 if TYPE_CHECKING:
@@ -187,8 +189,9 @@ class Trainer:
         self._busy = True
         state = self.checkpoint_state(gathered)
         try:
-            path = save_checkpoint(self.run_dir, state)
-        except OSError as exc:
+            with self.refused_writes():
+                path = save_checkpoint(self.run_dir, state)
+        except OSError as exc:  # anything else the file system answers (an I/O error)
             raise TrainingFailed(
                 f"cannot write a checkpoint into {self.run_dir}: {exc.strerror or exc}; {self.kept()}"
             ) from None
@@ -257,6 +260,24 @@ class Trainer:
             return "no checkpoint was written yet"
         path, where, _ = self.last_checkpoint
         return f"the last good checkpoint is {path} ({where})"
+
+    def refused_writes(self) -> contextlib.AbstractContextManager[None]:
+        """A write into the run directory that the operating system refuses (a full disk) stops
+        the run in one line naming the file, what is kept and that resuming finishes the run."""
+        return refused_writes(self.run_dir, self._kept_after_refusal)
+
+    def _kept_after_refusal(self) -> str:
+        kept = self.kept()
+        on_disk = checkpoint_paths(self.run_dir) if self.checkpoints else []
+        if self.last_checkpoint is None and on_disk:  # resumed, and no checkpoint written since
+            kept = f"the last good checkpoint is {on_disk[-1]}"
+        safe = f"{kept}, and no half-written file replaced a complete one"
+        if self.checkpoints and not on_disk and self.parallel.is_main and self.history:
+            # no checkpoint holds the epochs metrics.jsonl records: a resume trains them again,
+            # so they go (truncating needs no space), or the resume would take them for lost work
+            forget_metrics(self.run_dir)
+            safe += f" ({METRICS_FILE} was emptied: a resume trains its epochs again)"
+        return safe
 
     # -- stopping ------------------------------------------------------------------------
 
@@ -443,7 +464,8 @@ class Trainer:
             metrics = self.train_epoch(epoch)
             self.history.append(metrics)
             if on_epoch is not None and self.parallel.is_main:
-                on_epoch(metrics)
+                with self.refused_writes():
+                    on_epoch(metrics)
             self.log.write(summary_line(metrics, epochs) + "\n")
             self.log.flush()
             self.save_checkpoint()
@@ -460,7 +482,8 @@ class Trainer:
         model (``model.pt``) and what this kind of run records besides."""
         self.parallel.gather(self)  # the main process's network now holds every module's weights
         if self.parallel.is_main:
-            save_model(self.run_dir, self.network)
+            with self.refused_writes():
+                save_model(self.run_dir, self.network)
         self.parallel.finish(self.run_dir)
 
 

@@ -8,13 +8,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 
-from contsup.training.checkpoint import checkpoint_dir, describe, load_latest
+from contsup.training.checkpoint import checkpoint_dir, checkpoint_paths, describe, load_latest
 from contsup.errors import ContsupError
 from contsup.config.recipe import Recipe, SECTIONS, load_recipe
 from contsup.core.registry import Registries
 from contsup.training.lock import RunLock
 from contsup.training.rundir import (
-    METRICS_FILE, MODEL_FILE, RECIPE_FILE, read_metrics, remove_partial_writes, write_metrics, write_recipe,
+    METRICS_FILE, MODEL_FILE, RECIPE_FILE, UnusableModel, read_metrics, read_model_file, refused_writes,
+    remove_partial_writes, write_metrics, write_recipe, write_recipe_table,
 )
 from contsup.options import as_table
 
@@ -90,7 +91,7 @@ def prepare_resume(
     saved_recipe = run_dir / RECIPE_FILE
     if not run_dir.is_dir():
         raise ContsupError(f"--resume {run_dir}: no such run directory")
-    if not saved_recipe.exists():
+    if not saved_recipe.exists() and not checkpoint_paths(run_dir):
         raise ContsupError(f"--resume {run_dir}: not a run directory (it has no {RECIPE_FILE})")
     lock = RunLock.take(run_dir, warn)
     try:
@@ -114,6 +115,10 @@ def _prepare_locked(
     remove_partial_writes(run_dir)
     found = load_latest(run_dir, warn)
     state, checkpoint = found if found is not None else (None, None)
+    if not saved_recipe.exists():  # every checkpoint holds the resolved recipe
+        with refused_writes(run_dir, lambda: f"its checkpoint {checkpoint} is kept"):
+            write_recipe_table(run_dir, state["recipe"], f"{checkpoint}, as {RECIPE_FILE} was missing")
+        warn(f"{saved_recipe} was missing; restored it from the recipe in {checkpoint}")
     if state is None:
         _nothing_to_lose(run_dir, warn)
     recipe = load_recipe(recipe_path or saved_recipe, overrides, registries)
@@ -129,14 +134,21 @@ def _prepare_locked(
         )
     done = len(state["history"]) if state is not None else 0
     if done >= recipe.run.epochs and (run_dir / MODEL_FILE).exists():
-        raise ContsupError(
-            f"--resume {run_dir}: the run already finished its {done} epochs; to train on, raise "
-            f"run.epochs (--set run.epochs={done + 1}) and pass --force"
-        )
-    if changed:
-        warn(f"resuming with a changed recipe (--force): {', '.join(changed)}")
-        write_recipe(run_dir, recipe)
-    write_metrics(run_dir, state["history"] if state is not None else [])
+        try:
+            read_model_file(run_dir / MODEL_FILE, warn=lambda _line: None)
+        except UnusableModel as exc:  # the resume writes it again from the final checkpoint
+            warn(f"{run_dir / MODEL_FILE} cannot be used ({exc.why}); writing it again from {checkpoint}")
+        else:
+            raise ContsupError(
+                f"--resume {run_dir}: the run already finished its {done} epochs; to train on, raise "
+                f"run.epochs (--set run.epochs={done + 1}) and pass --force"
+            )
+    kept = f"its checkpoint {checkpoint} is kept" if checkpoint is not None else "nothing was trained yet"
+    with refused_writes(run_dir, lambda: f"{kept} and nothing in the run directory changed"):
+        if changed:
+            warn(f"resuming with a changed recipe (--force): {', '.join(changed)}")
+            write_recipe(run_dir, recipe)
+        write_metrics(run_dir, state["history"] if state is not None else [])
     return Resumption(run_dir, recipe, state, checkpoint)
 
 

@@ -6,16 +6,19 @@ never leaves a half-written model; runs never overwrite each other.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+import pickle
 import platform
 import re
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import torch
 
@@ -24,6 +27,7 @@ from contsup.errors import ContsupError, reason
 from contsup.core.plugins import plugin_versions
 from contsup.model.network import build_network
 from contsup.config.recipe import Recipe, load_recipe
+from contsup.training.failures import TrainingFailed
 
 RECIPE_FILE = "recipe.toml"
 PLUGINS_FILE = "plugins.json"
@@ -55,9 +59,14 @@ def atomic_write(
     The file gets the permissions any new file gets (0666 less the umask), not the temporary
     file's private 0600, so colleagues on a shared machine can read results. ``before_rename``
     runs once the data is on disk, before it takes the name (a digest written first means a file
-    never shows under its name without its digest)."""
+    never shows under its name without its digest). An operating system refusal (a full disk, a
+    read-only file system) is raised as an ``OSError`` naming ``path``, not the temporary file,
+    and ``path`` keeps what it held before."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise named(exc, path) from None
     try:
         os.fchmod(fd, 0o666 & ~UMASK)
         with os.fdopen(fd, "wb" if binary else "w") as f:
@@ -67,11 +76,13 @@ def atomic_write(
         if before_rename is not None:
             before_rename()
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(exc, OSError) and exc.filename in (None, tmp):
+            raise named(exc, path) from None
         raise
     try:  # make the rename itself durable
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -81,6 +92,64 @@ def atomic_write(
             os.close(dir_fd)
     except OSError:
         pass
+
+
+def named(exc: OSError, path: Path) -> OSError:
+    """``exc`` with ``path`` as its file (a write's own error names no file, or the temporary one)."""
+    if exc.errno is None:
+        return exc
+    return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path))
+
+
+# -- writes the operating system refuses ----------------------------------------------------
+
+# the refusals that are the machine's, not the run's: a full disk or quota, a read-only file
+# system, no permission to write
+REFUSED_WRITES = {errno.ENOSPC: "space is freed", errno.EDQUOT: "space is freed (or the quota raised)",
+                  errno.EROFS: "the file system is writable again", errno.EACCES: "the run directory is writable",
+                  errno.EPERM: "the run directory is writable"}
+
+
+class WriteFailed(TrainingFailed):
+    """The operating system refused a file of a run (full disk, quota, read-only file system,
+    permissions): a failure of the machine, not of the input, so exit status 1, as any failure
+    of a run under way. The line names the file and the run, what is safe, and how to finish."""
+
+
+def refused_write(exc: BaseException) -> OSError | None:
+    """The operating system's refusal (:data:`REFUSED_WRITES`) behind ``exc``, or None: ``exc``
+    itself, or an error raised while handling one (torch's zip writer answers a failed write with
+    ``RuntimeError: ... unexpected pos``; the ``OSError`` is its context)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in REFUSED_WRITES:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def write_failed(run_dir: Path, exc: OSError, safe: str, then: str | None = None) -> WriteFailed:
+    """One line for a refused write into ``run_dir``: the file, the reason, ``safe`` (what is
+    kept) and ``then`` (default: resuming the run finishes it)."""
+    what = exc.filename or run_dir
+    when = REFUSED_WRITES.get(exc.errno, "it can be written")
+    then = then or f"once {when}, contsup train --resume {run_dir} finishes the run"
+    return WriteFailed(f"cannot write {what} ({exc.strerror or exc}) for the run {run_dir}; {safe}; "
+                       f"{then.replace('{when}', when)}")
+
+
+@contextlib.contextmanager
+def refused_writes(run_dir: Path, safe: Callable[[], str], then: str | None = None) -> Iterator[None]:
+    """Turn a refused write inside the block into :class:`WriteFailed` (``safe()`` says what is
+    kept; ``then`` what to do, ``{when}`` standing for "space is freed" or the like)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:
+        refusal = refused_write(exc)
+        if refusal is None:
+            raise
+        raise write_failed(Path(run_dir), refusal, safe(), then) from None
 
 
 # -- digests: a SHA-256 and size beside a file, computed while it is written -------------------
@@ -95,11 +164,16 @@ class _HashingWriter:
 
     def __init__(self, f: BinaryIO) -> None:
         self.f, self.sha, self.size = f, hashlib.sha256(), 0
+        self.error: OSError | None = None  # what the file refused, which torch reports as a RuntimeError
 
     def write(self, data: bytes) -> int:
         self.sha.update(data)
         self.size += len(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -119,13 +193,32 @@ def save_digested(path: Path, obj: Any) -> None:
 
     def write(f: BinaryIO) -> None:
         w = _HashingWriter(f)
-        torch.save(obj, w)
+        try:
+            torch.save(obj, w)
+        except RuntimeError:
+            if w.error is None:
+                raise
+            raise w.error from None  # torch's zip writer hides the file's refusal (ENOSPC) as "unexpected pos"
         digest.update(sha256=w.sha.hexdigest(), size=w.size)
 
     def write_digest() -> None:
         atomic_write(sidecar(path), lambda f: f.write(f"{digest['sha256']}  {digest['size']}\n"), binary=False)
 
     atomic_write(path, write, before_rename=write_digest)
+
+
+REFUSED_PICKLE = "it holds pickled objects other than tensors, refused unread (loading them could run code)"
+
+
+def load_tensors(raw: bytes, map_location: str = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` of a file's bytes. A pickle that names anything beyond
+    tensors and plain containers (code to run, as in a malicious file) is refused unread as
+    :class:`DamagedFile` saying so: torch's own message advises loading it with
+    ``weights_only=False``, which would run that code."""
+    try:
+        return torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise DamagedFile(REFUSED_PICKLE) from None
 
 
 def check_digest(path: Path, raw: bytes) -> bool:
@@ -154,6 +247,9 @@ def create_run_dir(path: Path, new: bool = False) -> Path:
     """Create the run directory; an existing non-empty one is an error unless ``new`` asks for
     a fresh suffixed sibling (``name-2``, ``name-3``, ...)."""
     path = Path(path)
+    if path.exists() and not path.is_dir() and not new:
+        raise ContsupError(f"run directory {path} is a file, not a directory; set run.out_dir to a directory "
+                           f"(or pass --new for a fresh {path.name}-N directory beside it)")
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         if not new:
             raise ContsupError(
@@ -164,7 +260,14 @@ def create_run_dir(path: Path, new: bool = False) -> Path:
         while (path.parent / f"{path.name}-{i}").exists():
             i += 1
         path = path.parent / f"{path.name}-{i}"
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # the machine's problem, not the path's
+            raise write_failed(path, named(exc, path), "nothing was trained yet", "once {when}, the same command starts the run") from None
+        where = f" at {exc.filename}" if exc.filename and Path(exc.filename) != path else ""
+        raise ContsupError(f"run directory {path} cannot be created ({exc.strerror or exc}{where}); "
+                           f"set run.out_dir to a directory that can be written") from None
     return path
 
 
@@ -185,12 +288,16 @@ def discard_unstarted(run_dir: Path) -> None:
 def write_recipe(run_dir: Path, recipe: Recipe) -> None:
     """The resolved recipe into ``run_dir``; ``run.out_dir`` names ``run_dir`` itself when
     ``--new`` chose a fresh sibling of the recipe's directory."""
-    header = f"The resolved recipe of this run (from {recipe.source}); every key with its value.\n"
     table = recipe.table()
     if Path(run_dir) != default_run_dir(recipe):
         table["run"]["out_dir"] = str(run_dir)
-    text = tomlw.dumps(table, header=header)
-    atomic_write(run_dir / RECIPE_FILE, lambda f: f.write(text), binary=False)
+    write_recipe_table(run_dir, table, str(recipe.source))
+
+
+def write_recipe_table(run_dir: Path, table: dict, origin: str) -> None:
+    """``recipe.toml`` from a resolved recipe's table (``origin``: where it came from)."""
+    text = tomlw.dumps(table, header=f"The resolved recipe of this run (from {origin}); every key with its value.\n")
+    atomic_write(Path(run_dir) / RECIPE_FILE, lambda f: f.write(text), binary=False)
 
 
 def write_versions(run_dir: Path, recipe: Recipe, pm: Any) -> None:
@@ -220,17 +327,29 @@ def read_classes(run_dir: str | Path) -> list[str] | None:
 
 
 def append_metrics(run_dir: Path, metrics: dict) -> None:
-    """Append one epoch's metrics as one JSON line (flushed and synced)."""
-    with open(run_dir / METRICS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(metrics) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one epoch's metrics as one JSON line (flushed and synced). A write the operating
+    system refuses names the file; a line it cut short is the torn last line that
+    :func:`read_metrics` skips and a resume rewrites."""
+    path = Path(run_dir) / METRICS_FILE
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(metrics) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise named(exc, path) from None
 
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
     """Replace metrics.jsonl with ``history`` (on resume: exactly the epochs the checkpoint holds)."""
     text = "".join(json.dumps(m) + "\n" for m in history)
     atomic_write(Path(run_dir) / METRICS_FILE, lambda f: f.write(text), binary=False)
+
+
+def forget_metrics(run_dir: Path) -> None:
+    """Empty metrics.jsonl (in place: on a full disk too) when no checkpoint holds its epochs."""
+    with contextlib.suppress(FileNotFoundError):
+        os.truncate(Path(run_dir) / METRICS_FILE, 0)
 
 
 def read_metrics(run_dir: Path, warn: Callable[[str], None] | None = None) -> list[dict]:
@@ -277,30 +396,45 @@ def save_model(run_dir: Path, network: torch.nn.Module) -> None:
     save_digested(Path(run_dir) / MODEL_FILE, state)
 
 
+class UnusableModel(ContsupError):
+    """``model.pt`` cannot be used; ``why`` says why in a few words (the line also names the file)."""
+
+    def __init__(self, line: str, why: str) -> None:
+        super().__init__(line)
+        self.why = why
+
+
 def read_model_file(
     path: Path, warn: Callable[[str], None] | None = None, map_location: str = "cpu",
 ) -> dict[str, torch.Tensor]:
     """The state dict in ``model.pt``, checked against its digest (a missing digest, as in runs
-    written before contsup recorded one, is one warning) and checked to be a state dict of tensors."""
+    written before contsup recorded one, is one warning) and checked to be a state dict of tensors;
+    raises :class:`UnusableModel` otherwise."""
     path = Path(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise ContsupError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        why = exc.strerror or str(exc)
+        raise UnusableModel(f"{path}: cannot be read ({why})", why) from None
     try:
         verified = check_digest(path, raw)
     except DamagedFile as exc:
-        raise ContsupError(f"{path} is damaged: {exc}; evaluate the run's last checkpoint instead "
-                           f"(move {path.name} away and run contsup eval)") from None
+        raise UnusableModel(f"{path} is damaged: {exc}; evaluate the run's last checkpoint instead "
+                            f"(move {path.name} away and run contsup eval)", str(exc)) from None
     if not verified:
         (warn or _stderr_warning)(f"{path} could not be verified: it has no digest ({sidecar(path).name})")
     try:
-        state = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
+        state = load_tensors(raw, map_location)
+    except DamagedFile as exc:
+        raise UnusableModel(f"{path}: {exc}, so it is not the file contsup wrote; contsup train --resume "
+                            f"{path.parent} writes it again from the run's final checkpoint", str(exc)) from None
     except Exception as exc:  # torch raises many kinds for damaged files
-        raise ContsupError(f"{path}: cannot be read ({type(exc).__name__}: {reason(exc, 200)})") from None
+        why = f"{type(exc).__name__}: {reason(exc, 200)}"
+        raise UnusableModel(f"{path}: cannot be read ({why})", why) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         what = f"a {type(state).__name__}" if not isinstance(state, dict) else "a dict of other things than tensors"
-        raise ContsupError(f"{path}: holds {what}, not a network's weights (a state dict of tensors)")
+        why = f"it holds {what}, not a network's weights"
+        raise UnusableModel(f"{path}: holds {what}, not a network's weights (a state dict of tensors)", why)
     return state
 
 

@@ -20,7 +20,9 @@ from contsup.core.version import __version__
 from contsup.errors import ContsupError, RecipeError, one_line
 from contsup.training.lock import RunLock
 from contsup.training.resume import prepare_resume
-from contsup.training.rundir import create_run_dir, default_run_dir, write_recipe, write_versions
+from contsup.training.rundir import (
+    create_run_dir, default_run_dir, discard_unstarted, refused_writes, write_recipe, write_versions,
+)
 
 
 @attrs.frozen
@@ -144,10 +146,13 @@ def open_run(
     run_dir = create_run_dir(default_run_dir(recipe), new=new)
     lock = RunLock.take(run_dir, warn or _print_warning)
     try:
-        write_recipe(run_dir, recipe)
-        write_versions(run_dir, recipe, pm)
+        with refused_writes(run_dir, lambda: "nothing was trained yet and the half-made run directory was removed",
+                            "once {when}, the same command starts the run"):
+            write_recipe(run_dir, recipe)
+            write_versions(run_dir, recipe, pm)
     except BaseException:
         lock.release()
+        discard_unstarted(run_dir)  # so the same command works once the problem is fixed
         raise
     print(f"contsup {__version__}: training {recipe.source} into {run_dir}{on}", flush=True)
     return Started(recipe, run_dir, None, False, lock)
