@@ -209,3 +209,31 @@ def test_profile_notes_the_linked_memory(registries, tmp_path):
     assert link["linked_bytes"][1] == data["units"][data["modules"][0]["unit_range"][1]]["bytes"]
     assert link["peak_bytes"] >= data["predicted_peak_bytes"]
     assert "backlink (1 unit)" in profile_text(data, _table)
+
+
+def test_memory_balanced_sees_the_link(registries, tmp_path):
+    """The partitioner's cost table carries the linked units (the previous module's last N,
+    fewer where it has fewer): the module figures are the unlinked ones plus exactly those, the
+    table is exact for the split it was made from, and memory_balanced's table for its own split."""
+    from contsup.model.memory import CostModel, even_split, fitted_costs, recipe_parts
+    from contsup.partition import min_max_split
+
+    def model_for(extra: str) -> CostModel:
+        recipe = _recipe(registries, tmp_path, extra=extra, modules=4)
+        parts, shapes, info = recipe_parts(recipe)
+        return CostModel(recipe, parts, shapes, info)
+
+    plain, linked = model_for(""), model_for("\n[backlink]\nunits = 2\n")
+    even = even_split(linked.n, 4)
+    costs = linked.plan_costs(even)
+    assert [c.breakdown["backlink"] for c in costs][0] == 0
+    for c, start in zip(costs[1:], [0] + [sum(even[:m]) for m in range(1, 3)]):
+        span = range(max(start, c.unit_range[0] - 2), c.unit_range[0])
+        assert c.breakdown["backlink"] == sum(linked.unit_bytes(u) for u in span) > 0
+    assert [c.bytes for c in costs] == [p.bytes + c.breakdown["backlink"] for p, c in zip(plain.plan_costs(even), costs)]
+    table = linked.costs(4, like=even)
+    starts = [0, *[sum(even[:m]) for m in range(1, 4)]]
+    assert [table.segment(s, s + n - 1) for s, n in zip(starts, even)] == [float(c.bytes) for c in costs]
+    fitted = fitted_costs(linked, min_max_split, 4)
+    sizes = min_max_split(fitted, 4)
+    assert max(fitted.segment(s, s + n - 1) for s, n in zip([0, *[sum(sizes[:m]) for m in range(1, 4)]], sizes)) == linked.peak(sizes)

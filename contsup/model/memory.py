@@ -234,7 +234,8 @@ class ModuleCost:
 
     ``breakdown``: ``units`` (its blocks, output included), ``head`` (aux head or final head, and
     decoder), ``adapters`` (context adapters), ``inputs`` (its input, x and the context tensors it
-    keeps or saves, each once).
+    keeps or saves, each once), ``backlink`` (with BackLink, the previous module's linked units,
+    alive until this module's backward: an estimate from the units' own counts).
     """
 
     index: int
@@ -342,6 +343,7 @@ class CostModel:
         self.real_fallback = real_fallback
         self.batch = batch_size or recipe.data.batch_size
         self.k = recipe.partition.modules
+        self.backlink = recipe.backlink.units if recipe.run.mode == "greedy" else 0
         self.info = info
         self.input_shape = tuple(info.input_shape)
         self.shapes = [tuple(s) for s in shapes]
@@ -542,9 +544,11 @@ class CostModel:
         feature_starts: Mapping[int, int],
         kept: Iterable[int],
         k: int,
+        previous_start: int = 0,
     ) -> ModuleCost:
         """Module l of k over units i..j with ``sources``; ``feature_starts[m]`` is the first unit
-        of module m+1 (whose input is h_m^c); ``kept`` the features the store holds meanwhile."""
+        of module m+1 (whose input is h_m^c); ``kept`` the features the store holds meanwhile;
+        ``previous_start`` the first unit of module l-1 (where BackLink's span may begin)."""
         parts = self.components(l, k)
         w_rec = parts.decoder.weights(l, k)[0] if parts.decoder is not None and l < k else 0.0
         head = self.head(j, parts, with_decoder=w_rec != 0.0, module=l, k=k)
@@ -578,11 +582,12 @@ class CostModel:
                 name, size, _ = feature(m)
                 named[name] = size
         inputs = sum(named.values())
-        total = units + head.own + adapters + inputs
+        linked = sum(self.unit_bytes(u) for u in range(max(previous_start, i - self.backlink), i)) if self.backlink and l > 1 else 0
+        total = units + head.own + adapters + inputs + linked
         timed = self.timing
         if timed:
             ms += sum(self.units[u].ms or 0.0 for u in range(i, j + 1)) + (head.ms or 0.0)
-        breakdown = {"units": units, "head": head.own, "adapters": adapters, "inputs": inputs}
+        breakdown = {"units": units, "head": head.own, "adapters": adapters, "inputs": inputs, "backlink": linked}
         return ModuleCost(l, (i, j), int(total), ms if timed else None, breakdown, params)
 
     def plan_costs(self, sizes: Sequence[int]) -> list[ModuleCost]:
@@ -595,7 +600,8 @@ class CostModel:
         out = []
         for l, (start, size) in enumerate(zip(starts, sizes), start=1):
             kept = [m for m in range(1, l) if last_use.get(m, 0) >= l]
-            out.append(self.module_cost(l, start, start + size - 1, sources[l - 1], feature_starts, kept, k))
+            previous = starts[l - 2] if l > 1 else 0
+            out.append(self.module_cost(l, start, start + size - 1, sources[l - 1], feature_starts, kept, k, previous))
         return out
 
     def costs(self, k: int | None = None, like: Sequence[int] | None = None) -> Costs:
@@ -621,7 +627,7 @@ class CostModel:
             kept = [m for m in range(1, l) if last_use.get(m, 0) >= l]
             row = []
             for j in range(i, n):
-                cost = self.module_cost(l, i, j, sources[l - 1], feature_starts, kept, k)
+                cost = self.module_cost(l, i, j, sources[l - 1], feature_starts, kept, k, est_starts[l - 2] if l > 1 else 0)
                 row.append(float(cost.bytes) - sum(units[i : j + 1]))
             overhead.append(tuple(row))
         return Costs(units, tuple(overhead))
@@ -772,17 +778,14 @@ def plan_memory(recipe: Recipe, network: nn.Module, plans: Sequence[Any], sizes:
     parts, shapes, info = recipe_parts(recipe, fake)
     model = CostModel(recipe, parts, shapes, info, device="cpu", method="shapes", batch_size=batch, fake_mode=fake)
     out = []
-    spans = backlink_spans(sizes, recipe.backlink.units if recipe.run.mode == "greedy" else 0)
     for cost, plan, m in zip(model.plan_costs(sizes), plans, network.blocks):
-        span = spans[plan.index - 2] if plan.index >= 2 else None
-        linked = sum(model.unit_bytes(u) for u in range(span[0], span[1] + 1)) if span else 0
         adapter_flops = sum(
             forward_flops(m.adapters[str(s)], info.input_shape if s.is_input else plans[s.index].input_shape)
             for s in plan.sources
         )
         out.append(ModuleMemory(
-            cost.index, cost.bytes + linked, cost.breakdown["adapters"],
-            cost.breakdown["units"], forward_flops(m.body, plan.input_shape), adapter_flops, linked,
+            cost.index, cost.bytes, cost.breakdown["adapters"],
+            cost.breakdown["units"], forward_flops(m.body, plan.input_shape), adapter_flops, cost.breakdown["backlink"],
             cost.breakdown["head"],
         ))
     units = sum(model.unit_bytes(u) for u in range(model.n))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from contsup.model.memory import CostModel, backlink_spans, partition_costs, recipe_parts
+from contsup.model.memory import CostModel, partition_costs, recipe_parts
 from contsup.training.device import resolve_device
 from contsup.model.network import check_split, plan_modules
 from contsup.config.recipe import Recipe
@@ -39,8 +39,7 @@ def profile_data(recipe: Recipe, device: torch.device | None = None, repeats: in
     peak = max(modules, key=lambda m: m.bytes)
     largest = max(unit_bytes)
     bound = max(largest, total_bytes / k)
-    spans = backlink_spans(sizes, recipe.backlink.units if recipe.run.mode == "greedy" else 0)
-    linked = [0] + [sum(unit_bytes[span[0] : span[1] + 1]) if span else 0 for span in spans[:-1]]
+    linked = [m.breakdown["backlink"] for m in modules]  # module l-1's linked units, kept while module l trains
     return {
         "recipe": recipe.source,
         "backbone": recipe.backbone.use,
@@ -86,7 +85,7 @@ def profile_data(recipe: Recipe, device: torch.device | None = None, repeats: in
         "backlink": None if not any(linked) else {
             "units": recipe.backlink.units,
             "linked_bytes": linked,  # per module l: module l-1's linked units, kept while module l trains
-            "peak_bytes": max(m.bytes + b for m, b in zip(modules, linked)),
+            "peak_bytes": peak.bytes,
         },
     }
 
@@ -145,7 +144,7 @@ def profile_text(data: dict, table) -> str:
     if link:
         lines.append(
             f"backlink ({link['units']} unit{'s' if link['units'] != 1 else ''}): each module also keeps the previous "
-            f"module's linked units while it trains (up to {mib(max(link['linked_bytes']))} MiB, not in the figures "
-            f"above); predicted peak with them: {mib(link['peak_bytes'])} MiB"
+            f"module's linked units while it trains (up to {mib(max(link['linked_bytes']))} MiB, included in the "
+            f"figures above); predicted peak with them: {mib(link['peak_bytes'])} MiB"
         )
     return "\n".join(lines)
