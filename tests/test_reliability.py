@@ -230,10 +230,12 @@ def test_a_model_pt_that_is_no_state_dict_is_one_line(write_recipe, tmp_path, ca
     assert err.value.lines == (message,)
 
 
-def test_a_checkpoint_without_its_digest_is_used_with_one_warning(write_recipe, tmp_path, monkeypatch, capsys):
+def test_a_checkpoint_without_its_digest_is_used_with_one_warning_when_none_verifies(write_recipe, tmp_path, monkeypatch, capsys):
+    """A run whose checkpoints all lack digests (written before checkpoints had them): the newest."""
     run = _stopped_run(write_recipe, tmp_path, monkeypatch, capsys)
+    for path in checkpoint_paths(run):
+        path.with_name(path.name + ".sha256").unlink()
     latest = checkpoint_paths(run)[-1]
-    latest.with_name(latest.name + ".sha256").unlink()
     warnings = []
     state, path = load_latest(run, warnings.append)
     assert path == latest and state["global_step"] == 6
@@ -241,6 +243,37 @@ def test_a_checkpoint_without_its_digest_is_used_with_one_warning(write_recipe, 
         f"checkpoint {latest} could not be verified: its digest file {latest.name}.sha256 is missing "
         f"(only its structure was checked)"
     ]
+
+
+def test_a_checkpoint_without_its_digest_is_not_trusted_while_an_older_one_verifies(write_recipe, tmp_path, monkeypatch, capsys):
+    """Every checkpoint is written with its digest, so one without is a damaged run: a flipped
+    mantissa bit plus a deleted digest must not steer the resume. The older verified checkpoint is
+    used, in one warning line, and the unverified one set aside."""
+    run = _stopped_run(write_recipe, tmp_path, monkeypatch, capsys)
+    *_, older, latest = checkpoint_paths(run)
+    latest.with_name(latest.name + ".sha256").unlink()
+    warnings = []
+    state, path = load_latest(run, warnings.append)
+    assert path == older and state["global_step"] < 6
+    assert warnings == [
+        f"checkpoint {latest} could not be verified: its digest file {latest.name}.sha256 is missing "
+        f"(only its structure was checked): not trusted while {older.name}, an older one, verifies; using that one"
+    ]
+    assert checkpoint_paths(run)[-1] == older and latest.with_name(latest.name + ".corrupt").exists()
+
+
+def test_a_folder_under_a_checkpoints_name_is_set_aside_and_the_one_before_used(write_recipe, tmp_path, monkeypatch, capsys):
+    """Before, the folder was not seen as a checkpoint at all, and the run later failed to write
+    over it saying no checkpoint was written yet."""
+    run = _stopped_run(write_recipe, tmp_path, monkeypatch, capsys)
+    *_, older, latest = checkpoint_paths(run)
+    latest.unlink()
+    latest.mkdir()
+    warnings = []
+    state, path = load_latest(run, warnings.append)
+    assert path == older
+    assert warnings == [f"checkpoint {latest} is damaged: it is not a file; using the one before it"]
+    assert not latest.exists() and latest.with_name(latest.name + ".corrupt").is_dir()
 
 
 def test_a_checkpoint_never_shows_under_its_name_without_its_digest(tmp_path, monkeypatch):

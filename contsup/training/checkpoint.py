@@ -186,22 +186,49 @@ def load_latest(
             if PARTIAL.match(leftover.name):
                 leftover.unlink(missing_ok=True)
         _remove_orphan_digests(folder)
-    paths = checkpoint_paths(run_dir)
-    if not paths:
-        return None
     problems = []
+    for odd in sorted(folder.iterdir()) if folder.is_dir() else ():
+        if NAME.match(odd.name) and not odd.is_file():  # a checkpoint's name on a folder or the like
+            problems.append((odd, "it is not a file"))
+    paths = checkpoint_paths(run_dir)
+    if not paths and not problems:
+        return None
+    unverified: list[tuple[Path, dict[str, Any], str]] = []
     for path in reversed(paths):
+        notes: list[str] = []
         try:
-            state = read_checkpoint(path, warn)
+            state = read_checkpoint(path, notes.append)
         except CorruptCheckpoint as exc:
             problems.append((path, str(exc)))
             continue
-        for bad, why in problems:
-            warn(f"checkpoint {bad} is damaged: {why}; using the one before it")
-            _set_aside(bad)
+        if notes:  # its digest is missing: not trusted while an older one verifies
+            unverified.append((path, state, notes[0]))
+            continue
+        _report_skipped(problems, unverified, path, warn, tidy)
+        return state, path
+    if unverified:  # none verifies (a run written before checkpoints had digests): the newest
+        path, state, note = unverified[0]
+        warn(note)
+        _report_skipped(problems, [], path, warn, tidy)
         return state, path
     lines = [f"checkpoint {bad} is damaged: {why}" for bad, why in problems]
     raise ContsupError(*lines, f"{run_dir}: none of its checkpoints is usable; start the run again with --new")
+
+
+def _report_skipped(
+    problems: list[tuple[Path, str]], unverified: list[tuple[Path, dict[str, Any], str]], used: Path,
+    warn: Callable[[str], None], tidy: bool,
+) -> None:
+    """Warn of each checkpoint passed over for ``used``; set each damaged one aside as
+    ``*.corrupt`` (never loaded again, and no later write meets it), and, with ``tidy`` (the
+    caller holds the lock), each unverified one too."""
+    for bad, why in problems:
+        warn(f"checkpoint {bad} is damaged: {why}; using the one before it")
+        _set_aside(bad)
+    for bad, _, note in unverified:
+        warn(f"{note}: not trusted while {used.name}, an older one, verifies; using that one")
+        if tidy:
+            _set_aside(bad)
 
 
 def _set_aside(path: Path) -> None:
