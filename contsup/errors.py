@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Iterable, TextIO
 
@@ -45,7 +46,8 @@ class ContsupError(Exception):
 def report_failure(exc: BaseException, stream: TextIO | None = None) -> int | None:
     """Print what stopped a command as the command line does, one line, and return its exit
     status: a :class:`ContsupError`'s lines and code, Ctrl-C outside a step (130), an operating
-    system refusal such as a full disk (1, naming the file). None for anything else: a bug,
+    system refusal such as a full disk (1, naming the file), a folder where a file belongs (2).
+    None for anything else: a bug,
     whose traceback should be seen."""
     stream = stream or sys.stderr
     if isinstance(exc, ContsupError):
@@ -54,6 +56,11 @@ def report_failure(exc: BaseException, stream: TextIO | None = None) -> int | No
     if isinstance(exc, KeyboardInterrupt):
         print("interrupted", file=stream, flush=True)
         return 130
+    if isinstance(exc, OSError) and exc.errno == errno.EISDIR and exc.filename:
+        # a folder where a run's file belongs (metrics.jsonl, model.pt): the user's to move
+        print(f"error: {exc.filename} is a directory where a file belongs; move it out of the way "
+              f"and run the command again", file=stream, flush=True)
+        return 2
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {one_line(where + (exc.strerror or str(exc)))}", file=stream, flush=True)

@@ -135,3 +135,20 @@ def test_a_malicious_checkpoint_is_set_aside_in_contsups_words(write_recipe, tmp
     assert line == (f"warning: checkpoint {bad} is damaged: it holds pickled objects other than tensors, refused unread "
                     f"(loading them could run code); using the one before it")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "model.pt"])
+def test_a_folder_where_a_run_file_belongs_is_one_line_exit_2(write_recipe, tmp_path, capsys, name):
+    """Before: `error: RUN/metrics.jsonl: Is a directory`, exit 1, as if the machine had failed."""
+    run = _finished(write_recipe, tmp_path, capsys)
+    (run / name).unlink()
+    (run / name).mkdir()
+    commands = [["results", str(run)], ["report", str(run)]] if name == "metrics.jsonl" else [["train", "--resume", str(run)]]
+    for command in commands:
+        assert main(command) == 2, command
+        assert _lines(capsys) == [
+            f"error: {run / name} is a directory where a file belongs; move it out of the way and run the command again"
+        ]
+    if name == "model.pt":
+        assert main(["eval", str(run)]) == 2
+        assert _lines(capsys) == [f"error: {run / name}: cannot be read (Is a directory)"]
