@@ -112,3 +112,10 @@ def test_eval_naming_the_checkpoint_it_read_is_not_a_different_output(attack):
     assert from_model == from_checkpoint
     assert attack.classify_damage(0, "", from_checkpoint, from_model) == "unaffected"
     assert attack.normalise("/x/run: model.pt; digits\ntest error: 4.17%\n", run) != from_model
+
+
+def test_a_refused_write_may_exit_1_where_the_case_says_so(attack):
+    line = "error: cannot write run/model.pt (No space left on device) for the run run; ...\n"
+    assert attack.classify(1, line) == "other"  # bad input exits 2
+    assert attack.classify(1, line, clean_exits=(1, 2)) == "clean"  # the machine refused a write
+    assert attack.classify(1, "Traceback (most recent call last):\n", clean_exits=(1, 2)) == "traceback"
