@@ -152,3 +152,16 @@ def test_a_folder_where_a_run_file_belongs_is_one_line_exit_2(write_recipe, tmp_
     if name == "model.pt":
         assert main(["eval", str(run)]) == 2
         assert _lines(capsys) == [f"error: {run / name}: cannot be read (Is a directory)"]
+
+
+def test_results_say_when_the_metrics_stop_at_a_line_cut_short(write_recipe, tmp_path, capsys):
+    """A metrics.jsonl cut in the middle of its last line: the figures would quietly be one epoch
+    short (the attack scored it 'silent'); results now say which line was skipped."""
+    run = tmp_path / "run"
+    assert main(["train", str(write_recipe(tiny_recipe_text(run, epochs=2, train_size=16), "r.toml"))]) == 0
+    capsys.readouterr()
+    metrics = run / "metrics.jsonl"
+    text = metrics.read_bytes()
+    metrics.write_bytes(text[: text.index(b"\n") + 10])  # the first epoch whole, the second cut short
+    assert main(["results", str(run)]) == 0
+    assert _lines(capsys, "warning") == [f"warning: {metrics}: line 2 is cut short (a write that did not finish); skipped"]

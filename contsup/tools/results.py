@@ -57,7 +57,7 @@ def warn_line(line: str) -> None:
 
 def load_run(run_dir: Path, warn: Callable[[str], None] | None = warn_line) -> RunResult:
     """One run directory's recipe and metrics; a damaged metrics line is skipped with one line through ``warn``."""
-    metrics = read_metrics(run_dir, warn)
+    metrics = read_metrics(run_dir, warn, warn_torn=True)
     return RunResult(run_dir, read_toml(run_dir / RECIPE_FILE), metrics, (run_dir / MODEL_FILE).exists())
 
 

@@ -352,10 +352,11 @@ def forget_metrics(run_dir: Path) -> None:
         os.truncate(Path(run_dir) / METRICS_FILE, 0)
 
 
-def read_metrics(run_dir: Path, warn: Callable[[str], None] | None = None) -> list[dict]:
-    """Every complete line of metrics.jsonl. A torn last line from a crash is skipped quietly;
-    a damaged line before it (not UTF-8, not a JSON object) is skipped with one line through
-    ``warn`` naming the file and the line."""
+def read_metrics(run_dir: Path, warn: Callable[[str], None] | None = None, *, warn_torn: bool = False) -> list[dict]:
+    """Every complete line of metrics.jsonl. A torn last line from a crash is skipped, quietly
+    unless ``warn_torn`` (a reader reporting figures, which then stop an epoch early); a damaged
+    line before it (not UTF-8, not a JSON object) is skipped with one line through ``warn``
+    naming the file and the line."""
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
@@ -370,9 +371,9 @@ def read_metrics(run_dir: Path, warn: Callable[[str], None] | None = None) -> li
         except UnicodeDecodeError as exc:
             problem = f"is not UTF-8 (byte {exc.start + 1} of the line)"
         except json.JSONDecodeError:
-            if last:
+            if last and not warn_torn:
                 continue  # torn by a crash while it was written
-            problem = "is not JSON"
+            problem = "is cut short (a write that did not finish)" if last else "is not JSON"
         else:
             if isinstance(metrics, dict):
                 out.append(metrics)
