@@ -197,3 +197,20 @@ def test_problems_a_set_causes_say_which_set(write_recipe, capsys, setting, line
     code, *lines = validate_lines(capsys, path, setting)
     hits = [item for item in lines if line in item]
     assert code == "2" and hits and all(item.endswith(f" (from --set {key})") for item in hits), lines
+
+
+def test_an_integer_of_thousands_of_digits_is_one_line(write_recipe, capsys):
+    """Python refuses to convert integer literals past its digit limit: a traceback before."""
+    huge = "9" * 5000
+    path = write_recipe(f"[run]\nseed = {huge}\n")
+    digits = "an integer of more than 4300 digits; no option takes one near that large (integers are 64-bit)"
+    assert validate_lines(capsys, path) == ["2", f"error: {path}: {digits}"]
+    (code, line) = validate_lines(capsys, DIGITS, f"run.seed={huge}")
+    assert code == "2" and line.startswith("error: --set run.seed=999") and line.endswith(f"(5009 characters): {digits}")
+
+
+def test_an_unterminated_string_is_named_without_an_escape(write_recipe, capsys):
+    path = write_recipe('[run]\nout_dir = "runs\n')
+    assert validate_lines(capsys, path) == [
+        "2", f"error: {path}: not valid TOML: a line break inside a one-line string (is a closing quote missing?) "
+             f"(at line 2, column 16)"]

@@ -364,6 +364,12 @@ def _short_path(path: Sequence[str]) -> str:
     return ".".join(path) if len(path) <= 6 else f"{'.'.join(path[:3])} ... {'.'.join(path[-2:])}"
 
 
+TOO_MANY_DIGITS = (
+    f"an integer of more than {sys.get_int_max_str_digits()} digits; "
+    f"no option takes one near that large (integers are 64-bit)"
+)
+
+
 def parse_toml(text: str, where: str) -> dict[str, Any]:
     """TOML text -> dict, or a one-line error naming the file, line and column. A byte-order
     mark at the start is ignored, as most TOML readers do; a control character is named."""
@@ -378,7 +384,12 @@ def parse_toml(text: str, where: str) -> dict[str, Any]:
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError([f"{where}: not valid TOML: {exc}"]) from None
+        message = str(exc).replace(  # tomllib names the character by its escape, \n
+            "Illegal character '\\n'", "a line break inside a one-line string (is a closing quote missing?)"
+        )
+        raise RecipeError([f"{where}: not valid TOML: {message}"]) from None
+    except ValueError:  # Python refuses to convert an integer literal of thousands of digits
+        raise RecipeError([f"{where}: {TOO_MANY_DIGITS}"]) from None
     except RecursionError:
         data = None
     depth, path = nesting(data) if data is not None else (MAX_NESTING + 1, [])
@@ -489,14 +500,16 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             f"--set applies); write extends in the recipe, or --set the keys themselves"
         )
     raw = raw.strip()
+    shown = text if len(text) <= 80 else f"{text[:60]}...({len(text)} characters)"
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
+    except ValueError:  # an integer of thousands of digits
+        raise ValueError(f"--set {shown}: {TOO_MANY_DIGITS}") from None
     except RecursionError:
         value = None
     if value is None or len(path) + nesting(value)[0] > MAX_NESTING:
-        shown = text if len(text) <= 80 else f"{text[:60]}...({len(text)} characters)"
         raise ValueError(f"--set {shown}: nests tables or arrays more than {MAX_NESTING} levels deep; a recipe needs a few levels")
     return path, value
 
