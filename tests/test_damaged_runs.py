@@ -164,4 +164,24 @@ def test_results_say_when_the_metrics_stop_at_a_line_cut_short(write_recipe, tmp
     text = metrics.read_bytes()
     metrics.write_bytes(text[: text.index(b"\n") + 10])  # the first epoch whole, the second cut short
     assert main(["results", str(run)]) == 0
-    assert _lines(capsys, "warning") == [f"warning: {metrics}: line 2 is cut short (a write that did not finish); skipped"]
+    assert _lines(capsys, "warning") == [
+        f"warning: {metrics}: line 2 is cut short (a write that did not finish); skipped",
+        f"warning: {metrics}: holds 1 of the 2 epochs of a finished run (model.pt is written); "
+        f"its last figures are not the run's final ones"]
+
+
+def test_results_say_when_a_finished_runs_metrics_lack_epochs(write_recipe, tmp_path, capsys):
+    """metrics.jsonl cut at a line boundary parses cleanly: only the count against run.epochs of
+    a finished run tells that its figures are not the final ones."""
+    run = tmp_path / "run"
+    assert main(["train", str(write_recipe(tiny_recipe_text(run, epochs=2, train_size=16), "r.toml"))]) == 0
+    capsys.readouterr()
+    metrics = run / "metrics.jsonl"
+    text = metrics.read_bytes()
+    metrics.write_bytes(text[: text.index(b"\n") + 1])
+    assert main(["results", str(run)]) == 0
+    assert _lines(capsys, "warning") == [
+        f"warning: {metrics}: holds 1 of the 2 epochs of a finished run (model.pt is written); "
+        f"its last figures are not the run's final ones"]
+    metrics.write_bytes(text)
+    assert main(["results", str(run)]) == 0 and _lines(capsys, "warning") == []

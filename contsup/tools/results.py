@@ -58,7 +58,13 @@ def warn_line(line: str) -> None:
 def load_run(run_dir: Path, warn: Callable[[str], None] | None = warn_line) -> RunResult:
     """One run directory's recipe and metrics; a damaged metrics line is skipped with one line through ``warn``."""
     metrics = read_metrics(run_dir, warn, warn_torn=True)
-    return RunResult(run_dir, read_toml(run_dir / RECIPE_FILE), metrics, (run_dir / MODEL_FILE).exists())
+    recipe, finished = read_toml(run_dir / RECIPE_FILE), (run_dir / MODEL_FILE).exists()
+    epochs = recipe.get("run", {}).get("epochs") if isinstance(recipe.get("run"), dict) else None
+    if finished and isinstance(epochs, int) and len(metrics) < epochs and warn is not None:
+        # cut at a line boundary, a shortened file parses cleanly: only the count tells
+        warn(f"{run_dir / METRICS_FILE}: holds {len(metrics)} of the {epochs} epochs of a finished run "
+             f"({MODEL_FILE} is written); its last figures are not the run's final ones")
+    return RunResult(run_dir, recipe, metrics, finished)
 
 
 def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
