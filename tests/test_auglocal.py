@@ -17,7 +17,7 @@ from contsup.types import HeadSpec
 from contsup_objectives.auglocal import AugLocalHead, auglocal_depth, copied_units, sample_units
 from contsup_objectives.heads import Normalized
 
-from tiny import one_thread, tiny_recipe_text  # noqa: F401  (one_thread: autouse fixture)
+from tiny import one_thread, tiny_recipe_text, validate_plan_and_train_a_digits_epoch  # noqa: F401  (one_thread: autouse fixture)
 
 AUGLOCAL = '\n[objective]\nuse = "{objective}"\nhead = "auglocal"\ndepth = {depth}\npyramid = {pyramid}\n'
 
@@ -134,40 +134,5 @@ def test_plan_shows_each_head_its_units_params_and_memory(registries, tmp_path, 
 
 
 def test_validates_plans_and_trains_a_tiny_digits_epoch(tmp_path, capsys):
-    text = f"""
-[run]
-seed = 0
-epochs = 1
-out_dir = "{tmp_path / 'run'}"
-
-[data]
-use = "digits"
-size = 8
-test_fraction = 0.5
-batch_size = 64
-
-[backbone]
-use = "cifar_resnet20"
-
-[partition]
-modules = 4
-
-[context]
-use = "none"
-
-[objective]
-use = "cross_entropy"
-head = "auglocal"
-depth = 2
-
-[optimizer]
-lr = 0.05
-"""
-    path = tmp_path / "digits_auglocal.toml"
-    path.write_text(text)
-    assert main(["validate", str(path)]) == 0
-    assert main(["plan", str(path)]) == 0
-    assert "auglocal heads" in capsys.readouterr().out
-    assert main(["train", str(path)]) == 0
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 1 and metrics[0]["test_error_pct"] < 100.0
+    tables = '\n[objective]\nuse = "cross_entropy"\nhead = "auglocal"\ndepth = 2\n'
+    validate_plan_and_train_a_digits_epoch(tmp_path, tables, "digits_auglocal.toml", "auglocal heads", capsys)

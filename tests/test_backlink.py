@@ -16,7 +16,7 @@ from contsup.model.network import build_network
 from contsup.training.loop import Trainer
 from contsup.training.strategies import GreedyStrategy, StepStats, split_body
 
-from tiny import one_thread, tiny_recipe_text, without_measured  # noqa: F401  (one_thread: autouse fixture)
+from tiny import one_thread, tiny_recipe_text, validate_plan_and_train_a_digits_epoch, without_measured  # noqa: F401  (one_thread: autouse fixture)
 
 
 def _recipe(registries, tmp_path, extra: str = "", **kwargs):
@@ -160,41 +160,7 @@ def test_plan_shows_the_span_and_counts_its_memory(registries, tmp_path, capsys)
 
 
 def test_validates_plans_and_trains_a_tiny_digits_epoch(registries, tmp_path, capsys):
-    text = f"""
-[run]
-seed = 0
-epochs = 1
-out_dir = "{tmp_path / 'run'}"
-
-[data]
-use = "digits"
-size = 8
-test_fraction = 0.5
-batch_size = 64
-
-[backbone]
-use = "cifar_resnet20"
-
-[partition]
-modules = 4
-
-[context]
-use = "none"
-
-[optimizer]
-lr = 0.05
-
-[backlink]
-units = 1
-"""
-    path = tmp_path / "digits_backlink.toml"
-    path.write_text(text)
-    assert main(["validate", str(path)]) == 0
-    assert main(["plan", str(path)]) == 0
-    assert "backlink" in capsys.readouterr().out
-    assert main(["train", str(path)]) == 0
-    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 1 and metrics[0]["test_error_pct"] < 100.0
+    validate_plan_and_train_a_digits_epoch(tmp_path, "\n[backlink]\nunits = 1\n", "digits_backlink.toml", "backlink", capsys)
 
 
 def test_profile_notes_the_linked_memory(registries, tmp_path):

@@ -3,6 +3,7 @@ helpers to compare two runs exactly."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from contsup.cli import main
 from contsup.training.loop import Trainer
 from contsup.config.recipe import loads_recipe
 from contsup.training.rundir import read_metrics
@@ -63,3 +65,42 @@ def one_process(registries, text: str, run_dir: Path) -> Trainer:
     trainer = Trainer(loads_recipe(single, registries, source="tiny.toml"), run_dir, log=open(os.devnull, "w"))
     trainer.fit()
     return trainer
+
+
+DIGITS_EPOCH = """
+[run]
+seed = 0
+epochs = 1
+out_dir = "{out_dir}"
+
+[data]
+use = "digits"
+size = 8
+test_fraction = 0.5
+batch_size = 64
+
+[backbone]
+use = "cifar_resnet20"
+
+[partition]
+modules = 4
+
+[context]
+use = "none"
+
+[optimizer]
+lr = 0.05
+"""
+
+
+def validate_plan_and_train_a_digits_epoch(tmp_path: Path, tables: str, name: str, in_plan: str, capsys) -> None:
+    """A real digits epoch (8x8 images, ResNet-20 in 4 modules, no context) with ``tables``
+    added: it validates, its plan prints ``in_plan``, and it trains to a test error below 100 %."""
+    path = tmp_path / name
+    path.write_text(DIGITS_EPOCH.format(out_dir=tmp_path / "run") + tables)
+    assert main(["validate", str(path)]) == 0
+    assert main(["plan", str(path)]) == 0
+    assert in_plan in capsys.readouterr().out
+    assert main(["train", str(path)]) == 0
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and metrics[0]["test_error_pct"] < 100.0
