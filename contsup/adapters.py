@@ -12,9 +12,10 @@ docs/architecture.md, Decisions); a selector that wants the official ones return
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from contsup.types import Shape
@@ -76,18 +77,99 @@ class InputEncoder(nn.Module):
         self.act2 = nn.ReLU(inplace=True)
         self.pool = pool_to(target_shape[1:], source_shape[1:])
 
+    def _uses_channels_last(self, x: torch.Tensor) -> bool:
+        if self.channels_last is None:
+            return x.device.type == "cpu" and not self.pool_first
+        return self.channels_last
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pool_first:
             x = self.pool(x)
-        channels_last = self.channels_last
-        if channels_last is None:
-            channels_last = x.device.type == "cpu" and not self.pool_first
+        channels_last = self._uses_channels_last(x)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         x = self.act1(self.bn1(self.conv1(x)))
         x = self.act2(self.bn2(self.conv2(x)))
         x = x if self.pool_first else self.pool(x)
         return _BackToContiguous.apply(x) if channels_last else x
+
+    def recompute_lean(self, x: torch.Tensor, scope: Callable[[], Any]) -> torch.Tensor | None:
+        """``context.recompute``'s path for M_E (see :class:`_RecomputedInChunks`): the output of
+        ``self(x)``, keeping only x for backward, where the second layer is recomputed
+        :data:`RECOMPUTE_CHUNK` output channels at a time, under ``scope()``. None where that does
+        not apply (a batch norm other than ``nn.BatchNorm2d`` in training mode, such as a
+        SyncBatchNorm, or other layers swapped in): the caller then recomputes the whole encoder."""
+        plain = (
+            all(type(c) is nn.Conv2d and c.bias is None and c.stride == (1, 1) for c in (self.conv1, self.conv2))
+            and all(type(bn) is nn.BatchNorm2d and bn.training and bn.affine for bn in (self.bn1, self.bn2))
+            and type(self.act1) is nn.ReLU and type(self.act2) is nn.ReLU
+            and isinstance(self.pool, (nn.Identity, nn.AdaptiveAvgPool2d))
+        )
+        if not plain:
+            return None
+        params = (self.conv1.weight, self.bn1.weight, self.bn1.bias, self.conv2.weight, self.bn2.weight, self.bn2.bias)
+        return _RecomputedInChunks.apply(x, self, scope, *params)
+
+
+RECOMPUTE_CHUNK = 16  # output channels of M_E's second layer that backward recomputes at a time
+
+
+class _RecomputedInChunks(torch.autograd.Function):
+    """M_E under ``context.recompute``, keeping only its input x through the forward.
+
+    Checkpointing M_E would bring back, at once, everything its backward uses: both layers'
+    batch-norm inputs and ReLU outputs at x's full resolution, 2 x (12 + C) channels (76 MiB for a
+    64-channel module at batch 128 on 32x32 inputs, more than a whole CIFAR module's forward
+    keeps). Here backward recomputes the first layer whole (12 channels), then the second layer
+    RECOMPUTE_CHUNK output channels at a time, each chunk's backward done before the next chunk is
+    made: every operation of that layer (a convolution's output channel, a batch norm over the
+    batch, ReLU, pooling) acts on its own output channels, so the chunks give the whole layer's
+    gradients. The input gradient of the second convolution is summed over the chunks, so the
+    first layer's gradients equal the plain ones up to floating-point rounding (the second
+    layer's are the same numbers). Channels of 16 are also what this machine's convolutions run
+    fastest in: the recomputation costs less time than recomputing the encoder whole
+    (docs/performance.md).
+
+    The forward is the plain ``encoder(x)`` (its batch norms update their running statistics,
+    once); backward's batch norms use the batch's statistics without touching the buffers.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, encoder: InputEncoder, scope: Callable[[], Any], *params: torch.Tensor) -> torch.Tensor:
+        ctx.encoder, ctx.scope = encoder, scope
+        ctx.save_for_backward(x)
+        return encoder(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (x,) = ctx.saved_tensors
+        e: InputEncoder = ctx.encoder
+        channels_last = e._uses_channels_last(x)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        with torch.enable_grad(), ctx.scope():
+            xi = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            h = e.pool(xi) if e.pool_first else xi
+            h = h.contiguous(memory_format=layout)
+            w1, g1, b1 = (t.detach().requires_grad_() for t in (e.conv1.weight, e.bn1.weight, e.bn1.bias))
+            a1 = F.conv2d(h, w1, padding=e.conv1.padding)
+            y1 = F.relu(F.batch_norm(a1, None, None, g1, b1, True, 0.0, e.bn1.eps))
+            y1_leaf = y1.detach().requires_grad_()
+            grad = grad.contiguous(memory_format=layout)
+            grad_y1, second = None, []
+            for c in range(0, e.conv2.out_channels, RECOMPUTE_CHUNK):
+                part = slice(c, c + RECOMPUTE_CHUNK)
+                w2, g2, b2 = (t[part].detach().requires_grad_() for t in (e.conv2.weight, e.bn2.weight, e.bn2.bias))
+                y2 = F.relu(F.batch_norm(F.conv2d(y1_leaf, w2, padding=e.conv2.padding), None, None, g2, b2, True, 0.0, e.bn2.eps))
+                out = y2 if e.pool_first else e.pool(y2)
+                d_y1, *d_second = torch.autograd.grad(out, (y1_leaf, w2, g2, b2), grad[:, part])
+                grad_y1 = d_y1 if grad_y1 is None else grad_y1.add_(d_y1)
+                second.append(d_second)
+                del y2, out, d_y1
+            leaves = (xi, w1, g1, b1) if ctx.needs_input_grad[0] else (w1, g1, b1)
+            first = list(torch.autograd.grad(y1, leaves, grad_y1))
+        d_x = first.pop(0) if ctx.needs_input_grad[0] else None
+        w2_grad, g2_grad, b2_grad = (torch.cat(parts) for parts in zip(*second))
+        return (d_x, None, None, *first, w2_grad, g2_grad, b2_grad)
 
 
 class ShortcutAdapter(nn.Module):

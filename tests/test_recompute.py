@@ -3,6 +3,8 @@ keeping their activations, with the same training as without and batch-norm stat
 
 from __future__ import annotations
 
+import contextlib
+
 import attrs
 import pytest
 import torch
@@ -12,7 +14,8 @@ from contsup.cli import main
 from contsup.config.recipe import ContextOptions, RecipeError, loads_recipe
 from contsup.model.network import build_network
 from contsup.model.recompute import recomputed
-from contsup.training.measure import measure_live
+from contsup.model.memory import module_tensors
+from contsup.training.measure import LiveMemory, measure_live
 from contsup.training.strategies import EndToEndStrategy, GreedyStrategy, StepStats
 
 from conftest import small_recipe_text
@@ -121,3 +124,81 @@ def test_plan_shows_what_the_forward_keeps_with_recompute(write_recipe, capsys):
     out = capsys.readouterr().out
     assert "forward keeps, adapters recomputed" in out
     assert "context.recompute: the context adapters keep only their inputs" in out
+
+
+def _encoder_step(encoder: nn.Module, x: torch.Tensor, weights: torch.Tensor, recompute: bool, scope=None):
+    """One forward and backward of ``encoder``: its output, every gradient (the input's too), the
+    running statistics and batch counters after it."""
+    for p in encoder.parameters():
+        p.grad = None
+    x = x.detach().requires_grad_()
+    kwargs = {} if scope is None else {"scope": scope}
+    out = recomputed(encoder, encoder, x, **kwargs) if recompute else encoder(x)
+    (out * weights).sum().backward()
+    return out.detach(), [x.grad, *(p.grad for p in encoder.parameters())], [b.clone() for b in encoder.buffers()]
+
+
+@pytest.mark.parametrize("pool_first", [False, True])
+def test_the_encoder_recomputes_its_second_layer_in_channel_chunks(monkeypatch, pool_first):
+    """M_E's own recomputation (a 40-channel second layer: chunks of 16, 16 and 8) gives the plain
+    encoder's output, gradients and statistics, and keeps no more than its first layer and one
+    chunk while backward runs."""
+    from contsup import adapters
+    from contsup.adapters import InputEncoder
+
+    torch.manual_seed(0)
+    encoder = InputEncoder((3, 16, 16), (40, 4, 4), hidden=12, pool_first=pool_first).double().train()
+    x = torch.randn(6, 3, 16, 16, dtype=torch.float64)
+    weights = torch.randn(6, 40, 4, 4, dtype=torch.float64)
+    chunks = []
+    real_grad = torch.autograd.grad
+
+    def counted_grad(outputs, inputs, *args, **kwargs):
+        chunks.append(outputs.shape[1])
+        return real_grad(outputs, inputs, *args, **kwargs)
+
+    plain = _encoder_step(encoder, x, weights, recompute=False)
+    monkeypatch.setattr(adapters.torch.autograd, "grad", counted_grad)
+    meter = LiveMemory(module_tensors(encoder))
+    with torch.autograd.graph.saved_tensors_hooks(meter._pack, meter._unpack):
+        again = _encoder_step(encoder, x, weights, recompute=True, scope=meter.recomputation)
+    assert chunks == [16, 16, 8, 12]  # three chunks of the second layer, then the first layer
+    monkeypatch.undo()
+    whole = LiveMemory(module_tensors(encoder))  # checkpointing the encoder whole, for comparison
+    monkeypatch.setattr(encoder, "recompute_lean", lambda *inputs, scope: None)
+    with torch.autograd.graph.saved_tensors_hooks(whole._pack, whole._unpack):
+        _encoder_step(encoder, x, weights, recompute=True, scope=whole.recomputation)
+    # the second layer's batch-norm input and ReLU output: 16 of its 40 channels alive, not 40
+    channel = 8 * 6 * (4 * 4 if pool_first else 16 * 16)  # bytes of one channel at its resolution
+    assert abs((whole.peak_backward - meter.peak_backward) - 2 * (40 - 16) * channel) < channel
+    assert meter.peak_forward == whole.peak_forward  # the forward keeps the same: x (and its copies)
+    torch.testing.assert_close(again[0], plain[0], rtol=0, atol=0)  # the forward is the plain one
+    for a, b in zip(again[1], plain[1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    counters = [int(b) for b in again[2] if b.dtype == torch.long]
+    assert counters == [2, 2]  # the forward's update only: backward left the statistics alone
+
+
+def test_the_encoder_falls_back_to_checkpointing_with_other_batch_norms():
+    """A swapped-in batch norm (as data-parallel SyncBatchNorm conversion makes) is recomputed whole
+    by checkpointing, which runs the module's own forward."""
+    from contsup.adapters import InputEncoder
+
+    class Counting(nn.BatchNorm2d):
+        calls = 0
+
+        def forward(self, x):
+            Counting.calls += 1
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    encoder = InputEncoder((3, 8, 8), (20, 4, 4), hidden=12).double().train()
+    encoder.bn2 = Counting(20).double()
+    x, weights = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.randn(2, 20, 4, 4, dtype=torch.float64)
+    assert encoder.recompute_lean(x, scope=contextlib.nullcontext) is None
+    Counting.calls = 0
+    plain = _encoder_step(encoder, x, weights, recompute=False)
+    again = _encoder_step(encoder, x, weights, recompute=True)
+    assert Counting.calls == 3  # the plain step, then the forward and checkpointing's recomputation
+    for a, b in zip(again[1], plain[1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

@@ -8,6 +8,11 @@ The gradients are those of the plain piece. What a second forward would change i
 every buffer of the piece (batch-norm running statistics and ``num_batches_tracked``) is
 restored after the recomputation to what the forward left, so the statistics move once per step.
 The recomputation uses the batch's own statistics in training mode, as the forward did.
+
+A piece may recompute in its own way, keeping less while its backward runs than checkpointing
+would bring back at once: a method ``recompute_lean(*inputs, scope)`` returning the piece's
+output, with the same gradients, or None where it does not apply. The official M_E has one
+(:meth:`contsup.adapters.InputEncoder.recompute_lean`: its second layer in channel chunks).
 """
 
 from __future__ import annotations
@@ -41,6 +46,11 @@ def recomputed(fn: Callable[..., torch.Tensor], module: nn.Module, *inputs: torc
     buffers restored afterwards. Without autograd (evaluation) it is plain ``fn(*inputs)``."""
     if not torch.is_grad_enabled():
         return fn(*inputs)
+    lean = getattr(module, "recompute_lean", None) if fn is module else None
+    if lean is not None:
+        out = lean(*inputs, scope=scope)
+        if out is not None:
+            return out
     calls = 0
 
     def run(*args: torch.Tensor) -> torch.Tensor:
