@@ -1,6 +1,7 @@
-"""AugLocal heads and BackLink in distributed training: data-parallel (2 gloo ranks of b images)
-matches one process of 2b images for both; AugLocal in the pipeline is bit-identical to
-sequential greedy training (its heads are local to their module, so nothing new crosses)."""
+"""AugLocal heads, BackLink and recomputed adapters in distributed training: data-parallel (2 gloo
+ranks of b images) matches one process of 2b images for AugLocal and BackLink, and trains the same
+with the adapters recomputed as without; AugLocal in the pipeline is bit-identical to sequential
+greedy training (its heads are local to their module, so nothing new crosses)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from contsup.training.rundir import read_metrics
 
 from ranks import run_ranks
-from tiny import one_process, one_thread, tiny_recipe_text, without_measured  # noqa: F401 (fixture)
+from tiny import assert_same_runs, one_process, one_thread, tiny_recipe_text, without_measured  # noqa: F401 (fixture)
 
 AUGLOCAL = '\n[objective]\nuse = "cross_entropy"\nhead = "auglocal"\ndepth = 2\n'
 BACKLINK = "\n[backlink]\nunits = 1\n"
@@ -55,3 +56,18 @@ def test_auglocal_in_the_pipeline_is_exactly_one_process(registries, tmp_path):
     for key, value in state.items():
         assert torch.equal(saved[key], value), key
     assert without_measured(read_metrics(run)) == without_measured(reference.history)
+
+
+def test_recomputed_adapters_train_data_parallel_as_kept_ones(tmp_path):
+    """context.recompute under data parallelism: the ranks' batch norms are synchronised ones, so
+    the adapters' recomputation in backward runs their collectives again (checkpointing, in the
+    same order on every rank; M_E's channel chunks need a plain batch norm) and puts their running
+    statistics back. The run is bit-identical to the one that keeps the adapters' activations."""
+    runs = []
+    for name, context in (("kept", "R1E"), ("recomputed", 'R1E"\nrecompute = true\n#')):
+        text = tiny_recipe_text(tmp_path / name, epochs=1, batch_size=16, train_size=32, modules=3, context=context, extra=DATA)
+        (tmp_path / f"{name}.toml").write_text(text)
+        results = run_ranks(2, ["train", str(tmp_path / f"{name}.toml")], tmp_path / f"ranks-{name}")
+        assert [r.code for r in results] == [0, 0], results[0].err + results[1].err
+        runs.append(tmp_path / name)
+    assert_same_runs(*runs)
