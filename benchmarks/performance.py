@@ -304,17 +304,24 @@ def recompute_notes(result: dict) -> str:
     g, rc, e = result["greedy"], result["greedy_recompute"], result["e2e"]
     batch, (c, h, w) = result["batch_size"], result["input_shape"]
     widest = 64  # the last stage's channels: the widest M_E output, at x's full size
-    encoder = batch * (2 * 12 + 2 * widest) * h * w * 4  # conv and ReLU outputs of both layers
-    return (
+    whole = batch * (2 * 12 + 2 * widest) * h * w * 4  # conv and ReLU outputs of both layers
+    chunked = batch * (2 * 12 + 2 * 16) * h * w * 4  # the first layer, and 16 channels of the second
+    text = (
         f"With `context.recompute = true` the adapters keep nothing through the forward: the peak goes from "
         f"{mib(g['peak_bytes'])} to {mib(rc['peak_bytes'])} MiB (end-to-end / peak {e['peak_bytes'] / g['peak_bytes']:.2f} "
         f"to {e['peak_bytes'] / rc['peak_bytes']:.2f}) for {rc['step_ms_median'] / g['step_ms_median']:.2f}x the step. "
-        "The official M_E works at x's full size whatever the module's size, so one more forward of it is a large "
-        "share of the step, and while backward recomputes it its own activations are alive again: for a "
-        f"{widest}-channel module the two conv outputs and two ReLU outputs at {h}x{w} ({2 * 12 + 2 * widest} channels "
-        f"in all) are {mib(encoder)} MiB at batch {batch}, which bounds the recomputed peak from below. The fast "
-        "encoder (next table) pools first and has no such floor."
+        "The official M_E works at x's full size whatever the module's size. Recomputed whole, it would bring "
+        f"back both layers' batch-norm inputs and ReLU outputs at {h}x{w} while backward runs: for a {widest}-channel "
+        f"module {2 * 12 + 2 * widest} channels, {mib(whole)} MiB at batch {batch}, more than any module's forward keeps. "
+        "So its backward recomputes the first layer whole and the second 16 output channels at a time "
+        f"(`contsup.adapters.InputEncoder.recompute_lean`): {2 * 12 + 2 * 16} channels, {mib(chunked)} MiB."
     )
+    if "live_peak_forward_bytes" in rc:
+        text += (
+            f" The peak is now the forward's ({mib(rc['live_peak_forward_bytes'])} MiB, a first-stage module's units, "
+            f"head and context at {h}x{w}); the most backward holds is {mib(rc['live_peak_backward_bytes'])} MiB."
+        )
+    return text
 
 
 def fast_section(steps: int = 3, warmup: int = 1) -> dict:

@@ -97,8 +97,9 @@ class ContextOptions:
 
     recompute: bool = option(
         False, doc="the context adapters keep no activations for backward and run again during it (activation "
-        "checkpointing of the adapters alone): the same gradients, the adapters' memory no longer adds to the "
-        "body's, one more adapter forward per step; the recomputation leaves batch-norm running statistics as the "
+        "checkpointing of the adapters alone; the official M_E recomputes its second layer 16 output channels at a "
+        "time): the same gradients, the adapters' memory no longer adds to the body's, one more adapter forward per "
+        "step; the recomputation leaves batch-norm running statistics as the "
         "forward left them (docs/performance.md)",
     )
     recompute_head: bool = option(
