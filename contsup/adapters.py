@@ -137,6 +137,8 @@ class _RecomputedInChunks(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, encoder: InputEncoder, scope: Callable[[], Any], *params: torch.Tensor) -> torch.Tensor:
         ctx.encoder, ctx.scope = encoder, scope
+        device = x.device.type  # backward recomputes under the forward's autocast (bf16, fp16), as checkpointing does
+        ctx.autocast = {"device_type": device, "enabled": torch.is_autocast_enabled(device), "dtype": torch.get_autocast_dtype(device)}
         ctx.save_for_backward(x)
         return encoder(x)
 
@@ -146,7 +148,7 @@ class _RecomputedInChunks(torch.autograd.Function):
         e: InputEncoder = ctx.encoder
         channels_last = e._uses_channels_last(x)
         layout = torch.channels_last if channels_last else torch.contiguous_format
-        with torch.enable_grad(), ctx.scope():
+        with torch.enable_grad(), torch.autocast(**ctx.autocast), ctx.scope():
             xi = x.detach().requires_grad_(ctx.needs_input_grad[0])
             h = e.pool(xi) if e.pool_first else xi
             h = h.contiguous(memory_format=layout)
@@ -162,11 +164,14 @@ class _RecomputedInChunks(torch.autograd.Function):
                 y2 = F.relu(F.batch_norm(F.conv2d(y1_leaf, w2, padding=e.conv2.padding), None, None, g2, b2, True, 0.0, e.bn2.eps))
                 out = y2 if e.pool_first else e.pool(y2)
                 d_y1, *d_second = torch.autograd.grad(out, (y1_leaf, w2, g2, b2), grad[:, part])
-                grad_y1 = d_y1 if grad_y1 is None else grad_y1.add_(d_y1)
+                if grad_y1 is None:  # summed in float32 at least (autocast makes the chunks' bf16)
+                    grad_y1 = d_y1.to(torch.promote_types(d_y1.dtype, torch.float32))
+                else:
+                    grad_y1.add_(d_y1)
                 second.append(d_second)
                 del y2, out, d_y1
             leaves = (xi, w1, g1, b1) if ctx.needs_input_grad[0] else (w1, g1, b1)
-            first = list(torch.autograd.grad(y1, leaves, grad_y1))
+            first = list(torch.autograd.grad(y1, leaves, grad_y1.to(y1.dtype)))
         d_x = first.pop(0) if ctx.needs_input_grad[0] else None
         w2_grad, g2_grad, b2_grad = (torch.cat(parts) for parts in zip(*second))
         return (d_x, None, None, *first, w2_grad, g2_grad, b2_grad)

@@ -126,15 +126,18 @@ def test_plan_shows_what_the_forward_keeps_with_recompute(write_recipe, capsys):
     assert "context.recompute: the context adapters keep only their inputs" in out
 
 
-def _encoder_step(encoder: nn.Module, x: torch.Tensor, weights: torch.Tensor, recompute: bool, scope=None):
-    """One forward and backward of ``encoder``: its output, every gradient (the input's too), the
+def _encoder_step(encoder: nn.Module, x: torch.Tensor, weights: torch.Tensor, recompute: bool, scope=None, bf16=False):
+    """One forward and backward of ``encoder`` (the forward under bf16 autocast with ``bf16``, the
+    backward outside it, as training does): its output, every gradient (the input's too), the
     running statistics and batch counters after it."""
     for p in encoder.parameters():
         p.grad = None
     x = x.detach().requires_grad_()
     kwargs = {} if scope is None else {"scope": scope}
-    out = recomputed(encoder, encoder, x, **kwargs) if recompute else encoder(x)
-    (out * weights).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = recomputed(encoder, encoder, x, **kwargs) if recompute else encoder(x)
+        loss = (out * weights).sum()
+    loss.backward()
     return out.detach(), [x.grad, *(p.grad for p in encoder.parameters())], [b.clone() for b in encoder.buffers()]
 
 
@@ -202,3 +205,27 @@ def test_the_encoder_falls_back_to_checkpointing_with_other_batch_norms():
     assert Counting.calls == 3  # the plain step, then the forward and checkpointing's recomputation
     for a, b in zip(again[1], plain[1]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_the_encoder_recomputes_under_the_forward_autocast():
+    """Under bf16 autocast, backward's recomputation runs in bf16 as the forward did: the tensors it
+    keeps are half the bytes of float32 ones, and the gradients are the plain bf16 encoder's."""
+    from contsup.adapters import InputEncoder
+
+    torch.manual_seed(0)
+    encoder = InputEncoder((3, 16, 16), (40, 4, 4), hidden=12).train()
+    x, weights = torch.randn(8, 3, 16, 16), torch.randn(8, 40, 4, 4)
+    peaks, grads = {}, {}
+    for precision in ("bf16", "fp32"):
+        bf16 = precision == "bf16"
+        plain = _encoder_step(encoder, x, weights, recompute=False, bf16=bf16)
+        meter = LiveMemory(module_tensors(encoder))
+        with torch.autograd.graph.saved_tensors_hooks(meter._pack, meter._unpack):
+            again = _encoder_step(encoder, x, weights, recompute=True, scope=meter.recomputation, bf16=bf16)
+        peaks[precision] = meter.peak_backward - meter.peak_forward  # what backward's recomputation adds
+        grads[precision] = (plain[1][1:], again[1][1:])
+    assert peaks["bf16"] == pytest.approx(peaks["fp32"] / 2, rel=0.05)
+    for a, b in zip(*grads["bf16"]):  # bf16 rounding apart (the chunks' sum rounds once more)
+        assert (b - a).norm() <= 2e-2 * a.norm()
+    for a, b in zip(*grads["fp32"]):
+        torch.testing.assert_close(b, a)
