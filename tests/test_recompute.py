@@ -24,12 +24,15 @@ STEPS = 3
 
 
 def _train(recipe, options: ContextOptions, mode: str = "greedy") -> nn.Module:
-    """The recipe's network after STEPS steps (float64, seeded batches) with ``options``."""
+    """The recipe's network after STEPS steps (float64, seeded batches) with ``options``; mode
+    greedy, e2e, or backlink (greedy with BackLink over one unit: the step keeps graphs across
+    modules and runs the backward passes in its own order)."""
     recipe = attrs.evolve(recipe, context_options=options)
     torch.manual_seed(0)
     network = build_network(recipe).network.double().train()
-    make = GreedyStrategy if mode == "greedy" else EndToEndStrategy
-    strategy = make(network, recipe.optimizer.create(), recipe.schedule.create(), 10, 10)
+    make = EndToEndStrategy if mode == "e2e" else GreedyStrategy
+    extra = {"backlink": 1} if mode == "backlink" else {}
+    strategy = make(network, recipe.optimizer.create(), recipe.schedule.create(), 10, 10, **extra)
     g = torch.Generator().manual_seed(1)
     for _ in range(STEPS):
         x = torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64)
@@ -38,7 +41,7 @@ def _train(recipe, options: ContextOptions, mode: str = "greedy") -> nn.Module:
     return network
 
 
-@pytest.mark.parametrize("mode", ["greedy", "e2e"])
+@pytest.mark.parametrize("mode", ["greedy", "e2e", "backlink"])
 def test_recomputing_adapters_and_heads_trains_as_keeping_them(small_recipe, mode):
     recipe = small_recipe(modules=4, context="R1E", batch_size=8)  # official adapters: BN in M_E and M_R
     kept = _train(recipe, ContextOptions(), mode).state_dict()
