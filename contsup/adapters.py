@@ -121,17 +121,18 @@ class _RecomputedInChunks(torch.autograd.Function):
     batch-norm inputs and ReLU outputs at x's full resolution, 2 x (12 + C) channels (76 MiB for a
     64-channel module at batch 128 on 32x32 inputs, more than a whole CIFAR module's forward
     keeps). Here backward recomputes the first layer whole (12 channels), then the second layer
-    RECOMPUTE_CHUNK output channels at a time, each chunk's backward done before the next chunk is
-    made: every operation of that layer (a convolution's output channel, a batch norm over the
-    batch, ReLU, pooling) acts on its own output channels, so the chunks give the whole layer's
-    gradients. The input gradient of the second convolution is summed over the chunks, so the
-    first layer's gradients equal the plain ones up to floating-point rounding (the second
-    layer's are the same numbers). Channels of 16 are also what this machine's convolutions run
-    fastest in: the recomputation costs less time than recomputing the encoder whole
-    (docs/performance.md).
+    RECOMPUTE_CHUNK output channels at a time, each chunk's batch norm, ReLU and pooling
+    differentiated before the next chunk is made: each of those acts on its own channels (a batch
+    norm's statistics are per channel, over the batch), so a chunk's gradients are the whole
+    layer's for those channels. The chunks fill the gradient of the second convolution's output,
+    and that convolution's backward runs once on it, as in the plain encoder, so every gradient is
+    the plain encoder's to the bit (tests/test_recompute.py). What stays alive while backward
+    runs: the first layer, one chunk's two tensors, and that output gradient, which the plain
+    backward makes too.
 
     The forward is the plain ``encoder(x)`` (its batch norms update their running statistics,
-    once); backward's batch norms use the batch's statistics without touching the buffers.
+    once); backward's batch norms use the batch's statistics without touching the buffers, under
+    the forward's autocast.
     """
 
     @staticmethod
@@ -155,26 +156,38 @@ class _RecomputedInChunks(torch.autograd.Function):
             w1, g1, b1 = (t.detach().requires_grad_() for t in (e.conv1.weight, e.bn1.weight, e.bn1.bias))
             a1 = F.conv2d(h, w1, padding=e.conv1.padding)
             y1 = F.relu(F.batch_norm(a1, None, None, g1, b1, True, 0.0, e.bn1.eps))
-            y1_leaf = y1.detach().requires_grad_()
+            y1_in = y1.detach()
             grad = grad.contiguous(memory_format=layout)
-            grad_y1, second = None, []
-            for c in range(0, e.conv2.out_channels, RECOMPUTE_CHUNK):
+            conv2, bn2 = e.conv2, e.bn2
+            grad_a2, norm_grads = None, []
+            for c in range(0, conv2.out_channels, RECOMPUTE_CHUNK):
                 part = slice(c, c + RECOMPUTE_CHUNK)
-                w2, g2, b2 = (t[part].detach().requires_grad_() for t in (e.conv2.weight, e.bn2.weight, e.bn2.bias))
-                y2 = F.relu(F.batch_norm(F.conv2d(y1_leaf, w2, padding=e.conv2.padding), None, None, g2, b2, True, 0.0, e.bn2.eps))
+                with torch.no_grad():  # the chunk's convolution output: its gradient is all backward needs of it
+                    a2 = F.conv2d(y1_in, conv2.weight[part], padding=conv2.padding)
+                a2.requires_grad_()
+                g2, b2 = (t[part].detach().requires_grad_() for t in (bn2.weight, bn2.bias))
+                y2 = F.relu(F.batch_norm(a2, None, None, g2, b2, True, 0.0, bn2.eps))
                 out = y2 if e.pool_first else e.pool(y2)
-                d_y1, *d_second = torch.autograd.grad(out, (y1_leaf, w2, g2, b2), grad[:, part])
-                if grad_y1 is None:  # summed in float32 at least (autocast makes the chunks' bf16)
-                    grad_y1 = d_y1.to(torch.promote_types(d_y1.dtype, torch.float32))
-                else:
-                    grad_y1.add_(d_y1)
-                second.append(d_second)
-                del y2, out, d_y1
+                d_a2, *d_norm = torch.autograd.grad(out, (a2, g2, b2), grad[:, part])
+                if grad_a2 is None:
+                    shape = (d_a2.shape[0], conv2.out_channels, *d_a2.shape[2:])
+                    grad_a2 = torch.empty(shape, dtype=d_a2.dtype, device=d_a2.device, memory_format=layout)
+                grad_a2[:, part] = d_a2
+                norm_grads.append(d_norm)
+                del a2, y2, out, d_a2
+            # the second convolution's backward once, on the whole output gradient, as the plain encoder's
+            operand = grad_a2.dtype  # autocast's: the forward's convolution ran in it
+            with torch.no_grad():  # a result, not a graph to differentiate again
+                d_y1, w2_grad, _ = torch.ops.aten.convolution_backward(
+                    grad_a2, y1_in.to(operand), conv2.weight.to(operand), None, conv2.stride, conv2.padding,
+                    conv2.dilation, False, [0, 0], conv2.groups, [True, True, False],
+                )
+            del grad_a2
             leaves = (xi, w1, g1, b1) if ctx.needs_input_grad[0] else (w1, g1, b1)
-            first = list(torch.autograd.grad(y1, leaves, grad_y1.to(y1.dtype)))
+            first = list(torch.autograd.grad(y1, leaves, d_y1.to(y1.dtype)))
         d_x = first.pop(0) if ctx.needs_input_grad[0] else None
-        w2_grad, g2_grad, b2_grad = (torch.cat(parts) for parts in zip(*second))
-        return (d_x, None, None, *first, w2_grad, g2_grad, b2_grad)
+        g2_grad, b2_grad = (torch.cat(parts) for parts in zip(*norm_grads))
+        return (d_x, None, None, *first, w2_grad.to(conv2.weight.dtype), g2_grad, b2_grad)
 
 
 class ShortcutAdapter(nn.Module):
