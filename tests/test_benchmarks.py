@@ -1,4 +1,5 @@
-"""The benchmark script that writes docs/performance.md keeps working: a tiny time section renders."""
+"""The benchmark scripts keep working: a tiny time section of the one that writes
+docs/performance.md renders, and benchmarks/adapter_ops.py profiles a small recipe."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import importlib.util
 from conftest import ROOT
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("performance", ROOT / "benchmarks" / "performance.py")
+def load_script(name: str = "performance"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -63,6 +64,7 @@ def test_recompute_rows_and_targets_render():
     assert "| greedy K=16, context.recompute | 50.0 | 0.167 | 1900.0 | 1.900 |" in doc
     assert "| checkpointing S=8 (best) | 80.0 | 0.267 | 1200.0 | 1.200 |" in doc
     assert "76.0 MiB at batch 128" in doc  # 12 + 12 + 64 + 64 channels at 32x32, float32
+    assert "the second 16 output channels at a time" in doc and "56 channels, 28.0 MiB" in doc
     assert "| 110.0 MiB, 3.50x | yes |" in doc  # below the official code's 111.6 MiB and 3.99x
     assert "| 3.75 (80.0 MiB) at 1.40x | no |" in doc
     assert "| 1/1.60 (50.0 of 80.0 MiB) at its step +0.70x end-to-end | no |" in doc
@@ -77,3 +79,16 @@ def test_official_code_section_renders_and_answers_its_target():
     doc = perf.render({"meta": meta, "official": official, "official_meta": meta})
     assert "### The official code in the same process" in doc and "| official code R1E | 111.6 | 4300 | 4.30 |" in doc
     assert "| 111.6 against 111.6 MiB, 3.50x against 4.30x | yes |" in doc
+
+
+def test_adapter_ops_profiles_each_configuration(write_recipe, capsys):
+    from conftest import small_recipe_text
+
+    path = write_recipe(small_recipe_text(modules=3, context="R1E"))
+    ops = load_script("adapter_ops")
+    assert ops.main(["--recipe", str(path), "--steps", "1", "--batch", "4", "--top", "2",
+                     "--config", "DGL=context.use=none", "--config", "R1E="]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines if not line.startswith(" ")] == ["DGL", "R1E"]
+    assert lines[0].endswith("(+0 against DGL)") and len(lines) == 6
+    assert all(line.startswith("  ") and line.rstrip().endswith(")") for line in lines[1:3] + lines[4:6])
