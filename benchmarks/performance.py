@@ -341,7 +341,20 @@ def fast_table(result: dict, meta: dict) -> list[str]:
         "| --- | --- | --- | --- | --- |",
     ]
     measured = configuration_rows(result)[: len(configurations(result))]  # without the summary rows
-    return lines + [f"| {' | '.join(r)} |" for r in measured] + [""]
+    lines += [f"| {' | '.join(r)} |" for r in measured] + [""]
+    rc = result.get("greedy_recompute", {})
+    if "live_peak_forward_bytes" in rc:
+        lines += [
+            f"With recompute the peak is a first-stage module's forward ({mib(rc['live_peak_forward_bytes'])} MiB: "
+            "its block's tensors at the input's resolution, its head's convolution outputs, x and the R1 feature), "
+            "which no adapter setting changes. The time is the adapters' own layers: the fast M_E and the "
+            "official M_R add as many convolution, batch-norm and ReLU layers as the modules' bodies have, at "
+            "their resolution, and on one CPU thread those small layers cost memory traffic more than "
+            "arithmetic. `OMP_NUM_THREADS=1 python benchmarks/adapter_ops.py` shows where a step's time goes, "
+            "by operator, against DGL.",
+            "",
+        ]
+    return lines
 
 
 def recompute_targets(results: dict) -> list[str]:
