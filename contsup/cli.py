@@ -267,6 +267,8 @@ def _print_memory(data: dict, recipe: Any) -> None:
         if getattr(options, "shortcut", "paper") == "official":
             remedies.append('context.shortcut = "paper" (pool first, then the 1x1 conv)')
         cheaper = "set " + " and ".join(remedies) if remedies else "choose a cheaper adapter for these modules"
+        if not recipe.context_options.recompute:
+            cheaper += "; or, for memory alone and the same training, context.recompute = true (the adapters run again in backward)"
         print(
             f"warning: the context adapters of module{'s' if len(heavy) > 1 else ''} {names} cost more memory or "
             f"arithmetic than the module's body (the largest: {_mib(worst['adapter_bytes'])} MiB against "

@@ -231,3 +231,14 @@ def test_the_encoder_recomputes_under_the_forward_autocast():
     for precision in ("bf16", "fp32"):
         for a, b in zip(*grads[precision]):
             assert torch.equal(a, b), precision
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_plan_names_recompute_among_the_remedies_for_heavy_adapters(write_recipe, capsys, recompute):
+    """The official adapters outweigh a small module's body: the plan's warning offers the cheaper
+    adapters and, unless it is on already, context.recompute (the same training)."""
+    context = 'R1E"\nrecompute = true\n#' if recompute else "R1E"
+    assert main(["plan", str(write_recipe(small_recipe_text(modules=4, context=context)))]) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: the context adapters")]
+    assert len(warning) == 1 and 'context.encoder = "fast"' in warning[0]
+    assert ("context.recompute = true" in warning[0]) is not recompute
