@@ -100,7 +100,7 @@ class InputEncoder(nn.Module):
         not apply (a batch norm other than ``nn.BatchNorm2d`` in training mode, such as a
         SyncBatchNorm, or other layers swapped in): the caller then recomputes the whole encoder."""
         plain = (
-            all(type(c) is nn.Conv2d and c.bias is None and c.stride == (1, 1) for c in (self.conv1, self.conv2))
+            all(type(c) is nn.Conv2d and c.bias is None and c.groups == 1 for c in (self.conv1, self.conv2))
             and all(type(bn) is nn.BatchNorm2d and bn.training and bn.affine for bn in (self.bn1, self.bn2))
             and type(self.act1) is nn.ReLU and type(self.act2) is nn.ReLU
             and isinstance(self.pool, (nn.Identity, nn.AdaptiveAvgPool2d))
@@ -111,7 +111,7 @@ class InputEncoder(nn.Module):
         return _RecomputedInChunks.apply(x, self, scope, *params)
 
 
-RECOMPUTE_CHUNK = 16  # output channels of M_E's second layer that backward recomputes at a time
+RECOMPUTE_CHUNK = 16  # output channels a chunked recomputation makes at a time (the fastest of 8..64 here)
 
 
 class _RecomputedInChunks(torch.autograd.Function):
@@ -120,15 +120,10 @@ class _RecomputedInChunks(torch.autograd.Function):
     Checkpointing M_E would bring back, at once, everything its backward uses: both layers'
     batch-norm inputs and ReLU outputs at x's full resolution, 2 x (12 + C) channels (76 MiB for a
     64-channel module at batch 128 on 32x32 inputs, more than a whole CIFAR module's forward
-    keeps). Here backward recomputes the first layer whole (12 channels), then the second layer
-    RECOMPUTE_CHUNK output channels at a time, each chunk's batch norm, ReLU and pooling
-    differentiated before the next chunk is made: each of those acts on its own channels (a batch
-    norm's statistics are per channel, over the batch), so a chunk's gradients are the whole
-    layer's for those channels. The chunks fill the gradient of the second convolution's output,
-    and that convolution's backward runs once on it, as in the plain encoder, so every gradient is
-    the plain encoder's to the bit (tests/test_recompute.py). What stays alive while backward
-    runs: the first layer, one chunk's two tensors, and that output gradient, which the plain
-    backward makes too.
+    keeps). Here backward recomputes the first layer whole (12 channels) and the second in
+    channel chunks (:func:`conv_bn_relu_backward_in_chunks`): every gradient is the plain
+    encoder's to the bit (tests/test_recompute.py), with one chunk of the second layer alive
+    instead of all of it.
 
     The forward is the plain ``encoder(x)`` (its batch norms update their running statistics,
     once); backward's batch norms use the batch's statistics without touching the buffers, under
@@ -154,40 +149,59 @@ class _RecomputedInChunks(torch.autograd.Function):
             h = e.pool(xi) if e.pool_first else xi
             h = h.contiguous(memory_format=layout)
             w1, g1, b1 = (t.detach().requires_grad_() for t in (e.conv1.weight, e.bn1.weight, e.bn1.bias))
-            a1 = F.conv2d(h, w1, padding=e.conv1.padding)
+            c1 = e.conv1
+            a1 = F.conv2d(h, w1, None, c1.stride, c1.padding, c1.dilation)
             y1 = F.relu(F.batch_norm(a1, None, None, g1, b1, True, 0.0, e.bn1.eps))
-            y1_in = y1.detach()
-            grad = grad.contiguous(memory_format=layout)
-            conv2, bn2 = e.conv2, e.bn2
-            grad_a2, norm_grads = None, []
-            for c in range(0, conv2.out_channels, RECOMPUTE_CHUNK):
-                part = slice(c, c + RECOMPUTE_CHUNK)
-                with torch.no_grad():  # the chunk's convolution output: its gradient is all backward needs of it
-                    a2 = F.conv2d(y1_in, conv2.weight[part], padding=conv2.padding)
-                a2.requires_grad_()
-                g2, b2 = (t[part].detach().requires_grad_() for t in (bn2.weight, bn2.bias))
-                y2 = F.relu(F.batch_norm(a2, None, None, g2, b2, True, 0.0, bn2.eps))
-                out = y2 if e.pool_first else e.pool(y2)
-                d_a2, *d_norm = torch.autograd.grad(out, (a2, g2, b2), grad[:, part])
-                if grad_a2 is None:
-                    shape = (d_a2.shape[0], conv2.out_channels, *d_a2.shape[2:])
-                    grad_a2 = torch.empty(shape, dtype=d_a2.dtype, device=d_a2.device, memory_format=layout)
-                grad_a2[:, part] = d_a2
-                norm_grads.append(d_norm)
-                del a2, y2, out, d_a2
-            # the second convolution's backward once, on the whole output gradient, as the plain encoder's
-            operand = grad_a2.dtype  # autocast's: the forward's convolution ran in it
-            with torch.no_grad():  # a result, not a graph to differentiate again
-                d_y1, w2_grad, _ = torch.ops.aten.convolution_backward(
-                    grad_a2, y1_in.to(operand), conv2.weight.to(operand), None, conv2.stride, conv2.padding,
-                    conv2.dilation, False, [0, 0], conv2.groups, [True, True, False],
-                )
-            del grad_a2
+            pool = nn.Identity() if e.pool_first else e.pool
+            d_y1, w2_grad, g2_grad, b2_grad = conv_bn_relu_backward_in_chunks(
+                y1.detach(), e.conv2, e.bn2, pool, grad.contiguous(memory_format=layout), layout,
+            )
             leaves = (xi, w1, g1, b1) if ctx.needs_input_grad[0] else (w1, g1, b1)
             first = list(torch.autograd.grad(y1, leaves, d_y1.to(y1.dtype)))
         d_x = first.pop(0) if ctx.needs_input_grad[0] else None
-        g2_grad, b2_grad = (torch.cat(parts) for parts in zip(*norm_grads))
-        return (d_x, None, None, *first, w2_grad.to(conv2.weight.dtype), g2_grad, b2_grad)
+        return (d_x, None, None, *first, w2_grad, g2_grad, b2_grad)
+
+
+def conv_bn_relu_backward_in_chunks(
+    h: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pool: nn.Module, grad: torch.Tensor,
+    layout: torch.memory_format = torch.contiguous_format,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward of ``pool(relu(bn(conv(h))))`` in training mode, recomputing the layer
+    :data:`RECOMPUTE_CHUNK` output channels at a time: (grad of h, of the conv's weight, of the
+    batch norm's weight and bias), given ``grad``, the gradient of the pooled output (channels in
+    dimension 1, in the forward's autocast dtype).
+
+    The convolution's output channels, the batch norm (statistics per channel, over the batch),
+    ReLU and a per-channel ``pool`` each act on their own channels, so one chunk's batch norm,
+    ReLU and pool are differentiated before the next chunk is made, and the chunks fill the
+    gradient of the convolution's output; the convolution's backward then runs once on it, as in
+    the plain layer. The results are the plain layer's to the bit; what stays alive is ``h``, one
+    chunk's two tensors and that output gradient (which the plain backward makes too). The batch
+    norm uses the batch's statistics and leaves its buffers alone. Call it under autograd (the
+    chunks are differentiated) and under the forward's autocast."""
+    grad_out, norm_grads = None, []
+    for c in range(0, conv.out_channels, RECOMPUTE_CHUNK):
+        part = slice(c, c + RECOMPUTE_CHUNK)
+        with torch.no_grad():  # the chunk's convolution output: its gradient is all backward needs of it
+            a = F.conv2d(h, conv.weight[part], None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        a.requires_grad_()
+        weight, bias = (t[part].detach().requires_grad_() for t in (bn.weight, bn.bias))
+        out = pool(F.relu(F.batch_norm(a, None, None, weight, bias, True, 0.0, bn.eps)))
+        d_a, *d_norm = torch.autograd.grad(out, (a, weight, bias), grad[:, part])
+        if grad_out is None:
+            shape = (d_a.shape[0], conv.out_channels, *d_a.shape[2:])
+            grad_out = torch.empty(shape, dtype=d_a.dtype, device=d_a.device, memory_format=layout)
+        grad_out[:, part] = d_a
+        norm_grads.append(d_norm)
+        del a, out, d_a
+    operand = grad_out.dtype  # autocast's: the forward's convolution ran in it
+    with torch.no_grad():  # the convolution's backward once, on the whole output gradient: a result, not a graph
+        d_h, w_grad, _ = torch.ops.aten.convolution_backward(
+            grad_out, h.to(operand), conv.weight.to(operand), None, conv.stride, conv.padding,
+            conv.dilation, False, [0, 0], conv.groups, [True, True, False],
+        )
+    bn_weight_grad, bn_bias_grad = (torch.cat(parts) for parts in zip(*norm_grads))
+    return d_h, w_grad.to(conv.weight.dtype), bn_weight_grad, bn_bias_grad
 
 
 class ShortcutAdapter(nn.Module):
@@ -248,5 +262,5 @@ def paper_adapter(is_input: bool, source_shape: Shape, target_shape: Shape) -> n
 
 __all__ = [
     "InputEncoder", "ShortcutAdapter", "OfficialShortcutAdapter", "official_adapter", "paper_adapter", "pool_to",
-    "OFFICIAL_ENCODER_WIDTH",
+    "OFFICIAL_ENCODER_WIDTH", "RECOMPUTE_CHUNK", "conv_bn_relu_backward_in_chunks",
 ]
