@@ -151,7 +151,7 @@ class _RecomputedInChunks(torch.autograd.Function):
             w1, g1, b1 = (t.detach().requires_grad_() for t in (e.conv1.weight, e.bn1.weight, e.bn1.bias))
             c1 = e.conv1
             a1 = F.conv2d(h, w1, None, c1.stride, c1.padding, c1.dilation)
-            y1 = F.relu(F.batch_norm(a1, None, None, g1, b1, True, 0.0, e.bn1.eps))
+            y1 = F.relu(F.batch_norm(a1, None, None, g1, b1, True, 0.0, e.bn1.eps), inplace=True)
             pool = nn.Identity() if e.pool_first else e.pool
             d_y1, w2_grad, g2_grad, b2_grad = conv_bn_relu_backward_in_chunks(
                 y1.detach(), e.conv2, e.bn2, pool, grad.contiguous(memory_format=layout), layout,
@@ -186,12 +186,15 @@ def conv_bn_relu_backward_in_chunks(
             a = F.conv2d(h, conv.weight[part], None, conv.stride, conv.padding, conv.dilation, conv.groups)
         a.requires_grad_()
         weight, bias = (t[part].detach().requires_grad_() for t in (bn.weight, bn.bias))
-        out = pool(F.relu(F.batch_norm(a, None, None, weight, bias, True, 0.0, bn.eps)))
+        out = pool(F.relu(F.batch_norm(a, None, None, weight, bias, True, 0.0, bn.eps), inplace=True))
         d_a, *d_norm = torch.autograd.grad(out, (a, weight, bias), grad[:, part])
-        if grad_out is None:
-            shape = (d_a.shape[0], conv.out_channels, *d_a.shape[2:])
-            grad_out = torch.empty(shape, dtype=d_a.dtype, device=d_a.device, memory_format=layout)
-        grad_out[:, part] = d_a
+        if c == 0 and conv.out_channels <= RECOMPUTE_CHUNK:
+            grad_out = d_a  # one chunk: the whole gradient already
+        else:
+            if grad_out is None:
+                shape = (d_a.shape[0], conv.out_channels, *d_a.shape[2:])
+                grad_out = torch.empty(shape, dtype=d_a.dtype, device=d_a.device, memory_format=layout)
+            grad_out[:, part] = d_a
         norm_grads.append(d_norm)
         del a, out, d_a
     operand = grad_out.dtype  # autocast's: the forward's convolution ran in it

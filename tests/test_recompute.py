@@ -242,3 +242,56 @@ def test_plan_names_recompute_among_the_remedies_for_heavy_adapters(write_recipe
     warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: the context adapters")]
     assert len(warning) == 1 and 'context.encoder = "fast"' in warning[0]
     assert ("context.recompute = true" in warning[0]) is not recompute
+
+
+def _head_step(head: nn.Module, h: torch.Tensor, weights: torch.Tensor, recompute: bool, meter: LiveMemory | None = None):
+    """One forward and backward of ``head`` on ``h`` (through ``recomputed`` with ``recompute``,
+    counted by ``meter`` when given): the input's and every parameter's gradient."""
+    for p in head.parameters():
+        p.grad = None
+    h = h.detach().requires_grad_()
+    hooks = torch.autograd.graph.saved_tensors_hooks(meter._pack, meter._unpack) if meter else contextlib.nullcontext()
+    with hooks:
+        out = recomputed(head, head, h, scope=meter.recomputation if meter else contextlib.nullcontext) if recompute else head(h)
+        (out * weights).sum().backward()
+    return [h.grad, *(p.grad for p in head.parameters())]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_one_conv_head_recomputes_in_channel_chunks(channels_last):
+    """recompute_head on the paper's 1c2f head (its conv 16 -> 32, stride 2): the plain gradients to
+    the bit, and while backward runs one 16-channel chunk of the conv's batch-norm input and ReLU
+    output is alive instead of all 32 channels."""
+    from contsup.types import HeadSpec
+    from contsup_objectives.heads import AuxClassifier
+
+    torch.manual_seed(0)
+    head = AuxClassifier(HeadSpec((16, 8, 8), (64, 2, 2), 10), out=10).train()
+    h = torch.randn(6, 16, 8, 8)
+    if channels_last:
+        head, h = head.to(memory_format=torch.channels_last), h.contiguous(memory_format=torch.channels_last)
+    weights = torch.randn(6, 10)
+    plain = _head_step(head, h, weights, recompute=False)
+    lean = LiveMemory(module_tensors(head))
+    again = _head_step(head, h, weights, recompute=True, meter=lean)
+    for a, b in zip(again, plain):
+        assert torch.equal(a, b)
+    head.recompute_lean = lambda *inputs, scope: None  # checkpointing the head whole, for comparison
+    whole = LiveMemory(module_tensors(head))
+    _head_step(head, h, weights, recompute=True, meter=whole)
+    channel = 4 * 6 * 4 * 4  # bytes of one channel of the conv's 4x4 output
+    hidden = 4 * 6 * 128  # the fully connected layers' hidden activations: the whole head holds them meanwhile too
+    saved = whole.peak_backward - lean.peak_backward
+    assert 2 * (32 - 16) * channel <= saved <= 2 * (32 - 16) * channel + hidden + channel
+    assert int(head.features[1].num_batches_tracked) == 3  # once per step: backward left the statistics alone
+
+
+def test_other_heads_are_checkpointed_whole():
+    from contsup.types import HeadSpec
+    from contsup_objectives.heads import AuxClassifier
+
+    spec = HeadSpec((16, 8, 8), (64, 2, 2), 10)
+    x = torch.randn(2, 16, 8, 8)
+    assert AuxClassifier(spec, out=10, variant="2c2f").recompute_lean(x, scope=contextlib.nullcontext) is None
+    assert AuxClassifier(spec, out=10, variant="0c2f").recompute_lean(x, scope=contextlib.nullcontext) is None
+    assert AuxClassifier(spec, out=10, variant="1c1f").eval().recompute_lean(x, scope=contextlib.nullcontext) is None

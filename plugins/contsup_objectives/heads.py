@@ -7,9 +7,12 @@ layers, the paper's default (Table 6). The conv's stride and width follow the fe
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import nn
 
+from contsup.adapters import conv_bn_relu_backward_in_chunks
 from contsup.types import HeadSpec
 
 VARIANTS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")  # the recipe key's choices (HeadVariant; a test keeps them equal)
@@ -58,6 +61,61 @@ class AuxClassifier(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(h)))
+
+    def recompute_lean(self, h: torch.Tensor, scope: Callable[[], Any]) -> torch.Tensor | None:
+        """``context.recompute_head``'s path for a one-conv head (``1c*f``): the output of
+        ``self(h)``, keeping h and the pooled features for backward, which makes the conv+BN+ReLU
+        layer again in channel chunks (:func:`contsup.adapters.conv_bn_relu_backward_in_chunks`,
+        the plain gradients to the bit). None for other heads, or layers swapped in (a synchronised
+        batch norm): the caller then checkpoints the whole head."""
+        layers = list(self.features)
+        plain = (
+            len(layers) == 3 and type(layers[0]) is nn.Conv2d and layers[0].bias is None and layers[0].groups == 1
+            and type(layers[1]) is nn.BatchNorm2d and layers[1].training and layers[1].affine
+            and type(layers[2]) is nn.ReLU
+            and [type(m) for m in self.pool] == [nn.AdaptiveAvgPool2d, nn.Flatten] and self.pool[0].output_size in (1, (1, 1))
+        )
+        if not plain:
+            return None
+        conv, bn = layers[0], layers[1]
+        return _HeadRecomputed.apply(h, self, scope, conv.weight, bn.weight, bn.bias, *self.classifier.parameters())
+
+
+class _HeadRecomputed(torch.autograd.Function):
+    """A one-conv auxiliary head under ``recompute_head``, keeping its input h (which the module's
+    last unit keeps anyway) and the pooled features (batch x width) through the forward.
+
+    Checkpointing the head would bring back its convolution's batch-norm input and ReLU output
+    while backward runs, when the module's units still hold theirs: the step's peak. Here backward
+    runs the fully connected layers on the kept pooled features, then makes the conv+BN+ReLU
+    layer again in channel chunks, so one chunk of it is alive at a time. The forward is the
+    plain head (its batch norm updates its running statistics, once); backward runs under the
+    forward's autocast.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, head: AuxClassifier, scope: Callable[[], Any], *params: torch.Tensor) -> torch.Tensor:
+        ctx.head, ctx.scope = head, scope
+        device = h.device.type
+        ctx.autocast = {"device_type": device, "enabled": torch.is_autocast_enabled(device), "dtype": torch.get_autocast_dtype(device)}
+        pooled = head.pool(head.features(h))
+        ctx.save_for_backward(h, pooled)
+        return head.classifier(pooled)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, pooled = ctx.saved_tensors
+        head: AuxClassifier = ctx.head
+        fc = list(head.classifier.parameters())
+        channels_last = h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        with torch.enable_grad(), torch.autocast(**ctx.autocast), ctx.scope():
+            features = pooled.detach().requires_grad_()
+            d_features, *d_fc = torch.autograd.grad(head.classifier(features), (features, *fc), grad)
+            d_h, conv_grad, bn_weight_grad, bn_bias_grad = conv_bn_relu_backward_in_chunks(
+                h.detach(), head.features[0], head.features[1], head.pool, d_features, layout,
+            )
+        return (d_h if ctx.needs_input_grad[0] else None, None, None, conv_grad, bn_weight_grad, bn_bias_grad, *d_fc)
 
 
 class Normalized(nn.Module):
