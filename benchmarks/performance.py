@@ -264,11 +264,14 @@ def time_section(k: int = 16, steps: int = 5, warmup: int = 1, batch: int = 128)
 # -- against activation checkpointing ---------------------------------------------------------
 
 CHECKPOINT_RECIPE = "benchmarks/resnet32_k16.toml"
-CHECKPOINT_COMMAND = f"OMP_NUM_THREADS=1 contsup bench {CHECKPOINT_RECIPE} --steps 3 --warmup 1 --recompute"
+# the variant with the heads recomputed too, beside the bench's own context.recompute one
+HEADS_LABEL, HEADS_OVERRIDES = "recompute + heads", ("context.recompute=true", "context.recompute_head=true")
+HEADS_FLAG = f"--variant '{HEADS_LABEL}:{';'.join(HEADS_OVERRIDES)}'"
+CHECKPOINT_COMMAND = f"OMP_NUM_THREADS=1 contsup bench {CHECKPOINT_RECIPE} --steps 3 --warmup 1 --recompute {HEADS_FLAG}"
 FAST_SEGMENTS = 8  # the best checkpointing configuration of the section above on this network
 FAST_COMMAND = (
     f"OMP_NUM_THREADS=1 contsup bench {CHECKPOINT_RECIPE} --set context.encoder=fast --steps 3 --warmup 1 "
-    f"--segments {FAST_SEGMENTS} --recompute"
+    f"--segments {FAST_SEGMENTS} --recompute {HEADS_FLAG}"
 )
 # the official ContSup code, R1E, K=16, as first measured (CPU, one thread); the "official" section
 # (benchmarks/official_code.py) measures it again beside contsup, in one process
@@ -281,7 +284,8 @@ def checkpointing_section(steps: int = 3, warmup: int = 1) -> dict:
     without ``context.recompute``) and end-to-end under torch.utils.checkpoint over S = 2, 4, 8,
     K, sqrt(units) groups."""
     recipe = load_recipe(ROOT / CHECKPOINT_RECIPE, registries=registries())
-    return run_bench(recipe, steps=steps, warmup=warmup, recompute=True)
+    heads = load_recipe(ROOT / CHECKPOINT_RECIPE, list(HEADS_OVERRIDES), registries=registries())
+    return run_bench(recipe, steps=steps, warmup=warmup, recompute=True, variants=[(HEADS_LABEL, heads)])
 
 
 def official_table(o: dict) -> list[str]:
@@ -321,13 +325,27 @@ def recompute_notes(result: dict) -> str:
             f" The peak is now the forward's ({mib(rc['live_peak_forward_bytes'])} MiB, a first-stage module's units, "
             f"head and context at {h}x{w}); the most backward holds is {mib(rc['live_peak_backward_bytes'])} MiB."
         )
+    both = heads_variant(result)
+    if both:
+        text += (
+            f" With `recompute_head = true` as well (the row {HEADS_LABEL}), the heads keep their input and pooled "
+            "features and make their conv layer again 16 channels at a time in backward: "
+            f"{mib(both['peak_bytes'])} MiB (end-to-end / peak {e['peak_bytes'] / both['peak_bytes']:.2f}) for "
+            f"{both['step_ms_median'] / g['step_ms_median']:.2f}x the step without recompute."
+        )
     return text
 
 
 def fast_section(steps: int = 3, warmup: int = 1) -> dict:
     """The same with the fast encoder, beside checkpointing over FAST_SEGMENTS groups."""
     recipe = load_recipe(ROOT / CHECKPOINT_RECIPE, ["context.encoder=fast"], registries=registries())
-    return run_bench(recipe, steps=steps, warmup=warmup, segments=[FAST_SEGMENTS], recompute=True)
+    heads = load_recipe(ROOT / CHECKPOINT_RECIPE, ["context.encoder=fast", *HEADS_OVERRIDES], registries=registries())
+    return run_bench(recipe, steps=steps, warmup=warmup, segments=[FAST_SEGMENTS], recompute=True, variants=[(HEADS_LABEL, heads)])
+
+
+def heads_variant(result: dict) -> dict | None:
+    """The figures of the recompute + heads variant, where the result has it."""
+    return next((v for v in result.get("variants", []) if v.get("label") == HEADS_LABEL), None)
 
 
 def fast_table(result: dict, meta: dict) -> list[str]:
@@ -384,14 +402,17 @@ def recompute_targets(results: dict) -> list[str]:
             f"{reach:.2f} ({mib(rc['peak_bytes'])} MiB) at {over:.2f}x | {'yes' if reach >= 5 and over <= 1.2 else 'no'} |"
         )
     if f and "greedy_recompute" in f and f.get("checkpointing"):
-        e, rc, ck = f["e2e"], f["greedy_recompute"], f["checkpointing"][0]
-        memory = ck["peak_bytes"] / rc["peak_bytes"]
-        slower = (rc["step_ms_median"] - ck["step_ms_median"]) / e["step_ms_median"]
-        lines.append(
-            f"| K=16 R1E, fast encoder + context.recompute: <= 1/1.5 of the memory of checkpointing S={ck['segments']} "
-            f"at <= its step + 0.3x end-to-end | 1/{memory:.2f} ({mib(rc['peak_bytes'])} of {mib(ck['peak_bytes'])} MiB) "
-            f"at its step {slower:+.2f}x end-to-end | {'yes' if memory >= 1.5 and slower <= 0.3 else 'no'} |"
-        )
+        e, ck = f["e2e"], f["checkpointing"][0]
+        for what, rc in (("context.recompute", f["greedy_recompute"]), ("context.recompute and recompute_head", heads_variant(f))):
+            if rc is None:
+                continue
+            memory = ck["peak_bytes"] / rc["peak_bytes"]
+            slower = (rc["step_ms_median"] - ck["step_ms_median"]) / e["step_ms_median"]
+            lines.append(
+                f"| K=16 R1E, fast encoder + {what}: <= 1/1.5 of the memory of checkpointing S={ck['segments']} "
+                f"at <= its step + 0.3x end-to-end | 1/{memory:.2f} ({mib(rc['peak_bytes'])} of {mib(ck['peak_bytes'])} MiB) "
+                f"at its step {slower:+.2f}x end-to-end | {'yes' if memory >= 1.5 and slower <= 0.3 else 'no'} |"
+            )
     return lines
 
 

@@ -53,9 +53,10 @@ def test_recompute_rows_and_targets_render():
     base = {"machine": "test", "batch_size": 128, "input_shape": [3, 32, 32], "modules_k": 16, "steps": 3, "warmup": 1,
             "e2e": side(300, 1000), "greedy": side(110, 3500)}
     recomputed = lambda mib, ms: {**side(mib, ms), "label": "context.recompute"}  # noqa: E731 - bench's --recompute variant
-    official = {**base, "greedy_recompute": side(80, 4900), "variants": [recomputed(80, 4900)],
+    heads = lambda mib, ms: {**side(mib, ms), "label": perf.HEADS_LABEL}  # noqa: E731 - the heads recomputed too
+    official = {**base, "greedy_recompute": side(80, 4900), "variants": [recomputed(80, 4900), heads(60, 5250)],
                 "checkpointing_best_segments": 8, "checkpointing": [{**side(80, 1200), "segments": 8}]}
-    fast = {**base, "greedy": side(70, 1600), "greedy_recompute": side(50, 1900), "variants": [recomputed(50, 1900)],
+    fast = {**base, "greedy": side(70, 1600), "greedy_recompute": side(50, 1900), "variants": [recomputed(50, 1900), heads(40, 2000)],
             "checkpointing_best_segments": 8, "checkpointing": [{**side(80, 1200), "segments": 8}]}
     meta = {"machine": "test", "date": "today", "torch": "x"}
     doc = perf.render({"meta": meta, "checkpointing": official, "checkpointing_meta": meta, "fast": fast, "fast_meta": meta})
@@ -68,6 +69,10 @@ def test_recompute_rows_and_targets_render():
     assert "| 110.0 MiB, 3.50x | yes |" in doc  # below the official code's 111.6 MiB and 3.99x
     assert "| 3.75 (80.0 MiB) at 1.40x | no |" in doc
     assert "| 1/1.60 (50.0 of 80.0 MiB) at its step +0.70x end-to-end | no |" in doc
+    assert "| greedy K=16, recompute + heads | 60.0 | 0.200 | 5250.0 | 5.250 |" in doc
+    assert "60.0 MiB (end-to-end / peak 5.00) for 1.50x the step without recompute" in doc
+    assert "fast encoder + context.recompute and recompute_head" in doc
+    assert "| 1/2.00 (40.0 of 80.0 MiB) at its step +0.80x end-to-end | no |" in doc
 
 
 def test_official_code_section_renders_and_answers_its_target():

@@ -104,8 +104,9 @@ class ContextOptions:
     )
     recompute_head: bool = option(
         False, doc="the same for each module's head (the auxiliary classifier, and the backbone's head of the "
-        "last module): it keeps only its input through the forward; the peak of a step does not drop, since the "
-        "head's backward comes first, while the module's units still hold theirs (docs/performance.md)",
+        "last module): it keeps only its input through the forward; the paper's one-conv heads (1c*f) recompute "
+        "their conv layer 16 channels at a time, which lowers a step's peak; other heads are recomputed whole, "
+        "while the module's units still hold theirs, which does not (docs/performance.md)",
     )
 
 
