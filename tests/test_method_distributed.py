@@ -59,12 +59,13 @@ def test_auglocal_in_the_pipeline_is_exactly_one_process(registries, tmp_path):
 
 
 def test_recomputed_adapters_train_data_parallel_as_kept_ones(tmp_path):
-    """context.recompute under data parallelism: the ranks' batch norms are synchronised ones, so
-    the adapters' recomputation in backward runs their collectives again (checkpointing, in the
-    same order on every rank; M_E's channel chunks need a plain batch norm) and puts their running
-    statistics back. The run is bit-identical to the one that keeps the adapters' activations."""
+    """context.recompute and recompute_head under data parallelism: the ranks' batch norms are
+    synchronised ones, so the adapters' and heads' recomputation in backward runs their collectives
+    again (checkpointing, in the same order on every rank; the channel chunks need a plain batch
+    norm) and puts their running statistics back. The run is bit-identical to the one that keeps
+    the activations."""
     runs = []
-    for name, context in (("kept", "R1E"), ("recomputed", 'R1E"\nrecompute = true\n#')):
+    for name, context in (("kept", "R1E"), ("recomputed", 'R1E"\nrecompute = true\nrecompute_head = true\n#')):
         text = tiny_recipe_text(tmp_path / name, epochs=1, batch_size=16, train_size=32, modules=3, context=context, extra=DATA)
         (tmp_path / f"{name}.toml").write_text(text)
         results = run_ranks(2, ["train", str(tmp_path / f"{name}.toml")], tmp_path / f"ranks-{name}")
