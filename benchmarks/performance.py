@@ -267,10 +267,11 @@ CHECKPOINT_RECIPE = "benchmarks/resnet32_k16.toml"
 # the variant with the heads recomputed too, beside the bench's own context.recompute one
 HEADS_LABEL, HEADS_OVERRIDES = "recompute + heads", ("context.recompute=true", "context.recompute_head=true")
 HEADS_FLAG = f"--variant '{HEADS_LABEL}:{';'.join(HEADS_OVERRIDES)}'"
-CHECKPOINT_COMMAND = f"OMP_NUM_THREADS=1 contsup bench {CHECKPOINT_RECIPE} --steps 3 --warmup 1 --recompute {HEADS_FLAG}"
+CHECKPOINT_STEPS = 8  # timed steps of each configuration: the recompute ratio's target is within a few % of it
+CHECKPOINT_COMMAND = f"OMP_NUM_THREADS=1 contsup bench {CHECKPOINT_RECIPE} --steps {CHECKPOINT_STEPS} --warmup 1 --recompute {HEADS_FLAG}"
 FAST_SEGMENTS = 8  # the best checkpointing configuration of the section above on this network
 FAST_COMMAND = (
-    f"OMP_NUM_THREADS=1 contsup bench {CHECKPOINT_RECIPE} --set context.encoder=fast --steps 3 --warmup 1 "
+    f"OMP_NUM_THREADS=1 contsup bench {CHECKPOINT_RECIPE} --set context.encoder=fast --steps {CHECKPOINT_STEPS} --warmup 1 "
     f"--segments {FAST_SEGMENTS} --recompute {HEADS_FLAG}"
 )
 # the official ContSup code, R1E, K=16, as first measured (CPU, one thread); the "official" section
@@ -279,7 +280,7 @@ OFFICIAL_CODE = {"step_time": 3.99, "peak_mib": 111.6}
 OFFICIAL_COMMAND = "OMP_NUM_THREADS=1 python benchmarks/official_code.py CHECKOUT --json official_code.json"
 
 
-def checkpointing_section(steps: int = 3, warmup: int = 1) -> dict:
+def checkpointing_section(steps: int = CHECKPOINT_STEPS, warmup: int = 1) -> dict:
     """``contsup bench`` of ResNet-32 K=16 R1E (official adapters): end-to-end, greedy (with and
     without ``context.recompute``) and end-to-end under torch.utils.checkpoint over S = 2, 4, 8,
     K, sqrt(units) groups."""
@@ -336,7 +337,7 @@ def recompute_notes(result: dict) -> str:
     return text
 
 
-def fast_section(steps: int = 3, warmup: int = 1) -> dict:
+def fast_section(steps: int = CHECKPOINT_STEPS, warmup: int = 1) -> dict:
     """The same with the fast encoder, beside checkpointing over FAST_SEGMENTS groups."""
     recipe = load_recipe(ROOT / CHECKPOINT_RECIPE, ["context.encoder=fast"], registries=registries())
     heads = load_recipe(ROOT / CHECKPOINT_RECIPE, ["context.encoder=fast", *HEADS_OVERRIDES], registries=registries())
