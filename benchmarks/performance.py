@@ -366,7 +366,10 @@ def fast_table(result: dict, meta: dict) -> list[str]:
         lines += [
             f"With recompute the peak is a first-stage module's forward ({mib(rc['live_peak_forward_bytes'])} MiB: "
             "its block's tensors at the input's resolution, its head's convolution outputs, x and the R1 feature), "
-            "which no adapter setting changes. The time is the adapters' own layers: the fast M_E and the "
+            "which no adapter setting changes"
+            + (f"; recompute_head takes the head's part out of it ({mib(heads_variant(result)['peak_bytes'])} MiB)"
+               if heads_variant(result) else "")
+            + ". The time is the adapters' own layers: the fast M_E and the "
             "official M_R add as many convolution, batch-norm and ReLU layers as the modules' bodies have, at "
             "their resolution, and on one CPU thread those small layers cost memory traffic more than "
             "arithmetic. `OMP_NUM_THREADS=1 python benchmarks/adapter_ops.py` shows where a step's time goes, "
