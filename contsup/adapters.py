@@ -132,9 +132,7 @@ class _RecomputedInChunks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, encoder: InputEncoder, scope: Callable[[], Any], *params: torch.Tensor) -> torch.Tensor:
-        ctx.encoder, ctx.scope = encoder, scope
-        device = x.device.type  # backward recomputes under the forward's autocast (bf16, fp16), as checkpointing does
-        ctx.autocast = {"device_type": device, "enabled": torch.is_autocast_enabled(device), "dtype": torch.get_autocast_dtype(device)}
+        ctx.encoder, ctx.scope, ctx.autocast = encoder, scope, autocast_state(x)
         ctx.save_for_backward(x)
         return encoder(x)
 
@@ -160,6 +158,13 @@ class _RecomputedInChunks(torch.autograd.Function):
             first = list(torch.autograd.grad(y1, leaves, d_y1.to(y1.dtype)))
         d_x = first.pop(0) if ctx.needs_input_grad[0] else None
         return (d_x, None, None, *first, w2_grad, g2_grad, b2_grad)
+
+
+def autocast_state(t: torch.Tensor) -> dict[str, Any]:
+    """The autocast in force for ``t``'s device, as ``torch.autocast`` keywords: a recomputation in
+    backward (which training runs outside autocast) enters it again, as checkpointing does."""
+    device = t.device.type
+    return {"device_type": device, "enabled": torch.is_autocast_enabled(device), "dtype": torch.get_autocast_dtype(device)}
 
 
 def conv_bn_relu_backward_in_chunks(
@@ -265,5 +270,5 @@ def paper_adapter(is_input: bool, source_shape: Shape, target_shape: Shape) -> n
 
 __all__ = [
     "InputEncoder", "ShortcutAdapter", "OfficialShortcutAdapter", "official_adapter", "paper_adapter", "pool_to",
-    "OFFICIAL_ENCODER_WIDTH", "RECOMPUTE_CHUNK", "conv_bn_relu_backward_in_chunks",
+    "OFFICIAL_ENCODER_WIDTH", "RECOMPUTE_CHUNK", "autocast_state", "conv_bn_relu_backward_in_chunks",
 ]

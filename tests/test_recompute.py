@@ -295,3 +295,18 @@ def test_other_heads_are_checkpointed_whole():
     assert AuxClassifier(spec, out=10, variant="2c2f").recompute_lean(x, scope=contextlib.nullcontext) is None
     assert AuxClassifier(spec, out=10, variant="0c2f").recompute_lean(x, scope=contextlib.nullcontext) is None
     assert AuxClassifier(spec, out=10, variant="1c1f").eval().recompute_lean(x, scope=contextlib.nullcontext) is None
+
+
+def test_a_head_with_a_frozen_layer_recomputes_and_leaves_it_without_gradient():
+    from contsup.types import HeadSpec
+    from contsup_objectives.heads import AuxClassifier
+
+    torch.manual_seed(0)
+    head = AuxClassifier(HeadSpec((16, 8, 8), (64, 2, 2), 10), out=10).train()
+    head.classifier[0].weight.requires_grad_(False)
+    h, weights = torch.randn(4, 16, 8, 8), torch.randn(4, 10)
+    plain = _head_step(head, h, weights, recompute=False)
+    again = _head_step(head, h, weights, recompute=True)
+    assert head.classifier[0].weight.grad is None
+    for a, b in zip(again, plain):
+        assert (a is None and b is None) or torch.equal(a, b)

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from contsup.adapters import conv_bn_relu_backward_in_chunks
+from contsup.adapters import autocast_state, conv_bn_relu_backward_in_chunks
 from contsup.types import HeadSpec
 
 VARIANTS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")  # the recipe key's choices (HeadVariant; a test keeps them equal)
@@ -95,9 +95,7 @@ class _HeadRecomputed(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, head: AuxClassifier, scope: Callable[[], Any], *params: torch.Tensor) -> torch.Tensor:
-        ctx.head, ctx.scope = head, scope
-        device = h.device.type
-        ctx.autocast = {"device_type": device, "enabled": torch.is_autocast_enabled(device), "dtype": torch.get_autocast_dtype(device)}
+        ctx.head, ctx.scope, ctx.autocast = head, scope, autocast_state(h)
         pooled = head.pool(head.features(h))
         ctx.save_for_backward(h, pooled)
         return head.classifier(pooled)
@@ -111,7 +109,10 @@ class _HeadRecomputed(torch.autograd.Function):
         layout = torch.channels_last if channels_last else torch.contiguous_format
         with torch.enable_grad(), torch.autocast(**ctx.autocast), ctx.scope():
             features = pooled.detach().requires_grad_()
-            d_features, *d_fc = torch.autograd.grad(head.classifier(features), (features, *fc), grad)
+            trained = [p for p in fc if p.requires_grad]  # a frozen layer gets no gradient
+            d_features, *d_trained = torch.autograd.grad(head.classifier(features), (features, *trained), grad)
+            by_id = {id(p): d for p, d in zip(trained, d_trained)}
+            d_fc = [by_id.get(id(p)) for p in fc]
             d_h, conv_grad, bn_weight_grad, bn_bias_grad = conv_bn_relu_backward_in_chunks(
                 h.detach(), head.features[0], head.features[1], head.pool, d_features, layout,
             )
