@@ -245,8 +245,7 @@ def _print_memory(data: dict, recipe: Any) -> None:
     if recompute or data["recompute"]["head"]:
         pieces = " and ".join(p for p, on in (("context adapters", recompute), ("heads", data["recompute"]["head"])) if on)
         print(f"context.recompute: the {pieces} keep only their inputs through the forward and run again in backward, "
-              f"one at a time, once the module's units are done (\"training\" counts them kept; contsup bench "
-              f"--recompute measures the peak)")
+              f"one at a time (\"training\" counts them kept; contsup bench --recompute measures the peak)")
     if linked:
         print("backlink: each module's training figure includes the linked units of the module before it, kept "
               "until its backward (estimated from their measurements)")
