@@ -80,3 +80,20 @@ def test_an_estimate_that_cannot_be_made_never_stops_a_run(small_recipe, monkeyp
 
     monkeypatch.setattr(fit, "estimate_need", fails)
     assert check_fits(small_recipe(), torch.device("cpu"), lambda device: (0, "available")) is None
+
+
+def test_recompute_is_what_lets_a_run_fit(small_recipe, monkeypatch, write_recipe, tmp_path, capsys):
+    """The estimate leaves out what context.recompute (recompute_head) makes again in backward: a
+    machine between the two figures refuses the run with the adapters' activations kept and
+    starts it with them recomputed."""
+    context = 'R1E"\nrecompute = true\nrecompute_head = true\n#'
+    kept, lean = (estimate_need(small_recipe(modules=4, context=c, batch_size=16)) for c in ("R1E", context))
+    assert lean.bytes < kept.bytes and lean.parameters == kept.parameters
+    text, recompute = (small_recipe_text(modules=4, context=c, batch_size=16) for c in ("R1E", context))
+    between = (lean.bytes + kept.bytes) // 2
+    monkeypatch.setattr(fit, "available_memory", lambda device: (between, "available (RAM)"))
+    assert "needs about" in refused(write_recipe, tmp_path, capsys, text)
+    out_dir = tmp_path / "lean"
+    path = write_recipe(recompute.replace('out_dir = ""', f'out_dir = "{out_dir}"'), "lean-run.toml")
+    monkeypatch.setattr(fit, "available_memory", lambda device: (between, "available (RAM)"))
+    assert main(["train", str(path), "--set", "run.epochs=1"]) == 0

@@ -12,6 +12,8 @@ optimizers, none otherwise). Left out: temporaries of the forward and backward, 
 gradients, the data in memory and the allocator's overhead, and a piece fake tensors cannot
 run (a loss that branches on the labels, such as supcon's) counts as keeping nothing, so the
 figure is a lower bound and a run is refused only when even that exceeds what the machine has.
+With ``context.recompute`` (``recompute_head``) the adapters' (heads') own activations are not
+counted: they are made again in backward, which is what lets such a run fit.
 """
 
 from __future__ import annotations
@@ -75,10 +77,18 @@ def estimate_need(recipe: Recipe) -> Need:
     costs = model.plan_costs(sizes)
     total_params = max(total_params, sum(c.params for c in costs))  # the aux heads and adapters too
     needs = [
-        Need(f"module {c.index}", c.bytes // 2 if half else c.bytes, PARAM_BYTES * total_params, per_param * c.params, batch)
-        for c in costs
+        Need(f"module {c.index}", kept // 2 if half else kept, PARAM_BYTES * total_params, per_param * c.params, batch)
+        for c in costs for kept in [forward_kept(c, recipe)]
     ]
     return max(needs, key=lambda need: need.bytes)
+
+
+def forward_kept(cost: Any, recipe: Recipe) -> int:
+    """What module ``cost`` keeps through its forward: all it saves, less its adapters' (heads')
+    own activations when ``context.recompute`` (``recompute_head``) makes them again in backward
+    instead. Still a lower bound of the step's peak, which also has to hold the recomputation."""
+    options = recipe.context_options
+    return cost.bytes - (cost.breakdown["adapters"] if options.recompute else 0) - (cost.breakdown["head"] if options.recompute_head else 0)
 
 
 def available_memory(device: torch.device) -> tuple[int, str] | None:
