@@ -131,6 +131,8 @@ def plan_data(recipe: Any) -> dict:
             "batch_size": memory.batch, "measured_batch": memory.measured_batch,
             "units_bytes": memory.units_bytes, "largest_module_bytes": max(m.bytes for m in memory.modules),
             "notes": list(memory.notes),
+            **({"largest_forward_bytes": max(m["memory"]["forward_bytes"] for m in modules)}
+               if recipe.context_options.recompute else {}),
         },
     }
 
@@ -252,6 +254,11 @@ def _print_memory(data: dict, recipe: Any) -> None:
     units, largest = mem["units_bytes"], mem["largest_module_bytes"]
     ratio = f" ({largest / units:.2f}x)" if units else ""
     print(f"largest module: {_mib(largest)} MiB{ratio}; every unit at once, as end-to-end training keeps them: {_mib(units)} MiB")
+    if "largest_forward_bytes" in mem:
+        forward = mem["largest_forward_bytes"]
+        share = f" ({forward / units:.2f}x)" if units else ""
+        print(f"with context.recompute: {_mib(forward)} MiB{share} at most kept through a module's forward "
+              "(a lower bound of the step's peak, which also holds each adapter while backward makes it again)")
     for note in mem["notes"]:
         print(f"note: {note}", file=sys.stderr)
     heavy = [m for m in data["modules"] if m["memory"]["adapter_bytes"] > m["memory"]["body_bytes"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from contsup.cli import main
+from contsup.cli import main, plan_data
 from contsup.config.recipe import ContextOptions, RecipeError, loads_recipe
 from contsup.model.network import build_network
 from contsup.model.recompute import recomputed
@@ -121,12 +121,16 @@ def test_recipe_keys_validate_and_round_trip(registries):
         loads_recipe(staged, registries, source="r.toml")
 
 
-def test_plan_shows_what_the_forward_keeps_with_recompute(write_recipe, capsys):
+def test_plan_shows_what_the_forward_keeps_with_recompute(write_recipe, capsys, registries):
     path = write_recipe(small_recipe_text(modules=3, context='R1E"\nrecompute = true\n#'))
     assert main(["plan", str(path)]) == 0
     out = capsys.readouterr().out
     assert "forward keeps, adapters recomputed" in out
     assert "context.recompute: the context adapters keep only their inputs" in out
+    data = plan_data(loads_recipe(path.read_text(), registries, source=str(path)))
+    largest = max(m["memory"]["forward_bytes"] for m in data["modules"])
+    assert data["memory"]["largest_forward_bytes"] == largest < data["memory"]["largest_module_bytes"]
+    assert f"with context.recompute: {largest / 2**20:.1f} MiB" in out
 
 
 def _encoder_step(encoder: nn.Module, x: torch.Tensor, weights: torch.Tensor, recompute: bool, scope=None, bf16=False):
