@@ -119,8 +119,6 @@ def plan_data(recipe: Any) -> dict:
             "body_flops": mem.body_flops, "adapter_flops": mem.adapter_flops, "backlink_bytes": mem.backlink_bytes,
             "head_bytes": mem.head_bytes,
         }
-        if recipe.context_options.recompute:  # the adapters keep nothing through the forward
-            entry["memory"]["forward_bytes"] = mem.bytes - mem.adapter_bytes
     return {
         "backbone": recipe.backbone.use,
         "input_shape": list(built.info.input_shape),
@@ -131,8 +129,6 @@ def plan_data(recipe: Any) -> dict:
             "batch_size": memory.batch, "measured_batch": memory.measured_batch,
             "units_bytes": memory.units_bytes, "largest_module_bytes": max(m.bytes for m in memory.modules),
             "notes": list(memory.notes),
-            **({"largest_forward_bytes": max(m["memory"]["forward_bytes"] for m in modules)}
-               if recipe.context_options.recompute else {}),
         },
     }
 
@@ -235,30 +231,27 @@ def _print_memory(data: dict, recipe: Any) -> None:
     rows = [("module", "training", "its adapters", "its units", "MFLOPs per image: body / adapters")]
     if linked:
         rows[0] += ("backlink (in training)",)
-    if recompute:
-        rows[0] += ("forward keeps, adapters recomputed",)
     for m in data["modules"]:
         x = m["memory"]
         flops = f"{x['body_flops'] / 1e6:,.1f} / {x['adapter_flops'] / 1e6:,.1f}"
         row = (str(m["index"]), _mib(x["bytes"]), _mib(x["adapter_bytes"]), _mib(x["body_bytes"]), flops)
         row += (_mib(x["backlink_bytes"]),) if linked else ()
-        rows.append(row + ((_mib(x["forward_bytes"]),) if recompute else ()))
+        rows.append(row)
     print(_table(rows))
     if recompute or data["recompute"]["head"]:
         pieces = " and ".join(p for p, on in (("context adapters", recompute), ("heads", data["recompute"]["head"])) if on)
+        counted = "; ".join(c for c, on in (
+            ("\"training\" counts the adapters' inputs, not their own activations (\"its adapters\")", recompute),
+            ("\"training\" still counts the heads' activations", data["recompute"]["head"]),
+        ) if on)
         print(f"context.recompute: the {pieces} keep only their inputs through the forward and run again in backward, "
-              f"one at a time (\"training\" counts them kept; contsup bench --recompute measures the peak)")
+              f"one at a time ({counted}; contsup bench --recompute measures the peak)")
     if linked:
         print("backlink: each module's training figure includes the linked units of the module before it, kept "
               "until its backward (estimated from their measurements)")
     units, largest = mem["units_bytes"], mem["largest_module_bytes"]
     ratio = f" ({largest / units:.2f}x)" if units else ""
     print(f"largest module: {_mib(largest)} MiB{ratio}; every unit at once, as end-to-end training keeps them: {_mib(units)} MiB")
-    if "largest_forward_bytes" in mem:
-        forward = mem["largest_forward_bytes"]
-        share = f" ({forward / units:.2f}x)" if units else ""
-        print(f"with context.recompute: {_mib(forward)} MiB{share} at most kept through a module's forward "
-              "(a lower bound of the step's peak, which also holds each adapter while backward makes it again)")
     for note in mem["notes"]:
         print(f"note: {note}", file=sys.stderr)
     heavy = [m for m in data["modules"] if m["memory"]["adapter_bytes"] > m["memory"]["body_bytes"]

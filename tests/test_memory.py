@@ -12,7 +12,7 @@ from torch import nn
 import contsup.model.memory as memory
 from contsup.training.strategies import EndToEndStrategy, GreedyStrategy
 from contsup.model.memory import CostModel, SavedStorages, even_split, fitted_costs, partition_costs, recipe_parts
-from contsup.training.measure import measure_step
+from contsup.training.measure import measure_live, measure_step
 from contsup.model.network import build_network
 from contsup.types import Costs
 from contsup_partition import min_max_split, split_peak
@@ -88,6 +88,26 @@ def assert_predictions_hold(model, base):
         measured = measure_step(greedy, *batch(recipe))
         assert [c.bytes for c in predicted] == measured, partitioner
     return predicted
+
+
+@pytest.mark.parametrize("context", ["R1E", "all"])
+def test_with_recompute_the_prediction_is_what_the_forward_keeps(small_recipe, context):
+    """context.recompute: each module's predicted bytes leave out its adapters' own activations and
+    count their inputs, which the recomputation keeps. Each is what a real greedy step holds when
+    that module's backward starts (the step's other backward passes are the adapters'
+    recomputations), the largest is the step's forward peak, and memory_balanced splits on them."""
+    base = small_recipe(modules=4, context=f'{context}"\nrecompute = true\n#', batch_size=4)
+    parts, shapes, info = recipe_parts(base)
+    model = CostModel(base, parts, shapes, info)
+    kept = CostModel(attrs.evolve(base, context_options=attrs.evolve(base.context_options, recompute=False)), parts, shapes, info)
+    for partitioner in ("uniform", "memory_balanced"):
+        recipe = attrs.evolve(base, partitioner=_partitioner(base, partitioner))
+        built, greedy = greedy_and_e2e(recipe)
+        sizes = [p.units for p in built.plans]
+        predicted = [c.bytes for c in model.plan_costs(sizes)]
+        assert set(predicted) <= set(measure_step(greedy, *batch(recipe))), partitioner
+        assert max(predicted) == measure_live(greedy, *batch(recipe))["forward"], partitioner
+        assert all(p < c.bytes for p, c in zip(predicted[1:], kept.plan_costs(sizes)[1:]))  # modules 2..K have adapters
 
 
 # top level: DGL without a decoder; the [[modules]] ranges give context, a decoder and supcon

@@ -344,6 +344,7 @@ class CostModel:
         self.batch = batch_size or recipe.data.batch_size
         self.k = recipe.partition.modules
         self.backlink = recipe.backlink.units if recipe.run.mode == "greedy" else 0
+        self.recompute = recipe.context_options.recompute  # the adapters keep their inputs only
         self.info = info
         self.input_shape = tuple(info.input_shape)
         self.shapes = [tuple(s) for s in shapes]
@@ -575,7 +576,7 @@ class CostModel:
             adapters += piece.own
             params += piece.params
             ms += piece.ms or 0.0
-            if "in" in piece.saves:
+            if "in" in piece.saves or self.recompute:  # recomputed, an adapter keeps its input for backward
                 named[name] = size
         for m in kept:
             if m >= 1:
@@ -583,7 +584,9 @@ class CostModel:
                 named[name] = size
         inputs = sum(named.values())
         linked = sum(self.unit_bytes(u) for u in range(max(previous_start, i - self.backlink), i)) if self.backlink and l > 1 else 0
-        total = units + head.own + adapters + inputs + linked
+        # with context.recompute the adapters' own activations are made again in backward, after
+        # the units' backward has freed theirs: what training keeps through the forward leaves them out
+        total = units + head.own + (0 if self.recompute else adapters) + inputs + linked
         timed = self.timing
         if timed:
             ms += sum(self.units[u].ms or 0.0 for u in range(i, j + 1)) + (head.ms or 0.0)

@@ -84,11 +84,11 @@ def estimate_need(recipe: Recipe) -> Need:
 
 
 def forward_kept(cost: Any, recipe: Recipe) -> int:
-    """What module ``cost`` keeps through its forward: all it saves, less its adapters' (heads')
-    own activations when ``context.recompute`` (``recompute_head``) makes them again in backward
-    instead. Still a lower bound of the step's peak, which also has to hold the recomputation."""
-    options = recipe.context_options
-    return cost.bytes - (cost.breakdown["adapters"] if options.recompute else 0) - (cost.breakdown["head"] if options.recompute_head else 0)
+    """What module ``cost`` keeps through its forward: the plan's count (which, under
+    ``context.recompute``, leaves out the adapters' own activations already), less the head's
+    own when ``recompute_head`` makes them again in backward instead. Still a lower bound of the
+    step's peak, which also has to hold the recomputation."""
+    return cost.bytes - (cost.breakdown["head"] if recipe.context_options.recompute_head else 0)
 
 
 def available_memory(device: torch.device) -> tuple[int, str] | None:
