@@ -85,12 +85,21 @@ def _no_partial_writes(run: Path) -> None:
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
 
 
-def test_a_checkpoint_that_fills_the_disk_stops_in_one_line_keeping_the_last_one(write_recipe, tmp_path, monkeypatch, capsys):
+def _train_on_a_filling_disk(write_recipe, tmp_path, monkeypatch, name: str, **fill) -> tuple[Path, Path]:
+    """Train the tiny recipe into tmp_path/run while writing ``name`` fills the disk
+    (:func:`_disk_fills` with ``fill``); the run must stop with exit status 1. Returns the run
+    directory and the recipe file."""
     run = tmp_path / "run"
     recipe = write_recipe(tiny_recipe_text(run), "run.toml")
     with monkeypatch.context() as m:
-        _disk_fills(m, "step-000000008.pt", room=5000)  # the checkpoint of epoch 2; torch's zip writer sees it fail
+        _disk_fills(m, name, **fill)
         assert main(["train", str(recipe)]) == 1
+    return run, recipe
+
+
+def test_a_checkpoint_that_fills_the_disk_stops_in_one_line_keeping_the_last_one(write_recipe, tmp_path, monkeypatch, capsys):
+    # the checkpoint of epoch 2; torch's zip writer sees it fail
+    run, _ = _train_on_a_filling_disk(write_recipe, tmp_path, monkeypatch, "step-000000008.pt", room=5000)
     line = _one_error_line(capsys)
     assert line.startswith(f"error: cannot write {run / 'checkpoints' / 'step-000000008.pt'} (No space left on device) "
                            f"for the run {run}; the last good checkpoint is {run / 'checkpoints' / 'step-000000004.pt'}")
@@ -104,11 +113,7 @@ def test_a_checkpoint_that_fills_the_disk_stops_in_one_line_keeping_the_last_one
 
 
 def test_model_pt_filling_the_disk_keeps_the_final_checkpoint_and_resume_writes_it(write_recipe, tmp_path, monkeypatch, capsys):
-    run = tmp_path / "run"
-    recipe = write_recipe(tiny_recipe_text(run), "run.toml")
-    with monkeypatch.context() as m:
-        _disk_fills(m, "model.pt", room=3000)
-        assert main(["train", str(recipe)]) == 1
+    run, _ = _train_on_a_filling_disk(write_recipe, tmp_path, monkeypatch, "model.pt", room=3000)
     line = _one_error_line(capsys)
     assert line.startswith(f"error: cannot write {run / 'model.pt'} (No space left on device) for the run {run}; "
                            f"the last good checkpoint is {run / 'checkpoints' / 'step-000000008.pt'} (end of epoch 2)")
@@ -122,11 +127,7 @@ def test_model_pt_filling_the_disk_keeps_the_final_checkpoint_and_resume_writes_
 
 
 def test_metrics_filling_the_disk_stop_in_one_line_and_resume_rewrites_the_torn_line(write_recipe, tmp_path, monkeypatch, capsys):
-    run = tmp_path / "run"
-    recipe = write_recipe(tiny_recipe_text(run), "run.toml")
-    with monkeypatch.context() as m:
-        _disk_fills(m, "metrics.jsonl", room=600)  # epoch 2's line is torn
-        assert main(["train", str(recipe)]) == 1
+    run, _ = _train_on_a_filling_disk(write_recipe, tmp_path, monkeypatch, "metrics.jsonl", room=600)  # epoch 2's line is torn
     line = _one_error_line(capsys)
     assert line.startswith(f"error: cannot write {run / 'metrics.jsonl'} (No space left on device) for the run {run}; "
                            f"the last good checkpoint is {run / 'checkpoints' / 'step-000000004.pt'}")
@@ -137,11 +138,7 @@ def test_metrics_filling_the_disk_stop_in_one_line_and_resume_rewrites_the_torn_
 
 
 def test_a_run_that_cannot_write_its_recipe_leaves_nothing_and_the_same_command_works_later(write_recipe, tmp_path, monkeypatch, capsys):
-    run = tmp_path / "run"
-    recipe = write_recipe(tiny_recipe_text(run), "run.toml")
-    with monkeypatch.context() as m:
-        _disk_fills(m, "recipe.toml", room=0)
-        assert main(["train", str(recipe)]) == 1
+    run, recipe = _train_on_a_filling_disk(write_recipe, tmp_path, monkeypatch, "recipe.toml", room=0)
     line = _one_error_line(capsys)
     assert line == (f"error: cannot write {run / 'recipe.toml'} (No space left on device) for the run {run}; nothing was "
                     f"trained yet and the half-made run directory was removed; once space is freed, the same command "
@@ -151,11 +148,7 @@ def test_a_run_that_cannot_write_its_recipe_leaves_nothing_and_the_same_command_
 
 
 def test_the_first_checkpoint_failing_empties_metrics_so_the_resume_trains_from_the_start(write_recipe, tmp_path, monkeypatch, capsys):
-    run = tmp_path / "run"
-    recipe = write_recipe(tiny_recipe_text(run), "run.toml")
-    with monkeypatch.context() as m:
-        _disk_fills(m, "step-000000004.pt")
-        assert main(["train", str(recipe)]) == 1
+    run, _ = _train_on_a_filling_disk(write_recipe, tmp_path, monkeypatch, "step-000000004.pt")
     line = _one_error_line(capsys)
     assert "no checkpoint was written yet" in line and "metrics.jsonl was emptied" in line
     assert rundir.read_metrics(run) == [] and checkpoint_paths(run) == []
@@ -165,11 +158,7 @@ def test_the_first_checkpoint_failing_empties_metrics_so_the_resume_trains_from_
 
 
 def test_resuming_while_the_disk_is_still_full_changes_nothing(write_recipe, tmp_path, monkeypatch, capsys):
-    run = tmp_path / "run"
-    recipe = write_recipe(tiny_recipe_text(run), "run.toml")
-    with monkeypatch.context() as m:
-        _disk_fills(m, "step-000000008.pt")
-        assert main(["train", str(recipe)]) == 1
+    run, _ = _train_on_a_filling_disk(write_recipe, tmp_path, monkeypatch, "step-000000008.pt")
     capsys.readouterr()
     files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     with monkeypatch.context() as m:
