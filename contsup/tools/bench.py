@@ -24,6 +24,7 @@ from typing import Any, Callable, Literal, Sequence, TextIO
 
 import attrs
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from contsup.model.memory import CostModel, recipe_parts
 from contsup.training.measure import measure_live, measure_step
@@ -225,8 +226,9 @@ def run_bench(
             out["cuda_step_peak_bytes"] = max(d for _, d in cuda[name])
         return out
 
-    parts, shapes, info = recipe_parts(recipe)  # measured last: it would raise the peak RSS too
-    predicted = CostModel(recipe, parts, shapes, info, device="cpu", method="saved").plan_costs(sizes)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)  # counted from shapes, as contsup plan does: no arithmetic
+    parts, shapes, info = recipe_parts(recipe, fake)
+    predicted = CostModel(recipe, parts, shapes, info, fake_mode=fake).plan_costs(sizes)
     g = side("greedy", greedy_saved, rss_greedy)
     e = side("e2e", e2e_saved, rss_both)
     g["predicted_peak_bytes"] = max(c.bytes for c in predicted)
