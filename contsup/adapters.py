@@ -99,13 +99,8 @@ class InputEncoder(nn.Module):
         :data:`RECOMPUTE_CHUNK` output channels at a time, under ``scope()``. None where that does
         not apply (a batch norm other than ``nn.BatchNorm2d`` in training mode, such as a
         SyncBatchNorm, or other layers swapped in): the caller then recomputes the whole encoder."""
-        plain = (
-            all(type(c) is nn.Conv2d and c.bias is None and c.groups == 1 for c in (self.conv1, self.conv2))
-            and all(type(bn) is nn.BatchNorm2d and bn.training and bn.affine for bn in (self.bn1, self.bn2))
-            and type(self.act1) is nn.ReLU and type(self.act2) is nn.ReLU
-            and isinstance(self.pool, (nn.Identity, nn.AdaptiveAvgPool2d))
-        )
-        if not plain:
+        layers = ((self.conv1, self.bn1, self.act1), (self.conv2, self.bn2, self.act2))
+        if not all(chunkable(*layer) for layer in layers) or not isinstance(self.pool, (nn.Identity, nn.AdaptiveAvgPool2d)):
             return None
         params = (self.conv1.weight, self.bn1.weight, self.bn1.bias, self.conv2.weight, self.bn2.weight, self.bn2.bias)
         return _RecomputedInChunks.apply(x, self, scope, *params)
@@ -165,6 +160,17 @@ def autocast_state(t: torch.Tensor) -> dict[str, Any]:
     backward (which training runs outside autocast) enters it again, as checkpointing does."""
     device = t.device.type
     return {"device_type": device, "enabled": torch.is_autocast_enabled(device), "dtype": torch.get_autocast_dtype(device)}
+
+
+def chunkable(conv: nn.Module, bn: nn.Module, act: nn.Module) -> bool:
+    """Whether ``act(bn(conv(h)))`` is the plain layer :func:`conv_bn_relu_backward_in_chunks`
+    recomputes: an ``nn.Conv2d`` without bias or groups, an affine ``nn.BatchNorm2d`` in training
+    mode (not a synchronised one, whose collectives the chunks would skip), an ``nn.ReLU``."""
+    return (
+        type(conv) is nn.Conv2d and conv.bias is None and conv.groups == 1
+        and type(bn) is nn.BatchNorm2d and bn.training and bn.affine
+        and type(act) is nn.ReLU
+    )
 
 
 def conv_bn_relu_backward_in_chunks(
@@ -270,5 +276,5 @@ def paper_adapter(is_input: bool, source_shape: Shape, target_shape: Shape) -> n
 
 __all__ = [
     "InputEncoder", "ShortcutAdapter", "OfficialShortcutAdapter", "official_adapter", "paper_adapter", "pool_to",
-    "OFFICIAL_ENCODER_WIDTH", "RECOMPUTE_CHUNK", "autocast_state", "conv_bn_relu_backward_in_chunks",
+    "OFFICIAL_ENCODER_WIDTH", "RECOMPUTE_CHUNK", "autocast_state", "chunkable", "conv_bn_relu_backward_in_chunks",
 ]

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from contsup.adapters import autocast_state, conv_bn_relu_backward_in_chunks
+from contsup.adapters import autocast_state, chunkable, conv_bn_relu_backward_in_chunks
 from contsup.types import HeadSpec
 
 VARIANTS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")  # the recipe key's choices (HeadVariant; a test keeps them equal)
@@ -69,13 +69,8 @@ class AuxClassifier(nn.Module):
         the plain gradients to the bit). None for other heads, or layers swapped in (a synchronised
         batch norm): the caller then checkpoints the whole head."""
         layers = list(self.features)
-        plain = (
-            len(layers) == 3 and type(layers[0]) is nn.Conv2d and layers[0].bias is None and layers[0].groups == 1
-            and type(layers[1]) is nn.BatchNorm2d and layers[1].training and layers[1].affine
-            and type(layers[2]) is nn.ReLU
-            and [type(m) for m in self.pool] == [nn.AdaptiveAvgPool2d, nn.Flatten] and self.pool[0].output_size in (1, (1, 1))
-        )
-        if not plain:
+        pooled = [type(m) for m in self.pool] == [nn.AdaptiveAvgPool2d, nn.Flatten] and self.pool[0].output_size in (1, (1, 1))
+        if len(layers) != 3 or not chunkable(*layers) or not pooled:
             return None
         conv, bn = layers[0], layers[1]
         return _HeadRecomputed.apply(h, self, scope, conv.weight, bn.weight, bn.bias, *self.classifier.parameters())
