@@ -458,6 +458,7 @@ def _variants(args: argparse.Namespace, recipe: Any) -> list[tuple[str, Any]]:
     from contsup.config.recipe import RecipeError, load_recipe
 
     out = []
+    registries = _registries()[1] if args.variant else None
     for text in args.variant or ():
         label, colon, rest = text.partition(":")
         sets = [part.strip() for part in rest.split(";") if part.strip()]
@@ -466,7 +467,6 @@ def _variants(args: argparse.Namespace, recipe: Any) -> list[tuple[str, Any]]:
                 f"contsup bench: --variant {text!r}: expected LABEL:key=value[;key=value...], such as "
                 f"'BackLink:context.use=none;backlink.units=1'"
             )
-        _, registries = _registries()
         try:
             variant = load_recipe(args.recipe, [*(args.set or ()), *sets], registries)
         except RecipeError as exc:
