@@ -76,10 +76,10 @@ def estimate_need(recipe: Recipe) -> Need:
     sizes = check_split(partitioner.split(partition_costs(partitioner, recipe, parts, shapes, info, fake), k), n, k, recipe.partitioner.use)
     costs = model.plan_costs(sizes)
     total_params = max(total_params, sum(c.params for c in costs))  # the aux heads and adapters too
-    needs = [
-        Need(f"module {c.index}", kept // 2 if half else kept, PARAM_BYTES * total_params, per_param * c.params, batch)
-        for c in costs for kept in [forward_kept(c, recipe)]
-    ]
+    needs = []
+    for c in costs:
+        kept = forward_kept(c, recipe)
+        needs.append(Need(f"module {c.index}", kept // 2 if half else kept, PARAM_BYTES * total_params, per_param * c.params, batch))
     return max(needs, key=lambda need: need.bytes)
 
 
