@@ -199,7 +199,7 @@ def conv_bn_relu_backward_in_chunks(
         weight, bias = (t[part].detach().requires_grad_() for t in (bn.weight, bn.bias))
         out = pool(F.relu(F.batch_norm(a, None, None, weight, bias, True, 0.0, bn.eps), inplace=True))
         d_a, *d_norm = torch.autograd.grad(out, (a, weight, bias), grad[:, part])
-        if c == 0 and conv.out_channels <= RECOMPUTE_CHUNK:
+        if conv.out_channels <= RECOMPUTE_CHUNK:
             grad_out = d_a  # one chunk: the whole gradient already
         else:
             if grad_out is None:
