@@ -23,7 +23,7 @@ import attrs
 import torch
 
 from contsup.config.recipe import load_recipe
-from contsup.model.memory import module_tensors
+from contsup.model.saved import module_tensors
 from contsup.model.network import build_network
 from contsup.tools.bench import machine
 from contsup.training.measure import LiveMemory, measure_live

@@ -165,7 +165,7 @@ def test_validates_plans_and_trains_a_tiny_digits_epoch(registries, tmp_path, ca
 
 def test_profile_notes_the_linked_memory(registries, tmp_path):
     from contsup.tools.profiling import profile_data, profile_text
-    from contsup.cli import _table
+    from contsup.tools.tables import format_table as _table
 
     plain = profile_data(_recipe(registries, tmp_path, modules=3), repeats=1)
     data = profile_data(_recipe(registries, tmp_path, extra="\n[backlink]\nunits = 1\n", modules=3), repeats=1)
@@ -181,7 +181,9 @@ def test_memory_balanced_sees_the_link(registries, tmp_path):
     """The partitioner's cost table carries the linked units (the previous module's last N,
     fewer where it has fewer): the module figures are the unlinked ones plus exactly those, the
     table is exact for the split it was made from, and memory_balanced's table for its own split."""
-    from contsup.model.memory import CostModel, even_split, fitted_costs, recipe_parts
+    from contsup.model.build import recipe_parts
+    from contsup.model.costs import CostModel, even_split
+    from contsup.model.fitting import fitted_costs
     from contsup.partition import min_max_split
 
     def model_for(extra: str) -> CostModel:

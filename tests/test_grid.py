@@ -17,7 +17,7 @@ from contsup.cli import main
 from contsup.distributed.world import Launch, check_launch
 from contsup.distributed.timing import read_report
 from contsup.errors import ContsupError
-from contsup.distributed.pipeline import Grid, StagePlan
+from contsup.distributed.stages import Grid, StagePlan
 from contsup.config.recipe import loads_recipe
 from contsup.training.rundir import read_metrics
 

@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from contsup.errors import RecipeError
 from contsup.model.network import build_network
-from contsup.config.recipe import check_tiling, loads_recipe
+from contsup.config.recipe import loads_recipe
+from contsup.config.validation import check_tiling
 
 from conftest import small_recipe_text
 

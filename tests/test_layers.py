@@ -274,7 +274,7 @@ def test_the_checker_sees_the_imports_it_must():
     edges = {(i.importer, i.target) for i in imports}
     assert ("contsup_context", "contsup.hookspecs") in edges  # from contsup import hookimpl
     assert ("contsup_context", "contsup_context.adapters") in edges
-    assert ("contsup.model.network", "contsup.model.memory") in edges
+    assert ("contsup.model.network", "contsup.model.fitting") in edges
     assert ("contsup", "contsup.api") in edges  # the facade's lazy re-exports of the API
     assert any(i.in_function for i in imports if i.importer == "contsup.cli")
 

@@ -120,7 +120,7 @@ def test_a_retained_graph_is_counted_only_while_it_lives(small_recipe):
     """BackLink retains module l's graph for module l+1's backward; its head's part is never
     walked again and must be let go with it, not stay counted (and alive) to the end of the step."""
     from contsup.training.strategies import GreedyStrategy
-    from contsup.model.memory import module_tensors
+    from contsup.model.saved import module_tensors
 
     peaks = {}
     for units in (0, 1):

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from contsup import api
-from contsup.config.recipe import parse_toml, set_path
+from contsup.config.reading import parse_toml, set_path
 from contsup.core import tomlw
 from contsup.errors import ContsupError
 from contsup.training.failures import Interrupted

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from contsup.cli import main, plan_data
-from contsup.config.recipe import ContextOptions, RecipeError, loads_recipe
+from contsup.config.recipe import RecipeError, loads_recipe
+from contsup.config.schema import ContextOptions
 from contsup.model.network import build_network
 from contsup.model.recompute import recomputed
-from contsup.model.memory import module_tensors
+from contsup.model.saved import module_tensors
 from contsup.training.measure import LiveMemory, measure_live
 from contsup.training.strategies import EndToEndStrategy, GreedyStrategy, StepStats
 

@@ -19,7 +19,8 @@ from typing import Any, NoReturn
 
 import torch.distributed as dist
 
-from contsup.config.recipe import Recipe, build_recipe
+from contsup.config.recipe import Recipe
+from contsup.config.validation import build_recipe
 from contsup.core.registry import Registries
 from contsup.distributed.data_parallel import DataParallel
 from contsup.distributed.pipeline import Pipeline

@@ -21,17 +21,14 @@ and synchronise batch-norm statistics over it with ``sync_batchnorm``.
 
 from __future__ import annotations
 
-import collections
-import copy
-import statistics
-import time
 from pathlib import Path
 from typing import Any, ContextManager, Iterator, Sequence
 
 import attrs
 import torch
-import torch.distributed as dist
 
+from contsup.distributed.messages import END_EPOCH, END_EVAL, EVAL, KIND_NAMES, STOP, TRAIN, Inbox, Message, Outbox
+from contsup.distributed.stages import Grid, StagePlan, crossing, measure_module_costs
 from contsup.distributed.data_parallel import broadcast_tensors, shard_batches, share_float_buffers, sum_gradients
 from contsup.distributed.syncbn import convert_sync_batchnorm
 from contsup.distributed.timing import Clock
@@ -45,190 +42,12 @@ from contsup.training.loaders import batches_problem, make_loaders
 from contsup.training.order import RANK_SEED
 from contsup.training.parallel import Batch, EpochProgress, Gathered, TrainerView
 from contsup.training.precision import Precision, to_memory_format
-from contsup.training.strategies import Check, GreedyStrategy, StepStats, Strategy, make_strategy
+from contsup.training.strategies import Check, GreedyStrategy, StepStats, Strategy
 from contsup.types import Costs
 from contsup.config.recipe import Recipe
 
-# message kinds
-TRAIN, EVAL, END_EPOCH, END_EVAL, STOP = 1, 2, 3, 4, 6
-KIND_NAMES = {TRAIN: "train", EVAL: "eval", END_EPOCH: "end of epoch", END_EVAL: "end of evaluation", STOP: "stop"}
-DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
-          torch.int8, torch.uint8, torch.bool)
-MAX_DIMS = 8
-HEAD = 6  # kind, step, micro, micro_count, batch, tensors
-SPEC = 2 + MAX_DIMS  # dtype, ndim, dims
-
-
-# -- which modules each rank owns --------------------------------------------------------------
-
-
-@attrs.frozen
-class Grid:
-    """``stages`` x ``replicas`` ranks. Replica r is a whole pipeline on consecutive ranks, so
-    rank = replica * stages + stage and the next stage of a rank is the next rank."""
-
-    stages: int
-    replicas: int = 1
-
-    def place(self, rank: int) -> tuple[int, int]:
-        """(replica, stage) of ``rank``."""
-        return divmod(rank, self.stages)
-
-    def column(self, stage: int) -> list[int]:
-        """The ranks holding ``stage``, one per replica (replica 0's first)."""
-        return [r * self.stages + stage for r in range(self.replicas)]
-
-
-@attrs.frozen
-class StagePlan:
-    """Modules per stage (``sizes``; a stage is a rank without replicas) and, when balanced
-    automatically, each module's measured seconds per micro-batch (``costs``)."""
-
-    sizes: tuple[int, ...]
-    costs: tuple[float, ...] | None = None
-
-    def modules(self, rank: int) -> tuple[int, int]:
-        """(first, last) module, 1-based, of ``rank``."""
-        first = sum(self.sizes[:rank]) + 1
-        return first, first + self.sizes[rank] - 1
-
-    def owner(self, module: int) -> int:
-        for rank in range(len(self.sizes)):
-            first, last = self.modules(rank)
-            if first <= module <= last:
-                return rank
-        raise ValueError(f"no rank owns module {module}")
-
-    def describe(self, replicas: int = 1) -> str:
-        grid = Grid(len(self.sizes), replicas)
-        parts = []
-        for stage in range(grid.stages):
-            first, last = self.modules(stage)
-            span = f"module {first}" if first == last else f"modules {first}-{last}"
-            if self.costs is not None:
-                ms = 1000 * sum(self.costs[first - 1 : last])
-                span += f" ({ms:.1f} ms)"
-            ranks = grid.column(stage)
-            where = f"rank {stage}" if replicas == 1 else f"stage {stage} (ranks {', '.join(map(str, ranks))})"
-            parts.append(f"{where}: {span}")
-        how = "balanced by measured time per micro-batch" if self.costs is not None else "as distributed.stages says"
-        shape = f"{grid.stages} stages" + (f" x {replicas} replicas" if replicas > 1 else "")
-        return f"pipeline of {shape}, {how}: " + "; ".join(parts)
-
-
-@attrs.frozen
-class Crossing:
-    """What the rank whose last module is ``after`` sends on: h, y, then x if a later module needs
-    it, then the h_j^c (``features``, by j) that later modules take as context."""
-
-    after: int
-    needs_x: bool
-    features: tuple[int, ...]
-
-    @property
-    def count(self) -> int:
-        return 2 + int(self.needs_x) + len(self.features)
-
-
-def needs_input(module: Any) -> bool:
-    """Whether module l uses x: as a context source (E) or as a reconstruction target."""
-    uses_decoder = module.decoder is not None and module.weights[0] != 0.0
-    return uses_decoder or any(s.is_input for s in module.sources)
-
-
-def crossing(network: Any, after: int) -> Crossing:
-    """What crosses the boundary after module ``after`` (1-based) of ``network``."""
-    later = [m for m in network.blocks if m.index > after]
-    features = sorted({s.index for m in later for s in m.sources if not s.is_input and s.index + 1 <= after})
-    return Crossing(after, any(needs_input(m) for m in later), tuple(features))
-
-
-# -- messages -------------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class Message:
-    kind: int
-    step: int = 0
-    micro: int = 0
-    micro_count: int = 1
-    batch: int = 0
-    tensors: tuple[torch.Tensor, ...] = ()
-
-
-def encode_header(message: Message, slots: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A fixed-size int64 header: the kind, the position, and each tensor's dtype and shape."""
-    if len(message.tensors) > slots:
-        raise ValueError(f"{len(message.tensors)} tensors do not fit a header of {slots} slots")
-    values = [message.kind, message.step, message.micro, message.micro_count, message.batch, len(message.tensors)]
-    for t in message.tensors:
-        if t.dim() > MAX_DIMS:
-            raise ValueError(f"a tensor of {t.dim()} dimensions cannot be sent (at most {MAX_DIMS})")
-        values += [DTYPES.index(t.dtype), t.dim(), *t.shape, *([0] * (MAX_DIMS - t.dim()))]
-    values += [0] * (SPEC * (slots - len(message.tensors)))
-    return torch.tensor(values, dtype=torch.int64, device=device)
-
-
-def decode_header(header: torch.Tensor) -> tuple[Message, list[tuple[torch.dtype, tuple[int, ...]]]]:
-    """The message (without tensors) and the dtype and shape of each tensor that follows."""
-    v = header.tolist()
-    kind, step, micro, micro_count, batch, n = v[:HEAD]
-    specs = []
-    for i in range(n):
-        spec = v[HEAD + i * SPEC : HEAD + (i + 1) * SPEC]
-        specs.append((DTYPES[spec[0]], tuple(spec[2 : 2 + spec[1]])))
-    return Message(kind, step, micro, micro_count, batch), specs
-
-
-class Outbox:
-    """Sends to the next rank without waiting, keeping at most ``limit`` messages in flight."""
-
-    def __init__(self, world: World, dst: int, slots: int, limit: int, clock: Clock) -> None:
-        self.world, self.dst, self.slots, self.limit, self.clock = world, dst, slots, limit, clock
-        self.pending: collections.deque = collections.deque()
-
-    def send(self, message: Message) -> None:
-        while len(self.pending) >= self.limit:
-            self._wait_oldest()
-        header = encode_header(message, self.slots, self.world.control_device)
-        tensors = [t.contiguous() for t in message.tensors]
-        with self.world.guard(f"sending a {KIND_NAMES[message.kind]} message to rank {self.dst}"):
-            works = [dist.isend(header, self.dst)] + [dist.isend(t, self.dst) for t in tensors]
-        self.pending.append((works, header, tensors))
-
-    def _wait_oldest(self) -> None:
-        works, _, _ = self.pending.popleft()
-        with self.clock.measure("send"), self.world.guard(f"waiting for rank {self.dst} to take a message"):
-            for work in works:
-                work.wait(self.world.timeout)
-
-    def flush(self) -> None:
-        while self.pending:
-            self._wait_oldest()
-
-
-class Inbox:
-    """Receives the previous rank's messages, each wait under the run's deadline."""
-
-    def __init__(self, world: World, src: int, slots: int, device: torch.device, channels_last: bool, clock: Clock) -> None:
-        self.world, self.src, self.slots, self.device, self.clock = world, src, slots, device, clock
-        self.channels_last = channels_last
-
-    def receive(self) -> Message:
-        header = torch.empty(HEAD + SPEC * self.slots, dtype=torch.int64, device=self.world.control_device)
-        with self.clock.measure("receive"), self.world.guard(f"waiting for rank {self.src}"):
-            dist.irecv(header, self.src).wait(self.world.timeout)
-            message, specs = decode_header(header)
-            tensors = []
-            for dtype, shape in specs:
-                t = torch.empty(shape, dtype=dtype, device=self.device)
-                dist.irecv(t, self.src).wait(self.world.timeout)
-                tensors.append(to_memory_format(t, self.channels_last) if t.is_floating_point() else t)
-        return attrs.evolve(message, tensors=tuple(tensors))
-
 
 # -- one rank's modules ------------------------------------------------------------------------
-
 
 
 class Stage:
@@ -282,33 +101,6 @@ class Stage:
                 z = m.head(h)
             counts.add(m, z, y)
         return self._pack(h, y, x, store) if self.outgoing is not None else None
-
-
-def measure_module_costs(trainer: TrainerView, batch: int, repeats: int = 3) -> tuple[float, ...]:
-    """Seconds one greedy step of each module takes on a micro-batch of ``batch`` random images
-    (the median of ``repeats`` after one warm-up), on a copy of the network and its strategy."""
-    network = copy.deepcopy(trainer.network).train()
-    strategy = make_strategy(trainer.recipe, network, trainer.steps_per_epoch, trainer.precision)
-    info, device = trainer.built.info, trainer.device
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn((batch, *info.input_shape), generator=g).to(device)
-    y = torch.randint(0, info.num_classes, (batch,), generator=g).to(device)
-    x = to_memory_format(x, trainer.channels_last)
-    stats = StepStats(network.num_modules)
-    times: list[list[float]] = [[] for _ in network.blocks]
-    devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        for rep in range(repeats + 1):
-            store = network.store(x, detach=True)
-            h = x
-            for m in network.blocks:
-                start = time.perf_counter()
-                h = strategy.train_module(m, h, store, x, y, stats, lambda module, loss: None)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                if rep:
-                    times[m.index - 1].append(time.perf_counter() - start)
-    return tuple(statistics.median(t) for t in times)
 
 
 class _Length:
@@ -615,4 +407,4 @@ def _to_cpu(obj: Any) -> Any:
     return obj
 
 
-__all__ = ["Pipeline", "Grid", "StagePlan", "Stage", "Crossing", "crossing", "measure_module_costs"]
+__all__ = ["Pipeline", "Stage"]

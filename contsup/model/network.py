@@ -16,7 +16,7 @@ from torch import nn
 
 from contsup.errors import ContsupError
 from contsup.model.components import make_adapter, module_components, selector_sources, trace_shapes
-from contsup.model.memory import partition_costs
+from contsup.model.fitting import partition_costs
 from contsup.model.recompute import Scope, recomputed
 from contsup.types import Costs, DatasetInfo, HeadSpec, NetworkLayout, Shape, Source
 from contsup.config.recipe import Recipe

@@ -33,7 +33,8 @@ from contsup.types import Shape
 from contsup.tools.plotting import colours, method_label, new_figure, save_png
 from contsup.tools.results import flatten
 from contsup.training.device import resolve_device
-from contsup.config.recipe import load_recipe, read_toml
+from contsup.config.reading import read_toml
+from contsup.config.recipe import load_recipe
 from contsup.training.rundir import MODEL_FILE, RECIPE_FILE, atomic_write, load_model
 
 PROBE_FILE = "probe.json"

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from contsup.model.memory import CostModel, partition_costs, recipe_parts
+from contsup.model.build import recipe_parts
+from contsup.model.costs import CostModel
+from contsup.model.fitting import partition_costs
 from contsup.training.device import resolve_device
 from contsup.model.network import check_split, plan_modules
 from contsup.config.recipe import Recipe

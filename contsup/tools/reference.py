@@ -9,7 +9,9 @@ from __future__ import annotations
 import attrs
 
 from contsup.options import FLOAT_MAX, INT_MAX, INT_MIN, allowed, describe_default, doc, field_types, type_name
-from contsup.config.recipe import MAX_EXTENDS, MAX_NESTING, SECTIONS, component_registry
+from contsup.config.reading import MAX_EXTENDS, MAX_NESTING
+from contsup.config.schema import SECTIONS
+from contsup.config.validation import component_registry
 from contsup.core.registry import Registries
 from contsup.core.plugins import get_plugin_manager
 

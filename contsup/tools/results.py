@@ -15,7 +15,7 @@ import attrs
 
 from contsup.errors import ContsupError, one_line
 from contsup.tools.paper import describe, matching_cells, schedule_differences
-from contsup.config.recipe import read_toml
+from contsup.config.reading import read_toml
 from contsup.core.registry import Registries
 from contsup.training.rundir import METRICS_FILE, MODEL_FILE, RECIPE_FILE, atomic_write, read_metrics
 

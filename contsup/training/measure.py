@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from contsup.model.memory import SavedStorages, module_tensors, storage_bytes, storage_key
+from contsup.model.saved import SavedStorages, module_tensors, storage_bytes, storage_key
 from contsup.training.strategies import StepStats
 
 

@@ -10,7 +10,8 @@ import attrs
 
 from contsup.training.checkpoint import checkpoint_dir, checkpoint_paths, describe, load_latest
 from contsup.errors import ContsupError
-from contsup.config.recipe import Recipe, SECTIONS, load_recipe
+from contsup.config.recipe import Recipe, load_recipe
+from contsup.config.schema import SECTIONS
 from contsup.core.registry import Registries
 from contsup.training.lock import RunLock
 from contsup.training.rundir import (
