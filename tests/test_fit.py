@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import contsup.training.fit as fit
-from contsup.cli import main, plan_data
+from contsup.cli import main
+from contsup.tools.plan import plan_data
 from contsup.training.fit import check_fits, estimate_need
 
 from conftest import ROOT, small_recipe_text

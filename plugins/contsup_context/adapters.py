@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from contsup.adapters import (
-    OFFICIAL_ENCODER_WIDTH, InputEncoder, OfficialShortcutAdapter, ShortcutAdapter, official_adapter, paper_adapter, pool_to,
+    OFFICIAL_ENCODER_WIDTH, InputEncoder, OfficialShortcutAdapter, ShortcutAdapter, official_adapter, paper_adapter,
 )
+from contsup.layers import pool_to
 from contsup.types import Shape
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from contsup.adapters import autocast_state, chunkable, conv_bn_relu_backward_in_chunks
+from contsup.layers import autocast_state, chunkable, conv_bn_relu_backward_in_chunks
 from contsup.types import HeadSpec
 
 VARIANTS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")  # the recipe key's choices (HeadVariant; a test keeps them equal)
@@ -65,7 +65,7 @@ class AuxClassifier(nn.Module):
     def recompute_lean(self, h: torch.Tensor, scope: Callable[[], Any]) -> torch.Tensor | None:
         """``context.recompute_head``'s path for a one-conv head (``1c*f``): the output of
         ``self(h)``, keeping h and the pooled features for backward, which makes the conv+BN+ReLU
-        layer again in channel chunks (:func:`contsup.adapters.conv_bn_relu_backward_in_chunks`,
+        layer again in channel chunks (:func:`contsup.layers.conv_bn_relu_backward_in_chunks`,
         the plain gradients to the bit). None for other heads, or layers swapped in (a synchronised
         batch norm): the caller then checkpoints the whole head."""
         layers = list(self.features)
