@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "contsup end-to-end": lambda: e2e.step(x, y, StepStats(1), noop),
     }
     meter = LiveMemory(module_tensors(model))
-    with torch.autograd.graph.saved_tensors_hooks(meter._pack, meter._unpack):
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
         step()
     peaks = {"official code R1E": meter.peak, "contsup R1E": measure_live(greedy, x, y)["peak"],
              "contsup end-to-end": measure_live(e2e, x, y)["peak"]}

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from contsup.layers import RECOMPUTE_CHUNK, autocast_state, chunkable, conv_bn_relu_backward_in_chunks, pool_to
+from contsup.layers import RECOMPUTE_CHUNK, autocast_state, chunkable, conv_bn_relu, conv_bn_relu_backward_in_chunks, pool_to
 from contsup.types import Shape
 
 
@@ -65,12 +65,8 @@ class InputEncoder(nn.Module):
         hidden = hidden or c_out
         self.pool_first = pool_first
         self.channels_last = channels_last
-        self.conv1 = nn.Conv2d(c_in, hidden, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(hidden)
-        self.act1 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(hidden, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.act2 = nn.ReLU(inplace=True)
+        self.conv1, self.bn1, self.act1 = conv_bn_relu(c_in, hidden)
+        self.conv2, self.bn2, self.act2 = conv_bn_relu(hidden, c_out)
         self.pool = pool_to(target_shape[1:], source_shape[1:])
 
     def _uses_channels_last(self, x: torch.Tensor) -> bool:
@@ -176,9 +172,7 @@ class OfficialShortcutAdapter(nn.Module):
 
     def __init__(self, source_shape: Shape, target_shape: Shape) -> None:
         super().__init__()
-        self.conv = nn.Conv2d(source_shape[0], target_shape[0], 1, bias=False)
-        self.bn = nn.BatchNorm2d(target_shape[0])
-        self.act = nn.ReLU(inplace=True)
+        self.conv, self.bn, self.act = conv_bn_relu(source_shape[0], target_shape[0], kernel=1)
         self.pool = pool_to(target_shape[1:], source_shape[1:])
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.ReLU]:
+    """A convolution without bias ("same" padding for odd kernels), its batch norm and an in-place
+    ReLU: three layers the caller registers under its own names (their state-dict keys)."""
+    conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False)
+    return conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+
+
 def pool_to(size: tuple[int, int], source_size: tuple[int, int]) -> nn.Module:
     """Adaptive average pooling from ``source_size`` to ``size`` (H, W); the identity when they match."""
     return nn.Identity() if tuple(size) == tuple(source_size) else nn.AdaptiveAvgPool2d(tuple(size))
@@ -82,4 +89,4 @@ def conv_bn_relu_backward_in_chunks(
     return d_h, w_grad.to(conv.weight.dtype), bn_weight_grad, bn_bias_grad
 
 
-__all__ = ["pool_to", "RECOMPUTE_CHUNK", "autocast_state", "chunkable", "conv_bn_relu_backward_in_chunks"]
+__all__ = ["conv_bn_relu", "pool_to", "RECOMPUTE_CHUNK", "autocast_state", "chunkable", "conv_bn_relu_backward_in_chunks"]

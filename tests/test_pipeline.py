@@ -164,10 +164,10 @@ def test_context_tensors_crossing_a_stage_boundary_arrive_intact(registries, tmp
         seen.setdefault(f"h{j}", hc.detach().clone())
         original_add(self, j, hc)
 
-    def step(self, x, y, stats, check):
+    def step(self, x, y, stats, check, *weight):
         seen.setdefault("x", x.clone())
         seen.setdefault("y", y.clone())
-        original_step(self, x, y, stats, check)
+        original_step(self, x, y, stats, check, *weight)
 
     trainer.network.blocks[1].body.register_forward_hook(lambda mod, inp, out: seen.setdefault("h2_out", out.detach().clone()))
     monkeypatch.setattr(ContextStore, "add", add)

@@ -71,20 +71,22 @@ class PartitionOptions:
 
 @attrs.frozen
 class ContextOptions:
-    """Keys common to every context selector: what the context adapters keep for backward."""
+    """Keys common to every context selector: what the context adapters and heads keep for backward.
+
+    Recomputing is activation checkpointing of the adapters (or heads) alone: the same gradients,
+    one more forward of each per step, and batch-norm running statistics as the forward left
+    them. The official M_E recomputes its second layer 16 output channels at a time, so its
+    memory no longer adds to the module body's. Of the heads, the paper's one-conv heads (1c*f)
+    recompute their conv layer in channel chunks too, which lowers a step's peak; other heads are
+    recomputed whole while the module's units still hold theirs, which does not. docs/performance.md
+    measures both.
+    """
 
     recompute: bool = option(
-        False, doc="the context adapters keep no activations for backward and run again during it (activation "
-        "checkpointing of the adapters alone; the official M_E recomputes its second layer 16 output channels at a "
-        "time): the same gradients, the adapters' memory no longer adds to the body's, one more adapter forward per "
-        "step; the recomputation leaves batch-norm running statistics as the "
-        "forward left them (docs/performance.md)",
+        False, doc="the context adapters keep only their inputs for backward and run again during it",
     )
     recompute_head: bool = option(
-        False, doc="the same for each module's head (the auxiliary classifier, and the backbone's head of the "
-        "last module): it keeps only its input through the forward; the paper's one-conv heads (1c*f) recompute "
-        "their conv layer 16 channels at a time, which lowers a step's peak; other heads are recomputed whole, "
-        "while the module's units still hold theirs, which does not (docs/performance.md)",
+        False, doc="each module's head (auxiliary, or the backbone's for the last module) keeps only its input and runs again in backward",
     )
 
 
@@ -205,7 +207,7 @@ class Chosen:
 
 
 @attrs.frozen
-class Stage:
+class ModuleRange:
     """Modules ``first``..``last`` (1-based, inclusive) and the components they use."""
 
     first: int
@@ -215,7 +217,7 @@ class Stage:
     decoder: Chosen | None
 
     def table(self, defaults: "Recipe") -> dict[str, Any]:
-        """This stage as a ``[[modules]]`` entry: the range and the tables that differ from the
+        """This range as a ``[[modules]]`` entry: the range and the tables that differ from the
         recipe's own sections."""
         out: dict[str, Any] = {"range": [self.first, self.last]}
         for name in ("context", "objective", "decoder"):
@@ -249,7 +251,7 @@ class Recipe:
     decoder: Chosen | None
     optimizer: Chosen
     schedule: Chosen
-    stages: tuple[Stage, ...] = ()  # from [[modules]]; empty: every module uses the sections above
+    ranges: tuple[ModuleRange, ...] = ()  # from [[modules]]; empty: every module uses the sections above
     log: LogOptions = attrs.field(factory=LogOptions)
     context_options: ContextOptions = attrs.field(factory=ContextOptions)  # [context]'s own keys
     backlink: BacklinkOptions = attrs.field(factory=BacklinkOptions)
@@ -276,29 +278,29 @@ class Recipe:
         for name, own, chosen in pairs:
             if chosen is not None:
                 out[name] = _chosen_table(chosen, own)
-        if self.stages:
-            out["modules"] = [stage.table(self) for stage in self.stages]
+        if self.ranges:
+            out["modules"] = [r.table(self) for r in self.ranges]
         out["log"] = as_table(self.log)
         out["backlink"] = as_table(self.backlink)
         out["distributed"] = as_table(self.distributed)
         return out
 
-    def stage(self, module: int) -> Stage:
+    def module_range(self, module: int) -> ModuleRange:
         """The components of 1-based ``module``: its ``[[modules]]`` range, else the sections."""
-        for stage in self.stages:
-            if stage.first <= module <= stage.last:
-                return stage
-        return Stage(1, self.partition.modules, self.context, self.objective, self.decoder)
+        for r in self.ranges:
+            if r.first <= module <= r.last:
+                return r
+        return ModuleRange(1, self.partition.modules, self.context, self.objective, self.decoder)
 
     def providers(self) -> dict[str, dict[str, str]]:
         """``{plugin: {table: name}}``: which plugin provides each component the recipe names
         (``{"contsup_context": {"context": "R1E"}}``); ``[[modules]]`` tables as ``modules[i].context``."""
         chosen = [("data", self.dataset), ("backbone", self.backbone), ("partition", self.partitioner),
                   ("context", self.context), ("objective", self.objective), ("decoder", self.decoder)]
-        for i, stage in enumerate(self.stages):
+        for i, r in enumerate(self.ranges):
             for name in ("context", "objective", "decoder"):
-                if getattr(stage, name) != getattr(self, name):
-                    chosen.append((f"modules[{i}].{name}", getattr(stage, name)))
+                if getattr(r, name) != getattr(self, name):
+                    chosen.append((f"modules[{i}].{name}", getattr(r, name)))
         out: dict[str, dict[str, str]] = {}
         for table, c in chosen:
             if c is not None and c.plugin != "contsup":  # "contsup": the engine's own (optimizers, schedules)

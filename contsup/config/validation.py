@@ -11,8 +11,9 @@ from typing import Any, Mapping, Sequence
 import attrs
 
 from contsup.config.optim import optimizers, schedules
+from contsup.config.parts import build_parts, too_many_modules
 from contsup.config.presets import apply_preset
-from contsup.config.schema import SECTION, SECTIONS, STAGE_KEYS, TOP_LEVEL_KEYS, Chosen, Recipe, Section, Stage
+from contsup.config.schema import SECTION, SECTIONS, STAGE_KEYS, TOP_LEVEL_KEYS, Chosen, ModuleRange, Recipe, Section
 from contsup.core.registry import Registries, Registry, UnknownName
 from contsup.core.requirements import check_requirements
 from contsup.errors import ContsupError, RecipeError
@@ -119,10 +120,10 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
         problems += section_problems
     if parts["run"]["own"] is not None:  # a missing plugin explains the problems it causes: first
         problems[:0] = check_requirements(parts["run"]["own"].requires, registries.plugins, f"{source}: run.requires")
-    stages: tuple[Stage, ...] = ()
+    ranges: tuple[ModuleRange, ...] = ()
     if "modules" in data:
-        stages, stage_problems = _read_stages(data["modules"], parts, source, registries)
-        problems += stage_problems
+        ranges, range_problems = _read_ranges(data["modules"], parts, source, registries)
+        problems += range_problems
     problems += _cross_checks(parts, source)
     problems += _distributed_checks(parts, source)
     if problems:
@@ -140,7 +141,7 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
         decoder=parts["decoder"]["chosen"],
         optimizer=parts["optimizer"]["chosen"],
         schedule=parts["schedule"]["chosen"],
-        stages=stages,
+        ranges=ranges,
         log=parts["log"]["own"],
         context_options=parts["context"]["own"],
         backlink=parts["backlink"]["own"],
@@ -171,15 +172,15 @@ def _span(a: int, b: int) -> str:
     return str(a) if a == b else f"{a}..{b}"
 
 
-def _read_stages(
+def _read_ranges(
     items: Any, parts: Mapping[str, Mapping[str, Any]], source: str, registries: Registries
-) -> tuple[tuple[Stage, ...], list[str]]:
+) -> tuple[tuple[ModuleRange, ...], list[str]]:
     """Validate ``[[modules]]``: each entry's range and tables; ranges must tile 1..K."""
     where = f"{source}: modules"
     if not isinstance(items, list) or not all(isinstance(i, Mapping) for i in items) or not items:
         return (), [f"{where}: expected [[modules]] tables, each with range = [first, last]"]
     problems: list[str] = []
-    stages, ranges = [], []
+    found, ranges = [], []
     for i, item in enumerate(items):
         at = f"{where}[{i}]"
         for key in item:
@@ -212,11 +213,11 @@ def _read_stages(
             chosen[name] = part["chosen"]
         ranges.append((bounds[0], bounds[1]))
         if len(chosen) == 3 and chosen["context"] is not None and chosen["objective"] is not None:
-            stages.append(Stage(bounds[0], bounds[1], chosen["context"], chosen["objective"], chosen["decoder"]))
+            found.append(ModuleRange(bounds[0], bounds[1], chosen["context"], chosen["objective"], chosen["decoder"]))
     partition = parts["partition"]["own"]
     if partition is not None and len(ranges) == len(items):
         problems += [f"{where}: {p}" for p in check_tiling(ranges, partition.modules)]
-    return tuple(sorted(stages, key=lambda s: s.first)), problems
+    return tuple(sorted(found, key=lambda r: r.first)), problems
 
 
 def count_units(backbone: Chosen, dataset: Chosen) -> int:
@@ -235,10 +236,7 @@ def _count_units_cached(backbone: Chosen, dataset: Chosen) -> int:
 def _count_units(backbone: Chosen, dataset: Chosen) -> int:
     import torch  # here, not at the top: `contsup list` reads the registries and needs no torch
 
-    info = dataset.create().info()
-    with torch.device("meta"):
-        parts = backbone.create().build(tuple(info.input_shape), info.num_classes)
-    return len(parts.units)
+    return len(build_parts(backbone, dataset, within=torch.device("meta"), trace=False).units)
 
 
 def _cross_checks(parts: Mapping[str, Mapping[str, Any]], source: str) -> list[str]:
@@ -252,12 +250,8 @@ def _cross_checks(parts: Mapping[str, Mapping[str, Any]], source: str) -> list[s
         n = count_units(backbone, dataset)
     except ContsupError as exc:
         return [f"{source}: {line}" for line in exc.lines]
-    if k > n:
-        return [
-            f"{source}: partition.modules: {k} is more than the {n} minimal units of backbone "
-            f"'{backbone.use}'; use 1..{n}"
-        ]
-    return []
+    problem = too_many_modules(k, n, backbone.use)
+    return [f"{source}: {problem}"] if problem else []
 
 
 def _distributed_checks(parts: Mapping[str, Mapping[str, Any]], source: str) -> list[str]:

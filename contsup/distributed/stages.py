@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 import torch
 
-from contsup.training.parallel import TrainerView
+from contsup.training.processes import Setup
 from contsup.training.precision import to_memory_format
 from contsup.training.strategies import StepStats, make_strategy
 
@@ -97,16 +97,16 @@ def crossing(network: Any, after: int) -> Crossing:
     return Crossing(after, any(needs_input(m) for m in later), tuple(features))
 
 
-def measure_module_costs(trainer: TrainerView, batch: int, repeats: int = 3) -> tuple[float, ...]:
+def measure_module_costs(setup: Setup, batch: int, repeats: int = 3) -> tuple[float, ...]:
     """Seconds one greedy step of each module takes on a micro-batch of ``batch`` random images
     (the median of ``repeats`` after one warm-up), on a copy of the network and its strategy."""
-    network = copy.deepcopy(trainer.network).train()
-    strategy = make_strategy(trainer.recipe, network, trainer.steps_per_epoch, trainer.precision)
-    info, device = trainer.built.info, trainer.device
+    network = copy.deepcopy(setup.network).train()
+    strategy = make_strategy(setup.recipe, network, setup.steps_per_epoch, setup.precision)
+    info, device = setup.built.info, setup.device
     g = torch.Generator().manual_seed(0)
     x = torch.randn((batch, *info.input_shape), generator=g).to(device)
     y = torch.randint(0, info.num_classes, (batch,), generator=g).to(device)
-    x = to_memory_format(x, trainer.channels_last)
+    x = to_memory_format(x, setup.channels_last)
     stats = StepStats(network.num_modules)
     times: list[list[float]] = [[] for _ in network.blocks]
     devices = [device.index or 0] if device.type == "cuda" else []

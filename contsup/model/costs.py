@@ -23,8 +23,9 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from contsup.config.recipe import Recipe
 from contsup.errors import one_line
-from contsup.model.components import Components, make_adapter, module_components, selector_sources
+from contsup.model.components import Components, last_uses, make_adapter, module_components, selector_sources
 from contsup.model.saved import METHODS, Method, Piece, PieceKind, measure_piece
+from contsup.partition import even_split
 from contsup.protocols import ContextSelector
 from contsup.types import Costs, DatasetInfo, HeadSpec, NetworkLayout, Shape, Source
 
@@ -62,23 +63,13 @@ def starts_of(sizes: Sequence[int]) -> list[int]:
     return out
 
 
-def last_uses(sources: Sequence[Sequence[Source]]) -> dict[int, int]:
-    """For each feature h_j^c some module uses: the last (1-based) module that uses it."""
-    out: dict[int, int] = {}
-    for l, srcs in enumerate(sources, start=1):
-        for s in srcs:
-            if not s.is_input:
-                out[s.index] = max(out.get(s.index, 0), l)
-    return out
-
-
 class _HeadLoss(nn.Module):
     """A head piece as one module: the head's loss on h, plus the decoder's on x when there is one."""
 
     def __init__(self, head: nn.Module, loss: Callable, decoder: nn.Module | None = None, decoder_loss: Callable | None = None) -> None:
         super().__init__()
         self.head, self.decoder = head, decoder
-        self._losses = (loss, decoder_loss)  # a tuple: a loss that is a module stays unregistered, as it was
+        self._losses = (loss, decoder_loss)  # a tuple: a loss that is a module stays out of the parameters
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss, decoder_loss = self._losses
@@ -152,7 +143,7 @@ class CostModel:
         self.shapes = [tuple(s) for s in shapes]
         self.in_shapes = unit_input_shapes(self.input_shape, self.shapes)
         self.n = len(self.shapes)
-        self._staged = bool(recipe.stages)
+        self._staged = bool(recipe.ranges)
         self._components = module_components(recipe, self.k)
         self._final_head = parts.head
         self._unit_modules = tuple(parts.units)
@@ -172,19 +163,19 @@ class CostModel:
         self._heads: dict[tuple, Piece] = {}
         self._adapters: dict[tuple, Piece] = {}
 
-    def components(self, l: int, k: int) -> Components:
+    def components(self, module: int, k: int) -> Components:
         """Module l's selector, objective and decoder, those of its stage (a recipe's ``[[modules]]``
         ranges are for its own K; without them every module of any K shares the sections')."""
         if self._staged and k != self.k:
             raise ValueError(f"the recipe's [[modules]] ranges are for K = {self.k}, not K = {k}")
-        return self._components[min(l, self.k) - 1]
+        return self._components[min(module, self.k) - 1]
 
     def sources(self, k: int, sizes: Sequence[int] | None = None) -> list[tuple[Source, ...]]:
         """Each module's sources for the split ``sizes`` (default: the even split), chosen by its
         own stage's selector; a layout-aware selector is given that split's layout."""
         sizes = tuple(sizes) if sizes is not None else even_split(self.n, k)
         layout = NetworkLayout.from_split(self.input_shape, self.shapes, sizes)
-        return [selector_sources(self.components(l, k).selector, l, k, layout) for l in range(1, k + 1)]
+        return [selector_sources(self.components(module, k).selector, module, k, layout) for module in range(1, k + 1)]
 
     # measuring
 
@@ -340,7 +331,7 @@ class CostModel:
 
     def module_cost(
         self,
-        l: int,
+        module: int,
         i: int,
         j: int,
         sources: Sequence[Source],
@@ -352,9 +343,9 @@ class CostModel:
         """Module l of k over units i..j with ``sources``; ``feature_starts[m]`` is the first unit
         of module m+1 (whose input is h_m^c); ``kept`` the features the store holds meanwhile;
         ``previous_start`` the first unit of module l-1 (where BackLink's span may begin)."""
-        parts = self.components(l, k)
-        w_rec = parts.decoder.weights(l, k)[0] if parts.decoder is not None and l < k else 0.0
-        head = self.head(j, parts, with_decoder=w_rec != 0.0, module=l, k=k)
+        parts = self.components(module, k)
+        w_rec = parts.decoder.weights(module, k)[0] if parts.decoder is not None and module < k else 0.0
+        head = self.head(j, parts, with_decoder=w_rec != 0.0, module=module, k=k)
         units = sum(self.units[u].own for u in range(i, j + 1))
         units += sum(self.boundary(u) for u in range(i, j)) + self.out_term(j, head)
         named: dict[str, int] = {}
@@ -366,7 +357,7 @@ class CostModel:
             return f"h{m}", self.in_bytes[start], self.in_shapes[start]
 
         if "in" in self.units[i].saves:
-            name, size = ("x", self.x_bytes) if l == 1 else (f"h{l - 1}", self.in_bytes[i])
+            name, size = ("x", self.x_bytes) if module == 1 else (f"h{module - 1}", self.in_bytes[i])
             named[name] = size
         if "x" in head.saves:
             named["x"] = self.x_bytes
@@ -385,7 +376,7 @@ class CostModel:
                 name, size, _ = feature(m)
                 named[name] = size
         inputs = sum(named.values())
-        linked = sum(self.unit_bytes(u) for u in range(max(previous_start, i - self.backlink), i)) if self.backlink and l > 1 else 0
+        linked = sum(self.unit_bytes(u) for u in range(max(previous_start, i - self.backlink), i)) if self.backlink and module > 1 else 0
         # with context.recompute the adapters' own activations are made again in backward, after
         # the units' backward has freed theirs: what training keeps through the forward leaves them out
         total = units + head.own + (0 if self.recompute else adapters) + inputs + linked
@@ -393,7 +384,7 @@ class CostModel:
         if timed:
             ms += sum(self.units[u].ms or 0.0 for u in range(i, j + 1)) + (head.ms or 0.0)
         breakdown = {"units": units, "head": head.own, "adapters": adapters, "inputs": inputs, "backlink": linked}
-        return ModuleCost(l, (i, j), int(total), ms if timed else None, breakdown, params)
+        return ModuleCost(module, (i, j), int(total), ms if timed else None, breakdown, params)
 
     def plan_costs(self, sizes: Sequence[int]) -> list[ModuleCost]:
         """Every module's cost for the split ``sizes``, with its true sources and their shapes."""
@@ -403,10 +394,10 @@ class CostModel:
         last_use = last_uses(sources)
         feature_starts = {m: starts[m] for m in range(1, k)}
         out = []
-        for l, (start, size) in enumerate(zip(starts, sizes), start=1):
-            kept = [m for m in range(1, l) if last_use.get(m, 0) >= l]
-            previous = starts[l - 2] if l > 1 else 0
-            out.append(self.module_cost(l, start, start + size - 1, sources[l - 1], feature_starts, kept, k, previous))
+        for module, (start, size) in enumerate(zip(starts, sizes), start=1):
+            kept = [m for m in range(1, module) if last_use.get(m, 0) >= module]
+            previous = starts[module - 2] if module > 1 else 0
+            out.append(self.module_cost(module, start, start + size - 1, sources[module - 1], feature_starts, kept, k, previous))
         return out
 
     def costs(self, k: int | None = None, like: Sequence[int] | None = None) -> Costs:
@@ -426,13 +417,13 @@ class CostModel:
         last_use = last_uses(sources)
         overhead = []
         for i in range(n):
-            l = 1 if i == 0 else min(k, max(2, max(m for m, s in enumerate(est_starts, start=1) if s <= i)))
-            feature_starts = {m: est_starts[m] for m in range(1, l - 1)}
-            feature_starts[l - 1] = i
-            kept = [m for m in range(1, l) if last_use.get(m, 0) >= l]
+            module = 1 if i == 0 else min(k, max(2, max(m for m, s in enumerate(est_starts, start=1) if s <= i)))
+            feature_starts = {m: est_starts[m] for m in range(1, module - 1)}
+            feature_starts[module - 1] = i
+            kept = [m for m in range(1, module) if last_use.get(m, 0) >= module]
             row = []
             for j in range(i, n):
-                cost = self.module_cost(l, i, j, sources[l - 1], feature_starts, kept, k, est_starts[l - 2] if l > 1 else 0)
+                cost = self.module_cost(module, i, j, sources[module - 1], feature_starts, kept, k, est_starts[module - 2] if module > 1 else 0)
                 row.append(float(cost.bytes) - sum(units[i : j + 1]))
             overhead.append(tuple(row))
         return Costs(units, tuple(overhead))
@@ -442,10 +433,4 @@ class CostModel:
         return max(c.bytes for c in self.plan_costs(sizes))
 
 
-def even_split(n: int, k: int) -> tuple[int, ...]:
-    """K unit counts as equal as possible, earlier modules one fewer (the uniform partitioner's cut)."""
-    base, extra = divmod(n, k)
-    return tuple(base + (1 if i >= k - extra else 0) for i in range(k))
-
-
-__all__ = ["CostModel", "ModuleCost", "even_split", "starts_of", "last_uses", "unit_input_shapes"]
+__all__ = ["CostModel", "ModuleCost", "even_split", "starts_of", "last_uses", "unit_input_shapes"]  # even_split: re-exported

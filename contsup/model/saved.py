@@ -60,18 +60,18 @@ class SavedStorages:
         self.saved: dict[StorageKey, tuple[int, Any]] = {}
         self._hooks: Any = None
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
         key = storage_key(t)
         if key is not None and key not in self.exclude and key not in self.saved:
             self.saved[key] = (storage_bytes(t), t.untyped_storage())
         return t
 
     @staticmethod
-    def _unpack(t: torch.Tensor) -> torch.Tensor:
+    def unpack(t: torch.Tensor) -> torch.Tensor:
         return t
 
     def __enter__(self) -> "SavedStorages":
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         self._hooks.__enter__()
         return self
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from contsup.model.components import selector_sources
-from contsup.model.network import _check_sources as check_module_sources, network_layout as layout_of
+from contsup.model.network import check_sources as check_module_sources, network_layout as layout_of
 from contsup.core.plugins import PluginInfo, PluginManager, get_plugin_manager
 from contsup.config.recipe import Recipe, load_recipe, loads_recipe
 from contsup.core.registry import Registries

@@ -75,9 +75,9 @@ def backlink_spans(sizes: Sequence[int], units: int) -> list[tuple[int, int] | N
     fewer); None for the last module and when ``units`` is 0."""
     out: list[tuple[int, int] | None] = []
     start = 0
-    for l, n in enumerate(sizes, start=1):
+    for module, n in enumerate(sizes, start=1):
         last = start + n - 1
-        out.append((max(start, last - units + 1), last) if units > 0 and l < len(sizes) else None)
+        out.append((max(start, last - units + 1), last) if units > 0 and module < len(sizes) else None)
         start += n
     return out
 
@@ -115,7 +115,7 @@ def plan_data(recipe: Any) -> dict:
     spans = backlink_spans([p.units for p in built.plans], link)
     modules = []
     for plan, m in zip(built.plans, built.network.blocks):
-        stage = recipe.stage(plan.index)
+        stage = recipe.module_range(plan.index)
         last = plan.index == k
         w_rec, w_local = m.weights
         details = []
@@ -215,7 +215,7 @@ def plan_main(recipe: Any, as_json: bool) -> int:
     if as_json:
         print(json.dumps(data, indent=2))
         return 0
-    varied = bool(recipe.stages) or recipe.decoder is not None
+    varied = bool(recipe.ranges) or recipe.decoder is not None
     header = ["module", "units", "unit range", "sources", "params", "output shape"]
     if varied:
         header += ["context", "objective", "head", "decoder (w_rec, w_local)"]
@@ -240,7 +240,7 @@ def plan_main(recipe: Any, as_json: bool) -> int:
             b = m["backlink"]
             row.append(f"{b['unit_range'][0]}-{b['unit_range'][1]} (+ loss {b['trained_by']})" if b else "-")
         rows.append(tuple(row))
-    context = "per [[modules]] range" if recipe.stages else recipe.context.use
+    context = "per [[modules]] range" if recipe.ranges else recipe.context.use
     print(
         f"{data['backbone']}: {data['num_units']} units, input "
         f"{'x'.join(str(d) for d in data['input_shape'])}, {len(data['modules'])} modules, context {context}"

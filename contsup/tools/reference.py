@@ -72,6 +72,12 @@ def summary(obj: object) -> str:
     return " ".join(text.split("\n\n")[0].split())
 
 
+def description(obj: object) -> list[str]:
+    """Every paragraph of ``obj``'s docstring, each on one line, a blank line after each."""
+    text = (obj.__doc__ or "").strip()
+    return [line for para in text.split("\n\n") for line in (" ".join(para.split()), "")]
+
+
 def recipe_reference(registries: Registries) -> str:
     """The Markdown text of docs/recipes.md."""
     lines = [INTRO]
@@ -88,8 +94,7 @@ def recipe_reference(registries: Registries) -> str:
             lines.append(f"`use` names the {section.label} ({default}).")
             lines.append("")
         if attrs.fields(section.own):
-            lines.append(summary(section.own))
-            lines.append("")
+            lines += description(section.own)
             lines += _options_table(section.own)
         if section.kind is None:
             continue

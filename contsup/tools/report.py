@@ -105,7 +105,7 @@ def _trained_modules(run: RunResult) -> list[bool]:
     """Whether each module's head was trained (end-to-end runs train only the last)."""
     k = len(run.final.get("test_local_acc_pct") or [])
     losses = [m.get("train_loss") or [None] * k for m in run.metrics]
-    return [any(l[i] is not None for l in losses if i < len(l)) for i in range(k)]
+    return [any(module[i] is not None for module in losses if i < len(module)) for i in range(k)]
 
 
 def _mean_series(row: Row, key: str) -> list[list[float | None]]:

@@ -72,7 +72,7 @@ class Run:
 
 
 def _literal(value: Any) -> str:
-    return tomlw._scalar(value)
+    return tomlw.value_literal(value)
 
 
 def _flatten_axes(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

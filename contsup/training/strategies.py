@@ -22,16 +22,17 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from contsup.config.optim import lr_scheduler
 from contsup.errors import ContsupError
 from contsup.model.network import ContextModule, ContextStore, GreedyNetwork
+from contsup.partition import even_split
+from contsup.training.evaluation import EvalCounts, evaluation_counts
+from contsup.training.optimizers import ModuleOptimizer, SyncGradients, load_states, no_sync, states
 from contsup.training.precision import Precision
 
 if TYPE_CHECKING:
     from contsup.config.recipe import Recipe
 
 Check = Callable[[int, torch.Tensor], None]  # (module, loss): raises when the loss is unusable
-SyncGradients = Callable[[torch.optim.Optimizer], None]  # sums an optimizer's gradients over ranks
 
 
 @attrs.define
@@ -58,7 +59,7 @@ class StepStats:
             self.correct[i] += int((prediction == y).sum())
 
     def mean_loss(self) -> list[float | None]:
-        return [l / n if n else None for l, n in zip(self.loss, self.seen)]
+        return [module / n if n else None for module, n in zip(self.loss, self.seen)]
 
     def accuracy(self) -> list[float | None]:
         return [100.0 * c / n if n and c is not None else None for c, n in zip(self.correct, self.seen)]
@@ -84,27 +85,65 @@ class StepStats:
 
 
 class Strategy(Protocol):
-    """What the training loop asks of a way of learning."""
+    """What the training loop asks of a way of learning: a step on a batch, this process's test
+    counts, and the state a checkpoint keeps."""
 
     network: GreedyNetwork
-    optimizers: list[torch.optim.Optimizer]
-    schedulers: list[Any]
-    scalers: list[Any]
+    modules: tuple[int, ...]  # the (1-based) modules this process trains: all, but in a pipeline
     active_module: int | None  # the module being trained, for error messages (None: the whole network)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats, check: Check, weight: float = 1.0) -> None:
+    def step(self, x: torch.Tensor | None, y: torch.Tensor | None, stats: StepStats, check: Check, weight: float = 1.0) -> None:
         """One optimizer step on a batch x: (B, C, H, W), y: (B,); the loss is scaled by ``weight``
         (this process's share of a batch split over several)."""
+
+    def evaluate(self, loader: Any, device: torch.device, precision: Precision, channels_last: bool) -> EvalCounts:
+        """This process's test counts, the heads of :attr:`modules` in eval mode."""
+
+    def state(self) -> dict[str, Any]:
+        """``model`` (the whole network's state dict) and the optimizers', schedulers' and grad
+        scalers' states in module order, as checkpoints keep them."""
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from what :meth:`state` gave."""
 
     def lr(self) -> float:
         """The current learning rate (of the first module's optimizer)."""
 
 
-def _no_sync(_optimizer: torch.optim.Optimizer) -> None:
-    """One process: the gradients are already those of the whole batch."""
+class Updates:
+    """The :class:`ModuleOptimizer` s of a strategy and their parts, read as lists (``optimizers``,
+    ``schedulers``, ``scalers``), and the state every local strategy keeps."""
+
+    network: GreedyNetwork
+    updates: list[ModuleOptimizer]
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [u.optimizer for u in self.updates]
+
+    @property
+    def schedulers(self) -> list[Any]:
+        return [u.scheduler for u in self.updates]
+
+    @property
+    def scalers(self) -> list[Any]:
+        return [u.scaler for u in self.updates]
+
+    def lr(self) -> float:
+        return self.updates[0].lr
+
+    def evaluate(self, loader: Any, device: torch.device, precision: Precision, channels_last: bool) -> EvalCounts:
+        return evaluation_counts(self.network, loader, device, precision, channels_last)
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.network.state_dict(), **states(self.updates)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.network.load_state_dict(state["model"])
+        load_states(self.updates, state)
 
 
-class GreedyStrategy:
+class GreedyStrategy(Updates):
     """Trains every module on its own local loss, with one optimizer and schedule per module.
 
     ``precision`` (default fp32) adds autocast and one grad scaler per module; ``sync`` sums a
@@ -112,15 +151,16 @@ class GreedyStrategy:
 
     def __init__(
         self, network: GreedyNetwork, optimizer: Any, schedule: Any, total_steps: int, steps_per_epoch: int,
-        precision: Precision | None = None, sync: SyncGradients = _no_sync, backlink: int = 0,
+        precision: Precision | None = None, sync: SyncGradients = no_sync, backlink: int = 0,
     ) -> None:
         self.network = network
+        self.modules = tuple(range(1, network.num_modules + 1))
         self.backlink = int(backlink)
-        self.optimizers = [optimizer.build(m.parameters()) for m in network.blocks]
-        self.schedulers = [lr_scheduler(o, schedule, total_steps, steps_per_epoch) for o in self.optimizers]
         self.precision = precision or Precision()
-        self.scalers = [self.precision.scaler() for _ in self.optimizers]
-        self.sync = sync
+        self.updates = [
+            ModuleOptimizer(m.parameters(), optimizer, schedule, total_steps, steps_per_epoch, self.precision, sync)
+            for m in network.blocks
+        ]
         self.active_module: int | None = None
 
     def step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats, check: Check, weight: float = 1.0) -> None:
@@ -133,14 +173,6 @@ class GreedyStrategy:
             h = self.train_module(m, h, store, x, y, stats, check, weight)
         self.active_module = None
 
-    def _finish(self, i: int) -> None:
-        """Module i+1's optimizer and schedule step, on the gradients it has gathered."""
-        opt, scaler = self.optimizers[i], self.scalers[i]
-        self.sync(opt)
-        scaler.step(opt)
-        scaler.update()
-        self.schedulers[i].step()
-
     def _backlink_step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats, check: Check, weight: float) -> None:
         """A greedy step with BackLink: module l (l < K) runs its body as prefix -> suffix (its
         last N units), the suffix from a detached copy of the prefix's output. Its own loss
@@ -152,11 +184,11 @@ class GreedyStrategy:
         h, pending = x, None  # pending: the module whose step waits for the next one's backward
         for m in blocks:
             i = m.index - 1
-            opt, scaler = self.optimizers[i], self.scalers[i]
+            update = self.updates[i]
             self.active_module = m.index
             linked = m.index < len(blocks)
-            if pending is not None and scaler.is_enabled():  # module l's grads in module l's loss scale
-                ratio = float(self.scalers[pending].get_scale()) / float(scaler.get_scale())
+            if pending is not None and update.scaler.is_enabled():  # module l's grads in module l's loss scale
+                ratio = float(self.updates[pending].scaler.get_scale()) / float(update.scaler.get_scale())
                 h.register_hook(lambda g, r=ratio: g * r)
             with self.precision.autocast():
                 hc = m.enrich(h, store.gather(m.sources))
@@ -170,20 +202,19 @@ class GreedyStrategy:
                     out = m.body(hc)
                 result = m.loss(out, y, x)
             check(m.index, result.total)
-            opt.zero_grad(set_to_none=True)
-            loss = result.total if weight == 1.0 else result.total * weight
-            scaler.scale(loss).backward(retain_graph=linked)  # the suffix's graph waits for module l+1
+            update.zero_grad()
+            update.backward(result.total, weight, retain_graph=linked)  # the suffix's graph waits for module l+1
             if linked and p.requires_grad:
                 p.backward(p_in.grad)  # the prefix, adapters (and module l-1's span) from module l's loss
             if pending is not None:
-                self._finish(pending)
+                self.updates[pending].step()
             stats.add(m.index, float(result.local), result.prediction, y)
             store.release(m.index)
-            del result, loss
+            del result
             if linked:
                 h, pending = out, i
             else:
-                self._finish(i)
+                update.step()
         self.active_module = None
 
     def train_module(
@@ -194,28 +225,20 @@ class GreedyStrategy:
         backward and (when ``finish``) its own optimizer and schedule step. Returns its output
         detached, for the next module. ``begin``, ``finish`` and ``weight`` let micro-batches
         accumulate gradients into one step (the pipeline uses them)."""
-        i = m.index - 1
-        opt, sched, scaler = self.optimizers[i], self.schedulers[i], self.scalers[i]
+        update = self.updates[m.index - 1]
         self.active_module = m.index
         with self.precision.autocast():
             out = store.run(m, h)
             result = m.loss(out, y, x)
         check(m.index, result.total)
         if begin:
-            opt.zero_grad(set_to_none=True)
-        loss = result.total if weight == 1.0 else result.total * weight
-        scaler.scale(loss).backward()
+            update.zero_grad()
+        update.backward(result.total, weight)
         if finish:
-            self.sync(opt)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            update.step()
         stats.add(m.index, float(result.local), result.prediction, y)
         store.release(m.index)
         return out.detach()
-
-    def lr(self) -> float:
-        return self.optimizers[0].param_groups[0]["lr"]
 
 
 def split_body(m: ContextModule, units: int) -> tuple[nn.Module, nn.Module]:
@@ -240,19 +263,19 @@ def e2e_parameters(network: GreedyNetwork) -> list[nn.Parameter]:
     return params
 
 
-class EndToEndStrategy:
+class EndToEndStrategy(Updates):
     """Back-propagates the final cross-entropy through the whole network (adapters included)."""
 
     def __init__(
         self, network: GreedyNetwork, optimizer: Any, schedule: Any, total_steps: int, steps_per_epoch: int,
-        precision: Precision | None = None, sync: SyncGradients = _no_sync,
+        precision: Precision | None = None, sync: SyncGradients = no_sync,
     ) -> None:
         self.network = network
-        self.optimizers = [optimizer.build(e2e_parameters(network))]
-        self.schedulers = [lr_scheduler(self.optimizers[0], schedule, total_steps, steps_per_epoch)]
+        self.modules = tuple(range(1, network.num_modules + 1))
         self.precision = precision or Precision()
-        self.scalers = [self.precision.scaler()]
-        self.sync = sync
+        self.updates = [
+            ModuleOptimizer(e2e_parameters(network), optimizer, schedule, total_steps, steps_per_epoch, self.precision, sync)
+        ]
         self.active_module: int | None = None  # the whole network trains at once
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -265,26 +288,16 @@ class EndToEndStrategy:
             out = self.forward(x)
             result = last.loss(out, y, x)
         check(last.index, result.total)
-        opt, scaler = self.optimizers[0], self.scalers[0]
-        opt.zero_grad(set_to_none=True)
-        loss = result.total if weight == 1.0 else result.total * weight
-        scaler.scale(loss).backward()
-        self.sync(opt)
-        scaler.step(opt)
-        scaler.update()
-        self.schedulers[0].step()
+        update = self.updates[0]
+        update.zero_grad()
+        update.backward(result.total, weight)
+        update.step()
         stats.add(last.index, float(result.local), result.prediction, y)
-
-    def lr(self) -> float:
-        return self.optimizers[0].param_groups[0]["lr"]
 
 
 def segment_sizes(units: int, segments: int) -> list[int]:
     """``units`` split into ``segments`` contiguous groups, as equal as possible (larger first)."""
-    if not 1 <= segments <= units:
-        raise ValueError(f"segments must be between 1 and {units}, got {segments}")
-    base, extra = divmod(units, segments)
-    return [base + (1 if i < extra else 0) for i in range(segments)]
+    return list(even_split(units, segments, larger_first=True))
 
 
 class CheckpointStrategy(EndToEndStrategy):
@@ -298,7 +311,7 @@ class CheckpointStrategy(EndToEndStrategy):
 
     def __init__(
         self, network: GreedyNetwork, optimizer: Any, schedule: Any, total_steps: int, steps_per_epoch: int,
-        segments: int, precision: Precision | None = None, sync: SyncGradients = _no_sync,
+        segments: int, precision: Precision | None = None, sync: SyncGradients = no_sync,
     ) -> None:
         super().__init__(network, optimizer, schedule, total_steps, steps_per_epoch, precision=precision, sync=sync)
         if any(m.sources for m in network.blocks):
@@ -329,7 +342,7 @@ STRATEGIES = {"greedy": GreedyStrategy, "e2e": EndToEndStrategy}
 
 
 def make_strategy(
-    recipe: Recipe, network: GreedyNetwork, steps_per_epoch: int, precision: Precision, sync: SyncGradients = _no_sync
+    recipe: Recipe, network: GreedyNetwork, steps_per_epoch: int, precision: Precision, sync: SyncGradients = no_sync
 ) -> Strategy:
     """The recipe's strategy (``run.mode``), with its optimizer(s) and schedule(s) over the run."""
     extra = {"backlink": recipe.backlink.units} if recipe.run.mode == "greedy" and recipe.backlink.units else {}
@@ -340,6 +353,6 @@ def make_strategy(
 
 
 __all__ = [
-    "StepStats", "Strategy", "GreedyStrategy", "EndToEndStrategy", "CheckpointStrategy", "segment_sizes", "STRATEGIES",
+    "StepStats", "Strategy", "Updates", "GreedyStrategy", "EndToEndStrategy", "CheckpointStrategy", "segment_sizes", "STRATEGIES",
     "make_strategy", "e2e_parameters", "split_body",
 ]

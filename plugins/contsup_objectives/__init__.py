@@ -114,7 +114,7 @@ _HEADS = ("VARIANTS", "AuxClassifier", "Normalized")
 
 
 def __getattr__(name: str) -> Any:
-    """``from contsup_objectives import AuxClassifier`` still works: the heads, which live in
+    """The head classes (``from contsup_objectives import AuxClassifier``), which live in
     ``contsup_objectives.heads``, imported on first use (they need torch)."""
     if name in _HEADS:
         from contsup_objectives import heads
