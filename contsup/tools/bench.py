@@ -14,6 +14,7 @@ swapping which goes first) so that a busy machine slows both alike.
 
 from __future__ import annotations
 
+import copy
 import math
 import platform
 import resource
@@ -88,6 +89,147 @@ def default_segments(units: int, k: int) -> list[int]:
 RECOMPUTE = "context.recompute"  # the label of the variant `--recompute` adds
 
 
+@attrs.define
+class Contender:
+    """One configuration measured by the bench: its strategy and what was measured of it."""
+
+    name: str  # "greedy", "e2e", "ckpt<S>" or "variant:<label>"
+    strategy: Any
+    saved: list[int] | None = None  # saved-tensor bytes alive per backward pass (measure_step)
+    live: dict[str, int] = attrs.field(factory=dict)  # the live peak over the step (measure_live)
+    times: list[float] = attrs.field(factory=list)  # milliseconds per timed step
+    cuda: list[tuple[int, int]] = attrs.field(factory=list)  # per step: CUDA peak, peak over what was there
+    rss: int | None = None  # the process's peak RSS once it ran (CPU)
+
+
+@attrs.frozen
+class Field:
+    """What the bench trains: the contenders (greedy first, end to end second) and their shapes."""
+
+    contenders: dict[str, Contender]
+    sizes: list[int]  # the recipe's split
+    segments: list[int]  # checkpointing's segment counts
+    variants: list[tuple[str, Recipe]]
+    variant_sizes: dict[str, list[int]]
+    input_shape: list[int]
+
+
+def _field(
+    recipe: Recipe, baseline: Baseline, device: torch.device, total: int, segments: Sequence[int] | None,
+    variants: Sequence[tuple[str, Recipe]], recompute: bool,
+) -> Field:
+    """The recipe's greedy training, end to end (the plain backbone or the recipe's network),
+    checkpointing over S segments and the variants, all from the same initial backbone weights."""
+    seed_everything(recipe.run.seed)
+    built = build_network(recipe)
+    n = len(built.unit_shapes)
+    plain = attrs.evolve(recipe, partition=attrs.evolve(recipe.partition, modules=1))
+    if baseline == "backbone":
+        seed_everything(recipe.run.seed)  # the backbone is built first: the same initial weights
+        e2e_net = build_network(plain, costs=Costs.uniform(n)).network
+    elif baseline == "recipe":
+        e2e_net = copy.deepcopy(built.network)
+    else:
+        raise ValueError(f"baseline must be 'backbone' or 'recipe', got {baseline!r}")
+    seed_everything(recipe.run.seed)
+    ckpt_net = build_network(plain, costs=Costs.uniform(n)).network.to(device).train()
+    segments = default_segments(n, recipe.partition.modules) if segments is None else sorted(set(segments))
+    if recompute:
+        again = attrs.evolve(recipe, context_options=attrs.evolve(recipe.context_options, recompute=True))
+        variants = [*variants, (RECOMPUTE, again)]
+    optimizer, schedule = recipe.optimizer.create(), recipe.schedule.create()
+    contenders = {
+        "greedy": Contender("greedy", greedy_strategy(recipe, built.network.to(device).train(), total)),
+        "e2e": Contender("e2e", EndToEndStrategy(e2e_net.to(device).train(), optimizer, schedule, total, total)),
+    }
+    for s in segments:
+        contenders[f"ckpt{s}"] = Contender(f"ckpt{s}", CheckpointStrategy(ckpt_net, optimizer, schedule, total, total, s))
+    variant_sizes: dict[str, list[int]] = {}
+    for label, variant in variants:
+        seed_everything(variant.run.seed)
+        vbuilt = build_network(variant)
+        variant_sizes[label] = [p.units for p in vbuilt.plans]
+        name = f"variant:{label}"
+        contenders[name] = Contender(name, greedy_strategy(variant, vbuilt.network.to(device).train(), total))
+    sizes = [p.units for p in built.plans]
+    return Field(contenders, sizes, segments, list(variants), variant_sizes, list(built.info.input_shape))
+
+
+def _timed(c: Contender, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
+    """One step's milliseconds; on CUDA also its peak allocation (and peak over what was there)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    c.strategy.step(x, y, StepStats(c.strategy.network.num_modules), _no_check)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        c.cuda.append((int(peak), int(peak - base)))
+    return 1000.0 * (time.perf_counter() - start)
+
+
+def _no_check(module: int, loss: torch.Tensor) -> None:
+    """The bench's steps check no loss."""
+
+
+def _measure_memory(field: Field, batches: list, warmup: int, device: torch.device) -> None:
+    """Each contender's saved and live memory on the first batch, then its warm-up steps. Greedy
+    runs first (one counted step, then the warm-up), so that its peak RSS is read before any
+    end-to-end step has run; end to end's RSS is the larger of the two."""
+    x, y = batches[0]
+    for c in field.contenders.values():
+        if not c.name.startswith("ckpt"):  # checkpointing's backward is counted live only
+            c.saved = measure_step(c.strategy, x, y)
+        if c.name in ("greedy", "e2e"):
+            for i in range(warmup):
+                _timed(c, *batches[i], device)
+            c.rss = peak_rss_bytes()
+    for c in field.contenders.values():
+        c.live = measure_live(c.strategy, x, y)
+        if c.name not in ("greedy", "e2e"):
+            for i in range(warmup):
+                _timed(c, *batches[i], device)
+    for c in field.contenders.values():
+        c.cuda.clear()
+
+
+def _time_steps(field: Field, batches: list, warmup: int, steps: int, device: torch.device, say: Callable[[str], None]) -> None:
+    """``steps`` timed steps of every contender, taking turns in a rotating order (reversed every
+    other step) so that none always goes first and a busy machine slows all alike."""
+    order = list(field.contenders.values())
+    start = time.perf_counter()
+    for i in range(steps):
+        x, y = batches[warmup + i]
+        turn = order[i % len(order):] + order[: i % len(order)]
+        for c in turn if i % 2 == 0 else turn[::-1]:
+            c.times.append(_timed(c, x, y, device))
+        if (i + 1) % max(1, steps // 5) == 0 or i + 1 == steps:
+            say(f"  step {i + 1}/{steps} [{time.perf_counter() - start:.1f}s]")
+
+
+def _figures(c: Contender, device: torch.device, saved: list[int], with_rss: bool) -> dict:
+    """One configuration's figures: saved and live peaks, step times, RSS on CPU, CUDA peaks."""
+    out = {
+        "saved_peak_bytes": max(saved),
+        "saved_per_backward_bytes": saved,
+        "live_peak_bytes": c.live["peak"],
+        "live_peak_forward_bytes": c.live["forward"],
+        "live_peak_backward_bytes": c.live["backward"],
+        # what the configuration keeps for backward at its worst moment: the larger of the two
+        "peak_bytes": max(max(saved), c.live["peak"]),
+        "step_ms_median": statistics.median(c.times),
+        "step_ms": c.times,
+    }
+    if device.type == "cpu" and with_rss and c.rss is not None:
+        out["peak_rss_bytes"] = c.rss
+    if c.cuda:
+        out["cuda_peak_bytes"] = max(p for p, _ in c.cuda)
+        out["cuda_step_peak_bytes"] = max(d for _, d in c.cuda)
+    return out
+
+
 def run_bench(
     recipe: Recipe,
     steps: int = 20,
@@ -115,157 +257,71 @@ def run_bench(
     log = log or sys.stderr
     device = device or resolve_device(recipe.run.device)
     say: Callable[[str], None] = lambda text: (log.write(text + "\n"), log.flush())
-    seed_everything(recipe.run.seed)
-    built = build_network(recipe)
-    sizes = [p.units for p in built.plans]
-    n = len(built.unit_shapes)
-    if baseline == "backbone":
-        seed_everything(recipe.run.seed)  # the backbone is built first: the same initial weights
-        plain = attrs.evolve(recipe, partition=attrs.evolve(recipe.partition, modules=1))
-        e2e_net = build_network(plain, costs=Costs.uniform(n)).network
-    elif baseline == "recipe":
-        import copy
-
-        e2e_net = copy.deepcopy(built.network)
-    else:
-        raise ValueError(f"baseline must be 'backbone' or 'recipe', got {baseline!r}")
-    seed_everything(recipe.run.seed)
-    plain = attrs.evolve(recipe, partition=attrs.evolve(recipe.partition, modules=1))
-    ckpt_net = build_network(plain, costs=Costs.uniform(n)).network.to(device).train()
-    segments = default_segments(n, recipe.partition.modules) if segments is None else sorted(set(segments))
-    greedy_net = built.network.to(device).train()
-    if recompute:
-        again = attrs.evolve(recipe, context_options=attrs.evolve(recipe.context_options, recompute=True))
-        variants = [*variants, (RECOMPUTE, again)]
-    e2e_net = e2e_net.to(device).train()
     total = warmup + steps + 1
-    optimizer, schedule = recipe.optimizer.create(), recipe.schedule.create()
-    greedy = greedy_strategy(recipe, greedy_net, total)
-    others: dict[str, Any] = {}
-    variant_sizes: dict[str, list[int]] = {}
-    for label, variant in variants:
-        seed_everything(variant.run.seed)
-        vbuilt = build_network(variant)
-        variant_sizes[label] = [p.units for p in vbuilt.plans]
-        others[f"variant:{label}"] = greedy_strategy(variant, vbuilt.network.to(device).train(), total)
-    e2e = EndToEndStrategy(e2e_net, optimizer, schedule, total, total)
-    ckpts = {f"ckpt{s}": CheckpointStrategy(ckpt_net, optimizer, schedule, total, total, s) for s in segments}
+    field = _field(recipe, baseline, device, total, segments, variants, recompute)
     batches = _batches(recipe, device, total)
-    noop = lambda module, loss: None  # noqa: E731
-
-    say(f"bench {recipe.source}: greedy {sizes} against end-to-end ({baseline}), {warmup} + {steps} steps each")
-    x, y = batches[0]
+    say(f"bench {recipe.source}: greedy {field.sizes} against end-to-end ({baseline}), {warmup} + {steps} steps each")
     rss_before = peak_rss_bytes()
+    _measure_memory(field, batches, warmup, device)
+    _time_steps(field, batches, warmup, steps, device, say)
+    result = {
+        "recipe": recipe.source,
+        "backbone": recipe.backbone.use,
+        "context": recipe.context.use,
+        "partitioner": recipe.partitioner.use,
+        "modules_k": recipe.partition.modules,
+        "sizes": field.sizes,
+        "batch_size": recipe.data.batch_size,
+        "input_shape": field.input_shape,
+        "device": str(device),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "steps": steps,
+        "warmup": warmup,
+        "baseline": baseline,
+        "rss_before_steps_bytes": rss_before if device.type == "cpu" else None,
+    }
+    return {**result, **_summary(recipe, field, device)}
 
-    cuda: dict[str, list[tuple[int, int]]] = {"greedy": [], "e2e": [], **{name: [] for name in [*ckpts, *others]}}
 
-    def timed(name: str, strategy: Any, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One step's milliseconds; on CUDA also its peak allocation (and peak over what was there)."""
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        start = time.perf_counter()
-        strategy.step(x, y, StepStats(strategy.network.num_modules), noop)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device)
-            cuda[name].append((int(peak), int(peak - base)))
-        return 1000.0 * (time.perf_counter() - start)
-
-    # greedy first (one counted step, then the warm-up), so that its peak RSS is read before any
-    # end-to-end step has run
-    greedy_saved = measure_step(greedy, x, y)
-    for i in range(warmup):
-        timed("greedy", greedy, *batches[i])
-    rss_greedy = peak_rss_bytes()
-    e2e_saved = measure_step(e2e, x, y)
-    for i in range(warmup):
-        timed("e2e", e2e, *batches[i])
-    rss_both = peak_rss_bytes()
-    live = {"greedy": measure_live(greedy, x, y), "e2e": measure_live(e2e, x, y)}
-    for name, strategy in ckpts.items():
-        live[name] = measure_live(strategy, x, y)
-        for i in range(warmup):
-            timed(name, strategy, *batches[i])
-    others_saved = {}
-    for name, strategy in others.items():
-        others_saved[name] = measure_step(strategy, x, y)
-        live[name] = measure_live(strategy, x, y)
-        for i in range(warmup):
-            timed(name, strategy, *batches[i])
-    for name in cuda:
-        cuda[name].clear()
-    times: dict[str, list[float]] = {name: [] for name in cuda}
-    start = time.perf_counter()
-    order = [("greedy", greedy), ("e2e", e2e), *ckpts.items(), *others.items()]
-    for i in range(steps):
-        x, y = batches[warmup + i]
-        turn = order[i % len(order) :] + order[: i % len(order)]  # rotating, so none always goes first
-        for name, strategy in turn if i % 2 == 0 else turn[::-1]:
-            times[name].append(timed(name, strategy, x, y))
-        if (i + 1) % max(1, steps // 5) == 0 or i + 1 == steps:
-            say(f"  step {i + 1}/{steps} [{time.perf_counter() - start:.1f}s]")
-
-    def side(name: str, saved: list[int], rss: int | None) -> dict:
-        out = {
-            "saved_peak_bytes": max(saved),
-            "saved_per_backward_bytes": saved,
-            "live_peak_bytes": live[name]["peak"],
-            "live_peak_forward_bytes": live[name]["forward"],
-            "live_peak_backward_bytes": live[name]["backward"],
-            # what the configuration keeps for backward at its worst moment: the larger of the two
-            "peak_bytes": max(max(saved), live[name]["peak"]),
-            "step_ms_median": statistics.median(times[name]),
-            "step_ms": times[name],
-        }
-        if device.type == "cpu" and rss is not None:
-            out["peak_rss_bytes"] = rss
-        if cuda[name]:
-            out["cuda_peak_bytes"] = max(p for p, _ in cuda[name])
-            out["cuda_step_peak_bytes"] = max(d for _, d in cuda[name])
-        return out
-
+def _summary(recipe: Recipe, field: Field, device: torch.device) -> dict:
+    """The figures of every configuration and their ratios to end to end."""
+    c = field.contenders
     fake = FakeTensorMode(allow_non_fake_inputs=True)  # counted from shapes, as contsup plan does: no arithmetic
     parts, shapes, info = recipe_parts(recipe, fake)
-    predicted = CostModel(recipe, parts, shapes, info, fake_mode=fake).plan_costs(sizes)
-    g = side("greedy", greedy_saved, rss_greedy)
-    e = side("e2e", e2e_saved, rss_both)
-    g["predicted_peak_bytes"] = max(c.bytes for c in predicted)
-    g["predicted_per_module_bytes"] = [c.bytes for c in predicted]
+    predicted = CostModel(recipe, parts, shapes, info, fake_mode=fake).plan_costs(field.sizes)
+    g = _figures(c["greedy"], device, c["greedy"].saved, True)
+    e = _figures(c["e2e"], device, c["e2e"].saved, True)
+    g["predicted_peak_bytes"] = max(m.bytes for m in predicted)
+    g["predicted_per_module_bytes"] = [m.bytes for m in predicted]
     ratios = {
         "saved_memory": g["saved_peak_bytes"] / e["saved_peak_bytes"],
         "step_time": g["step_ms_median"] / e["step_ms_median"],
         "measured_over_predicted": g["saved_peak_bytes"] / g["predicted_peak_bytes"],
     }
     checkpointing = []
-    for s in segments:
-        name = f"ckpt{s}"
-        c = side(name, [live[name]["forward"]], None)
-        c["segments"] = s
-        c["segment_sizes"] = ckpts[name].sizes
-        c["memory_ratio"] = c["peak_bytes"] / e["peak_bytes"]
-        c["step_time_ratio"] = c["step_ms_median"] / e["step_ms_median"]
-        checkpointing.append(c)
+    for s in field.segments:
+        ckpt = c[f"ckpt{s}"]
+        f = _figures(ckpt, device, [ckpt.live["forward"]], False)
+        f.update(segments=s, segment_sizes=ckpt.strategy.sizes)
+        checkpointing.append(_against(f, e))
     measured_variants = []
-    for label, variant in variants:
-        name = f"variant:{label}"
-        v = side(name, others_saved[name], None)
-        v.update(label=label, context=variant.context.use, backlink=variant.backlink.units,
-                 head=getattr(variant.objective.options, "head", None), sizes=variant_sizes[label],
+    for label, variant in field.variants:
+        v = c[f"variant:{label}"]
+        f = _figures(v, device, v.saved, False)
+        f.update(label=label, context=variant.context.use, backlink=variant.backlink.units,
+                 head=getattr(variant.objective.options, "head", None), sizes=field.variant_sizes[label],
                  recompute=variant.context_options.recompute)
-        v["memory_ratio"] = v["peak_bytes"] / e["peak_bytes"]
-        v["step_time_ratio"] = v["step_ms_median"] / e["step_ms_median"]
-        measured_variants.append(v)
+        measured_variants.append(_against(f, e))
     extra = {}
-    if recompute:  # the recompute variant's figures, under the names the targets read
+    if any(label == RECOMPUTE for label, _ in field.variants):  # under the names the targets read
         extra["greedy_recompute"] = rc = measured_variants[-1]
         ratios["greedy_recompute_memory"] = rc["memory_ratio"]
         ratios["greedy_recompute_step_time"] = rc["step_time_ratio"]
         ratios["greedy_recompute_over_greedy_step_time"] = rc["step_ms_median"] / g["step_ms_median"]
     k = recipe.partition.modules
-    at_k = next((c for c in checkpointing if c["segments"] == k), None)
-    best = min(checkpointing, key=lambda c: (c["peak_bytes"], c["step_ms_median"])) if checkpointing else None
+    at_k = next((f for f in checkpointing if f["segments"] == k), None)
+    best = min(checkpointing, key=lambda f: (f["peak_bytes"], f["step_ms_median"])) if checkpointing else None
     ratios["memory"] = g["peak_bytes"] / e["peak_bytes"]
     if at_k:
         ratios["checkpointing_k_memory"] = at_k["memory_ratio"]
@@ -276,29 +332,16 @@ def run_bench(
     if "cuda_step_peak_bytes" in g:
         ratios["cuda_memory"] = g["cuda_step_peak_bytes"] / e["cuda_step_peak_bytes"]
     return {
-        "recipe": recipe.source,
-        "backbone": recipe.backbone.use,
-        "context": recipe.context.use,
-        "partitioner": recipe.partitioner.use,
-        "modules_k": recipe.partition.modules,
-        "sizes": sizes,
-        "batch_size": recipe.data.batch_size,
-        "input_shape": list(built.info.input_shape),
-        "device": str(device),
-        "machine": machine(),
-        "torch": torch.__version__,
-        "steps": steps,
-        "warmup": warmup,
-        "baseline": baseline,
-        "rss_before_steps_bytes": rss_before if device.type == "cpu" else None,
-        "greedy": g,
-        "e2e": e,
-        **extra,
-        "checkpointing": checkpointing,
-        "checkpointing_best_segments": best["segments"] if best else None,
-        "variants": measured_variants,
-        "ratios": ratios,
+        "greedy": g, "e2e": e, **extra, "checkpointing": checkpointing,
+        "checkpointing_best_segments": best["segments"] if best else None, "variants": measured_variants, "ratios": ratios,
     }
+
+
+def _against(f: dict, e: dict) -> dict:
+    """``f`` with its memory and step time as ratios to end to end's ``e``."""
+    f["memory_ratio"] = f["peak_bytes"] / e["peak_bytes"]
+    f["step_time_ratio"] = f["step_ms_median"] / e["step_ms_median"]
+    return f
 
 
 def greedy_strategy(recipe: Recipe, network: Any, total: int) -> GreedyStrategy:
