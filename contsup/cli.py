@@ -338,8 +338,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    _line_buffered()
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except (ContsupError, KeyboardInterrupt, OSError) as exc:
         return report_failure(exc)
+
+
+def _line_buffered() -> None:
+    """Flush standard output at every line, as a terminal does, also into a pipe or a file: a
+    warning on standard error then stands where it was printed, not before every line of a
+    command's output (what ``contsup plan 2>&1 | less`` or a test reads)."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and not sys.stdout.line_buffering:
+        try:
+            reconfigure(line_buffering=True)
+        except (ValueError, OSError):  # a stream that cannot change (closed, or not a text file)
+            pass
