@@ -21,6 +21,7 @@ LIST_KINDS = {
     "objectives": "objectives",
     "decoders": "decoders",
     "datasets": "datasets",
+    "methods": "methods",
     "optimizers": "optimizers",
     "schedules": "schedules",
 }

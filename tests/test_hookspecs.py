@@ -45,7 +45,7 @@ def train(recipe, tmp_path, *plugins):
 
 
 def test_every_hook_has_a_section_and_a_test():
-    assert len(HOOKS) == 9
+    assert len(HOOKS) == 10
     documented = sections()
     tests = {name for name in globals() if name.startswith("test_hook_")}
     for hook in HOOKS:
@@ -114,6 +114,24 @@ def test_hook_register_decoders(tmp_path):
     assert out.shape == (2, 3, 16, 16)
     (metrics,) = train(recipe, tmp_path)
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics["train_loss"])
+
+
+def test_hook_register_methods(tmp_path):
+    plugin = example("register_methods")
+    assert registries(plugin).methods.entry("noisy_head").plugin == plugin.__name__
+    text = small_recipe_text(modules=3, train_size=16) + "\n[noisy_head]\nstd = 0.5\n"
+    recipe = validate_recipe(text, plugin)
+    assert recipe.method.use == "noisy_head"
+    network = build_network(recipe).network.train()
+    assert [m.part is not None for m in network.blocks] == [True, True, False]
+    h = torch.zeros(2, 16, 16, 16)
+    assert not torch.equal(network.blocks[0].feature(h), h)  # the head reads h with noise
+    assert torch.equal(network.blocks[0].eval().feature(h), h)
+    (metrics,) = train(recipe, tmp_path)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics["train_loss"])
+    assert validate_recipe(text.replace("0.5", "0.0"), plugin).method is None  # inactive: plain greedy
+    with pytest.raises(RecipeError, match="noisy_head.std: must be >= 0"):
+        validate_recipe(text.replace("0.5", "-1.0"), plugin)
 
 
 def test_hook_register_datasets(tmp_path):

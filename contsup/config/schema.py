@@ -102,18 +102,6 @@ class LogOptions:
 
 
 @attrs.frozen
-class BacklinkOptions:
-    """BackLink (Guo et al., 2023): module l+1's loss also trains the last units of module l
-    (docs/objectives.md)."""
-
-    units: int = option(
-        0, doc="N: module l+1's loss back-propagates into the last N units of module l (2 <= l+1 <= K) and stops "
-        "there; each of those units learns from the sum of both losses' gradients; 0: off (plain greedy)",
-        validator=at_least(0),
-    )
-
-
-@attrs.frozen
 class DistributedOptions:
     """Training on several processes started by torchrun (docs/distributed.md)."""
 
@@ -184,10 +172,10 @@ SECTIONS = (
     Section("optimizer", NoOptions, "optimizer", "optimizers", "sgd"),
     Section("schedule", NoOptions, "learning-rate schedule", "schedules", "cosine"),
     Section("log", LogOptions, "", None, None),
-    Section("backlink", BacklinkOptions, "", None, None),
     Section("distributed", DistributedOptions, "", None, None),
 )
 TOP_LEVEL_KEYS = ("extends", "modules", "preset")
+# Any other table names a training method (the registry of methods says which: docs/plugins/methods.md).
 SECTION = {s.name: s for s in SECTIONS}
 STAGE_KEYS = ("range", "context", "objective", "decoder")
 
@@ -254,8 +242,13 @@ class Recipe:
     ranges: tuple[ModuleRange, ...] = ()  # from [[modules]]; empty: every module uses the sections above
     log: LogOptions = attrs.field(factory=LogOptions)
     context_options: ContextOptions = attrs.field(factory=ContextOptions)  # [context]'s own keys
-    backlink: BacklinkOptions = attrs.field(factory=BacklinkOptions)
     distributed: DistributedOptions = attrs.field(factory=DistributedOptions)
+    methods: tuple[Chosen, ...] = ()  # the training methods' tables the recipe has, active or not
+
+    @property
+    def method(self) -> Chosen | None:
+        """The training method the recipe trains with (validation allows one at most), or None."""
+        return next((m for m in self.methods if m.create().active()), None)
 
     @property
     def name(self) -> str:
@@ -281,7 +274,8 @@ class Recipe:
         if self.ranges:
             out["modules"] = [r.table(self) for r in self.ranges]
         out["log"] = as_table(self.log)
-        out["backlink"] = as_table(self.backlink)
+        for m in self.methods:
+            out[m.use] = as_table(m.options)
         out["distributed"] = as_table(self.distributed)
         return out
 
@@ -296,7 +290,8 @@ class Recipe:
         """``{plugin: {table: name}}``: which plugin provides each component the recipe names
         (``{"contsup_context": {"context": "R1E"}}``); ``[[modules]]`` tables as ``modules[i].context``."""
         chosen = [("data", self.dataset), ("backbone", self.backbone), ("partition", self.partitioner),
-                  ("context", self.context), ("objective", self.objective), ("decoder", self.decoder)]
+                  ("context", self.context), ("objective", self.objective), ("decoder", self.decoder),
+                  *((m.use, m) for m in self.methods)]
         for i, r in enumerate(self.ranges):
             for name in ("context", "objective", "decoder"):
                 if getattr(r, name) != getattr(self, name):

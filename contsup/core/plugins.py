@@ -29,6 +29,7 @@ BUILTIN_PLUGINS = (
     "contsup_objectives",
     "contsup_decoders",
     "contsup_datasets",
+    "contsup_methods",
     "contsup_tensorboard",
 )
 

@@ -110,8 +110,29 @@ def recipe_reference(registries: Registries) -> str:
                 lines.append("Also reachable by name: " + ", ".join(f"`{e}`" for e in examples) + ".")
                 lines.append("")
             lines += _options_table(entry.component.Options)
+    lines += _methods_section(registries)
     lines.append(MODULES_SECTION)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _methods_section(registries: Registries) -> list[str]:
+    """The training methods: one table each, named after the method (docs/plugins/methods.md)."""
+    lines = [
+        "## Training methods: `[<method>]`",
+        "",
+        "A table named after a training method trains the recipe with it (one method at a time, greedily); "
+        "without one, the recipe trains plain greedy (or end to end). docs/plugins/methods.md says how a "
+        "method plugs into the greedy step.",
+        "",
+    ]
+    for name in registries.methods.names():
+        entry = registries.methods.entry(name)
+        lines += [f"### `[{name}]`", "", f"{summary(entry.component)} (plugin `{entry.plugin}`)", ""]
+        switch = getattr(entry.component, "switch", None)
+        if switch:
+            lines += [f"Off while `{switch}` is 0 (the table may then stay).", ""]
+        lines += _options_table(entry.component.Options)
+    return lines
 
 
 MODULES_SECTION = """## `[[modules]]`: hybrid schemes
