@@ -110,8 +110,12 @@ class Dataset(Protocol):
         """A map-style dataset of (x: (C, H, W) float tensor, y: int) pairs."""
 
     # Optional: ``classes() -> tuple[str, ...]``, the class names in label order; a run writes
-    # them to ``classes.json``. An item that cannot be read raises ``contsup.errors.UnreadableData``
-    # naming the file: the run stops on it with a checkpoint (exit status 1).
+    # them to ``classes.json``. ``image_transform() -> Callable[[PIL.Image.Image], Tensor]``: one
+    # image file -> the (C, H, W) tensor the test split would hold for it (``contsup predict``
+    # takes runs of datasets that have one); it raises ValueError saying what an image it cannot
+    # take is (its size, its mode) and what it takes. An item that cannot be read raises
+    # ``contsup.errors.UnreadableData`` naming the file: the run stops on it with a checkpoint
+    # (exit status 1).
 
 
 @runtime_checkable
