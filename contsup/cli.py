@@ -23,6 +23,7 @@ LIST_KINDS = {
     "datasets": "datasets",
     "optimizers": "optimizers",
     "schedules": "schedules",
+    "loggers": "loggers",
 }
 
 

@@ -119,6 +119,31 @@ class Dataset(Protocol):
 
 
 @runtime_checkable
+class Logger(Protocol):
+    """Records every epoch of a run somewhere besides metrics.jsonl (a file, a tracking server).
+    One instance per run, made from the recipe's ``[log.NAME]`` options when the run starts;
+    heavy packages are imported in ``on_run_start``, never at import time."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    def on_run_start(self, run: "RunState") -> None:
+        """Before the first epoch; ``run.epoch`` > 0 when a run resumes (forget what was logged
+        after that epoch: it is trained again)."""
+
+    def on_epoch_end(self, run: "RunState", epoch: int, metrics: dict) -> None:
+        """After every epoch, its metrics written and its checkpoint saved: ``metrics`` is the
+        epoch's line of metrics.jsonl."""
+
+    def on_run_end(self, run: "RunState", metrics: dict | None) -> None:
+        """After the last epoch (also when the run stopped early); ``metrics`` the last epoch's."""
+
+    # Optional: ``requires: ClassVar[tuple[tuple[str, str], ...]]``, (module, how to install it)
+    # pairs: a recipe naming the logger is refused at validation, in one line with the install
+    # command, when a module is missing.
+
+
+@runtime_checkable
 class RunState(Protocol):
     """What observers (``on_run_start``, ``on_epoch_end``, ``on_run_end``) receive about a run."""
 
@@ -140,5 +165,6 @@ __all__ = [
     "Objective",
     "Decoder",
     "Dataset",
+    "Logger",
     "Sequence",
 ]

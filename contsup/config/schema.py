@@ -90,11 +90,17 @@ class ContextOptions:
 
 @attrs.frozen
 class LogOptions:
-    """Optional loggers, besides metrics.jsonl and the progress display."""
+    """Optional loggers, besides metrics.jsonl and the progress display; a table [log.NAME]
+    holds logger NAME's options (docs/runs.md#logging)."""
 
+    use: tuple[str, ...] = option(
+        (), doc='loggers that record every epoch, e.g. ["csv", "mlflow"] (contsup list loggers); their options '
+        "go in [log.NAME] tables",
+    )
     tensorboard: bool = option(
         False,
-        doc="write TensorBoard scalars to <run dir>/tensorboard (needs the tensorboard package: pip install 'contsup[tensorboard]')",
+        doc="write TensorBoard scalars to <run dir>/tensorboard, as naming \"tensorboard\" in use does (needs the tensorboard "
+        "package: pip install 'contsup[tensorboard]')",
         validator=requires_module("tensorboard", "pip install 'contsup[tensorboard]'"),
     )
 
@@ -254,6 +260,7 @@ class Recipe:
     context_options: ContextOptions = attrs.field(factory=ContextOptions)  # [context]'s own keys
     backlink: BacklinkOptions = attrs.field(factory=BacklinkOptions)
     distributed: DistributedOptions = attrs.field(factory=DistributedOptions)
+    loggers: tuple[Chosen, ...] = ()  # [log] use (and tensorboard = true), with their [log.NAME] options
 
     @property
     def name(self) -> str:
@@ -278,7 +285,7 @@ class Recipe:
                 out[name] = _chosen_table(chosen, own)
         if self.stages:
             out["modules"] = [stage.table(self) for stage in self.stages]
-        out["log"] = as_table(self.log)
+        out["log"] = as_table(self.log) | {c.use: as_table(c.options) for c in self.loggers if attrs.fields(type(c.options))}
         out["backlink"] = as_table(self.backlink)
         out["distributed"] = as_table(self.distributed)
         return out

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import attrs
 
+from contsup.config import loggers as log_choice
 from contsup.config.optim import optimizers, schedules
 from contsup.config.presets import apply_preset
 from contsup.config.schema import SECTION, SECTIONS, STAGE_KEYS, TOP_LEVEL_KEYS, Chosen, Recipe, Section, Stage
@@ -98,6 +99,8 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
     A ``preset`` fills in the keys the recipe leaves out first (:mod:`contsup.config.presets`)."""
     data, problems = apply_preset(data, functools.partial(_option_fields, registries=registries))
     problems = [f"{source}: {p}" for p in problems]
+    data = dict(data)
+    data["log"], logger_tables = log_choice.split_tables(data.get("log", {}))
     names = [s.name for s in SECTIONS]
     for key, value in data.items():
         if key in TOP_LEVEL_KEYS:
@@ -123,6 +126,13 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
     if "modules" in data:
         stages, stage_problems = _read_stages(data["modules"], parts, source, registries)
         problems += stage_problems
+    chosen_loggers: list = []
+    if parts["log"]["own"] is not None:
+        log = parts["log"]["own"]
+        chosen_loggers, logger_problems = log_choice.choose(
+            log.use, {key: getattr(log, key) for key in log_choice.SYNONYMS}, logger_tables, f"{source}: log", registries
+        )
+        problems += logger_problems
     problems += _cross_checks(parts, source)
     problems += _distributed_checks(parts, source)
     if problems:
@@ -145,6 +155,7 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
         context_options=parts["context"]["own"],
         backlink=parts["backlink"]["own"],
         distributed=parts["distributed"]["own"],
+        loggers=tuple(Chosen(*c) for c in chosen_loggers),
     )
 
 

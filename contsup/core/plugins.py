@@ -30,6 +30,7 @@ BUILTIN_PLUGINS = (
     "contsup_decoders",
     "contsup_datasets",
     "contsup_tensorboard",
+    "contsup_loggers",
 )
 
 

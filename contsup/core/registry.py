@@ -23,6 +23,7 @@ KINDS = {
     "objectives": "objective",
     "decoders": "decoder",
     "datasets": "dataset",
+    "loggers": "logger",
 }
 
 
@@ -175,6 +176,7 @@ class Registries:
     objectives: Registry
     decoders: Registry
     datasets: Registry
+    loggers: Registry
 
     @classmethod
     def from_plugin_manager(cls, pm: Any, *, keep_clashes: bool = False) -> "Registries":

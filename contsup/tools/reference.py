@@ -72,6 +72,16 @@ def summary(obj: object) -> str:
     return " ".join(text.split("\n\n")[0].split())
 
 
+def _loggers(registries: Registries) -> list[str]:
+    """The loggers ``[log] use`` may name, each with its ``[log.NAME]`` options."""
+    lines = []
+    for name in registries.loggers.names():
+        entry = registries.loggers.entry(name)
+        lines += [f"### `[log.{name}]`", "", f"{summary(entry.component)} (plugin `{entry.plugin}`)", ""]
+        lines += _options_table(entry.component.Options)
+    return lines
+
+
 def recipe_reference(registries: Registries) -> str:
     """The Markdown text of docs/recipes.md."""
     lines = [INTRO]
@@ -91,6 +101,8 @@ def recipe_reference(registries: Registries) -> str:
             lines.append(summary(section.own))
             lines.append("")
             lines += _options_table(section.own)
+        if section.name == "log":
+            lines += _loggers(registries)
         if section.kind is None:
             continue
         registry = component_registry(section.kind, registries)
