@@ -8,6 +8,7 @@ from typing import Any, Literal, Sequence
 
 import attrs
 
+from contsup.config.early_stop import check_table as early_stop_table
 from contsup.options import MAX_EPOCHS, as_table, at_least, between, option, requires_module
 
 
@@ -20,6 +21,11 @@ class RunOptions:
 
     seed: int = option(0, doc="seed for initialisation, data order and augmentation")
     epochs: int = option(10, doc="number of training epochs", validator=between(1, MAX_EPOCHS))
+    early_stop: dict[str, Any] = option(
+        {}, doc='end the run as finished when a metric stops improving: {metric = "test_error_pct", patience = 3}, '
+        'also min_delta (default 0) and mode ("auto", "min", "max"); {}: train every epoch (docs/runs.md#early-stopping)',
+        validator=early_stop_table,
+    )
     device: str = option("auto", doc='"auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:N"')
     out_dir: str = option("", doc='run directory; "" means runs/<recipe name>')
     mode: Literal["greedy", "e2e"] = option("greedy", doc='"greedy": local losses per module; "e2e": end-to-end backprop')

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 import attrs
 import torch
 
+from contsup.config.early_stop import stop_reason
 from contsup.core.version import __version__
 from contsup.errors import BatchError, ContsupError, UnreadableData, one_line, reason
 from contsup.model.network import Built, GreedyNetwork, build_network
@@ -122,6 +123,7 @@ class Trainer:
         self._stop_agreed = False  # every process stops after this step
         self._stopped_by = "Ctrl-C"  # or "SIGTERM", "SIGHUP": what asked the run to stop
         self._busy = False  # inside a step or a checkpoint write: the state is not consistent
+        self.stopped_early: str | None = None  # why run.early_stop ended the run before run.epochs
         self.parallel.attach(self)
 
     # -- checkpoints ---------------------------------------------------------------------
@@ -460,6 +462,8 @@ class Trainer:
             self.hook.on_run_start(run=self.info)
         epochs = self.recipe.run.epochs
         for epoch in range(len(self.history) + 1, epochs + 1):
+            if self._stops_early():  # the epochs so far are enough (a resumed run that had stopped: at once)
+                break
             self.info.epoch = epoch
             metrics = self.train_epoch(epoch)
             self.history.append(metrics)
@@ -476,6 +480,19 @@ class Trainer:
         if self.hook is not None:
             self.hook.on_run_end(run=self.info, metrics=self.history[-1] if self.history else None)
         return self.history
+
+    def _stops_early(self) -> bool:
+        """Whether ``run.early_stop`` ends the run after the epochs trained so far (collective:
+        every process stops when the main one does); says why on the run's log."""
+        if not self.recipe.run.early_stop:
+            return False
+        reason = stop_reason(self.recipe.run.early_stop, self.history)
+        if not self.parallel.agree_stop(reason is not None):
+            return False
+        self.stopped_early = reason or "the main process's metrics said so"
+        self.log.write(f"early stop after epoch {len(self.history)} of {self.recipe.run.epochs}: {self.stopped_early}\n")
+        self.log.flush()
+        return True
 
     def finish(self) -> None:
         """After ``fit``: the final weights on the main process (collective), which writes the
