@@ -5,6 +5,7 @@ line each; a resumed run records every epoch once; a logger failing mid-run leav
 from __future__ import annotations
 
 import csv
+import json
 import sys
 from types import SimpleNamespace
 
@@ -104,8 +105,11 @@ def test_wandb_offline_where_installed(write_recipe, tmp_path, capsys):
     pytest.importorskip("wandb")
     run = tmp_path / "run"
     assert main(["train", str(write_recipe(tiny_recipe_text(run, extra=log("wandb"))))]) == 0
-    assert (run / "wandb.json").is_file()
-    assert list((run / "wandb").glob("offline-run-*"))
+    run_id = json.loads((run / "wandb.json").read_text())["run_id"]
+    (offline,) = (run / "wandb").glob("offline-run-*")
+    assert offline.name.endswith(f"-{run_id}") and (offline / f"run-{run_id}.wandb").stat().st_size > 0
+    assert main(["train", "--resume", str(run), "--set", "run.epochs=3", "--force"]) == 0
+    assert json.loads((run / "wandb.json").read_text())["run_id"] == run_id  # the same W&B run goes on
 
 
 def test_log_choices_are_checked_at_validation_one_line_each(write_recipe, tmp_path, capsys, monkeypatch):

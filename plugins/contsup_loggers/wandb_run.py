@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,7 +48,7 @@ class WandbLogger:
         run_dir = Path(run.run_dir)
         state = run_dir / STATE_FILE
         saved = json.loads(state.read_text(encoding="utf-8")) if state.is_file() else {}
-        run_id = saved.get("run_id") or wandb.util.generate_id()
+        run_id = saved.get("run_id") or uuid.uuid4().hex[:12]  # W&B run ids: lower-case letters and digits
         self.run = wandb.init(
             project=self.options.project, entity=self.options.entity or None, mode=self.options.mode,
             dir=str(run_dir), id=run_id, resume="allow", name=run_dir.name, config=run.recipe.table(),
