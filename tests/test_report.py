@@ -134,7 +134,7 @@ def test_report_on_an_ordinary_folder_of_mixed_runs(mixed_runs, tmp_path, capsys
     assert "ContSup R1E (data.use=imagefolder, run.epochs=2), K=2" in page
     assert "E2E, K=1" in page and "DGL, K=2" in page
     # the memory the figures use is the plan's: the largest module's bytes kept for backward
-    from contsup.cli import plan_data
+    from contsup.tools.plan import plan_data
     from contsup.config.recipe import load_recipe
 
     recipe = load_recipe(mixed_runs / "runs" / "digits-dgl" / "recipe.toml")

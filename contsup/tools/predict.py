@@ -20,10 +20,12 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from contsup.config.recipe import load_recipe, read_toml
+from contsup.config.reading import read_toml
+from contsup.config.recipe import load_recipe
 from contsup.core.registry import Registries, load_registries
 from contsup.errors import ContsupError, RecipeError, one_line, reason
 from contsup.model.network import build_network
+from contsup.tools.tables import format_table
 from contsup.training.device import resolve_device
 from contsup.training.rundir import CLASSES_FILE, RECIPE_FILE, read_classes
 from contsup.training.run_evaluation import run_weights
@@ -190,10 +192,7 @@ def as_table(predictions: Sequence[dict[str, Any]]) -> str:
         if len(rows[0]) > 3:
             row += (", ".join(f"{t['class']} {t['score']:.3f}" for t in rest) or "-",)
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines) + "\n"
+    return format_table(rows) + "\n"
 
 
 def as_csv(predictions: Sequence[dict[str, Any]]) -> str:

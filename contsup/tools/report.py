@@ -22,7 +22,7 @@ import torch
 
 from contsup.config.recipe import load_recipe
 from contsup.errors import ContsupError, one_line
-from contsup.model.memory import plan_memory
+from contsup.tools.plan import plan_memory
 from contsup.model.network import build_network
 from contsup.tools.plotting import (
     colours, legend_below, method_key, method_labels, new_figure, save_png, short_name, wrap_label,
