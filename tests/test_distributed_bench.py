@@ -20,6 +20,13 @@ def test_the_clock_adds_time_per_activity_and_counts_waiting_for_data():
     assert line["utilisation"] == round(line["compute_s"] / 0.04, 4)
     clock.reset()
     assert clock.totals["compute"] == 0
+    with clock.measure("send"):
+        pass
+    sent = clock.totals["send"]
+    with clock.paused():  # what is measured inside is left out
+        with clock.measure("send"), clock.measure("receive"):
+            time.sleep(0.01)
+    assert clock.totals["send"] == sent and clock.totals["receive"] == 0
 
 
 def _report() -> dict:
