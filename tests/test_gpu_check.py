@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -54,3 +56,17 @@ def test_the_report_gives_the_distributed_rows_when_measured():
     text = gpu.markdown(report)
     assert "| contsup pipeline (R1E) | 2 | 10.0 | 10.0-10.0 | 0.50 | 3.0 | 1.00 | 3.0 | 90%, 80% | 1.0, 2.0 |" in text
     assert "0.50x, peak 2.0 against 2.0 MiB: not met." in text
+
+
+@pytest.mark.slow
+def test_the_distributed_piece_runs_on_a_cpu(tmp_path):
+    """The rows the GPU check adds, here one configuration on a tiny network: run under torchrun,
+    rendered into the report's table."""
+    from conftest import small_recipe_text
+
+    gpu = load_script()
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(small_recipe_text(train_size=16, batch_size=8, modules=4).replace("[3, 16, 16]", "[3, 8, 8]"))
+    d = gpu.distributed_rows(steps=1, nproc=(2,), argv=[str(recipe), "--configs", "gpipe", "--micro-batches", "2"])
+    assert [(r["config"], r["nproc"]) for r in d["rows"]] == [("gpipe", 2)] and d["rows"][0]["images_per_s"] > 0
+    assert d["table"].splitlines()[2].startswith("| GPipe, end to end | 2 |") and d["target_line"] is None
