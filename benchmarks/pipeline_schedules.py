@@ -158,7 +158,6 @@ def _batches(recipe: Any, count: int) -> list[tuple[Any, Any]]:
 def pipelining_worker(args: argparse.Namespace, rank: int, world: int) -> None:
     """End to end under ``torch.distributed.pipelining``: this rank's stage of the plain network."""
     import torch
-    import torch.distributed as dist
     from torch import nn
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
     from torch.distributed.pipelining import schedules
@@ -207,7 +206,6 @@ def ddp_worker(args: argparse.Namespace, rank: int, world: int) -> None:
     """End to end under DistributedDataParallel: the whole plain network, a 1/N slice of each batch.
     Its gradient sums overlap its backward, so the computing time is estimated from a few more
     backward passes without them (``no_sync``), run after the timed steps."""
-    import torch
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel
 
@@ -365,7 +363,6 @@ def flops_per_batch(args: argparse.Namespace, configs: Sequence[str]) -> dict[st
     """FLOPs of one training step on one batch (forward and backward; convolutions and matrix
     products, as ``torch.utils.flop_counter`` counts them) per configuration: the work a batch
     costs, whatever runs it. The end-to-end configurations share the plain network's figure."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     import contsup
