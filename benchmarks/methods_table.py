@@ -29,6 +29,7 @@ from contsup.config.recipe import load_recipe  # noqa: E402
 from contsup.core.registry import load_registries  # noqa: E402
 from contsup.model.network import build_network  # noqa: E402
 from contsup.tools.plan import plan_memory  # noqa: E402
+from contsup.tools.plotting import new_figure, save_png  # noqa: E402
 from contsup.tools.results import find_runs, load_run  # noqa: E402
 from contsup.training.rundir import RECIPE_FILE  # noqa: E402
 
@@ -52,18 +53,42 @@ def step_ratios(bench: dict) -> dict[str, float]:
     return out
 
 
-def row(folder: Path, label: str, ratios: dict[str, float], registries) -> str:
-    runs = [load_run(d) for d in find_runs([folder])]
-    done = [r for r in runs if r.finished]
-    errors = [r.final["test_error_pct"] for r in done]
+def measure(folder: Path, registries) -> dict | None:
+    """The finished runs' final test errors (%) and the plan's peak for one recipe's folder;
+    None before any of its runs has written an epoch."""
+    runs = [load_run(d) for d in find_runs([folder])] if folder.is_dir() else []
+    if not runs:
+        return None
+    errors = [r.final["test_error_pct"] for r in runs if r.finished]
+    peak, units = plan_peak(runs[0].run_dir, registries)
+    return {"errors": errors, "peak": peak, "units": units}
+
+
+def row(name: str, label: str, m: dict, ratio: float | None) -> str:
+    errors = m["errors"]
     mean = f"{statistics.mean(errors):.2f}" if errors else "-"
     std = f" ± {statistics.stdev(errors):.2f}" if len(errors) > 1 else ""
     seeds = ", ".join(f"{e:.2f}" for e in errors)
-    peak, units = plan_peak(runs[0].run_dir, registries)
-    ratio = ratios.get(label)
     step = f"{ratio:.2f}" if ratio is not None else "-"
-    return (f"| {label} | `{folder.name}.toml` | {mean}{std} | {len(errors)} | {seeds} | "
-            f"{peak / MIB:.2f} ({peak / units:.2f}) | {step} |")
+    return (f"| {label} | `{name}.toml` | {mean}{std} | {len(errors)} | {seeds} | "
+            f"{m['peak'] / MIB:.2f} ({m['peak'] / m['units']:.2f}) | {step} |")
+
+
+def plot(measured: dict[str, dict], path: Path) -> Path:
+    """Final test error (mean, bars one std) against the plan's activation peak, one point a method."""
+    fig, ax = new_figure(6.5, 4.2)
+    for i, (label, m) in enumerate(measured.items()):
+        if not m["errors"]:
+            continue
+        mean = statistics.mean(m["errors"])
+        std = statistics.stdev(m["errors"]) if len(m["errors"]) > 1 else 0.0
+        ax.errorbar(m["peak"] / MIB, mean, yerr=std, fmt="o", capsize=3)
+        ax.annotate(f"{label} (n={len(m['errors'])})", (m["peak"] / MIB, mean), textcoords="offset points",
+                    xytext=(5, 4 if i % 2 else -11), fontsize=8)
+    ax.set_xlabel("activation peak kept for backward (MiB, contsup plan, largest module)")
+    ax.set_ylabel("final test error (%)")
+    ax.grid(alpha=0.3)
+    return save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--bench", type=Path, required=True, help="the JSON that contsup bench --out wrote")
     parser.add_argument("--label", action="append", default=[], help="RECIPE=LABEL, in table order")
+    parser.add_argument("--plot", type=Path, help="also draw error against activation peak into this PNG")
     parser.add_argument("--greedy", default="DGL", help="the label of the bench's own recipe (default DGL)")
     args = parser.parse_args(argv)
     _, registries = load_registries()
@@ -78,13 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     ratios[args.greedy] = ratios.pop("greedy")
     print("| method | recipe | final test error % | n | per seed | activation peak MiB (/ end-to-end) | step / end-to-end |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
+    measured = {}
     for item in args.label:
         name, label = item.split("=", 1)
-        folder = args.sweep_dir / name
-        if not folder.is_dir():
+        m = measure(args.sweep_dir / name, registries)
+        if m is None:
             print(f"| {label} | `{name}.toml` | not run | 0 | | | |")
             continue
-        print(row(folder, label, ratios, registries))
+        measured[label] = m
+        print(row(name, label, measured[label], ratios.get(label)))
+    if args.plot:
+        print(f"wrote {plot(measured, args.plot)}", file=sys.stderr)
     return 0
 
 
