@@ -15,7 +15,7 @@ from contsup import hookspecs
 from contsup.training.loop import Trainer
 from contsup.model.network import build_network
 from contsup.errors import RecipeError
-from contsup.testing import check_selector, plugin_manager, registries, validate_recipe
+from contsup.testing import check_decoder, check_objective, check_partitioner, check_selector, plugin_manager, registries, validate_recipe
 from contsup.types import Costs
 
 from conftest import ROOT, small_recipe_text
@@ -81,6 +81,7 @@ def test_hook_register_partitioners():
     assert splitter.split(Costs.uniform(10), 1) == (10,)
     assert splitter.split(Costs.uniform(10), 4) == (1, 3, 3, 3)
     assert splitter.split(Costs.uniform(10), 10) == (1,) * 10
+    check_partitioner(plugin.FirstAlone)
     text = small_recipe_text(modules=4).replace("[partition]\n", '[partition]\nuse = "first_alone"\n')
     recipe = validate_recipe(text, plugin)
     assert [p.units for p in build_network(recipe).plans] == [1, 3, 3, 3]
@@ -95,6 +96,7 @@ def test_hook_register_context_selectors():
 
 def test_hook_register_objectives(tmp_path):
     plugin = example("register_objectives")
+    check_objective(plugin.SmoothedCrossEntropy)
     text = small_recipe_text(modules=2, train_size=16) + '\n[objective]\nuse = "smoothed_ce"\nsmoothing = 0.2\n'
     recipe = validate_recipe(text, plugin)
     assert recipe.objective.options.smoothing == 0.2
@@ -106,6 +108,7 @@ def test_hook_register_objectives(tmp_path):
 
 def test_hook_register_decoders(tmp_path):
     plugin = example("register_decoders")
+    check_decoder(plugin.PixelMSE)
     recipe = validate_recipe(small_recipe_text(modules=3, train_size=16) + '\n[decoder]\nuse = "pixel_mse"\n', plugin)
     network = build_network(recipe).network
     assert [m.decoder is not None for m in network.blocks] == [True, True, False]
