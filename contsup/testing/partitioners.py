@@ -21,7 +21,9 @@ LARGE_TABLES = ((27, (1, 2, 4, 8, 16, 27)), (55, (1, 2, 4, 8, 16, 55)))
 TOLERANCE = 1e-9  # relative: a balancer may sum a module's costs in another order than split_peak
 
 
-def check_partitioner(partitioner: Any, *, costs: Sequence[Costs] = (), max_units: int = 12, seed: int = 0) -> None:
+def check_partitioner(
+    partitioner: Any, *, costs: Sequence[Costs] = (), max_units: int = 12, seed: int = 0, generated: bool = True,
+) -> None:
     """Check a partitioner (a class, built with default options, or an instance).
 
     On ``costs`` (the author's own tables) and on generated ones of 1..``max_units`` units (and
@@ -35,13 +37,15 @@ def check_partitioner(partitioner: Any, *, costs: Sequence[Costs] = (), max_unit
     unless the partitioner sets ``needs_costs = True``, and no FLOPs unless ``needs_flops =
     True``. A one-line ``contsup.errors.ContsupError`` is a refusal (a recipe the partitioner
     cannot serve) and passes, unless every case is refused. Raises AssertionError listing each
-    kind of problem once, with its smallest case.
+    kind of problem once, with its smallest case. ``generated = False`` checks ``costs`` alone
+    (one hypothesis example at a time: ``contsup.testing.strategies.costs()``).
     """
     partitioner = instance(partitioner)
     found = Found()
     _attributes(partitioner, found)
     cases = [(c, k) for c in costs for k in range(1, c.n + 1)]
-    cases += [(_as_given(c, partitioner), k) for c, ks in generated_tables(max_units, seed) for k in ks]
+    if generated:
+        cases += [(_as_given(c, partitioner), k) for c, ks in generated_tables(max_units, seed) for k in ks]
     first: list[tuple[int, ...] | None] = [_split(partitioner, c, k, found) for c, k in cases]
     for i in reversed(range(len(cases))):  # again, in the other order: no state may carry over
         c, k = cases[i]
