@@ -47,14 +47,11 @@ def check_partitioner(
     if generated:
         cases += [(_as_given(c, partitioner), k) for c, ks in generated_tables(max_units, seed) for k in ks]
     first: list[tuple[int, ...] | None] = [_split(partitioner, c, k, found) for c, k in cases]
-    for i in reversed(range(len(cases))):  # again, in the other order: no state may carry over
-        c, k = cases[i]
-        if first[i] is not None:
-            again = _call(partitioner, c, k)
-            if again != first[i]:
-                found.add("state", f"{_case(c, k)}: returned {first[i]}, then {again} after splitting other tables; keep no state between calls")
+    again = {i: _call(partitioner, *cases[i]) for i in reversed(range(len(cases))) if first[i] is not None}  # no state may carry over
+    for i in sorted(i for i in again if again[i] != first[i]):
+        found.add("state", f"{_case(*cases[i])}: returned {first[i]}, then {again[i]} after splitting other tables; keep no state between calls")
     if cases and found.refused == len(cases):
-        found.add("refused", f"refused every case, the first with: {found.refusals[0]}; check_partitioner(..., costs=[...]) gives it tables it accepts")
+        found.add("refused", f"refused every case, the first with: {found.refusals[0]}; give check_partitioner(..., costs=[...]) tables it serves")
     problems = Problems(who("partitioner", partitioner), "partitioner")
     for line in found.lines():
         problems.add(line)
@@ -120,6 +117,11 @@ def _split(partitioner: Any, costs: Costs, k: int, found: Found) -> tuple[int, .
             f"{at}: split raised {type(exc).__name__}: {str(exc)[:200]}{hint}; refuse a case with a one-line contsup.errors.ContsupError",
         )
         return None
+    try:
+        answer = list(answer)  # a generator is read once
+    except TypeError:
+        found.add("type", f"{at}: returned {_show(answer)}, which is not a sequence of unit counts")
+        return None
     problem = _shape_problem(answer, n, k)
     if problem:
         found.add(problem[0], f"{at}: returned {_show(answer)}, {problem[1]}")
@@ -133,12 +135,8 @@ def _split(partitioner: Any, costs: Costs, k: int, found: Found) -> tuple[int, .
     return sizes
 
 
-def _shape_problem(answer: Any, n: int, k: int) -> tuple[str, str] | None:
-    """(kind, what is wrong) when ``answer`` is not K positive integers summing to n."""
-    try:
-        sizes = list(answer)
-    except TypeError:
-        return "type", "which is not a sequence of unit counts"
+def _shape_problem(sizes: list, n: int, k: int) -> tuple[str, str] | None:
+    """(kind, what is wrong) when ``sizes`` are not K positive integers summing to n."""
     if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in sizes):
         return "type", "which holds something other than integers"
     if len(sizes) != k:

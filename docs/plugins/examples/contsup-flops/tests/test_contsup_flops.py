@@ -61,7 +61,7 @@ def test_the_list_option_is_checked():
     assert validate_recipe(text.format("[2, 1.5, 1]"), contsup_flops).partitioner.options.stage_weights == (2.0, 1.5, 1.0)
     with pytest.raises(RecipeError, match=r"partition.stage_weights: every weight must be > 0, got \[1.0, 0.0\]"):
         validate_recipe(text.format("[1.0, 0.0]"), contsup_flops)
-    with pytest.raises(RecipeError, match="partition.stage_weights: item 1: expected a number"):
+    with pytest.raises(RecipeError, match=r'partition.stage_weights: item 1: expected a number, got a string \("fast"\)'):
         validate_recipe(text.format('[1.0, "fast"]'), contsup_flops)
     with pytest.raises(ContsupError, match="partition.stage_weights: 2 weights for a backbone of 3 stages"):
         split("flops_balanced", "stage_weights = [2.0, 1.0]")
