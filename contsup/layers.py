@@ -4,11 +4,13 @@ layer's backward in channel chunks."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> tuple[nn.Conv2d, nn.BatchNorm2d, nn.ReLU]:
@@ -16,6 +18,21 @@ def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1) -> tup
     ReLU: three layers the caller registers under its own names (their state-dict keys)."""
     conv = nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False)
     return conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)
+
+
+def fresh_copy(unit: nn.Module) -> nn.Module:
+    """A deep copy of ``unit`` with every submodule's parameters and buffers reinitialised.
+
+    The copy is made outside any fake-tensor mode: contsup counts memory on fake tensors
+    (``contsup plan``, the fit check), and a deep copy cannot run inside one. A fake unit's copy
+    is still fake, a real one's real; the reinitialisation runs in the caller's mode."""
+    with unset_fake_temporarily():
+        twin = copy.deepcopy(unit)
+    for m in twin.modules():
+        reset = getattr(m, "reset_parameters", None)
+        if callable(reset):
+            reset()
+    return twin
 
 
 def pool_to(size: tuple[int, int], source_size: tuple[int, int]) -> nn.Module:
@@ -89,4 +106,4 @@ def conv_bn_relu_backward_in_chunks(
     return d_h, w_grad.to(conv.weight.dtype), bn_weight_grad, bn_bias_grad
 
 
-__all__ = ["conv_bn_relu", "pool_to", "RECOMPUTE_CHUNK", "autocast_state", "chunkable", "conv_bn_relu_backward_in_chunks"]
+__all__ = ["conv_bn_relu", "fresh_copy", "pool_to", "RECOMPUTE_CHUNK", "autocast_state", "chunkable", "conv_bn_relu_backward_in_chunks"]

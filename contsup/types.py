@@ -161,7 +161,7 @@ class HeadSpec:
     """What an objective needs to build an auxiliary head for one module's output.
 
     The first three fields are all a classic head needs. The rest say where the module sits, for
-    heads built from the backbone itself (AugLocal's, docs/objectives.md): ``module`` is l of
+    heads built from the backbone itself (docs/objectives.md): ``module`` is l of
     ``num_modules`` (1-based; 0 when unknown), ``last_unit`` the module's last minimal unit
     (0-based), ``units`` the backbone's minimal units (to copy, never to share: they are the
     network's own) and ``unit_shapes`` their output shapes (C, H, W).

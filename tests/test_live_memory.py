@@ -121,13 +121,16 @@ def test_a_retained_graph_is_counted_only_while_it_lives(small_recipe):
     walked again and must be let go with it, not stay counted (and alive) to the end of the step."""
     from contsup.training.strategies import GreedyStrategy
     from contsup.model.saved import module_tensors
+    from contsup_methods import BackLink
+
+    backlink = lambda units: BackLink(BackLink.Options(units=units))  # noqa: E731
 
     peaks = {}
     for units in (0, 1):
         recipe = small_recipe(modules=10, context="none", batch_size=8)  # one unit per module
         torch.manual_seed(0)
         network = build_network(recipe).network.train()
-        strategy = GreedyStrategy(network, recipe.optimizer.create(), recipe.schedule.create(), 10, 10, backlink=units)
+        strategy = GreedyStrategy(network, recipe.optimizer.create(), recipe.schedule.create(), 10, 10, method=backlink(units))
         meter = LiveMemory(module_tensors(network))
         x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
         with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import attrs
 
+from contsup.config import loggers as log_choice
 from contsup.config.optim import optimizers, schedules
 from contsup.config.parts import build_parts, too_many_modules
 from contsup.config.presets import apply_preset
@@ -99,14 +100,23 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
     A ``preset`` fills in the keys the recipe leaves out first (:mod:`contsup.config.presets`)."""
     data, problems = apply_preset(data, functools.partial(_option_fields, registries=registries))
     problems = [f"{source}: {p}" for p in problems]
+    data = dict(data)
+    data["log"], logger_tables = log_choice.split_tables(data.get("log", {}))
     names = [s.name for s in SECTIONS]
+    methods = list(registries.methods.names())
+    method_tables: list[Chosen] = []
     for key, value in data.items():
         if key in TOP_LEVEL_KEYS:
             continue
-        if key not in names:
-            problems.append(f"{source}: {key}: unknown section; {did_you_mean(key, names)}")
+        if key not in names and key not in methods:
+            problems.append(f"{source}: {key}: unknown section; {did_you_mean(key, names + methods)}")
         elif not isinstance(value, Mapping):
             problems.append(f"{source}: {key}: expected a table ([{key}]), got {type(value).__name__}")
+        elif key in methods:
+            chosen, method_problems = _read_method(key, value, f"{source}: {key}", registries)
+            problems += method_problems
+            if chosen is not None:
+                method_tables.append(chosen)
     parts: dict[str, dict[str, Any]] = {}
     for section in SECTIONS:
         table = data.get(section.name)
@@ -124,8 +134,16 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
     if "modules" in data:
         ranges, range_problems = _read_ranges(data["modules"], parts, source, registries)
         problems += range_problems
+    chosen_loggers: list = []
+    if parts["log"]["own"] is not None:
+        log = parts["log"]["own"]
+        chosen_loggers, logger_problems = log_choice.choose(
+            log.use, {key: getattr(log, key) for key in log_choice.SYNONYMS}, logger_tables, f"{source}: log", registries
+        )
+        problems += logger_problems
     problems += _cross_checks(parts, source)
     problems += _distributed_checks(parts, source)
+    problems += _method_checks(method_tables, parts, source)
     if problems:
         raise RecipeError(_mark_overrides(problems, overridden, source))
     return Recipe(
@@ -144,9 +162,44 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
         ranges=ranges,
         log=parts["log"]["own"],
         context_options=parts["context"]["own"],
-        backlink=parts["backlink"]["own"],
         distributed=parts["distributed"]["own"],
+        methods=tuple(sorted(method_tables, key=lambda m: m.use)),
+        loggers=tuple(Chosen(*c) for c in chosen_loggers),
     )
+
+
+def _read_method(name: str, table: Mapping[str, Any], where: str, registries: Registries) -> tuple[Chosen | None, list[str]]:
+    """A training method's table ``[name]``: its options, each key checked as a component's are."""
+    entry = registries.methods.entry(name)
+    fields = {f.name for f in attrs.fields(entry.component.Options)}
+    problems = [f"{where}.{key}: unknown key for method '{name}'; {did_you_mean(key, fields)}" for key in table if key not in fields]
+    options, option_problems = structure(entry.component.Options, {k: v for k, v in table.items() if k in fields}, where)
+    problems += option_problems
+    return (Chosen(name, entry.component, options, entry.plugin) if options is not None else None), problems
+
+
+def _method_checks(methods: Sequence[Chosen], parts: Mapping[str, Mapping[str, Any]], source: str) -> list[str]:
+    """A recipe trains with one method at most, greedily, and in a pipeline only if the method can."""
+    active = sorted((m for m in methods if m.create().active()), key=lambda m: m.use)
+    if len(active) > 1:
+        names = ", ".join(f"[{m.use}]" for m in active)
+        return [f"{source}: {names}: a recipe trains with one method at a time; keep one of these tables (or make the others inactive)"]
+    if not active:
+        return []
+    m = active[0]
+    run, d = parts["run"]["own"], parts["distributed"]["own"]
+    switch = getattr(m.component, "switch", None)
+    where, off = (f"{m.use}.{switch}", f"set {m.use}.{switch} to turn it off") if switch else (m.use, f"leave out [{m.use}]")
+    problems = []
+    if run is not None and run.mode != "greedy":
+        problems.append(f"{source}: {where}: the method '{m.use}' trains greedily, module by module: it needs run.mode = \"greedy\" ({off} for end-to-end training)")
+    refusal = getattr(m.component, "pipeline_refusal", None)
+    if refusal and d is not None and d.mode == "pipeline":
+        problems.append(
+            f"{source}: {where}: the method '{m.use}' is not available with distributed.mode = \"pipeline\" ({refusal}); "
+            f"use distributed.mode = \"none\" or \"data\", or {off}"
+        )
+    return problems
 
 
 def check_tiling(ranges: Sequence[tuple[int, int]], k: int) -> list[str]:
@@ -266,14 +319,6 @@ def _distributed_checks(parts: Mapping[str, Mapping[str, Any]], source: str) -> 
             f"{source}: distributed.mode: \"pipeline\" trains each module on its own rank, which needs "
             f"run.mode = \"greedy\"; use distributed.mode = \"data\" for end-to-end training"
         )
-    b = parts["backlink"]["own"]
-    if b is not None and b.units > 0 and d.mode == "pipeline":
-        problems.append(
-            f"{source}: backlink.units: BackLink is not available with distributed.mode = \"pipeline\" yet "
-            f"(module l+1's loss would cross ranks); use backlink.units = 0 or distributed.mode = \"none\" or \"data\""
-        )
-    if b is not None and b.units > 0 and run is not None and run.mode != "greedy":
-        problems.append(f"{source}: backlink.units: BackLink needs run.mode = \"greedy\"; use backlink.units = 0")
     k = partition.modules if partition is not None else None
     if d.stages and k is not None and sum(d.stages) != k:
         problems.append(

@@ -99,7 +99,7 @@ class PipelineStage:
             with precision.autocast():
                 h = store.run(m, h)
                 store.release(m.index)
-                z = m.head(h)
+                z = m.head_output(h)
             counts.add(m, z, y)
         return self.pack(h, y, x, store) if self.outgoing is not None else None
 

@@ -12,7 +12,7 @@ import attrs
 from torch import nn
 
 from contsup.adapters import paper_adapter
-from contsup.types import NetworkLayout, Shape, Source
+from contsup.types import HeadSpec, NetworkLayout, Shape, Source
 from contsup.config.recipe import Recipe
 from contsup.protocols import ContextSelector, Decoder, Objective
 
@@ -64,6 +64,18 @@ def last_uses(sources: Sequence[Sequence[Source]]) -> dict[int, int]:
     return out
 
 
+def training_method(recipe: Recipe) -> Any:
+    """The recipe's active training method, built (None: plain greedy training)."""
+    chosen = recipe.method if recipe.run.mode == "greedy" else None
+    return chosen.create() if chosen is not None else None
+
+
+def method_part(method: Any, spec: HeadSpec, objective: Objective) -> nn.Module | None:
+    """The method's own part of the module ``spec`` describes (None: it has none)."""
+    build = getattr(method, "part", None)
+    return build(spec, objective) if build is not None else None
+
+
 @attrs.frozen
 class Components:
     """The component instances one module uses (shared by the modules of one stage)."""
@@ -90,4 +102,4 @@ def module_components(recipe: Recipe, k: int) -> list[Components]:
     return out
 
 
-__all__ = ["last_uses", "takes_layout", "selector_sources", "make_adapter", "Components", "module_components"]
+__all__ = ["training_method", "method_part", "last_uses", "takes_layout", "selector_sources", "make_adapter", "Components", "module_components"]

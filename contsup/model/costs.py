@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from contsup.config.recipe import Recipe
 from contsup.errors import one_line
-from contsup.model.components import Components, last_uses, make_adapter, module_components, selector_sources
+from contsup.model.components import Components, last_uses, make_adapter, method_part, module_components, selector_sources, training_method
 from contsup.model.saved import METHODS, Method, Piece, PieceKind, measure_piece
 from contsup.partition import even_split
 from contsup.protocols import ContextSelector
@@ -37,8 +37,9 @@ class ModuleCost:
 
     ``breakdown``: ``units`` (its blocks, output included), ``head`` (aux head or final head, and
     decoder), ``adapters`` (context adapters), ``inputs`` (its input, x and the context tensors it
-    keeps or saves, each once), ``backlink`` (with BackLink, the previous module's linked units,
-    alive until this module's backward: an estimate from the units' own counts).
+    keeps or saves, each once), ``link`` (with a training method that links modules, the previous
+    module's linked units, alive until this module's backward: an estimate from the units' own
+    counts; also under the method's name).
     """
 
     index: int
@@ -64,18 +65,26 @@ def starts_of(sizes: Sequence[int]) -> list[int]:
 
 
 class _HeadLoss(nn.Module):
-    """A head piece as one module: the head's loss on h, plus the decoder's on x when there is one."""
+    """A head piece as one module: the head's loss on h, plus the decoder's on x when there is one,
+    both reading what a training method's part makes of h (and its own loss) when there is one."""
 
-    def __init__(self, head: nn.Module, loss: Callable, decoder: nn.Module | None = None, decoder_loss: Callable | None = None) -> None:
+    def __init__(
+        self, head: nn.Module, loss: Callable, decoder: nn.Module | None = None, decoder_loss: Callable | None = None,
+        part: nn.Module | None = None,
+    ) -> None:
         super().__init__()
-        self.head, self.decoder = head, decoder
+        self.head, self.decoder, self.part = head, decoder, part
         self._losses = (loss, decoder_loss)  # a tuple: a loss that is a module stays out of the parameters
 
     def forward(self, h: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         loss, decoder_loss = self._losses
-        total = loss(self.head(h), y)
+        part = self.part
+        a = part.feature(h) if part is not None and hasattr(part, "feature") else h
+        total = loss(self.head(a), y)
         if self.decoder is not None:
-            total = total + decoder_loss(self.decoder(h), x)
+            total = total + decoder_loss(self.decoder(a), x)
+        if part is not None and hasattr(part, "extra_loss"):
+            total = total + part.extra_loss(h, y, x)
         return total
 
 
@@ -136,7 +145,7 @@ class CostModel:
         self.real_fallback = real_fallback
         self.batch = batch_size or recipe.data.batch_size
         self.k = recipe.partition.modules
-        self.backlink = recipe.backlink.units if recipe.run.mode == "greedy" else 0
+        self.training_method = training_method(recipe)  # its parts count with the heads, its links with the modules
         self.recompute = recipe.context_options.recompute  # the adapters keep their inputs only
         self.info = info
         self.input_shape = tuple(info.input_shape)
@@ -259,8 +268,9 @@ class CostModel:
     def head(self, j: int, parts: Components, with_decoder: bool = False, module: int = 0, k: int = 0) -> Piece:
         """The piece of the head on unit j's output: the final head and loss if j is the last
         unit, else ``parts``' auxiliary head and loss (and its decoder's reconstruction) for
-        module ``module`` of ``k``. Heads are measured once per shape, unless they are built
-        from the backbone's later units (AugLocal's): those once per (unit, module, K)."""
+        module ``module`` of ``k``. Heads are measured once per shape, unless the objective's
+        ``head_key(spec)`` says where else a head depends on (a head built from the backbone's later
+        units) or the training method adds a part of its own to each module."""
         last = j == self.n - 1
         shape = self.shapes[j]
         with_decoder = with_decoder and not last
@@ -268,8 +278,10 @@ class CostModel:
             shape, self.shapes[-1], self.info.num_classes,
             module=module, num_modules=k, last_unit=j, units=self._unit_modules, unit_shapes=self.shapes,
         )
-        from_units = getattr(getattr(parts.objective, "options", None), "head", None) == "auglocal"
-        where = (j, module, k) if from_units and not last else None
+        head_key = getattr(parts.objective, "head_key", None)
+        where = None if last else (head_key(spec) if head_key is not None else None)
+        if not last and hasattr(self.training_method, "part"):
+            where = (where, j, module, k)
         key = (last, shape, with_decoder, None if last else id(parts), where)
         if key not in self._heads:
             self._heads[key] = self._measure_head(last, spec, parts, with_decoder)
@@ -281,12 +293,14 @@ class CostModel:
         shape = spec.shape
 
         def build(real: bool) -> nn.Module:
-            decoder = parts.decoder.build(shape, self.info) if with_decoder else None
-            decoder_loss = (lambda out, x: parts.decoder.loss(out, x, self.info)) if with_decoder else None
             if last:
                 return _HeadLoss(copy.deepcopy(self._final_head) if real else self._final_head, F.cross_entropy)
-            head = parts.objective.head(spec)
-            return _HeadLoss(head, parts.objective.loss, decoder, decoder_loss)
+            part = method_part(self.training_method, spec, parts.objective)
+            read = attrs.evolve(spec, shape=tuple(getattr(part, "feature_shape", spec.shape)))
+            decoder = parts.decoder.build(read.shape, self.info) if with_decoder else None
+            decoder_loss = (lambda out, x: parts.decoder.loss(out, x, self.info)) if with_decoder else None
+            head = parts.objective.head(read)
+            return _HeadLoss(head, parts.objective.loss, decoder, decoder_loss, part)
 
         def args(fake: bool):
             h = self._randn(shape, grad=True, fake=fake)
@@ -342,7 +356,7 @@ class CostModel:
     ) -> ModuleCost:
         """Module l of k over units i..j with ``sources``; ``feature_starts[m]`` is the first unit
         of module m+1 (whose input is h_m^c); ``kept`` the features the store holds meanwhile;
-        ``previous_start`` the first unit of module l-1 (where BackLink's span may begin)."""
+        ``previous_start`` the first unit of module l-1 (where a method's link may begin)."""
         parts = self.components(module, k)
         w_rec = parts.decoder.weights(module, k)[0] if parts.decoder is not None and module < k else 0.0
         head = self.head(j, parts, with_decoder=w_rec != 0.0, module=module, k=k)
@@ -376,15 +390,26 @@ class CostModel:
                 name, size, _ = feature(m)
                 named[name] = size
         inputs = sum(named.values())
-        linked = sum(self.unit_bytes(u) for u in range(max(previous_start, i - self.backlink), i)) if self.backlink and module > 1 else 0
+        linked = self.linked_bytes(module, k, previous_start, i)
         # with context.recompute the adapters' own activations are made again in backward, after
         # the units' backward has freed theirs: what training keeps through the forward leaves them out
         total = units + head.own + (0 if self.recompute else adapters) + inputs + linked
         timed = self.timing
         if timed:
             ms += sum(self.units[u].ms or 0.0 for u in range(i, j + 1)) + (head.ms or 0.0)
-        breakdown = {"units": units, "head": head.own, "adapters": adapters, "inputs": inputs, "backlink": linked}
+        breakdown = {"units": units, "head": head.own, "adapters": adapters, "inputs": inputs, "link": linked}
+        if getattr(self.training_method, "link", None) is not None:
+            breakdown[self.training_method.name] = linked
         return ModuleCost(module, (i, j), int(total), ms if timed else None, breakdown, params)
+
+    def linked_bytes(self, module: int, k: int, previous_start: int, start: int) -> int:
+        """What the previous module's linked units keep while module ``module`` (from unit
+        ``start``) trains: the units the method's link reaches, measured alone."""
+        link = getattr(self.training_method, "link", None)
+        if link is None or module < 2:
+            return 0
+        span = int(link(module - 1, k, start - previous_start))
+        return sum(self.unit_bytes(u) for u in range(max(previous_start, start - span), start)) if span else 0
 
     def plan_costs(self, sizes: Sequence[int]) -> list[ModuleCost]:
         """Every module's cost for the split ``sizes``, with its true sources and their shapes."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from contsup.errors import ContsupError
 from contsup.config.parts import Parts, build_parts, too_many_modules
-from contsup.model.components import last_uses, make_adapter, module_components, selector_sources
+from contsup.model.components import last_uses, make_adapter, method_part, module_components, selector_sources, training_method
 from contsup.model.fitting import partition_costs
 from contsup.model.recompute import Scope, recomputed
 from contsup.types import Costs, DatasetInfo, HeadSpec, NetworkLayout, Shape, Source
@@ -44,6 +44,7 @@ class LocalLoss:
     local: torch.Tensor
     reconstruction: torch.Tensor | None
     prediction: torch.Tensor | None
+    extra: torch.Tensor | None = None  # the method part's own loss (see contsup.protocols.Method)
 
 
 class ContextModule(nn.Module):
@@ -69,6 +70,7 @@ class ContextModule(nn.Module):
         info: DatasetInfo | None = None,
         recompute: bool = False,
         recompute_head: bool = False,
+        part: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.index = index
@@ -84,6 +86,7 @@ class ContextModule(nn.Module):
         self.decoder_loss = decoder_loss
         self.weights = weights  # (reconstruction, local)
         self.info = info
+        self.part = part  # a training method's own part of this module (None: none)
 
     def enrich(self, h: torch.Tensor, context: Sequence[torch.Tensor]) -> torch.Tensor:
         """h_{l-1}^c = h_{l-1} + sum_s M_{l,s}(c_s); context is aligned with ``self.sources``."""
@@ -95,19 +98,33 @@ class ContextModule(nn.Module):
     def forward(self, h: torch.Tensor, context: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         return self.body(self.enrich(h, context))
 
+    def feature(self, out: torch.Tensor) -> torch.Tensor:
+        """What the head and decoder read of the module's output h_l: h_l itself, or what a
+        training method's part makes of it."""
+        part = self.part
+        return part.feature(out) if part is not None and hasattr(part, "feature") else out
+
+    def head_output(self, out: torch.Tensor) -> torch.Tensor:
+        """The head's output z for the module's output h_l (what evaluation counts)."""
+        return self.head(self.feature(out))
+
     def loss(self, out: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> LocalLoss:
-        """The module's loss on its output ``out``: local objective [+ weighted reconstruction]."""
-        z = recomputed(self.head, self.head, out, scope=self.recompute_scope) if self.recompute_head else self.head(out)
+        """The module's loss on its output ``out``: local objective [+ weighted reconstruction],
+        and the method part's own loss (``extra``) where it has one."""
+        a = self.feature(out)
+        z = recomputed(self.head, self.head, a, scope=self.recompute_scope) if self.recompute_head else self.head(a)
         local = self.objective.loss(z, y)
         w_rec, w_local = self.weights
         reconstruction = None
         total = local if w_local == 1.0 else w_local * local
         if self.decoder is not None and w_rec != 0.0:
-            reconstruction = self.decoder_loss(self.decoder(out), x, self.info)
+            reconstruction = self.decoder_loss(self.decoder(a), x, self.info)
             total = total + w_rec * reconstruction
+        part = self.part
+        extra = part.extra_loss(out, y, x) if part is not None and hasattr(part, "extra_loss") else None
         with torch.no_grad():
             prediction = self.objective.predict(z.detach())
-        return LocalLoss(total, local.detach(), None if reconstruction is None else reconstruction.detach(), prediction)
+        return LocalLoss(total, local.detach(), None if reconstruction is None else reconstruction.detach(), prediction, extra)
 
 
 class ContextStore:
@@ -285,6 +302,7 @@ def build_network(recipe: Recipe, costs: Costs | None = None) -> Built:
     units = built_parts.units
     k = recipe.partition.modules
     components = module_components(recipe, k)
+    method = training_method(recipe)
     plans = plan_modules(sizes, shapes, input_shape, [c.selector for c in components])
     final_shape = shapes[-1]
     modules = []
@@ -294,16 +312,20 @@ def build_network(recipe: Recipe, costs: Costs | None = None) -> Built:
         for s in plan.sources:
             source_shape = input_shape if s.is_input else plans[s.index].input_shape  # h_j^c feeds module j+1
             adapters[s] = make_adapter(parts_l.selector, s, tuple(source_shape), plan.input_shape)
+        part = None
         if plan.index == k:
             head, obj, dec, dec_loss, weights = parts.head, FinalCrossEntropy(), None, None, (0.0, 1.0)
         else:
             obj = parts_l.objective
-            head = obj.head(HeadSpec(
+            spec = HeadSpec(
                 plan.output_shape, final_shape, info.num_classes,
                 module=plan.index, num_modules=k, last_unit=plan.unit_range[1], units=units, unit_shapes=shapes,
-            ))
+            )
+            part = method_part(method, spec, obj)
+            spec = attrs.evolve(spec, shape=tuple(getattr(part, "feature_shape", spec.shape)))
+            head = obj.head(spec)
             decoder = parts_l.decoder
-            dec = decoder.build(plan.output_shape, info) if decoder is not None else None
+            dec = decoder.build(spec.shape, info) if decoder is not None else None
             dec_loss = decoder.loss if decoder is not None else None
             weights = tuple(float(w) for w in decoder.weights(plan.index, k)) if decoder is not None else (0.0, 1.0)
         modules.append(
@@ -311,11 +333,14 @@ def build_network(recipe: Recipe, costs: Costs | None = None) -> Built:
                 plan.index, body, plan.sources, adapters, head, obj,
                 decoder=dec, decoder_loss=dec_loss, weights=weights, info=info,
                 recompute=recipe.context_options.recompute, recompute_head=recipe.context_options.recompute_head,
+                part=part,
             )
         )
     network = GreedyNetwork(modules, info)
     if recipe.run.init == "official":
         official_init(network)
+    if method is not None and hasattr(method, "prepare"):
+        method.prepare(network)
     return Built(network, plans, info, shapes)
 
 

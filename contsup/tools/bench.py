@@ -33,6 +33,7 @@ from contsup.training.measure import measure_live, measure_step
 from contsup.training.device import resolve_device, seed_everything
 from contsup.training.loaders import make_loaders
 from contsup.training.strategies import CheckpointStrategy, EndToEndStrategy, GreedyStrategy, StepStats
+from contsup.model.components import training_method
 from contsup.model.network import build_network
 from contsup.types import Costs
 from contsup.config.recipe import Recipe
@@ -244,7 +245,7 @@ def run_bench(
     """Measure end-to-end and greedy training of ``recipe``; returns the figures and ratios.
 
     ``variants``: (label, recipe) pairs of other greedy configurations of the same backbone and
-    data (another context, BackLink, AugLocal heads, ...), each measured as the recipe's own
+    data (another context, a training method, another head, ...), each measured as the recipe's own
     greedy training is and reported beside it (``result["variants"]``).
 
     ``baseline = "backbone"`` trains the plain backbone end-to-end (no context, no auxiliary
@@ -309,9 +310,11 @@ def _summary(recipe: Recipe, field: Field, device: torch.device) -> dict:
     for label, variant in field.variants:
         v = c[f"variant:{label}"]
         f = _figures(v, device, v.saved, False)
-        f.update(label=label, context=variant.context.use, backlink=variant.backlink.units,
+        f.update(label=label, context=variant.context.use, method=method_summary(variant),
                  head=getattr(variant.objective.options, "head", None), sizes=field.variant_sizes[label],
                  recompute=variant.context_options.recompute)
+        if variant.method is not None:  # the method's own value under its name (a link's length, say)
+            f[variant.method.use] = f["method"][variant.method.use]
         measured_variants.append(_against(f, e))
     extra = {}
     if any(label == RECOMPUTE for label, _ in field.variants):  # under the names the targets read
@@ -345,6 +348,15 @@ def _against(f: dict, e: dict) -> dict:
 
 
 def greedy_strategy(recipe: Recipe, network: Any, total: int) -> GreedyStrategy:
-    """The recipe's greedy training of ``network`` over ``total`` steps, BackLink included."""
-    link = recipe.backlink.units if recipe.run.mode == "greedy" else 0
-    return GreedyStrategy(network, recipe.optimizer.create(), recipe.schedule.create(), total, total, backlink=link)
+    """The recipe's greedy training of ``network`` over ``total`` steps, with its training method."""
+    method = training_method(recipe)
+    return GreedyStrategy(network, recipe.optimizer.create(), recipe.schedule.create(), total, total, method=method)
+
+
+def method_summary(recipe: Recipe) -> dict | None:
+    """``{name: what the method says of itself}`` for the recipe's training method, or None."""
+    chosen = recipe.method
+    if chosen is None:
+        return None
+    method = chosen.create()
+    return {chosen.use: method.describe() if hasattr(method, "describe") else True}

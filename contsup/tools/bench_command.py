@@ -73,7 +73,7 @@ def _variants(args: argparse.Namespace, recipe: Any, registries: Any) -> list[tu
         if not colon or not label.strip() or not sets:
             raise ContsupError(
                 f"contsup bench: --variant {text!r}: expected LABEL:key=value[;key=value...], such as "
-                f"'BackLink:context.use=none;backlink.units=1'"
+                f"'DGL:context.use=none' or 'L2:partition.modules=2'"
             )
         try:
             variant = load_recipe(args.recipe, [*(args.set or ()), *sets], registries)
@@ -82,7 +82,7 @@ def _variants(args: argparse.Namespace, recipe: Any, registries: Any) -> list[tu
         if variant.data != recipe.data or variant.backbone != recipe.backbone or variant.run.mode != "greedy":
             raise ContsupError(
                 f"contsup bench: --variant {text!r} changes the data, the backbone or run.mode; a variant "
-                f"trains greedily on the recipe's batches: change context, objective, partition or backlink keys"
+                f"trains greedily on the recipe's batches: change context, objective, partition or a training method's keys"
             )
         out.append((label.strip(), variant))
     return out

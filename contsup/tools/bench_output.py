@@ -13,6 +13,13 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
 
 
+def _method(summary: dict | None) -> str:
+    """A variant's training method as ``name (value)``, or ``none``."""
+    if not summary:
+        return "none"
+    return ", ".join(f"{name} ({value})" if value is not True else name for name, value in summary.items())
+
+
 def bench_rows(result: dict) -> list[tuple[str, str, str, str]]:
     """(figure, end-to-end, greedy, greedy / end-to-end) rows."""
     g, e, r = result["greedy"], result["e2e"], result["ratios"]
@@ -115,7 +122,7 @@ def bench_markdown(result: dict, command: str) -> str:
             lines += [
                 "Variants (`--variant`, `--recompute`): the recipe's greedy training with other settings, on the "
                 "same batches: "
-                + "; ".join(f"{v['label']}: context {v['context']}, head {v['head']}, backlink {v['backlink']}, "
+                + "; ".join(f"{v['label']}: context {v['context']}, head {v['head']}, method {_method(v['method'])}, "
                             f"recompute {v['recompute']}"
                             for v in result["variants"]) + "."
             ]

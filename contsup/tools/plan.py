@@ -15,6 +15,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from contsup.config.recipe import Recipe
 from contsup.model.build import recipe_parts
+from contsup.model.components import training_method
 from contsup.model.costs import CostModel
 from contsup.model.network import build_network, count_params
 from contsup.tools.tables import format_table
@@ -33,7 +34,7 @@ class ModuleMemory:
     body_bytes: int
     body_flops: int
     adapter_flops: int
-    backlink_bytes: int = 0  # with BackLink: module l-1's last units, kept while module l trains (in ``bytes``)
+    link_bytes: int = 0  # with a linking method: module l-1's linked units, kept while module l trains (in ``bytes``)
     head_bytes: int = 0  # what its head (auxiliary or final, and decoder) keeps (in ``bytes``)
 
     @property
@@ -69,24 +70,25 @@ def forward_flops(module: nn.Module, shape: Shape) -> int:
     return int(counter.get_total_flops())
 
 
-def backlink_spans(sizes: Sequence[int], units: int) -> list[tuple[int, int] | None]:
+def link_spans(method: Any, sizes: Sequence[int]) -> list[tuple[int, int] | None]:
     """Per module l, the [first, last] units (0-based, inclusive) that module l+1's loss also
-    trains with BackLink of ``units`` (the last ``units`` of module l, all of them when it has
-    fewer); None for the last module and when ``units`` is 0."""
+    trains through the training method's link (None where it has none)."""
+    link = getattr(method, "link", None)
     out: list[tuple[int, int] | None] = []
     start = 0
     for module, n in enumerate(sizes, start=1):
         last = start + n - 1
-        out.append((max(start, last - units + 1), last) if units > 0 and module < len(sizes) else None)
+        span = int(link(module, len(sizes), n)) if link is not None else 0
+        out.append((max(start, last - span + 1), last) if span > 0 else None)
         start += n
     return out
 
 
 def plan_memory(recipe: Recipe, network: nn.Module, plans: Sequence[Any], sizes: Sequence[int]) -> PlanMemory:
     """Each module's training memory for the split ``sizes`` of ``network`` (built from
-    ``recipe``), as :class:`PlanMemory` says. With BackLink, module l's figure adds what module
-    l-1's linked units keep (their saved activations, each unit's output included), alive until
-    module l's backward: an estimate from the units' own measurements (docs/objectives.md)."""
+    ``recipe``), as :class:`PlanMemory` says. With a training method that links modules, module
+    l's figure adds what module l-1's linked units keep (their saved activations, each unit's
+    output included), alive until module l's backward: an estimate from the units' own measurements."""
     batch = measured = recipe.data.batch_size
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     parts, shapes, info = recipe_parts(recipe, fake)
@@ -99,7 +101,7 @@ def plan_memory(recipe: Recipe, network: nn.Module, plans: Sequence[Any], sizes:
         )
         out.append(ModuleMemory(
             cost.index, cost.bytes, cost.breakdown["adapters"],
-            cost.breakdown["units"], forward_flops(m.body, plan.input_shape), adapter_flops, cost.breakdown["backlink"],
+            cost.breakdown["units"], forward_flops(m.body, plan.input_shape), adapter_flops, cost.breakdown["link"],
             cost.breakdown["head"],
         ))
     units = sum(model.unit_bytes(u) for u in range(model.n))
@@ -111,8 +113,9 @@ def plan_data(recipe: Any) -> dict:
     torch.manual_seed(recipe.run.seed)
     built = build_network(recipe)
     k = len(built.plans)
-    link = recipe.backlink.units if recipe.run.mode == "greedy" else 0
-    spans = backlink_spans([p.units for p in built.plans], link)
+    method = training_method(recipe)
+    spans = link_spans(method, [p.units for p in built.plans])
+    detail_keys = getattr(recipe.objective.component, "plan_keys", ())
     modules = []
     for plan, m in zip(built.plans, built.network.blocks):
         stage = recipe.module_range(plan.index)
@@ -136,6 +139,8 @@ def plan_data(recipe: Any) -> dict:
             "adapters": count_params(m.adapters),
             "decoder": count_params(m.decoder) if m.decoder is not None else 0,
         }
+        if any(block.part is not None for block in built.network.blocks):  # a method's own parts
+            split["method"] = count_params(m.part) if m.part is not None else 0
         modules.append(
             {
                 "index": plan.index,
@@ -152,23 +157,28 @@ def plan_data(recipe: Any) -> dict:
                 "head": "backbone" if last else getattr(stage.objective.options, "head", type(m.head).__name__),
                 "decoder": None if last or stage.decoder is None else stage.decoder.use,
                 "weights": {"reconstruction": w_rec, "local": w_local},
-                "auglocal": _auglocal_entry(m.head, built.unit_shapes),
-                "backlink": None if spans[plan.index - 1] is None else {
-                    "units": spans[plan.index - 1][1] - spans[plan.index - 1][0] + 1,
-                    "unit_range": list(spans[plan.index - 1]),
-                    "trained_by": plan.index + 1,
-                },
+                **{key: head_detail(m.head, key, built.unit_shapes) for key in detail_keys},
             }
         )
+        if getattr(method, "link", None) is not None:
+            span = spans[plan.index - 1]
+            modules[-1][method.name] = None if span is None else {
+                "units": span[1] - span[0] + 1, "unit_range": list(span), "trained_by": plan.index + 1,
+            }
     memory = plan_memory(recipe, built.network, built.plans, [p.units for p in built.plans])
     for entry, mem in zip(modules, memory.modules):
         entry["memory"] = {
             "bytes": mem.bytes, "adapter_bytes": mem.adapter_bytes, "body_bytes": mem.body_bytes,
-            "body_flops": mem.body_flops, "adapter_flops": mem.adapter_flops, "backlink_bytes": mem.backlink_bytes,
+            "body_flops": mem.body_flops, "adapter_flops": mem.adapter_flops, "link_bytes": mem.link_bytes,
             "head_bytes": mem.head_bytes,
         }
+        if getattr(method, "link", None) is not None:
+            entry["memory"][f"{method.name}_bytes"] = mem.link_bytes
     return {
         "backbone": recipe.backbone.use,
+        "method": None if method is None else {"name": method.name, "links": getattr(method, "link", None) is not None,
+                                              "note": getattr(method, "plan_note", None)},
+        "head_details": list(detail_keys),
         "input_shape": list(built.info.input_shape),
         "num_units": len(built.unit_shapes),
         "modules": modules,
@@ -181,30 +191,28 @@ def plan_data(recipe: Any) -> dict:
     }
 
 
-def _auglocal_entry(head: Any, unit_shapes: Sequence[Any]) -> dict | None:
-    """What the plan says of an AugLocal head (one built from copies of later units): its depth,
-    the units it copies with their output shapes, and its parameters; None for any other head."""
-    inner = next((s for s in head.modules() if hasattr(s, "sampled") and hasattr(s, "depth")), None)
+def head_detail(head: Any, key: str, unit_shapes: Sequence[Any]) -> dict | None:
+    """What a head says of itself under ``key`` (an objective's ``plan_keys``): the ``plan_detail``
+    of the part of it whose ``plan_key`` is ``key``, with the head's parameters; None where the
+    head has no such part."""
+    inner = next((s for s in head.modules() if getattr(s, "plan_key", None) == key and hasattr(s, "plan_detail")), None)
     if inner is None:
         return None
-    return {
-        "depth": int(inner.depth),
-        "units": [int(u) for u in inner.sampled],
-        "unit_shapes": [list(unit_shapes[u]) for u in inner.sampled],
-        "params": sum(p.numel() for p in head.parameters()),
-    }
+    return {**inner.plan_detail(unit_shapes), "params": sum(p.numel() for p in head.parameters())}
 
 
-def _print_auglocal(modules: Sequence[dict]) -> None:
-    """The plan's AugLocal table: per local module, its head's depth, copied units, parameters and memory."""
-    rows = [("module", "depth", "copies of units (output shape)", "head params", "head memory (MiB)")]
-    for m in modules:
-        a = m["auglocal"]
-        if a is None:
-            continue
-        copied = ", ".join(f"{u} ({_shape(s)})" for u, s in zip(a["units"], a["unit_shapes"]))
-        rows.append((str(m["index"]), str(a["depth"]), copied, f"{a['params']:,}", _mib(m["memory"]["head_bytes"])))
-    print("auglocal heads: fresh copies (own weights, reinitialised) of later backbone units, then pool + linear:")
+def _print_head_details(modules: Sequence[dict], key: str) -> None:
+    """A table of the ``key`` heads: per module, what each head says of itself, its parameters
+    and memory (its ``plan_columns`` name the columns)."""
+    found = [m for m in modules if m.get(key)]
+    if not found:
+        return
+    columns = list(found[0][key]["columns"])
+    rows = [("module", *columns, "head params", "head memory (MiB)")]
+    for m in found:
+        d = m[key]
+        rows.append((str(m["index"]), *(str(d["columns"][c]) for c in columns), f"{d['params']:,}", _mib(m["memory"]["head_bytes"])))
+    print(f"{key} heads: {found[0][key]['title']}:")
     print(format_table(rows))
     print()
 
@@ -219,9 +227,10 @@ def plan_main(recipe: Any, as_json: bool) -> int:
     header = ["module", "units", "unit range", "sources", "params", "output shape"]
     if varied:
         header += ["context", "objective", "head", "decoder (w_rec, w_local)"]
-    linked = any(m["backlink"] for m in data["modules"])
+    method = data["method"]
+    linked = bool(method and method["links"] and any(m[method["name"]] for m in data["modules"]))
     if linked:
-        header.append("backlink")
+        header.append(method["name"])
     rows = [tuple(header)]
     for m in data["modules"]:
         w = m["weights"]
@@ -237,7 +246,7 @@ def plan_main(recipe: Any, as_json: bool) -> int:
             decoder = f"{m['decoder']} ({w['reconstruction']:g}, {w['local']:g})" if m["decoder"] else "-"
             row += [m["context"], m["objective"], m["head"], decoder]
         if linked:
-            b = m["backlink"]
+            b = m[method["name"]]
             row.append(f"{b['unit_range'][0]}-{b['unit_range'][1]} (+ loss {b['trained_by']})" if b else "-")
         rows.append(tuple(row))
     context = "per [[modules]] range" if recipe.ranges else recipe.context.use
@@ -248,19 +257,18 @@ def plan_main(recipe: Any, as_json: bool) -> int:
     print(format_table(rows))
     total = sum(m["params"] for m in data["modules"])
     print(f"total parameters: {total:,}")
-    if any(m["backlink"] for m in data["modules"]):
-        n = recipe.backlink.units
-        print(f"backlink: the loss of module l+1 also trains the last {n} unit{'s' if n != 1 else ''} of module l "
-              f"(column \"backlink\": those units); earlier units and all context stay isolated")
+    if linked:
+        note = method["note"] or "the loss of module l+1 also trains these units of module l"
+        print(f"{method['name']}: {note} (column \"{method['name']}\": those units); earlier units and all context stay isolated")
     if not varied and len(data["modules"]) > 1:
         first = data["modules"][0]
         print(f"local objective of modules 1..{len(data['modules']) - 1}: {first['objective']}, head {first['head']}")
     print()
-    print("each module's input shape, the adapter serving each source, and params = body + head + adapters + decoder:")
+    print("each module's input shape, the adapter serving each source, and params = body + head + adapters + decoder + method:")
     print(format_table(_detail_rows(data["modules"])))
     print()
-    if any(m["auglocal"] for m in data["modules"]):
-        _print_auglocal(data["modules"])
+    for key in data["head_details"]:
+        _print_head_details(data["modules"], key)
     _print_memory(data, recipe)
     return 0
 
@@ -274,16 +282,16 @@ def _print_memory(data: dict, recipe: Any) -> None:
     and one warning line when context adapters cost more than the bodies they feed."""
     mem = data["memory"]
     print(f"activation memory kept for backward at batch {mem['batch_size']} (MiB):")
-    linked = any(m["memory"]["backlink_bytes"] for m in data["modules"])
+    linked = any(m["memory"]["link_bytes"] for m in data["modules"])
     recompute = data["recompute"]["adapters"]
     rows = [("module", "training", "its adapters", "its units", "MFLOPs per image: body / adapters")]
     if linked:
-        rows[0] += ("backlink (in training)",)
+        rows[0] += (f"{data['method']['name']} (in training)",)
     for m in data["modules"]:
         x = m["memory"]
         flops = f"{x['body_flops'] / 1e6:,.1f} / {x['adapter_flops'] / 1e6:,.1f}"
         row = (str(m["index"]), _mib(x["bytes"]), _mib(x["adapter_bytes"]), _mib(x["body_bytes"]), flops)
-        row += (_mib(x["backlink_bytes"]),) if linked else ()
+        row += (_mib(x["link_bytes"]),) if linked else ()
         rows.append(row)
     print(format_table(rows))
     if recompute or data["recompute"]["head"]:
@@ -295,7 +303,7 @@ def _print_memory(data: dict, recipe: Any) -> None:
         print(f"context.recompute: the {pieces} keep only their inputs through the forward and run again in backward, "
               f"one at a time ({counted}; contsup bench --recompute measures the peak)")
     if linked:
-        print("backlink: each module's training figure includes the linked units of the module before it, kept "
+        print(f"{data['method']['name']}: each module's training figure includes the linked units of the module before it, kept "
               "until its backward (estimated from their measurements)")
     units, largest = mem["units_bytes"], mem["largest_module_bytes"]
     ratio = f" ({largest / units:.2f}x)" if units else ""
@@ -343,17 +351,16 @@ def _shape(shape: Sequence[int]) -> str:
 def _detail_rows(modules: Sequence[dict]) -> list[tuple[str, ...]]:
     """The second table of ``contsup plan``: each module's input shape, the adapter serving each
     source with its parameter count, and the module's parameters split into its parts."""
-    decoders = any(m["params_split"]["decoder"] for m in modules)
-    header = ["module", "input shape", "sources (adapter, params)", "body", "head", "adapters"]
-    header += ["decoder"] if decoders else []
+    optional = [key for key in ("decoder", "method") if any(m["params_split"].get(key) for m in modules)]
+    header = ["module", "input shape", "sources (adapter, params)", "body", "head", "adapters", *optional]
     rows = [tuple(header)]
     for m in modules:
         split = m["params_split"]
         context = ", ".join(f"{d['name']} ({d['adapter']}, {d['params']:,})" for d in m["source_details"])
         row = [str(m["index"]), _shape(m["input_shape"]), context or "-", f"{split['body']:,}", f"{split['head']:,}", f"{split['adapters']:,}"]
-        row += [f"{split['decoder']:,}"] if decoders else []
+        row += [f"{split[key]:,}" for key in optional]
         rows.append(tuple(row))
     return rows
 
 
-__all__ = ["plan_data", "plan_main", "plan_memory", "PlanMemory", "ModuleMemory", "backlink_spans", "forward_flops"]
+__all__ = ["plan_data", "plan_main", "plan_memory", "PlanMemory", "ModuleMemory", "link_spans", "forward_flops", "head_detail"]

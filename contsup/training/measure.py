@@ -138,7 +138,7 @@ class LiveMemory:
     def pack(self, t: torch.Tensor) -> tuple[torch.Tensor, _Held | None]:
         # a detached alias (same storage): holding ``t`` itself, a saved output would reference
         # its own graph node, a cycle that only a backward without retain_graph breaks, so a
-        # retained graph (BackLink's) that no later backward walks, such as module l's head,
+        # retained graph (a training method's link) that no later backward walks, such as module l's head,
         # would stay alive, and be counted, to the end of the step
         return t.detach(), self.hold(t)
 

@@ -37,10 +37,13 @@ class ModuleOptimizer:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def backward(self, loss: torch.Tensor, weight: float = 1.0, retain_graph: bool = False) -> None:
-        """Back-propagate ``loss`` x ``weight`` (this process's share of a batch split over several)."""
+    def backward(
+        self, loss: torch.Tensor, weight: float = 1.0, retain_graph: bool = False, inputs: Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        """Back-propagate ``loss`` x ``weight`` (this process's share of a batch split over several),
+        into ``inputs`` only when given."""
         loss = loss if weight == 1.0 else loss * weight
-        self.scaler.scale(loss).backward(retain_graph=retain_graph)
+        self.scaler.scale(loss).backward(retain_graph=retain_graph, inputs=inputs)
 
     def step(self) -> None:
         """One update on the gathered gradients: sync, optimizer (through the scaler), schedule."""
