@@ -16,7 +16,9 @@ from contsup import hookspecs
 from contsup.training.loop import Trainer
 from contsup.model.network import build_network
 from contsup.errors import RecipeError
-from contsup.testing import check_decoder, check_objective, check_partitioner, check_selector, plugin_manager, registries, validate_recipe
+from contsup.testing import (
+    check_decoder, check_method, check_objective, check_partitioner, check_selector, plugin_manager, registries, validate_recipe,
+)
 from contsup.types import Costs
 
 from conftest import ROOT, small_recipe_text
@@ -123,6 +125,7 @@ def test_hook_register_decoders(tmp_path):
 def test_hook_register_methods(tmp_path):
     plugin = example("register_methods")
     assert registries(plugin).methods.entry("noisy_head").plugin == plugin.__name__
+    check_method(plugin.NoisyHead, modules=(3,))
     text = small_recipe_text(modules=3, train_size=16) + "\n[noisy_head]\nstd = 0.5\n"
     recipe = validate_recipe(text, plugin)
     assert recipe.method.use == "noisy_head"
