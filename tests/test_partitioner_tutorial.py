@@ -1,28 +1,34 @@
 """docs/plugins/tutorial-partitioner.md against its example package, docs/plugins/examples/
 contsup-flops: every code block is checked (file blocks equal the package's files, parts appear
-in them word for word, doctests pass, partition tables validate), and the package's own tests,
-which the page shows, pass."""
+in them word for word, doctests pass, partition tables validate), and the page's commands run in
+a copy of the package installed with pip (its own tests, ``contsup plan``), printing what the
+page shows."""
 
 from __future__ import annotations
 
 import difflib
 import doctest
-import importlib.util
-import inspect
+import os
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from contsup.tools.plan import plan_data
 from contsup.testing import validate_recipe
 
 from conftest import ROOT
+from test_plugin_tutorial import matches_lines
 
 TUTORIAL = ROOT / "docs" / "plugins" / "tutorial-partitioner.md"
 EXAMPLE = ROOT / "docs" / "plugins" / "examples" / "contsup-flops"
 BLOCK = re.compile(r"(?:<!-- (?P<marker>[^\n]*?) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)^```", re.S | re.M)
-KINDS = {"file", "part of", "doctest", "partition table"}
+KINDS = {"file", "part of", "doctest", "partition table", "run", "output"}
+# What the reader types to set up, and what the test does instead (see the `installed` fixture).
+SETUP = {'pip install -e ".[test]"': "pip install --no-deps --no-build-isolation --target (the test's environment has pytest)"}
 LEFT_BEHIND = ("__pycache__", ".pytest_cache", ".hypothesis", "build")  # what running the tests leaves
 RECIPE = '[data]\nuse = "synthetic"\nshape = [3, 32, 32]\n\n[backbone]\nuse = "cifar_resnet32"\n\n'
 
@@ -96,22 +102,70 @@ def test_partition_tables_validate_with_the_plugin(example_on_path):
     import contsup_flops
 
     tables = [b for b in blocks() if b[0] == "partition table"]
-    assert len(tables) == 2
+    assert len(tables) == 1
     for _, _, body, _ in tables:
         recipe = validate_recipe(RECIPE + body, contsup_flops)
         assert recipe.partitioner.use == "flops_balanced"
 
 
-def test_the_example_package_tests_pass(example_on_path):
-    """The page's test file, imported and run as pytest would (its tests take no fixtures)."""
-    spec = importlib.util.spec_from_file_location("test_contsup_flops_example", EXAMPLE / "tests" / "test_contsup_flops.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    tests = [(name, fn) for name, fn in vars(module).items() if name.startswith("test_") and callable(fn)]
-    assert len(tests) == 5
-    for name, fn in tests:
-        assert not inspect.signature(fn).parameters or hasattr(fn, "hypothesis"), f"{name} takes fixtures"
-        fn()
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """A copy of the example package, installed with pip into a folder of its own, and the
+    environment in which `contsup` and `python` see it, as a reader's shell would."""
+    tmp = tmp_path_factory.mktemp("flops")
+    folder, site, bin_dir = tmp / "contsup-flops", tmp / "site", tmp / "bin"
+    shutil.copytree(EXAMPLE, folder, ignore=shutil.ignore_patterns(*LEFT_BEHIND, "*.egg-info"))
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index", "--target", str(site), str(folder)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    shutil.rmtree(folder / "build", ignore_errors=True)
+    bin_dir.mkdir()
+    for name, command in {"contsup": "-m contsup", "python": ""}.items():
+        script = bin_dir / name
+        script.write_text(f'#!/bin/sh\nexec "{sys.executable}" {command} "$@"\n')
+        script.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("CONTSUP_LOAD_PLUGINS", "PYTHONUNBUFFERED")}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), str(ROOT / "plugins"), *filter(None, [env.get("PYTHONPATH")])])
+    env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])
+    env |= {"OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return folder, env
+
+
+@pytest.mark.slow
+def test_the_commands_run_and_print_what_the_page_shows(installed):
+    """Every `run` block in order, in the package's folder: status 0, no traceback, and the
+    `output` block after it matched line by line; the package's own tests pass."""
+    folder, env = installed
+    found = blocks()
+    ran = []
+    for (kind, _, body, line), following in zip(found, [*found[1:], None]):
+        if kind != "run":
+            continue
+        commands = [c for c in body.strip().splitlines() if c.strip() not in SETUP]
+        result = subprocess.run(
+            ["bash", "-e", "-c", "\n".join(commands)], cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, timeout=600,
+        )
+        ran += commands
+        assert result.returncode == 0, f"line {line}: {commands} exited {result.returncode}:\n{result.stdout}"
+        assert "Traceback" not in result.stdout, f"line {line}: {commands} printed a traceback:\n{result.stdout}"
+        assert following is not None and following[0] == "output", f"line {line}: a run block needs an output block after it"
+        missing = matches_lines(following[2], result.stdout)
+        assert not missing, f"line {following[3]}: {missing}\nthe commands printed:\n{result.stdout}"
+    assert ran == ["python -m pytest -q", "contsup plan resnet32_flops.toml"]
+
+
+def test_the_uniform_split_the_page_compares_with():
+    """What the page says `use = "uniform"` gives for its recipe: units, MFLOPs, memory."""
+    text = (EXAMPLE / "resnet32_flops.toml").read_text().replace('use = "flops_balanced"', 'use = "uniform"')
+    modules = plan_data(validate_recipe(text))["modules"]
+    assert [m["units"] for m in modules] == [5, 5, 6]
+    assert [round(m["memory"]["body_flops"] / 1e6, 1) for m in modules] == [38.6, 45.1, 54.5]
+    assert round(max(m["memory"]["bytes"] for m in modules) / 2**20, 1) == 153.6
+    page = TUTORIAL.read_text()
+    assert "5, 5 and 6 units, 38.6, 45.1 and 54.5 MFLOPs" in page and "keeps 153.6 MiB" in page
 
 
 def test_the_hooks_page_and_the_index_link_the_tutorial():
