@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import re
+import textwrap
 import types
 
 import pytest
@@ -16,6 +17,8 @@ from contsup import hookspecs
 from contsup.training.loop import Trainer
 from contsup.model.network import build_network
 from contsup.errors import RecipeError
+from contsup.options import structure
+from contsup.config.reading import tomllib
 from contsup.testing import (
     check_decoder, check_method, check_objective, check_partitioner, check_selector, plugin_manager, registries, validate_recipe,
 )
@@ -64,6 +67,24 @@ def test_every_hook_section_names_a_hook_and_shows_its_signature():
             args = ", ".join(spec.__code__.co_varnames[: spec.__code__.co_argcount])
             assert f"```\n{heading}({args})\n```" in text, f"hooks.md: '{heading}' must show its signature"
             assert "**When:**" in text and "```python" in text
+
+
+def test_the_list_option_example_reads_and_reports_as_the_page_says():
+    text = sections()["What every component provides"]
+    module = types.ModuleType("hooks_md_list_option")
+    (code,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    exec(compile(textwrap.dedent(code), f"{HOOKS_MD}:list option", "exec"), module.__dict__)
+    assert structure(module.Options, {"stage_weights": [2, 1.5]}, "partition") == (module.Options(stage_weights=(2.0, 1.5)), [])
+    messages = {
+        '[1.0, "fast"]': 'partition.stage_weights: item 1: expected a number, got a string ("fast")',
+        "3": "partition.stage_weights: expected a list of numbers, got an integer (3)",
+        "[1.0, 0.0]": "partition.stage_weights: every weight must be > 0, got [1.0, 0.0]",
+    }
+    for toml, message in messages.items():
+        table = tomllib.loads(f"stage_weights = {toml}")
+        assert structure(module.Options, table, "partition") == (None, [message])
+    for toml, message in list(messages.items())[:2]:
+        assert f"`stage_weights = {toml}`" in text and message.split(": ", 1)[1] in text
 
 
 def test_hook_register_backbones():
