@@ -20,7 +20,7 @@ from contsup.errors import RecipeError
 from contsup.options import structure
 from contsup.config.reading import tomllib
 from contsup.testing import (
-    check_decoder, check_method, check_objective, check_partitioner, check_selector, plugin_manager, registries, validate_recipe,
+    check_backbone, check_dataset, check_decoder, check_method, check_objective, check_partitioner, check_selector, plugin_manager, registries, validate_recipe,
 )
 from contsup.types import Costs
 
@@ -90,6 +90,7 @@ def test_the_list_option_example_reads_and_reports_as_the_page_says():
 def test_hook_register_backbones():
     plugin = example("register_backbones")
     assert registries(plugin).backbones.entry("tiny_cnn").plugin == plugin.__name__
+    check_backbone(plugin.TinyCNN, input_shapes=[(3, 16, 16), (1, 8, 8)])
     text = small_recipe_text(backbone="tiny_cnn", modules=3)
     built = build_network(validate_recipe(text, plugin))
     assert [p.units for p in built.plans] == [1, 1, 1]
@@ -165,6 +166,7 @@ def test_hook_register_methods(tmp_path):
 def test_hook_register_datasets(tmp_path):
     plugin = example("register_datasets")
     stripes = plugin.Stripes(plugin.Stripes.Options(size=8, samples=32))
+    check_dataset(stripes)
     x, y = stripes.load(train=True)[0]
     assert x.shape == (1, 8, 8) and y.item() in (0, 1)
     assert len(stripes.load(train=False)) == 32

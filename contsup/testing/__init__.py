@@ -2,9 +2,10 @@
 
 ``plugin_manager`` and ``registries`` load the built-ins and your plugin, and nothing else
 installed, so other plugins cannot change what a test sees. ``check_selector``,
-``check_partitioner``, ``check_objective``, ``check_decoder`` and ``check_method`` check a
-component against the engine's contract and raise an ``AssertionError`` with one line per
-problem, naming where it broke (the module and K; the K and the costs; the shape). ``network_layout`` builds the
+``check_partitioner``, ``check_objective``, ``check_decoder``, ``check_method``,
+``check_backbone`` and ``check_dataset`` check a component against the engine's contract and
+raise an ``AssertionError`` with one line per problem, naming where it broke (the module and K;
+the K and the costs; the shape). ``network_layout`` builds the
 :class:`~contsup.types.NetworkLayout` a recipe's selector is given, and ``preview_sources`` the
 sources a selector gives every module of a recipe's network, without the command line.
 ``contsup.testing.strategies`` holds hypothesis strategies (cost tables, K, splits, layouts); it
@@ -13,6 +14,7 @@ needs hypothesis, which this package does not import.
 
 
 from contsup.testing.plugins import network_layout, plugin_manager, preview_sources, recipe, registries, validate_recipe
+from contsup.testing.backbones import check_backbone, check_dataset
 from contsup.testing.methods import check_method
 from contsup.testing.objectives import check_decoder, check_objective
 from contsup.testing.partitioners import check_partitioner
@@ -21,5 +23,5 @@ from contsup.testing.selectors import SHAPE_PROFILES, chain_layout, check_adapte
 __all__ = [
     "plugin_manager", "registries", "validate_recipe", "recipe", "network_layout", "preview_sources",
     "check_selector", "check_adapter", "chain_layout", "SHAPE_PROFILES",
-    "check_partitioner", "check_objective", "check_decoder", "check_method",
+    "check_partitioner", "check_objective", "check_decoder", "check_method", "check_backbone", "check_dataset",
 ]
