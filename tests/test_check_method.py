@@ -160,6 +160,8 @@ def test_determinism_and_finite_losses():
 
 def test_a_recipe_of_the_authors_own(tmp_path):
     check_method(MAN, recipe=small_recipe_text(out_dir=str(tmp_path), modules=3, context="none"))
+    # a recipe with a method table of its own: the checked method replaces it
+    check_method(HPFF, recipe=small_recipe_text(out_dir=str(tmp_path), modules=3, extra="\n[man]\n"))
 
 
 def test_a_method_without_active_is_reported():

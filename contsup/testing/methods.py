@@ -70,7 +70,7 @@ def check_method(method: Any, *plugins: object, recipe: Any = None, modules: Seq
     try:
         with torch.random.fork_rng(devices=[]):
             for r in _recipes(recipe, plugins, modules):
-                _check_at(method, _with_method(r, method), r, problems)
+                _check_at(method, _with_method(r, method), _with_method(r, None), problems)
     finally:
         torch.set_num_threads(threads)
     problems.raise_if_any()
@@ -83,9 +83,10 @@ def _recipes(recipe: Any, plugins: tuple, modules: Sequence[int]) -> list[Any]:
 
 
 def _with_method(recipe: Any, method: Any) -> Any:
-    """``recipe`` training greedily with ``method`` (this very instance) as its only method."""
+    """``recipe`` training greedily with ``method`` (this very instance) as its only method
+    (None: with none, whatever tables the recipe has)."""
     chosen = Chosen(getattr(method, "name", "method"), lambda _options: method, getattr(method, "options", None), "check_method")
-    return attrs.evolve(recipe, run=attrs.evolve(recipe.run, mode="greedy"), methods=(chosen,))
+    return attrs.evolve(recipe, run=attrs.evolve(recipe.run, mode="greedy"), methods=(chosen,) if method is not None else ())
 
 
 def _check_at(method: Any, recipe: Any, plain: Any, problems: Problems) -> None:
