@@ -63,6 +63,11 @@ def test_method_labels():
     assert method_label({"context.use": "R1E", "objective.use": "supcon"}) == "ContSup R1E · supcon"
     assert method_label({"context.use": "none", "decoder.use": "infopro"}) == "DGL + infopro"
     assert method_label({"run.mode": "e2e", "context.use": "none"}) == "E2E"
+    # training methods are the recipe's tables beyond its own sections; all-zero ones are off
+    assert method_label({"context.use": "R1E", "man.momentum": 0.995, "man.ema_init": "copy"}) == "ContSup R1E + man"
+    assert method_label({"context.use": "none", "backlink.units": 0, "optimizer.lr": 0.05}) == "DGL"
+    assert method_label({"context.use": "none", "objective.head": "auglocal"}) == "DGL · auglocal head"
+    assert method_label({"context.use": "none", "objective.head": "1c2f", "hpff.wx": 0.001}) == "DGL + hpff"
     assert method_label({"context.use": "contsup", "context.input": True, "context.recent": 1, "context.intermediate": 1}) == "ContSup M1R1E"
     assert method_label({"context.use": "contsup", "context.input": False, "context.recent": 0}) == "DGL"
     hybrid = '[{"range": [1, 4], "context": {"use": "none"}}, {"range": [5, 16], "context": {"use": "R1E"}}]'

@@ -23,6 +23,12 @@ TELLING_KEYS = (
     "data.use", "backbone.use", "backbone.model", "run.mode", "run.epochs", "objective.use", "decoder.use",
     "context.use", "optimizer.lr", "data.size", "data.batch_size", "run.seed",
 )
+# The recipe's own sections: any other table in a flattened recipe is a training method's.
+RECIPE_SECTIONS = (
+    "run", "data", "backbone", "partition", "context", "objective", "decoder", "optimizer", "schedule",
+    "distributed", "log", "modules", "preset",
+)
+DEFAULT_HEAD = "1c2f"  # the paper's auxiliary head, left out of labels
 LEGEND_WIDTH = 48  # characters per line of a legend entry; longer labels wrap
 
 
@@ -108,13 +114,29 @@ def method_label(config: Mapping[str, Any]) -> str:
         if context == "contsup":
             context = _context_name(config)
         base = "DGL" if context in CONTEXT_NONE else f"ContSup {context}"
+    if config.get("run.mode") == "e2e":
+        return base
     objective = config.get("objective.use")
-    if objective and objective != "cross_entropy" and config.get("run.mode") != "e2e":
+    if objective and objective != "cross_entropy":
         base += f" · {objective}"
+    head = config.get("objective.head")
+    if head and head != DEFAULT_HEAD:
+        base += f" · {head} head"
     decoder = config.get("decoder.use")
-    if decoder and config.get("run.mode") != "e2e":
+    if decoder:
         base += f" + {decoder}"
-    return base
+    return base + "".join(f" + {name}" for name in training_methods(config))
+
+
+def training_methods(config: Mapping[str, Any]) -> list[str]:
+    """The training methods a flattened recipe turns on: its tables beyond the recipe's own
+    sections, unless every value in one is 0 or false (``backlink.units = 0`` is plain greedy)."""
+    tables: dict[str, list[Any]] = {}
+    for key, value in config.items():
+        name = key.split(".", 1)[0]
+        if "." in key and name not in RECIPE_SECTIONS:
+            tables.setdefault(name, []).append(value)
+    return sorted(name for name, values in tables.items() if any(v not in (0, False, None) for v in values))
 
 
 def method_key(config: Mapping[str, Any]) -> str:
