@@ -3,29 +3,89 @@
 A variant's name counts its layers: ``1c2f`` is one 3x3 conv (+BN+ReLU) then two fully connected
 layers, the paper's default (Table 6). The conv's stride and width follow the feature (see
 :func:`conv_plan`); the hidden fully connected layers have ``hidden`` units.
+
+On a token sequence (N, D), a vision transformer's features, the variants read it as the
+backbone's own head does: with convolutions, the patch tokens laid back on their square grid
+(D, g, g) (:class:`TokenGridMap`); without, the normalised class token, or the mean token where
+there is none (:class:`TokenPool`). :class:`TransformerHead` (``head = "block"``) is one
+transformer block before that pooling (docs/tokens.md).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from contsup.adapters import autocast_state, chunkable, conv_bn_relu_backward_in_chunks
-from contsup.types import HeadSpec
+from contsup.errors import ContsupError
+from contsup.types import HeadSpec, Shape, TokenGrid, shape_kind
 
 VARIANTS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")  # the recipe key's choices (HeadVariant; a test keeps them equal)
+
+
+def prefix_tokens(shape: Shape) -> int:
+    """How many prefix tokens (class, distillation, register) lead a token sequence of ``shape``
+    (N, D), read as prefix + a square grid of patches (:meth:`TokenGrid.square`)."""
+    return TokenGrid.square(shape).prefix
+
+
+def as_map(shape: Shape) -> Shape:
+    """A feature shape as the convolutions of a head see it: a map's own (C, H, W); a token
+    sequence's patch tokens on their square grid, (D, g, g)."""
+    if shape_kind(shape) == "map":
+        return tuple(shape)
+    grid = TokenGrid.square(shape)
+    return (shape[1], grid.rows, grid.cols)
 
 
 def conv_plan(spec: HeadSpec) -> tuple[int, int]:
     """(stride, width) of the head's first 3x3 conv, as in the paper's Table 6: stride 2 and twice
     the channels while the feature is larger than the backbone's last feature (CIFAR: 16 -> 32,
-    32 -> 64), stride 1 and the same channels at the last stage (64 -> 64)."""
-    channels, height = spec.shape[0], spec.shape[1]
-    if height > spec.final_shape[1]:
+    32 -> 64), stride 1 and the same channels at the last stage (64 -> 64). Token sequences
+    compare their patch grids (:func:`as_map`)."""
+    shape, final = as_map(spec.shape), as_map(spec.final_shape)
+    channels, height = shape[0], shape[1]
+    if height > final[1]:
         return 2, 2 * channels
     return 1, channels
+
+
+class TokenGridMap(nn.Module):
+    """Patch tokens laid back on their square grid, prefix tokens left out:
+    h: (B, N, D) -> (B, D, g, g) with N = prefix + g * g."""
+
+    def __init__(self, shape: Shape) -> None:
+        super().__init__()
+        grid = TokenGrid.square(shape)
+        self.prefix, self.side = grid.prefix, grid.rows
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        patches = h[:, self.prefix :]
+        return patches.transpose(1, 2).reshape(h.shape[0], h.shape[2], self.side, self.side)
+
+
+class TokenPool(nn.Module):
+    """A token sequence to one vector, as a vision transformer's head reads it: the class token
+    (the first) where the sequence has prefix tokens, else the mean of every token.
+    h: (B, N, D) -> (B, D)."""
+
+    def __init__(self, shape: Shape) -> None:
+        super().__init__()
+        self.first = prefix_tokens(shape) > 0
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h[:, 0] if self.first else h.mean(dim=1)
+
+    def extra_repr(self) -> str:
+        return "class token" if self.first else "mean token"
+
+
+def token_norm(width: int) -> nn.LayerNorm:
+    """The LayerNorm a token head applies before pooling, as a vision transformer's final norm."""
+    return nn.LayerNorm(width, eps=1e-6)
 
 
 def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
@@ -34,7 +94,11 @@ def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
 
 class AuxClassifier(nn.Module):
     """An auxiliary head: ``convs`` 3x3 conv+BN+ReLU layers, global average pool, ``fcs`` fully
-    connected layers (ReLU between them) ending in ``out`` units. h: (B, C, H, W) -> (B, out)."""
+    connected layers (ReLU between them) ending in ``out`` units. h: (B, C, H, W) -> (B, out).
+
+    On tokens h: (B, N, D): with convolutions, they run on the patch grid (:class:`TokenGridMap`);
+    without, the fully connected layers read the normalised class (or mean) token (:class:`TokenPool`).
+    """
 
     def __init__(self, spec: HeadSpec, out: int, hidden: int = 128, variant: str = "1c2f") -> None:
         super().__init__()
@@ -42,15 +106,23 @@ class AuxClassifier(nn.Module):
             raise ValueError(f"unknown head variant '{variant}'; choose one of {', '.join(VARIANTS)}")
         convs, fcs = int(variant[0]), int(variant[2])
         self.variant = variant
+        tokens = shape_kind(spec.shape) == "tokens"
         layers: list[nn.Module] = []
-        width = spec.shape[0]
+        width = spec.shape[1] if tokens else spec.shape[0]
+        if tokens and not convs:
+            layers.append(token_norm(width))
+        elif tokens:
+            layers.append(TokenGridMap(spec.shape))
         if convs:
             stride, conv_width = conv_plan(spec)
             layers += _conv_bn_relu(width, conv_width, stride)
             layers += [m for _ in range(convs - 1) for m in _conv_bn_relu(conv_width, conv_width, 1)]
             width = conv_width
         self.features = nn.Sequential(*layers)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        if tokens and not convs:
+            self.pool = nn.Sequential(TokenPool(spec.shape))
+        else:
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         dims = [width] + [hidden] * (fcs - 1) + [out]
         fc: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
@@ -70,6 +142,8 @@ class AuxClassifier(nn.Module):
         batch norm): the caller then checkpoints the whole head."""
         layers = list(self.features)
         pooled = [type(m) for m in self.pool] == [nn.AdaptiveAvgPool2d, nn.Flatten] and self.pool[0].output_size in (1, (1, 1))
+        if h.dim() != 4:  # tokens: the convolutions run on the grid the head makes of them
+            return None
         if len(layers) != 3 or not chunkable(*layers) or not pooled:
             return None
         conv, bn = layers[0], layers[1]
@@ -112,6 +186,39 @@ class _HeadRecomputed(torch.autograd.Function):
                 h.detach(), head.features[0], head.features[1], head.pool, d_features, layout,
             )
         return (d_h if ctx.needs_input_grad[0] else None, None, None, conv_grad, bn_weight_grad, bn_bias_grad, *d_fc)
+
+
+def attention_heads(width: int) -> int:
+    """Heads for a transformer block of ``width``: one per 64 channels, as timm's ViTs have them
+    (ViT-S 384 -> 6, ViT-B 768 -> 12), the nearest count below that divides the width; at least one."""
+    heads = max(1, width // 64)
+    while width % heads:
+        heads -= 1
+    return heads
+
+
+class TransformerHead(nn.Module):
+    """A head of one transformer block for token features (``head = "block"``): timm's ViT block
+    (``attention_heads(D)`` heads, MLP 4 x D), the final LayerNorm, the class (or mean) token,
+    one linear layer to ``out``. h: (B, N, D) -> (B, out)."""
+
+    def __init__(self, spec: HeadSpec, out: int) -> None:
+        super().__init__()
+        if shape_kind(spec.shape) != "tokens":
+            raise ContsupError(
+                f"objective.head = \"block\" is a transformer block for token features (N, D); module {spec.module}'s "
+                f"output is a feature map {tuple(spec.shape)}: use a variant such as \"1c2f\" for it"
+            )
+        from timm.models.vision_transformer import Block
+
+        width = spec.shape[1]
+        self.block = Block(width, num_heads=attention_heads(width), mlp_ratio=4.0, qkv_bias=True, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
+        self.norm = token_norm(width)
+        self.pool = TokenPool(spec.shape)
+        self.classifier = nn.Linear(width, out)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.norm(self.block(h))))
 
 
 class Normalized(nn.Module):
