@@ -183,7 +183,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"{m['unit_range'][0]}-{m['unit_range'][1]}",
             ", ".join(m["sources"]) or "-",
             f"{m['params']:,}",
-            "x".join(str(d) for d in m["output_shape"]),
+            _shape(m["output_shape"]),
         ]
         if varied:
             decoder = f"{m['decoder']} ({w['reconstruction']:g}, {w['local']:g})" if m["decoder"] else "-"
@@ -289,7 +289,8 @@ def _span(indices: Sequence[int]) -> str:
 
 
 def _shape(shape: Sequence[int]) -> str:
-    return "x".join(str(d) for d in shape)
+    """64x8x8 for a feature map (C, H, W); 197x384 tokens for a token sequence (N, D)."""
+    return "x".join(str(d) for d in shape) + (" tokens" if len(shape) == 2 else "")
 
 
 def _detail_rows(modules: Sequence[dict]) -> list[tuple[str, ...]]:
