@@ -198,9 +198,10 @@ class TimmBackbone:
         return args
 
     def build(self, input_shape: Shape, num_classes: int) -> BackboneParts:
-        from contsup_timm.split import create, split_model
+        from contsup_timm.split import check_input, create, split_model
 
         model = create(self.options.model, self.model_args(input_shape, num_classes))
+        check_input(model, self.options.model, input_shape)
         return split_model(model, self.options.model, families_line())
 
 

@@ -95,6 +95,21 @@ def create(name: str, args: dict[str, Any]) -> nn.Module:
     return model.to_empty(device="cpu")
 
 
+def check_input(model: nn.Module, name: str, input_shape: Sequence[int]) -> None:
+    """On the meta device (where a recipe is validated: no data, no arithmetic), run the model on
+    one input of ``input_shape`` so that an input the model cannot take (smaller than its total
+    stride, not a multiple of its patch size) is one line before anything is built for real."""
+    if next(model.parameters()).device.type != "meta":
+        return
+    try:
+        with torch.no_grad():
+            model(torch.empty((1, *input_shape), device="meta"))
+    except Exception as exc:  # a convolution's or a patch embedding's own complaint
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        size = "x".join(str(d) for d in input_shape)
+        raise ContsupError(f"backbone: '{name}' cannot take a {size} input: {first}") from None
+
+
 def _args(args: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v!r}" for k, v in args.items())
 
@@ -207,4 +222,4 @@ def split_model(model: nn.Module, name: str, families: str) -> BackboneParts:
     )
 
 
-__all__ = ["TimmPart", "create", "split_model", "SPLITTERS"]
+__all__ = ["TimmPart", "create", "check_input", "split_model", "SPLITTERS"]
