@@ -219,3 +219,14 @@ def test_the_cost_model_counts_a_vit_from_shapes_as_a_real_step_saves(registries
         x, y = torch.randn(4, 3, 8, 8, generator=gen), torch.randint(0, 10, (4,), generator=gen)
         predicted = models["shapes"].plan_costs([p.units for p in built.plans])
         assert [c.bytes for c in predicted] == measure_step(strategy, x, y), partition
+
+
+def test_the_probe_reads_every_token_on_the_patch_grid():
+    from contsup.tools.probe import ProbeNet, TokensOnGrid
+
+    h = torch.randn(2, 18, 4)  # two prefix tokens, a 4x4 grid
+    grid = TokensOnGrid((18, 4))(h)
+    assert grid.shape == (2, 12, 4, 4)
+    assert torch.equal(grid[:, :4, 1, 2], h[:, 2 + 1 * 4 + 2]) and torch.equal(grid[:, 4:8, 3, 0], h[:, 0])
+    assert torch.equal(grid[:, 8:, 0, 0], h[:, 1])
+    assert ProbeNet((18, 4), num_classes=10)(h).shape == (2, 10)
