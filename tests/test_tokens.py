@@ -230,3 +230,49 @@ def test_the_probe_reads_every_token_on_the_patch_grid():
     assert torch.equal(grid[:, :4, 1, 2], h[:, 2 + 1 * 4 + 2]) and torch.equal(grid[:, 4:8, 3, 0], h[:, 0])
     assert torch.equal(grid[:, 8:, 0, 0], h[:, 1])
     assert ProbeNet((18, 4), num_classes=10)(h).shape == (2, 10)
+
+
+CONVNEXT = """
+[run]
+seed = 0
+[data]
+use = "synthetic"
+shape = [3, 32, 32]
+train_size = 8
+test_size = 4
+batch_size = 4
+[backbone]
+use = "convnext_atto"
+depths = [1, 1, 1, 1]
+dims = [8, 16, 24, 32]
+[partition]
+use = "{partition}"
+modules = 3
+[context]
+use = "R1E"
+"""
+
+
+def test_a_convnext_takes_the_map_adapters_and_heads_and_is_counted_exactly(registries):
+    """ConvNeXt's channels-first LayerNorm blocks with the paper's adapters and head: every piece
+    counted from shapes equals the real count, and each module's prediction what a real greedy
+    step saves."""
+    from contsup.adapters import InputEncoder, OfficialShortcutAdapter
+
+    base = loads_recipe(CONVNEXT.format(partition="uniform"), registries, source="convnext.toml")
+    parts, shapes, info = recipe_parts(base)
+    assert shapes[0] == (8, 8, 8) and shapes[-1] == (32, 1, 1) and len(shapes) == 8
+    models = {m: CostModel(base, parts, shapes, info, method=m) for m in ("saved", "shapes")}
+    pieces = {m: [*c.units, *c._heads.values(), *c._adapters.values()] for m, c in models.items()}
+    assert pieces["shapes"] == pieces["saved"] and models["shapes"].notes == []
+    for partition in ("uniform", "memory_balanced"):
+        recipe = loads_recipe(CONVNEXT.format(partition=partition), registries, source="convnext.toml")
+        torch.manual_seed(0)
+        built = build_network(recipe)
+        m = built.network.blocks[2]
+        assert type(m.adapters["x"]) is InputEncoder and type(m.adapters["h1"]) is OfficialShortcutAdapter
+        strategy = GreedyStrategy(built.network, recipe.optimizer.create(), recipe.schedule.create(), 10, 10)
+        gen = torch.Generator().manual_seed(0)
+        x, y = torch.randn(4, 3, 32, 32, generator=gen), torch.randint(0, 10, (4,), generator=gen)
+        predicted = models["shapes"].plan_costs([p.units for p in built.plans])
+        assert [c.bytes for c in predicted] == measure_step(strategy, x, y), partition
