@@ -80,7 +80,7 @@ def test_the_backbone_builds_timms_model_split():
     assert sorted(float(t.sum()) for t in ours.parameters()) == sorted(float(t.sum()) for t in reference.parameters())
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(small_models(), st.integers(0, 2**16))
 def test_the_units_then_the_head_are_the_timm_model(case, seed):
     """Float64, eval mode: every unit in order, then the head, gives the model's own output to the
@@ -238,3 +238,16 @@ def test_greedy_k1_equals_end_to_end_step_for_step(family, registries, tmp_path)
         for (name, g), (_, e) in zip(greedy.network.state_dict().items(), e2e.network.state_dict().items()):
             assert torch.equal(g, e), f"{family}, step {steps}: {name}"
     assert steps == 3
+
+
+def test_an_input_the_model_cannot_take_is_one_line_at_validation(registries):
+    """Validation builds the backbone on the meta device and runs it on the dataset's input there:
+    a ConvNeXt (total stride 32) on 16x16 images is refused in one line, while a model whose
+    features shrink to 1x1 at the dataset's size is accepted."""
+    from contsup.errors import RecipeError
+
+    text = RECIPE.format(mode="greedy", side=16, model="convnext_atto", options="")
+    with pytest.raises(RecipeError, match=r"backbone: 'convnext_atto' cannot take a 3x16x16 input: ") as info:
+        loads_recipe(text, registries, source="small.toml")
+    assert len(info.value.lines) == 1
+    loads_recipe(RECIPE.format(mode="greedy", side=16, model="tinynet_e", options=""), registries, source="ok.toml")

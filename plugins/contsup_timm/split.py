@@ -101,13 +101,17 @@ def check_input(model: nn.Module, name: str, input_shape: Sequence[int]) -> None
     stride, not a multiple of its patch size) is one line before anything is built for real."""
     if next(model.parameters()).device.type != "meta":
         return
+    training = model.training
+    model.eval()  # shapes alone: a batch norm's training check on a 1x1 map is not the input's fault
     try:
         with torch.no_grad():
-            model(torch.empty((1, *input_shape), device="meta"))
+            model(torch.empty((2, *input_shape), device="meta"))
     except Exception as exc:  # a convolution's or a patch embedding's own complaint
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         size = "x".join(str(d) for d in input_shape)
         raise ContsupError(f"backbone: '{name}' cannot take a {size} input: {first}") from None
+    finally:
+        model.train(training)
 
 
 def _args(args: dict[str, Any]) -> str:
