@@ -4,7 +4,6 @@ map or the identity), heads on tokens, and the cost model's count for a vision t
 
 from __future__ import annotations
 
-import attrs
 import pytest
 import torch
 from torch import nn
