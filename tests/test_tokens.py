@@ -130,6 +130,13 @@ def test_the_conv_head_lays_patch_tokens_on_their_grid():
     assert torch.equal(grid[:, :, 1, 2], h[:, 1 + 1 * 4 + 2])  # patch (row 1, col 2) after the class token
 
 
+def test_tokens_off_a_square_grid_are_one_line_for_a_conv_head_and_the_mean_token_otherwise():
+    with pytest.raises(ContsupError, match=r"objective.head: a convolutional head lays tokens \(3, 8\) on a square grid"):
+        AuxClassifier(spec((3, 8)), out=10, variant="1c2f")  # one patch and two prefix tokens is no reading
+    head = AuxClassifier(spec((3, 8)), out=10, variant="0c2f")
+    assert head(torch.randn(2, 3, 8)).shape == (2, 10) and not head.pool[0].first
+
+
 def test_the_block_head_is_one_transformer_block():
     torch.manual_seed(0)
     head = TransformerHead(spec((17, 128)), out=10)

@@ -37,7 +37,10 @@ def as_map(shape: Shape) -> Shape:
     sequence's patch tokens on their square grid, (D, g, g)."""
     if shape_kind(shape) == "map":
         return tuple(shape)
-    grid = TokenGrid.square(shape)
+    try:
+        grid = TokenGrid.square(shape)
+    except ValueError:  # no grid: compared by token count alone
+        return (shape[1], shape[0], 1)
     return (shape[1], grid.rows, grid.cols)
 
 
@@ -59,7 +62,13 @@ class TokenGridMap(nn.Module):
 
     def __init__(self, shape: Shape) -> None:
         super().__init__()
-        grid = TokenGrid.square(shape)
+        try:
+            grid = TokenGrid.square(shape)
+        except ValueError as exc:
+            raise ContsupError(
+                f"objective.head: a convolutional head lays tokens {tuple(shape)} on a square grid of patches, and {exc}; "
+                f"use a head without convolutions (\"0c2f\") or \"block\""
+            ) from None
         self.prefix, self.side = grid.prefix, grid.rows
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -74,7 +83,10 @@ class TokenPool(nn.Module):
 
     def __init__(self, shape: Shape) -> None:
         super().__init__()
-        self.first = prefix_tokens(shape) > 0
+        try:
+            self.first = prefix_tokens(shape) > 0
+        except ValueError:  # no square grid to read prefix tokens from: every token counts alike
+            self.first = False
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h[:, 0] if self.first else h.mean(dim=1)
