@@ -13,14 +13,16 @@ from contsup.adapters import (
 )
 from contsup.config.recipe import loads_recipe
 from contsup.errors import ContsupError
-from contsup.model.memory import CostModel, even_split, recipe_parts
+from contsup.model.build import recipe_parts
+from contsup.model.costs import CostModel, even_split
 from contsup.model.network import build_network
 from contsup.training.measure import measure_step
 from contsup.training.strategies import GreedyStrategy, StepStats
 from contsup.types import HeadSpec, NetworkLayout, Source, TokenGrid, shape_kind
 from contsup_context import ContSup
 from contsup_objectives import CrossEntropy, SupCon
-from contsup_objectives.heads import VARIANTS, AuxClassifier, TransformerHead, attention_heads
+from contsup_objectives.heads import VARIANTS, AuxClassifier
+from contsup_objectives.token_heads import TransformerHead, attention_heads
 
 
 def test_shape_kinds_and_the_layout():

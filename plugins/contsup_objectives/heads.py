@@ -5,43 +5,25 @@ layers, the paper's default (Table 6). The conv's stride and width follow the fe
 :func:`conv_plan`); the hidden fully connected layers have ``hidden`` units.
 
 On a token sequence (N, D), a vision transformer's features, the variants read it as the
-backbone's own head does: with convolutions, the patch tokens laid back on their square grid
-(D, g, g) (:class:`TokenGridMap`); without, the normalised class token, or the mean token where
-there is none (:class:`TokenPool`). :class:`TransformerHead` (``head = "block"``) is one
-transformer block before that pooling (docs/tokens.md).
+backbone's own head does (:mod:`contsup_objectives.token_heads`): with convolutions, the patch
+tokens laid back on their square grid (D, g, g); without, the normalised class token, or the mean
+token where there is none. ``head = "block"`` is one transformer block before that pooling
+(:class:`TransformerHead`, docs/tokens.md).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from contsup.adapters import autocast_state, chunkable, conv_bn_relu_backward_in_chunks
-from contsup.errors import ContsupError
-from contsup.types import HeadSpec, Shape, TokenGrid, shape_kind
+from contsup.layers import autocast_state, chunkable, conv_bn_relu, conv_bn_relu_backward_in_chunks
+from contsup.types import HeadSpec, shape_kind
+
+from contsup_objectives.token_heads import TokenGridMap, TokenPool, TransformerHead, as_map, token_norm
 
 VARIANTS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")  # the recipe key's choices (HeadVariant; a test keeps them equal)
-
-
-def prefix_tokens(shape: Shape) -> int:
-    """How many prefix tokens (class, distillation, register) lead a token sequence of ``shape``
-    (N, D), read as prefix + a square grid of patches (:meth:`TokenGrid.square`)."""
-    return TokenGrid.square(shape).prefix
-
-
-def as_map(shape: Shape) -> Shape:
-    """A feature shape as the convolutions of a head see it: a map's own (C, H, W); a token
-    sequence's patch tokens on their square grid, (D, g, g)."""
-    if shape_kind(shape) == "map":
-        return tuple(shape)
-    try:
-        grid = TokenGrid.square(shape)
-    except ValueError:  # no grid: compared by token count alone
-        return (shape[1], shape[0], 1)
-    return (shape[1], grid.rows, grid.cols)
 
 
 def conv_plan(spec: HeadSpec) -> tuple[int, int]:
@@ -54,54 +36,6 @@ def conv_plan(spec: HeadSpec) -> tuple[int, int]:
     if height > final[1]:
         return 2, 2 * channels
     return 1, channels
-
-
-class TokenGridMap(nn.Module):
-    """Patch tokens laid back on their square grid, prefix tokens left out:
-    h: (B, N, D) -> (B, D, g, g) with N = prefix + g * g."""
-
-    def __init__(self, shape: Shape) -> None:
-        super().__init__()
-        try:
-            grid = TokenGrid.square(shape)
-        except ValueError as exc:
-            raise ContsupError(
-                f"objective.head: a convolutional head lays tokens {tuple(shape)} on a square grid of patches, and {exc}; "
-                f"use a head without convolutions (\"0c2f\") or \"block\""
-            ) from None
-        self.prefix, self.side = grid.prefix, grid.rows
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        patches = h[:, self.prefix :]
-        return patches.transpose(1, 2).reshape(h.shape[0], h.shape[2], self.side, self.side)
-
-
-class TokenPool(nn.Module):
-    """A token sequence to one vector, as a vision transformer's head reads it: the class token
-    (the first) where the sequence has prefix tokens, else the mean of every token.
-    h: (B, N, D) -> (B, D)."""
-
-    def __init__(self, shape: Shape) -> None:
-        super().__init__()
-        try:
-            self.first = prefix_tokens(shape) > 0
-        except ValueError:  # no square grid to read prefix tokens from: every token counts alike
-            self.first = False
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h[:, 0] if self.first else h.mean(dim=1)
-
-    def extra_repr(self) -> str:
-        return "class token" if self.first else "mean token"
-
-
-def token_norm(width: int) -> nn.LayerNorm:
-    """The LayerNorm a token head applies before pooling, as a vision transformer's final norm."""
-    return nn.LayerNorm(width, eps=1e-6)
-
-
-def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
 class AuxClassifier(nn.Module):
@@ -127,8 +61,8 @@ class AuxClassifier(nn.Module):
             layers.append(TokenGridMap(spec.shape))
         if convs:
             stride, conv_width = conv_plan(spec)
-            layers += _conv_bn_relu(width, conv_width, stride)
-            layers += [m for _ in range(convs - 1) for m in _conv_bn_relu(conv_width, conv_width, 1)]
+            layers += conv_bn_relu(width, conv_width, stride=stride)
+            layers += [m for _ in range(convs - 1) for m in conv_bn_relu(conv_width, conv_width)]
             width = conv_width
         self.features = nn.Sequential(*layers)
         if tokens and not convs:
@@ -149,7 +83,7 @@ class AuxClassifier(nn.Module):
     def recompute_lean(self, h: torch.Tensor, scope: Callable[[], Any]) -> torch.Tensor | None:
         """``context.recompute_head``'s path for a one-conv head (``1c*f``): the output of
         ``self(h)``, keeping h and the pooled features for backward, which makes the conv+BN+ReLU
-        layer again in channel chunks (:func:`contsup.adapters.conv_bn_relu_backward_in_chunks`,
+        layer again in channel chunks (:func:`contsup.layers.conv_bn_relu_backward_in_chunks`,
         the plain gradients to the bit). None for other heads, or layers swapped in (a synchronised
         batch norm): the caller then checkpoints the whole head."""
         layers = list(self.features)
@@ -198,39 +132,6 @@ class _HeadRecomputed(torch.autograd.Function):
                 h.detach(), head.features[0], head.features[1], head.pool, d_features, layout,
             )
         return (d_h if ctx.needs_input_grad[0] else None, None, None, conv_grad, bn_weight_grad, bn_bias_grad, *d_fc)
-
-
-def attention_heads(width: int) -> int:
-    """Heads for a transformer block of ``width``: one per 64 channels, as timm's ViTs have them
-    (ViT-S 384 -> 6, ViT-B 768 -> 12), the nearest count below that divides the width; at least one."""
-    heads = max(1, width // 64)
-    while width % heads:
-        heads -= 1
-    return heads
-
-
-class TransformerHead(nn.Module):
-    """A head of one transformer block for token features (``head = "block"``): timm's ViT block
-    (``attention_heads(D)`` heads, MLP 4 x D), the final LayerNorm, the class (or mean) token,
-    one linear layer to ``out``. h: (B, N, D) -> (B, out)."""
-
-    def __init__(self, spec: HeadSpec, out: int) -> None:
-        super().__init__()
-        if shape_kind(spec.shape) != "tokens":
-            raise ContsupError(
-                f"objective.head = \"block\" is a transformer block for token features (N, D); module {spec.module}'s "
-                f"output is a feature map {tuple(spec.shape)}: use a variant such as \"1c2f\" for it"
-            )
-        from timm.models.vision_transformer import Block
-
-        width = spec.shape[1]
-        self.block = Block(width, num_heads=attention_heads(width), mlp_ratio=4.0, qkv_bias=True, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
-        self.norm = token_norm(width)
-        self.pool = TokenPool(spec.shape)
-        self.classifier = nn.Linear(width, out)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pool(self.norm(self.block(h))))
 
 
 class Normalized(nn.Module):
