@@ -205,6 +205,24 @@ def test_a_vit_trains_greedily_with_context(registries, context, head):
     assert built.network.eval()(x).shape == (4, 10)
 
 
+def test_plan_and_profile_print_token_shapes_and_each_modules_memory(write_recipe, capsys):
+    """contsup plan names a token sequence's shape as such (17x16 tokens) in both of its tables and
+    counts every module's activation memory; contsup profile's unit table says the same."""
+    from contsup.cli import main
+
+    path = write_recipe(VIT.format(context="R1E", partition="uniform", head="block", shortcut="official"))
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    modules = out.split("each module's input shape")[0].splitlines()
+    assert sum(line.rstrip().endswith("17x16 tokens") for line in modules) == 3
+    assert "17x16 tokens  x (M_E tokens" in out and "h1 (M_R tokens official" in out
+    memory = out.split("activation memory kept for backward")[1].splitlines()
+    assert [line.split()[0] for line in memory[3:6]] == ["1", "2", "3"]
+    assert all(float(line.split()[1]) > 0 for line in memory[3:6])
+    assert main(["profile", str(path)]) == 0
+    assert "17x16 tokens" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("context, shortcut", [("R1E", "official"), ("M1R1E", "paper"), ("R2", "identity")])
 def test_the_cost_model_counts_a_vit_from_shapes_as_a_real_step_saves(registries, context, shortcut):
     """Token shapes flow through the cost model: every piece counted from shapes equals the real
