@@ -285,7 +285,7 @@ class Costs:
     - ``flops``: forward FLOPs of one image through each unit (``torch.utils.flop_counter``'s
       count: a multiply-add is 2, convolutions and matrix products only), counted for a
       partitioner with ``needs_flops = True``; else None;
-    - ``input_shape`` and ``unit_shapes``: x's shape and each unit's output shape (C, H, W),
+    - ``input_shape`` and ``unit_shapes``: x's shape and each unit's output shape ((C, H, W), or (N, D) for tokens),
       always given by the engine (free: one dummy forward pass traces them); empty when unknown.
 
     A table built by hand (``Costs((4.0, 2.0))``) is taken as measured.

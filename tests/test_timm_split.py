@@ -250,3 +250,14 @@ def test_an_input_the_model_cannot_take_is_one_line_at_validation(registries):
         loads_recipe(text, registries, source="small.toml")
     assert len(info.value.lines) == 1
     loads_recipe(RECIPE.format(mode="greedy", side=16, model="tinynet_e", options=""), registries, source="ok.toml")
+
+
+def test_token_and_convnext_backbones_pass_the_plugin_check():
+    """contsup.testing.check_backbone, which plugin authors run, takes token units (B, N, D) as
+    it takes feature maps: a ViT and a ConvNeXt from timm pass it."""
+    from contsup.testing import check_backbone
+
+    vit = TimmBackbone(TimmBackbone.Options(model="vit_tiny_patch16_224", patch_size=4, embed_dim=16, depth=2, num_heads=2))
+    check_backbone(vit, input_shapes=[(3, 16, 16), (1, 8, 8)])
+    convnext = TimmBackbone(TimmBackbone.Options(model="convnext_atto", dims=(8, 16, 24, 32), depths=(1, 1, 1, 1)))
+    check_backbone(convnext, input_shapes=[(3, 32, 32)])
