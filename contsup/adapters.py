@@ -1,6 +1,9 @@
 """The context adapters: M_E encodes the raw input, M_R aligns an earlier feature.
 
-Each maps a source tensor to the shape of the module input h it is added to. Two variants:
+Each maps a source tensor to the shape of the module input h it is added to. Where h is a token
+sequence (N, D) (a vision transformer's module), M_E is a patch embedding at the backbone's patch
+size (:class:`TokenEncoder`) and M_R a linear map of each token (:class:`TokenShortcut`), the
+1x1 convolution's counterpart; see :func:`token_adapter` and docs/tokens.md. Two variants:
 the paper's text (:func:`paper_adapter`: M_E's first width h's channels, M_R a 1x1 conv) and the
 official code's (:func:`official_adapter`: M_E's first width 12, M_R with BN and ReLU), which
 produced the published numbers and is what the built-in selectors build by default. A context
@@ -18,8 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contsup.errors import ContsupError
 from contsup.layers import RECOMPUTE_CHUNK, autocast_state, chunkable, conv_bn_relu, conv_bn_relu_backward_in_chunks, pool_to
-from contsup.types import Shape
+from contsup.types import Shape, TokenGrid, shape_kind
 
 
 class _BackToContiguous(torch.autograd.Function):
@@ -179,12 +183,126 @@ class OfficialShortcutAdapter(nn.Module):
         return self.pool(self.act(self.bn(self.conv(h))))
 
 
+class TokenEncoder(nn.Module):
+    """M_E for a module whose input h is a token sequence: a patch embedding at the backbone's patch
+    size. x: (B, C, H, W) -> (B, N, D).
+
+    A convolution of kernel and stride p (as a vision transformer's own stem) makes one token per
+    p x p patch; h's leading prefix tokens (class, distillation, register tokens) each get the mean
+    of those patch tokens: the map M_E's adaptive pooling gives each position the average of its
+    region, and a prefix token's region is the whole image. p and the number of prefix tokens are
+    read from the shapes (:meth:`contsup.types.TokenGrid.over_image`). Any feature map may be the
+    source, x or an earlier (C, H, W) feature.
+    """
+
+    adapter_kind = "M_E tokens"  # what contsup plan calls it
+
+    def __init__(self, source_shape: Shape, target_shape: Shape) -> None:
+        super().__init__()
+        try:
+            grid = TokenGrid.over_image(target_shape, source_shape)
+        except ValueError as exc:
+            raise ContsupError(f"context: no patch embedding maps {_shape(source_shape)} to {_shape(target_shape)}: {exc}") from None
+        self.prefix = grid.prefix
+        self.proj = nn.Conv2d(source_shape[0], target_shape[1], grid.patch, stride=grid.patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(x).flatten(2).transpose(1, 2)  # (B, rows x cols, D)
+        if not self.prefix:
+            return tokens
+        lead = tokens.mean(dim=1, keepdim=True).expand(-1, self.prefix, -1)
+        return torch.cat([lead, tokens], dim=1)
+
+
+class TokenShortcut(nn.Module):
+    """M_R between token sequences as the paper's text has it: a linear map of each token to h's
+    width (the 1x1 convolution's counterpart: a 1x1 convolution is a linear map of each position).
+    h_j: (B, N, D_s) -> (B, N, D_h)."""
+
+    adapter_kind = "M_R tokens"  # what contsup plan calls it
+
+    def __init__(self, source_shape: Shape, target_shape: Shape) -> None:
+        super().__init__()
+        _same_tokens(source_shape, target_shape)
+        self.proj = nn.Linear(source_shape[1], target_shape[1], bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h)
+
+
+class OfficialTokenShortcut(nn.Module):
+    """M_R between token sequences in the official code's form: the linear map, then the
+    transformer's normalisation and activation (LayerNorm, GELU) where the official M_R has batch
+    norm and ReLU. h_j: (B, N, D_s) -> (B, N, D_h)."""
+
+    adapter_kind = "M_R tokens official"  # what contsup plan calls it
+
+    def __init__(self, source_shape: Shape, target_shape: Shape) -> None:
+        super().__init__()
+        _same_tokens(source_shape, target_shape)
+        self.proj = nn.Linear(source_shape[1], target_shape[1], bias=False)
+        self.norm = nn.LayerNorm(target_shape[1])
+        self.act = nn.GELU()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.proj(h)))
+
+
+class IdentityShortcut(nn.Identity):
+    """M_R as the identity, for a source of h's own shape: the earlier feature is added as it is
+    (no parameters; ``context.shortcut = "identity"``)."""
+
+    adapter_kind = "M_R identity"  # what contsup plan calls it
+
+
+def _shape(shape: Shape) -> str:
+    """(17, 64) tokens, or (3, 8, 8): a shape as messages write it."""
+    text = "(" + ", ".join(str(d) for d in shape) + ")"
+    return f"{text} tokens" if len(shape) == 2 else text
+
+
+def _same_tokens(source_shape: Shape, target_shape: Shape) -> None:
+    if shape_kind(source_shape) != "tokens" or shape_kind(target_shape) != "tokens" or source_shape[0] != target_shape[0]:
+        raise ContsupError(
+            f"context: M_R maps a token sequence to one of as many tokens; {_shape(source_shape)} to {_shape(target_shape)} "
+            f"is not such a pair (give this module x alone, or sources with its token count)"
+        )
+
+
+def token_adapter(source_shape: Shape, target_shape: Shape, shortcut: str = "paper") -> nn.Module:
+    """The adapter for a source of a module whose input or source is a token sequence: a feature
+    map (x, or an earlier map) through :class:`TokenEncoder`; earlier tokens through
+    :class:`TokenShortcut` (``shortcut = "paper"``), :class:`OfficialTokenShortcut`
+    (``"official"``) or, where the shapes are equal, :class:`IdentityShortcut` (``"identity"``;
+    the paper's otherwise). A token source for a feature-map module is refused in one line."""
+    source_kind, target_kind = shape_kind(source_shape), shape_kind(target_shape)
+    if target_kind == "map":
+        raise ContsupError(
+            f"context: no adapter maps {_shape(source_shape)} to a feature map {_shape(target_shape)}; "
+            f"give this module sources of its own kind"
+        )
+    if source_kind == "map":
+        return TokenEncoder(source_shape, target_shape)
+    if shortcut == "identity" and tuple(source_shape) == tuple(target_shape):
+        return IdentityShortcut()
+    if shortcut == "official":
+        return OfficialTokenShortcut(source_shape, target_shape)
+    return TokenShortcut(source_shape, target_shape)
+
+
+def involves_tokens(source_shape: Shape, target_shape: Shape) -> bool:
+    """Whether a source or its module's input is a token sequence (N, D): :func:`token_adapter`'s case."""
+    return "tokens" in (shape_kind(source_shape), shape_kind(target_shape))
+
+
 OFFICIAL_ENCODER_WIDTH = 12  # the official M_E's first convolution
 
 
 def official_adapter(is_input: bool, source_shape: Shape, target_shape: Shape) -> nn.Module:
     """The official code's adapter for a source: M_E of first width 12 for the raw input, M_R
-    with BN and ReLU for a feature."""
+    with BN and ReLU for a feature (for token modules, :func:`token_adapter`'s official one)."""
+    if involves_tokens(source_shape, target_shape):
+        return token_adapter(source_shape, target_shape, "official")
     if is_input:
         return InputEncoder(source_shape, target_shape, hidden=OFFICIAL_ENCODER_WIDTH)
     return OfficialShortcutAdapter(source_shape, target_shape)
@@ -192,7 +310,10 @@ def official_adapter(is_input: bool, source_shape: Shape, target_shape: Shape) -
 
 def paper_adapter(is_input: bool, source_shape: Shape, target_shape: Shape) -> nn.Module:
     """The paper's text's adapter for a source: M_E (first width h's channels) for the raw input,
-    M_R (1x1 conv + pool) for a feature. The engine's fallback for selectors that build none."""
+    M_R (1x1 conv + pool) for a feature (for token modules, :func:`token_adapter`'s paper one).
+    The engine's fallback for selectors that build none."""
+    if involves_tokens(source_shape, target_shape):
+        return token_adapter(source_shape, target_shape, "paper")
     if is_input:
         return InputEncoder(source_shape, target_shape)
     return ShortcutAdapter(source_shape, target_shape)
@@ -200,5 +321,6 @@ def paper_adapter(is_input: bool, source_shape: Shape, target_shape: Shape) -> n
 
 __all__ = [
     "InputEncoder", "ShortcutAdapter", "OfficialShortcutAdapter", "official_adapter", "paper_adapter", "pool_to",
+    "TokenEncoder", "TokenShortcut", "OfficialTokenShortcut", "IdentityShortcut", "token_adapter", "involves_tokens",
     "OFFICIAL_ENCODER_WIDTH", "RECOMPUTE_CHUNK", "autocast_state", "chunkable", "conv_bn_relu_backward_in_chunks",
 ]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+import math
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import attrs
 
@@ -10,6 +11,64 @@ if TYPE_CHECKING:  # annotations only: importing torch takes seconds, and `conts
     from torch import nn
 
 Shape = tuple[int, ...]
+ShapeKind = Literal["map", "tokens"]
+
+
+def shape_kind(shape: Sequence[int]) -> ShapeKind:
+    """What a feature shape (without the batch) holds: ``"map"`` for a feature map (C, H, W),
+    ``"tokens"`` for a token sequence (N, D), as a vision transformer's blocks pass on."""
+    if len(shape) == 3:
+        return "map"
+    if len(shape) == 2:
+        return "tokens"
+    raise ValueError(f"a feature shape is (C, H, W) or (N, D), got {tuple(shape)}")
+
+
+@attrs.frozen
+class TokenGrid:
+    """How a token sequence (N, D) covers an image: ``prefix`` leading tokens (a class token, a
+    distillation token, register tokens), then ``rows`` x ``cols`` patch tokens row by row, each
+    from a ``patch`` x ``patch`` square of the image (0 when read without the image).
+
+    Read from shapes alone, as timm's vision transformers lay their tokens out: prefix tokens
+    first, then the patches. Patch tokens far outnumber prefix tokens, so the reading with the
+    fewest prefix tokens is taken, and one with more prefix tokens than patches is none (the
+    reading is exact for every timm ViT and DeiT).
+    """
+
+    prefix: int
+    rows: int
+    cols: int
+    patch: int = 0
+
+    @property
+    def patches(self) -> int:
+        return self.rows * self.cols
+
+    @classmethod
+    def over_image(cls, tokens: Sequence[int], image: Sequence[int]) -> "TokenGrid":
+        """The grid of ``tokens`` (N, D) over an ``image`` (C, H, W): the patch side p dividing H
+        and W for which (H/p)(W/p) <= N is largest (the fewest prefix tokens)."""
+        n, (_, height, width) = int(tokens[0]), image
+        best = None
+        for p in range(1, min(height, width) + 1):
+            count = (height // p) * (width // p)
+            if height % p == 0 and width % p == 0 and n - count <= count <= n:
+                if best is None or count > best.patches:
+                    best = cls(n - count, height // p, width // p, p)
+        if best is None:
+            raise ValueError(f"{n} tokens are not patches of a {height}x{width} image after fewer prefix tokens")
+        return best
+
+    @classmethod
+    def square(cls, tokens: Sequence[int]) -> "TokenGrid":
+        """The grid of ``tokens`` (N, D) read as prefix tokens and a square of g x g patches, the
+        largest square that fits (the fewest prefix tokens)."""
+        n = int(tokens[0])
+        side = math.isqrt(n)
+        if side < 1 or n - side * side > side * side:
+            raise ValueError(f"{n} tokens are not a square grid of patches after fewer prefix tokens")
+        return cls(n - side * side, side, side)
 
 
 @attrs.frozen(order=True)
@@ -67,13 +126,25 @@ class ModuleLayout:
     def units(self) -> int:
         return self.unit_range[1] - self.unit_range[0] + 1
 
+    @property
+    def input_kind(self) -> ShapeKind:
+        """What h_{l-1} holds: ``"map"`` (C, H, W) or ``"tokens"`` (N, D); see :func:`shape_kind`."""
+        return shape_kind(self.input_shape)
+
+    @property
+    def output_kind(self) -> ShapeKind:
+        """What h_l holds: ``"map"`` (C, H, W) or ``"tokens"`` (N, D)."""
+        return shape_kind(self.output_shape)
+
 
 @attrs.frozen
 class NetworkLayout:
     """The network a context selector chooses sources for: every module's shapes and units.
 
     Built from the split, after the partitioner and before any source is chosen, so a selector's
-    ``sources(module, num_modules, layout)`` may use it. Shapes are (C, H, W), without the batch.
+    ``sources(module, num_modules, layout)`` may use it. Shapes are without the batch: a feature
+    map's (C, H, W) or a token sequence's (N, D) (a vision transformer's blocks); ``kind`` says
+    which (:func:`shape_kind`), ``unit_kinds`` for every unit.
 
     - ``input_shape``: x's shape;
     - ``unit_shapes[u]``: the output shape of the backbone's minimal unit u (0-based);
@@ -102,6 +173,16 @@ class NetworkLayout:
     def feature_shape(self, j: int) -> Shape:
         """The shape of h_j^c, the input of module j+1 (h_0^c = x)."""
         return self.module(j + 1).input_shape
+
+    @property
+    def unit_kinds(self) -> tuple[ShapeKind, ...]:
+        """What each unit's output holds: ``"map"`` (C, H, W) or ``"tokens"`` (N, D)."""
+        return tuple(shape_kind(s) for s in self.unit_shapes)
+
+    @staticmethod
+    def kind(shape: Sequence[int]) -> ShapeKind:
+        """``"map"`` for a (C, H, W) shape, ``"tokens"`` for an (N, D) one (:func:`shape_kind`)."""
+        return shape_kind(shape)
 
     def source_shape(self, source: "Source") -> Shape:
         """The shape of a source: x's, or h_j^c's."""
@@ -150,10 +231,13 @@ class DatasetInfo:
 
 @attrs.frozen
 class BackboneParts:
-    """A backbone cut into its minimal units (stem, then each residual block) and its head."""
+    """A backbone cut into its minimal units (stem, then each residual block) and its head.
+
+    A unit's output is a feature map (B, C, H, W) or a token sequence (B, N, D) (a vision
+    transformer's stem and blocks); the head takes the last unit's output to (B, num_classes)."""
 
     units: Sequence[nn.Module]
-    head: nn.Module  # (B, C, H, W) -> (B, num_classes)
+    head: nn.Module  # (B, C, H, W) or (B, N, D) -> (B, num_classes)
 
 
 @attrs.frozen
@@ -164,11 +248,12 @@ class HeadSpec:
     heads built from the backbone itself (docs/objectives.md): ``module`` is l of
     ``num_modules`` (1-based; 0 when unknown), ``last_unit`` the module's last minimal unit
     (0-based), ``units`` the backbone's minimal units (to copy, never to share: they are the
-    network's own) and ``unit_shapes`` their output shapes (C, H, W).
+    network's own) and ``unit_shapes`` their output shapes. Shapes are (C, H, W) for feature maps
+    or (N, D) for token sequences (``kind``, :func:`shape_kind`).
     """
 
-    shape: Shape  # the module's output h_l: (C, H, W)
-    final_shape: Shape  # the backbone's last feature: (C, H, W)
+    shape: Shape  # the module's output h_l: (C, H, W) or (N, D)
+    final_shape: Shape  # the backbone's last feature: (C, H, W) or (N, D)
     num_classes: int
     module: int = 0
     num_modules: int = 0
@@ -179,6 +264,11 @@ class HeadSpec:
     def unit_input_shape(self, u: int) -> Shape:
         """The shape unit u (u >= 1) takes: the output shape of unit u - 1."""
         return self.unit_shapes[u - 1]
+
+    @property
+    def kind(self) -> ShapeKind:
+        """What the module's output holds: ``"map"`` (C, H, W) or ``"tokens"`` (N, D)."""
+        return shape_kind(self.shape)
 
 
 @attrs.frozen
@@ -195,7 +285,7 @@ class Costs:
     - ``flops``: forward FLOPs of one image through each unit (``torch.utils.flop_counter``'s
       count: a multiply-add is 2, convolutions and matrix products only), counted for a
       partitioner with ``needs_flops = True``; else None;
-    - ``input_shape`` and ``unit_shapes``: x's shape and each unit's output shape (C, H, W),
+    - ``input_shape`` and ``unit_shapes``: x's shape and each unit's output shape ((C, H, W), or (N, D) for tokens),
       always given by the engine (free: one dummy forward pass traces them); empty when unknown.
 
     A table built by hand (``Costs((4.0, 2.0))``) is taken as measured.

@@ -78,7 +78,7 @@ def test_list_context_selectors_imports_no_heavy_package():
         ("objectives", ["cross_entropy", "supcon"]),
         ("decoders", ["infopro"]),
         ("datasets", ["digits", "synthetic", "cifar10", "cifar100", "svhn", "stl10", "imagefolder"]),
-        ("optimizers", ["sgd"]),
+        ("optimizers", ["sgd", "adamw"]),
         ("schedules", ["cosine", "constant", "official_cosine"]),
         ("loggers", ["tensorboard", "csv", "mlflow", "wandb"]),
     ],

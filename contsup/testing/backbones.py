@@ -23,7 +23,7 @@ def check_backbone(backbone: Any, *, input_shapes: Sequence[Shape] = ((3, 32, 32
     on every call (no parameter shared with another build) drawn from torch's seeded generator
     (the same seed, the same weights), no parameter shared between two units or a unit and the
     head (each module trains its own); in train and eval mode, the units chained on x:
-    (B, *input_shape) each give a finite (B, C, H, W) tensor and leave their input as it was
+    (B, *input_shape) each give a finite (B, C, H, W) map or (B, N, D) token sequence and leave their input as it was
     (the engine keeps inputs as other modules' context), and the head gives (B, num_classes);
     every parameter gets a gradient from the head's output.
     """
@@ -93,9 +93,9 @@ def _check_forward(parts: BackboneParts, x: torch.Tensor, num_classes: int, at: 
         except Exception as exc:
             problems.add(f"{at}: unit {u} raised {type(exc).__name__}: {_text(exc)}")
             return
-        if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != BATCH or not torch.isfinite(out).all():
+        if not isinstance(out, torch.Tensor) or out.dim() not in (3, 4) or out.shape[0] != BATCH or not torch.isfinite(out).all():
             shown = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            problems.add(f"{at}: unit {u} gave {shown}; expected a finite (B, C, H, W) tensor with B = {BATCH}")
+            problems.add(f"{at}: unit {u} gave {shown}; expected a finite (B, C, H, W) or (B, N, D) tensor with B = {BATCH}")
             return
         if not torch.equal(h.detach(), kept):
             problems.add(f"{at}: unit {u} changed its input in place (an inplace ReLU first?); the engine keeps inputs as context")

@@ -18,7 +18,7 @@ from contsup.model.build import recipe_parts
 from contsup.model.components import training_method
 from contsup.model.costs import CostModel
 from contsup.model.network import build_network, count_params
-from contsup.tools.tables import format_table
+from contsup.tools.tables import format_shape, format_table
 from contsup.types import Shape
 
 
@@ -247,7 +247,7 @@ def plan_main(recipe: Any, as_json: bool) -> int:
             f"{m['unit_range'][0]}-{m['unit_range'][1]}",
             ", ".join(m["sources"]) or "-",
             f"{m['params']:,}",
-            "x".join(str(d) for d in m["output_shape"]),
+            format_shape(m["output_shape"]),
         ]
         if varied:
             decoder = f"{m['decoder']} ({w['reconstruction']:g}, {w['local']:g})" if m["decoder"] else "-"
@@ -351,10 +351,6 @@ def _span(indices: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
-def _shape(shape: Sequence[int]) -> str:
-    return "x".join(str(d) for d in shape)
-
-
 def _detail_rows(modules: Sequence[dict]) -> list[tuple[str, ...]]:
     """The second table of ``contsup plan``: each module's input shape, the adapter serving each
     source with its parameter count, and the module's parameters split into its parts."""
@@ -364,7 +360,7 @@ def _detail_rows(modules: Sequence[dict]) -> list[tuple[str, ...]]:
     for m in modules:
         split = m["params_split"]
         context = ", ".join(f"{d['name']} ({d['adapter']}, {d['params']:,})" for d in m["source_details"])
-        row = [str(m["index"]), _shape(m["input_shape"]), context or "-", f"{split['body']:,}", f"{split['head']:,}", f"{split['adapters']:,}"]
+        row = [str(m["index"]), format_shape(m["input_shape"]), context or "-", f"{split['body']:,}", f"{split['head']:,}", f"{split['adapters']:,}"]
         row += [f"{split[key]:,}" for key in optional]
         rows.append(tuple(row))
     return rows

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from contsup.errors import ContsupError
 from contsup.tools.probe_options import ProbeOptions, check_options  # noqa: F401 (re-exported)
-from contsup.types import Shape
+from contsup.types import Shape, TokenGrid
 from contsup.tools.plotting import colours, method_label, new_figure, save_png
 from contsup.tools.results import flatten
 from contsup.training.device import resolve_device
@@ -44,19 +44,39 @@ PROBE_PLOT = "probe.png"
 # -- the probe network -------------------------------------------------------------------------
 
 
+class TokensOnGrid(nn.Module):
+    """A token sequence as a map for the probe, every token kept: the patch tokens on their square
+    grid, each prefix token (class, distillation, register) broadcast over it as D more channels.
+    h: (B, N, D) -> (B, D (1 + prefix), g, g), with N = prefix + g * g."""
+
+    def __init__(self, shape: Shape) -> None:
+        super().__init__()
+        grid = TokenGrid.square(shape)
+        self.prefix, self.side = grid.prefix, grid.rows
+        self.shape = (shape[1] * (1 + grid.prefix), grid.rows, grid.cols)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, _, d = h.shape
+        patches = h[:, self.prefix :].transpose(1, 2).reshape(b, d, self.side, self.side)
+        lead = h[:, : self.prefix].reshape(b, self.prefix * d, 1, 1).expand(-1, -1, self.side, self.side)
+        return torch.cat([patches, lead], dim=1)
+
+
 class ProbeNet(nn.Module):
     """q(y | h): a CIFAR-style ResNet-(6n+2) whose first layer adapts the feature.
 
     h: (B, C, H, W) is resized to (size, size) (bilinear up, average pool down), then a 3x3 conv
     maps C channels to ``width``; three stages of BasicBlocks (width, 2 width, 4 width; stride 1,
-    2, 2), global average pool, linear -> (B, num_classes) logits.
+    2, 2), global average pool, linear -> (B, num_classes) logits. Tokens h: (B, N, D) are laid
+    on their patch grid first (:class:`TokensOnGrid`).
     """
 
     def __init__(self, in_shape: Shape, num_classes: int, depth: int = 8, width: int = 16, size: int = 0) -> None:
         super().__init__()
         from timm.models.resnet import BasicBlock
 
-        c, h, w = in_shape
+        self.tokens = TokensOnGrid(in_shape) if len(in_shape) == 2 else nn.Identity()
+        c, h, w = self.tokens.shape if len(in_shape) == 2 else in_shape
         self.size = (size, size) if size else (h, w)
         self.stem = nn.Sequential(nn.Conv2d(c, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
         layers: list[nn.Module] = []
@@ -81,7 +101,7 @@ class ProbeNet(nn.Module):
         return F.adaptive_avg_pool2d(h, self.size)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        z = self.blocks(self.stem(self.resize(h)))
+        z = self.blocks(self.stem(self.resize(self.tokens(h))))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(z, 1), 1))
 
 

@@ -14,6 +14,7 @@ from contsup.model.fitting import partition_costs
 from contsup.training.device import resolve_device
 from contsup.model.network import check_split, plan_modules
 from contsup.config.recipe import Recipe
+from contsup.tools.tables import format_shape
 
 
 def _share(part: float, whole: float) -> float | None:
@@ -117,7 +118,7 @@ def profile_text(data: dict, table) -> str:
     rows = [("unit", "output", "MiB", "% bytes", "ms", "% time")]
     for u in data["units"]:
         rows.append(
-            (str(u["index"]), "x".join(map(str, u["output_shape"])), mib(u["bytes"]), _pct(u["bytes_share"]), f"{u['ms']:.1f}", _pct(u["ms_share"]))
+            (str(u["index"]), format_shape(u["output_shape"]), mib(u["bytes"]), _pct(u["bytes_share"]), f"{u['ms']:.1f}", _pct(u["ms_share"]))
         )
     lines += [table(rows), "", "per module (units, head, adapters, inputs and kept context):"]
     rows = [("module", "units", "sources", "MiB", "% bytes", "ms", "% time", "units MiB", "head MiB", "adapters MiB", "inputs MiB")]

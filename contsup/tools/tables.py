@@ -12,4 +12,9 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["format_table"]
+def format_shape(shape: Sequence[int]) -> str:
+    """64x8x8 for a feature map (C, H, W); 197x384 tokens for a token sequence (N, D)."""
+    return "x".join(str(d) for d in shape) + (" tokens" if len(shape) == 2 else "")
+
+
+__all__ = ["format_table", "format_shape"]

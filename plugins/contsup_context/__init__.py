@@ -20,7 +20,17 @@ from contsup.types import NetworkLayout, Shape, Source
 if TYPE_CHECKING:  # annotations only: the adapters (and torch) load when the first one is built
     from torch import nn
 
-_ADAPTERS = ("FastInputEncoder", "InputEncoder", "OfficialShortcutAdapter", "ShortcutAdapter")
+_ADAPTERS = (
+    "FastInputEncoder", "InputEncoder", "OfficialShortcutAdapter", "ShortcutAdapter",
+    "TokenEncoder", "TokenShortcut", "OfficialTokenShortcut", "IdentityShortcut",
+)
+
+_SHORTCUT_DOC = (
+    'M_R: "official" = 1x1 conv + BN + ReLU + pool (the official code); "paper" = 1x1 conv + pool (the paper\'s '
+    'text); "identity" = the source as it is where its shape is h\'s, else "paper". Token modules (N, D): a '
+    'linear map per token, with LayerNorm + GELU for "official" (docs/tokens.md)'
+)
+_ENCODER_TOKENS = " Token modules (N, D) get a patch embedding at the backbone's patch size whatever the variant (docs/tokens.md)"
 
 _NAME = re.compile(r"^(?:M(?P<m>[1-9]\d*))?(?:R(?P<r>0|[1-9]\d*))?(?P<e>E)?$")
 
@@ -71,10 +81,10 @@ class ContSup:
             doc='M_E: "official" = two 3x3 conv+BN+ReLU at x\'s size, first width 12, then pool (the official code, '
             'which produced the published numbers); "paper" = the same with first width h\'s channels (Table 7; trains '
             'unstably without warm-up, docs/experiments.md); "pooled" = pool x to h\'s size first, then the paper\'s '
-            'layers; "fast" = pool first, then one 3x3 conv+BN+ReLU (docs/performance.md)',
+            'layers; "fast" = pool first, then one 3x3 conv+BN+ReLU (docs/performance.md).' + _ENCODER_TOKENS,
         )
-        shortcut: Literal["paper", "official"] = option(
-            "official", doc='M_R: "official" = 1x1 conv + BN + ReLU + pool (the official code); "paper" = 1x1 conv + pool (the paper\'s text)'
+        shortcut: Literal["paper", "official", "identity"] = option(
+            "official", doc=_SHORTCUT_DOC,
         )
         input_once: bool = option(
             False, doc="with input = true, leave out h_0^c (which is x itself) as a feature source, so x reaches each "
@@ -114,16 +124,22 @@ class ContSup:
 
 
 def build_adapter(encoder: str, shortcut: str, source: Source, source_shape: Shape, target_shape: Shape) -> nn.Module:
-    """M_E (variant ``encoder``) for the input, M_R (variant ``shortcut``) for a feature."""
+    """M_E (variant ``encoder``) for the input, M_R (variant ``shortcut``) for a feature; for a
+    token module (N, D), the token adapters (``contsup.adapters.token_adapter``)."""
     from contsup_context.adapters import (
-        OFFICIAL_ENCODER_WIDTH, FastInputEncoder, InputEncoder, OfficialShortcutAdapter, ShortcutAdapter,
+        OFFICIAL_ENCODER_WIDTH, FastInputEncoder, IdentityShortcut, InputEncoder, OfficialShortcutAdapter, ShortcutAdapter,
+        involves_tokens, token_adapter,
     )
 
+    if involves_tokens(source_shape, target_shape):
+        return token_adapter(source_shape, target_shape, shortcut)
     if source.is_input:
         if encoder == "fast":
             return FastInputEncoder(source_shape, target_shape)
         hidden = OFFICIAL_ENCODER_WIDTH if encoder == "official" else None
         return InputEncoder(source_shape, target_shape, hidden=hidden, pool_first=encoder == "pooled")
+    if shortcut == "identity" and tuple(source_shape) == tuple(target_shape):
+        return IdentityShortcut()
     if shortcut == "official":
         return OfficialShortcutAdapter(source_shape, target_shape)
     return ShortcutAdapter(source_shape, target_shape)
@@ -160,9 +176,7 @@ class StageSelector:
         encoder: Literal["paper", "official", "pooled", "fast"] = option(
             "official", doc='M_E variant, as for the contsup selector (see its encoder option)'
         )
-        shortcut: Literal["paper", "official"] = option(
-            "official", doc='M_R: "official" = 1x1 conv + BN + ReLU + pool (the official code); "paper" = 1x1 conv + pool'
-        )
+        shortcut: Literal["paper", "official", "identity"] = option("official", doc=_SHORTCUT_DOC)
 
     def __init__(self, options: "StageSelector.Options") -> None:
         self.options = options

@@ -1,5 +1,6 @@
-"""The context plugin's adapters: the paper's and the official code's M_E and M_R
-(:mod:`contsup.adapters`, re-exported here) and the plugin's own fast M_E.
+"""The context plugin's adapters: the paper's and the official code's M_E and M_R and their
+token-sequence counterparts (:mod:`contsup.adapters`, re-exported here) and the plugin's own
+fast M_E.
 
 Each maps a source tensor to the shape of the module input h it is added to.
 """
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 
 from contsup.adapters import (
-    OFFICIAL_ENCODER_WIDTH, InputEncoder, OfficialShortcutAdapter, ShortcutAdapter, official_adapter, paper_adapter,
+    OFFICIAL_ENCODER_WIDTH, IdentityShortcut, InputEncoder, OfficialShortcutAdapter, OfficialTokenShortcut, ShortcutAdapter,
+    TokenEncoder, TokenShortcut, involves_tokens, official_adapter, paper_adapter, token_adapter,
 )
 from contsup.layers import conv_bn_relu, pool_to
 from contsup.types import Shape
@@ -37,5 +39,6 @@ class FastInputEncoder(nn.Module):
 
 __all__ = [
     "InputEncoder", "ShortcutAdapter", "paper_adapter", "official_adapter", "FastInputEncoder", "OfficialShortcutAdapter",
-    "OFFICIAL_ENCODER_WIDTH",
+    "OFFICIAL_ENCODER_WIDTH", "TokenEncoder", "TokenShortcut", "OfficialTokenShortcut", "IdentityShortcut", "token_adapter",
+    "involves_tokens",
 ]

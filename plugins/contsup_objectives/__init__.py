@@ -19,11 +19,13 @@ if TYPE_CHECKING:  # annotations only: the heads (and torch) load when the first
 
 # the variants contsup_objectives.heads.VARIANTS builds (tests/test_objectives.py keeps the two equal)
 HeadVariant = Literal["0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f"]
-HeadChoice = Literal[HeadVariant, "auglocal"]  # the recipe key: a variant, or AugLocal's head of later units
+# the recipe key: a variant, AugLocal's head of later units, or one transformer block (token features)
+HeadChoice = Literal[HeadVariant, "auglocal", "block"]
 
 _HEAD_DOC = (
-    "auxiliary head: <convs>c<fully connected layers>f (1c2f is the paper's, Table 6), or \"auglocal\": "
-    "copies of the backbone's later units, pooled, then one linear layer (AugLocal, docs/objectives.md)"
+    "auxiliary head: <convs>c<fully connected layers>f (1c2f is the paper's, Table 6), \"auglocal\": "
+    "copies of the backbone's later units, pooled, then one linear layer (AugLocal, docs/objectives.md), or "
+    "\"block\": one transformer block, norm, class token, linear (token features only, docs/tokens.md)"
 )
 _DEPTH_DOC = "head = \"auglocal\": later units in module 1's head (d); later modules get fewer, see pyramid"
 _PYRAMID_DOC = (
@@ -36,6 +38,12 @@ def _auglocal(spec: HeadSpec, out: int, options) -> "nn.Module":
     from contsup_objectives.auglocal import AugLocalHead
 
     return AugLocalHead(spec, out=out, depth=options.depth, pyramid=options.pyramid)
+
+
+def _block(spec: HeadSpec, out: int) -> "nn.Module":
+    from contsup_objectives.token_heads import TransformerHead
+
+    return TransformerHead(spec, out=out)
 
 
 class _HeadsByPosition:
@@ -70,6 +78,8 @@ class CrossEntropy(_HeadsByPosition):
 
         if self.options.head == "auglocal":
             return _auglocal(spec, spec.num_classes, self.options)
+        if self.options.head == "block":
+            return _block(spec, spec.num_classes)
         return AuxClassifier(spec, out=spec.num_classes, hidden=self.options.hidden, variant=self.options.head)
 
     def loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -106,6 +116,8 @@ class SupCon(_HeadsByPosition):
         o = self.options
         if o.head == "auglocal":
             return Normalized(_auglocal(spec, o.dim, o))
+        if o.head == "block":
+            return Normalized(_block(spec, o.dim))
         return Normalized(AuxClassifier(spec, out=o.dim, hidden=o.hidden, variant=o.head))
 
     def loss(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -122,7 +134,7 @@ def register_objectives(register):
     register(SupCon)
 
 
-_HEADS = ("VARIANTS", "AuxClassifier", "Normalized")
+_HEADS = ("VARIANTS", "AuxClassifier", "Normalized", "TransformerHead", "TokenPool", "TokenGridMap")
 
 
 def __getattr__(name: str) -> Any:

@@ -24,10 +24,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from contsup.adapters import ShortcutAdapter
+from contsup.adapters import paper_adapter
 from contsup.layers import fresh_copy
 from contsup.errors import ContsupError
-from contsup.types import HeadSpec, Shape
+from contsup.types import HeadSpec, Shape, shape_kind
+
+from contsup_objectives.token_heads import TokenPool, token_norm
 
 
 def auglocal_depth(depth: int, pyramid: float, module: int, num_modules: int) -> int:
@@ -51,7 +53,8 @@ def sample_units(last_unit: int, num_units: int, depth: int) -> list[int]:
 
 class AugLocalHead(nn.Module):
     """Copies of sampled later units (bridged where shapes differ), global average pool, one
-    linear layer to ``out``. h: (B, C, H, W) -> (B, out). ``sampled`` names the units copied."""
+    linear layer to ``out``. h: (B, C, H, W) -> (B, out). ``sampled`` names the units copied.
+    Token features (B, N, D) end in a LayerNorm and the class (or mean) token instead of the pool."""
 
     plan_key = "auglocal"  # what contsup plan lists it under (the objectives' plan_keys)
 
@@ -69,12 +72,17 @@ class AugLocalHead(nn.Module):
         for u in self.sampled:
             wanted = tuple(spec.unit_input_shape(u))
             if wanted != shape:
-                layers.append(ShortcutAdapter(shape, wanted))
+                layers.append(paper_adapter(False, shape, wanted))
             layers.append(fresh_copy(spec.units[u]))
             shape = tuple(spec.unit_shapes[u])
         self.features = nn.Sequential(*layers)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        self.classifier = nn.Linear(shape[0], out)
+        if shape_kind(shape) == "tokens":  # a transformer's later blocks: its final norm and class (or mean) token
+            self.pool = nn.Sequential(token_norm(shape[1]), TokenPool(shape))
+            width = shape[1]
+        else:
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+            width = shape[0]
+        self.classifier = nn.Linear(width, out)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(h)))
@@ -92,4 +100,4 @@ class AugLocalHead(nn.Module):
 
 def copied_units(head: AugLocalHead) -> Sequence[nn.Module]:
     """The head's copies of backbone units, in order (its bridges left out)."""
-    return [m for m in head.features if not isinstance(m, ShortcutAdapter)]
+    return [m for m in head.features if not hasattr(m, "adapter_kind")]  # bridges are adapters (M_R)

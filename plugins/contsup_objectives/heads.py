@@ -3,6 +3,12 @@
 A variant's name counts its layers: ``1c2f`` is one 3x3 conv (+BN+ReLU) then two fully connected
 layers, the paper's default (Table 6). The conv's stride and width follow the feature (see
 :func:`conv_plan`); the hidden fully connected layers have ``hidden`` units.
+
+On a token sequence (N, D), a vision transformer's features, the variants read it as the
+backbone's own head does (:mod:`contsup_objectives.token_heads`): with convolutions, the patch
+tokens laid back on their square grid (D, g, g); without, the normalised class token, or the mean
+token where there is none. ``head = "block"`` is one transformer block before that pooling
+(:class:`TransformerHead`, docs/tokens.md).
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ import torch
 from torch import nn
 
 from contsup.layers import autocast_state, chunkable, conv_bn_relu, conv_bn_relu_backward_in_chunks
-from contsup.types import HeadSpec
+from contsup.types import HeadSpec, shape_kind
+
+from contsup_objectives.token_heads import TokenGridMap, TokenPool, TransformerHead, as_map, token_norm
 
 VARIANTS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")  # the recipe key's choices (HeadVariant; a test keeps them equal)
 
@@ -21,16 +29,22 @@ VARIANTS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")  # the recipe key's 
 def conv_plan(spec: HeadSpec) -> tuple[int, int]:
     """(stride, width) of the head's first 3x3 conv, as in the paper's Table 6: stride 2 and twice
     the channels while the feature is larger than the backbone's last feature (CIFAR: 16 -> 32,
-    32 -> 64), stride 1 and the same channels at the last stage (64 -> 64)."""
-    channels, height = spec.shape[0], spec.shape[1]
-    if height > spec.final_shape[1]:
+    32 -> 64), stride 1 and the same channels at the last stage (64 -> 64). Token sequences
+    compare their patch grids (:func:`as_map`)."""
+    shape, final = as_map(spec.shape), as_map(spec.final_shape)
+    channels, height = shape[0], shape[1]
+    if height > final[1]:
         return 2, 2 * channels
     return 1, channels
 
 
 class AuxClassifier(nn.Module):
     """An auxiliary head: ``convs`` 3x3 conv+BN+ReLU layers, global average pool, ``fcs`` fully
-    connected layers (ReLU between them) ending in ``out`` units. h: (B, C, H, W) -> (B, out)."""
+    connected layers (ReLU between them) ending in ``out`` units. h: (B, C, H, W) -> (B, out).
+
+    On tokens h: (B, N, D): with convolutions, they run on the patch grid (:class:`TokenGridMap`);
+    without, the fully connected layers read the normalised class (or mean) token (:class:`TokenPool`).
+    """
 
     def __init__(self, spec: HeadSpec, out: int, hidden: int = 128, variant: str = "1c2f") -> None:
         super().__init__()
@@ -38,15 +52,23 @@ class AuxClassifier(nn.Module):
             raise ValueError(f"unknown head variant '{variant}'; choose one of {', '.join(VARIANTS)}")
         convs, fcs = int(variant[0]), int(variant[2])
         self.variant = variant
+        tokens = shape_kind(spec.shape) == "tokens"
         layers: list[nn.Module] = []
-        width = spec.shape[0]
+        width = spec.shape[1] if tokens else spec.shape[0]
+        if tokens and not convs:
+            layers.append(token_norm(width))
+        elif tokens:
+            layers.append(TokenGridMap(spec.shape))
         if convs:
             stride, conv_width = conv_plan(spec)
             layers += conv_bn_relu(width, conv_width, stride=stride)
             layers += [m for _ in range(convs - 1) for m in conv_bn_relu(conv_width, conv_width)]
             width = conv_width
         self.features = nn.Sequential(*layers)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+        if tokens and not convs:
+            self.pool = nn.Sequential(TokenPool(spec.shape))
+        else:
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
         dims = [width] + [hidden] * (fcs - 1) + [out]
         fc: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
@@ -66,6 +88,8 @@ class AuxClassifier(nn.Module):
         batch norm): the caller then checkpoints the whole head."""
         layers = list(self.features)
         pooled = [type(m) for m in self.pool] == [nn.AdaptiveAvgPool2d, nn.Flatten] and self.pool[0].output_size in (1, (1, 1))
+        if h.dim() != 4:  # tokens: the convolutions run on the grid the head makes of them
+            return None
         if len(layers) != 3 or not chunkable(*layers) or not pooled:
             return None
         conv, bn = layers[0], layers[1]
