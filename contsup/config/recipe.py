@@ -26,6 +26,7 @@ from contsup.core.registry import Registries, Registry, UnknownName
 from contsup.core.requirements import check_requirements
 from contsup.suggest import did_you_mean
 from contsup.core.plugins import get_plugin_manager
+from contsup.core.files import RECIPE_LIMIT, read_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -406,7 +407,7 @@ def parse_toml(text: str, where: str) -> dict[str, Any]:
 def read_toml(path: Path) -> dict[str, Any]:
     """Read and parse one TOML file, with one-line errors for missing or unreadable files."""
     try:
-        raw = path.read_bytes()
+        raw = read_file(path, RECIPE_LIMIT, "a recipe")  # a regular file only: a FIFO or /dev/zero would never end
     except FileNotFoundError:
         raise RecipeError([f"{path}: no such recipe file"]) from None
     except IsADirectoryError:
