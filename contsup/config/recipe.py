@@ -27,6 +27,8 @@ from contsup.core.requirements import check_requirements
 from contsup.suggest import did_you_mean
 from contsup.core.plugins import get_plugin_manager
 from contsup.core.files import RECIPE_LIMIT, read_file
+from contsup.core.guard import Origin, origin_of
+from contsup.core.guard import create as create_component
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -221,10 +223,13 @@ class Chosen:
     component: type
     options: Any
     plugin: str
+    # where a third-party component comes from; its instances are then guarded (contsup.core.guard)
+    origin: Origin | None = attrs.field(default=None, eq=False, repr=False)
 
     def create(self) -> Any:
-        """A fresh instance of the component with its options."""
-        return self.component(self.options)
+        """A fresh instance of the component with its options (a third-party one seen through
+        :class:`~contsup.core.guard.Guarded`: its failures name the plugin)."""
+        return create_component(self.component, self.options, self.origin)
 
 
 @attrs.frozen
@@ -611,7 +616,8 @@ def _read_section(
     options, option_problems = structure(resolved.component.Options, options_table, where)
     problems += option_problems
     if options is not None:
-        result["chosen"] = Chosen(use, resolved.component, options, resolved.plugin)
+        origin = origin_of(resolved.component, registries.plugins.get(resolved.plugin), section.kind, section.label, use)
+        result["chosen"] = Chosen(use, resolved.component, options, resolved.plugin, origin)
     return result, problems
 
 
