@@ -20,7 +20,8 @@ from contsup.core.registry import Registries
 from contsup.training.rundir import METRICS_FILE, MODEL_FILE, RECIPE_FILE, atomic_write, read_metrics
 
 # Keys that do not change what is being measured: runs differing only here are one configuration.
-IGNORED = ("run.seed", "run.out_dir", "run.device", "run.log_every", "data.workers", "data.test_batch_size", "data.root", "data.download")
+# data.root is not among them: two folders of images are two datasets (runs record it absolute)
+IGNORED = ("run.seed", "run.out_dir", "run.device", "run.log_every", "data.workers", "data.test_batch_size", "data.download")
 IGNORED_PREFIXES = ("log.", "run.checkpoint", "run.requires")
 HEADLINE = ("data.use", "backbone.use", "partition.modules", "context.use", "objective.use", "decoder.use", "run.mode")
 
