@@ -666,11 +666,11 @@ def _eval_data(items: list[str], ok: bool, keyword: str = "", api: bool = False)
 
 case("eval", "eval --data shape=[3,16,16] (another input shape)")(_eval_data(["shape=[3,16,16]"], ok=False, keyword="shape"))
 case("eval", "evaluate(data=[shape=[3,16,16]])")(_eval_data(["shape=[3,16,16]"], ok=False, keyword="shape", api=True))
-case("eval", "eval --data shape=[1,8,8] (other channels)")(_eval_data(["shape=[1,8,8]"], ok=False, keyword="shape"))
-case("eval", "evaluate(data=[shape=[1,8,8]])")(_eval_data(["shape=[1,8,8]"], ok=False, keyword="shape", api=True))
-case("eval", "eval --data classes=5")(_eval_data(["classes=5"], ok=False, keyword="classes"))
-case("eval", "evaluate(data=[classes=5])")(_eval_data(["classes=5"], ok=False, keyword="classes", api=True))
-case("eval", "evaluate(data=[use=digits]) (another dataset)")(_eval_data(["use=digits"], ok=False, keyword="data|digits", api=True))
+case("eval", "eval --data shape=[1,8,8] (other channels)")(_eval_data(["shape=[1,8,8]"], ok=False, keyword="shape|do not fit"))
+case("eval", "evaluate(data=[shape=[1,8,8]])")(_eval_data(["shape=[1,8,8]"], ok=False, keyword="shape|do not fit", api=True))
+case("eval", "eval --data classes=5")(_eval_data(["classes=5"], ok=False, keyword="classes|do not fit"))
+case("eval", "evaluate(data=[classes=5])")(_eval_data(["classes=5"], ok=False, keyword="classes|do not fit", api=True))
+case("eval", "evaluate(data=[use=digits]) (another dataset)")(_eval_data(["use=digits"], ok=False, keyword="shape|do not fit|classes", api=True))
 case("eval", "eval --data test_batch_size=1")(_eval_data(["test_batch_size=1"], ok=True))
 case("eval", "eval --data test_size=0")(_eval_data(["test_size=0"], ok=False, keyword="test_size"))
 
@@ -1828,12 +1828,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="output folder (edges.json, edges.md, the cases' folders)")
     p.add_argument("--only", default="", help=f"comma-separated families: {','.join(FAMILIES)}")
     p.add_argument("--match", default="", help="only cases whose name contains this text")
+    p.add_argument("--case", action="append", default=[], metavar="NAME", help="only this case, by its exact name (repeatable)")
+    p.add_argument("--merge", type=Path, metavar="EDGES_JSON",
+                   help="an earlier run's edges.json: its results, with the cases run now replacing theirs, make the table")
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--timeout", type=float, default=90.0, help="seconds per case before it counts as a hang")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     args = p.parse_args(argv)
     only = set(filter(None, args.only.split(","))) or set(FAMILIES)
-    chosen = [(i, c) for i, c in enumerate(CASES) if c.family in only and args.match in c.name]
+    chosen = [(i, c) for i, c in enumerate(CASES) if c.family in only and args.match in c.name
+              and (not args.case or c.name in args.case)]
     if args.list:
         for i, c in chosen:
             print(f"{i:3d} {c.family:8s} {c.name}")
@@ -1856,8 +1860,14 @@ def main(argv: list[str] | None = None) -> int:
             results.append(res)
             print(f"  [{len(results)}/{len(chosen)}] {res['outcome']:9s} {res['family']}: {res['case']}", file=sys.stderr, flush=True)
             (out / "edges.json").write_text(json.dumps({"partial": True, "results": results}, indent=1))
-    results.sort(key=lambda r: [c.name for _, c in chosen].index(r["case"]) if any(c.name == r["case"] for _, c in chosen) else 0)
     seconds = time.monotonic() - began
+    if args.merge is not None:
+        earlier = json.loads(args.merge.read_text())
+        now = {(r["family"], r["case"]) for r in results}
+        results = [r for r in earlier["results"] if (r["family"], r["case"]) not in now] + results
+        seconds += earlier.get("seconds", 0.0)
+    order = {(c.family, c.name): i for i, c in enumerate(CASES)}
+    results.sort(key=lambda r: order.get((r["family"], r["case"]), len(order)))
     (out / "edges.json").write_text(json.dumps({"seconds": round(seconds, 1), "results": results}, indent=1))
     md = markdown(results, seconds)
     (out / "edges.md").write_text(md)
