@@ -126,6 +126,8 @@ def read_checkpoint(path: Path, warn: Callable[[str], None] | None = None) -> di
         raise CorruptCheckpoint(f"cannot be read ({exc.strerror or exc})") from None
     except DamagedFile as exc:
         raise CorruptCheckpoint(str(exc)) from None
+    except MemoryError:
+        raise CorruptCheckpoint("cannot be read (more than this process can hold in memory)") from None
     try:
         verified = check_digest(path, raw)
     except DamagedFile as exc:

@@ -479,10 +479,14 @@ def read_model_file(
     raises :class:`UnusableModel` otherwise."""
     path = Path(path)
     try:
-        check_size(path, file_size(path))  # a truncated or huge file is refused unread
+        size = file_size(path)
+        check_size(path, size)  # a truncated or huge file is refused unread
         raw = read_file(path, None)
     except OSError as exc:
         why = exc.strerror or str(exc)
+        raise UnusableModel(f"{path}: cannot be read ({why})", why) from None
+    except MemoryError:
+        why = f"it holds {size:,} bytes, more than this process can hold in memory"
         raise UnusableModel(f"{path}: cannot be read ({why})", why) from None
     except DamagedFile as exc:
         raise UnusableModel(f"{path} is damaged: {exc}; evaluate the run's last checkpoint instead "
@@ -496,6 +500,9 @@ def read_model_file(
         (warn or _stderr_warning)(f"{path} could not be verified: it has no digest ({sidecar(path).name})")
     try:
         state = load_tensors(raw, map_location)
+    except MemoryError:
+        why = f"it holds {len(raw):,} bytes, more than this process can hold in memory"
+        raise UnusableModel(f"{path}: cannot be read ({why})", why) from None
     except DamagedFile as exc:
         raise UnusableModel(f"{path}: {exc}, so it is not the file contsup wrote; contsup train --resume "
                             f"{path.parent} writes it again from the run's final checkpoint", str(exc)) from None
