@@ -44,4 +44,27 @@ def stdout_to_stderr() -> Iterator[None]:
             os.close(saved)
 
 
-__all__ = ["stdout_to_stderr"]
+@contextlib.contextmanager
+def stderr_silenced() -> Iterator[None]:
+    """Inside: file descriptor 2 writes nowhere (compiled code's own logging, such as the C++
+    backtraces torch's store prints for each connection it retries); put back afterwards."""
+    _flush(sys.stderr)
+    saved = None
+    try:
+        saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+    except OSError:
+        if saved is not None:
+            os.close(saved)
+        saved = None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+__all__ = ["stdout_to_stderr", "stderr_silenced"]

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import torch.distributed as dist
 
 from contsup.config.recipe import Recipe, build_recipe
+from contsup.core.output import stderr_silenced
 from contsup.core.registry import Registries
 from contsup.distributed.data_parallel import DataParallel
 from contsup.distributed.pipeline import Pipeline
@@ -100,21 +101,22 @@ def _join_without_torchrun(launch: Launch) -> Any:
             warned = True
             print(f"warning: {_stale(launch, what)}", file=sys.stderr, flush=True)
         if time.monotonic() - started >= JOIN_TIMEOUT_S:
-            raise ContsupError(_stale(launch, f"{what} for {JOIN_TIMEOUT_S:.0f} s"))
+            raise ContsupError(_stale(launch, f"{what}, and gave up after {JOIN_TIMEOUT_S:.0f} s"))
 
     store = None
     while store is None:
         try:
-            store = dist.TCPStore(host, port, launch.world_size, launch.is_main, timeout=datetime.timedelta(seconds=JOIN_WARN_S),
-                                  wait_for_workers=False, multi_tenant=True)
+            with stderr_silenced():  # torch's store logs a C++ backtrace for every connection it retries
+                store = dist.TCPStore(host, port, launch.world_size, launch.is_main,
+                                      timeout=datetime.timedelta(seconds=JOIN_WARN_S), wait_for_workers=False, multi_tenant=True)
         except (RuntimeError, ValueError) as exc:
             if launch.is_main:  # the port is taken, or the address is not this machine's
                 raise ContsupError(_stale(launch, f"cannot serve the store at {host}:{port} ({reason(exc)})")) from None
-            waited(f"no process serves the store at {host}:{port} yet (waiting for rank 0)")
+            waited(f"no process serves rank 0's store at {host}:{port}")
     store.set_timeout(datetime.timedelta(seconds=START_TIMEOUT_S))
     store.add(JOINED_KEY, 1)
     while launch.is_main and store.add(JOINED_KEY, 0) < launch.world_size:
-        waited(f"waiting for {launch.world_size - store.add(JOINED_KEY, 0)} of the {launch.world_size} processes to join")
+        waited(f"{launch.world_size - store.add(JOINED_KEY, 0)} of the {launch.world_size} processes have not joined")
         time.sleep(0.05)
     return store
 
