@@ -245,6 +245,11 @@ def results_main(
     ``error`` chooses the column: each run's final test error, or its best over the epochs."""
     if error not in ERRORS:
         raise ContsupError(f"contsup results: --error {error}: use one of {', '.join(ERRORS)}")
+    for flag, target in (("--markdown", md_path), ("--csv", csv_path)):  # before any work: the table would be lost
+        folder = Path(target).expanduser().parent if target else None
+        if folder is not None and not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise ContsupError(f"contsup results: {flag} {target}: its folder {folder} {what}; create it, or name a file in an existing folder")
     run_dirs = find_runs(paths)
     if not run_dirs:
         raise ContsupError(f"no run directories (with {RECIPE_FILE} and {METRICS_FILE}) under {', '.join(paths)}")
