@@ -636,10 +636,14 @@ case("eval", "eval with classes.json edited (labels swapped)")(_classes_json_edi
 
 
 def _renamed_class_folder(d: Path):
-    base = _image_run(d)
+    """A run of its own (the fixture's records where its images are): its data's folder b renamed."""
+    _write_images(d / "imgs", ["a", "b"], seed=0)
+    (d / "r.toml").write_text(IMAGE_RECIPE.format(out_dir=d / "run", root=d / "imgs"))
+    trained = run(contsup("train", str(d / "r.toml")), d, timeout=300)
+    assert trained["exit"] == 0, trained["stderr"][-500:]
     for split in ("train", "val"):
-        (base / "imgs" / split / "b").rename(base / "imgs" / split / "z")
-    return contsup("eval", str(base / "run")), {"cwd": base}, lambda r, d: refusal(r, "class")
+        (d / "imgs" / split / "b").rename(d / "imgs" / split / "z")
+    return contsup("eval", str(d / "run")), {}, lambda r, d: refusal(r, "class")
 
 
 case("eval", "eval after a class folder of the data was renamed")(_renamed_class_folder)
@@ -708,7 +712,17 @@ case("files", "recipe is a FIFO: plan")(_fifo_case(None, "recipe.toml", lambda r
 case("files", "extends target is a FIFO: validate")(_fifo_case(None, "base.toml", lambda rd, d: contsup("validate", str(rd / "child.toml")), "base.toml"))
 case("files", "metrics.jsonl is a FIFO: results")(_fifo_case("fin", "metrics.jsonl", lambda rd, d: contsup("results", str(rd)), "metrics.jsonl"))
 case("files", "metrics.jsonl is a FIFO: report")(_fifo_case("fin", "metrics.jsonl", lambda rd, d: contsup("report", str(rd), "-o", str(d / "rep")), "metrics.jsonl"))
-case("files", "metrics.jsonl is a FIFO: --resume")(_fifo_case("mid", "metrics.jsonl", lambda rd, d: contsup("train", "--resume", str(rd)), "metrics.jsonl"))
+def _fifo_metrics_resume(d: Path):
+    """A resume rewrites metrics.jsonl from its checkpoint: replacing the FIFO is right too."""
+    run_dir = copy_run("mid", d)
+    _fifo(run_dir / "metrics.jsonl")
+    before = snapshot(run_dir)
+    return contsup("train", "--resume", str(run_dir)), {}, lambda r, d: either(
+        r, lambda: None if [m["epoch"] for m in metrics(run_dir)] == [1, 2, 3] and (run_dir / "model.pt").exists()
+        else "not the run's three epochs", "metrics.jsonl", before=before, dirs=(run_dir,))
+
+
+case("files", "metrics.jsonl is a FIFO: --resume")(_fifo_metrics_resume)
 case("files", "run's recipe.toml is a FIFO: eval")(_fifo_case("fin", "recipe.toml", lambda rd, d: contsup("eval", str(rd)), "recipe.toml"))
 case("files", "run's recipe.toml is a FIFO: --resume")(_fifo_case("mid", "recipe.toml", lambda rd, d: contsup("train", "--resume", str(rd)), "recipe.toml"))
 case("files", "run's recipe.toml is a FIFO: results")(_fifo_case("fin", "recipe.toml", lambda rd, d: contsup("results", str(rd)), "recipe.toml"))
@@ -817,14 +831,15 @@ def _image_mode(mode: str, make_image, tol: float = 1.5 / 255):
                     for root, im in ((odd, img), (plain, ref)):
                         (root / split / c).mkdir(parents=True, exist_ok=True)
                         im.save(root / split / c / f"{i}{'.tif' if im.mode in ('I', 'F') else '.png'}")
+        (d / "template.toml").write_text(IMAGE_RECIPE.format(out_dir=d / "r", root="ROOT"))
         code = API + f"""
-        import torch
+        import pathlib, torch
         from contsup.core.registry import load_registries
         from contsup.config.recipe import loads_recipe
         _, reg = load_registries()
         out = []
         for root in (sys.argv[1], sys.argv[2]):
-            text = '''{IMAGE_RECIPE.format(out_dir=d / "r", root="ROOT")}'''.replace("ROOT", root)
+            text = pathlib.Path({str(d / "template.toml")!r}).read_text().replace("ROOT", root)
             try:
                 recipe = loads_recipe(text, reg)
                 ds = recipe.dataset.create().load(train=False)
@@ -1290,9 +1305,21 @@ PLUGIN_CASES = [
 ]
 for _b, _table, _method in PLUGIN_CASES:
     case("plugins", f"{_table} plugin {_b}: train")(_plugin_case(_b, _table, "train", _method))
-for _b, _table, _method in (("sources:raise", "context", "sources"), ("info:raise", "data", "info"), ("build:raise", "backbone", "build"),
-                            ("head:raise", "objective", "head"), ("sources:none", "context", "sources")):
-    case("plugins", f"{_table} plugin {_b}: validate")(_plugin_case(_b, _table, "validate", _method))
+def _validate_case(behaviour: str, table: str, method: str, ran: bool):
+    """validate: a component it calls (info, build) must be named when it fails; one it does not
+    call (sources, head: they run when the network is built) may pass as well."""
+    def make(d: Path):
+        cmd, opts, judge = _plugin_case(behaviour, table, "validate", method)(d)
+        if ran:
+            return cmd, opts, judge
+        return cmd, opts, lambda r, d: either(r, lambda: None, "evil", "contsup-evil", method, exits=(1, 2))
+    return make
+
+
+for _b, _table, _method, _ran in (("sources:raise", "context", "sources", False), ("info:raise", "data", "info", True),
+                                  ("build:raise", "backbone", "build", True), ("head:raise", "objective", "head", False),
+                                  ("sources:none", "context", "sources", False)):
+    case("plugins", f"{_table} plugin {_b}: validate")(_validate_case(_b, _table, _method, _ran))
     case("plugins", f"{_table} plugin {_b}: plan")(_plugin_case(_b, _table, "plan", _method))
 
 
@@ -1567,7 +1594,7 @@ def _ulimit_n(n: int, workers: int):
     return make
 
 
-for _n, _w in ((24, 2), (32, 2), (48, 4), (64, 8), (40, 0)):
+for _n, _w in ((16, 2), (20, 2), (24, 2), (32, 2), (48, 4), (64, 8), (40, 0)):
     case("env", f"ulimit -n {_n} with data.workers = {_w}")(_ulimit_n(_n, _w))
 
 
@@ -1649,11 +1676,11 @@ def _non_ascii(what: str):
             recipe.write_text(tiny(d / "run", epochs=1, every=0))
             return contsup("train", str(recipe)), {"env": env}, lambda r, d: success(
                 r, lambda: None if (d / "run" / "model.pt").exists() else "no model")
-        if what == "out_dir":
+        if what == "out_dir":  # a name the process cannot create: trained, or one line saying what to change
             recipe = d / "r.toml"
             recipe.write_text(tiny(d / "runs-é", epochs=1, every=0))
-            return contsup("train", str(recipe)), {"env": env}, lambda r, d: success(
-                r, lambda: None if (d / "runs-é" / "model.pt").exists() else "no model")
+            return contsup("train", str(recipe)), {"env": env}, lambda r, d: either(
+                r, lambda: None if (d / "runs-é" / "model.pt").exists() else "no model", "UTF-8|PYTHONUTF8")
         if what == "validate":
             recipe = d / "réglage.toml"
             recipe.write_text(tiny(d / "run", epochs=1, every=0))
@@ -1834,6 +1861,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--timeout", type=float, default=90.0, help="seconds per case before it counts as a hang")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--fixtures", type=Path, metavar="DIR",
+                   help="reuse the fixture runs of an earlier attack (its OUT/work/fixtures) instead of training them again")
     args = p.parse_args(argv)
     only = set(filter(None, args.only.split(","))) or set(FAMILIES)
     chosen = [(i, c) for i, c in enumerate(CASES) if c.family in only and args.match in c.name
@@ -1850,7 +1879,11 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     began = time.monotonic()
-    build_fixtures(work)
+    if args.fixtures is not None:
+        for name in ("fin", "end1", "mid", "img"):
+            FIX[name] = args.fixtures.resolve() / name
+    else:
+        build_fixtures(work)
     print(f"attack_edges: fixtures built ({time.monotonic() - began:.0f} s); {len(chosen)} cases", file=sys.stderr, flush=True)
     results: list[dict] = []
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
