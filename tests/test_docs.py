@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 from contsup.tools.reference import builtin_reference
-from contsup.config.recipe import SECTIONS
+from contsup.config.schema import SECTIONS
 
 from conftest import ROOT
 

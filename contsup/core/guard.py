@@ -21,20 +21,17 @@ the units).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import sys
 import traceback
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import attrs
 
+from contsup.core.trial import describe, module_problem
 from contsup.errors import ContsupError, UnreadableData, reason
 from contsup.types import DatasetInfo, Source
-
-if TYPE_CHECKING:  # torch is imported where a check runs: `contsup list` reads recipes' classes without it
-    from torch import nn
 
 FIX = "fix the plugin, or leave it out with CONTSUP_LOAD_PLUGINS (or uninstall {dist})"
 
@@ -70,26 +67,6 @@ class Origin:
 
     def fix(self) -> str:
         return FIX.format(dist=self.distribution)
-
-
-def _shape(x: Any) -> str:
-    return "x".join(str(d) for d in x.shape) if hasattr(x, "shape") else "?"
-
-
-def _describe(value: Any) -> str:
-    """A returned value in a few words: ``None``, ``a tensor of shape 8x10``, ``the int 5``."""
-    import torch
-
-    if value is None:
-        return "None"
-    if isinstance(value, torch.Tensor):
-        return f"a tensor of shape ({', '.join(str(d) for d in value.shape)})" if value.dim() else "a scalar tensor"
-    if isinstance(value, (int, float, str, bool)):
-        return f"the {type(value).__name__} {value!r}"[:80]
-    if isinstance(value, (list, tuple)):
-        inner = ", ".join(_describe(v) for v in value[:3]) + (", ..." if len(value) > 3 else "")
-        return f"a {type(value).__name__} of {len(value)} ({inner})"
-    return f"a {type(value).__name__}"
 
 
 def _args(args: tuple, kwargs: Mapping[str, Any]) -> str:
@@ -169,44 +146,6 @@ def _call(origin: Origin, method: str, fn: Callable[..., Any], args: tuple, kwar
         raise _raised(origin, method, args, kwargs, exc) from exc  # SystemExit too: a component must not end the program
 
 
-# -- trying a module on one input of fake tensors ----------------------------------------------------
-
-
-def try_shape(module: "nn.Module", shape: tuple[int, ...]) -> tuple[int, ...] | BaseException:
-    """The output shape of ``module`` on one input (2, *shape), run in eval mode (no statistic
-    changes) on fake tensors, else for real on zeros; the exception when it fails both ways."""
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-
-    was = module.training
-    module.eval()
-    # built inside a cost model's fake mode (its weights fake already): tried in that mode, as it is
-    outer = any(isinstance(t, FakeTensor) for t in [*module.parameters(), *module.buffers()])
-    try:
-        try:
-            with torch.no_grad(), (contextlib.nullcontext() if outer else FakeTensorMode(allow_non_fake_inputs=True)):
-                out = module(torch.empty((2, *shape)))
-            return tuple(out.shape) if isinstance(out, torch.Tensor) else TypeError(f"it returned {_describe(out)}")
-        except Exception:  # an op fake tensors cannot run: once for real
-            first = next((p for p in module.parameters()), None)
-            device = first.device if first is not None and first.device.type != "meta" else torch.device("cpu")
-            try:
-                with torch.no_grad():
-                    out = module(torch.zeros((2, *shape), device=device))
-            except Exception as exc:  # noqa: BLE001 - reported by the caller, naming the plugin
-                return exc
-            return tuple(out.shape) if isinstance(out, torch.Tensor) else TypeError(f"it returned {_describe(out)}")
-    finally:
-        module.train(was)
-
-
-def _module_problem(module: "nn.Module", shape: tuple[int, ...], want: Callable[[tuple[int, ...]], str | None]) -> str | None:
-    got = try_shape(module, tuple(shape))
-    if isinstance(got, BaseException):
-        return f"a module that fails on an input of shape (2, {', '.join(map(str, shape))}): {type(got).__name__}: {reason(got, 150)}"
-    return want(got)
-
-
 # -- the checks, by kind and method: (result, args, kwargs) -> (problem or None, value to return) ----
 
 Check = Callable[[Any, tuple, Mapping[str, Any]], "tuple[str | None, Any]"]
@@ -219,13 +158,13 @@ def _arg(args: tuple, kwargs: Mapping[str, Any], i: int, name: str) -> Any:
 def _sources(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str | None, Any]:
     expected = "a tuple of contsup.types.Source"
     if result is None or isinstance(result, (str, bytes)) or not hasattr(result, "__iter__"):
-        return f"{_describe(result)}; expected {expected}", result
+        return f"{describe(result)}; expected {expected}", result
     sources = tuple(result)
     module, k = _arg(args, kwargs, 0, "module"), _arg(args, kwargs, 1, "num_modules")
     seen: set[Source] = set()
     for s in sources:
         if not isinstance(s, Source):
-            return f"{_describe(sources)}, holding {_describe(s)}; expected {expected}", result
+            return f"{describe(sources)}, holding {describe(s)}; expected {expected}", result
         if s in seen:
             return f"the source {s} twice; expected each source once", result
         seen.add(s)
@@ -241,7 +180,7 @@ def _adapter(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str |
     if result is None:
         return None, result
     if not isinstance(result, nn.Module):
-        return f"{_describe(result)}; expected an nn.Module (or None for the default adapter)", result
+        return f"{describe(result)}; expected an nn.Module (or None for the default adapter)", result
     source_shape, target_shape = _arg(args, kwargs, 1, "source_shape"), _arg(args, kwargs, 2, "target_shape")
     if source_shape is None or target_shape is None:
         return None, result
@@ -250,7 +189,7 @@ def _adapter(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str |
     def check(got: tuple[int, ...]) -> str | None:
         return None if got == want else f"a module mapping (2, {', '.join(map(str, source_shape))}) to {got}"
 
-    problem = _module_problem(result, tuple(source_shape), check)
+    problem = module_problem(result, tuple(source_shape), check)
     return (f"{problem}; expected a module giving {want}, the shape of the input it is added to" if problem else None), result
 
 
@@ -258,12 +197,12 @@ def _head(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str | No
     from torch import nn
 
     if not isinstance(result, nn.Module):
-        return f"{_describe(result)}; expected an nn.Module (the auxiliary head)", result
+        return f"{describe(result)}; expected an nn.Module (the auxiliary head)", result
     spec = _arg(args, kwargs, 0, "spec")
     shape = getattr(spec, "shape", None)
     if shape is None:
         return None, result
-    problem = _module_problem(result, tuple(shape), lambda got: None if got[:1] == (2,) else f"a module giving {got}")
+    problem = module_problem(result, tuple(shape), lambda got: None if got[:1] == (2,) else f"a module giving {got}")
     return (f"{problem}; expected a module giving one row per image" if problem else None), result
 
 
@@ -271,9 +210,9 @@ def _scalar_loss(result: Any, args: tuple, kwargs: Mapping[str, Any], inputs: tu
     import torch
 
     if not isinstance(result, torch.Tensor):
-        return f"{_describe(result)}; expected a scalar torch.Tensor", result
+        return f"{describe(result)}; expected a scalar torch.Tensor", result
     if result.numel() != 1:
-        return f"{_describe(result)}; expected a scalar tensor (the mean over the batch)", result
+        return f"{describe(result)}; expected a scalar tensor (the mean over the batch)", result
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(a, torch.Tensor) and a.requires_grad for i, a in enumerate(args) if i in inputs)
     if needs_grad and not result.requires_grad:
@@ -288,13 +227,13 @@ def _predict(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str |
     if result is None:
         return None, result
     if not isinstance(result, torch.Tensor) or (isinstance(z, torch.Tensor) and tuple(result.shape) != (z.shape[0],)):
-        return f"{_describe(result)}; expected None or one label per image, shape ({z.shape[0] if isinstance(z, torch.Tensor) else 'B'},)", result
+        return f"{describe(result)}; expected None or one label per image, shape ({z.shape[0] if isinstance(z, torch.Tensor) else 'B'},)", result
     return None, result
 
 
 def _info(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str | None, Any]:
     if not isinstance(result, DatasetInfo):
-        return f"{_describe(result)}; expected a contsup.types.DatasetInfo", result
+        return f"{describe(result)}; expected a contsup.types.DatasetInfo", result
     shape, n = result.input_shape, result.num_classes
     if not (isinstance(shape, (tuple, list)) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
         return f"a DatasetInfo with input_shape {shape!r}; expected positive whole numbers, (C, H, W)", result
@@ -305,7 +244,7 @@ def _info(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str | No
 
 def _classes(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str | None, Any]:
     if isinstance(result, (str, bytes)) or not isinstance(result, (tuple, list)) or not all(isinstance(c, str) for c in result):
-        return f"{_describe(result)}; expected a sequence of class names (strings)", result
+        return f"{describe(result)}; expected a sequence of class names (strings)", result
     return None, tuple(result)
 
 
@@ -314,17 +253,17 @@ def _build(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str | N
 
     units, head = getattr(result, "units", None), getattr(result, "head", None)
     if units is None or head is None:
-        return f"{_describe(result)}; expected a contsup.types.BackboneParts (units and a head)", result
+        return f"{describe(result)}; expected a contsup.types.BackboneParts (units and a head)", result
     units = list(units)
     if not units:
         return "no units; expected a BackboneParts with its minimal units (stem, then each block)", result
     bad = next((u for u in units if not isinstance(u, nn.Module)), None)
     if bad is not None or not isinstance(head, nn.Module):
-        return (f"a BackboneParts holding {_describe(bad if bad is not None else head)}; expected nn.Module units and head"), result
+        return (f"a BackboneParts holding {describe(bad if bad is not None else head)}; expected nn.Module units and head"), result
     shape, classes = _arg(args, kwargs, 0, "input_shape"), _arg(args, kwargs, 1, "num_classes")
     if shape is None or not isinstance(classes, int) or any(p.device.type == "meta" for p in head.parameters()):
         return None, result
-    problem = _module_problem(nn.Sequential(*units, head), tuple(shape),
+    problem = module_problem(nn.Sequential(*units, head), tuple(shape),
                               lambda got: None if got == (2, classes) else f"a network giving {got} for (2, {', '.join(map(str, shape))})")
     return (f"{problem}; expected logits of shape (2, {classes})" if problem else None), result
 
@@ -333,7 +272,7 @@ def _decoder_build(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple
     from torch import nn
 
     if not isinstance(result, nn.Module):
-        return f"{_describe(result)}; expected an nn.Module (the decoder)", result
+        return f"{describe(result)}; expected an nn.Module (the decoder)", result
     return None, result
 
 
@@ -341,7 +280,7 @@ def _weights(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str |
     ok = isinstance(result, (tuple, list)) and len(result) == 2 and all(
         isinstance(w, (int, float)) and not isinstance(w, bool) for w in result)
     if not ok:
-        return f"{_describe(result)}; expected two numbers, (reconstruction weight, local weight)", result
+        return f"{describe(result)}; expected two numbers, (reconstruction weight, local weight)", result
     return None, result
 
 
@@ -351,7 +290,7 @@ def _split(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str | N
     try:
         sizes = [int(s) for s in result]
     except (TypeError, ValueError):
-        return f"{_describe(result)}; expected {k} unit counts", result
+        return f"{describe(result)}; expected {k} unit counts", result
     if len(sizes) != k or any(s < 1 for s in sizes) or (n and sum(sizes) != n):
         return f"{sizes}; expected {k} positive unit counts summing to {n}", result
     return None, result
@@ -360,7 +299,7 @@ def _split(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str | N
 def _items(origin: Origin, target: Any) -> Callable[[Any, tuple, Mapping[str, Any]], tuple[str | None, Any]]:
     def check(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str | None, Any]:
         if result is None or not (hasattr(result, "__len__") and hasattr(result, "__getitem__")):
-            return f"{_describe(result)}; expected a dataset (with __len__ and __getitem__) of (image, label) items", result
+            return f"{describe(result)}; expected a dataset (with __len__ and __getitem__) of (image, label) items", result
         info = _call(origin, "info", target.info, (), {})
         problem, info = _info(info, (), {})
         if problem is not None:
@@ -498,10 +437,10 @@ class CheckedItems:
                 raise
             raise self._fail(i, f"raised {type(exc).__name__}: {reason(exc, 200)}{plugin_frame(exc, self.origin.source)}") from None
         if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise self._fail(i, f"is {_describe(item)}; expected (image tensor, integer label)")
+            raise self._fail(i, f"is {describe(item)}; expected (image tensor, integer label)")
         x, y = item
         if not isinstance(x, (torch.Tensor, np.ndarray)):
-            raise self._fail(i, f"has the image {_describe(x)}; expected a tensor of shape {self.shape}")
+            raise self._fail(i, f"has the image {describe(x)}; expected a tensor of shape {self.shape}")
         if tuple(x.shape) != self.shape:
             raise self._fail(i, f"has an image of shape {tuple(x.shape)}; expected {self.shape}, the input shape its info() gives")
         label = _label(y)
@@ -517,4 +456,4 @@ class CheckedItems:
         return getattr(self.items, name)
 
 
-__all__ = ["PluginFailed", "PluginItemFailed", "Origin", "Guarded", "guard", "create", "origin_of", "CheckedItems", "try_shape", "plugin_frame"]
+__all__ = ["PluginFailed", "PluginItemFailed", "Origin", "Guarded", "guard", "create", "origin_of", "CheckedItems", "plugin_frame"]

@@ -24,6 +24,8 @@ KINDS = {
     "objectives": "objective",
     "decoders": "decoder",
     "datasets": "dataset",
+    "methods": "method",
+    "loggers": "logger",
 }
 
 
@@ -176,6 +178,8 @@ class Registries:
     objectives: Registry
     decoders: Registry
     datasets: Registry
+    methods: Registry
+    loggers: Registry
 
     @classmethod
     def from_plugin_manager(cls, pm: Any, *, keep_clashes: bool = False) -> "Registries":

@@ -9,10 +9,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import os
-import pickle
 import platform
 import re
 import sys
@@ -23,11 +21,14 @@ from typing import Any, BinaryIO, Callable, Iterator, Sequence
 import torch
 
 from contsup.core import tomlw
-from contsup.core.files import JSON_LIMIT, METRICS_LIMIT, RECIPE_LIMIT, SMALL_LIMIT, file_size, read_file, read_text
+from contsup.core.files import JSON_LIMIT, METRICS_LIMIT, RECIPE_LIMIT, file_size, read_file, read_text
 from contsup.errors import ContsupError, reason
 from contsup.core.plugins import plugin_versions
 from contsup.model.network import build_network
 from contsup.config.recipe import Recipe, load_recipe
+from contsup.training.digests import (  # what reads a digested file, beside what writes one
+    DamagedFile, check_digest, check_size, digest_record, load_tensors, sidecar,
+)
 from contsup.training.failures import TrainingFailed
 
 RECIPE_FILE = "recipe.toml"
@@ -158,10 +159,6 @@ def refused_writes(run_dir: Path, safe: Callable[[], str], then: str | None = No
 # -- digests: a SHA-256 and size beside a file, computed while it is written -------------------
 
 
-class DamagedFile(Exception):
-    """A file whose digest says it changed after writing; the message says how."""
-
-
 class _HashingWriter:
     """Passes bytes to ``f`` and hashes them on the way, so the file is not read back."""
 
@@ -180,12 +177,6 @@ class _HashingWriter:
 
     def flush(self) -> None:
         self.f.flush()
-
-
-def sidecar(path: Path) -> Path:
-    """The digest file beside ``path``: ``NAME.sha256``."""
-    path = Path(path)
-    return path.with_name(path.name + ".sha256")
 
 
 def save_digested(path: Path, obj: Any) -> None:
@@ -208,55 +199,6 @@ def save_digested(path: Path, obj: Any) -> None:
         atomic_write(sidecar(path), lambda f: f.write(f"{digest['sha256']}  {digest['size']}\n"), binary=False)
 
     atomic_write(path, write, before_rename=write_digest)
-
-
-REFUSED_PICKLE = "it holds pickled objects other than tensors, refused unread (loading them could run code)"
-
-
-def load_tensors(raw: bytes, map_location: str = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` of a file's bytes. A pickle that names anything beyond
-    tensors and plain containers (code to run, as in a malicious file) is refused unread as
-    :class:`DamagedFile` saying so: torch's own message advises loading it with
-    ``weights_only=False``, which would run that code."""
-    try:
-        return torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise DamagedFile(REFUSED_PICKLE) from None
-
-
-def digest_record(path: Path) -> tuple[str, int] | None:
-    """The SHA-256 and size recorded beside ``path`` (None: no digest file); raises
-    :class:`DamagedFile` when the digest file is damaged or not a file."""
-    digest = sidecar(path)
-    if not (digest.exists() or digest.is_symlink()):
-        return None
-    try:
-        expected, size = read_text(digest, SMALL_LIMIT, "a digest file").split()
-        return expected, int(size)
-    except (OSError, UnicodeDecodeError, ValueError):
-        raise DamagedFile(f"its digest file {digest.name} is damaged") from None
-
-
-def check_size(path: Path, size: int) -> None:
-    """Before reading ``path`` (``size`` bytes): :class:`DamagedFile` when its digest recorded
-    another size, so a truncated or a huge file is refused unread."""
-    record = digest_record(path)
-    if record is not None and record[1] != size:
-        raise DamagedFile(f"truncated or extended: {size} bytes, {record[1]} were written")
-
-
-def check_digest(path: Path, raw: bytes) -> bool:
-    """Whether ``raw`` (the bytes of ``path``) was verified against its digest: False when the
-    digest file is missing; raises :class:`DamagedFile` when it does not match."""
-    record = digest_record(path)
-    if record is None:
-        return False
-    expected, size = record
-    if len(raw) != int(size):
-        raise DamagedFile(f"truncated or extended: {len(raw)} bytes, {size} were written")
-    if hashlib.sha256(raw).hexdigest() != expected:
-        raise DamagedFile("its contents changed after writing (SHA-256 mismatch)")
-    return True
 
 
 def default_run_dir(recipe: Recipe) -> Path:
