@@ -521,6 +521,86 @@ def test_a_failing_third_party_component_is_one_line_naming_the_plugin(evil, wri
         assert not (tmp_path / "run").exists()
 
 
+def evil_method_and_logger(name: str, behaviour: str) -> types.ModuleType:
+    """A third-party plugin with a training method ``evilmeth`` and a logger ``evillog`` that
+    misbehave as ``behaviour`` says."""
+    module = types.ModuleType(name)
+
+    class EvilMethod:
+        name = "evilmeth"
+
+        @attrs.frozen
+        class Options:
+            pass
+
+        def __init__(self, options):
+            self.options = options
+
+        def active(self):
+            return True
+
+        def link(self, module, num_modules, units):
+            return -1 if behaviour == "link:negative" else 0
+
+        def after_step(self, module, network):
+            if behaviour == "after_step:raise":
+                raise RuntimeError("method exploded")
+
+    class EvilLogger:
+        name = "evillog"
+
+        @attrs.frozen
+        class Options:
+            pass
+
+        def __init__(self, options):
+            self.options = options
+
+        def on_run_start(self, run):
+            if behaviour == "logger:exit":
+                sys.exit(3)
+
+        def on_epoch_end(self, run, epoch, metrics):
+            pass
+
+        def on_run_end(self, run, metrics):
+            pass
+
+    @hookimpl
+    def register_methods(register):
+        register(EvilMethod)
+
+    @hookimpl
+    def register_loggers(register):
+        register(EvilLogger)
+
+    module.register_methods = register_methods
+    module.register_loggers = register_loggers
+    return module
+
+
+@pytest.mark.parametrize("behaviour, table, expected", [
+    ("link:negative", "[evilmeth]\n", "training method 'evilmeth' of plugin 'evil' (contsup-evil 0.1): link(1, 3, "),
+    ("after_step:raise", "[evilmeth]\n", "training method 'evilmeth' of plugin 'evil' (contsup-evil 0.1): after_step(<ContextModule>, "
+                                         "<GreedyNetwork>) raised RuntimeError: method exploded"),
+    ("logger:exit", "[log]\nuse = [\"evillog\"]\n", "log.use: the evillog logger cannot start (it called sys.exit(3))"),
+])
+def test_a_failing_third_party_method_or_logger_is_one_line_naming_the_plugin(evil, write_recipe, tmp_path, capsys, behaviour, table, expected):
+    """Training methods are guarded as the other components are (a method's exception was a raw
+    traceback); a logger calling sys.exit ended the command without a word, and is now said as a
+    logger that cannot start."""
+    evil(module=evil_method_and_logger(f"evil_m_{abs(hash(behaviour))}", behaviour), value=f"evil_m_{abs(hash(behaviour))}")
+    text = tiny_recipe_text(tmp_path / "run", epochs=1)
+    if table.startswith("[log]"):
+        text = text.replace("[log]\n", "[log]\nuse = [\"evillog\"]\n") if "[log]" in text else text + "\n" + table
+    else:
+        text += "\n" + table
+    code = main(["train", str(write_recipe(text, "evil.toml"))])
+    lines = _errors(capsys)
+    assert code in (1, 2) and len(lines) == 1, lines
+    assert expected in lines[0], lines[0]
+
+
 def test_a_plugin_printing_at_import_leaves_json_on_stdout(evil, write_recipe, tmp_path, capsys, monkeypatch):
     """Before, ``plan --json`` printed the plugin's line before the JSON, exit 0."""
     (tmp_path / "evil_printing.py").write_text(

@@ -177,7 +177,8 @@ def _read_method(name: str, table: Mapping[str, Any], where: str, registries: Re
     problems = [f"{where}.{key}: unknown key for method '{name}'; {did_you_mean(key, fields)}" for key in table if key not in fields]
     options, option_problems = structure(entry.component.Options, {k: v for k, v in table.items() if k in fields}, where)
     problems += option_problems
-    return (Chosen(name, entry.component, options, entry.plugin) if options is not None else None), problems
+    origin = origin_of(entry.component, registries.plugins.get(entry.plugin), "methods", "training method", name)
+    return (Chosen(name, entry.component, options, entry.plugin, origin) if options is not None else None), problems
 
 
 def _method_checks(methods: Sequence[Chosen], parts: Mapping[str, Mapping[str, Any]], source: str) -> list[str]:

@@ -16,7 +16,10 @@ sized, indexable dataset whose items are then checked one by one: an input tenso
 shape and an integer label in ``[0, classes)``) and ``classes`` (a sequence of names); a
 backbone's ``build`` (units and a head that map the input to ``(B, num_classes)``); a decoder's
 ``build``, ``loss`` and ``weights``; a partitioner's ``split`` (K positive unit counts covering
-the units).
+the units); a training method's ``link`` (a unit count from 0 to the module's units). A method's
+other hooks (``active``, ``part``, ``terms``, ``after_step``, ``prepare``, ``describe``,
+``label``) are taken as they answer: only what they raise is named. (Loggers are not wrapped:
+the observer that drives them names a failing logger itself, :mod:`contsup_loggers`.)
 """
 
 from __future__ import annotations
@@ -62,11 +65,16 @@ class Origin:
     name: str
     source: str = ""  # the plugin's code: its package folder or module file (where its frames are)
 
+    def known(self) -> bool:
+        """Whether the plugin comes from an installed distribution (one registered in-process has none)."""
+        return self.distribution not in ("", "?", "(not installed)")
+
     def who(self) -> str:
-        return f"{self.label} '{self.name}' of plugin '{self.plugin}' ({self.distribution} {self.version})"
+        dist = f" ({self.distribution} {self.version})" if self.known() else ""
+        return f"{self.label} '{self.name}' of plugin '{self.plugin}'{dist}"
 
     def fix(self) -> str:
-        return FIX.format(dist=self.distribution)
+        return FIX.format(dist=self.distribution) if self.known() else "fix the plugin, or leave it out"
 
 
 def _args(args: tuple, kwargs: Mapping[str, Any]) -> str:
@@ -296,6 +304,18 @@ def _split(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str | N
     return None, result
 
 
+def _anything(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str | None, Any]:
+    """A method whose answer the engine takes as it is: only what it raises is named."""
+    return None, result
+
+
+def _link(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str | None, Any]:
+    units = _arg(args, kwargs, 2, "units")
+    if isinstance(result, bool) or not isinstance(result, int) or result < 0 or (isinstance(units, int) and result > units):
+        return f"{describe(result)}; expected a unit count from 0 to {units}", result
+    return None, result
+
+
 def _items(origin: Origin, target: Any) -> Callable[[Any, tuple, Mapping[str, Any]], tuple[str | None, Any]]:
     def check(result: Any, args: tuple, kwargs: Mapping[str, Any]) -> tuple[str | None, Any]:
         if result is None or not (hasattr(result, "__len__") and hasattr(result, "__getitem__")):
@@ -321,6 +341,8 @@ CHECKS: dict[tuple[str, str], Check] = {
     ("decoders", "loss"): _scalar_loss,
     ("decoders", "weights"): _weights,
     ("partitioners", "split"): _split,
+    ("methods", "link"): _link,
+    **{("methods", name): _anything for name in ("active", "part", "terms", "after_step", "prepare", "describe", "label")},
 }
 
 
