@@ -10,11 +10,13 @@ started here is the run ``contsup train`` would make, and its problems are the s
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import attrs
+import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -23,7 +25,7 @@ from contsup.core.registry import load_registries
 from contsup.distributed.launch import train_on_ranks
 from contsup.distributed.timing import summary
 from contsup.distributed.world import check_single_process, launch_from_env
-from contsup.errors import one_line
+from contsup.errors import ContsupError, one_line
 from contsup.model.network import GreedyNetwork
 from contsup.model.network import build_network as _build
 from contsup.training.device import preflight, resolve_device, seed_everything
@@ -74,17 +76,74 @@ def _warn(line: str) -> None:
     print(f"warning: {one_line(line)}", file=sys.stderr, flush=True)
 
 
+# -- arguments checked as the command line checks its own: one ContsupError saying what was expected
+
+
+class ArgumentError(ContsupError, TypeError):
+    """A wrong argument of the Python API: one line saying which and what was expected (also a
+    ``TypeError``, as Python's own argument errors are)."""
+
+
+def _what(value: Any) -> str:
+    shown = repr(value)
+    return f"{type(value).__name__} {shown if len(shown) <= 60 else shown[:57] + '...'}"
+
+
+def _path(value: Any, name: str, call: str, *, none: bool = False, recipe: bool = False) -> Any:
+    """``value`` if it is a path (a non-empty string or an ``os.PathLike``, without a NUL byte; a
+    loaded :class:`Recipe` where ``recipe``; None where ``none``); otherwise one line naming the argument."""
+    if value is None and none:
+        return None
+    if recipe and isinstance(value, Recipe):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        text = os.fspath(value)
+        if isinstance(text, str) and text.strip() and "\0" not in text:
+            return value
+    expected = "a path (a string or a pathlib.Path)" + (" or a recipe from contsup.load_recipe" if recipe else "")
+    raise ArgumentError(f"contsup.{call}: {name} must be {expected}, got {_what(value)}")
+
+
+def _strings(value: Any, name: str, call: str, form: str = "key.path=value") -> tuple[str, ...]:
+    """``value`` as a tuple of strings (None: none); a lone string or anything else is one line
+    (a string would otherwise be taken one character at a time)."""
+    if value is None:
+        return ()
+    if isinstance(value, (str, bytes)):
+        raise ArgumentError(
+            f"contsup.{call}: {name} must be a list of '{form}' strings, got the string {value!r}; "
+            f"wrap it in a list: [{value!r}]"
+        )
+    if isinstance(value, dict) or not hasattr(value, "__iter__"):
+        raise ArgumentError(f"contsup.{call}: {name} must be a list of '{form}' strings, got {_what(value)}")
+    items = tuple(value)
+    bad = next((v for v in items if not isinstance(v, str)), None)
+    if bad is not None or any(v is None for v in items):
+        raise ArgumentError(f"contsup.{call}: {name} must be a list of '{form}' strings, but it holds {_what(bad)}")
+    return items
+
+
+def _flag(value: Any, name: str, call: str) -> bool:
+    if not isinstance(value, bool):
+        raise ArgumentError(f"contsup.{call}: {name} must be True or False, got {_what(value)}")
+    return value
+
+
 def load_recipe(path: str | Path, overrides: Sequence[str] = ()) -> Recipe:
     """Read, merge (``extends``), override (``key.path=value``, as ``--set``) and check a recipe file."""
+    path = _path(path, "path", "load_recipe")
+    overrides = _strings(overrides, "overrides", "load_recipe")
     _, registries = load_registries()
-    return recipe_from(path, tuple(overrides), registries)
+    return recipe_from(path, overrides, registries)
 
 
 def build_network(recipe: Recipe | str | Path, overrides: Sequence[str] = ()) -> GreedyNetwork:
     """The recipe's network, seeded with ``run.seed`` as a run starts: K context modules, their
     adapters and heads, one ordinary ``nn.Module`` (``forward(x)`` gives logits)."""
+    recipe = _path(recipe, "recipe", "build_network", recipe=True)
+    overrides = _strings(overrides, "overrides", "build_network")
     _, registries = load_registries()
-    recipe = recipe_from(recipe, tuple(overrides), registries)
+    recipe = recipe_from(recipe, overrides, registries)
     seed_everything(recipe.run.seed)
     return _build(recipe).network
 
@@ -108,8 +167,13 @@ def train(
     Problems raise :class:`~contsup.errors.ContsupError`; Ctrl-C (or SIGTERM, SIGHUP) stops after the
     current step with a checkpoint and raises :class:`~contsup.training.failures.Interrupted`.
     """
+    recipe = _path(recipe, "recipe", "train", none=True, recipe=True)
+    overrides = _strings(overrides, "overrides", "train")
+    out_dir = _path(out_dir, "out_dir", "train", none=True)
+    resume = _path(resume, "resume", "train", none=True)
+    new, force = _flag(new, "new", "train"), _flag(force, "force", "train")
     pm, registries = load_registries()
-    request = Request(recipe, tuple(overrides), out_dir, resume, new, force)
+    request = Request(recipe, overrides, out_dir, resume, new, force)
     launch = launch_from_env()
     if launch is not None:  # one of the processes torchrun started
         done = train_on_ranks(request, launch, pm, registries)
@@ -130,8 +194,7 @@ def train(
             if not started.resumed:
                 rundir.discard_unstarted(started.run_dir)
             raise
-        if started.state is not None:
-            trainer.load_state(started.state)
+        started.restore(trainer)  # the checkpoint, then the resume's writes: a refused one changes nothing
         try:
             trainer.fit(on_epoch=lambda m: rundir.append_metrics(started.run_dir, m))
         except Exception as exc:
@@ -156,6 +219,9 @@ def _finished(trainer: Trainer, timings: dict | None = None) -> Run:
 
 def load_model(run_dir: str | Path, map_location: str = "cpu") -> GreedyNetwork:
     """Rebuild a finished run's network (adapters included) as one ``nn.Module`` in eval mode."""
+    run_dir = _path(run_dir, "run_dir", "load_model")
+    if not isinstance(map_location, (str, torch.device)):
+        raise ArgumentError(f"contsup.load_model: map_location must be a device such as \"cpu\" or \"cuda:0\", got {_what(map_location)}")
     return rundir.load_model(run_dir, map_location=map_location, warn=_warn)
 
 
@@ -170,11 +236,16 @@ def evaluate(
     a :class:`Run`, or a network with the ``recipe`` whose test set to use."""
     if isinstance(run, Run):
         run = run.run_dir
-    if isinstance(run, (str, Path)):
+    data = _strings(data, "data", "evaluate", form="key=value")
+    if device is not None and not isinstance(device, str):
+        raise ArgumentError(f"contsup.evaluate: device must be a device name such as \"cpu\" or \"cuda\", got {_what(device)}")
+    if not isinstance(run, nn.Module):
+        run = _path(run, "run", "evaluate")
         _, registries = load_registries()
-        return evaluate_run(Path(run), tuple(data), device, registries, _warn)
+        return evaluate_run(Path(run), data, device, registries, _warn)
     if recipe is None:
-        raise TypeError("contsup.evaluate(network, ...) needs the recipe whose test set to use: recipe=...")
+        raise ArgumentError("contsup.evaluate(network, ...) needs the recipe whose test set to use: recipe=...")
+    recipe = _path(recipe, "recipe", "evaluate", recipe=True)
     _, registries = load_registries()
     extra = [f"data.{item}" for item in data] + ([f"run.device={device}"] if device is not None else [])
     recipe = recipe_from(recipe, extra, registries)
@@ -188,4 +259,4 @@ def evaluate(
     }
 
 
-__all__ = ["Run", "train", "load_recipe", "build_network", "evaluate", "load_model"]
+__all__ = ["Run", "ArgumentError", "train", "load_recipe", "build_network", "evaluate", "load_model"]

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import attrs
 
@@ -56,11 +56,26 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_plan(args: argparse.Namespace) -> int:
-    from contsup.tools.plan import plan_main
+def _json_only(on: bool) -> Any:
+    """With ``--json``, what plugins print while the command works goes to stderr: stdout holds the JSON alone."""
+    import contextlib
 
-    _, recipe = _recipe(args)
-    return plan_main(recipe, args.json)
+    from contsup.core.output import stdout_to_stderr
+
+    return stdout_to_stderr() if on else contextlib.nullcontext()
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from contsup.tools.plan import plan_data, plan_main
+
+    if not args.json:
+        _, recipe = _recipe(args)
+        return plan_main(recipe, False)
+    with _json_only(True):
+        _, recipe = _recipe(args)
+        data = plan_data(recipe)
+    print(json.dumps(data, indent=2))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -76,7 +91,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from contsup.tools.predict import predict_main
 
     output = "json" if args.json else "csv" if args.csv else "table"
-    return predict_main(args.run, args.images, _registries()[1], top_k=args.top_k, batch_size=args.batch_size,
+    with _json_only(args.json):
+        registries = _registries()[1]
+    return predict_main(args.run, args.images, registries, top_k=args.top_k, batch_size=args.batch_size,
                         device=args.device, output=output)
 
 
@@ -97,11 +114,12 @@ def cmd_results(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from contsup.training.run_evaluation import evaluate_run
 
-    _, registries = _registries()
-    report = evaluate_run(
-        Path(args.run_dir), args.data or (), args.device, registries,
-        warn=lambda line: print(f"warning: {one_line(line)}", file=sys.stderr, flush=True),
-    )
+    with _json_only(args.json):
+        _, registries = _registries()
+        report = evaluate_run(
+            Path(args.run_dir), args.data or (), args.device, registries,
+            warn=lambda line: print(f"warning: {one_line(line)}", file=sys.stderr, flush=True),
+        )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -143,11 +161,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     from contsup.tools.profiling import profile_data, profile_text
 
-    _, recipe = _recipe(args)
-    if args.repeats < 1:
-        raise ContsupError(f"contsup profile: --repeats must be >= 1, got {args.repeats}")
-    print(f"profiling {args.recipe}: measuring every unit, head and adapter at batch {recipe.data.batch_size}", file=sys.stderr, flush=True)
-    data = profile_data(recipe, repeats=args.repeats)
+    with _json_only(args.json):
+        _, recipe = _recipe(args)
+        if args.repeats < 1:
+            raise ContsupError(f"contsup profile: --repeats must be >= 1, got {args.repeats}")
+        print(f"profiling {args.recipe}: measuring every unit, head and adapter at batch {recipe.data.batch_size}", file=sys.stderr, flush=True)
+        data = profile_data(recipe, repeats=args.repeats)
     print(json.dumps(data, indent=2) if args.json else profile_text(data, format_table))
     return 0
 
@@ -173,7 +192,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from contsup.core.plugins import ALLOW_ENV
     from contsup.core.registry import KINDS
 
-    pm, registries = _registries(keep_clashes=True)  # list everything, then report the clashes
+    with _json_only(args.json):
+        pm, registries = _registries(keep_clashes=True)  # list everything, then report the clashes
     provided = registries.by_plugin()
     observers = {"on_run_start", "on_epoch_end", "on_run_end"}
     rows = []
@@ -359,12 +379,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    from contsup.core import console
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for stream in (sys.stdout, sys.stderr):
+        console.lenient_encoding(stream)  # a path with é under an ASCII locale is escaped, not a crash
+    console.ignore_file_size_signal()  # past ulimit -f, a refused write (one line) instead of SIGXFSZ
     _line_buffered()
+    original = sys.stdout
+    if argv[:1] in (["train"], ["sweep"]) and sys.stdout is not None:
+        sys.stdout = console.LenientOutput(sys.stdout)  # a run is never stopped by the lines it prints
+    try:
+        code = _run(argv, console)
+        lost = console.finish_output()
+        if lost is not None:
+            print(f"error: {lost}", file=sys.stderr, flush=True)
+            code = code or 1
+        return code
+    finally:
+        if isinstance(sys.stdout, console.LenientOutput):
+            sys.stdout = original
+
+
+def _run(argv: list[str], console: Any) -> int:
+    """The command ``argv``; what it raises that a user should read as one line, as one line."""
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except (ContsupError, KeyboardInterrupt, OSError) as exc:
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno in console.LOST_OUTPUT:
+            print(f"error: cannot write standard output ({exc.strerror}); what the command printed is lost",
+                  file=sys.stderr, flush=True)
+            return 1
         return report_failure(exc)
+    except UnicodeEncodeError as exc:  # a path with é where file names are ASCII (PYTHONUTF8=0 under LC_ALL=C)
+        if exc.encoding.lower().replace("-", "") != sys.getfilesystemencoding().lower().replace("-", ""):
+            raise
+        return console.report_unencodable(exc)
+    except Exception as exc:  # inside a third-party plugin's own code: one line naming it
+        code = console.report_blamed(exc)
+        if code is None:
+            raise
+        return code
 
 
 def _line_buffered() -> None:

@@ -46,7 +46,8 @@ class ContsupError(Exception):
 def report_failure(exc: BaseException, stream: TextIO | None = None) -> int | None:
     """Print what stopped a command as the command line does, one line, and return its exit
     status: a :class:`ContsupError`'s lines and code, Ctrl-C outside a step (130), an operating
-    system refusal such as a full disk (1, naming the file), a folder where a file belongs (2).
+    system refusal such as a full disk (1, naming the file), a folder where a file belongs, a
+    path that does not exist or a FIFO where a file belongs (2).
     None for anything else: a bug,
     whose traceback should be seen."""
     stream = stream or sys.stderr
@@ -64,8 +65,13 @@ def report_failure(exc: BaseException, stream: TextIO | None = None) -> int | No
     if isinstance(exc, OSError):
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {one_line(where + (exc.strerror or str(exc)))}", file=stream, flush=True)
-        return 1
+        # a path that names nothing usable (missing, below a file, a FIFO) is the user's input
+        return getattr(exc, "exit_code", None) or (2 if exc.errno in BAD_PATH else 1)
     return None
+
+
+# what the operating system answers for a path that cannot be used as given: bad input, exit 2
+BAD_PATH = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG, errno.ENXIO})
 
 
 class BatchError(ContsupError):

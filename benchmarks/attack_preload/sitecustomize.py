@@ -30,7 +30,7 @@ def _install() -> None:
 
     import torch
 
-    from contsup.training import parallel, progress, rundir
+    from contsup.training import loop, progress, rundir
 
     parts = _HOOK.split(":") if _HOOK else [""]
     point, arg = parts[0], parts[1:]
@@ -69,14 +69,14 @@ def _install() -> None:
 
     torch.Tensor.backward = killing_backward
 
-    evaluate = parallel.OneProcess.evaluate
+    evaluate = loop.Trainer._evaluate
 
-    def killing_evaluate(self, trainer):
+    def killing_evaluate(self, *args, **kwargs):
         if hit("eval"):
             die()
-        return evaluate(self, trainer)
+        return evaluate(self, *args, **kwargs)
 
-    parallel.OneProcess.evaluate = killing_evaluate
+    loop.Trainer._evaluate = killing_evaluate
 
     mkstemp = tempfile.mkstemp
 

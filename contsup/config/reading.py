@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from contsup.config.schema import SECTION, TOP_LEVEL_KEYS
+from contsup.core.files import RECIPE_LIMIT, read_file
 from contsup.errors import RecipeError
 
 if sys.version_info >= (3, 11):
@@ -97,7 +98,7 @@ def parse_toml(text: str, where: str) -> dict[str, Any]:
 def read_toml(path: Path) -> dict[str, Any]:
     """Read and parse one TOML file, with one-line errors for missing or unreadable files."""
     try:
-        raw = path.read_bytes()
+        raw = read_file(path, RECIPE_LIMIT, "a recipe")  # a regular file only: a FIFO or /dev/zero would never end
     except FileNotFoundError:
         raise RecipeError([f"{path}: no such recipe file"]) from None
     except IsADirectoryError:

@@ -9,6 +9,8 @@ from typing import Any, Literal, Sequence
 import attrs
 
 from contsup.config.early_stop import check_table as early_stop_table
+from contsup.core.guard import Origin
+from contsup.core.guard import create as create_component
 from contsup.options import MAX_EPOCHS, as_table, at_least, between, option, requires_module
 
 
@@ -200,10 +202,13 @@ class Chosen:
     component: type
     options: Any
     plugin: str
+    # where a third-party component comes from; its instances are then guarded (contsup.core.guard)
+    origin: Origin | None = attrs.field(default=None, eq=False, repr=False)
 
     def create(self) -> Any:
-        """A fresh instance of the component with its options."""
-        return self.component(self.options)
+        """A fresh instance of the component with its options (a third-party one seen through
+        :class:`~contsup.core.guard.Guarded`: its failures name the plugin)."""
+        return create_component(self.component, self.options, self.origin)
 
 
 @attrs.frozen

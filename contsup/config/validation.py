@@ -15,6 +15,7 @@ from contsup.config.optim import optimizers, schedules
 from contsup.config.parts import build_parts, too_many_modules
 from contsup.config.presets import apply_preset
 from contsup.config.schema import SECTION, SECTIONS, STAGE_KEYS, TOP_LEVEL_KEYS, Chosen, ModuleRange, Recipe, Section
+from contsup.core.guard import origin_of
 from contsup.core.registry import Registries, Registry, UnknownName
 from contsup.core.requirements import check_requirements
 from contsup.errors import ContsupError, RecipeError
@@ -75,7 +76,8 @@ def _read_section(
     options, option_problems = structure(resolved.component.Options, options_table, where)
     problems += option_problems
     if options is not None:
-        result["chosen"] = Chosen(use, resolved.component, options, resolved.plugin)
+        origin = origin_of(resolved.component, registries.plugins.get(resolved.plugin), section.kind, section.label, use)
+        result["chosen"] = Chosen(use, resolved.component, options, resolved.plugin, origin)
     return result, problems
 
 
@@ -175,7 +177,8 @@ def _read_method(name: str, table: Mapping[str, Any], where: str, registries: Re
     problems = [f"{where}.{key}: unknown key for method '{name}'; {did_you_mean(key, fields)}" for key in table if key not in fields]
     options, option_problems = structure(entry.component.Options, {k: v for k, v in table.items() if k in fields}, where)
     problems += option_problems
-    return (Chosen(name, entry.component, options, entry.plugin) if options is not None else None), problems
+    origin = origin_of(entry.component, registries.plugins.get(entry.plugin), "methods", "training method", name)
+    return (Chosen(name, entry.component, options, entry.plugin, origin) if options is not None else None), problems
 
 
 def _method_checks(methods: Sequence[Chosen], parts: Mapping[str, Mapping[str, Any]], source: str) -> list[str]:

@@ -16,6 +16,7 @@ import attrs
 import pluggy
 
 from contsup import hookspecs
+from contsup.core.output import stdout_to_stderr
 from contsup.core.version import __version__
 from contsup.suggest import did_you_mean
 
@@ -86,7 +87,9 @@ def load_error(name: str, entry_point: str, cause: str, distribution: str = "") 
     )
 
 
-def _cause(exc: Exception) -> str:
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r}) while loading"
     cause = f"{type(exc).__name__}: {exc}".strip()
     match = re.search(r"unknown hook '(\w+)'", str(exc))
     if isinstance(exc, pluggy.PluginValidationError) and match:
@@ -113,10 +116,11 @@ def _load_entry_points(pm: PluginManager) -> None:
             )
             continue
         try:
-            plugin = ep.load()
+            with stdout_to_stderr():  # a plugin printing as it loads must not break a command's JSON
+                plugin = ep.load()
             pm.register(plugin, name=ep.name)
             pm.check_pending()  # a misspelt hook name would otherwise be ignored without a word
-        except Exception as exc:  # a broken third-party plugin must not break contsup
+        except (Exception, SystemExit) as exc:  # a broken third-party plugin must not break contsup, nor end it
             if pm.get_plugin(ep.name) is not None:
                 pm.unregister(name=ep.name)
             pm.load_errors.append(load_error(ep.name, ep.value, _cause(exc), dist_name))

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Mapping
 
 import attrs
 
+from contsup.core.output import stdout_to_stderr
 from contsup.core.plugins import PluginManager, get_plugin_manager, load_error
 from contsup.errors import PluginError
 from contsup.suggest import did_you_mean
@@ -200,10 +201,11 @@ class Registries:
                 plugin = impl.plugin_name
                 components: list[type] = []
                 try:
-                    impl.function(register=components.append)
+                    with stdout_to_stderr():  # a plugin printing as it registers must not break a command's JSON
+                        impl.function(register=components.append)
                     for component in components:
                         registry.check(component, plugin)
-                except Exception as exc:
+                except (Exception, SystemExit) as exc:
                     _third_party_failure(pm, registries, plugin, f"register_{attr}", exc)
                     failed.add(plugin)
                     continue
@@ -229,14 +231,17 @@ class Registries:
         return out
 
 
-def _third_party_failure(pm: Any, registries: Registries, plugin: str, hook: str, exc: Exception) -> None:
+def _third_party_failure(pm: Any, registries: Registries, plugin: str, hook: str, exc: BaseException) -> None:
     """Record a third-party plugin's failing ``register_*`` hook as a load error; re-raise for
     built-ins and for strict managers (a plugin author's own tests want the traceback)."""
     info = registries.plugins.get(plugin)
     errors = getattr(pm, "load_errors", None)
     if info is None or info.builtin or errors is None or getattr(pm, "strict", False):
         raise exc
-    cause = str(exc) if isinstance(exc, PluginError) else f"{hook} raised {type(exc).__name__}: {exc}"
+    if isinstance(exc, SystemExit):
+        cause = f"{hook} called sys.exit({exc.code!r})"
+    else:
+        cause = str(exc) if isinstance(exc, PluginError) else f"{hook} raised {type(exc).__name__}: {exc}"
     errors.append(load_error(plugin, info.entry_point or plugin, cause, info.distribution))
     # left out entirely: none of its components, and none of its observers either
     pm.unregister(name=plugin)

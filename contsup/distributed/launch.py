@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import os
 import sys
 import time
 import traceback
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from contsup.config.recipe import Recipe
 from contsup.config.validation import build_recipe
+from contsup.core.output import stderr_silenced
 from contsup.core.registry import Registries
 from contsup.distributed.data_parallel import DataParallel
 from contsup.distributed.pipeline import Pipeline
@@ -45,7 +47,11 @@ def make_processes(world: World, recipe: Recipe, run_dir: Path | None = None) ->
 
 def bootstrap_store(launch: Launch) -> Any:
     """The launcher's key-value store (torchrun's, or rank 0's without torchrun), before any
-    process group exists: rank 0 hands the recipe to the others through it."""
+    process group exists: rank 0 hands the recipe to the others through it. Without torchrun
+    the processes must all arrive within :data:`JOIN_TIMEOUT_S`, and variables left over from
+    another job are named within :data:`JOIN_WARN_S` (:func:`_join_without_torchrun`)."""
+    if not under_torchrun():
+        return _join_without_torchrun(launch)
     timeout = datetime.timedelta(seconds=START_TIMEOUT_S)
     try:
         store, _, _ = next(dist.rendezvous("env://", rank=launch.rank, world_size=launch.world_size, timeout=timeout))
@@ -55,6 +61,71 @@ def bootstrap_store(launch: Launch) -> Any:
             f"the same torchrun command (docs/distributed.md)"
         ) from None
     return store
+
+
+JOIN_WARN_S = 5.0  # without torchrun: when a rank says that it waits, naming the variables
+JOIN_TIMEOUT_S = 30.0  # without torchrun: how long the processes have to find each other
+JOINED_KEY = "contsup/joined"
+
+
+def _variables(launch: Launch) -> str:
+    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return ", ".join(f"{n}={os.environ[n]}" for n in names if n in os.environ)
+
+
+def _stale(launch: Launch, what: str) -> str:
+    return (
+        f"rank {launch.rank}: {what}; the environment sets {_variables(launch)} but contsup was not started by "
+        f"torchrun: if these variables are left over from another job, unset them (unset WORLD_SIZE RANK LOCAL_RANK) "
+        f"to train in one process, or start every process with torchrun --nproc_per_node=N -m contsup train RECIPE"
+    )
+
+
+def _join_without_torchrun(launch: Launch) -> Any:
+    """Processes started with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT but not by torchrun
+    (another launcher, or variables left in the shell): rank 0 serves the store and waits for
+    the others, which connect to it; after :data:`JOIN_WARN_S` a warning names the variables,
+    after :data:`JOIN_TIMEOUT_S` one line ends the wait."""
+    missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)]
+    if missing:
+        raise ContsupError(_stale(launch, f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set, so "
+                                          f"there is no process to join"))
+    host = os.environ["MASTER_ADDR"]
+    try:
+        port = int(os.environ["MASTER_PORT"])
+    except ValueError:
+        raise ContsupError(_stale(launch, f"MASTER_PORT={os.environ['MASTER_PORT']} is not a port number")) from None
+    started, warned = time.monotonic(), False
+
+    def waited(what: str) -> None:
+        nonlocal warned
+        if not warned and time.monotonic() - started >= JOIN_WARN_S:
+            warned = True
+            print(f"warning: {_stale(launch, what)}", file=sys.stderr, flush=True)
+        if time.monotonic() - started >= JOIN_TIMEOUT_S:
+            raise ContsupError(_stale(launch, f"{what}, and gave up after {JOIN_TIMEOUT_S:.0f} s"))
+
+    store = None
+    while store is None:
+        try:
+            with stderr_silenced():  # torch's store logs a C++ backtrace for every connection it retries
+                store = dist.TCPStore(host, port, launch.world_size, launch.is_main,
+                                      timeout=datetime.timedelta(seconds=JOIN_WARN_S), wait_for_workers=False, multi_tenant=True)
+        except (RuntimeError, ValueError) as exc:
+            if launch.is_main:  # the port is taken, or the address is not this machine's
+                raise ContsupError(_stale(launch, f"cannot serve the store at {host}:{port} ({reason(exc)})")) from None
+            waited(f"no process serves rank 0's store at {host}:{port}")
+    store.set_timeout(datetime.timedelta(seconds=START_TIMEOUT_S))
+    store.add(JOINED_KEY, 1)
+    while launch.is_main and store.add(JOINED_KEY, 0) < launch.world_size:
+        waited(f"{launch.world_size - store.add(JOINED_KEY, 0)} of the {launch.world_size} processes have not joined")
+        time.sleep(0.05)
+    return store
+
+
+def under_torchrun() -> bool:
+    """Whether torchrun (torch.distributed.elastic) started this process."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def _warn(line: str) -> None:
@@ -95,7 +166,8 @@ def _start(request: Request, launch: Launch, store: Any, pm: Any, registries: Re
         if isinstance(started, Recipe):
             store.set(START_KEY, json.dumps({"status": "single"}))
             return None
-        public = {"status": "ok", "run_dir": str(started.run_dir), "resume": started.state is not None}
+        public = {"status": "ok", "run_dir": str(started.run_dir), "resume": started.state is not None,
+                  "changed": list(started.changed)}
         store.set(START_KEY, json.dumps({**public, "recipe": started.recipe.table(), "source": started.recipe.source}))
         return started, public["resume"]
     store.set_timeout(datetime.timedelta(seconds=START_TIMEOUT_S))
@@ -110,7 +182,7 @@ def _start(request: Request, launch: Launch, store: Any, pm: Any, registries: Re
         recipe = build_recipe(start["recipe"], start["source"], registries)
     except ContsupError as exc:
         raise ContsupError(*(f"rank {launch.rank}: {line}" for line in exc.lines)) from None
-    return Started(recipe, Path(start["run_dir"]), None, start["resume"]), start["resume"]
+    return Started(recipe, Path(start["run_dir"]), None, start["resume"], changed=tuple(start.get("changed", ()))), start["resume"]
 
 
 def _wait_until_read(store: Any, readers: int) -> None:
@@ -153,7 +225,9 @@ def _train_started(started: Started, has_state: bool, launch: Launch, store: Any
             raise
         world.describe_kept = trainer.checkpointer.describe_kept  # lost-rank messages say what there is to resume from
         if state is not None:
-            trainer.load_state(state)
+            started.restore(trainer, state)
+        elif started.commit is not None:
+            started.commit()
         try:
             trainer.fit(on_epoch=lambda m: append_metrics(run_dir, m))
         except Exception as exc:

@@ -54,12 +54,15 @@ def launch_from_env(environ: Mapping[str, str] | None = None) -> Launch | None:
         rank = int(env.get("RANK", "0"))
         local = int(env.get("LOCAL_RANK", str(rank)))
     except (KeyError, ValueError):
+        shown = ", ".join(f"{n}={env[n]}" for n in ("WORLD_SIZE", "RANK", "LOCAL_RANK") if n in env)
         raise ContsupError(
-            "the launcher's RANK, WORLD_SIZE and LOCAL_RANK are not all whole numbers; start contsup with "
-            "torchrun --nproc_per_node=N -m contsup train RECIPE"
+            f"the launcher's RANK, WORLD_SIZE and LOCAL_RANK are not all whole numbers ({shown}); start contsup with "
+            f"torchrun --nproc_per_node=N -m contsup train RECIPE, or unset them to train in one process"
         ) from None
     if not 0 <= rank < world:
         raise ContsupError(f"the launcher gave RANK={rank} with WORLD_SIZE={world}; a rank must be 0..{world - 1}")
+    if world == 1 and "TORCHELASTIC_RUN_ID" not in env:  # one process, not started by torchrun: as without them
+        return None
     return Launch(rank, world, local)
 
 

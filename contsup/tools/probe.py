@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from contsup.core.files import JSON_LIMIT, read_text
 from contsup.errors import ContsupError
 from contsup.tools.probe_options import ProbeOptions, check_options  # noqa: F401 (re-exported)
 from contsup.types import Shape, TokenGrid
@@ -403,9 +404,11 @@ def load_probe(run_dir: str | Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        return json.loads(read_text(path, JSON_LIMIT, "a probe.json"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ContsupError(f"{path}: not valid JSON ({exc}); run contsup probe {run_dir} again") from None
+    except OSError as exc:
+        raise ContsupError(f"{path}: cannot be read ({exc.strerror or exc}); run contsup probe {run_dir} again") from None
 
 
 # -- the figure --------------------------------------------------------------------------------

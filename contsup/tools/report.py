@@ -239,8 +239,19 @@ def _report_text(
 
 
 
+def check_output_folder(out_dir: str) -> None:
+    """Before any work: a file where ``out_dir`` or a folder above it belongs is one line (exit 2)."""
+    out = Path(out_dir).expanduser()
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise ContsupError(f"contsup report: -o {out_dir}: {folder} is a file, not a folder; choose another output folder")
+            return
+
+
 def report_main(paths: Sequence[str], out_dir: str, registries: Any) -> int:
     """``contsup report``: write the figures and report.md, and list them."""
+    check_output_folder(out_dir)
     command = "contsup report " + " ".join(paths) + f" -o {out_dir}"
     page, figures = write_report(paths, out_dir, registries, command)
     print(f"wrote {page} and {len(figures)} figures under {out_dir}")

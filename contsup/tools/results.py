@@ -21,7 +21,8 @@ from contsup.core.registry import Registries
 from contsup.training.rundir import METRICS_FILE, MODEL_FILE, RECIPE_FILE, atomic_write, read_metrics
 
 # Keys that do not change what is being measured: runs differing only here are one configuration.
-IGNORED = ("run.seed", "run.out_dir", "run.device", "run.log_every", "data.workers", "data.test_batch_size", "data.root", "data.download")
+# data.root is not among them: two folders of images are two datasets (runs record it absolute)
+IGNORED = ("run.seed", "run.out_dir", "run.device", "run.log_every", "data.workers", "data.test_batch_size", "data.download")
 IGNORED_PREFIXES = ("log.", "run.checkpoint", "run.requires")
 HEADLINE = ("data.use", "backbone.use", "partition.modules", "context.use", "objective.use", "decoder.use", "run.mode")
 
@@ -250,6 +251,11 @@ def results_main(
     ``error`` chooses the column: each run's final test error, or its best over the epochs."""
     if error not in ERRORS:
         raise ContsupError(f"contsup results: --error {error}: use one of {', '.join(ERRORS)}")
+    for flag, target in (("--markdown", md_path), ("--csv", csv_path)):  # before any work: the table would be lost
+        folder = Path(target).expanduser().parent if target else None
+        if folder is not None and not folder.is_dir():
+            what = "is not a folder" if folder.exists() else "does not exist"
+            raise ContsupError(f"contsup results: {flag} {target}: its folder {folder} {what}; create it, or name a file in an existing folder")
     run_dirs = find_runs(paths)
     if not run_dirs:
         raise ContsupError(f"no run directories (with {RECIPE_FILE} and {METRICS_FILE}) under {', '.join(paths)}")

@@ -31,8 +31,12 @@ from contsup import api
 from contsup.core import tomlw
 from contsup.errors import ContsupError, RecipeError, report_failure
 from contsup.config.reading import is_recipe, is_sweep, load_with_extends, read_toml, set_path
+from contsup.config.recipe import load_recipe
 from contsup.config.validation import build_recipe
 from contsup.core.registry import Registries
+from contsup.training.paths import anchored
+from contsup.training.resume import recipe_differences
+from contsup.training.rundir import RECIPE_FILE
 from contsup.suggest import did_you_mean
 
 SWEEP_KEYS = ("recipe", "recipes", "out_dir")
@@ -140,7 +144,7 @@ def load_sweep(path: str | Path) -> Sweep:
     recipes = []
     for name in names:
         recipe = Path(os.path.normpath(path.parent / name))
-        if not recipe.is_file():
+        if not (recipe.exists() or recipe.is_symlink()):  # anything else there is named when it is read
             problems.append(f"{where}: sweep.recipes: no such recipe file {recipe}")
         recipes.append(recipe)
     out_dir = head.get("out_dir", str(Path("runs") / path.name.split(".")[0]))
@@ -161,7 +165,56 @@ def load_sweep(path: str | Path) -> Sweep:
             axes.append((key, tuple(values)))
     if problems:
         raise RecipeError(problems)
-    return Sweep(path, tuple(recipes), tuple(axes), Path(out_dir))
+    return Sweep(path, tuple(recipes), tuple(axes), Path(out_dir).expanduser())
+
+
+def _point(sweep: Sweep, run: Run) -> str:
+    """One combination in words: its recipe (where there are several) and its axis values."""
+    parts = [f"recipe {run.recipe}"] if len(sweep.recipes) > 1 else []
+    parts += [f"{key}={_literal(value)}" for key, value in run.settings]
+    return " ".join(parts) or "the base recipe"
+
+
+def collisions(sweep: Sweep) -> list[str]:
+    """One line per run directory that two or more combinations would share (a value repeated,
+    two recipes of one name, values that read alike once made a folder name): the second would
+    find the first's run finished, or resume it, without training."""
+    by_dir: dict[str, list[Run]] = {}
+    for run in sweep.runs():
+        by_dir.setdefault(os.path.normcase(os.path.abspath(run.run_dir)), []).append(run)
+    lines = []
+    for runs in by_dir.values():
+        if len(runs) > 1:
+            points = " and ".join(f"[{_point(sweep, r)}]" for r in runs[:3]) + (" ..." if len(runs) > 3 else "")
+            lines.append(
+                f"{sweep.source}: {points} would train into the same run directory {runs[0].run_dir}; "
+                f"remove the repeated value, or make the values (or the recipes' file names) differ"
+            )
+    return lines
+
+
+def changed_runs(sweep: Sweep, registries: Registries) -> list[str]:
+    """One line per run directory of the sweep that was trained (or started) with another recipe
+    than its combination gives now: the base recipe or a default changed since, so skipping it
+    as finished (or resuming it) would report results of another experiment."""
+    lines = []
+    for run in sweep.runs():
+        saved = run.run_dir / RECIPE_FILE
+        if not saved.exists():
+            continue
+        try:
+            now = anchored(load_recipe(run.recipe, run.overrides(), registries)).table()
+            before = read_toml(saved)
+        except ContsupError:  # a broken run directory: its own command says what is wrong
+            continue
+        changed = recipe_differences(before, now)
+        if changed:
+            lines.append(
+                f"{sweep.source}: {run.run_dir} was trained with another recipe than its combination "
+                f"[{_point(sweep, run)}] gives now ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''}); "
+                f"the base recipe changed since: move the sweep's old runs away, or set sweep.out_dir to a new folder"
+            )
+    return lines
 
 
 def check_runs(sweep: Sweep, registries: Registries) -> list[str]:
@@ -254,12 +307,15 @@ def _train(run: Run) -> int:
 def sweep_main(path: str, registries: Registries, dry_run: bool) -> int:
     """``contsup sweep``: load, validate every combination, then run or print."""
     sweep = load_sweep(path)
-    problems = check_runs(sweep, registries)
+    problems = collisions(sweep) or check_runs(sweep, registries)
     if problems:
         raise RecipeError(problems)
     if not sweep.runs():
         raise ContsupError(f"{path}: the sweep has no runs")
+    problems = changed_runs(sweep, registries)
+    if problems:
+        raise RecipeError(problems)
     return run_sweep(sweep, dry_run=dry_run)
 
 
-__all__ = ["Sweep", "Run", "load_sweep", "check_runs", "run_sweep", "sweep_main", "Sequence"]
+__all__ = ["Sweep", "Run", "load_sweep", "check_runs", "collisions", "changed_runs", "run_sweep", "sweep_main", "Sequence"]

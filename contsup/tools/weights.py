@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from contsup.core.files import JSON_LIMIT, read_text
 from contsup.errors import ContsupError
 from contsup.tools.plotting import new_figure, save_png
 from contsup.tools.probe import run_label
@@ -155,5 +156,11 @@ def weights_main(run_dir: str, out: str | None, raw: bool) -> int:
 def load_weights(run_dir: str | Path) -> dict | None:
     """RUN_DIR/weights.json, or None."""
     p = Path(run_dir) / WEIGHTS_FILE
-    return json.loads(p.read_text()) if p.exists() else None
+    if not p.exists():
+        return None
+    try:
+        return json.loads(read_text(p, JSON_LIMIT, "a weights.json"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ContsupError(f"{p}: cannot be read ({why}); run contsup weights {run_dir} again") from None
 

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from contsup.errors import ContsupError, reason
-from contsup.training.rundir import DamagedFile, check_digest, load_tensors, save_digested, sidecar
+from contsup.core.files import file_size, read_file
+from contsup.training.rundir import DamagedFile, check_digest, check_size, load_tensors, save_digested, sidecar
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = 1
@@ -119,9 +120,14 @@ def read_checkpoint(path: Path, warn: Callable[[str], None] | None = None) -> di
     ``warn`` says that it could not be verified."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        check_size(path, file_size(path))  # a truncated or huge file is refused unread
+        raw = read_file(path, None)
     except OSError as exc:
         raise CorruptCheckpoint(f"cannot be read ({exc.strerror or exc})") from None
+    except DamagedFile as exc:
+        raise CorruptCheckpoint(str(exc)) from None
+    except MemoryError:
+        raise CorruptCheckpoint("cannot be read (more than this process can hold in memory)") from None
     try:
         verified = check_digest(path, raw)
     except DamagedFile as exc:

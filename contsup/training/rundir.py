@@ -9,10 +9,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import os
-import pickle
 import platform
 import re
 import sys
@@ -23,10 +21,14 @@ from typing import Any, BinaryIO, Callable, Iterator, Sequence
 import torch
 
 from contsup.core import tomlw
+from contsup.core.files import JSON_LIMIT, METRICS_LIMIT, RECIPE_LIMIT, file_size, read_file, read_text
 from contsup.errors import ContsupError, reason
 from contsup.core.plugins import plugin_versions
 from contsup.model.network import build_network
 from contsup.config.recipe import Recipe, load_recipe
+from contsup.training.digests import (  # what reads a digested file, beside what writes one
+    DamagedFile, check_digest, check_size, digest_record, load_tensors, sidecar,
+)
 from contsup.training.failures import TrainingFailed
 
 RECIPE_FILE = "recipe.toml"
@@ -36,7 +38,7 @@ MODEL_FILE = "model.pt"
 CLASSES_FILE = "classes.json"
 LOCK_FILE = ".lock"
 # what atomic_write leaves behind when a kill cuts a write short: .NAME.XXXXXXXX.tmp
-PARTIAL_WRITE = re.compile(r"^\.(recipe\.toml|plugins\.json|classes\.json|metrics\.jsonl|model\.pt(\.sha256)?)\..+\.tmp$")
+PARTIAL_WRITE = re.compile(r"^\.(recipe\.toml(\.sha256)?|plugins\.json|classes\.json|metrics\.jsonl|model\.pt(\.sha256)?)\..+\.tmp$")
 
 
 def _stderr_warning(line: str) -> None:
@@ -69,7 +71,8 @@ def atomic_write(
         raise named(exc, path) from None
     try:
         os.fchmod(fd, 0o666 & ~UMASK)
-        with os.fdopen(fd, "wb" if binary else "w") as f:
+        # surrogateescape: a name read from a non-UTF-8 command line (its bytes) is written back as those bytes
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -107,7 +110,8 @@ def named(exc: OSError, path: Path) -> OSError:
 # system, no permission to write
 REFUSED_WRITES = {errno.ENOSPC: "space is freed", errno.EDQUOT: "space is freed (or the quota raised)",
                   errno.EROFS: "the file system is writable again", errno.EACCES: "the run directory is writable",
-                  errno.EPERM: "the run directory is writable"}
+                  errno.EPERM: "the run directory is writable",
+                  errno.EFBIG: "the limit on the size of a file is raised (ulimit -f)"}
 
 
 class WriteFailed(TrainingFailed):
@@ -155,10 +159,6 @@ def refused_writes(run_dir: Path, safe: Callable[[], str], then: str | None = No
 # -- digests: a SHA-256 and size beside a file, computed while it is written -------------------
 
 
-class DamagedFile(Exception):
-    """A file whose digest says it changed after writing; the message says how."""
-
-
 class _HashingWriter:
     """Passes bytes to ``f`` and hashes them on the way, so the file is not read back."""
 
@@ -177,12 +177,6 @@ class _HashingWriter:
 
     def flush(self) -> None:
         self.f.flush()
-
-
-def sidecar(path: Path) -> Path:
-    """The digest file beside ``path``: ``NAME.sha256``."""
-    path = Path(path)
-    return path.with_name(path.name + ".sha256")
 
 
 def save_digested(path: Path, obj: Any) -> None:
@@ -207,40 +201,9 @@ def save_digested(path: Path, obj: Any) -> None:
     atomic_write(path, write, before_rename=write_digest)
 
 
-REFUSED_PICKLE = "it holds pickled objects other than tensors, refused unread (loading them could run code)"
-
-
-def load_tensors(raw: bytes, map_location: str = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` of a file's bytes. A pickle that names anything beyond
-    tensors and plain containers (code to run, as in a malicious file) is refused unread as
-    :class:`DamagedFile` saying so: torch's own message advises loading it with
-    ``weights_only=False``, which would run that code."""
-    try:
-        return torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise DamagedFile(REFUSED_PICKLE) from None
-
-
-def check_digest(path: Path, raw: bytes) -> bool:
-    """Whether ``raw`` (the bytes of ``path``) was verified against its digest: False when the
-    digest file is missing; raises :class:`DamagedFile` when it does not match."""
-    digest = sidecar(path)
-    if not digest.exists():
-        return False
-    try:
-        expected, size = digest.read_text(encoding="utf-8").split()
-        int(size)
-    except (OSError, UnicodeDecodeError, ValueError):
-        raise DamagedFile(f"its digest file {digest.name} is damaged") from None
-    if len(raw) != int(size):
-        raise DamagedFile(f"truncated or extended: {len(raw)} bytes, {size} were written")
-    if hashlib.sha256(raw).hexdigest() != expected:
-        raise DamagedFile("its contents changed after writing (SHA-256 mismatch)")
-    return True
-
-
 def default_run_dir(recipe: Recipe) -> Path:
-    return Path(recipe.run.out_dir) if recipe.run.out_dir else Path("runs") / recipe.name
+    """``run.out_dir`` (a leading ``~`` is the home folder, as in a shell), else ``runs/<recipe name>``."""
+    return Path(recipe.run.out_dir).expanduser() if recipe.run.out_dir else Path("runs") / recipe.name
 
 
 def create_run_dir(path: Path, new: bool = False) -> Path:
@@ -279,7 +242,7 @@ def discard_unstarted(run_dir: Path) -> None:
     if not run_dir.is_dir():
         return
     names = {p.name for p in run_dir.iterdir()}
-    if names <= {RECIPE_FILE, PLUGINS_FILE, CLASSES_FILE, LOCK_FILE}:
+    if names <= {RECIPE_FILE, RECIPE_FILE + ".sha256", PLUGINS_FILE, CLASSES_FILE, LOCK_FILE}:
         for name in names:
             (run_dir / name).unlink()
         run_dir.rmdir()
@@ -295,9 +258,44 @@ def write_recipe(run_dir: Path, recipe: Recipe) -> None:
 
 
 def write_recipe_table(run_dir: Path, table: dict, origin: str) -> None:
-    """``recipe.toml`` from a resolved recipe's table (``origin``: where it came from)."""
+    """``recipe.toml`` from a resolved recipe's table (``origin``: where it came from), with its
+    digest (``recipe.toml.sha256``, written before the file takes its name): a later edit of
+    the file is told from the recipe the run trained with (:func:`edited_recipe`)."""
     text = tomlw.dumps(table, header=f"The resolved recipe of this run (from {origin}); every key with its value.\n")
-    atomic_write(Path(run_dir) / RECIPE_FILE, lambda f: f.write(text), binary=False)
+    data = text.encode("utf-8", "surrogateescape")
+    path = Path(run_dir) / RECIPE_FILE
+    line = f"{hashlib.sha256(data).hexdigest()}  {len(data)}\n"
+    atomic_write(path, lambda f: f.write(data),
+                 before_rename=lambda: atomic_write(sidecar(path), lambda f: f.write(line), binary=False))
+
+
+def check_recipe_unchanged(run_dir: Path) -> None:
+    """Refuse a run whose ``recipe.toml`` was edited after the run wrote it (its digest says so):
+    its network and test set would be rebuilt from a recipe the run did not train with."""
+    why = edited_recipe(run_dir)
+    if why is not None:
+        raise ContsupError(
+            f"{Path(run_dir) / RECIPE_FILE}: not the recipe the run trained with ({why}); put the run's own back "
+            f"(every checkpoint holds it), or keep it and evaluate other data with --data KEY=VALUE"
+        )
+
+
+def edited_recipe(run_dir: Path) -> str | None:
+    """Why ``recipe.toml`` is not the recipe the run wrote (its digest says it changed), or None:
+    it is, or the run wrote no digest (runs from before digests)."""
+    path = Path(run_dir) / RECIPE_FILE
+    try:
+        record = digest_record(path)
+        if record is None:
+            return None
+        check_digest(path, read_file(path, RECIPE_LIMIT, "a recipe"))
+    except DamagedFile as exc:
+        if "digest file" in str(exc):
+            return str(exc)
+        return f"it was edited after the run wrote it, as {sidecar(path).name} shows"
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    return None
 
 
 def write_versions(run_dir: Path, recipe: Recipe, pm: Any) -> None:
@@ -321,9 +319,19 @@ def write_classes(run_dir: Path, names: Sequence[str]) -> None:
 
 
 def read_classes(run_dir: str | Path) -> list[str] | None:
-    """The class names a run recorded, or None when its dataset names none."""
+    """The class names a run recorded, or None when its dataset names none; a ContsupError when
+    ``classes.json`` is there but not a JSON list of names."""
     path = Path(run_dir) / CLASSES_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not (path.exists() or path.is_symlink()):
+        return None
+    try:
+        names = json.loads(read_text(path, JSON_LIMIT, "a classes.json"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else reason(exc, 120)
+        raise ContsupError(f"{path}: cannot be read ({why}); it should hold the run's class names, a JSON list") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ContsupError(f"{path}: holds a {type(names).__name__}, not the run's class names (a JSON list of strings)")
+    return names
 
 
 def append_metrics(run_dir: Path, metrics: dict) -> None:
@@ -358,9 +366,9 @@ def read_metrics(run_dir: Path, warn: Callable[[str], None] | None = None, *, wa
     line before it (not UTF-8, not a JSON object) is skipped with one line through ``warn``
     naming the file and the line."""
     path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
+    if not (path.exists() or path.is_symlink()):
         return []
-    lines = path.read_bytes().split(b"\n")
+    lines = read_file(path, METRICS_LIMIT, "a metrics.jsonl").split(b"\n")
     while lines and not lines[-1].strip():
         lines.pop()
     out = []
@@ -413,10 +421,18 @@ def read_model_file(
     raises :class:`UnusableModel` otherwise."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        size = file_size(path)
+        check_size(path, size)  # a truncated or huge file is refused unread
+        raw = read_file(path, None)
     except OSError as exc:
         why = exc.strerror or str(exc)
         raise UnusableModel(f"{path}: cannot be read ({why})", why) from None
+    except MemoryError:
+        why = f"it holds {size:,} bytes, more than this process can hold in memory"
+        raise UnusableModel(f"{path}: cannot be read ({why})", why) from None
+    except DamagedFile as exc:
+        raise UnusableModel(f"{path} is damaged: {exc}; evaluate the run's last checkpoint instead "
+                            f"(move {path.name} away and run contsup eval)", str(exc)) from None
     try:
         verified = check_digest(path, raw)
     except DamagedFile as exc:
@@ -426,6 +442,9 @@ def read_model_file(
         (warn or _stderr_warning)(f"{path} could not be verified: it has no digest ({sidecar(path).name})")
     try:
         state = load_tensors(raw, map_location)
+    except MemoryError:
+        why = f"it holds {len(raw):,} bytes, more than this process can hold in memory"
+        raise UnusableModel(f"{path}: cannot be read ({why})", why) from None
     except DamagedFile as exc:
         raise UnusableModel(f"{path}: {exc}, so it is not the file contsup wrote; contsup train --resume "
                             f"{path.parent} writes it again from the run's final checkpoint", str(exc)) from None
@@ -443,7 +462,7 @@ def load_model(
     run_dir: str | Path, map_location: str = "cpu", warn: Callable[[str], None] | None = None,
 ) -> torch.nn.Module:
     """The network of a finished run as one ordinary ``nn.Module`` in eval mode."""
-    run_dir = Path(run_dir)
+    run_dir = Path(run_dir).expanduser()
     if not (run_dir / RECIPE_FILE).exists():
         raise ContsupError(f"{run_dir}: not a run directory (no {RECIPE_FILE})")
     if not (run_dir / MODEL_FILE).exists():
@@ -451,6 +470,7 @@ def load_model(
             f"{run_dir}: has no {MODEL_FILE}; the run has not finished (continue it with contsup train --resume "
             f"{run_dir}, or evaluate its last checkpoint with contsup eval {run_dir})"
         )
+    check_recipe_unchanged(run_dir)
     recipe = load_recipe(run_dir / RECIPE_FILE)
     network = build_network(recipe).network
     state = read_model_file(run_dir / MODEL_FILE, warn, map_location)

@@ -21,7 +21,8 @@ from contsup.core.registry import Registries
 from contsup.core.version import __version__
 from contsup.errors import ContsupError, RecipeError, one_line
 from contsup.training.lock import RunLock
-from contsup.training.resume import prepare_resume
+from contsup.training.paths import anchored
+from contsup.training.resume import fresh_components, prepare_resume, restore
 from contsup.training.rundir import (
     create_run_dir, default_run_dir, discard_unstarted, refused_writes, write_recipe, write_versions,
 )
@@ -52,6 +53,8 @@ class Prepared:
     state: dict | None = None
     where: str = ""
     lock: RunLock | None = None
+    changed: tuple[str, ...] = ()  # the keys a forced resume changes
+    commit: Callable[[], None] | None = None  # a resume's writes, once its checkpoint is restored
 
     def release(self) -> None:
         if self.lock is not None:
@@ -68,10 +71,22 @@ class Started:
     state: dict | None
     resumed: bool
     lock: RunLock | None = None
+    changed: tuple[str, ...] = ()
+    commit: Callable[[], None] | None = None
 
     def release(self) -> None:
         if self.lock is not None:
             self.lock.release()
+
+    def restore(self, trainer: Any, state: dict | None = None) -> None:
+        """Load the checkpoint (``state``, default this one's) into ``trainer``, the recipe's
+        hyper-parameters over the saved ones when ``--force`` changed them, then write what the
+        resume changes (the recipe, metrics.jsonl): nothing is written before it was accepted."""
+        state = self.state if state is None else state
+        if state is not None:
+            restore(trainer, state, self.changed, self.run_dir)
+        if self.commit is not None:
+            self.commit()
 
 
 def _overrides(request: Request) -> tuple[str, ...]:
@@ -89,13 +104,15 @@ def prepare(request: Request, registries: Registries, warn: Callable[[str], None
         if isinstance(request.recipe, Recipe):
             raise ContsupError("contsup train: with --resume, give the recipe as a file path (or none: the run's own)")
         recipe_path = None if request.recipe is None else str(request.recipe)
-        run = prepare_resume(Path(request.resume), recipe_path, _overrides(request), registries, request.force, warn)
-        return Prepared(run.recipe, run.run_dir, run.state, run.where(), run.lock)
+        run = prepare_resume(Path(request.resume).expanduser(), recipe_path, _overrides(request), registries,
+                             request.force, warn)
+        return Prepared(run.recipe, run.run_dir, run.state, run.where(), run.lock, run.changed, run.commit)
     if request.force:
         raise ContsupError("contsup train: --force only applies with --resume RUN_DIR")
     if request.recipe is None:
         raise ContsupError("contsup train: give a recipe file, or --resume RUN_DIR to continue a run")
-    return Prepared(recipe_from(request.recipe, _overrides(request), registries))
+    # the run records its data paths absolute: evaluated from another folder, it reads the same data
+    return Prepared(anchored(recipe_from(request.recipe, _overrides(request), registries)))
 
 
 def recipe_from(recipe: str | Path | Recipe, overrides: Sequence[str], registries: Registries) -> Recipe:
@@ -104,7 +121,7 @@ def recipe_from(recipe: str | Path | Recipe, overrides: Sequence[str], registrie
         return load_recipe(recipe, overrides, registries)
     if not overrides:
         return recipe
-    data, keys, problems = apply_overrides(_fresh_components(recipe.table(), overrides), overrides)
+    data, keys, problems = apply_overrides(fresh_components(recipe.table(), overrides), overrides)
     try:
         changed = build_recipe(data, recipe.source, registries, keys)
     except RecipeError as exc:
@@ -112,27 +129,6 @@ def recipe_from(recipe: str | Path | Recipe, overrides: Sequence[str], registrie
     if problems:
         raise RecipeError(problems)
     return changed
-
-
-def _fresh_components(table: dict, overrides: Sequence[str]) -> dict:
-    """A loaded recipe's table holds every option of every component; an override that names
-    another component (``context.use=...``) starts that table afresh, as a recipe file that
-    names only ``use`` would, so the old component's options do not stick to the new one."""
-    for text in overrides:
-        key, _, value = text.partition("=")
-        path = key.strip().split(".")
-        if path[-1] != "use" or len(path) < 2:
-            continue
-        node: Any = table
-        for part in path[:-1]:
-            node = node[int(part)] if isinstance(node, list) and part.isdigit() and int(part) < len(node) else (
-                node.get(part) if isinstance(node, dict) else None)
-            if node is None:
-                break
-        if isinstance(node, dict) and str(node.get("use")) != value.strip().strip('"').strip("'"):
-            for name in [k for k in node if k != "use"]:
-                del node[name]
-    return table
 
 
 def open_run(
@@ -144,7 +140,7 @@ def open_run(
     recipe = prepared.recipe
     if prepared.resume_dir is not None:
         print(f"contsup {__version__}: resuming {prepared.resume_dir} from {prepared.where}{on}", flush=True)
-        return Started(recipe, prepared.resume_dir, prepared.state, True, prepared.lock)
+        return Started(recipe, prepared.resume_dir, prepared.state, True, prepared.lock, prepared.changed, prepared.commit)
     run_dir = create_run_dir(default_run_dir(recipe), new=new)
     lock = RunLock.take(run_dir, warn or _print_warning)
     try:

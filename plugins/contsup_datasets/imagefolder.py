@@ -2,8 +2,9 @@
 any file PIL reads, classes named and ordered by their folders (sorted).
 
 Transforms come from timm's data pipeline (``timm.data.create_transform``, ImageNet mean and
-std); ``augment`` chooses their strength. Every image is converted to RGB, so the network always
-sees (3, size, size). Problems with the folder layout are one line each naming the path (exit
+std); ``augment`` chooses their strength. Every image is converted to 8-bit RGB, so the network
+always sees (3, size, size): 16-bit greyscale is scaled to 8 bits (PIL's own conversion would clip
+it at white), and modes without a fixed range (32-bit integers, floats) are refused naming the file. Problems with the folder layout are one line each naming the path (exit
 status 2); an image that does not decode stops a run with one line naming the file
 (:class:`contsup.errors.UnreadableData`), unless ``skip_unreadable`` leaves such files out when
 the split is loaded.
@@ -74,6 +75,11 @@ def class_names(root: Path) -> tuple[str, ...]:
     train, val = (_sub_folders(root / split) for split in SPLITS)
     if not train:
         raise ContsupError(f"imagefolder: {root / 'train'} holds no class folders; {LAYOUT}")
+    if len(train) == 1:  # a one-class classifier is right on every image: a 0 % error that means nothing
+        raise ContsupError(
+            f"imagefolder: {root / 'train'} holds one class folder ({train[0]}); a classifier needs two or more "
+            f"classes: add a class folder to both train/ and val/"
+        )
     if train != val:
         only_train = sorted(set(train) - set(val))
         only_val = sorted(set(val) - set(train))
@@ -111,13 +117,41 @@ def scan_split(folder: Path, classes: Sequence[str]) -> list[Sample]:
     return samples
 
 
+# PIL's 16-bit greyscale modes: ``convert("RGB")`` clips them at 255 (white), so they are scaled
+SIXTEEN_BITS = ("I;16", "I;16L", "I;16B", "I;16N")
+# modes without a fixed range to scale from: refused rather than guessed
+NO_RANGE = {"I": "32-bit integer pixels", "F": "32-bit floating-point pixels"}
+
+
+def as_rgb(img: Any, path: str) -> Any:
+    """``img`` as an 8-bit RGB PIL image, its values kept: 16-bit greyscale scaled to 8 bits
+    (v * 255 / 65535, rounded), other modes through PIL's conversion; a mode without a range
+    (32-bit integers or floats) is :class:`UnreadableData` naming the file."""
+    from PIL import Image
+
+    if img.mode in SIXTEEN_BITS:
+        import numpy as np
+
+        values = np.asarray(img).astype(np.uint32)
+        return Image.fromarray(((values + 128) // 257).astype(np.uint8)).convert("RGB")
+    if img.mode in NO_RANGE:
+        raise UnreadableData(
+            f"imagefolder: {path}: image mode {img.mode} ({NO_RANGE[img.mode]}) has no fixed range to scale to "
+            f"8 bits; save the images with 8 or 16 bits per channel, or {UNREADABLE_FIX.split(', or ')[-1]}"
+        )
+    return img.convert("RGB")
+
+
 def read_image(path: str) -> Any:
     """The image at ``path`` as an RGB PIL image, or :class:`UnreadableData` naming the file."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")  # decodes the whole file
+            img.load()  # decodes the whole file
+            return as_rgb(img, path)
+    except UnreadableData:
+        raise
     except Exception as exc:  # PIL raises OSError, UnidentifiedImageError, SyntaxError, ValueError...
         why = " ".join(str(exc).split()) or type(exc).__name__
         raise UnreadableData(f"imagefolder: {path}: cannot read the image ({why}); {UNREADABLE_FIX}") from None

@@ -40,8 +40,14 @@ def register_loggers(register):
     register(WandbLogger)
 
 
-def _warn(logger: Any, what: str, exc: Exception) -> None:
-    why = one_line(" ".join(str(exc).split()) or type(exc).__name__)
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):  # a logger must not end the command: said as any failure is
+        return f"it called sys.exit({exc.code!r})"
+    return one_line(" ".join(str(exc).split()) or type(exc).__name__)
+
+
+def _warn(logger: Any, what: str, exc: BaseException) -> None:
+    why = _why(exc)
     print(f"warning: log.use: the {logger.name} logger failed {what} ({why}); it records nothing more in this run "
           f"(metrics.jsonl has every epoch)", file=sys.stderr, flush=True)
 
@@ -58,10 +64,10 @@ def on_run_start(run):
         for logger in loggers:
             logger.on_run_end(run, None)
         raise
-    except Exception as exc:  # a tracking store that cannot be opened: one line, before any training
+    except (Exception, SystemExit) as exc:  # a tracking store that cannot be opened: one line, before any training
         for logger in loggers:
             logger.on_run_end(run, None)
-        why = one_line(" ".join(str(exc).split()) or type(exc).__name__)
+        why = _why(exc)
         raise ContsupError(f"log.use: the {chosen.use} logger cannot start ({why})") from None
     _active[Path(run.run_dir)] = loggers
 
@@ -72,7 +78,7 @@ def on_epoch_end(run, epoch, metrics):
     for logger in list(loggers):
         try:
             logger.on_epoch_end(run, epoch, metrics)
-        except Exception as exc:  # noqa: BLE001 - a logger never stops a run under way
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - a logger never stops a run under way
             _warn(logger, f"at epoch {epoch}", exc)
             loggers.remove(logger)
 
@@ -82,5 +88,5 @@ def on_run_end(run, metrics):
     for logger in _active.pop(Path(run.run_dir), []):
         try:
             logger.on_run_end(run, metrics)
-        except Exception as exc:  # noqa: BLE001
+        except (Exception, SystemExit) as exc:  # noqa: BLE001
             _warn(logger, "at the end of the run", exc)
