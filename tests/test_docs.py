@@ -4,6 +4,9 @@ two commands, and every recipe section is documented."""
 from __future__ import annotations
 
 import re
+import sys
+
+import pytest
 
 from contsup.tools.reference import builtin_reference
 from contsup.config.recipe import SECTIONS
@@ -32,3 +35,71 @@ def test_readme_has_exactly_two_setup_commands():
     assert "pytest" in blocks[1] and '".[test]"' in blocks[1]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "<!-- test-command -->" in readme and "test-command" in ci
+
+
+# -- command-and-output blocks ---------------------------------------------------------------------
+#
+# A fenced block of a language a reader types or saves (bash, python, toml, markdown) is input; any
+# other block (no language, text, json, ...) shows what a program prints or writes, and must be one of:
+#   <!-- output -->        right after a `<!-- run -->` bash block: the test below runs the command
+#                          and finds these lines in what it prints (`...` skips lines or text);
+#   <!-- illustrative -->  an example of what it looks like (an error from a situation the docs
+#                          describe, a file's layout), not run by a test.
+# The plugin tutorial has markers and a test of its own (tests/test_plugin_tutorial.py).
+
+INPUT_LANGS = {"bash", "python", "toml", "markdown"}
+MARKERS = {"run", "run: exit 2", "output", "illustrative"}
+DOC_BLOCK = re.compile(
+    r"(?:^[ \t]*<!-- (?P<marker>[^\n]*?) -->\n)?^(?P<indent>[ \t]*)```(?P<lang>\w*)\n(?P<body>.*?)^(?P=indent)```", re.S | re.M
+)
+
+
+def doc_files() -> list:
+    docs = sorted((ROOT / "docs").rglob("*.md"))
+    skip = {ROOT / "docs" / "plugins" / "tutorial-context-selector.md"}
+    return [ROOT / "README.md"] + [p for p in docs if p not in skip and "examples" not in p.relative_to(ROOT / "docs").parts]
+
+
+def doc_blocks(path) -> list[dict]:
+    text = path.read_text()
+    return [
+        {"marker": m["marker"] or "", "lang": m["lang"], "body": m["body"], "where": f"{path.relative_to(ROOT)}, line {text.count(chr(10), 0, m.start('lang')) + 1}"}
+        for m in DOC_BLOCK.finditer(text)
+    ]
+
+
+def test_every_output_block_is_run_by_a_test_or_marked_illustrative():
+    problems = []
+    for path in doc_files():
+        previous = None
+        for block in doc_blocks(path):
+            marker, where = block["marker"], block["where"]
+            if marker and marker not in MARKERS and not marker.endswith("-command"):
+                problems.append(f"{where}: unknown marker '{marker}' (known: {sorted(MARKERS)})")
+            elif block["lang"] not in INPUT_LANGS and marker not in ("output", "illustrative"):
+                problems.append(f"{where}: an output block ({block['lang'] or 'no language'}) needs <!-- output --> after a <!-- run --> block, or <!-- illustrative -->")
+            elif marker == "output" and (previous is None or not previous["marker"].startswith("run")):
+                problems.append(f"{where}: an output block must follow a <!-- run --> block")
+            elif marker.startswith("run") and block["lang"] != "bash":
+                problems.append(f"{where}: a run block is a bash block")
+            if block["lang"] == "bash" and marker != "illustrative":
+                for line in block["body"].splitlines():
+                    if re.search(r"#.*\d(\.\d+)? ?%", line):
+                        problems.append(f"{where}: '{line.strip()}' quotes a result in a command block; quote it from its generated page")
+            previous = block
+    assert not problems, "\n".join(problems)
+
+
+def test_the_checker_knows_an_unmarked_output_block(tmp_path, monkeypatch):
+    page = tmp_path / "docs" / "page.md"
+    page.parent.mkdir()
+    page.write_text("```bash\ncontsup plan x.toml\n```\n\n```\nmodule  units\n```\n")
+    (tmp_path / "README.md").write_text("<!-- illustrative -->\n```\nshown\n```\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    with pytest.raises(AssertionError, match="page.md, line 5: an output block"):
+        test_every_output_block_is_run_by_a_test_or_marked_illustrative()
+    page.write_text("<!-- run -->\n```bash\ncontsup plan x.toml\n```\n\n<!-- output -->\n```\nmodule  units\n```\n")
+    test_every_output_block_is_run_by_a_test_or_marked_illustrative()
+    page.write_text("```bash\ncontsup train x.toml   # test error 1.11 %\n```\n")
+    with pytest.raises(AssertionError, match="quotes a result"):
+        test_every_output_block_is_run_by_a_test_or_marked_illustrative()
