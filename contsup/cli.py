@@ -208,7 +208,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         first = data["modules"][0]
         print(f"local objective of modules 1..{len(data['modules']) - 1}: {first['objective']}, head {first['head']}")
     print()
-    print("each module's input shape, the adapter serving each source, and params = body + head + adapters + decoder:")
+    parts = "body + head + adapters" + (" + decoder" if any(m["params_split"]["decoder"] for m in data["modules"]) else "")
+    print(f"each module's input shape, the adapter serving each source, and params = {parts}:")
     print(_table(_detail_rows(data["modules"])))
     print()
     if any(m["auglocal"] for m in data["modules"]):
