@@ -3,7 +3,9 @@ two commands, and every recipe section is documented."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 
 import pytest
@@ -48,7 +50,8 @@ def test_readme_has_exactly_two_setup_commands():
 # The plugin tutorial has markers and a test of its own (tests/test_plugin_tutorial.py).
 
 INPUT_LANGS = {"bash", "python", "toml", "markdown"}
-MARKERS = {"run", "run: exit 2", "output", "illustrative"}
+RUN = ("run", "run: exit 2")  # the README's <!-- run-command --> and <!-- test-command --> are CI's, not these
+MARKERS = {*RUN, "output", "illustrative"}
 DOC_BLOCK = re.compile(
     r"(?:^[ \t]*<!-- (?P<marker>[^\n]*?) -->\n)?^(?P<indent>[ \t]*)```(?P<lang>\w*)\n(?P<body>.*?)^(?P=indent)```", re.S | re.M
 )
@@ -78,9 +81,9 @@ def test_every_output_block_is_run_by_a_test_or_marked_illustrative():
                 problems.append(f"{where}: unknown marker '{marker}' (known: {sorted(MARKERS)})")
             elif block["lang"] not in INPUT_LANGS and marker not in ("output", "illustrative"):
                 problems.append(f"{where}: an output block ({block['lang'] or 'no language'}) needs <!-- output --> after a <!-- run --> block, or <!-- illustrative -->")
-            elif marker == "output" and (previous is None or not previous["marker"].startswith("run")):
+            elif marker == "output" and (previous is None or previous["marker"] not in RUN):
                 problems.append(f"{where}: an output block must follow a <!-- run --> block")
-            elif marker.startswith("run") and block["lang"] != "bash":
+            elif marker in RUN and block["lang"] != "bash":
                 problems.append(f"{where}: a run block is a bash block")
             if block["lang"] == "bash" and marker != "illustrative":
                 for line in block["body"].splitlines():
@@ -103,3 +106,36 @@ def test_the_checker_knows_an_unmarked_output_block(tmp_path, monkeypatch):
     page.write_text("```bash\ncontsup train x.toml   # test error 1.11 %\n```\n")
     with pytest.raises(AssertionError, match="quotes a result"):
         test_every_output_block_is_run_by_a_test_or_marked_illustrative()
+@pytest.mark.slow
+def test_run_blocks_print_what_the_docs_show(tmp_path):
+    """Every `<!-- run -->` block of the docs, run from the repository root as a reader would (in a
+    plain environment: stdout and stderr read apart, so buffering cannot reorder them), and the
+    `<!-- output -->` block after it found in what it printed."""
+    from test_plugin_tutorial import matches_lines
+
+    bin_dir = tmp_path / "bin"  # `contsup` is this interpreter's, whatever PATH holds
+    bin_dir.mkdir()
+    (bin_dir / "contsup").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m contsup "$@"\n')
+    (bin_dir / "contsup").chmod(0o755)
+    env = {
+        "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "/usr/bin:/bin")]), "HOME": str(tmp_path),
+        "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "plugins")]),
+    }
+    ran = 0
+    for path in doc_files():
+        blocks = doc_blocks(path)
+        for i, block in enumerate(blocks):
+            if block["marker"] not in RUN:
+                continue
+            status = 2 if block["marker"] == "run: exit 2" else 0
+            command = block["body"].strip()
+            result = subprocess.run(["bash", "-e", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            ran += 1
+            printed = result.stdout + result.stderr
+            assert result.returncode == status, f"{block['where']}: `{command}` exited {result.returncode}:\n{printed}"
+            assert "Traceback" not in printed, f"{block['where']}: a traceback:\n{printed}"
+            following = blocks[i + 1] if i + 1 < len(blocks) else None
+            if following is not None and following["marker"] == "output":
+                missing = matches_lines(following["body"], printed)
+                assert not missing, f"{following['where']}: {missing}\nthe command printed:\n{printed}"
+    assert ran >= 1
