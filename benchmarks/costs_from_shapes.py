@@ -23,7 +23,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 from contsup.config.recipe import load_recipe  # noqa: E402
 from contsup.core.plugins import get_plugin_manager  # noqa: E402
 from contsup.core.registry import Registries  # noqa: E402
-from contsup.model.memory import CostModel, even_split, recipe_parts  # noqa: E402
+from contsup.model.build import recipe_parts
+from contsup.model.costs import CostModel, even_split  # noqa: E402
 
 
 def cost(recipe, parts, shapes, info, method: str):

@@ -23,7 +23,7 @@ import attrs
 import torch
 
 from contsup.config.recipe import load_recipe
-from contsup.model.memory import module_tensors
+from contsup.model.saved import module_tensors
 from contsup.model.network import build_network
 from contsup.tools.bench import machine
 from contsup.training.measure import LiveMemory, measure_live
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         "contsup end-to-end": lambda: e2e.step(x, y, StepStats(1), noop),
     }
     meter = LiveMemory(module_tensors(model))
-    with torch.autograd.graph.saved_tensors_hooks(meter._pack, meter._unpack):
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
         step()
     peaks = {"official code R1E": meter.peak, "contsup R1E": measure_live(greedy, x, y)["peak"],
              "contsup end-to-end": measure_live(e2e, x, y)["peak"]}

@@ -27,11 +27,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from contsup.tools.bench import configuration_rows, configurations, machine, run_bench  # noqa: E402
+from contsup.tools.bench import machine, run_bench
+from contsup.tools.bench_output import configuration_rows, configurations  # noqa: E402
 from contsup.training.device import seed_everything  # noqa: E402
 from contsup.training.loop import Trainer
 from contsup.training.strategies import EndToEndStrategy, GreedyStrategy, StepStats
-from contsup.model.memory import CostModel, fitted_costs, recipe_parts  # noqa: E402
+from contsup.model.build import recipe_parts
+from contsup.model.costs import CostModel
+from contsup.model.fitting import fitted_costs  # noqa: E402
 from contsup.training.measure import measure_step  # noqa: E402
 from contsup.model.network import build_network  # noqa: E402
 from contsup.core.plugins import get_plugin_manager  # noqa: E402

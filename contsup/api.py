@@ -46,6 +46,7 @@ class Run:
     history: list[dict]
     model: GreedyNetwork
     timings: dict | None = None  # distributed runs: what distributed.json holds
+    stopped_early: str | None = None  # why run.early_stop ended it before run.epochs
 
     @property
     def final(self) -> dict | None:
@@ -62,9 +63,10 @@ class Run:
         if not self.history:
             return f"no epochs to train; run directory: {self.run_dir}"
         last, best = self.final, self.best
+        early = f"; stopped early after epoch {last['epoch']}: {self.stopped_early}" if self.stopped_early else ""
         return (
             f"final test error: {last['test_error_pct']:.2f}% "
-            f"(best {best['test_error_pct']:.2f}% at epoch {best['epoch']}); run directory: {self.run_dir}"
+            f"(best {best['test_error_pct']:.2f}% at epoch {best['epoch']}){early}; run directory: {self.run_dir}"
         )
 
 
@@ -110,9 +112,9 @@ def train(
     request = Request(recipe, tuple(overrides), out_dir, resume, new, force)
     launch = launch_from_env()
     if launch is not None:  # one of the processes torchrun started
-        trainer = train_on_ranks(request, launch, pm, registries)
-        if trainer is not None:
-            return _finished(trainer)
+        done = train_on_ranks(request, launch, pm, registries)
+        if done is not None:
+            return _finished(*done)
     prepared = prepare(request, registries, _warn)
     try:  # a resumed run's directory is locked from here, a new one's from open_run
         check_single_process(prepared.recipe)
@@ -142,10 +144,10 @@ def train(
     return _finished(trainer)
 
 
-def _finished(trainer: Trainer) -> Run:
-    """The run's :class:`Run`; the main process prints its last lines."""
-    run = Run(trainer.run_dir, trainer.recipe, list(trainer.history), trainer.network, trainer.parallel.report())
-    if trainer.parallel.is_main:
+def _finished(trainer: Trainer, timings: dict | None = None) -> Run:
+    """The run's :class:`Run` (``timings``: a distributed run's); the main process prints its last lines."""
+    run = Run(trainer.run_dir, trainer.recipe, list(trainer.history), trainer.network, timings, trainer.stopped_early)
+    if trainer.processes.is_main:
         if run.timings is not None and run.history:
             print(summary(run.timings))
         print(run.summary(), flush=True)

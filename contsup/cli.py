@@ -6,11 +6,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import attrs
 
 from contsup.errors import ContsupError, one_line, report_failure
+from contsup.tools.tables import format_table
 
 LIST_KINDS = {
     "backbones": "backbones",
@@ -20,8 +21,10 @@ LIST_KINDS = {
     "objectives": "objectives",
     "decoders": "decoders",
     "datasets": "datasets",
+    "methods": "methods",
     "optimizers": "optimizers",
     "schedules": "schedules",
+    "loggers": "loggers",
 }
 
 
@@ -53,267 +56,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def plan_data(recipe: Any) -> dict:
-    """What ``contsup plan --json`` prints: per module its units, sources, parameters, shapes."""
-    import torch
-
-    from contsup.model.memory import backlink_spans, plan_memory
-    from contsup.model.network import build_network, count_params
-
-    torch.manual_seed(recipe.run.seed)
-    built = build_network(recipe)
-    k = len(built.plans)
-    link = recipe.backlink.units if recipe.run.mode == "greedy" else 0
-    spans = backlink_spans([p.units for p in built.plans], link)
-    modules = []
-    for plan, m in zip(built.plans, built.network.blocks):
-        stage = recipe.stage(plan.index)
-        last = plan.index == k
-        w_rec, w_local = m.weights
-        details = []
-        for s in plan.sources:
-            adapter = m.adapters[str(s)]
-            details.append(
-                {
-                    "name": str(s),
-                    "adapter": getattr(adapter, "adapter_kind", None) or type(adapter).__name__,
-                    "class": type(adapter).__name__,
-                    "params": count_params(adapter),
-                    "source_shape": list(built.info.input_shape if s.is_input else built.plans[s.index].input_shape),
-                }
-            )
-        split = {
-            "body": count_params(m.body),
-            "head": count_params(m.head),
-            "adapters": count_params(m.adapters),
-            "decoder": count_params(m.decoder) if m.decoder is not None else 0,
-        }
-        modules.append(
-            {
-                "index": plan.index,
-                "units": plan.units,
-                "unit_range": list(plan.unit_range),
-                "sources": [str(s) for s in plan.sources],
-                "source_details": details,
-                "params": count_params(m),
-                "params_split": split,
-                "input_shape": list(plan.input_shape),
-                "output_shape": list(plan.output_shape),
-                "context": stage.context.use,
-                "objective": "cross_entropy (backbone head)" if last else stage.objective.use,
-                "head": "backbone" if last else getattr(stage.objective.options, "head", type(m.head).__name__),
-                "decoder": None if last or stage.decoder is None else stage.decoder.use,
-                "weights": {"reconstruction": w_rec, "local": w_local},
-                "auglocal": _auglocal_entry(m.head, built.unit_shapes),
-                "backlink": None if spans[plan.index - 1] is None else {
-                    "units": spans[plan.index - 1][1] - spans[plan.index - 1][0] + 1,
-                    "unit_range": list(spans[plan.index - 1]),
-                    "trained_by": plan.index + 1,
-                },
-            }
-        )
-    memory = plan_memory(recipe, built.network, built.plans, [p.units for p in built.plans])
-    for entry, mem in zip(modules, memory.modules):
-        entry["memory"] = {
-            "bytes": mem.bytes, "adapter_bytes": mem.adapter_bytes, "body_bytes": mem.body_bytes,
-            "body_flops": mem.body_flops, "adapter_flops": mem.adapter_flops, "backlink_bytes": mem.backlink_bytes,
-            "head_bytes": mem.head_bytes,
-        }
-    return {
-        "backbone": recipe.backbone.use,
-        "input_shape": list(built.info.input_shape),
-        "num_units": len(built.unit_shapes),
-        "modules": modules,
-        "recompute": {"adapters": recipe.context_options.recompute, "head": recipe.context_options.recompute_head},
-        "memory": {
-            "batch_size": memory.batch, "measured_batch": memory.measured_batch,
-            "units_bytes": memory.units_bytes, "largest_module_bytes": max(m.bytes for m in memory.modules),
-            "notes": list(memory.notes),
-        },
-    }
-
-
-def _auglocal_entry(head: Any, unit_shapes: Sequence[Any]) -> dict | None:
-    """What the plan says of an AugLocal head (one built from copies of later units): its depth,
-    the units it copies with their output shapes, and its parameters; None for any other head."""
-    inner = next((s for s in head.modules() if hasattr(s, "sampled") and hasattr(s, "depth")), None)
-    if inner is None:
-        return None
-    return {
-        "depth": int(inner.depth),
-        "units": [int(u) for u in inner.sampled],
-        "unit_shapes": [list(unit_shapes[u]) for u in inner.sampled],
-        "params": sum(p.numel() for p in head.parameters()),
-    }
-
-
-def _print_auglocal(modules: Sequence[dict]) -> None:
-    """The plan's AugLocal table: per local module, its head's depth, copied units, parameters and memory."""
-    rows = [("module", "depth", "copies of units (output shape)", "head params", "head memory (MiB)")]
-    for m in modules:
-        a = m["auglocal"]
-        if a is None:
-            continue
-        copied = ", ".join(f"{u} ({_shape(s)})" for u, s in zip(a["units"], a["unit_shapes"]))
-        rows.append((str(m["index"]), str(a["depth"]), copied, f"{a['params']:,}", _mib(m["memory"]["head_bytes"])))
-    print("auglocal heads: fresh copies (own weights, reinitialised) of later backbone units, then pool + linear:")
-    print(_table(rows))
-    print()
-
-
 def cmd_plan(args: argparse.Namespace) -> int:
+    from contsup.tools.plan import plan_main
+
     _, recipe = _recipe(args)
-    data = plan_data(recipe)
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return 0
-    varied = bool(recipe.stages) or recipe.decoder is not None
-    header = ["module", "units", "unit range", "sources", "params", "output shape"]
-    if varied:
-        header += ["context", "objective", "head", "decoder (w_rec, w_local)"]
-    linked = any(m["backlink"] for m in data["modules"])
-    if linked:
-        header.append("backlink")
-    rows = [tuple(header)]
-    for m in data["modules"]:
-        w = m["weights"]
-        row = [
-            str(m["index"]),
-            str(m["units"]),
-            f"{m['unit_range'][0]}-{m['unit_range'][1]}",
-            ", ".join(m["sources"]) or "-",
-            f"{m['params']:,}",
-            "x".join(str(d) for d in m["output_shape"]),
-        ]
-        if varied:
-            decoder = f"{m['decoder']} ({w['reconstruction']:g}, {w['local']:g})" if m["decoder"] else "-"
-            row += [m["context"], m["objective"], m["head"], decoder]
-        if linked:
-            b = m["backlink"]
-            row.append(f"{b['unit_range'][0]}-{b['unit_range'][1]} (+ loss {b['trained_by']})" if b else "-")
-        rows.append(tuple(row))
-    context = "per [[modules]] range" if recipe.stages else recipe.context.use
-    print(
-        f"{data['backbone']}: {data['num_units']} units, input "
-        f"{'x'.join(str(d) for d in data['input_shape'])}, {len(data['modules'])} modules, context {context}"
-    )
-    print(_table(rows))
-    total = sum(m["params"] for m in data["modules"])
-    print(f"total parameters: {total:,}")
-    if any(m["backlink"] for m in data["modules"]):
-        n = recipe.backlink.units
-        print(f"backlink: the loss of module l+1 also trains the last {n} unit{'s' if n != 1 else ''} of module l "
-              f"(column \"backlink\": those units); earlier units and all context stay isolated")
-    if not varied and len(data["modules"]) > 1:
-        first = data["modules"][0]
-        print(f"local objective of modules 1..{len(data['modules']) - 1}: {first['objective']}, head {first['head']}")
-    print()
-    parts = "body + head + adapters" + (" + decoder" if any(m["params_split"]["decoder"] for m in data["modules"]) else "")
-    print(f"each module's input shape, the adapter serving each source, and params = {parts}:")
-    print(_table(_detail_rows(data["modules"])))
-    print()
-    if any(m["auglocal"] for m in data["modules"]):
-        _print_auglocal(data["modules"])
-    _print_memory(data, recipe)
-    return 0
-
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:,.1f}"
-
-
-def _print_memory(data: dict, recipe: Any) -> None:
-    """The plan's third part: what training each module keeps for backward, against end to end,
-    and one warning line when context adapters cost more than the bodies they feed."""
-    mem = data["memory"]
-    print(f"activation memory kept for backward at batch {mem['batch_size']} (MiB):")
-    linked = any(m["memory"]["backlink_bytes"] for m in data["modules"])
-    recompute = data["recompute"]["adapters"]
-    rows = [("module", "training", "its adapters", "its units", "MFLOPs per image: body / adapters")]
-    if linked:
-        rows[0] += ("backlink (in training)",)
-    for m in data["modules"]:
-        x = m["memory"]
-        flops = f"{x['body_flops'] / 1e6:,.1f} / {x['adapter_flops'] / 1e6:,.1f}"
-        row = (str(m["index"]), _mib(x["bytes"]), _mib(x["adapter_bytes"]), _mib(x["body_bytes"]), flops)
-        row += (_mib(x["backlink_bytes"]),) if linked else ()
-        rows.append(row)
-    print(_table(rows))
-    if recompute or data["recompute"]["head"]:
-        pieces = " and ".join(p for p, on in (("context adapters", recompute), ("heads", data["recompute"]["head"])) if on)
-        counted = "; ".join(c for c, on in (
-            ("\"training\" counts the adapters' inputs, not their own activations (\"its adapters\")", recompute),
-            ("\"training\" still counts the heads' activations", data["recompute"]["head"]),
-        ) if on)
-        print(f"context.recompute: the {pieces} keep only their inputs through the forward and run again in backward, "
-              f"one at a time ({counted}; contsup bench --recompute measures the peak)")
-    if linked:
-        print("backlink: each module's training figure includes the linked units of the module before it, kept "
-              "until its backward (estimated from their measurements)")
-    units, largest = mem["units_bytes"], mem["largest_module_bytes"]
-    ratio = f" ({largest / units:.2f}x)" if units else ""
-    print(f"largest module: {_mib(largest)} MiB{ratio}; every unit at once, as end-to-end training keeps them: {_mib(units)} MiB")
-    for note in mem["notes"]:
-        print(f"note: {note}", file=sys.stderr)
-    heavy = [m for m in data["modules"] if m["memory"]["adapter_bytes"] > m["memory"]["body_bytes"]
-             or m["memory"]["adapter_flops"] > m["memory"]["body_flops"]]
-    if heavy:
-        worst = max(heavy, key=lambda m: m["memory"]["adapter_bytes"])["memory"]
-        names = _span([m["index"] for m in heavy])
-        options = getattr(recipe.context, "options", None)
-        remedies = []
-        if getattr(options, "encoder", "fast") != "fast":
-            remedies.append('context.encoder = "fast" (pool x to the module\'s size first, then one conv)')
-        if getattr(options, "shortcut", "paper") == "official":
-            remedies.append('context.shortcut = "paper" (pool first, then the 1x1 conv)')
-        cheaper = "set " + " and ".join(remedies) if remedies else "choose a cheaper adapter for these modules"
-        if not recipe.context_options.recompute:
-            cheaper += "; or, for memory alone and the same training, context.recompute = true (the adapters run again in backward)"
-        print(
-            f"warning: the context adapters of module{'s' if len(heavy) > 1 else ''} {names} cost more memory or "
-            f"arithmetic than the module's body (the largest: {_mib(worst['adapter_bytes'])} MiB against "
-            f"{_mib(worst['body_bytes'])} MiB); {cheaper}",
-            file=sys.stderr,
-        )
-
-
-def _span(indices: Sequence[int]) -> str:
-    """[1, 2, 3, 5] -> "1-3, 5"."""
-    parts, start = [], None
-    for i, k in enumerate(indices):
-        if start is None:
-            start = k
-        if i + 1 == len(indices) or indices[i + 1] != k + 1:
-            parts.append(str(start) if start == k else f"{start}-{k}")
-            start = None
-    return ", ".join(parts)
-
-
-def _shape(shape: Sequence[int]) -> str:
-    return "x".join(str(d) for d in shape)
-
-
-def _detail_rows(modules: Sequence[dict]) -> list[tuple[str, ...]]:
-    """The second table of ``contsup plan``: each module's input shape, the adapter serving each
-    source with its parameter count, and the module's parameters split into its parts."""
-    decoders = any(m["params_split"]["decoder"] for m in modules)
-    header = ["module", "input shape", "sources (adapter, params)", "body", "head", "adapters"]
-    header += ["decoder"] if decoders else []
-    rows = [tuple(header)]
-    for m in modules:
-        split = m["params_split"]
-        context = ", ".join(f"{d['name']} ({d['adapter']}, {d['params']:,})" for d in m["source_details"])
-        row = [str(m["index"]), _shape(m["input_shape"]), context or "-", f"{split['body']:,}", f"{split['head']:,}", f"{split['adapters']:,}"]
-        row += [f"{split['decoder']:,}"] if decoders else []
-        rows.append(tuple(row))
-    return rows
-
-
-def _table(rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return plan_main(recipe, args.json)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -322,6 +69,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     train(args.recipe, args.set or (), resume=args.resume, new=args.new, force=args.force)
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``contsup predict RUN IMAGES...``: :func:`contsup.tools.predict.predict` does it all."""
+    from contsup.tools.predict import predict_main
+
+    output = "json" if args.json else "csv" if args.csv else "table"
+    return predict_main(args.run, args.images, _registries()[1], top_k=args.top_k, batch_size=args.batch_size,
+                        device=args.device, output=output)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -357,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     k = len(report["local_acc_pct"])
     for i, acc in enumerate(report["local_acc_pct"], start=1):
         rows.append((str(i), "final" if i == k else "local", "-" if acc is None else f"{acc:.2f}"))
-    print(_table(rows))
+    print(format_table(rows))
     return 0
 
 
@@ -392,13 +148,15 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise ContsupError(f"contsup profile: --repeats must be >= 1, got {args.repeats}")
     print(f"profiling {args.recipe}: measuring every unit, head and adapter at batch {recipe.data.batch_size}", file=sys.stderr, flush=True)
     data = profile_data(recipe, repeats=args.repeats)
-    print(json.dumps(data, indent=2) if args.json else profile_text(data, _table))
+    print(json.dumps(data, indent=2) if args.json else profile_text(data, format_table))
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Three benchmarks behind one command: inference cost of context (--inference), one
     process against N for a distributed recipe, else greedy against end-to-end training."""
+    from contsup.tools.bench_command import bench_main
+
     if args.inference:
         from contsup.tools.inference import bench_inference_main
 
@@ -408,113 +166,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             args.recipe, args.set or (), registries, args.device, args.repeats, warmup, args.batch_size, args.json
         )
     _, recipe = _recipe(args)
-    if recipe.distributed.mode != "none":
-        return _bench_distributed(args, recipe)
-    from contsup.tools.bench import bench_figure, bench_markdown, bench_rows, configuration_rows, run_bench
-    from contsup.training.rundir import atomic_write
-
-    warmup = 3 if args.warmup is None else args.warmup
-    segments = _segments(args.segments)
-    if args.steps < 1 or warmup < 0:
-        raise ContsupError(f"contsup bench: --steps must be >= 1 and --warmup >= 0, got {args.steps} and {warmup}")
-    out = Path(args.out or Path("bench") / recipe.name)
-    json_path, md_path, png_path = Path(f"{out}.json"), Path(f"{out}.md"), Path(f"{out}.png")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ContsupError(f"contsup bench: --out {out}: cannot create {out.parent}: {exc.strerror}") from None
-    variants = _variants(args, recipe)
-    result = run_bench(
-        recipe, steps=args.steps, warmup=warmup, baseline=args.baseline, segments=segments, variants=variants,
-        recompute=args.recompute,
-    )
-    sets = "".join(f" --set {s}" for s in args.set or ())
-    command = f"contsup bench {args.recipe}{sets} --steps {args.steps} --warmup {warmup} --baseline {args.baseline}"
-    if args.segments != "auto":
-        command += f" --segments {args.segments}"
-    command += "".join(f" --variant '{v}'" for v in args.variant or ())
-    if args.recompute:
-        command += " --recompute"
-    try:
-        atomic_write(json_path, lambda f: json.dump(result, f, indent=2), binary=False)
-        atomic_write(md_path, lambda f: f.write(bench_markdown(result, command)), binary=False)
-        configurations = bool(result["checkpointing"] or result["variants"])
-        if configurations:
-            bench_figure(result, png_path)
-    except OSError as exc:
-        raise ContsupError(f"contsup bench: --out {out}: cannot write the results: {exc.strerror}") from None
-    print(_table([("figure", "end-to-end", "greedy", "greedy / e2e"), *bench_rows(result)]))
-    if configurations:
-        print()
-        print(_table([("configuration", "peak MiB", "peak / e2e", "step ms", "step / e2e"), *configuration_rows(result)]))
-        print(f"wrote {json_path}, {md_path} and {png_path}")
-    else:
-        print(f"wrote {json_path} and {md_path}")
-    return 0
-
-
-def _variants(args: argparse.Namespace, recipe: Any) -> list[tuple[str, Any]]:
-    """--variant "LABEL:key=value;key=value": the recipe (with its --set) and those overrides too,
-    measured beside it; it must keep the recipe's data and backbone (the bench feeds all the same batches)."""
-    from contsup.config.recipe import RecipeError, load_recipe
-
-    out = []
-    registries = _registries()[1] if args.variant else None
-    for text in args.variant or ():
-        label, colon, rest = text.partition(":")
-        sets = [part.strip() for part in rest.split(";") if part.strip()]
-        if not colon or not label.strip() or not sets:
-            raise ContsupError(
-                f"contsup bench: --variant {text!r}: expected LABEL:key=value[;key=value...], such as "
-                f"'BackLink:context.use=none;backlink.units=1'"
-            )
-        try:
-            variant = load_recipe(args.recipe, [*(args.set or ()), *sets], registries)
-        except RecipeError as exc:
-            raise ContsupError(f"contsup bench: --variant {text!r}: {'; '.join(exc.problems)}") from None
-        if variant.data != recipe.data or variant.backbone != recipe.backbone or variant.run.mode != "greedy":
-            raise ContsupError(
-                f"contsup bench: --variant {text!r} changes the data, the backbone or run.mode; a variant "
-                f"trains greedily on the recipe's batches: change context, objective, partition or backlink keys"
-            )
-        out.append((label.strip(), variant))
-    return out
-
-
-def _segments(text: str) -> list[int] | None:
-    """--segments: "auto" (None: the bench's default set), "none" ([]) or counts "2,4,16"."""
-    if text == "auto":
-        return None
-    if text == "none":
-        return []
-    try:
-        counts = [int(part) for part in text.split(",")]
-    except ValueError:
-        counts = []
-    if not counts or min(counts) < 1:
-        raise ContsupError(f"contsup bench: --segments must be auto, none or counts such as 2,4,16, got {text!r}")
-    return counts
-
-
-def _bench_distributed(args: argparse.Namespace, recipe: Any) -> int:
-    """``contsup bench`` on a distributed recipe: train it with one process and with --nproc under
-    torchrun; throughput, speed-up and each rank's utilisation."""
-    from contsup.tools.distributed_bench import compare, format_comparison
-    from contsup.training.rundir import atomic_write
-
-    if args.nproc < 2:
-        raise ContsupError(f"contsup bench: --nproc must be >= 2 for a distributed recipe, got {args.nproc}")
-    out = Path(args.out or Path("bench") / f"{recipe.name}-{recipe.distributed.mode}-{args.nproc}")
-    if out.exists() and any(out.iterdir()):
-        raise ContsupError(f"contsup bench: {out} is not empty; remove it or pass --out")
-    try:
-        result = compare(Path(args.recipe), args.nproc, recipe.distributed.mode, out, list(args.set or ()), log=sys.stderr)
-    except RuntimeError as exc:
-        raise ContsupError(f"contsup bench: a training run failed: {one_line(str(exc))}") from None
-    atomic_write(out / "comparison.json", lambda f: json.dump(result, f, indent=2), binary=False)
-    print(format_comparison(result))
-    print(f"wrote {out / 'comparison.json'}")
-    return 0
+    return bench_main(args, recipe, _registries()[1] if args.variant else None)
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -559,7 +211,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         if hooks:
             parts.append(f"observers: {', '.join(hooks)}")
         table.append((row["name"], f"{row['distribution']} {row['version']}", "; ".join(parts) or "-"))
-    print(_table(table))
+    print(format_table(table))
     for item in skipped:
         print(f"not loaded ({ALLOW_ENV} leaves it out): {item['name']} ({item['distribution']} {item['version']})")
     for line in registries.clashes:
@@ -569,7 +221,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from contsup.options import describe_default, doc, field_types, type_name
-    from contsup.config.recipe import component_registry
+    from contsup.config.validation import component_registry
     from contsup.tools.reference import summary
 
     kind = LIST_KINDS.get(args.kind)
@@ -637,6 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help='evaluate on this device (default: the recipe\'s run.device)')
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("predict", help="classify image files with a trained run (top-k classes and scores)")
+    p.add_argument("run", help="a run directory written by contsup train")
+    p.add_argument("images", nargs="+", help="image files, or folders searched for them recursively")
+    formats = p.add_mutually_exclusive_group()
+    formats.add_argument("--json", action="store_true", help="print JSON (default: a table)")
+    formats.add_argument("--csv", action="store_true", help="print CSV (default: a table)")
+    p.add_argument("--top-k", type=int, default=1, metavar="K", help="the K most likely classes of each image (default 1)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--device", help="predict on this device (default: the recipe's run.device)")
+    p.set_defaults(func=cmd_predict)
     p = sub.add_parser("probe", help="estimate the task-relevant information I(h_l, y) of every module of finished runs")
     p.add_argument("runs", nargs="+", help="run directories (several are drawn in one figure)")
     p.add_argument("-o", "--output", metavar="PNG", help="the figure (default RUN_DIR/probe.png for one run, ./probe.png for several)")
@@ -697,8 +359,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    _line_buffered()
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except (ContsupError, KeyboardInterrupt, OSError) as exc:
         return report_failure(exc)
+
+
+def _line_buffered() -> None:
+    """Flush standard output at every line, as a terminal does, also into a pipe or a file: a
+    warning on standard error then stands where it was printed, not before every line of a
+    command's output (what ``contsup plan 2>&1 | less`` or a test reads)."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and not sys.stdout.line_buffering:
+        try:
+            reconfigure(line_buffering=True)
+        except (ValueError, OSError):  # a stream that cannot change (closed, or not a text file)
+            pass

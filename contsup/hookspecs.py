@@ -73,6 +73,23 @@ def register_datasets(register: Register) -> None:
 
 
 @hookspec
+def register_methods(register: Register) -> None:
+    """Register training method classes (:class:`contsup.protocols.Method`): what a method adds
+    to the greedy step (parts of its own, a link back into the previous module, loss terms, a
+    hook after each module's step); the recipe names a method by its table, ``[name]``.
+
+    ``register``: call it once per class."""
+
+
+@hookspec
+def register_loggers(register: Register) -> None:
+    """Register logger classes (:class:`contsup.protocols.Logger`): what a run records of every
+    epoch besides metrics.jsonl, chosen by the recipe's ``[log] use = [...]``.
+
+    ``register``: call it once per class."""
+
+
+@hookspec
 def on_run_start(run: RunState) -> None:
     """Called once before the first epoch (on a distributed run, on rank 0 only).
 

@@ -1,6 +1,7 @@
-"""Cutting a sequence of costs into contiguous parts: the exact min-max split.
+"""Cutting a sequence into contiguous parts: the even split, and the exact min-max split of costs.
 
-One function serves every balancer: the ``memory_balanced`` partitioner (units into modules, by
+:func:`even_split` is the one even cut (the ``uniform`` partitioner's, the cost model's assumed
+split, activation checkpointing's segments). :func:`min_max_split` serves every balancer: the ``memory_balanced`` partitioner (units into modules, by
 measured memory) and the pipeline (modules into stages, by measured time). Partitioner plugins
 may use it too.
 """
@@ -10,6 +11,18 @@ from __future__ import annotations
 import math
 
 from contsup.types import Costs
+
+
+def even_split(n: int, k: int, larger_first: bool = False) -> tuple[int, ...]:
+    """``n`` items into ``k`` contiguous parts as equal as possible: when ``k`` does not divide
+    ``n`` the earlier parts hold one fewer (55 units, K=4 -> 13, 14, 14, 14), or one more with
+    ``larger_first`` (17, 4 -> 5, 4, 4, 4)."""
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot cut {n} units into {k} non-empty parts")
+    base, extra = divmod(n, k)
+    if larger_first:
+        return tuple(base + (1 if i < extra else 0) for i in range(k))
+    return tuple(base + (1 if i >= k - extra else 0) for i in range(k))
 
 
 def split_peak(costs: Costs, sizes: tuple[int, ...]) -> float:
@@ -59,4 +72,4 @@ def min_max_split(costs: Costs, k: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-__all__ = ["min_max_split", "split_peak"]
+__all__ = ["even_split", "min_max_split", "split_peak"]

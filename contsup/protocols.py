@@ -110,8 +110,78 @@ class Dataset(Protocol):
         """A map-style dataset of (x: (C, H, W) float tensor, y: int) pairs."""
 
     # Optional: ``classes() -> tuple[str, ...]``, the class names in label order; a run writes
-    # them to ``classes.json``. An item that cannot be read raises ``contsup.errors.UnreadableData``
-    # naming the file: the run stops on it with a checkpoint (exit status 1).
+    # them to ``classes.json``. ``image_transform() -> Callable[[PIL.Image.Image], Tensor]``: one
+    # image file -> the (C, H, W) tensor the test split would hold for it (``contsup predict``
+    # takes runs of datasets that have one); it raises ValueError saying what an image it cannot
+    # take is (its size, its mode) and what it takes. An item that cannot be read raises
+    # ``contsup.errors.UnreadableData`` naming the file: the run stops on it with a checkpoint
+    # (exit status 1).
+
+
+@runtime_checkable
+class Logger(Protocol):
+    """Records every epoch of a run somewhere besides metrics.jsonl (a file, a tracking server).
+    One instance per run, made from the recipe's ``[log.NAME]`` options when the run starts;
+    heavy packages are imported in ``on_run_start``, never at import time."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    def on_run_start(self, run: "RunState") -> None:
+        """Before the first epoch; ``run.epoch`` > 0 when a run resumes (forget what was logged
+        after that epoch: it is trained again)."""
+
+    def on_epoch_end(self, run: "RunState", epoch: int, metrics: dict) -> None:
+        """After every epoch, its metrics written and its checkpoint saved: ``metrics`` is the
+        epoch's line of metrics.jsonl."""
+
+    def on_run_end(self, run: "RunState", metrics: dict | None) -> None:
+        """After the last epoch (also when the run stopped early); ``metrics`` the last epoch's."""
+
+    # Optional: ``requires: ClassVar[tuple[tuple[str, str], ...]]``, (module, how to install it)
+    # pairs: a recipe naming the logger is refused at validation, in one line with the install
+    # command, when a module is missing.
+
+
+@runtime_checkable
+class Method(Protocol):
+    """A training method: what it changes in the greedy step (docs/plugins/methods.md). Its
+    recipe table is ``[name]`` (with the method's options as its keys); a recipe trains with one
+    method at most.
+
+    Everything but :meth:`active` is optional, each with the default that leaves plain greedy
+    training as it is:
+
+    - ``part(spec, objective) -> nn.Module | None``: module l's own extra part (trained by module
+      l's optimizer where its parameters require grad; kept in checkpoints either way), built for
+      ``spec`` (the module's :class:`~contsup.types.HeadSpec`). The part may define
+      ``feature(h) -> Tensor`` (what the module's head and decoder read instead of h_l) and
+      ``extra_loss(h, y, x) -> Tensor`` (a second loss, passed to ``terms``). Default: None.
+    - ``link(module, num_modules, units) -> int``: how many of module ``module``'s last ``units``
+      units the loss of module ``module + 1`` reaches (its linked term flows through them and
+      stops at their detached input; module ``module`` steps after that backward). Default 0.
+    - ``terms(module, num_modules, total, extra) -> (linked, own)``: the module's loss split into
+      the term that reaches back through the previous module's link and the term that stays in
+      the module (either may be None: no such term). ``total`` is the module's usual loss
+      (objective and decoder), ``extra`` the part's ``extra_loss`` (or None). Default ``(total, None)``.
+    - ``after_step(module, network) -> None``: called after module ``module``'s optimizer step
+      (and before the next module's), given the whole network; nothing may keep a reference to
+      another module's units between calls. Default: nothing.
+    - ``pipeline_refusal: ClassVar[str]``: why the method cannot run in a pipeline (say it in a
+      few words); absent: it can.
+    - ``describe() -> Any``: one JSON value tools show for the method (bench variants), and
+      ``label() -> str`` the same in words (``contsup profile``).
+    - ``switch: ClassVar[str]``: the option that turns the method off (BackLink's ``units = 0``),
+      which refusals name; absent: the table's presence turns it on.
+    - ``plan_note: ClassVar[str]``: what ``contsup plan`` says of the units a link reaches.
+    - ``prepare(network) -> None``: called once the network is built and initialised.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    def active(self) -> bool:
+        """Whether the recipe trains with the method; an inactive table trains plain greedy."""
 
 
 @runtime_checkable
@@ -136,5 +206,7 @@ __all__ = [
     "Objective",
     "Decoder",
     "Dataset",
+    "Method",
+    "Logger",
     "Sequence",
 ]

@@ -93,11 +93,11 @@ class NetworkLayout:
     def num_modules(self) -> int:
         return len(self.modules)
 
-    def module(self, l: int) -> ModuleLayout:
+    def module(self, module: int) -> ModuleLayout:
         """Module l's layout, 1-based."""
-        if not 1 <= l <= len(self.modules):
-            raise IndexError(f"module {l} of a {len(self.modules)}-module network; modules are 1..{len(self.modules)}")
-        return self.modules[l - 1]
+        if not 1 <= module <= len(self.modules):
+            raise IndexError(f"module {module} of a {len(self.modules)}-module network; modules are 1..{len(self.modules)}")
+        return self.modules[module - 1]
 
     def feature_shape(self, j: int) -> Shape:
         """The shape of h_j^c, the input of module j+1 (h_0^c = x)."""
@@ -122,11 +122,11 @@ class NetworkLayout:
                 stages.append((u, u))
         stage_of = {u: s for s, (a, b) in enumerate(stages, start=1) for u in range(a, b + 1)}
         modules, start = [], 0
-        for l, size in enumerate(sizes, start=1):
+        for module, size in enumerate(sizes, start=1):
             end = start + int(size) - 1
             in_shape = input_shape if start == 0 else shapes[start - 1]
             stage = 0 if start == 0 else stage_of[start - 1]
-            modules.append(ModuleLayout(l, (start, end), in_shape, shapes[end], stage))
+            modules.append(ModuleLayout(module, (start, end), in_shape, shapes[end], stage))
             start = end + 1
         return cls(input_shape, shapes, tuple(stages), tuple(modules))
 
@@ -154,7 +154,7 @@ class HeadSpec:
     """What an objective needs to build an auxiliary head for one module's output.
 
     The first three fields are all a classic head needs. The rest say where the module sits, for
-    heads built from the backbone itself (AugLocal's, docs/objectives.md): ``module`` is l of
+    heads built from the backbone itself (docs/objectives.md): ``module`` is l of
     ``num_modules`` (1-based; 0 when unknown), ``last_unit`` the module's last minimal unit
     (0-based), ``units`` the backbone's minimal units (to copy, never to share: they are the
     network's own) and ``unit_shapes`` their output shapes (C, H, W).

@@ -119,7 +119,7 @@ def run_ranks(
 def die_on_message(rank: int, victim: int, nth: int = 3) -> None:
     """A patch (use ``functools.partial(die_on_message, victim=..)``): rank ``victim`` ends
     abruptly, as a killed process does, when its ``nth`` pipeline message arrives."""
-    from contsup.distributed import pipeline
+    from contsup.distributed import messages as pipeline  # the messages between stages
 
     if rank != victim:
         return

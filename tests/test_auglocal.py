@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from contsup.cli import main, plan_data
+from contsup.cli import main
+from contsup.tools.plan import plan_data
 from contsup.config.recipe import RecipeError, loads_recipe
 from contsup.errors import ContsupError
 from contsup.model.network import build_network

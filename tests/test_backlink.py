@@ -10,13 +10,21 @@ import os
 import pytest
 import torch
 
-from contsup.cli import main, plan_data
+from contsup.cli import main
+from contsup.tools.plan import plan_data
 from contsup.config.recipe import RecipeError, loads_recipe
 from contsup.model.network import build_network
 from contsup.training.loop import Trainer
 from contsup.training.strategies import GreedyStrategy, StepStats, split_body
 
+from contsup_methods import BackLink
+
 from tiny import one_thread, tiny_recipe_text, validate_plan_and_train_a_digits_epoch, without_measured  # noqa: F401  (one_thread: autouse fixture)
+
+
+def backlink_units(recipe) -> int:
+    """The recipe's [backlink] units (0 without the table)."""
+    return next((m.options.units for m in recipe.methods if m.use == "backlink"), 0)
 
 
 def _recipe(registries, tmp_path, extra: str = "", **kwargs):
@@ -47,8 +55,8 @@ def test_units_0_trains_exactly_as_plain_greedy(registries, tmp_path):
 
 
 def test_recipe_option_validates_and_refuses_what_it_cannot_do(registries, tmp_path):
-    assert _recipe(registries, tmp_path).backlink.units == 0
-    assert _recipe(registries, tmp_path, extra="\n[backlink]\nunits = 2\n").backlink.units == 2
+    assert backlink_units(_recipe(registries, tmp_path)) == 0
+    assert backlink_units(_recipe(registries, tmp_path, extra="\n[backlink]\nunits = 2\n")) == 2
     with pytest.raises(RecipeError) as exc:
         _recipe(registries, tmp_path, extra="\n[backlink]\nunits = -1\n")
     assert any("backlink.units" in p for p in exc.value.problems)
@@ -110,7 +118,8 @@ def test_next_loss_reaches_exactly_the_last_units(registries, tmp_path, units):
     torch.manual_seed(0)
     network = build_network(recipe).network.train()
     reference = copy.deepcopy(network)
-    strategy = GreedyStrategy(network, recipe.optimizer.create(), recipe.schedule.create(), 10, 10, backlink=units)
+    strategy = GreedyStrategy(network, recipe.optimizer.create(), recipe.schedule.create(), 10, 10,
+                              method=BackLink(BackLink.Options(units=units)))
     seen = _grads_at_step(strategy)
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 10, (8,), generator=gen)
@@ -165,11 +174,11 @@ def test_validates_plans_and_trains_a_tiny_digits_epoch(registries, tmp_path, ca
 
 def test_profile_notes_the_linked_memory(registries, tmp_path):
     from contsup.tools.profiling import profile_data, profile_text
-    from contsup.cli import _table
+    from contsup.tools.tables import format_table as _table
 
     plain = profile_data(_recipe(registries, tmp_path, modules=3), repeats=1)
     data = profile_data(_recipe(registries, tmp_path, extra="\n[backlink]\nunits = 1\n", modules=3), repeats=1)
-    assert plain["backlink"] is None
+    assert plain.get("backlink") is None
     link = data["backlink"]
     assert link["linked_bytes"][0] == 0 and all(b > 0 for b in link["linked_bytes"][1:])
     assert link["linked_bytes"][1] == data["units"][data["modules"][0]["unit_range"][1]]["bytes"]
@@ -181,7 +190,9 @@ def test_memory_balanced_sees_the_link(registries, tmp_path):
     """The partitioner's cost table carries the linked units (the previous module's last N,
     fewer where it has fewer): the module figures are the unlinked ones plus exactly those, the
     table is exact for the split it was made from, and memory_balanced's table for its own split."""
-    from contsup.model.memory import CostModel, even_split, fitted_costs, recipe_parts
+    from contsup.model.build import recipe_parts
+    from contsup.model.costs import CostModel, even_split
+    from contsup.model.fitting import fitted_costs
     from contsup.partition import min_max_split
 
     def model_for(extra: str) -> CostModel:

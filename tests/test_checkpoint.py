@@ -192,10 +192,34 @@ OLD_RUN = Path(__file__).parent / "data" / "run-0.1.0"
 # bf52a7d (before the training layer was rewritten around one loop); its recipe.toml says so.
 
 
+def assert_near(a, b, where: str = "") -> None:
+    """``a`` equals ``b``, container by container, but for float32 rounding in tensors and numbers:
+    the old file was written on another machine, whose CPU kernels may round a sum differently in
+    the last bit (bit-exact arithmetic on one machine is what the resume tests pin)."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, where
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=where)
+        else:
+            assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for key in a:
+            assert_near(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_near(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-7), where
+    else:
+        assert a == b, where
+
+
 def test_a_checkpoint_written_before_the_refactor_loads_and_matches_a_run_of_today(registries, tmp_path):
     """The refactor kept the checkpoint format and the training arithmetic: the old file loads
-    (digest checked), and the same recipe trained now, as it was then, writes the same state bit
-    for bit; it restores into today's trainer."""
+    (digest checked), and the same recipe trained now, as it was then, writes the same state (to
+    float32 rounding: see :func:`assert_near`); it restores into today's trainer."""
     import subprocess
     import sys
 
@@ -206,12 +230,12 @@ def test_a_checkpoint_written_before_the_refactor_loads_and_matches_a_run_of_tod
     subprocess.run(command, env=env, check=True, capture_output=True)
     now = read_checkpoint(out / "checkpoints" / "step-000000004.pt")
     assert (now["format"], now["epoch"], now["batch"], now["global_step"]) == (old["format"], old["epoch"], old["batch"], old["global_step"])
-    for key, value in old["model"].items():
-        assert torch.equal(now["model"][key], value), key
-    assert str(now["optimizers"]) == str(old["optimizers"]) and now["schedulers"] == old["schedulers"]
+    assert_near(now["model"], old["model"], "model")
+    assert_near(now["optimizers"], old["optimizers"], "optimizers")
+    assert now["schedulers"] == old["schedulers"]
     measured = ("images_per_s", "epoch_time_s", "peak_memory_bytes")
     strip = lambda h: [{k: v for k, v in m.items() if k not in measured} for m in h]  # noqa: E731
-    assert strip(now["history"]) == strip(old["history"])
+    assert_near(strip(now["history"]), strip(old["history"]), "history")
     recipe = load_recipe(OLD_RUN / "recipe.toml", [], registries)
     Trainer(recipe, tmp_path / "restored", log=open(os.devnull, "w")).load_state(old)
 

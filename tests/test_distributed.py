@@ -131,7 +131,7 @@ def test_a_lost_rank_is_named_and_a_rank_that_stopped_says_why(monkeypatch):
     monkeypatch.setattr(distributed, "GRACE_S", 0.2)
     store = dist.HashStore()
     world = _world(0, 3, store)
-    world.kept = lambda: "the last good checkpoint is c.pt (end of epoch 1)"
+    world.describe_kept = lambda: "the last good checkpoint is c.pt (end of epoch 1)"
     _world(1, 3, store).store.set("alive/1", "1")  # rank 1 is still there, rank 2 is not
     lost = world.lost("summing gradients", RuntimeError("Connection closed by peer"))
     assert isinstance(lost, PeerLost) and lost.exit_code == 1
@@ -181,11 +181,11 @@ def _fit(trainer) -> dict:
 
 @pytest.mark.parametrize("mode", ["data", "pipeline"])
 def test_one_rank_trains_exactly_as_one_process(registries, tmp_path, one_rank, mode):
-    from contsup.distributed.launch import make_parallel
+    from contsup.distributed.launch import make_processes
 
     recipe = recipe_with(registries, tmp_path, f'mode = "{mode}"')
     single = recipe_with(registries, tmp_path, 'mode = "none"')
-    ours = _fit(Trainer(recipe, tmp_path / "a", log=open(os.devnull, "w"), parallel=make_parallel(one_rank, recipe)))
+    ours = _fit(Trainer(recipe, tmp_path / "a", log=open(os.devnull, "w"), processes=make_processes(one_rank, recipe)))
     theirs = _fit(Trainer(single, tmp_path / "b", log=open(os.devnull, "w")))
     for key in theirs:
         assert torch.equal(ours[key], theirs[key]), key
@@ -206,7 +206,7 @@ def test_micro_batches_accumulate_into_one_step_per_batch(registries, tmp_path, 
     runs = {}
     for m in (1, 3):
         recipe = recipe_with(registries, tmp_path, f'mode = "pipeline"\nmicro_batches = {m}', epochs=1)
-        trainer = Trainer(recipe, tmp_path / f"m{m}", log=open(os.devnull, "w"), parallel=Pipeline(one_rank, recipe))
+        trainer = Trainer(recipe, tmp_path / f"m{m}", log=open(os.devnull, "w"), processes=Pipeline(one_rank, recipe))
         runs[m] = (_fit(trainer), trainer)
     (one, t1), (three, t3) = runs[1], runs[3]
     for key in one:

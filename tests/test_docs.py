@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from contsup.tools.reference import builtin_reference
-from contsup.config.recipe import SECTIONS
+from contsup.config.schema import SECTIONS
 
 from conftest import ROOT
 

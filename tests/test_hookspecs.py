@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import types
 
@@ -45,7 +46,7 @@ def train(recipe, tmp_path, *plugins):
 
 
 def test_every_hook_has_a_section_and_a_test():
-    assert len(HOOKS) == 9
+    assert len(HOOKS) == 11
     documented = sections()
     tests = {name for name in globals() if name.startswith("test_hook_")}
     for hook in HOOKS:
@@ -116,6 +117,24 @@ def test_hook_register_decoders(tmp_path):
     assert all(torch.isfinite(torch.tensor(v)) for v in metrics["train_loss"])
 
 
+def test_hook_register_methods(tmp_path):
+    plugin = example("register_methods")
+    assert registries(plugin).methods.entry("noisy_head").plugin == plugin.__name__
+    text = small_recipe_text(modules=3, train_size=16) + "\n[noisy_head]\nstd = 0.5\n"
+    recipe = validate_recipe(text, plugin)
+    assert recipe.method.use == "noisy_head"
+    network = build_network(recipe).network.train()
+    assert [m.part is not None for m in network.blocks] == [True, True, False]
+    h = torch.zeros(2, 16, 16, 16)
+    assert not torch.equal(network.blocks[0].feature(h), h)  # the head reads h with noise
+    assert torch.equal(network.blocks[0].eval().feature(h), h)
+    (metrics,) = train(recipe, tmp_path)
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics["train_loss"])
+    assert validate_recipe(text.replace("0.5", "0.0"), plugin).method is None  # inactive: plain greedy
+    with pytest.raises(RecipeError, match="noisy_head.std: must be >= 0"):
+        validate_recipe(text.replace("0.5", "-1.0"), plugin)
+
+
 def test_hook_register_datasets(tmp_path):
     plugin = example("register_datasets")
     stripes = plugin.Stripes(plugin.Stripes.Options(size=8, samples=32))
@@ -129,6 +148,19 @@ def test_hook_register_datasets(tmp_path):
     assert recipe.dataset.use == "stripes"
     (metrics,) = train(recipe, tmp_path)
     assert 0 <= metrics["test_error_pct"] <= 100
+
+
+def test_hook_register_loggers(tmp_path):
+    plugin = example("register_loggers")
+    assert registries(plugin).loggers.entry("jsonlines").plugin == plugin.__name__
+    text = small_recipe_text(epochs=2, modules=2, train_size=16) + '\n[log]\nuse = ["jsonlines"]\n\n[log.jsonlines]\nfile = "e.jsonl"\n'
+    recipe = validate_recipe(text, plugin)
+    assert [c.use for c in recipe.loggers] == ["jsonlines"] and recipe.loggers[0].options.file == "e.jsonl"
+    metrics = train(recipe, tmp_path, plugin)
+    lines = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert lines == [{"epoch": m["epoch"], "test_error_pct": m["test_error_pct"], "lr": m["lr"]} for m in metrics]
+    with pytest.raises(RecipeError, match=r"log.use: unknown logger 'jsonline'; did you mean 'jsonlines'\?"):
+        validate_recipe(text.replace('["jsonlines"]', '["jsonline"]'), plugin)
 
 
 def test_hook_on_run_start(small_recipe, tmp_path, capsys):

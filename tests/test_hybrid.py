@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from contsup.errors import RecipeError
 from contsup.model.network import build_network
-from contsup.config.recipe import check_tiling, loads_recipe
+from contsup.config.recipe import loads_recipe
+from contsup.config.validation import check_tiling
 
 from conftest import small_recipe_text
 
@@ -68,7 +69,7 @@ def test_each_range_gets_its_components(registries):
     assert [[str(s) for s in p.sources] for p in built.plans] == [[], [], ["x", "h1"], ["x", "h2"], ["x", "h3"]]
     names = [type(m.objective).__name__ for m in built.network.blocks]
     assert names == ["CrossEntropy", "CrossEntropy", "SupCon", "SupCon", "FinalCrossEntropy"]
-    assert recipe.stage(4).objective.options.temperature == 0.1
+    assert recipe.module_range(4).objective.options.temperature == 0.1
     table = recipe.table()
     assert table["modules"][0] == {"range": [1, 2], "context": {"use": "none", "input": False, "recent": 0, "intermediate": 0, "dense": False, "encoder": "paper", "shortcut": "paper", "input_once": False}}
 

@@ -14,7 +14,7 @@ from contsup.model.components import selector_sources, takes_layout
 from contsup.model.network import build_network, network_layout, plan_modules
 from contsup.testing import chain_layout, check_selector, preview_sources, recipe as load_test_recipe
 from contsup.types import ModuleLayout, NetworkLayout, Source
-from contsup_context import ContSup, Stage, stage_sources
+from contsup_context import ContSup, StageSelector, stage_sources
 
 from conftest import ROOT, small_recipe_text
 
@@ -88,10 +88,10 @@ def test_stage_selector_without_input_and_on_other_splits():
 
 
 def test_stage_keeps_the_selector_contract():
-    check_selector(Stage)
-    check_selector(Stage(Stage.Options(input=False, shortcut="official")))
+    check_selector(StageSelector)
+    check_selector(StageSelector(StageSelector.Options(input=False, shortcut="official")))
     layout = NetworkLayout.from_split((3, 32, 32), RESNET32_UNITS, [1] * 16)
-    check_selector(Stage, layouts=[layout], max_modules=4)
+    check_selector(StageSelector, layouts=[layout], max_modules=4)
 
 
 def test_the_check_gives_layout_aware_selectors_a_three_stage_chain():
@@ -99,7 +99,7 @@ def test_the_check_gives_layout_aware_selectors_a_three_stage_chain():
     assert layout.stages == ((0, 5), (6, 10), (11, 15))
     assert [m.input_shape for m in layout.modules][:2] == [(3, 12, 12), (4, 12, 12)]
 
-    class LastOfStage(Stage):  # h_{l-1}^c: one too far
+    class LastOfStage(StageSelector):  # h_{l-1}^c: one too far
         def sources(self, module, num_modules, layout):
             return (Source.feature(module - 1),) if module > 1 else ()
 
@@ -121,7 +121,7 @@ def test_which_selectors_take_the_layout():
             return ()
 
     assert not takes_layout(Two()) and not takes_layout(ContSup(ContSup.Options()))
-    assert takes_layout(Named()) and takes_layout(Positional()) and takes_layout(Stage(Stage.Options()))
+    assert takes_layout(Named()) and takes_layout(Positional()) and takes_layout(StageSelector(StageSelector.Options()))
     layout = NetworkLayout.from_split((3, 32, 32), RESNET32_UNITS, [1] * 16)
     assert selector_sources(Named(), 8, 16, layout) == (Source.input(),)
     assert selector_sources(Two(), 8, 16, None) == ()
@@ -157,7 +157,7 @@ def test_memory_balanced_splits_with_a_layout_aware_selector(registries):
 def test_preview_sources_takes_names_classes_instances_paths_and_text(tmp_path):
     digits = ROOT / "recipes" / "digits.toml"
     stage = preview_sources("stage", digits)
-    assert stage == preview_sources(Stage, str(digits)) == preview_sources(Stage(Stage.Options()), digits)
+    assert stage == preview_sources(StageSelector, str(digits)) == preview_sources(StageSelector(StageSelector.Options()), digits)
     assert stage[8] == ("x",) and stage[9] == ("x", "h7")  # 1x16x16 digits: the same stage boundaries
     assert preview_sources("R1E", digits)[2] == ("x", "h0")
     text = small_recipe_text(modules=4, context="none")

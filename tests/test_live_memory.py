@@ -23,7 +23,7 @@ def _chain_peak(layers: list[nn.Module], segments: int | None) -> LiveMemory:
     checkpointed over ``segments`` equal groups, or plain (None)."""
     meter = LiveMemory([p for layer in layers for p in layer.parameters()])
     x = torch.randn(B, D)
-    with torch.autograd.graph.saved_tensors_hooks(meter._pack, meter._unpack):
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
         h = x
         if segments is None:
             for layer in layers:
@@ -120,17 +120,20 @@ def test_a_retained_graph_is_counted_only_while_it_lives(small_recipe):
     """BackLink retains module l's graph for module l+1's backward; its head's part is never
     walked again and must be let go with it, not stay counted (and alive) to the end of the step."""
     from contsup.training.strategies import GreedyStrategy
-    from contsup.model.memory import module_tensors
+    from contsup.model.saved import module_tensors
+    from contsup_methods import BackLink
+
+    backlink = lambda units: BackLink(BackLink.Options(units=units))  # noqa: E731
 
     peaks = {}
     for units in (0, 1):
         recipe = small_recipe(modules=10, context="none", batch_size=8)  # one unit per module
         torch.manual_seed(0)
         network = build_network(recipe).network.train()
-        strategy = GreedyStrategy(network, recipe.optimizer.create(), recipe.schedule.create(), 10, 10, backlink=units)
+        strategy = GreedyStrategy(network, recipe.optimizer.create(), recipe.schedule.create(), 10, 10, method=backlink(units))
         meter = LiveMemory(module_tensors(network))
         x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
-        with torch.autograd.graph.saved_tensors_hooks(meter._pack, meter._unpack):
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
             strategy.step(x, y, StepStats(network.num_modules), lambda module, loss: None)
         assert meter.current == 0 and not meter.live  # everything saved was released by the end
         peaks[units] = meter.peak

@@ -9,9 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-import contsup.model.memory as memory
+import contsup.model.costs as memory  # the cost model (CostModel)
+import contsup.model.saved as saved
 from contsup.training.strategies import EndToEndStrategy, GreedyStrategy
-from contsup.model.memory import CostModel, SavedStorages, even_split, fitted_costs, partition_costs, recipe_parts
+from contsup.model.build import recipe_parts
+from contsup.model.costs import CostModel, even_split
+from contsup.model.fitting import fitted_costs, partition_costs
+from contsup.model.saved import SavedStorages
 from contsup.training.measure import measure_live, measure_step
 from contsup.model.network import build_network
 from contsup.types import Costs
@@ -19,7 +23,7 @@ from contsup_partition import min_max_split, split_peak
 
 
 def count(fn, *modules):
-    with SavedStorages(memory.module_tensors(*modules)) as rec:
+    with SavedStorages(saved.module_tensors(*modules)) as rec:
         out = fn()
     return rec.total(), out
 
@@ -141,7 +145,7 @@ def test_prediction_equals_a_real_greedy_step_per_modules_range(registries):
 
 def _partitioner(recipe, name):
     from contsup.core.plugins import get_plugin_manager
-    from contsup.config.recipe import Chosen
+    from contsup.config.schema import Chosen
     from contsup.core.registry import Registries
 
     entry = Registries.from_plugin_manager(get_plugin_manager(entry_points=False)).partitioners.entry(name)
@@ -244,7 +248,7 @@ def test_a_memory_balanced_run_reloads(write_recipe, tmp_path):
 def test_the_plans_module_memory_equals_a_real_greedy_step(small_recipe, context):
     """What contsup plan reports per module is what a real greedy step keeps (at a batch it
     measures at, so no scaling)."""
-    from contsup.cli import plan_data
+    from contsup.tools.plan import plan_data
 
     recipe = small_recipe(modules=4, context=context, batch_size=4)
     data = plan_data(recipe)

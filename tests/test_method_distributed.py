@@ -1,5 +1,5 @@
-"""AugLocal heads, BackLink and recomputed adapters in distributed training: data-parallel (2 gloo
-ranks of b images) matches one process of 2b images for AugLocal and BackLink, and trains the same
+"""AugLocal heads, the training methods and recomputed adapters in distributed training: data-parallel
+(2 gloo ranks of b images) matches one process of 2b images for AugLocal, BackLink, MAN and HPFF, and trains the same
 with the adapters recomputed as without; AugLocal in the pipeline is bit-identical to sequential
 greedy training (its heads are local to their module, so nothing new crosses)."""
 
@@ -17,6 +17,7 @@ from tiny import assert_same_runs, one_process, one_thread, tiny_recipe_text, wi
 
 AUGLOCAL = '\n[objective]\nuse = "cross_entropy"\nhead = "auglocal"\ndepth = 2\n'
 BACKLINK = "\n[backlink]\nunits = 1\n"
+METHODS = {"auglocal": AUGLOCAL, "backlink": BACKLINK, "man": "\n[man]\n", "hpff": "\n[hpff]\n"}
 DATA = '\n[distributed]\nmode = "data"\ntimeout_s = 30\n'
 PIPELINE = '\n[distributed]\nmode = "pipeline"\nstages = [2, 2]\ntimeout_s = 30\n'
 
@@ -28,9 +29,9 @@ def _train_ranks(tmp_path: Path, text: str) -> Path:
     return tmp_path / "run"
 
 
-@pytest.mark.parametrize("method", ["auglocal", "backlink"])
+@pytest.mark.parametrize("method", list(METHODS))
 def test_data_parallel_matches_one_process(registries, tmp_path, method):
-    extra = {"auglocal": AUGLOCAL, "backlink": BACKLINK}[method] + DATA
+    extra = METHODS[method] + DATA
     # two steps: these small networks amplify the ranks' other summation order fast
     text = tiny_recipe_text(tmp_path / "run", epochs=1, batch_size=16, train_size=32, modules=3, extra=extra)
     run = _train_ranks(tmp_path, text)

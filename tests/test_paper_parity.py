@@ -164,7 +164,8 @@ def test_every_paper_recipe_is_the_official_setting(path, registries):
 
 
 def test_table3s_contsup_runs_all_plan_with_a_decoder_on_modules_1_to_k_minus_1(registries):
-    from contsup.config.recipe import build_recipe, load_with_extends, set_path
+    from contsup.config.reading import load_with_extends, set_path
+    from contsup.config.validation import build_recipe
     from contsup.tools.sweep import load_sweep
 
     sweep = load_sweep(PAPER / "table3.sweep.toml")

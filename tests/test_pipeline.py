@@ -27,9 +27,8 @@ from contsup.training.strategies import GreedyStrategy
 from contsup.model.network import ContextStore
 from contsup.partition import min_max_split
 from contsup.types import Costs
-from contsup.distributed.pipeline import (
-    HEAD, SPEC, Message, StagePlan, crossing, decode_header, encode_header,
-)
+from contsup.distributed.messages import HEAD, SPEC, Message, decode_header, encode_header
+from contsup.distributed.stages import StagePlan, crossing
 from contsup.config.recipe import loads_recipe
 from contsup.training.rundir import read_metrics
 
@@ -130,7 +129,7 @@ def test_a_pipeline_checkpoint_resumes_in_one_process(torchrun_run, registries, 
 
 def record_first_message(rank: int, path: str) -> None:
     """Rank 1 saves the tensors of the first micro-batch it receives into ``path``."""
-    from contsup.distributed import pipeline
+    from contsup.distributed import messages as pipeline  # the messages between stages
 
     if rank != 1:
         return
@@ -165,10 +164,10 @@ def test_context_tensors_crossing_a_stage_boundary_arrive_intact(registries, tmp
         seen.setdefault(f"h{j}", hc.detach().clone())
         original_add(self, j, hc)
 
-    def step(self, x, y, stats, check):
+    def step(self, x, y, stats, check, *weight):
         seen.setdefault("x", x.clone())
         seen.setdefault("y", y.clone())
-        original_step(self, x, y, stats, check)
+        original_step(self, x, y, stats, check, *weight)
 
     trainer.network.blocks[1].body.register_forward_hook(lambda mod, inp, out: seen.setdefault("h2_out", out.detach().clone()))
     monkeypatch.setattr(ContextStore, "add", add)

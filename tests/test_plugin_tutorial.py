@@ -241,6 +241,7 @@ def installed_examples(tmp_path_factory):
         script.chmod(0o755)
     env = dict(os.environ)
     env.pop("CONTSUP_LOAD_PLUGINS", None)
+    env.pop("PYTHONUNBUFFERED", None)  # what a user's shell has: the commands' output order must not depend on it
     path = [str(site), str(ROOT), str(ROOT / "plugins")]
     env["PYTHONPATH"] = os.pathsep.join(path + [p for p in [env.get("PYTHONPATH")] if p])
     env["PATH"] = os.pathsep.join([str(bin_dir), env.get("PATH", "")])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from contsup.core import tomlw
 from contsup.cli import main
-from contsup.config.recipe import parse_toml
+from contsup.config.reading import parse_toml
 
 from conftest import ROOT, small_recipe_text
 

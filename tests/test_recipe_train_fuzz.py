@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from contsup import api
-from contsup.config.recipe import parse_toml, set_path
+from contsup.config.reading import parse_toml, set_path
 from contsup.core import tomlw
 from contsup.errors import ContsupError
 from contsup.training.failures import Interrupted
-from contsup.training.loop import Trainer
+from contsup.training.stopping import StopRequests
 
 from tiny import one_thread, tiny_recipe_text  # noqa: F401 (one_thread: a fixture, applied here)
 
@@ -90,14 +90,15 @@ def literal(value) -> str:
     return json.dumps(value) if isinstance(value, str) else str(value)
 
 
-def stop_after_the_first_step(self: Trainer) -> bool:
-    """What a Ctrl-C after the first step does: the run stops there with a checkpoint."""
-    self._stop_agreed = self.info.step >= 1
-    return self._stop_agreed
+def stop_after_the_first_step(self: StopRequests) -> bool:
+    """What a Ctrl-C during the first step does: the run stops after it with a checkpoint (the
+    loop first asks whether to stop once its first step is done)."""
+    self.agreed = True
+    return self.agreed
 
 
 def check_train(tmp_path, monkeypatch, data) -> None:
-    monkeypatch.setattr(Trainer, "_agree_stop", stop_after_the_first_step)
+    monkeypatch.setattr(StopRequests, "agree", stop_after_the_first_step)
     out = tmp_path / f"run-{len(list(tmp_path.iterdir()))}"
     recipe = parse_toml(tiny_recipe_text(out, epochs=1, train_size=16, batch_size=8), "tiny")
     sets = []
@@ -148,7 +149,7 @@ def test_many_generated_recipes_fail_in_one_line_or_train_their_first_step(tmp_p
 
 def test_the_checks_can_fail(tmp_path, monkeypatch):
     """A valid recipe trains one step and stops with a checkpoint; a bad one is a ContsupError."""
-    monkeypatch.setattr(Trainer, "_agree_stop", stop_after_the_first_step)
+    monkeypatch.setattr(StopRequests, "agree", stop_after_the_first_step)
     path = tmp_path / "tiny.toml"
     path.write_text(tiny_recipe_text(tmp_path / "run", epochs=3, train_size=16, batch_size=8))
     with pytest.raises(Interrupted, match="after step 1 of 2"):

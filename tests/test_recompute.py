@@ -10,17 +10,30 @@ import pytest
 import torch
 from torch import nn
 
-from contsup.cli import main, plan_data
-from contsup.config.recipe import ContextOptions, RecipeError, loads_recipe
+from contsup.cli import main
+from contsup_methods import BackLink
+from contsup.tools.plan import plan_data
+from contsup.config.recipe import RecipeError, loads_recipe
+from contsup.config.schema import ContextOptions
 from contsup.model.network import build_network
 from contsup.model.recompute import recomputed
-from contsup.model.memory import module_tensors
+from contsup.model.saved import module_tensors
 from contsup.training.measure import LiveMemory, measure_live
 from contsup.training.strategies import EndToEndStrategy, GreedyStrategy, StepStats
 
 from conftest import small_recipe_text
 
 STEPS = 3
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor, name: str = "") -> None:
+    """Equal to float64's last bits: the chunked recomputation runs the plain layer's operations,
+    each batch norm's per-channel sums over a chunk of its channels, which some CPUs' vector
+    kernels round differently in the last bit (2e-15 relative) than over all of them."""
+    if a.is_floating_point():
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15, msg=name)
+    else:
+        assert torch.equal(a, b), name
 
 
 def _train(recipe, options: ContextOptions, mode: str = "greedy") -> nn.Module:
@@ -31,7 +44,7 @@ def _train(recipe, options: ContextOptions, mode: str = "greedy") -> nn.Module:
     torch.manual_seed(0)
     network = build_network(recipe).network.double().train()
     make = EndToEndStrategy if mode == "e2e" else GreedyStrategy
-    extra = {"backlink": 1} if mode == "backlink" else {}
+    extra = {"method": BackLink(BackLink.Options(units=1))} if mode == "backlink" else {}
     strategy = make(network, recipe.optimizer.create(), recipe.schedule.create(), 10, 10, **extra)
     g = torch.Generator().manual_seed(1)
     for _ in range(STEPS):
@@ -48,7 +61,7 @@ def test_recomputing_adapters_and_heads_trains_as_keeping_them(small_recipe, mod
     again = _train(recipe, ContextOptions(recompute=True, recompute_head=True), mode).state_dict()
     assert kept.keys() == again.keys()
     for name in kept:  # parameters, running statistics and batch counters alike
-        assert torch.equal(again[name], kept[name]), name
+        assert_same(again[name], kept[name], name)
     counters = {n: int(v) for n, v in again.items() if n.endswith("num_batches_tracked")}
     assert any(".adapters." in n for n in counters) and any(".head." in n for n in counters)
     trained = {n: c for n, c in counters.items() if mode == "greedy" or ".head." not in n or n.startswith("blocks.3.")}
@@ -174,21 +187,21 @@ def test_the_encoder_recomputes_its_second_layer_in_channel_chunks(monkeypatch, 
     plain = _encoder_step(encoder, x, weights, recompute=False)
     monkeypatch.setattr(adapters.torch.autograd, "grad", counted_grad)
     meter = LiveMemory(module_tensors(encoder))
-    with torch.autograd.graph.saved_tensors_hooks(meter._pack, meter._unpack):
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
         again = _encoder_step(encoder, x, weights, recompute=True, scope=meter.recomputation)
     assert chunks == [16, 16, 8, 12]  # three chunks of the second layer, then the first layer
     monkeypatch.undo()
     whole = LiveMemory(module_tensors(encoder))  # checkpointing the encoder whole, for comparison
     monkeypatch.setattr(encoder, "recompute_lean", lambda *inputs, scope: None)
-    with torch.autograd.graph.saved_tensors_hooks(whole._pack, whole._unpack):
+    with torch.autograd.graph.saved_tensors_hooks(whole.pack, whole.unpack):
         _encoder_step(encoder, x, weights, recompute=True, scope=whole.recomputation)
     # the second layer's batch-norm input and ReLU output: 16 of its 40 channels alive, not 40
     channel = 8 * 6 * (4 * 4 if pool_first else 16 * 16)  # bytes of one channel at its resolution
     assert abs((whole.peak_backward - meter.peak_backward) - 2 * (40 - 16) * channel) < channel
     assert meter.peak_forward == whole.peak_forward  # the forward keeps the same: x (and its copies)
     assert torch.equal(again[0], plain[0])  # the forward is the plain one
-    for a, b in zip(again[1], plain[1]):  # and so is every gradient, to the bit
-        assert torch.equal(a, b)
+    for a, b in zip(again[1], plain[1]):  # and so is every gradient, to float64's last bits
+        assert_same(a, b)
     counters = [int(b) for b in again[2] if b.dtype == torch.long]
     assert counters == [2, 2]  # the forward's update only: backward left the statistics alone
 
@@ -231,7 +244,7 @@ def test_the_encoder_recomputes_under_the_forward_autocast():
         bf16 = precision == "bf16"
         plain = _encoder_step(encoder, x, weights, recompute=False, bf16=bf16)
         meter = LiveMemory(module_tensors(encoder))
-        with torch.autograd.graph.saved_tensors_hooks(meter._pack, meter._unpack):
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
             again = _encoder_step(encoder, x, weights, recompute=True, scope=meter.recomputation, bf16=bf16)
         peaks[precision] = meter.peak_backward - meter.peak_forward  # what backward's recomputation adds
         grads[precision] = (plain[1][1:], again[1][1:])
@@ -258,7 +271,7 @@ def _head_step(head: nn.Module, h: torch.Tensor, weights: torch.Tensor, recomput
     for p in head.parameters():
         p.grad = None
     h = h.detach().requires_grad_()
-    hooks = torch.autograd.graph.saved_tensors_hooks(meter._pack, meter._unpack) if meter else contextlib.nullcontext()
+    hooks = torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack) if meter else contextlib.nullcontext()
     with hooks:
         out = recomputed(head, head, h, scope=meter.recomputation if meter else contextlib.nullcontext) if recompute else head(h)
         (out * weights).sum().backward()

@@ -189,7 +189,8 @@ PAPER_SWEEPS = sorted((ROOT / "recipes" / "paper").glob("*.sweep.toml"))
 
 @pytest.mark.parametrize("path", PAPER_SWEEPS, ids=lambda p: p.name)
 def test_the_shipped_paper_sweeps_match_their_cells_unmarked(path, registries):
-    from contsup.config.recipe import build_recipe, load_with_extends, set_path
+    from contsup.config.reading import load_with_extends, set_path
+    from contsup.config.validation import build_recipe
     from contsup.tools.sweep import load_sweep
 
     sweep = load_sweep(path)

@@ -29,7 +29,9 @@ BUILTIN_PLUGINS = (
     "contsup_objectives",
     "contsup_decoders",
     "contsup_datasets",
+    "contsup_methods",
     "contsup_tensorboard",
+    "contsup_loggers",
 )
 
 

@@ -23,6 +23,8 @@ KINDS = {
     "objectives": "objective",
     "decoders": "decoder",
     "datasets": "dataset",
+    "methods": "method",
+    "loggers": "logger",
 }
 
 
@@ -175,6 +177,8 @@ class Registries:
     objectives: Registry
     decoders: Registry
     datasets: Registry
+    methods: Registry
+    loggers: Registry
 
     @classmethod
     def from_plugin_manager(cls, pm: Any, *, keep_clashes: bool = False) -> "Registries":

@@ -7,7 +7,8 @@ import math
 from typing import Any, Mapping
 
 
-def _scalar(value: Any) -> str:
+def value_literal(value: Any) -> str:
+    """``value`` (a scalar, list or table) as a TOML literal."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -22,9 +23,9 @@ def _scalar(value: Any) -> str:
     if isinstance(value, str):
         return json.dumps(value, ensure_ascii=True)
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_scalar(v) for v in value) + "]"
+        return "[" + ", ".join(value_literal(v) for v in value) + "]"
     if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{_key(k)} = {_scalar(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{_key(k)} = {value_literal(v)}" for k, v in value.items()) + " }"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 
@@ -39,17 +40,17 @@ def dumps(data: Mapping[str, Any], header: str = "") -> str:
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
     scalars = {k: v for k, v in data.items() if not isinstance(v, Mapping) and not _is_table_array(v)}
     for k, v in scalars.items():
-        lines.append(f"{_key(k)} = {_scalar(v)}")
+        lines.append(f"{_key(k)} = {value_literal(v)}")
     for k, v in data.items():
         if isinstance(v, Mapping):
             lines.append("")
             lines.append(f"[{_key(k)}]")
-            lines.extend(f"{_key(sk)} = {_scalar(sv)}" for sk, sv in v.items())
+            lines.extend(f"{_key(sk)} = {value_literal(sv)}" for sk, sv in v.items())
         elif _is_table_array(v):
             for item in v:
                 lines.append("")
                 lines.append(f"[[{_key(k)}]]")
-                lines.extend(f"{_key(sk)} = {_scalar(sv)}" for sk, sv in item.items())
+                lines.extend(f"{_key(sk)} = {value_literal(sv)}" for sk, sv in item.items())
     return "\n".join(lines).lstrip("\n") + "\n"
 
 

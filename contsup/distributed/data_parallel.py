@@ -16,17 +16,16 @@ from typing import Any, ContextManager, Iterator
 
 import torch
 
-from contsup.distributed.syncbn import convert_sync_batchnorm
-from contsup.distributed.timing import Clock
-from contsup.distributed.world import Group, Ranks, Silent, World, any_rank
-from contsup.training.device import seed_everything
-from contsup.training.evaluation import EvalCounts, Evaluation, evaluation_counts
-from contsup.training.loaders import batches_problem, make_loaders
-from contsup.training.order import RANK_SEED, epoch_batches, global_batch_size
-from contsup.training.parallel import Batch, EpochProgress, Gathered, TrainerView
-from contsup.training.precision import to_memory_format
-from contsup.training.strategies import Check, StepStats, Strategy
 from contsup.config.recipe import Recipe
+from contsup.distributed.syncbn import convert_sync_batchnorm
+from contsup.distributed.timing import Clock, Timings
+from contsup.distributed.world import Group, Silent, World, any_rank, resume_command
+from contsup.training.device import seed_everything
+from contsup.training.evaluation import EvalCounts
+from contsup.training.loaders import batches_problem, make_loaders
+from contsup.training.order import RANK_SEED
+from contsup.training.processes import Batch, Setup, local_batches
+from contsup.training.strategies import Check, StepStats, Strategy, Updates, make_strategy
 
 
 def broadcast_tensors(tensors: list[torch.Tensor], group: World | Group, what: str) -> None:
@@ -78,31 +77,20 @@ def shard_loaders(recipe: Recipe, dataset: Any, device: torch.device, shard: int
     return train, test, size
 
 
-def shard_batches(
-    loader: Any, cur: EpochProgress, device: torch.device, channels_last: bool, clock: Clock, train_size: int,
-    batch_size: int,
-) -> Iterator[Batch]:
-    """This shard's slice of each remaining batch of the epoch, counted as the images of the whole
-    batch (every shard's), the time spent waiting for data on ``clock``."""
-    for x, y in clock.loading(epoch_batches(loader, cur.start_state, cur.done)):
-        x = to_memory_format(x.to(device, non_blocking=True), channels_last)
-        n = global_batch_size(cur.done, train_size, batch_size)
-        yield Batch(x, y.to(device, non_blocking=True), n)
-
-
 class DataParallel:
-    """This rank's part in a data-parallel run (greedy or end to end)."""
+    """This rank's part in a data-parallel run (greedy or end to end): its slice of every batch,
+    and the sums over every rank."""
 
     needs_agreement = True
     signal_grace_s = 1.0
 
-    def __init__(self, world: World, recipe: Recipe) -> None:
+    def __init__(self, world: World, recipe: Recipe, run_dir: Path | None = None) -> None:
         self.world, self.recipe = world, recipe
-        self.is_main = world.is_main
+        self.rank, self.size = world.rank, world.size
+        self.is_main = self.keeps_sums = world.is_main
         self.clock = Clock()
-        self.ranks = Ranks(world, recipe, self.clock)
+        self.timings = Timings(world, recipe, run_dir, self.clock)
         self.sync_batchnorm = recipe.distributed.sync_batchnorm and world.size > 1
-        self.network: torch.nn.Module | None = None
         self.train_size = 0
 
     def loaders(self, recipe: Recipe, dataset: Any, device: torch.device) -> tuple[Any, Any, int]:
@@ -110,77 +98,75 @@ class DataParallel:
         train, test, self.train_size = shard_loaders(recipe, dataset, device, world.rank, world.size, "processes", world)
         return train, test, self.train_size
 
-    def attach(self, trainer: TrainerView) -> None:
-        """Every rank starts from rank 0's weights; ranks above 0 draw other augmentations."""
-        self.ranks.attach(trainer)
-        self.network = trainer.network
+    def strategy(self, setup: Setup) -> Strategy:
+        """The recipe's strategy on every rank, from rank 0's weights; ranks above 0 draw other
+        augmentations; each module's gradients are summed over the ranks before it steps."""
+        network, world = setup.network, self.world
+        self.clock.device = setup.device
         if self.sync_batchnorm:
-            convert_sync_batchnorm(self.network, cuda=trainer.device.type == "cuda")
-        state = list(self.network.state_dict().values())
-        broadcast_tensors([t for t in state if t.is_floating_point()], self.world, "sharing the initial weights")
-        if self.world.rank:
-            seed_everything(self.recipe.run.seed + self.world.rank * RANK_SEED)
+            convert_sync_batchnorm(network, cuda=setup.device.type == "cuda")
+        state = list(network.state_dict().values())
+        broadcast_tensors([t for t in state if t.is_floating_point()], world, "sharing the initial weights")
+        if world.rank:
+            seed_everything(self.recipe.run.seed + world.rank * RANK_SEED)
+        inner = make_strategy(
+            setup.recipe, network, setup.steps_per_epoch, setup.precision,
+            sync=lambda optimizer: sum_gradients(optimizer, world, self.clock),
+        )
+        return DataParallelStrategy(inner, world, self.clock, self.sync_batchnorm)
 
-    def sync_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        sum_gradients(optimizer, self.world, self.clock)
+    def batches(self, loader: Any, start_state: torch.Tensor, done: int, device: torch.device, channels_last: bool) -> Iterator[Batch]:
+        return self.clock.loading(
+            local_batches(loader, start_state, done, device, channels_last, self.train_size, self.recipe.data.batch_size)
+        )
 
-    def begin_epoch(self) -> None:
-        self.clock.reset()
-
-    def batches(self, loader: Any, cur: EpochProgress, device: torch.device, channels_last: bool) -> Iterator[Batch]:
-        return shard_batches(loader, cur, device, channels_last, self.clock, self.train_size, self.recipe.data.batch_size)
-
-    def train_step(self, strategy: Strategy, batch: Batch, stats: StepStats, check: Check, epoch: int, step: int) -> None:
-        """This rank's slice, its loss weighed by its share of the batch."""
-        with self.clock.measure("compute"), self.world.guard(f"training step {step} of epoch {epoch}"):
-            strategy.step(batch.x, batch.y, stats, check, len(batch.y) / batch.images)
-
-    def agree_stop(self, wanted: bool) -> bool:
+    def any_rank(self, wanted: bool) -> bool:
         """Every rank stops after the same step if any rank was asked to (one small all-reduce)."""
         return any_rank(self.world, wanted, "agreeing whether to stop")
 
-    def end_training(self) -> None:
-        pass
+    def sum(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        return self.world.all_reduce(t.to(self.world.control_device), what)
 
-    def reduce_stats(self, stats: StepStats) -> StepStats:
-        t = self.world.all_reduce(stats.as_tensor().to(self.world.control_device), "summing the training metrics")
-        return StepStats.from_tensor(t, stats.modules)
-
-    def evaluate(self, trainer: TrainerView) -> Evaluation:
-        """Each rank evaluates its slice of the test set; the counts are summed."""
-        self._share_batchnorm_statistics()
-        counts = evaluation_counts(trainer.network, trainer.test_loader, trainer.device, trainer.precision, trainer.channels_last)
-        t = self.world.all_reduce(counts.as_tensor().to(self.world.control_device), "summing the test results")
-        return EvalCounts.from_tensor(t, counts.modules).result()
-
-    def _share_batchnorm_statistics(self) -> None:
-        """Without synchronised batch norm each rank's running statistics differ: take rank 0's."""
-        if not self.sync_batchnorm:
-            share_float_buffers(self.network, self.world, "sharing batch-norm statistics")
-
-    def record_epoch(self, epoch: int, images: int, elapsed: float) -> None:
-        self.ranks.record_epoch(epoch, images, elapsed, [], {})
-
-    def gather(self, trainer: TrainerView) -> Gathered:
-        """Rank 0's batch-norm statistics everywhere, and the running sums of an unfinished epoch."""
-        self._share_batchnorm_statistics()
-        partial = self.reduce_stats(trainer.current.stats) if trainer.mid_epoch() else None
-        return self.ranks.gathered(partial)
-
-    def restore(self, state: dict, resumed: EpochProgress | None) -> None:
-        self.ranks.restore(state, resumed, keeps_sums=self.world.is_main)
-
-    def resume_command(self, run_dir: Path) -> str:
-        return self.ranks.resume_command(run_dir)
+    def gather(self, obj: Any, what: str) -> list[Any] | None:
+        return self.world.gather_objects(obj, what)
 
     def guard(self, what: str) -> ContextManager[None]:
         return self.world.guard(what)
 
-    def finish(self, run_dir: Path) -> None:
-        self.ranks.finish(run_dir, {})
-
-    def report(self) -> dict:
-        return self.ranks.report({})
+    def resume_command(self, run_dir: Path) -> str:
+        return resume_command(self.world, run_dir)
 
 
-__all__ = ["DataParallel", "broadcast_tensors", "share_float_buffers", "sum_gradients", "shard_loaders", "shard_batches"]
+class DataParallelStrategy(Updates):
+    """A local strategy on this rank's slice of every batch: its steps timed as computing; rank
+    0's batch-norm statistics everywhere before a test or a checkpoint (without synchronised
+    batch norm each rank's differ)."""
+
+    def __init__(self, inner: Strategy, world: World, clock: Clock, sync_batchnorm: bool) -> None:
+        self.inner, self.world, self.clock, self.sync_batchnorm = inner, world, clock, sync_batchnorm
+        self.network, self.modules, self.updates = inner.network, inner.modules, inner.updates
+
+    @property
+    def active_module(self) -> int | None:
+        return self.inner.active_module
+
+    def step(self, x: torch.Tensor | None, y: torch.Tensor | None, stats: StepStats, check: Check, weight: float = 1.0) -> None:
+        with self.clock.measure("compute"):
+            self.inner.step(x, y, stats, check, weight)
+
+    def _share_batchnorm_statistics(self) -> None:
+        if not self.sync_batchnorm:
+            share_float_buffers(self.network, self.world, "sharing batch-norm statistics")
+
+    def evaluate(self, loader: Any, device: torch.device, precision: Any, channels_last: bool) -> EvalCounts:
+        self._share_batchnorm_statistics()
+        return self.inner.evaluate(loader, device, precision, channels_last)
+
+    def state(self) -> dict[str, Any]:
+        self._share_batchnorm_statistics()
+        return self.inner.state()
+
+
+__all__ = [
+    "DataParallel", "DataParallelStrategy", "broadcast_tensors", "share_float_buffers", "sum_gradients", "shard_loaders",
+]

@@ -19,7 +19,8 @@ from typing import Any, NoReturn
 
 import torch.distributed as dist
 
-from contsup.config.recipe import Recipe, build_recipe
+from contsup.config.recipe import Recipe
+from contsup.config.validation import build_recipe
 from contsup.core.registry import Registries
 from contsup.distributed.data_parallel import DataParallel
 from contsup.distributed.pipeline import Pipeline
@@ -36,9 +37,10 @@ from contsup.training.start import Request, Started, open_run, prepare
 START_KEY = "contsup/start"
 
 
-def make_parallel(world: World, recipe: Recipe) -> DataParallel | Pipeline:
-    """This rank's part in a ``distributed.mode = "data"`` or ``"pipeline"`` run."""
-    return DataParallel(world, recipe) if recipe.distributed.mode == "data" else Pipeline(world, recipe)
+def make_processes(world: World, recipe: Recipe, run_dir: Path | None = None) -> DataParallel | Pipeline:
+    """This rank's part in a ``distributed.mode = "data"`` or ``"pipeline"`` run into ``run_dir``."""
+    kind = DataParallel if recipe.distributed.mode == "data" else Pipeline
+    return kind(world, recipe, run_dir)
 
 
 def bootstrap_store(launch: Launch) -> Any:
@@ -119,9 +121,10 @@ def _wait_until_read(store: Any, readers: int) -> None:
             time.sleep(0.02)
 
 
-def train_on_ranks(request: Request, launch: Launch, pm: Any, registries: Registries) -> Trainer | None:
-    """The run in one of the processes torchrun started, trained and finished: its trainer; None
-    when the recipe is for one process and torchrun started one (the caller trains it as usual)."""
+def train_on_ranks(request: Request, launch: Launch, pm: Any, registries: Registries) -> tuple[Trainer, dict] | None:
+    """The run in one of the processes torchrun started, trained and finished: its trainer and its
+    timings (``distributed.json``); None when the recipe is for one process and torchrun started
+    one (the caller trains it as usual)."""
     store = bootstrap_store(launch)
     start = _start(request, launch, store, pm, registries)
     if start is None:
@@ -133,7 +136,7 @@ def train_on_ranks(request: Request, launch: Launch, pm: Any, registries: Regist
         started.release()
 
 
-def _train_started(started: Started, has_state: bool, launch: Launch, store: Any, pm: Any) -> Trainer:
+def _train_started(started: Started, has_state: bool, launch: Launch, store: Any, pm: Any) -> tuple[Trainer, dict]:
     recipe, run_dir = started.recipe, started.run_dir
     check_device(recipe, launch)
     world = World.start(launch, store, recipe.distributed, resolve_device(recipe.run.device))
@@ -141,12 +144,14 @@ def _train_started(started: Started, has_state: bool, launch: Launch, store: Any
         state = started.state if world.is_main else None
         if has_state:
             state = world.broadcast_object(state, "handing the checkpoint to every rank")
+        processes = make_processes(world, recipe, run_dir)
         try:
-            trainer = Trainer(recipe, run_dir, hook=pm.hook, parallel=make_parallel(world, recipe))
+            trainer = Trainer(recipe, run_dir, hook=pm.hook, processes=processes, callbacks=[processes.timings])
         except BaseException:
             if world.is_main and not has_state:
                 discard_unstarted(run_dir)
             raise
+        world.describe_kept = trainer.checkpointer.describe_kept  # lost-rank messages say what there is to resume from
         if state is not None:
             trainer.load_state(state)
         try:
@@ -159,7 +164,7 @@ def _train_started(started: Started, has_state: bool, launch: Launch, store: Any
     except BaseException as exc:
         _fail(world, exc)
     world.close()
-    return trainer
+    return trainer, processes.timings.report()
 
 
 def _fail(world: World, exc: BaseException) -> NoReturn:
@@ -184,4 +189,4 @@ def _fail(world: World, exc: BaseException) -> NoReturn:
     raise Silent(code) from None
 
 
-__all__ = ["train_on_ranks", "make_parallel", "bootstrap_store"]
+__all__ = ["train_on_ranks", "make_processes", "bootstrap_store"]

@@ -73,6 +73,45 @@ class Clock:
         return out
 
 
+class Timings:
+    """A distributed run's timings, told of every epoch on every rank (a trainer callback): each
+    rank's clock goes to rank 0, which rewrites ``distributed.json`` in ``run_dir``. ``modules``
+    (each rank's own, in a pipeline) and ``shape`` (the pipeline's stages and replicas) are what
+    the report says of this rank and of the run besides the timings."""
+
+    def __init__(self, world: Any, recipe: Any, run_dir: Path | None, clock: Clock) -> None:
+        self.world, self.recipe, self.run_dir, self.clock = world, recipe, run_dir, clock
+        self.epochs: list[dict] = []
+        self.modules: list[int] = []
+        self.shape: dict[str, int] = {}
+
+    def on_epoch_start(self) -> None:
+        self.clock.reset()
+
+    def on_epoch_end(self, epoch: int, images: int, elapsed: float) -> None:
+        """Every rank's clock to rank 0, which rewrites ``distributed.json`` (collective)."""
+        clocks = self.world.gather_objects(self.clock.snapshot(self.world.rank, elapsed, list(self.modules)), "gathering timings")
+        if self.world.is_main:
+            self.epochs.append(epoch_entry(epoch, images, elapsed, clocks))
+            write_report(self.run_dir, self.report())
+
+    def on_run_end(self, run_dir: Path) -> None:
+        if self.world.is_main:
+            write_report(run_dir, self.report())
+
+    def report(self) -> dict:
+        """What ``distributed.json`` holds."""
+        return {
+            "mode": self.recipe.distributed.mode,
+            "world_size": self.world.size,
+            "backend": self.world.backend,
+            "device": str(self.clock.device),
+            "batch_size": self.recipe.data.batch_size,
+            "epochs": self.epochs,
+            **self.shape,
+        }
+
+
 def epoch_entry(epoch: int, images: int, train_time_s: float, ranks: list[dict]) -> dict[str, Any]:
     """One epoch of ``distributed.json``: throughput and every rank's clock."""
     return {

@@ -22,11 +22,7 @@ import attrs
 import torch
 import torch.distributed as dist
 
-from contsup.distributed.timing import Clock, epoch_entry, write_report
-from contsup.training.checkpoint import rng_state, set_rng_state
 from contsup.training.failures import TrainingFailed
-from contsup.training.parallel import Gathered
-from contsup.training.strategies import StepStats
 from contsup.errors import ContsupError, one_line, reason
 from contsup.config.recipe import Recipe
 
@@ -218,7 +214,7 @@ class World:
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.device = device
         self.control_device = device if backend == "nccl" else torch.device("cpu")
-        self.kept: Callable[[], str] = lambda: "no checkpoint was written yet"
+        self.describe_kept: Callable[[], str] = lambda: "no checkpoint was written yet"
         self._stopped = threading.Event()
 
     @property
@@ -361,7 +357,7 @@ class World:
         """The one-line error for a failed exchange: which rank stopped (and why, if it said) or
         was lost, and what there is to resume from. A rank that says it is still there, or whose
         heartbeat goes on (it waits on another), is not lost."""
-        kept = self.kept()
+        kept = self.describe_kept()
         try:
             self.store.set_timeout(datetime.timedelta(seconds=GRACE_S))
             self.store.set(f"alive/{self.rank}", "1")
@@ -427,67 +423,9 @@ def any_rank(group: World | Group, wanted: bool, what: str) -> bool:
     return bool(flag.item() > 0)
 
 
-# -- what data-parallel and pipeline runs share ------------------------------------------------------
+def resume_command(world: World, run_dir: Path) -> str:
+    """The command that continues a run of ``world``'s processes."""
+    return f"torchrun --nproc_per_node={world.size} -m contsup train --resume {run_dir}"
 
 
-class Ranks:
-    """What every distributed run does alike, composed into :class:`~contsup.distributed.data_parallel.DataParallel`
-    and :class:`~contsup.distributed.pipeline.Pipeline`: the resume command, each rank's RNG in
-    checkpoints, and ``distributed.json`` (the timings rank 0 writes every epoch)."""
-
-    def __init__(self, world: World, recipe: Recipe, clock: Clock) -> None:
-        self.world, self.recipe, self.clock = world, recipe, clock
-        self.run_dir: Path | None = None
-        self.device: torch.device | None = None
-        self.epochs: list[dict] = []
-
-    def attach(self, trainer: Any) -> None:
-        """Lost-rank messages say what there is to resume from, as the trainer knows it."""
-        self.run_dir, self.device = trainer.run_dir, trainer.device
-        self.clock.device = trainer.device
-        self.world.kept = trainer.kept
-
-    def resume_command(self, run_dir: Path) -> str:
-        return f"torchrun --nproc_per_node={self.world.size} -m contsup train --resume {run_dir}"
-
-    def gathered(self, partial: StepStats | None) -> Gathered:
-        """The checkpoint's distributed entries, with every rank's RNG state (collective)."""
-        rngs = self.world.gather_objects(rng_state(), "gathering a checkpoint")
-        entry = {"mode": self.recipe.distributed.mode, "world_size": self.world.size, "rng": list(rngs or [])}
-        return Gathered(partial, {"distributed": entry})
-
-    def restore(self, state: dict, resumed: Any, keeps_sums: bool) -> None:
-        """Each rank's own RNG (when the run had as many ranks); a resumed epoch's running sums
-        (of every rank's images) stay only on the ranks that ``keeps_sums``."""
-        if resumed is not None and not keeps_sums:
-            resumed.stats = StepStats(resumed.stats.modules)
-        saved = state.get("distributed") or {}
-        rngs = saved.get("rng") or []
-        if saved.get("world_size") == self.world.size and len(rngs) == self.world.size:
-            set_rng_state(rngs[self.world.rank])
-
-    def record_epoch(self, epoch: int, images: int, elapsed: float, modules: Sequence[int], extra: dict) -> None:
-        """Every rank's timings of the epoch to rank 0, which rewrites ``distributed.json`` (collective)."""
-        clocks = self.world.gather_objects(self.clock.snapshot(self.world.rank, elapsed, list(modules)), "gathering timings")
-        if self.world.is_main:
-            self.epochs.append(epoch_entry(epoch, images, elapsed, clocks))
-            write_report(self.run_dir, self.report(extra))
-
-    def finish(self, run_dir: Path, extra: dict) -> None:
-        if self.world.is_main:
-            write_report(run_dir, self.report(extra))
-
-    def report(self, extra: dict) -> dict:
-        """What ``distributed.json`` holds (see :mod:`contsup.distributed.timing`)."""
-        return {
-            "mode": self.recipe.distributed.mode,
-            "world_size": self.world.size,
-            "backend": self.world.backend,
-            "device": str(self.device),
-            "batch_size": self.recipe.data.batch_size,
-            "epochs": self.epochs,
-            **extra,
-        }
-
-
-__all__ = ["Launch", "World", "Group", "Ranks", "PeerLost", "Silent", "any_rank", "launch_from_env", "check_launch", "check_single_process", "check_device"]
+__all__ = ["Launch", "World", "Group", "resume_command", "PeerLost", "Silent", "any_rank", "launch_from_env", "check_launch", "check_single_process", "check_device"]

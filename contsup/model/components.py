@@ -9,28 +9,12 @@ import inspect
 from typing import Any, Sequence
 
 import attrs
-import torch
 from torch import nn
 
 from contsup.adapters import paper_adapter
-from contsup.types import NetworkLayout, Shape, Source
+from contsup.types import HeadSpec, NetworkLayout, Shape, Source
 from contsup.config.recipe import Recipe
 from contsup.protocols import ContextSelector, Decoder, Objective
-
-
-def trace_shapes(units: Sequence[nn.Module], input_shape: Shape) -> list[Shape]:
-    """Each unit's output shape (C, H, W) for one input of ``input_shape``."""
-    shapes = []
-    modes = [u.training for u in units]
-    with torch.no_grad():
-        h = torch.zeros((2, *input_shape))
-        for unit in units:
-            unit.eval()
-            h = unit(h)
-            shapes.append(tuple(h.shape[1:]))
-    for unit, mode in zip(units, modes):
-        unit.train(mode)
-    return shapes
 
 
 def takes_layout(selector: Any) -> bool:
@@ -70,6 +54,28 @@ def make_adapter(selector: ContextSelector, source: Source, source_shape: Shape,
     return adapter
 
 
+def last_uses(sources: Sequence[Sequence[Source]]) -> dict[int, int]:
+    """For each feature h_j^c some module uses: the last (1-based) module that uses it."""
+    out: dict[int, int] = {}
+    for module, srcs in enumerate(sources, start=1):
+        for s in srcs:
+            if not s.is_input:
+                out[s.index] = max(out.get(s.index, 0), module)
+    return out
+
+
+def training_method(recipe: Recipe) -> Any:
+    """The recipe's active training method, built (None: plain greedy training)."""
+    chosen = recipe.method if recipe.run.mode == "greedy" else None
+    return chosen.create() if chosen is not None else None
+
+
+def method_part(method: Any, spec: HeadSpec, objective: Objective) -> nn.Module | None:
+    """The method's own part of the module ``spec`` describes (None: it has none)."""
+    build = getattr(method, "part", None)
+    return build(spec, objective) if build is not None else None
+
+
 @attrs.frozen
 class Components:
     """The component instances one module uses (shared by the modules of one stage)."""
@@ -83,9 +89,9 @@ def module_components(recipe: Recipe, k: int) -> list[Components]:
     """For modules 1..k, the selector, objective and decoder of the recipe's stage holding it."""
     cache: dict[int, Components] = {}
     out = []
-    for l in range(1, k + 1):
-        stage = recipe.stage(l)
-        key = id(stage) if recipe.stages else 0
+    for module in range(1, k + 1):
+        stage = recipe.module_range(module)
+        key = id(stage) if recipe.ranges else 0
         if key not in cache:
             cache[key] = Components(
                 stage.context.create(),
@@ -96,4 +102,4 @@ def module_components(recipe: Recipe, k: int) -> list[Components]:
     return out
 
 
-__all__ = ["trace_shapes", "takes_layout", "selector_sources", "make_adapter", "Components", "module_components"]
+__all__ = ["training_method", "method_part", "last_uses", "takes_layout", "selector_sources", "make_adapter", "Components", "module_components"]

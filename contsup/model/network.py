@@ -7,7 +7,7 @@ input of module j+1, so module l may use the input x and ``h_j^c`` for 0 <= j <=
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import attrs
 import torch
@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from contsup.errors import ContsupError
-from contsup.model.components import make_adapter, module_components, selector_sources, trace_shapes
-from contsup.model.memory import partition_costs
+from contsup.config.parts import Parts, build_parts, too_many_modules
+from contsup.model.components import last_uses, make_adapter, method_part, module_components, selector_sources, training_method
+from contsup.model.fitting import partition_costs
 from contsup.model.recompute import Scope, recomputed
 from contsup.types import Costs, DatasetInfo, HeadSpec, NetworkLayout, Shape, Source
 from contsup.config.recipe import Recipe
@@ -43,6 +44,7 @@ class LocalLoss:
     local: torch.Tensor
     reconstruction: torch.Tensor | None
     prediction: torch.Tensor | None
+    extra: torch.Tensor | None = None  # the method part's own loss (see contsup.protocols.Method)
 
 
 class ContextModule(nn.Module):
@@ -68,6 +70,7 @@ class ContextModule(nn.Module):
         info: DatasetInfo | None = None,
         recompute: bool = False,
         recompute_head: bool = False,
+        part: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.index = index
@@ -83,6 +86,7 @@ class ContextModule(nn.Module):
         self.decoder_loss = decoder_loss
         self.weights = weights  # (reconstruction, local)
         self.info = info
+        self.part = part  # a training method's own part of this module (None: none)
 
     def enrich(self, h: torch.Tensor, context: Sequence[torch.Tensor]) -> torch.Tensor:
         """h_{l-1}^c = h_{l-1} + sum_s M_{l,s}(c_s); context is aligned with ``self.sources``."""
@@ -94,19 +98,33 @@ class ContextModule(nn.Module):
     def forward(self, h: torch.Tensor, context: Sequence[torch.Tensor] = ()) -> torch.Tensor:
         return self.body(self.enrich(h, context))
 
+    def feature(self, out: torch.Tensor) -> torch.Tensor:
+        """What the head and decoder read of the module's output h_l: h_l itself, or what a
+        training method's part makes of it."""
+        part = self.part
+        return part.feature(out) if part is not None and hasattr(part, "feature") else out
+
+    def head_output(self, out: torch.Tensor) -> torch.Tensor:
+        """The head's output z for the module's output h_l (what evaluation counts)."""
+        return self.head(self.feature(out))
+
     def loss(self, out: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> LocalLoss:
-        """The module's loss on its output ``out``: local objective [+ weighted reconstruction]."""
-        z = recomputed(self.head, self.head, out, scope=self.recompute_scope) if self.recompute_head else self.head(out)
+        """The module's loss on its output ``out``: local objective [+ weighted reconstruction],
+        and the method part's own loss (``extra``) where it has one."""
+        a = self.feature(out)
+        z = recomputed(self.head, self.head, a, scope=self.recompute_scope) if self.recompute_head else self.head(a)
         local = self.objective.loss(z, y)
         w_rec, w_local = self.weights
         reconstruction = None
         total = local if w_local == 1.0 else w_local * local
         if self.decoder is not None and w_rec != 0.0:
-            reconstruction = self.decoder_loss(self.decoder(out), x, self.info)
+            reconstruction = self.decoder_loss(self.decoder(a), x, self.info)
             total = total + w_rec * reconstruction
+        part = self.part
+        extra = part.extra_loss(out, y, x) if part is not None and hasattr(part, "extra_loss") else None
         with torch.no_grad():
             prediction = self.objective.predict(z.detach())
-        return LocalLoss(total, local.detach(), None if reconstruction is None else reconstruction.detach(), prediction)
+        return LocalLoss(total, local.detach(), None if reconstruction is None else reconstruction.detach(), prediction, extra)
 
 
 class ContextStore:
@@ -150,19 +168,19 @@ class GreedyNetwork(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(modules)
         self.info = info
-        last_use: dict[int, int] = {}
-        for m in modules:
-            for s in m.sources:
-                if not s.is_input:
-                    last_use[s.index] = max(last_use.get(s.index, 0), m.index)
-        self.last_use = last_use
+        self.last_use = last_uses([m.sources for m in modules])
+        self.store_watchers: list[Callable[[ContextStore], None]] = []  # told of every store made (memory meters)
 
     @property
     def num_modules(self) -> int:
         return len(self.blocks)
 
     def store(self, x: torch.Tensor, detach: bool) -> ContextStore:
-        return ContextStore(x, self.last_use, detach)
+        """A new :class:`ContextStore` for a pass over x (its tensors detached when ``detach``)."""
+        store = ContextStore(x, self.last_use, detach)
+        for watch in self.store_watchers:
+            watch(store)
+        return store
 
     def module_outputs(self, x: torch.Tensor, last: int | None = None) -> list[torch.Tensor]:
         """[h_1, ..., h_last] (default every module) for x: (B, C, H, W); later modules do not run."""
@@ -213,26 +231,27 @@ def plan_modules(
     layout = NetworkLayout.from_split(input_shape, shapes, sizes)
     plans = []
     for m in layout.modules:
-        l = m.index
-        sources = selector_sources(selectors[l - 1], l, k, layout)
-        _check_sources(sources, l, k, selectors[l - 1])
-        plans.append(ModulePlan(l, m.units, m.unit_range, sources, m.input_shape, m.output_shape))
+        module = m.index
+        sources = selector_sources(selectors[module - 1], module, k, layout)
+        check_sources(sources, module, k, selectors[module - 1])
+        plans.append(ModulePlan(module, m.units, m.unit_range, sources, m.input_shape, m.output_shape))
     return plans
 
 
-def _check_sources(sources: Sequence[Source], l: int, k: int, selector: ContextSelector) -> None:
+def check_sources(sources: Sequence[Source], module: int, k: int, selector: ContextSelector) -> None:
+    """A selector's answer for module l of k: Sources, each once, that the index convention allows."""
     who = getattr(selector, "name", type(selector).__name__)
     seen = set()
     for s in sources:
         if not isinstance(s, Source):
-            raise ContsupError(f"context selector '{who}' returned {s!r} for module {l}; expected a contsup.types.Source")
+            raise ContsupError(f"context selector '{who}' returned {s!r} for module {module}; expected a contsup.types.Source")
         if s in seen:
-            raise ContsupError(f"context selector '{who}' returned source {s} twice for module {l}")
+            raise ContsupError(f"context selector '{who}' returned source {s} twice for module {module}")
         seen.add(s)
-        if l == 1 or (not s.is_input and not 0 <= s.index <= l - 2):  # module 1 gets no context
+        if module == 1 or (not s.is_input and not 0 <= s.index <= module - 2):  # module 1 gets no context
             raise ContsupError(
-                f"context selector '{who}' gave module {l} of {k} the source {s}; module {l} may use x and h0..h{l - 2}"
-                if l >= 2
+                f"context selector '{who}' gave module {module} of {k} the source {s}; module {module} may use x and h0..h{module - 2}"
+                if module >= 2
                 else f"context selector '{who}' gave module 1 the source {s}; module 1 gets no context"
             )
 
@@ -252,22 +271,19 @@ class Built:
         return NetworkLayout.from_split(self.info.input_shape, self.unit_shapes, [p.units for p in self.plans])
 
 
-def _split(recipe: Recipe, costs: Costs | None) -> tuple[DatasetInfo, Any, list[Shape], tuple[int, ...]]:
-    """Steps 1-3 of building: the dataset's info, the backbone's parts, unit shapes and the split."""
-    info = recipe.dataset.create().info()
-    input_shape = tuple(info.input_shape)
-    parts = recipe.backbone.create().build(input_shape, info.num_classes)
-    units = list(parts.units)
-    shapes = trace_shapes(units, input_shape)
-    k = recipe.partition.modules
-    n = len(units)
-    if k > n:
-        raise ContsupError(f"partition.modules: {k} is more than the {n} minimal units of the backbone; use 1..{n}")
+def split_parts(recipe: Recipe, costs: Costs | None) -> tuple[Parts, tuple[int, ...]]:
+    """Steps 1-3 of building: the recipe's parts (:func:`contsup.config.parts.build_parts`) and
+    the partitioner's split of its units."""
+    parts = build_parts(recipe.backbone, recipe.dataset)
+    k, n = recipe.partition.modules, len(parts.units)
+    problem = too_many_modules(k, n, recipe.backbone.use)
+    if problem:
+        raise ContsupError(problem)
     partitioner = recipe.partitioner.create()
     if costs is None:
-        costs = partition_costs(partitioner, recipe, parts, shapes, info)
+        costs = partition_costs(partitioner, recipe, parts.backbone, parts.unit_shapes, parts.info)
     sizes = check_split(partitioner.split(costs, k), n, k, recipe.partitioner.use)
-    return info, parts, shapes, sizes
+    return parts, sizes
 
 
 def network_layout(recipe: Recipe, costs: Costs | None = None) -> NetworkLayout:
@@ -275,17 +291,18 @@ def network_layout(recipe: Recipe, costs: Costs | None = None) -> NetworkLayout:
     without building modules; the caller's torch RNG state is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.run.seed)
-        info, _, shapes, sizes = _split(recipe, costs)
-    return NetworkLayout.from_split(info.input_shape, shapes, sizes)
+        parts, sizes = split_parts(recipe, costs)
+    return NetworkLayout.from_split(parts.input_shape, parts.unit_shapes, sizes)
 
 
 def build_network(recipe: Recipe, costs: Costs | None = None) -> Built:
     """The recipe's network, freshly initialised from the current torch RNG state."""
-    info, parts, shapes, sizes = _split(recipe, costs)
-    input_shape = tuple(info.input_shape)
-    units = list(parts.units)
+    built_parts, sizes = split_parts(recipe, costs)
+    info, parts, shapes, input_shape = built_parts.info, built_parts.backbone, built_parts.unit_shapes, built_parts.input_shape
+    units = built_parts.units
     k = recipe.partition.modules
     components = module_components(recipe, k)
+    method = training_method(recipe)
     plans = plan_modules(sizes, shapes, input_shape, [c.selector for c in components])
     final_shape = shapes[-1]
     modules = []
@@ -295,16 +312,20 @@ def build_network(recipe: Recipe, costs: Costs | None = None) -> Built:
         for s in plan.sources:
             source_shape = input_shape if s.is_input else plans[s.index].input_shape  # h_j^c feeds module j+1
             adapters[s] = make_adapter(parts_l.selector, s, tuple(source_shape), plan.input_shape)
+        part = None
         if plan.index == k:
             head, obj, dec, dec_loss, weights = parts.head, FinalCrossEntropy(), None, None, (0.0, 1.0)
         else:
             obj = parts_l.objective
-            head = obj.head(HeadSpec(
+            spec = HeadSpec(
                 plan.output_shape, final_shape, info.num_classes,
                 module=plan.index, num_modules=k, last_unit=plan.unit_range[1], units=units, unit_shapes=shapes,
-            ))
+            )
+            part = method_part(method, spec, obj)
+            spec = attrs.evolve(spec, shape=tuple(getattr(part, "feature_shape", spec.shape)))
+            head = obj.head(spec)
             decoder = parts_l.decoder
-            dec = decoder.build(plan.output_shape, info) if decoder is not None else None
+            dec = decoder.build(spec.shape, info) if decoder is not None else None
             dec_loss = decoder.loss if decoder is not None else None
             weights = tuple(float(w) for w in decoder.weights(plan.index, k)) if decoder is not None else (0.0, 1.0)
         modules.append(
@@ -312,11 +333,14 @@ def build_network(recipe: Recipe, costs: Costs | None = None) -> Built:
                 plan.index, body, plan.sources, adapters, head, obj,
                 decoder=dec, decoder_loss=dec_loss, weights=weights, info=info,
                 recompute=recipe.context_options.recompute, recompute_head=recipe.context_options.recompute_head,
+                part=part,
             )
         )
     network = GreedyNetwork(modules, info)
     if recipe.run.init == "official":
         official_init(network)
+    if method is not None and hasattr(method, "prepare"):
+        method.prepare(network)
     return Built(network, plans, info, shapes)
 
 

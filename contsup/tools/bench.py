@@ -14,6 +14,7 @@ swapping which goes first) so that a busy machine slows both alike.
 
 from __future__ import annotations
 
+import copy
 import math
 import platform
 import resource
@@ -26,15 +27,16 @@ import attrs
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from contsup.model.memory import CostModel, recipe_parts
+from contsup.model.build import recipe_parts
+from contsup.model.costs import CostModel
 from contsup.training.measure import measure_live, measure_step
 from contsup.training.device import resolve_device, seed_everything
 from contsup.training.loaders import make_loaders
 from contsup.training.strategies import CheckpointStrategy, EndToEndStrategy, GreedyStrategy, StepStats
+from contsup.model.components import training_method
 from contsup.model.network import build_network
 from contsup.types import Costs
 from contsup.config.recipe import Recipe
-from contsup.tools.plotting import new_figure, save_png
 
 Baseline = Literal["backbone", "recipe"]
 
@@ -88,6 +90,147 @@ def default_segments(units: int, k: int) -> list[int]:
 RECOMPUTE = "context.recompute"  # the label of the variant `--recompute` adds
 
 
+@attrs.define
+class Contender:
+    """One configuration measured by the bench: its strategy and what was measured of it."""
+
+    name: str  # "greedy", "e2e", "ckpt<S>" or "variant:<label>"
+    strategy: Any
+    saved: list[int] | None = None  # saved-tensor bytes alive per backward pass (measure_step)
+    live: dict[str, int] = attrs.field(factory=dict)  # the live peak over the step (measure_live)
+    times: list[float] = attrs.field(factory=list)  # milliseconds per timed step
+    cuda: list[tuple[int, int]] = attrs.field(factory=list)  # per step: CUDA peak, peak over what was there
+    rss: int | None = None  # the process's peak RSS once it ran (CPU)
+
+
+@attrs.frozen
+class Field:
+    """What the bench trains: the contenders (greedy first, end to end second) and their shapes."""
+
+    contenders: dict[str, Contender]
+    sizes: list[int]  # the recipe's split
+    segments: list[int]  # checkpointing's segment counts
+    variants: list[tuple[str, Recipe]]
+    variant_sizes: dict[str, list[int]]
+    input_shape: list[int]
+
+
+def _field(
+    recipe: Recipe, baseline: Baseline, device: torch.device, total: int, segments: Sequence[int] | None,
+    variants: Sequence[tuple[str, Recipe]], recompute: bool,
+) -> Field:
+    """The recipe's greedy training, end to end (the plain backbone or the recipe's network),
+    checkpointing over S segments and the variants, all from the same initial backbone weights."""
+    seed_everything(recipe.run.seed)
+    built = build_network(recipe)
+    n = len(built.unit_shapes)
+    plain = attrs.evolve(recipe, partition=attrs.evolve(recipe.partition, modules=1))
+    if baseline == "backbone":
+        seed_everything(recipe.run.seed)  # the backbone is built first: the same initial weights
+        e2e_net = build_network(plain, costs=Costs.uniform(n)).network
+    elif baseline == "recipe":
+        e2e_net = copy.deepcopy(built.network)
+    else:
+        raise ValueError(f"baseline must be 'backbone' or 'recipe', got {baseline!r}")
+    seed_everything(recipe.run.seed)
+    ckpt_net = build_network(plain, costs=Costs.uniform(n)).network.to(device).train()
+    segments = default_segments(n, recipe.partition.modules) if segments is None else sorted(set(segments))
+    if recompute:
+        again = attrs.evolve(recipe, context_options=attrs.evolve(recipe.context_options, recompute=True))
+        variants = [*variants, (RECOMPUTE, again)]
+    optimizer, schedule = recipe.optimizer.create(), recipe.schedule.create()
+    contenders = {
+        "greedy": Contender("greedy", greedy_strategy(recipe, built.network.to(device).train(), total)),
+        "e2e": Contender("e2e", EndToEndStrategy(e2e_net.to(device).train(), optimizer, schedule, total, total)),
+    }
+    for s in segments:
+        contenders[f"ckpt{s}"] = Contender(f"ckpt{s}", CheckpointStrategy(ckpt_net, optimizer, schedule, total, total, s))
+    variant_sizes: dict[str, list[int]] = {}
+    for label, variant in variants:
+        seed_everything(variant.run.seed)
+        vbuilt = build_network(variant)
+        variant_sizes[label] = [p.units for p in vbuilt.plans]
+        name = f"variant:{label}"
+        contenders[name] = Contender(name, greedy_strategy(variant, vbuilt.network.to(device).train(), total))
+    sizes = [p.units for p in built.plans]
+    return Field(contenders, sizes, segments, list(variants), variant_sizes, list(built.info.input_shape))
+
+
+def _timed(c: Contender, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
+    """One step's milliseconds; on CUDA also its peak allocation (and peak over what was there)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    c.strategy.step(x, y, StepStats(c.strategy.network.num_modules), _no_check)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        c.cuda.append((int(peak), int(peak - base)))
+    return 1000.0 * (time.perf_counter() - start)
+
+
+def _no_check(module: int, loss: torch.Tensor) -> None:
+    """The bench's steps check no loss."""
+
+
+def _measure_memory(field: Field, batches: list, warmup: int, device: torch.device) -> None:
+    """Each contender's saved and live memory on the first batch, then its warm-up steps. Greedy
+    runs first (one counted step, then the warm-up), so that its peak RSS is read before any
+    end-to-end step has run; end to end's RSS is the larger of the two."""
+    x, y = batches[0]
+    for c in field.contenders.values():
+        if not c.name.startswith("ckpt"):  # checkpointing's backward is counted live only
+            c.saved = measure_step(c.strategy, x, y)
+        if c.name in ("greedy", "e2e"):
+            for i in range(warmup):
+                _timed(c, *batches[i], device)
+            c.rss = peak_rss_bytes()
+    for c in field.contenders.values():
+        c.live = measure_live(c.strategy, x, y)
+        if c.name not in ("greedy", "e2e"):
+            for i in range(warmup):
+                _timed(c, *batches[i], device)
+    for c in field.contenders.values():
+        c.cuda.clear()
+
+
+def _time_steps(field: Field, batches: list, warmup: int, steps: int, device: torch.device, say: Callable[[str], None]) -> None:
+    """``steps`` timed steps of every contender, taking turns in a rotating order (reversed every
+    other step) so that none always goes first and a busy machine slows all alike."""
+    order = list(field.contenders.values())
+    start = time.perf_counter()
+    for i in range(steps):
+        x, y = batches[warmup + i]
+        turn = order[i % len(order):] + order[: i % len(order)]
+        for c in turn if i % 2 == 0 else turn[::-1]:
+            c.times.append(_timed(c, x, y, device))
+        if (i + 1) % max(1, steps // 5) == 0 or i + 1 == steps:
+            say(f"  step {i + 1}/{steps} [{time.perf_counter() - start:.1f}s]")
+
+
+def _figures(c: Contender, device: torch.device, saved: list[int], with_rss: bool) -> dict:
+    """One configuration's figures: saved and live peaks, step times, RSS on CPU, CUDA peaks."""
+    out = {
+        "saved_peak_bytes": max(saved),
+        "saved_per_backward_bytes": saved,
+        "live_peak_bytes": c.live["peak"],
+        "live_peak_forward_bytes": c.live["forward"],
+        "live_peak_backward_bytes": c.live["backward"],
+        # what the configuration keeps for backward at its worst moment: the larger of the two
+        "peak_bytes": max(max(saved), c.live["peak"]),
+        "step_ms_median": statistics.median(c.times),
+        "step_ms": c.times,
+    }
+    if device.type == "cpu" and with_rss and c.rss is not None:
+        out["peak_rss_bytes"] = c.rss
+    if c.cuda:
+        out["cuda_peak_bytes"] = max(p for p, _ in c.cuda)
+        out["cuda_step_peak_bytes"] = max(d for _, d in c.cuda)
+    return out
+
+
 def run_bench(
     recipe: Recipe,
     steps: int = 20,
@@ -102,7 +245,7 @@ def run_bench(
     """Measure end-to-end and greedy training of ``recipe``; returns the figures and ratios.
 
     ``variants``: (label, recipe) pairs of other greedy configurations of the same backbone and
-    data (another context, BackLink, AugLocal heads, ...), each measured as the recipe's own
+    data (another context, a training method, another head, ...), each measured as the recipe's own
     greedy training is and reported beside it (``result["variants"]``).
 
     ``baseline = "backbone"`` trains the plain backbone end-to-end (no context, no auxiliary
@@ -115,157 +258,73 @@ def run_bench(
     log = log or sys.stderr
     device = device or resolve_device(recipe.run.device)
     say: Callable[[str], None] = lambda text: (log.write(text + "\n"), log.flush())
-    seed_everything(recipe.run.seed)
-    built = build_network(recipe)
-    sizes = [p.units for p in built.plans]
-    n = len(built.unit_shapes)
-    if baseline == "backbone":
-        seed_everything(recipe.run.seed)  # the backbone is built first: the same initial weights
-        plain = attrs.evolve(recipe, partition=attrs.evolve(recipe.partition, modules=1))
-        e2e_net = build_network(plain, costs=Costs.uniform(n)).network
-    elif baseline == "recipe":
-        import copy
-
-        e2e_net = copy.deepcopy(built.network)
-    else:
-        raise ValueError(f"baseline must be 'backbone' or 'recipe', got {baseline!r}")
-    seed_everything(recipe.run.seed)
-    plain = attrs.evolve(recipe, partition=attrs.evolve(recipe.partition, modules=1))
-    ckpt_net = build_network(plain, costs=Costs.uniform(n)).network.to(device).train()
-    segments = default_segments(n, recipe.partition.modules) if segments is None else sorted(set(segments))
-    greedy_net = built.network.to(device).train()
-    if recompute:
-        again = attrs.evolve(recipe, context_options=attrs.evolve(recipe.context_options, recompute=True))
-        variants = [*variants, (RECOMPUTE, again)]
-    e2e_net = e2e_net.to(device).train()
     total = warmup + steps + 1
-    optimizer, schedule = recipe.optimizer.create(), recipe.schedule.create()
-    greedy = greedy_strategy(recipe, greedy_net, total)
-    others: dict[str, Any] = {}
-    variant_sizes: dict[str, list[int]] = {}
-    for label, variant in variants:
-        seed_everything(variant.run.seed)
-        vbuilt = build_network(variant)
-        variant_sizes[label] = [p.units for p in vbuilt.plans]
-        others[f"variant:{label}"] = greedy_strategy(variant, vbuilt.network.to(device).train(), total)
-    e2e = EndToEndStrategy(e2e_net, optimizer, schedule, total, total)
-    ckpts = {f"ckpt{s}": CheckpointStrategy(ckpt_net, optimizer, schedule, total, total, s) for s in segments}
+    field = _field(recipe, baseline, device, total, segments, variants, recompute)
     batches = _batches(recipe, device, total)
-    noop = lambda module, loss: None  # noqa: E731
-
-    say(f"bench {recipe.source}: greedy {sizes} against end-to-end ({baseline}), {warmup} + {steps} steps each")
-    x, y = batches[0]
+    say(f"bench {recipe.source}: greedy {field.sizes} against end-to-end ({baseline}), {warmup} + {steps} steps each")
     rss_before = peak_rss_bytes()
+    _measure_memory(field, batches, warmup, device)
+    _time_steps(field, batches, warmup, steps, device, say)
+    result = {
+        "recipe": recipe.source,
+        "backbone": recipe.backbone.use,
+        "context": recipe.context.use,
+        "partitioner": recipe.partitioner.use,
+        "modules_k": recipe.partition.modules,
+        "sizes": field.sizes,
+        "batch_size": recipe.data.batch_size,
+        "input_shape": field.input_shape,
+        "device": str(device),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "steps": steps,
+        "warmup": warmup,
+        "baseline": baseline,
+        "rss_before_steps_bytes": rss_before if device.type == "cpu" else None,
+    }
+    return {**result, **_summary(recipe, field, device)}
 
-    cuda: dict[str, list[tuple[int, int]]] = {"greedy": [], "e2e": [], **{name: [] for name in [*ckpts, *others]}}
 
-    def timed(name: str, strategy: Any, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One step's milliseconds; on CUDA also its peak allocation (and peak over what was there)."""
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        start = time.perf_counter()
-        strategy.step(x, y, StepStats(strategy.network.num_modules), noop)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            peak = torch.cuda.max_memory_allocated(device)
-            cuda[name].append((int(peak), int(peak - base)))
-        return 1000.0 * (time.perf_counter() - start)
-
-    # greedy first (one counted step, then the warm-up), so that its peak RSS is read before any
-    # end-to-end step has run
-    greedy_saved = measure_step(greedy, x, y)
-    for i in range(warmup):
-        timed("greedy", greedy, *batches[i])
-    rss_greedy = peak_rss_bytes()
-    e2e_saved = measure_step(e2e, x, y)
-    for i in range(warmup):
-        timed("e2e", e2e, *batches[i])
-    rss_both = peak_rss_bytes()
-    live = {"greedy": measure_live(greedy, x, y), "e2e": measure_live(e2e, x, y)}
-    for name, strategy in ckpts.items():
-        live[name] = measure_live(strategy, x, y)
-        for i in range(warmup):
-            timed(name, strategy, *batches[i])
-    others_saved = {}
-    for name, strategy in others.items():
-        others_saved[name] = measure_step(strategy, x, y)
-        live[name] = measure_live(strategy, x, y)
-        for i in range(warmup):
-            timed(name, strategy, *batches[i])
-    for name in cuda:
-        cuda[name].clear()
-    times: dict[str, list[float]] = {name: [] for name in cuda}
-    start = time.perf_counter()
-    order = [("greedy", greedy), ("e2e", e2e), *ckpts.items(), *others.items()]
-    for i in range(steps):
-        x, y = batches[warmup + i]
-        turn = order[i % len(order) :] + order[: i % len(order)]  # rotating, so none always goes first
-        for name, strategy in turn if i % 2 == 0 else turn[::-1]:
-            times[name].append(timed(name, strategy, x, y))
-        if (i + 1) % max(1, steps // 5) == 0 or i + 1 == steps:
-            say(f"  step {i + 1}/{steps} [{time.perf_counter() - start:.1f}s]")
-
-    def side(name: str, saved: list[int], rss: int | None) -> dict:
-        out = {
-            "saved_peak_bytes": max(saved),
-            "saved_per_backward_bytes": saved,
-            "live_peak_bytes": live[name]["peak"],
-            "live_peak_forward_bytes": live[name]["forward"],
-            "live_peak_backward_bytes": live[name]["backward"],
-            # what the configuration keeps for backward at its worst moment: the larger of the two
-            "peak_bytes": max(max(saved), live[name]["peak"]),
-            "step_ms_median": statistics.median(times[name]),
-            "step_ms": times[name],
-        }
-        if device.type == "cpu" and rss is not None:
-            out["peak_rss_bytes"] = rss
-        if cuda[name]:
-            out["cuda_peak_bytes"] = max(p for p, _ in cuda[name])
-            out["cuda_step_peak_bytes"] = max(d for _, d in cuda[name])
-        return out
-
+def _summary(recipe: Recipe, field: Field, device: torch.device) -> dict:
+    """The figures of every configuration and their ratios to end to end."""
+    c = field.contenders
     fake = FakeTensorMode(allow_non_fake_inputs=True)  # counted from shapes, as contsup plan does: no arithmetic
     parts, shapes, info = recipe_parts(recipe, fake)
-    predicted = CostModel(recipe, parts, shapes, info, fake_mode=fake).plan_costs(sizes)
-    g = side("greedy", greedy_saved, rss_greedy)
-    e = side("e2e", e2e_saved, rss_both)
-    g["predicted_peak_bytes"] = max(c.bytes for c in predicted)
-    g["predicted_per_module_bytes"] = [c.bytes for c in predicted]
+    predicted = CostModel(recipe, parts, shapes, info, fake_mode=fake).plan_costs(field.sizes)
+    g = _figures(c["greedy"], device, c["greedy"].saved, True)
+    e = _figures(c["e2e"], device, c["e2e"].saved, True)
+    g["predicted_peak_bytes"] = max(m.bytes for m in predicted)
+    g["predicted_per_module_bytes"] = [m.bytes for m in predicted]
     ratios = {
         "saved_memory": g["saved_peak_bytes"] / e["saved_peak_bytes"],
         "step_time": g["step_ms_median"] / e["step_ms_median"],
         "measured_over_predicted": g["saved_peak_bytes"] / g["predicted_peak_bytes"],
     }
     checkpointing = []
-    for s in segments:
-        name = f"ckpt{s}"
-        c = side(name, [live[name]["forward"]], None)
-        c["segments"] = s
-        c["segment_sizes"] = ckpts[name].sizes
-        c["memory_ratio"] = c["peak_bytes"] / e["peak_bytes"]
-        c["step_time_ratio"] = c["step_ms_median"] / e["step_ms_median"]
-        checkpointing.append(c)
+    for s in field.segments:
+        ckpt = c[f"ckpt{s}"]
+        f = _figures(ckpt, device, [ckpt.live["forward"]], False)
+        f.update(segments=s, segment_sizes=ckpt.strategy.sizes)
+        checkpointing.append(_against(f, e))
     measured_variants = []
-    for label, variant in variants:
-        name = f"variant:{label}"
-        v = side(name, others_saved[name], None)
-        v.update(label=label, context=variant.context.use, backlink=variant.backlink.units,
-                 head=getattr(variant.objective.options, "head", None), sizes=variant_sizes[label],
+    for label, variant in field.variants:
+        v = c[f"variant:{label}"]
+        f = _figures(v, device, v.saved, False)
+        f.update(label=label, context=variant.context.use, method=method_summary(variant),
+                 head=getattr(variant.objective.options, "head", None), sizes=field.variant_sizes[label],
                  recompute=variant.context_options.recompute)
-        v["memory_ratio"] = v["peak_bytes"] / e["peak_bytes"]
-        v["step_time_ratio"] = v["step_ms_median"] / e["step_ms_median"]
-        measured_variants.append(v)
+        if variant.method is not None:  # the method's own value under its name (a link's length, say)
+            f[variant.method.use] = f["method"][variant.method.use]
+        measured_variants.append(_against(f, e))
     extra = {}
-    if recompute:  # the recompute variant's figures, under the names the targets read
+    if any(label == RECOMPUTE for label, _ in field.variants):  # under the names the targets read
         extra["greedy_recompute"] = rc = measured_variants[-1]
         ratios["greedy_recompute_memory"] = rc["memory_ratio"]
         ratios["greedy_recompute_step_time"] = rc["step_time_ratio"]
         ratios["greedy_recompute_over_greedy_step_time"] = rc["step_ms_median"] / g["step_ms_median"]
     k = recipe.partition.modules
-    at_k = next((c for c in checkpointing if c["segments"] == k), None)
-    best = min(checkpointing, key=lambda c: (c["peak_bytes"], c["step_ms_median"])) if checkpointing else None
+    at_k = next((f for f in checkpointing if f["segments"] == k), None)
+    best = min(checkpointing, key=lambda f: (f["peak_bytes"], f["step_ms_median"])) if checkpointing else None
     ratios["memory"] = g["peak_bytes"] / e["peak_bytes"]
     if at_k:
         ratios["checkpointing_k_memory"] = at_k["memory_ratio"]
@@ -276,160 +335,28 @@ def run_bench(
     if "cuda_step_peak_bytes" in g:
         ratios["cuda_memory"] = g["cuda_step_peak_bytes"] / e["cuda_step_peak_bytes"]
     return {
-        "recipe": recipe.source,
-        "backbone": recipe.backbone.use,
-        "context": recipe.context.use,
-        "partitioner": recipe.partitioner.use,
-        "modules_k": recipe.partition.modules,
-        "sizes": sizes,
-        "batch_size": recipe.data.batch_size,
-        "input_shape": list(built.info.input_shape),
-        "device": str(device),
-        "machine": machine(),
-        "torch": torch.__version__,
-        "steps": steps,
-        "warmup": warmup,
-        "baseline": baseline,
-        "rss_before_steps_bytes": rss_before if device.type == "cpu" else None,
-        "greedy": g,
-        "e2e": e,
-        **extra,
-        "checkpointing": checkpointing,
-        "checkpointing_best_segments": best["segments"] if best else None,
-        "variants": measured_variants,
-        "ratios": ratios,
+        "greedy": g, "e2e": e, **extra, "checkpointing": checkpointing,
+        "checkpointing_best_segments": best["segments"] if best else None, "variants": measured_variants, "ratios": ratios,
     }
 
 
+def _against(f: dict, e: dict) -> dict:
+    """``f`` with its memory and step time as ratios to end to end's ``e``."""
+    f["memory_ratio"] = f["peak_bytes"] / e["peak_bytes"]
+    f["step_time_ratio"] = f["step_ms_median"] / e["step_ms_median"]
+    return f
+
+
 def greedy_strategy(recipe: Recipe, network: Any, total: int) -> GreedyStrategy:
-    """The recipe's greedy training of ``network`` over ``total`` steps, BackLink included."""
-    link = recipe.backlink.units if recipe.run.mode == "greedy" else 0
-    return GreedyStrategy(network, recipe.optimizer.create(), recipe.schedule.create(), total, total, backlink=link)
+    """The recipe's greedy training of ``network`` over ``total`` steps, with its training method."""
+    method = training_method(recipe)
+    return GreedyStrategy(network, recipe.optimizer.create(), recipe.schedule.create(), total, total, method=method)
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f}"
-
-
-def bench_rows(result: dict) -> list[tuple[str, str, str, str]]:
-    """(figure, end-to-end, greedy, greedy / end-to-end) rows."""
-    g, e, r = result["greedy"], result["e2e"], result["ratios"]
-    rows = [
-        ("saved for backward, peak (MiB)", _mib(e["saved_peak_bytes"]), _mib(g["saved_peak_bytes"]), f"{r['saved_memory']:.3f}"),
-        ("predicted peak (MiB)", "-", _mib(g["predicted_peak_bytes"]), "-"),
-        ("median step (ms)", f"{e['step_ms_median']:.1f}", f"{g['step_ms_median']:.1f}", f"{r['step_time']:.3f}"),
-    ]
-    if "peak_rss_bytes" in g:
-        rows.append(("process peak RSS (MiB)", _mib(e["peak_rss_bytes"]), _mib(g["peak_rss_bytes"]), "-"))
-        before = _mib(result["rss_before_steps_bytes"])
-        rows.append(("process peak RSS before any step (MiB)", before, before, "-"))
-    if "cuda_step_peak_bytes" in g:
-        rows.append(
-            ("CUDA peak during a step (MiB)", _mib(e["cuda_step_peak_bytes"]), _mib(g["cuda_step_peak_bytes"]), f"{r['cuda_memory']:.3f}")
-        )
-    return rows
-
-
-def configurations(result: dict) -> list[tuple[str, dict]]:
-    """(label, figures) of every configuration measured: end-to-end, greedy, each checkpointing."""
-    k, best = result["modules_k"], result.get("checkpointing_best_segments")
-    out = [("end-to-end", result["e2e"]), (f"greedy K={k}", result["greedy"])]
-    out += [(f"greedy K={k}, {v['label']}", v) for v in result.get("variants", [])]
-    for c in result.get("checkpointing", []):
-        tags = [t for t, hit in (("S=K", c["segments"] == k), ("best", c["segments"] == best)) if hit]
-        out.append((f"checkpointing S={c['segments']}" + (f" ({', '.join(tags)})" if tags else ""), c))
-    return out
-
-
-def configuration_rows(result: dict) -> list[tuple[str, str, str, str, str]]:
-    """(configuration, peak kept for backward MiB, peak / end-to-end, median step ms, step /
-    end-to-end) for every configuration, end-to-end first; the summary rows
-    ``checkpointing S=K`` and ``checkpointing best S=..`` last."""
-    e = result["e2e"]
-    rows = []
-
-    def row(label: str, c: dict) -> tuple[str, str, str, str, str]:
-        return (
-            label, _mib(c["peak_bytes"]), f"{c['peak_bytes'] / e['peak_bytes']:.3f}",
-            f"{c['step_ms_median']:.1f}", f"{c['step_ms_median'] / e['step_ms_median']:.3f}",
-        )
-
-    rows = [row(label, c) for label, c in configurations(result)]
-    k, best = result["modules_k"], result.get("checkpointing_best_segments")
-    by_s = {c["segments"]: c for c in result.get("checkpointing", [])}
-    if k in by_s:
-        rows.append(row("checkpointing S=K", by_s[k]))
-    if best is not None:
-        rows.append(row(f"checkpointing best S={best}", by_s[best]))
-    return rows
-
-
-def bench_figure(result: dict, path: Any) -> Any:
-    """Memory against time, every configuration a point: peak kept for backward (MiB) over the
-    median step relative to end-to-end. Written as a PNG at ``path``; returns the path."""
-    fig, ax = new_figure(6.5, 4.5)
-    e = result["e2e"]
-    for label, c in configurations(result):
-        marker = "s" if label == "end-to-end" else "o" if label.startswith("greedy") else "^"
-        x, y = c["step_ms_median"] / e["step_ms_median"], c["peak_bytes"] / 2**20
-        ax.scatter([x], [y], marker=marker, s=40)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    ax.set_xlabel("median step / end-to-end")
-    ax.set_ylabel("peak kept for backward (MiB)")
-    ax.set_ylim(bottom=0)
-    ax.set_title(
-        f"{result['backbone']}, {result['context']} K={result['modules_k']}, batch {result['batch_size']}", fontsize=9
-    )
-    ax.grid(alpha=0.3)
-    return save_png(fig, path)
-
-
-def bench_markdown(result: dict, command: str) -> str:
-    """The result as a Markdown section, headed by the command and the machine."""
-    lines = [
-        f"## {result['backbone']}, {result['context']}, {result['partitioner']} K={result['modules_k']}, batch {result['batch_size']}",
-        "",
-        f"Command: `{command}`  ",
-        f"Machine: {result['machine']}; device {result['device']}; torch {result['torch']}  ",
-        f"Steps: median of {result['steps']} after {result['warmup']} warm-up, alternating; "
-        f"end-to-end baseline: {result['baseline']}; module sizes {result['sizes']}",
-        "",
-        "| figure | end-to-end | greedy | greedy / end-to-end |",
-        "| --- | --- | --- | --- |",
-    ]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in bench_rows(result)]
-    lines += [
-        "",
-        f"Measured greedy peak / predicted peak: {result['ratios']['measured_over_predicted']:.3f}.",
-    ]
-    if result.get("checkpointing") or result.get("variants"):
-        lines += [""]
-        if result.get("checkpointing"):
-            lines += [
-                "Against activation checkpointing (`torch.utils.checkpoint`, non-reentrant, over S contiguous "
-                "groups of the plain backbone's units)."
-            ]
-        if result.get("variants"):
-            lines += [
-                "Variants (`--variant`, `--recompute`): the recipe's greedy training with other settings, on the "
-                "same batches: "
-                + "; ".join(f"{v['label']}: context {v['context']}, head {v['head']}, backlink {v['backlink']}, "
-                            f"recompute {v['recompute']}"
-                            for v in result["variants"]) + "."
-            ]
-        lines += [
-            "Peak kept for backward: the saved tensors alive at the "
-            "worst moment of the step, backward's recomputation included (greedy: the larger of that and "
-            "its saved-for-backward figure, which counts the kept context).",
-            "",
-            "| configuration | peak kept for backward (MiB) | peak / end-to-end | median step (ms) | step / end-to-end |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        lines += [f"| {' | '.join(r)} |" for r in configuration_rows(result)]
-    if "peak_rss_bytes" in result["greedy"]:
-        lines.append(
-            "Peak RSS only grows within a process and includes the libraries, the data and the "
-            "allocator's caches: the greedy figure is read before any end-to-end step, the end-to-end "
-            "one after both ran (so it is the larger of the two). The saved-tensor figure is the one to compare."
-        )
-    return "\n".join(lines) + "\n"
+def method_summary(recipe: Recipe) -> dict | None:
+    """``{name: what the method says of itself}`` for the recipe's training method, or None."""
+    chosen = recipe.method
+    if chosen is None:
+        return None
+    method = chosen.create()
+    return {chosen.use: method.describe() if hasattr(method, "describe") else True}

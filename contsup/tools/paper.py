@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import attrs
 
 from contsup.core.registry import Registries, UnknownName
+from contsup.options import structure
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,7 +35,7 @@ class Cell:
     error: float
     std: float | None = None
     note: str = ""
-    backlink: int = 0  # [backlink] units: Table 9's BackLink rows link the next module's loss back
+    keys: dict = attrs.field(factory=dict)  # other key paths the configuration sets (a training method's table)
 
     def label(self) -> str:
         std = f" ± {self.std:.2f}" if self.std is not None else ""
@@ -122,9 +123,23 @@ def matching_cells(recipe: Mapping[str, Any], registries: Registries) -> list[Ce
             and (cell.mode == "e2e" or recipe.get("objective", {}).get("use") == cell.objective)
             and (cell.mode == "e2e" or decoder == cell.decoder)
             and _context_matches(recipe.get("context", {}), cell.context, registries)
-            and recipe.get("backlink", {}).get("units", 0) == cell.backlink
+            and all(_lookup(recipe, k) == v for k, v in cell.keys.items())
+            and all(any(k.startswith(f"{name}.") for k in cell.keys) for name in active_methods(recipe, registries))
         ):
             out.append(cell)
+    return out
+
+
+def active_methods(recipe: Mapping[str, Any], registries: Registries) -> list[str]:
+    """The training methods a resolved recipe table trains with (tables of inactive ones left out)."""
+    out = []
+    for name in registries.methods.names():
+        table = recipe.get(name)
+        if isinstance(table, Mapping):
+            component = registries.methods.entry(name).component
+            options, problems = structure(component.Options, dict(table), name)
+            if options is not None and not problems and component(options).active():
+                out.append(name)
     return out
 
 

@@ -33,7 +33,8 @@ from contsup.types import Shape
 from contsup.tools.plotting import colours, method_label, new_figure, save_png
 from contsup.tools.results import flatten
 from contsup.training.device import resolve_device
-from contsup.config.recipe import load_recipe, read_toml
+from contsup.config.reading import read_toml
+from contsup.config.recipe import load_recipe
 from contsup.training.rundir import MODEL_FILE, RECIPE_FILE, atomic_write, load_model
 
 PROBE_FILE = "probe.json"
@@ -223,12 +224,12 @@ def chunks(modules: Sequence[int], bytes_each: Sequence[int], limit: int) -> lis
     one module per group): one pass over the data computes a group."""
     out: list[list[int]] = []
     size = 0
-    for l, b in zip(modules, bytes_each):
+    for module, b in zip(modules, bytes_each):
         if out and size + b <= limit:
-            out[-1].append(l)
+            out[-1].append(module)
             size += b
         else:
-            out.append([l])
+            out.append([module])
             size = b
     return out
 
@@ -238,15 +239,15 @@ def collect(network: Any, dataset: Dataset, modules: Sequence[int], device: torc
     """({l: h_l for every l in modules (0 = x)}, labels), on the CPU, in dataset order."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     last = max(modules)
-    parts: dict[int, list[torch.Tensor]] = {l: [] for l in modules}
+    parts: dict[int, list[torch.Tensor]] = {module: [] for module in modules}
     labels = []
     for x, y in loader:
         x = x.to(device)
         outs = [x] + (outputs_upto(network, x, last) if last > 0 else [])
-        for l in modules:
-            parts[l].append(outs[l].cpu())
+        for module in modules:
+            parts[module].append(outs[module].cpu())
         labels.append(y)
-    return {l: torch.cat(p) for l, p in parts.items()}, torch.cat(labels)
+    return {module: torch.cat(p) for module, p in parts.items()}, torch.cat(labels)
 
 
 def iter_features(
@@ -255,12 +256,12 @@ def iter_features(
     """(l, train h_l, train y, test h_l, test y) for each l in ``modules``, computing as many
     modules per pass as ``limit`` bytes of features allow."""
     n = len(train) + len(test)
-    sizes = [n * math.prod(shapes[l]) * 4 for l in modules]
+    sizes = [n * math.prod(shapes[module]) * 4 for module in modules]
     for group in chunks(modules, sizes, limit):
         train_h, train_y = collect(network, train, group, device)
         test_h, test_y = collect(network, test, group, device)
-        for l in group:
-            yield l, train_h.pop(l), train_y, test_h.pop(l), test_y
+        for module in group:
+            yield module, train_h.pop(module), train_y, test_h.pop(module), test_y
 
 
 # -- one run -----------------------------------------------------------------------------------
@@ -292,7 +293,7 @@ def parse_modules(text: str | None, k: int) -> list[int]:
                 out.add(int(part))
         except ValueError:
             raise ContsupError(f"--modules: '{part}' is not a module index or range like 4 or 8-16") from None
-    bad = sorted(l for l in out if not 0 <= l <= k)
+    bad = sorted(module for module in out if not 0 <= module <= k)
     if bad:
         raise ContsupError(f"--modules: {bad} outside 0..{k} (0 is the input x, 1..{k} the modules' outputs)")
     return sorted(out)
@@ -333,18 +334,18 @@ def probe_run(
     log.write(f"probing {run_dir} ({label}): modules {chosen[0]}..{chosen[-1]}, {len(train)} training and {len(test)} test images\n")
     results = []
     start = time.perf_counter()
-    for l, train_h, train_y, test_h, test_y in iter_features(network, train, test, chosen, shapes, dev, options.cache_mib * 2**20):
+    for module, train_h, train_y, test_h, test_y in iter_features(network, train, test, chosen, shapes, dev, options.cache_mib * 2**20):
         t0 = time.perf_counter()
         probes = [
-            estimate_information(train_h, train_y, test_h, test_y, info.num_classes, attrs.evolve(options, seed=options.seed + i), dev, seed_offset=l)
+            estimate_information(train_h, train_y, test_h, test_y, info.num_classes, attrs.evolve(options, seed=options.seed + i), dev, seed_offset=module)
             for i in range(options.repeats)
         ]
-        name = "x" if l == 0 else f"h{l}"
+        name = "x" if module == 0 else f"h{module}"
         row = summarise(probes)
-        results.append({"module": l, "feature": name, "shape": list(shapes[l]), **row})
+        results.append({"module": module, "feature": name, "shape": list(shapes[module]), **row})
         spread = f" ± {row['information_std_nats']:.3f}" if row["information_std_nats"] is not None else ""
         log.write(
-            f"  {name:>4} {'x'.join(map(str, shapes[l])):>9}: I = {row['information_nats']:.3f}{spread} nats "
+            f"  {name:>4} {'x'.join(map(str, shapes[module])):>9}: I = {row['information_nats']:.3f}{spread} nats "
             f"(H(y) {probes[0].entropy_nats:.3f}), probe accuracy {row['probe_acc_pct']:.1f}% [{time.perf_counter() - t0:.1f}s]\n"
         )
         log.flush()
@@ -442,7 +443,7 @@ def probe_main(run_dirs: Sequence[str], options: ProbeOptions, modules: str | No
         elif data is not None:
             wanted = parse_modules(modules, int(data["modules"]))
             have = {r["module"] for r in data.get("results", [])}
-            missing = [l for l in wanted if l not in have]
+            missing = [module for module in wanted if module not in have]
             if missing:
                 print(f"{d}: {PROBE_FILE} lacks modules {', '.join(map(str, missing))}; probing them", file=sys.stderr)
                 data, todo = None, ",".join(map(str, missing))

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from contsup.model.memory import CostModel, partition_costs, recipe_parts
+from contsup.model.build import recipe_parts
+from contsup.model.costs import CostModel
+from contsup.model.fitting import partition_costs
 from contsup.training.device import resolve_device
 from contsup.model.network import check_split, plan_modules
 from contsup.config.recipe import Recipe
@@ -29,7 +31,7 @@ def profile_data(recipe: Recipe, device: torch.device | None = None, repeats: in
     n = model.n
     partitioner = recipe.partitioner.create()
     sizes = check_split(partitioner.split(partition_costs(partitioner, recipe, parts, shapes, info), k), n, k, recipe.partitioner.use)
-    plans = plan_modules(sizes, shapes, tuple(info.input_shape), [model.components(l, k).selector for l in range(1, k + 1)])
+    plans = plan_modules(sizes, shapes, tuple(info.input_shape), [model.components(module, k).selector for module in range(1, k + 1)])
     modules = model.plan_costs(sizes)
     unit_bytes = [model.unit_bytes(u) for u in range(n)]
     unit_ms = [p.ms or 0.0 for p in model.units]
@@ -39,7 +41,14 @@ def profile_data(recipe: Recipe, device: torch.device | None = None, repeats: in
     peak = max(modules, key=lambda m: m.bytes)
     largest = max(unit_bytes)
     bound = max(largest, total_bytes / k)
-    linked = [m.breakdown["backlink"] for m in modules]  # module l-1's linked units, kept while module l trains
+    linked = [m.breakdown["link"] for m in modules]  # module l-1's linked units, kept while module l trains
+    trains_with = model.training_method
+    link = None if not any(linked) else {
+        "method": trains_with.name,
+        "describe": trains_with.label() if hasattr(trains_with, "label") else None,
+        "linked_bytes": linked,  # per module l: module l-1's linked units, kept while module l trains
+        "peak_bytes": peak.bytes,
+    }
     return {
         "recipe": recipe.source,
         "backbone": recipe.backbone.use,
@@ -82,11 +91,8 @@ def profile_data(recipe: Recipe, device: torch.device | None = None, repeats: in
         "largest_unit_bytes": largest,
         "lower_bound_bytes": bound,
         "peak_over_bound": peak.bytes / bound if bound else None,
-        "backlink": None if not any(linked) else {
-            "units": recipe.backlink.units,
-            "linked_bytes": linked,  # per module l: module l-1's linked units, kept while module l trains
-            "peak_bytes": peak.bytes,
-        },
+        "link": link,
+        **({trains_with.name: link} if link else {}),
     }
 
 
@@ -140,10 +146,11 @@ def profile_text(data: dict, table) -> str:
         f"{mib(data['total_unit_bytes'] / data['modules_k'])}) = {mib(data['lower_bound_bytes'])} MiB; "
         f"peak / bound = {data['peak_over_bound']:.2f}",
     ]
-    link = data.get("backlink")
+    link = data.get("link")
     if link:
+        how = f" ({link['describe']})" if link["describe"] is not None else ""
         lines.append(
-            f"backlink ({link['units']} unit{'s' if link['units'] != 1 else ''}): each module also keeps the previous "
+            f"{link['method']}{how}: each module also keeps the previous "
             f"module's linked units while it trains (up to {mib(max(link['linked_bytes']))} MiB, included in the "
             f"figures above); predicted peak with them: {mib(link['peak_bytes'])} MiB"
         )

@@ -9,7 +9,9 @@ from __future__ import annotations
 import attrs
 
 from contsup.options import FLOAT_MAX, INT_MAX, INT_MIN, allowed, describe_default, doc, field_types, type_name
-from contsup.config.recipe import MAX_EXTENDS, MAX_NESTING, SECTIONS, component_registry
+from contsup.config.reading import MAX_EXTENDS, MAX_NESTING
+from contsup.config.schema import SECTIONS
+from contsup.config.validation import component_registry
 from contsup.core.registry import Registries
 from contsup.core.plugins import get_plugin_manager
 
@@ -70,6 +72,22 @@ def summary(obj: object) -> str:
     return " ".join(text.split("\n\n")[0].split())
 
 
+def description(obj: object) -> list[str]:
+    """Every paragraph of ``obj``'s docstring, each on one line, a blank line after each."""
+    text = (obj.__doc__ or "").strip()
+    return [line for para in text.split("\n\n") for line in (" ".join(para.split()), "")]
+
+
+def _loggers(registries: Registries) -> list[str]:
+    """The loggers ``[log] use`` may name, each with its ``[log.NAME]`` options."""
+    lines = []
+    for name in registries.loggers.names():
+        entry = registries.loggers.entry(name)
+        lines += [f"### `[log.{name}]`", "", f"{summary(entry.component)} (plugin `{entry.plugin}`)", ""]
+        lines += _options_table(entry.component.Options)
+    return lines
+
+
 def recipe_reference(registries: Registries) -> str:
     """The Markdown text of docs/recipes.md."""
     lines = [INTRO]
@@ -86,9 +104,10 @@ def recipe_reference(registries: Registries) -> str:
             lines.append(f"`use` names the {section.label} ({default}).")
             lines.append("")
         if attrs.fields(section.own):
-            lines.append(summary(section.own))
-            lines.append("")
+            lines += description(section.own)
             lines += _options_table(section.own)
+        if section.name == "log":
+            lines += _loggers(registries)
         if section.kind is None:
             continue
         registry = component_registry(section.kind, registries)
@@ -103,8 +122,29 @@ def recipe_reference(registries: Registries) -> str:
                 lines.append("Also reachable by name: " + ", ".join(f"`{e}`" for e in examples) + ".")
                 lines.append("")
             lines += _options_table(entry.component.Options)
+    lines += _methods_section(registries)
     lines.append(MODULES_SECTION)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _methods_section(registries: Registries) -> list[str]:
+    """The training methods: one table each, named after the method (docs/plugins/methods.md)."""
+    lines = [
+        "## Training methods: `[<method>]`",
+        "",
+        "A table named after a training method trains the recipe with it (one method at a time, greedily); "
+        "without one, the recipe trains plain greedy (or end to end). docs/plugins/methods.md says how a "
+        "method plugs into the greedy step.",
+        "",
+    ]
+    for name in registries.methods.names():
+        entry = registries.methods.entry(name)
+        lines += [f"### `[{name}]`", "", f"{summary(entry.component)} (plugin `{entry.plugin}`)", ""]
+        switch = getattr(entry.component, "switch", None)
+        if switch:
+            lines += [f"Off while `{switch}` is 0 (the table may then stay).", ""]
+        lines += _options_table(entry.component.Options)
+    return lines
 
 
 MODULES_SECTION = """## `[[modules]]`: hybrid schemes

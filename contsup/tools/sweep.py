@@ -30,7 +30,8 @@ import attrs
 from contsup import api
 from contsup.core import tomlw
 from contsup.errors import ContsupError, RecipeError, report_failure
-from contsup.config.recipe import build_recipe, is_recipe, is_sweep, load_with_extends, read_toml, set_path
+from contsup.config.reading import is_recipe, is_sweep, load_with_extends, read_toml, set_path
+from contsup.config.validation import build_recipe
 from contsup.core.registry import Registries
 from contsup.suggest import did_you_mean
 
@@ -71,7 +72,7 @@ class Run:
 
 
 def _literal(value: Any) -> str:
-    return tomlw._scalar(value)
+    return tomlw.value_literal(value)
 
 
 def _flatten_axes(table: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:

@@ -25,7 +25,7 @@ from torch import nn
 from contsup.errors import ContsupError
 from contsup.tools.plotting import new_figure, save_png
 from contsup.tools.probe import run_label
-from contsup.config.recipe import read_toml
+from contsup.config.reading import read_toml
 from contsup.training.rundir import RECIPE_FILE, atomic_write, load_model
 
 WEIGHTS_FILE = "weights.json"

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from contsup.errors import ContsupError
-from contsup.training.fit import check_fits
+from contsup.training.memory_fit import check_fits
 from contsup.training.precision import check_precision
 
 if TYPE_CHECKING:

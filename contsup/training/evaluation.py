@@ -90,7 +90,7 @@ def evaluation_counts(
         x, y = to_memory_format(x.to(device, non_blocking=True), channels_last), y.to(device, non_blocking=True)
         with precision.autocast():
             outs = network.module_outputs(x)
-            heads = [m.head(h) for m, h in zip(network.blocks, outs)]
+            heads = [m.head_output(h) for m, h in zip(network.blocks, outs)]
         for m, z in zip(network.blocks, heads):
             counts.add(m, z, y)
         counts.images(len(y))

@@ -6,9 +6,9 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
-from contsup.errors import ContsupError
+from contsup.errors import BatchError, ContsupError, one_line
 
 
 class TrainingFailed(ContsupError):
@@ -67,4 +67,61 @@ def stop_signals(handler: Callable[[str], None]) -> Iterator[None]:
             signal.signal(signum, old if old is not None else signal.SIG_DFL)
 
 
-__all__ = ["TrainingFailed", "NonFiniteLoss", "OutOfMemory", "Interrupted", "stopped", "stop_signals", "STOP_SIGNALS"]
+# -- what each failure says ---------------------------------------------------------------------
+
+
+def calmer(recipe: Any) -> str:
+    """What to change when training diverges."""
+    warmup = getattr(recipe.schedule.options, "warmup_epochs", None)
+    if warmup is None:
+        return "lower optimizer.lr"
+    if warmup > 0:
+        return f"lower optimizer.lr or lengthen schedule.warmup_epochs (now {warmup:g})"
+    return "lower optimizer.lr or add schedule.warmup_epochs"
+
+
+def non_finite_loss(module: int, loss: float, epoch: int, step: int, recipe: Any, kept: str) -> NonFiniteLoss:
+    return NonFiniteLoss(
+        f"the loss of module {module} became {loss:.4g} at epoch {epoch}, step {step}; {calmer(recipe)}; {kept}"
+    )
+
+
+def unusable_batch(
+    exc: BatchError, module: int | None, epoch: int, step: int, last_step: bool, train_size: int, recipe: Any, kept: str,
+) -> TrainingFailed:
+    """A local loss that cannot be computed on this batch: which module, where, and what to change."""
+    d = recipe.data
+    short = last_step and not d.drop_last and train_size % d.batch_size
+    remedy = (
+        f"it is the epoch's last, short batch ({short} image{'s' if short > 1 else ''}): set data.drop_last = true to leave it out"
+        if short else "use a larger data.batch_size"
+    )
+    where = f"module {module}" if module is not None else "the network"
+    return TrainingFailed(f"{where} cannot train on step {step} of epoch {epoch}: {one_line(str(exc))}; {remedy}; {kept}")
+
+
+def out_of_memory(
+    module: int | None, k: int, units: int, epoch: int, step: int, evaluating: bool, kept: str,
+) -> OutOfMemory:
+    """The GPU ran out of memory: where (training module ``module`` of ``k``, end to end, or
+    evaluating) and what would make it fit."""
+    if evaluating:
+        what = f"evaluating after epoch {epoch}; lower data.test_batch_size"
+    elif module is None:
+        what = (
+            f"training end to end at epoch {epoch}, step {step}; train greedily "
+            f"(run.mode = \"greedy\", partition.modules >= 2) or lower data.batch_size"
+        )
+    else:
+        more = f"use more modules (partition.modules = {min(2 * k, units)}), " if k < units else ""
+        what = (
+            f"in module {module} of {k} at epoch {epoch}, step {step}; {more}"
+            f"balance the modules by memory (partition.use = \"memory_balanced\") or lower data.batch_size"
+        )
+    return OutOfMemory(f"the GPU ran out of memory {what}; {kept}")
+
+
+__all__ = [
+    "TrainingFailed", "NonFiniteLoss", "OutOfMemory", "Interrupted", "stopped", "stop_signals", "STOP_SIGNALS", "calmer",
+    "non_finite_loss", "unusable_batch", "out_of_memory",
+]

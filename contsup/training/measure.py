@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from contsup.model.memory import SavedStorages, module_tensors, storage_bytes, storage_key
+from contsup.model.saved import SavedStorages, module_tensors, storage_bytes, storage_key
 from contsup.training.strategies import StepStats
 
 
@@ -32,13 +32,13 @@ class StepMemory:
         self.per_backward: list[int] = []
         self._in_backward = False
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
         if self._in_backward:
             self._in_backward = False
             self.recorder.clear()
-        return self.recorder._pack(t)
+        return self.recorder.pack(t)
 
-    def _unpack(self, t: torch.Tensor) -> torch.Tensor:
+    def unpack(self, t: torch.Tensor) -> torch.Tensor:
         if not self._in_backward:
             self._in_backward = True
             self.per_backward.append(self._alive())
@@ -61,19 +61,16 @@ def measure_step(strategy: Any, x: torch.Tensor, y: torch.Tensor) -> list[int]:
     pass, the saved-tensor bytes alive for it (greedy: one entry per module)."""
     network = strategy.network
     memory = StepMemory(module_tensors(network), x)
-    make_store = network.store
 
-    def store(x: torch.Tensor, detach: bool) -> Any:
-        s = make_store(x, detach)
-        memory.stores[:] = [s]
-        return s
+    def watch(store: Any) -> None:
+        memory.stores[:] = [store]
 
-    network.store = store  # instance attribute, removed below: the class's method is untouched
+    network.store_watchers.append(watch)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(memory._pack, memory._unpack):
+        with torch.autograd.graph.saved_tensors_hooks(memory.pack, memory.unpack):
             strategy.step(x, y, StepStats(network.num_modules), lambda module, loss: None)
     finally:
-        del network.store
+        network.store_watchers.remove(watch)
         memory.recorder.clear()
         memory.stores.clear()
     return memory.per_backward
@@ -138,15 +135,15 @@ class LiveMemory:
             self.current -= entry[0]
             del self.live[key]
 
-    def _pack(self, t: torch.Tensor) -> tuple[torch.Tensor, _Held | None]:
+    def pack(self, t: torch.Tensor) -> tuple[torch.Tensor, _Held | None]:
         # a detached alias (same storage): holding ``t`` itself, a saved output would reference
         # its own graph node, a cycle that only a backward without retain_graph breaks, so a
-        # retained graph (BackLink's) that no later backward walks, such as module l's head,
+        # retained graph (a training method's link) that no later backward walks, such as module l's head,
         # would stay alive, and be counted, to the end of the step
         return t.detach(), self.hold(t)
 
     @staticmethod
-    def _unpack(packed: tuple[torch.Tensor, Any]) -> torch.Tensor:
+    def unpack(packed: tuple[torch.Tensor, Any]) -> torch.Tensor:
         return packed[0]
 
     @contextlib.contextmanager
@@ -183,7 +180,7 @@ def measure_live(strategy: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, i
     for o in scoped:
         o.recompute_scope = meter.recomputation
     try:
-        with torch.autograd.graph.saved_tensors_hooks(meter._pack, meter._unpack):
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
             strategy.step(x, y, StepStats(network.num_modules), lambda module, loss: None)
     finally:
         for o in scoped:

@@ -14,7 +14,9 @@ from typing import Any, Callable, Sequence
 
 import attrs
 
-from contsup.config.recipe import Recipe, apply_overrides, build_recipe, load_recipe
+from contsup.config.reading import apply_overrides
+from contsup.config.recipe import Recipe, load_recipe
+from contsup.config.validation import build_recipe
 from contsup.core.registry import Registries
 from contsup.core.version import __version__
 from contsup.errors import ContsupError, RecipeError, one_line

@@ -7,9 +7,10 @@ optimizer and schedule per module) or end to end (one loss at the end, one optim
 A greedy step, per batch and module by module: h^c from detached context, forward, local loss,
 backward, optimizer step, pass ``h.detach()`` on. Only one module's graph is alive at a time.
 
-With BackLink (``[backlink] units = N``, docs/objectives.md) module l's last N units keep their
-graph until module l+1's backward has reached them, and module l steps only then, on the sum of
-both losses' gradients; nothing before those N units is reached by module l+1's loss.
+A training method (:class:`contsup.protocols.Method`, docs/plugins/methods.md) may link a
+module to the next: module l's last units keep their graph until module l+1's backward has
+reached them, and module l steps only then, on the sum of both losses' gradients; nothing before
+those units is reached by module l+1's loss.
 """
 
 from __future__ import annotations
@@ -22,16 +23,18 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from contsup.config.optim import lr_scheduler
 from contsup.errors import ContsupError
+from contsup.model.components import training_method
 from contsup.model.network import ContextModule, ContextStore, GreedyNetwork
+from contsup.partition import even_split
+from contsup.training.evaluation import EvalCounts, evaluation_counts
+from contsup.training.optimizers import ModuleOptimizer, SyncGradients, load_states, no_sync, states
 from contsup.training.precision import Precision
 
 if TYPE_CHECKING:
     from contsup.config.recipe import Recipe
 
 Check = Callable[[int, torch.Tensor], None]  # (module, loss): raises when the loss is unusable
-SyncGradients = Callable[[torch.optim.Optimizer], None]  # sums an optimizer's gradients over ranks
 
 
 @attrs.define
@@ -58,7 +61,7 @@ class StepStats:
             self.correct[i] += int((prediction == y).sum())
 
     def mean_loss(self) -> list[float | None]:
-        return [l / n if n else None for l, n in zip(self.loss, self.seen)]
+        return [module / n if n else None for module, n in zip(self.loss, self.seen)]
 
     def accuracy(self) -> list[float | None]:
         return [100.0 * c / n if n and c is not None else None for c, n in zip(self.correct, self.seen)]
@@ -84,106 +87,96 @@ class StepStats:
 
 
 class Strategy(Protocol):
-    """What the training loop asks of a way of learning."""
+    """What the training loop asks of a way of learning: a step on a batch, this process's test
+    counts, and the state a checkpoint keeps."""
 
     network: GreedyNetwork
-    optimizers: list[torch.optim.Optimizer]
-    schedulers: list[Any]
-    scalers: list[Any]
+    modules: tuple[int, ...]  # the (1-based) modules this process trains: all, but in a pipeline
     active_module: int | None  # the module being trained, for error messages (None: the whole network)
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats, check: Check, weight: float = 1.0) -> None:
+    def step(self, x: torch.Tensor | None, y: torch.Tensor | None, stats: StepStats, check: Check, weight: float = 1.0) -> None:
         """One optimizer step on a batch x: (B, C, H, W), y: (B,); the loss is scaled by ``weight``
         (this process's share of a batch split over several)."""
+
+    def evaluate(self, loader: Any, device: torch.device, precision: Precision, channels_last: bool) -> EvalCounts:
+        """This process's test counts, the heads of :attr:`modules` in eval mode."""
+
+    def state(self) -> dict[str, Any]:
+        """``model`` (the whole network's state dict) and the optimizers', schedulers' and grad
+        scalers' states in module order, as checkpoints keep them."""
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from what :meth:`state` gave."""
 
     def lr(self) -> float:
         """The current learning rate (of the first module's optimizer)."""
 
 
-def _no_sync(_optimizer: torch.optim.Optimizer) -> None:
-    """One process: the gradients are already those of the whole batch."""
+class Updates:
+    """The :class:`ModuleOptimizer` s of a strategy and their parts, read as lists (``optimizers``,
+    ``schedulers``, ``scalers``), and the state every local strategy keeps."""
+
+    network: GreedyNetwork
+    updates: list[ModuleOptimizer]
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [u.optimizer for u in self.updates]
+
+    @property
+    def schedulers(self) -> list[Any]:
+        return [u.scheduler for u in self.updates]
+
+    @property
+    def scalers(self) -> list[Any]:
+        return [u.scaler for u in self.updates]
+
+    def lr(self) -> float:
+        return self.updates[0].lr
+
+    def evaluate(self, loader: Any, device: torch.device, precision: Precision, channels_last: bool) -> EvalCounts:
+        return evaluation_counts(self.network, loader, device, precision, channels_last)
+
+    def state(self) -> dict[str, Any]:
+        return {"model": self.network.state_dict(), **states(self.updates)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.network.load_state_dict(state["model"])
+        load_states(self.updates, state)
 
 
-class GreedyStrategy:
+class GreedyStrategy(Updates):
     """Trains every module on its own local loss, with one optimizer and schedule per module.
 
     ``precision`` (default fp32) adds autocast and one grad scaler per module; ``sync`` sums a
-    module's gradients over the processes that share its batch, just before its optimizer steps."""
+    module's gradients over the processes that share its batch, just before its optimizer steps.
+    ``method``: a training method (:class:`contsup.protocols.Method`) the step serves through its
+    hooks: its parts' loss terms, a link into the previous module, a hook after each step."""
 
     def __init__(
         self, network: GreedyNetwork, optimizer: Any, schedule: Any, total_steps: int, steps_per_epoch: int,
-        precision: Precision | None = None, sync: SyncGradients = _no_sync, backlink: int = 0,
+        precision: Precision | None = None, sync: SyncGradients = no_sync, method: Any = None,
     ) -> None:
         self.network = network
-        self.backlink = int(backlink)
-        self.optimizers = [optimizer.build(m.parameters()) for m in network.blocks]
-        self.schedulers = [lr_scheduler(o, schedule, total_steps, steps_per_epoch) for o in self.optimizers]
+        self.modules = tuple(range(1, network.num_modules + 1))
+        self.method = method
         self.precision = precision or Precision()
-        self.scalers = [self.precision.scaler() for _ in self.optimizers]
-        self.sync = sync
+        self.updates = [
+            ModuleOptimizer(trainable(m), optimizer, schedule, total_steps, steps_per_epoch, self.precision, sync)
+            for m in network.blocks
+        ]
+        link = getattr(method, "link", None)
+        k = network.num_modules
+        self.links = [int(link(m.index, k, len(m.body))) if link is not None else 0 for m in network.blocks]
         self.active_module: int | None = None
+        self.pending: int | None = None  # a module whose step waits for the next module's backward (0-based)
 
     def step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats, check: Check, weight: float = 1.0) -> None:
         """One greedy step on a batch x: (B, C, H, W), y: (B,): module by module."""
-        if self.backlink > 0:
-            return self._backlink_step(x, y, stats, check, weight)
         store = self.network.store(x, detach=True)
-        h = x
+        h, self.pending = x, None
         for m in self.network.blocks:
             h = self.train_module(m, h, store, x, y, stats, check, weight)
-        self.active_module = None
-
-    def _finish(self, i: int) -> None:
-        """Module i+1's optimizer and schedule step, on the gradients it has gathered."""
-        opt, scaler = self.optimizers[i], self.scalers[i]
-        self.sync(opt)
-        scaler.step(opt)
-        scaler.update()
-        self.schedulers[i].step()
-
-    def _backlink_step(self, x: torch.Tensor, y: torch.Tensor, stats: StepStats, check: Check, weight: float) -> None:
-        """A greedy step with BackLink: module l (l < K) runs its body as prefix -> suffix (its
-        last N units), the suffix from a detached copy of the prefix's output. Its own loss
-        back-propagates through the suffix (keeping the suffix's graph), then through the prefix
-        and adapters; h_l goes on to module l+1 undetached, so module l+1's loss reaches the
-        suffix and stops at its detached input. Module l steps after module l+1's backward."""
-        store = self.network.store(x, detach=True)
-        blocks = list(self.network.blocks)
-        h, pending = x, None  # pending: the module whose step waits for the next one's backward
-        for m in blocks:
-            i = m.index - 1
-            opt, scaler = self.optimizers[i], self.scalers[i]
-            self.active_module = m.index
-            linked = m.index < len(blocks)
-            if pending is not None and scaler.is_enabled():  # module l's grads in module l's loss scale
-                ratio = float(self.scalers[pending].get_scale()) / float(scaler.get_scale())
-                h.register_hook(lambda g, r=ratio: g * r)
-            with self.precision.autocast():
-                hc = m.enrich(h, store.gather(m.sources))
-                store.add(m.index - 1, hc)
-                if linked:
-                    prefix, suffix = split_body(m, self.backlink)
-                    p = prefix(hc)
-                    p_in = p.detach().requires_grad_(True)
-                    out = suffix(p_in)
-                else:
-                    out = m.body(hc)
-                result = m.loss(out, y, x)
-            check(m.index, result.total)
-            opt.zero_grad(set_to_none=True)
-            loss = result.total if weight == 1.0 else result.total * weight
-            scaler.scale(loss).backward(retain_graph=linked)  # the suffix's graph waits for module l+1
-            if linked and p.requires_grad:
-                p.backward(p_in.grad)  # the prefix, adapters (and module l-1's span) from module l's loss
-            if pending is not None:
-                self._finish(pending)
-            stats.add(m.index, float(result.local), result.prediction, y)
-            store.release(m.index)
-            del result, loss
-            if linked:
-                h, pending = out, i
-            else:
-                self._finish(i)
         self.active_module = None
 
     def train_module(
@@ -191,31 +184,84 @@ class GreedyStrategy:
         stats: StepStats, check: Check, weight: float = 1.0, begin: bool = True, finish: bool = True,
     ) -> torch.Tensor:
         """Module ``m``'s part of a greedy step: h^c from detached context, forward, local loss,
-        backward and (when ``finish``) its own optimizer and schedule step. Returns its output
-        detached, for the next module. ``begin``, ``finish`` and ``weight`` let micro-batches
-        accumulate gradients into one step (the pipeline uses them)."""
+        backward and (when ``finish``) its own optimizer and schedule step. Returns its output for
+        the next module: detached, or, where the method links module ``m`` to the next one, with
+        the graph of its last units (their input detached), and its step waits for that backward.
+        ``begin``, ``finish`` and ``weight`` let micro-batches accumulate gradients into one step
+        (the pipeline uses them)."""
         i = m.index - 1
-        opt, sched, scaler = self.optimizers[i], self.schedulers[i], self.scalers[i]
+        update, span, pending = self.updates[i], self.links[i], self.pending
         self.active_module = m.index
+        if pending is not None and update.scaler.is_enabled():  # module l's grads in module l's loss scale
+            ratio = float(self.updates[pending].scaler.get_scale()) / float(update.scaler.get_scale())
+            h.register_hook(lambda g, r=ratio: g * r)
         with self.precision.autocast():
-            out = store.run(m, h)
+            hc = m.enrich(h, store.gather(m.sources))
+            store.add(m.index - 1, hc)
+            if span:
+                prefix, suffix = split_body(m, span)
+                p = prefix(hc)
+                p_in = p.detach().requires_grad_(True)
+                out = suffix(p_in)
+            else:
+                p = p_in = None
+                out = m.body(hc)
             result = m.loss(out, y, x)
         check(m.index, result.total)
+        linked, own = self._terms(m, result)
         if begin:
-            opt.zero_grad(set_to_none=True)
-        loss = result.total if weight == 1.0 else result.total * weight
-        scaler.scale(loss).backward()
-        if finish:
-            self.sync(opt)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
+            update.zero_grad()
+        keep = bool(span) or own is not None  # the last units' graph waits for the next module
+        if linked is not None:
+            update.backward(linked, weight, retain_graph=keep)
+        if p is not None and p.requires_grad and p_in.grad is not None:  # the prefix, adapters and the previous span
+            p.backward(p_in.grad, retain_graph=own is not None)
+        if own is not None:
+            self._own_backward(m, own, weight, p, p_in, retain=bool(span))
+        if pending is not None:
+            self._finish(pending)
         stats.add(m.index, float(result.local), result.prediction, y)
         store.release(m.index)
+        del result
+        if span:
+            self.pending = i
+            return out
+        self.pending = None
+        if finish:
+            self._finish(i)
         return out.detach()
 
-    def lr(self) -> float:
-        return self.optimizers[0].param_groups[0]["lr"]
+    def _terms(self, m: ContextModule, result: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(linked, own): the module's loss as the method splits it (all linked without one)."""
+        terms = getattr(self.method, "terms", None)
+        if terms is None:
+            return result.total, None
+        return terms(m.index, self.network.num_modules, result.total, result.extra)
+
+    def _own_backward(self, m: ContextModule, own: torch.Tensor, weight: float, p: Any, p_in: Any, retain: bool) -> None:
+        """The term that stays in module ``m``: its gradients reach m's own parameters only."""
+        params = trainable(m)
+        update = self.updates[m.index - 1]
+        if p_in is None:
+            update.backward(own, weight, inputs=params)
+            return
+        p_in.grad = None  # the linked term's share went back already
+        update.backward(own, weight, retain_graph=retain, inputs=[*params, p_in])
+        if p.requires_grad and p_in.grad is not None:  # on through the prefix and adapters, not the previous module
+            torch.autograd.backward(p, p_in.grad, inputs=params)
+
+    def _finish(self, i: int) -> None:
+        """Module i+1's optimizer and schedule step, then the method's hook after it."""
+        self.updates[i].step()
+        after = getattr(self.method, "after_step", None)
+        if after is not None:
+            after(self.network.blocks[i], self.network)
+
+
+def trainable(m: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``m`` an optimizer updates: those that require grad (a method's frozen
+    copy does not)."""
+    return [q for q in m.parameters() if q.requires_grad]
 
 
 def split_body(m: ContextModule, units: int) -> tuple[nn.Module, nn.Module]:
@@ -223,8 +269,8 @@ def split_body(m: ContextModule, units: int) -> tuple[nn.Module, nn.Module]:
     when it has fewer)."""
     if not isinstance(m.body, nn.Sequential):
         raise ContsupError(
-            f"backlink.units: module {m.index}'s body is a {type(m.body).__name__}, not a sequence of units; "
-            f"BackLink needs one (use backlink.units = 0)"
+            f"module {m.index}'s body is a {type(m.body).__name__}, not a sequence of units; the training "
+            f"method links the next module's loss into its last units and needs one"
         )
     n = len(m.body)
     cut = max(0, n - units)
@@ -240,19 +286,19 @@ def e2e_parameters(network: GreedyNetwork) -> list[nn.Parameter]:
     return params
 
 
-class EndToEndStrategy:
+class EndToEndStrategy(Updates):
     """Back-propagates the final cross-entropy through the whole network (adapters included)."""
 
     def __init__(
         self, network: GreedyNetwork, optimizer: Any, schedule: Any, total_steps: int, steps_per_epoch: int,
-        precision: Precision | None = None, sync: SyncGradients = _no_sync,
+        precision: Precision | None = None, sync: SyncGradients = no_sync,
     ) -> None:
         self.network = network
-        self.optimizers = [optimizer.build(e2e_parameters(network))]
-        self.schedulers = [lr_scheduler(self.optimizers[0], schedule, total_steps, steps_per_epoch)]
+        self.modules = tuple(range(1, network.num_modules + 1))
         self.precision = precision or Precision()
-        self.scalers = [self.precision.scaler()]
-        self.sync = sync
+        self.updates = [
+            ModuleOptimizer(e2e_parameters(network), optimizer, schedule, total_steps, steps_per_epoch, self.precision, sync)
+        ]
         self.active_module: int | None = None  # the whole network trains at once
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -265,26 +311,16 @@ class EndToEndStrategy:
             out = self.forward(x)
             result = last.loss(out, y, x)
         check(last.index, result.total)
-        opt, scaler = self.optimizers[0], self.scalers[0]
-        opt.zero_grad(set_to_none=True)
-        loss = result.total if weight == 1.0 else result.total * weight
-        scaler.scale(loss).backward()
-        self.sync(opt)
-        scaler.step(opt)
-        scaler.update()
-        self.schedulers[0].step()
+        update = self.updates[0]
+        update.zero_grad()
+        update.backward(result.total, weight)
+        update.step()
         stats.add(last.index, float(result.local), result.prediction, y)
-
-    def lr(self) -> float:
-        return self.optimizers[0].param_groups[0]["lr"]
 
 
 def segment_sizes(units: int, segments: int) -> list[int]:
     """``units`` split into ``segments`` contiguous groups, as equal as possible (larger first)."""
-    if not 1 <= segments <= units:
-        raise ValueError(f"segments must be between 1 and {units}, got {segments}")
-    base, extra = divmod(units, segments)
-    return [base + (1 if i < extra else 0) for i in range(segments)]
+    return list(even_split(units, segments, larger_first=True))
 
 
 class CheckpointStrategy(EndToEndStrategy):
@@ -298,7 +334,7 @@ class CheckpointStrategy(EndToEndStrategy):
 
     def __init__(
         self, network: GreedyNetwork, optimizer: Any, schedule: Any, total_steps: int, steps_per_epoch: int,
-        segments: int, precision: Precision | None = None, sync: SyncGradients = _no_sync,
+        segments: int, precision: Precision | None = None, sync: SyncGradients = no_sync,
     ) -> None:
         super().__init__(network, optimizer, schedule, total_steps, steps_per_epoch, precision=precision, sync=sync)
         if any(m.sources for m in network.blocks):
@@ -329,10 +365,10 @@ STRATEGIES = {"greedy": GreedyStrategy, "e2e": EndToEndStrategy}
 
 
 def make_strategy(
-    recipe: Recipe, network: GreedyNetwork, steps_per_epoch: int, precision: Precision, sync: SyncGradients = _no_sync
+    recipe: Recipe, network: GreedyNetwork, steps_per_epoch: int, precision: Precision, sync: SyncGradients = no_sync
 ) -> Strategy:
     """The recipe's strategy (``run.mode``), with its optimizer(s) and schedule(s) over the run."""
-    extra = {"backlink": recipe.backlink.units} if recipe.run.mode == "greedy" and recipe.backlink.units else {}
+    extra = {"method": training_method(recipe)} if recipe.run.mode == "greedy" else {}
     return STRATEGIES[recipe.run.mode](
         network, recipe.optimizer.create(), recipe.schedule.create(), steps_per_epoch * recipe.run.epochs,
         steps_per_epoch, precision=precision, sync=sync, **extra,
@@ -340,6 +376,6 @@ def make_strategy(
 
 
 __all__ = [
-    "StepStats", "Strategy", "GreedyStrategy", "EndToEndStrategy", "CheckpointStrategy", "segment_sizes", "STRATEGIES",
+    "StepStats", "Strategy", "Updates", "GreedyStrategy", "EndToEndStrategy", "CheckpointStrategy", "segment_sizes", "STRATEGIES",
     "make_strategy", "e2e_parameters", "split_body",
 ]

@@ -181,7 +181,7 @@ def stage_sources(module: int, layout: NetworkLayout, *, input: bool = True) -> 
     return tuple(chosen)
 
 
-class Stage:
+class StageSelector:
     """Module l gets x and h_j^c, the input of the first module j+1 whose input has module l's
     shape (C, H, W), when j+1 < l: the entry of l's resolution stage (a module opening a stage
     gets x only). It reads the network's layout; on ResNet-32 with K = 16: module 2 x, 3-7 x and
@@ -204,7 +204,7 @@ class Stage:
         )
         start: float = option(0.1, doc="as for the contsup selector (see its start option)", validator=_scale)
 
-    def __init__(self, options: "Stage.Options") -> None:
+    def __init__(self, options: "StageSelector.Options") -> None:
         self.options = options
 
     def sources(self, module: int, num_modules: int, layout: NetworkLayout) -> tuple[Source, ...]:
@@ -219,12 +219,12 @@ class Stage:
 @hookimpl
 def register_context_selectors(register):
     register(ContSup)
-    register(Stage)
+    register(StageSelector)
 
 
 def __getattr__(name: str) -> Any:
-    """``from contsup_context import InputEncoder`` still works: the adapter classes, which live
-    in ``contsup_context.adapters``, imported on first use (they need torch)."""
+    """The adapter classes (``from contsup_context import InputEncoder``), which live in
+    ``contsup_context.adapters``, imported on first use (they need torch)."""
     if name in _ADAPTERS:
         from contsup_context import adapters
 

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from contsup.adapters import (
-    OFFICIAL_ENCODER_WIDTH, InputEncoder, OfficialShortcutAdapter, ShortcutAdapter, official_adapter, paper_adapter, pool_to,
+    OFFICIAL_ENCODER_WIDTH, InputEncoder, OfficialShortcutAdapter, ShortcutAdapter, official_adapter, paper_adapter,
 )
+from contsup.layers import conv_bn_relu, pool_to
 from contsup.types import Shape
 
 
@@ -28,9 +29,7 @@ class FastInputEncoder(nn.Module):
     def __init__(self, source_shape: Shape, target_shape: Shape) -> None:
         super().__init__()
         self.pool = pool_to(target_shape[1:], source_shape[1:])
-        self.conv = nn.Conv2d(source_shape[0], target_shape[0], 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(target_shape[0])
-        self.act = nn.ReLU(inplace=True)
+        self.conv, self.bn, self.act = conv_bn_relu(source_shape[0], target_shape[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(self.pool(x))))

@@ -49,7 +49,7 @@ class Synthetic:
         o = self.options
         gen = torch.Generator().manual_seed(o.seed)
         templates = torch.randn((o.classes, *o.shape), generator=gen)
-        gen.manual_seed((o.seed * 2 + (1 if train else 2)) % 2**64)  # any TOML integer seed, same streams as before
+        gen.manual_seed((o.seed * 2 + (1 if train else 2)) % 2**64)  # any TOML integer seed (a negative one too)
         n = o.train_size if train else o.test_size
         y = torch.randint(0, o.classes, (n,), generator=gen)
         x = templates[y] + o.noise * torch.randn((n, *o.shape), generator=gen)

@@ -78,8 +78,8 @@ def register_decoders(register):
 
 
 def __getattr__(name: str) -> Any:
-    """``from contsup_decoders import ReconstructionDecoder`` still works: the network, which lives
-    in ``contsup_decoders.reconstruction``, imported on first use (it needs torch)."""
+    """The decoder network (``from contsup_decoders import ReconstructionDecoder``), which lives in
+    ``contsup_decoders.reconstruction``, imported on first use (it needs torch)."""
     if name == "ReconstructionDecoder":
         from contsup_decoders.reconstruction import ReconstructionDecoder
 

@@ -38,7 +38,19 @@ def _auglocal(spec: HeadSpec, out: int, options) -> "nn.Module":
     return AugLocalHead(spec, out=out, depth=options.depth, pyramid=options.pyramid)
 
 
-class CrossEntropy:
+class _HeadsByPosition:
+    """What the engine asks of an objective whose head may be AugLocal's: ``contsup plan`` lists
+    its heads under ``plan_keys``, and the cost model measures a head built from later units once
+    per position (``head_key``), not once per shape."""
+
+    plan_keys = ("auglocal",)
+    options: Any
+
+    def head_key(self, spec: HeadSpec) -> tuple | None:
+        return (spec.last_unit, spec.module, spec.num_modules) if self.options.head == "auglocal" else None
+
+
+class CrossEntropy(_HeadsByPosition):
     """Softmax cross-entropy on an auxiliary classifier (the paper's "softmax" objective)."""
 
     name = "cross_entropy"
@@ -69,7 +81,7 @@ class CrossEntropy:
         return z.argmax(dim=1)
 
 
-class SupCon:
+class SupCon(_HeadsByPosition):
     """Supervised contrastive loss on L2-normalised embeddings (the paper's "contrast" objective);
     its head ends in a 128 -> ``dim`` layer instead of a classifier."""
 
@@ -114,7 +126,7 @@ _HEADS = ("VARIANTS", "AuxClassifier", "Normalized")
 
 
 def __getattr__(name: str) -> Any:
-    """``from contsup_objectives import AuxClassifier`` still works: the heads, which live in
+    """The head classes (``from contsup_objectives import AuxClassifier``), which live in
     ``contsup_objectives.heads``, imported on first use (they need torch)."""
     if name in _HEADS:
         from contsup_objectives import heads

@@ -19,14 +19,13 @@ average pooling) bridges the two.
 
 from __future__ import annotations
 
-import copy
 from typing import Sequence
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from contsup.adapters import ShortcutAdapter
+from contsup.layers import fresh_copy
 from contsup.errors import ContsupError
 from contsup.types import HeadSpec, Shape
 
@@ -50,24 +49,11 @@ def sample_units(last_unit: int, num_units: int, depth: int) -> list[int]:
     return [round(last_unit + later * i / depth) for i in range(1, depth + 1)]
 
 
-def fresh_copy(unit: nn.Module) -> nn.Module:
-    """A deep copy of ``unit`` with every submodule's parameters and buffers reinitialised.
-
-    The copy is made outside any fake-tensor mode: contsup counts memory on fake tensors
-    (``contsup plan``, the fit check), and a deep copy cannot run inside one. A fake unit's copy
-    is still fake, a real one's real; the reinitialisation runs in the caller's mode."""
-    with unset_fake_temporarily():
-        twin = copy.deepcopy(unit)
-    for m in twin.modules():
-        reset = getattr(m, "reset_parameters", None)
-        if callable(reset):
-            reset()
-    return twin
-
-
 class AugLocalHead(nn.Module):
     """Copies of sampled later units (bridged where shapes differ), global average pool, one
     linear layer to ``out``. h: (B, C, H, W) -> (B, out). ``sampled`` names the units copied."""
+
+    plan_key = "auglocal"  # what contsup plan lists it under (the objectives' plan_keys)
 
     def __init__(self, spec: HeadSpec, out: int, depth: int, pyramid: float) -> None:
         super().__init__()
@@ -92,6 +78,16 @@ class AugLocalHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(h)))
+
+    def plan_detail(self, unit_shapes: Sequence[Shape]) -> dict:
+        """What contsup plan says of the head: its depth and the units it copies, with their shapes."""
+        shapes = [list(unit_shapes[u]) for u in self.sampled]
+        copied = ", ".join(f"{u} ({'x'.join(map(str, s))})" for u, s in zip(self.sampled, shapes))
+        return {
+            "depth": int(self.depth), "units": [int(u) for u in self.sampled], "unit_shapes": shapes,
+            "title": "fresh copies (own weights, reinitialised) of later backbone units, then pool + linear",
+            "columns": {"depth": int(self.depth), "copies of units (output shape)": copied},
+        }
 
 
 def copied_units(head: AugLocalHead) -> Sequence[nn.Module]:

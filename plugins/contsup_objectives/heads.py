@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from contsup.adapters import autocast_state, chunkable, conv_bn_relu_backward_in_chunks
+from contsup.layers import autocast_state, chunkable, conv_bn_relu, conv_bn_relu_backward_in_chunks
 from contsup.types import HeadSpec
 
 VARIANTS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")  # the recipe key's choices (HeadVariant; a test keeps them equal)
@@ -26,10 +26,6 @@ def conv_plan(spec: HeadSpec) -> tuple[int, int]:
     if height > spec.final_shape[1]:
         return 2, 2 * channels
     return 1, channels
-
-
-def _conv_bn_relu(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
 class AuxClassifier(nn.Module):
@@ -46,8 +42,8 @@ class AuxClassifier(nn.Module):
         width = spec.shape[0]
         if convs:
             stride, conv_width = conv_plan(spec)
-            layers += _conv_bn_relu(width, conv_width, stride)
-            layers += [m for _ in range(convs - 1) for m in _conv_bn_relu(conv_width, conv_width, 1)]
+            layers += conv_bn_relu(width, conv_width, stride=stride)
+            layers += [m for _ in range(convs - 1) for m in conv_bn_relu(conv_width, conv_width)]
             width = conv_width
         self.features = nn.Sequential(*layers)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
@@ -65,7 +61,7 @@ class AuxClassifier(nn.Module):
     def recompute_lean(self, h: torch.Tensor, scope: Callable[[], Any]) -> torch.Tensor | None:
         """``context.recompute_head``'s path for a one-conv head (``1c*f``): the output of
         ``self(h)``, keeping h and the pooled features for backward, which makes the conv+BN+ReLU
-        layer again in channel chunks (:func:`contsup.adapters.conv_bn_relu_backward_in_chunks`,
+        layer again in channel chunks (:func:`contsup.layers.conv_bn_relu_backward_in_chunks`,
         the plain gradients to the bit). None for other heads, or layers swapped in (a synchronised
         batch norm): the caller then checkpoints the whole head."""
         layers = list(self.features)

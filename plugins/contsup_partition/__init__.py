@@ -6,17 +6,8 @@ import attrs
 
 from contsup import ContsupError, hookimpl
 from contsup.options import at_least, option
-from contsup.partition import min_max_split, split_peak
+from contsup.partition import even_split as uniform_split, min_max_split, split_peak
 from contsup.types import Costs
-
-
-def uniform_split(n: int, k: int) -> tuple[int, ...]:
-    """K unit counts as equal as possible, the earlier modules one fewer when K does not divide n
-    (55 units, K=4 -> 13, 14, 14, 14)."""
-    if not 1 <= k <= n:
-        raise ValueError(f"cannot cut {n} units into {k} non-empty modules")
-    base, extra = divmod(n, k)
-    return tuple(base + (1 if i >= k - extra else 0) for i in range(k))
 
 
 class Uniform:
@@ -39,7 +30,7 @@ class MemoryBalanced:
     """The exact contiguous split minimising the largest module's measured training memory."""
 
     name = "memory_balanced"
-    needs_costs = True  # build_network measures per-unit costs (contsup.model.memory) before split()
+    needs_costs = True  # build_network measures per-unit costs (contsup.model.fitting) before split()
 
     @attrs.frozen
     class Options:

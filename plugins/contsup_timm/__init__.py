@@ -114,7 +114,7 @@ def register_backbones(register):
 
 
 def __getattr__(name: str) -> Any:
-    """``from contsup_timm import CifarResNet`` still works: the network, which lives in
+    """The network class (``from contsup_timm import CifarResNet``), which lives in
     ``contsup_timm.cifar_resnet``, imported on first use (it needs torch and timm)."""
     if name == "CifarResNet":
         from contsup_timm.cifar_resnet import CifarResNet

@@ -27,7 +27,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from contsup.config.recipe import Recipe
 from contsup.errors import ContsupError
-from contsup.model.memory import CostModel, partition_costs, recipe_parts
+from contsup.model.build import recipe_parts
+from contsup.model.costs import CostModel
+from contsup.model.fitting import partition_costs
 from contsup.model.network import check_split
 
 GB = 1e9

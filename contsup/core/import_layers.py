@@ -17,7 +17,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("config", ("contsup.config",)),
     ("core", ("contsup.core",)),
     ("plugin API", (
-        "contsup.adapters", "contsup.errors", "contsup.hookspecs", "contsup.options", "contsup.partition",
+        "contsup.adapters", "contsup.errors", "contsup.hookspecs", "contsup.layers", "contsup.options", "contsup.partition",
         "contsup.protocols", "contsup.suggest", "contsup.types",
     )),
 )

@@ -8,9 +8,10 @@ import re
 import pytest
 import torch
 
-import contsup.training.fit as fit
-from contsup.cli import main, plan_data
-from contsup.training.fit import check_fits, estimate_need
+import contsup.training.memory_fit as fit
+from contsup.cli import main
+from contsup.tools.plan import plan_data
+from contsup.training.memory_fit import check_fits, estimate_need
 
 from conftest import ROOT, small_recipe_text
 

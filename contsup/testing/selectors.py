@@ -1,19 +1,10 @@
-"""Helpers for plugin authors' own tests.
-
-``plugin_manager`` and ``registries`` load the built-ins and your plugin, and nothing else
-installed, so other plugins cannot change what a test sees. ``check_selector`` checks a context
-selector against the engine's contract for every 1 <= l <= K <= 32 and raises an
-``AssertionError`` naming the module and K of every problem it finds. ``network_layout`` builds
-the :class:`~contsup.types.NetworkLayout` a recipe's selector is given, and ``preview_sources``
-the sources a selector gives every module of a recipe's network, without the command line.
-"""
+"""``check_selector`` and ``check_adapter``: a context selector (and the adapters it builds)
+against the engine's contract, every problem one line naming the module and K."""
 
 from __future__ import annotations
 
 import gc
-import importlib.metadata
 import weakref
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import attrs
@@ -22,16 +13,8 @@ from torch import nn
 
 from contsup.model.components import make_adapter, selector_sources, takes_layout
 from contsup.model.network import ContextModule, FinalCrossEntropy, GreedyNetwork
-from contsup.model.network import _check_sources as check_module_sources, network_layout as _network_layout
-from contsup.core.plugins import PluginInfo, PluginManager, get_plugin_manager
-from contsup.config.recipe import Recipe, load_recipe, loads_recipe
-from contsup.core.registry import Registries
 from contsup.types import NetworkLayout, Shape, Source
 
-__all__ = [
-    "plugin_manager", "registries", "validate_recipe", "recipe", "network_layout", "preview_sources",
-    "check_selector", "check_adapter", "chain_layout", "SHAPE_PROFILES",
-]
 
 # Representative (input shape, [module input shapes h, ...]) of the networks contsup trains.
 SHAPE_PROFILES: dict[str, tuple[Shape, list[Shape]]] = {
@@ -44,92 +27,6 @@ SHAPE_PROFILES: dict[str, tuple[Shape, list[Shape]]] = {
 MAX_PROBLEMS = 20
 BATCH = 2
 
-
-# -- plugin managers -------------------------------------------------------------------------
-
-
-def _origin(plugin: object, name: str) -> tuple[str, str, str, str]:
-    """(plugin name, distribution, version, entry point) of an installed plugin, else its module."""
-    module = getattr(plugin, "__name__", None)
-    for ep in importlib.metadata.entry_points(group="contsup"):
-        if module is not None and ep.value == module:
-            dist = getattr(ep, "dist", None)
-            return ep.name, getattr(dist, "name", "?"), getattr(dist, "version", "?"), ep.value
-    return name, "(not installed)", "?", ""
-
-
-def plugin_manager(*plugins: object) -> PluginManager:
-    """The built-ins plus ``plugins`` (modules or objects with hook implementations), and no
-    other installed plugin. Errors in your hooks are raised, not recorded."""
-    pm = get_plugin_manager(entry_points=False)
-    pm.strict = True
-    for plugin in plugins:
-        default = getattr(plugin, "__name__", None) or type(plugin).__name__
-        name, distribution, version, entry_point = _origin(plugin, default)
-        pm.register(plugin, name=name)
-        pm.check_pending()  # a misspelt hook name is an error, not a silent no-op
-        pm.info[name] = PluginInfo(name, distribution, version, builtin=False, entry_point=entry_point)
-    return pm
-
-
-def registries(*plugins: object) -> Registries:
-    """The component registries of the built-ins plus ``plugins``."""
-    return Registries.from_plugin_manager(plugin_manager(*plugins))
-
-
-def validate_recipe(text: str, *plugins: object, source: str = "test.toml") -> Recipe:
-    """Validate recipe TOML ``text`` against the built-ins plus ``plugins``; raises RecipeError."""
-    return loads_recipe(text, registries(*plugins), source=source)
-
-
-def recipe(recipe_or_path: Any, *plugins: object, overrides: Sequence[str] = ()) -> Recipe:
-    """A validated recipe from a :class:`Recipe`, a path to a TOML file or TOML text (a string
-    with a line break), with the built-ins plus ``plugins``; ``overrides`` as ``--set`` takes
-    them (``'context.use="stage"'``). Raises RecipeError."""
-    if isinstance(recipe_or_path, Recipe):
-        if overrides:
-            raise ValueError("overrides need a path or TOML text, not a Recipe")
-        return recipe_or_path
-    regs = registries(*plugins)
-    if isinstance(recipe_or_path, str) and "\n" in recipe_or_path:
-        if overrides:
-            raise ValueError("overrides need a path; put the keys in the TOML text")
-        return loads_recipe(recipe_or_path, regs)
-    return load_recipe(Path(recipe_or_path), overrides, regs)
-
-
-def network_layout(recipe_or_path: Any, *plugins: object, overrides: Sequence[str] = ()) -> NetworkLayout:
-    """The :class:`~contsup.types.NetworkLayout` the recipe's selectors are given: every
-    module's input and output shape, unit range and stage, from the recipe's split. Builds the
-    backbone once on CPU (a forward pass of a batch of two to trace shapes), reads no data."""
-    return _network_layout(recipe(recipe_or_path, *plugins, overrides=overrides))
-
-
-def _selector(selector_or_name: Any, *plugins: object) -> Any:
-    if isinstance(selector_or_name, str):
-        resolved = registries(*plugins).context_selectors.resolve(selector_or_name)
-        return resolved.component(resolved.component.Options(**resolved.preset))
-    return _instance(selector_or_name)
-
-
-def preview_sources(selector_or_name: Any, recipe_or_path: Any, *plugins: object) -> dict[int, tuple[str, ...]]:
-    """The sources ``selector_or_name`` gives every module of the recipe's network, keyed by the
-    1-based module, as ``contsup plan`` prints them (``"x"``, ``"hJ"``).
-
-    The selector is a name as a recipe writes it (``"stage"``, ``"R1E"``, one of ``plugins``'
-    names), a class (built with default options) or an instance; the recipe is a
-    :class:`Recipe`, a path or TOML text. Every module is given this selector, whatever the
-    recipe's ``[context]`` says; the answers are checked against the index convention as the
-    engine checks them (a ``ContsupError`` names the module)."""
-    selector = _selector(selector_or_name, *plugins)
-    layout = network_layout(recipe_or_path, *plugins)
-    k = layout.num_modules
-    out = {}
-    for l in range(1, k + 1):
-        sources = selector_sources(selector, l, k, layout)
-        check_module_sources(sources, l, k, selector)
-        out[l] = tuple(str(s) for s in sources)
-    return out
 
 
 # -- the selector checker ----------------------------------------------------------------------
@@ -179,7 +76,8 @@ def _ranges(values: Sequence[int]) -> str:
     return ", ".join(parts)
 
 
-def _instance(selector: Any) -> Any:
+def instance(selector: Any) -> Any:
+    """A selector instance: ``selector`` itself, or the class built with its default options."""
     if isinstance(selector, type):
         options = getattr(selector, "Options", None)
         if options is None or not attrs.has(options):
@@ -206,7 +104,7 @@ def check_selector(
     modules over a small three-stage network (``chain_layout(K)``); ``layouts`` (for example
     ``network_layout(recipe)``) adds the source checks on those networks too.
     """
-    selector = _instance(selector)
+    selector = instance(selector)
     problems = _Problems(_who(selector))
     if not isinstance(getattr(selector, "name", None), str):
         problems.add("'name' must be a string: the name recipes use in [context] use = ...")
@@ -246,15 +144,15 @@ def _source_kinds(selector: Any, max_modules: int) -> set[bool]:
     return {
         s.is_input
         for k in range(1, max_modules + 1)
-        for l in range(1, k + 1)
-        for s in selector_sources(selector, l, k, chain_layout(k))
+        for module in range(1, k + 1)
+        for s in selector_sources(selector, module, k, chain_layout(k))
     }
 
 
-def _allowed(l: int) -> str:
-    if l == 1:
+def _allowed(module: int) -> str:
+    if module == 1:
         return "module 1 gets no context"
-    return f"module {l} may use x and h0" + (f"..h{l - 2}" if l > 2 else "")
+    return f"module {module} may use x and h0" + (f"..h{module - 2}" if module > 2 else "")
 
 
 def chain_layout(k: int) -> NetworkLayout:
@@ -277,31 +175,31 @@ def _check_sources(selector: Any, max_modules: int, problems: _Problems, layouts
     cases = [(k, chain_layout(k) if takes_layout(selector) else None) for k in range(1, max_modules + 1)]
     cases += [(layout.num_modules, layout) for layout in layouts]
     for k, layout in cases:
-        for l in range(1, k + 1):
+        for module in range(1, k + 1):
             try:
-                sources = selector_sources(selector, l, k, layout)
-                again = selector_sources(selector, l, k, layout)
+                sources = selector_sources(selector, module, k, layout)
+                again = selector_sources(selector, module, k, layout)
             except Exception as exc:  # reported, not raised: show every problem at once
-                problems.add(f"sources({l}, K) raised {type(exc).__name__}: {exc}", l, k)
+                problems.add(f"sources({module}, K) raised {type(exc).__name__}: {exc}", module, k)
                 continue
             if sources != again:
                 problems.add(
                     f"sources gave {_names(sources)} then {_names(again)}; it must give the same every time "
-                    f"(contsup rebuilds the network from the recipe to load a trained model)", l, k,
+                    f"(contsup rebuilds the network from the recipe to load a trained model)", module, k,
                 )
             seen: set[Source] = set()
             for s in sources:
                 if not isinstance(s, Source):
                     problems.add(
                         f"sources returned {s!r} ({type(s).__name__}); expected a contsup.types.Source "
-                        f"(Source.input() or Source.feature(j))", l, k,
+                        f"(Source.input() or Source.feature(j))", module, k,
                     )
                     continue
                 if s in seen:
-                    problems.add(f"sources returned {s} twice; each source at most once", l, k)
+                    problems.add(f"sources returned {s} twice; each source at most once", module, k)
                 seen.add(s)
-                if l == 1 or (not s.is_input and not 0 <= s.index <= l - 2):
-                    problems.add(f"sources returned {s}; {_allowed(l)}", l, k)
+                if module == 1 or (not s.is_input and not 0 <= s.index <= module - 2):
+                    problems.add(f"sources returned {s}; {_allowed(module)}", module, k)
     return problems.count == before
 
 
@@ -331,8 +229,8 @@ def check_adapter(
     """Check the adapter the engine would build for ``source`` (the selector's own, else the
     paper's): output (B, *target_shape), input left unchanged, no reference kept to it."""
     own = problems is None
-    problems = problems or _Problems(_who(_instance(selector)))
-    selector = _instance(selector)
+    problems = problems or _Problems(_who(instance(selector)))
+    selector = instance(selector)
     at = f"{where + ': ' if where else ''}adapter for {source} from {_shape(source_shape)} to {_shape(target_shape)}"
     try:
         adapter = make_adapter(selector, source, tuple(source_shape), tuple(target_shape))
@@ -454,18 +352,18 @@ def _check_engine(selector: Any, k: int, problems: _Problems) -> None:
     inputs = [input_shape, *shapes[:-1]]  # module l's input h_{l-1}: h_j^c has inputs[j]'s shape
     modules = []
     layout = NetworkLayout.from_split(input_shape, shapes, (1,) * k)
-    for l in range(1, k + 1):
-        sources = selector_sources(selector, l, k, layout)
+    for module in range(1, k + 1):
+        sources = selector_sources(selector, module, k, layout)
         adapters = {}
         for s in sources:
             source_shape = input_shape if s.is_input else inputs[s.index]
             try:
-                adapters[s] = make_adapter(selector, s, tuple(source_shape), tuple(inputs[l - 1]))
+                adapters[s] = make_adapter(selector, s, tuple(source_shape), tuple(inputs[module - 1]))
             except Exception as exc:
-                problems.add(f"adapter for {s} raised {type(exc).__name__}: {exc}", l, k)
+                problems.add(f"adapter for {s} raised {type(exc).__name__}: {exc}", module, k)
                 return
-        head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(shapes[l - 1][0], 3))
-        modules.append(ContextModule(l, units[l - 1], sources, adapters, head, FinalCrossEntropy()))
+        head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(shapes[module - 1][0], 3))
+        modules.append(ContextModule(module, units[module - 1], sources, adapters, head, FinalCrossEntropy()))
     network = GreedyNetwork(modules)
     owner = {id(p): (int(name.split(".")[1]) + 1, _part(name)) for name, p in network.named_parameters()}
     x = torch.randn(BATCH, *input_shape)
@@ -473,13 +371,13 @@ def _check_engine(selector: Any, k: int, problems: _Problems) -> None:
     store = network.store(x, detach=True)  # as the engine trains greedily
     h = x
     for m in network.blocks:
-        l = m.index
+        module = m.index
         context = store.gather(m.sources)
         kept = [c.clone() for c in context]
         for s, c in zip(m.sources, context):
             out = m.adapters[str(s)](c)
             if tuple(out.shape) != tuple(h.shape):
-                problems.add(f"adapter for {s} returned shape {tuple(out.shape)}; expected {tuple(h.shape)} (h's shape)", l, k)
+                problems.add(f"adapter for {s} returned shape {tuple(out.shape)}; expected {tuple(h.shape)} (h's shape)", module, k)
                 return
         out = store.run(m, h)  # the engine's own wiring, on the context gathered above
         loss = m.loss(out, y, x).total
@@ -489,20 +387,20 @@ def _check_engine(selector: Any, k: int, problems: _Problems) -> None:
             if id(leaf) not in owner:
                 problems.add(
                     f"the module's loss reaches a tensor of shape {tuple(leaf.shape)} that is no parameter of "
-                    f"the network; make adapter weights nn.Parameters of the adapter module", l, k,
+                    f"the network; make adapter weights nn.Parameters of the adapter module", module, k,
                 )
-            elif owner[id(leaf)][0] != l:
+            elif owner[id(leaf)][0] != module:
                 problems.add(
                     f"the module's loss reaches {owner[id(leaf)][1]} of module {owner[id(leaf)][0]}; "
-                    f"build a new adapter on every call of adapter(...), never share one", l, k,
+                    f"build a new adapter on every call of adapter(...), never share one", module, k,
                 )
         for s in m.sources:
             params = list(m.adapters[str(s)].parameters())
             if params and not any(id(p) in reached for p in params):
-                problems.add(f"the adapter for {s} gets no gradient from the module's loss, so it never trains", l, k)
+                problems.add(f"the adapter for {s} gets no gradient from the module's loss, so it never trains", module, k)
         loss.backward()
         for s, c, before in zip(m.sources, context, kept):
             if not torch.equal(c, before):
-                problems.add(f"the adapter for {s} changed its input in place; compute out of place", l, k)
+                problems.add(f"the adapter for {s} changed its input in place; compute out of place", module, k)
         h = out.detach()
-        store.release(l)
+        store.release(module)
