@@ -206,10 +206,13 @@ def loads(section: dict) -> str:
 
 def section_head(name: str, section: dict) -> str:
     sweeps = ", ".join(f"`{p}`" for p in section["sweeps"])
+    untimed = " Runs without a time were trained before this script timed them (so their thread count and the " \
+        "load are not recorded either); their figures are read from their run folders." if any(
+        "wall_s" not in r for r in section["runs"].values()) else ""
     return (
         f"`{COMMAND} --sections {name}` trains {sweeps} (the runs `contsup sweep` would train, into the same "
         f"folders), one torch thread per run, {section['jobs']} runs at a time, on {section['machine']}; the "
-        f"load average (1 minute) was {loads(section)} while they ran (other work shared the machine)."
+        f"load average (1 minute) was {loads(section)} while they ran (other work shared the machine)." + untimed
     )
 
 
@@ -257,7 +260,8 @@ def render(results: dict) -> str:
             "## The flagship against its twins",
             "",
             section_head("twins", results["twins"]) + " Each recipe as shipped, seeds 0, 1 and 2. The minutes "
-            "are each run's wall time from start to exit, two runs sharing the machine's two cores with other work.",
+            "are each run's wall time from start to exit, two runs sharing the machine's two cores with other work "
+            "(for a run resumed from its checkpoint, the time after the resume).",
             "",
             *runs_table(results["twins"]),
             "",
