@@ -106,6 +106,8 @@ def test_the_checker_knows_an_unmarked_output_block(tmp_path, monkeypatch):
     page.write_text("```bash\ncontsup train x.toml   # test error 1.11 %\n```\n")
     with pytest.raises(AssertionError, match="quotes a result"):
         test_every_output_block_is_run_by_a_test_or_marked_illustrative()
+
+
 @pytest.mark.slow
 def test_run_blocks_print_what_the_docs_show(tmp_path):
     """Every `<!-- run -->` block of the docs, run from the repository root as a reader would (in a
@@ -139,3 +141,34 @@ def test_run_blocks_print_what_the_docs_show(tmp_path):
                 missing = matches_lines(following["body"], printed)
                 assert not missing, f"{following['where']}: {missing}\nthe command printed:\n{printed}"
     assert ran >= 1
+
+
+# -- the flagship's figures: one generated place ------------------------------------------------------
+
+
+def flagship_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("flagship", ROOT / "benchmarks" / "flagship.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_flagship_page_is_what_its_measurements_give():
+    import json
+
+    flagship = flagship_script()
+    results = json.loads((ROOT / "benchmarks" / "flagship.json").read_text())
+    assert (ROOT / "docs" / "flagship.md").read_text() == flagship.render(results), (
+        "docs/flagship.md is stale: run python benchmarks/flagship.py --sections ''"
+    )
+
+
+def test_the_readme_time_claim_is_the_measured_one():
+    import json
+
+    flagship = flagship_script()
+    claim = flagship.readme_time(json.loads((ROOT / "benchmarks" / "flagship.json").read_text()))
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert claim in readme, f"the README's time for recipes/digits.toml should say: {claim} (benchmarks/flagship.json)"
