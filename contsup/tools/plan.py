@@ -108,21 +108,17 @@ def plan_memory(recipe: Recipe, network: nn.Module, plans: Sequence[Any], sizes:
     return PlanMemory(tuple(out), units, batch, measured, tuple(model.notes))
 
 
-def _source_details(built: Any, plan: Any, module: Any) -> list[dict]:
-    """Per source of one module: its name, the adapter serving it (kind, class, parameters) and the source's shape."""
-    details = []
-    for s in plan.sources:
-        adapter = module.adapters[str(s)]
-        details.append(
-            {
-                "name": str(s),
-                "adapter": getattr(adapter, "adapter_kind", None) or type(adapter).__name__,
-                "class": type(adapter).__name__,
-                "params": count_params(adapter),
-                "source_shape": list(built.info.input_shape if s.is_input else built.plans[s.index].input_shape),
-            }
-        )
-    return details
+def _params_split(m: nn.Module, has_parts: bool) -> dict[str, int]:
+    """A module's parameters by part; "method" only in recipes whose method adds parts."""
+    split = {
+        "body": count_params(m.body),
+        "head": count_params(m.head),
+        "adapters": count_params(m.adapters),
+        "decoder": count_params(m.decoder) if m.decoder is not None else 0,
+    }
+    if has_parts:
+        split["method"] = count_params(m.part) if m.part is not None else 0
+    return split
 
 
 def plan_data(recipe: Any) -> dict:
@@ -134,19 +130,24 @@ def plan_data(recipe: Any) -> dict:
     spans = link_spans(method, [p.units for p in built.plans])
     detail_keys = getattr(recipe.objective.component, "plan_keys", ())
     modules = []
+    has_parts = any(b.part is not None for b in built.network.blocks)  # a method's own parameters
     for plan, m in zip(built.plans, built.network.blocks):
         stage = recipe.module_range(plan.index)
         last = plan.index == k
         w_rec, w_local = m.weights
-        details = _source_details(built, plan, m)
-        split = {
-            "body": count_params(m.body),
-            "head": count_params(m.head),
-            "adapters": count_params(m.adapters),
-            "decoder": count_params(m.decoder) if m.decoder is not None else 0,
-        }
-        if any(block.part is not None for block in built.network.blocks):  # a method's own parts
-            split["method"] = count_params(m.part) if m.part is not None else 0
+        details = []
+        for s in plan.sources:
+            adapter = m.adapters[str(s)]
+            details.append(
+                {
+                    "name": str(s),
+                    "adapter": getattr(adapter, "adapter_kind", None) or type(adapter).__name__,
+                    "class": type(adapter).__name__,
+                    "params": count_params(adapter),
+                    "source_shape": list(built.info.input_shape if s.is_input else built.plans[s.index].input_shape),
+                }
+            )
+        split = _params_split(m, has_parts)
         modules.append(
             {
                 "index": plan.index,
