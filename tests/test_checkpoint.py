@@ -226,7 +226,10 @@ def test_a_checkpoint_written_before_the_refactor_loads_and_matches_a_run_of_tod
     old = read_checkpoint(OLD_RUN / "checkpoints" / "step-000000004.pt")
     out = tmp_path / "now"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "contsup", "train", str(OLD_RUN / "recipe.toml"), "--set", f'run.out_dir="{out}"']
+    # context.start came later (its default, 0.1, scales the adapters at construction): the old run's
+    # adapters started at PyTorch's initialisation, which start = 1.0 is
+    command = [sys.executable, "-m", "contsup", "train", str(OLD_RUN / "recipe.toml"), "--set", f'run.out_dir="{out}"',
+               "--set", "context.start=1.0"]
     subprocess.run(command, env=env, check=True, capture_output=True)
     now = read_checkpoint(out / "checkpoints" / "step-000000004.pt")
     assert (now["format"], now["epoch"], now["batch"], now["global_step"]) == (old["format"], old["epoch"], old["batch"], old["global_step"])

@@ -132,6 +132,16 @@ def test_plan_shows_each_modules_objective_head_decoder_and_weights(write_recipe
     ]
 
 
+def test_the_plans_second_table_names_a_decoder_column_only_when_it_has_one(write_recipe, capsys):
+    for extra, parts, column in (("", "body + head + adapters:", False), (PLAN_HYBRID, "body + head + adapters + decoder:", True)):
+        path = write_recipe(small_recipe_text(modules=5, context="none") + extra)
+        assert main(["plan", str(path)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        (i,) = [i for i, line in enumerate(lines) if line.startswith("each module's input shape")]
+        assert lines[i].endswith(f"params = {parts}")
+        assert ("decoder" in lines[i + 1].split()) is column
+
+
 def test_plan_reads_no_data_files(write_recipe, capsys, monkeypatch):
     from contsup_datasets import Synthetic
 

@@ -195,3 +195,56 @@ def test_channels_last_encoder_hands_its_pool_a_channels_last_gradient_and_the_s
     assert ours.is_contiguous(memory_format=torch.channels_last) and torch.equal(ours, plain_grad)
     if target[1:] != (32, 32):  # a real pool: the plain .contiguous() hands it the other layout
         assert not plain_grad.is_contiguous(memory_format=torch.channels_last)
+
+
+# -- where the adapters start ------------------------------------------------------------------------
+
+ADAPTER_CASES = [  # (encoder, shortcut, source, the attribute of the adapter's last layer)
+    ("official", "official", Source.input(), "bn2"),
+    ("paper", "official", Source.input(), "bn2"),
+    ("pooled", "official", Source.input(), "bn2"),
+    ("fast", "official", Source.input(), "bn"),
+    ("official", "official", Source.feature(0), "bn"),
+    ("official", "paper", Source.feature(0), "conv"),
+]
+
+
+@pytest.mark.parametrize("encoder, shortcut, source, last", ADAPTER_CASES)
+def test_an_adapter_starts_at_the_start_fraction_of_pytorchs_initialisation(encoder, shortcut, source, last):
+    """context.start scales the adapter's last layer (a batch norm's weight, or the paper M_R's 1x1
+    convolution) and nothing else; start = 1 is PyTorch's initialisation as it is."""
+
+    def build(start):
+        torch.manual_seed(0)
+        options = ContSup.Options(input=True, recent=1, encoder=encoder, shortcut=shortcut, start=start)
+        return ContSup(options).adapter(source, (16, 16, 16), (32, 8, 8))
+
+    assert ContSup.Options().start == 0.1  # the default (docs/recipes.md, Defaults and why)
+    plain, small = build(1.0), build(0.1)
+    for (name, a), (_, b) in zip(plain.state_dict().items(), small.state_dict().items()):
+        if name == f"{last}.weight":
+            assert torch.allclose(b, 0.1 * a) and not torch.equal(a, b)
+        else:
+            assert torch.equal(a, b), name
+    x = torch.randn(8, 16, 16, 16)
+    plain.train(), small.train()
+    ratio = small(x).abs().mean() / plain(x).abs().mean()
+    assert 0.05 < ratio < 0.2  # the context it adds starts about ten times smaller
+
+
+def test_a_network_with_context_starts_close_to_its_dgl_twin(registries):
+    """With the adapters starting small, ContSup's final logits at initialisation are about as large
+    as DGL's; at PyTorch's scale every module's context piles onto its input and they are not."""
+    from conftest import small_recipe_text
+    from contsup.config.recipe import loads_recipe
+    from contsup.model.network import build_network
+
+    def logit_scale(context, start=""):
+        text = small_recipe_text(context=context, modules=8).replace(f'use = "{context}"', f'use = "{context}"\n{start}')
+        torch.manual_seed(0)
+        network = build_network(loads_recipe(text, registries, source="small.toml")).network.train()
+        with torch.no_grad():
+            return network(torch.randn(32, 3, 16, 16)).std().item()
+
+    dgl, small, plain = logit_scale("none"), logit_scale("R1E"), logit_scale("R1E", "start = 1.0")
+    assert small < 1.2 * dgl and plain > 1.4 * dgl  # here 0.63 and 0.93 against 0.60

@@ -231,3 +231,27 @@ def test_the_notebook_example_trains_the_shipped_folder_recipe_through_the_api(t
     x, y = val[0]
     predicted = model(x.unsqueeze(0)).argmax(1).item()
     assert classes[y] == "eight" and 0 <= predicted < 3
+
+
+def test_the_shipped_folder_recipe_loads_without_a_warning_about_its_workers(tmp_path, recwarn, monkeypatch):
+    """recipes/imagefolder.toml on a 2-core machine: torch warns (twice: the training and the
+    test loader) when a loader has more worker processes than the machine has cores, and a first
+    run should print no such thing. The machine is made a 2-core one for torch's check."""
+    import os
+
+    import torch
+
+    import contsup
+    from conftest import ROOT
+    from contsup.training.loaders import make_loaders
+
+    root = make_folder(tmp_path / "images", train=4, val=2)
+    recipe = contsup.load_recipe(
+        ROOT / "recipes" / "imagefolder.toml", [f"data.root={json.dumps(str(root))}", "data.classes=0", "data.size=16", "data.batch_size=4"],
+    )
+    assert recipe.data.workers >= 1  # images decode beside the training, not in its process
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    train, test, _ = make_loaders(recipe, recipe.dataset.create(), torch.device("cpu"))
+    next(iter(train)), next(iter(test))
+    assert not [str(w.message) for w in recwarn if "worker" in str(w.message)]

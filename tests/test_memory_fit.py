@@ -47,7 +47,9 @@ def test_a_huge_head_is_refused_naming_the_parameters(small_machine, write_recip
 
 
 def test_digits_at_4096_pixels_is_refused(small_machine, write_recipe, tmp_path, capsys):
-    text = (ROOT / "recipes" / "digits.toml").read_text().replace("size = 16", "size = 4096")
+    digits = (ROOT / "recipes" / "digits.toml").read_text()
+    text = digits.replace("\nsize = 8\n", "\nsize = 4096\n").replace("batch_size = 32", "batch_size = 64")
+    assert text.count("4096") == 1 and "batch_size = 64" in text  # the recipe's lines as this test knows them
     line = refused(write_recipe, tmp_path, capsys, text.replace("[run]\n", '[run]\nout_dir = ""\n'))
     assert "for one batch of 64" in line and "lower data.batch_size" in line
 

@@ -180,7 +180,9 @@ def test_the_recipe_is_the_digits_recipe_with_the_selector_line_changed():
         return [l for l in path.read_text().splitlines() if l.strip() and not l.startswith("#")]
 
     diff = [l for l in difflib.ndiff(keys(ROOT / "recipes" / "digits.toml"), keys(EXAMPLE / "digits_geometric.toml")) if l[:1] in "+-"]
-    assert diff == ['+ requires = ["contsup-geometric>=0.1"]', '- use = "R1E"', '+ use = "geometric"']
+    assert diff == [
+        '+ requires = ["contsup-geometric>=0.1"]', '+ use = "geometric"', '- use = "R1E"', '- encoder = "fast"', '- shortcut = "paper"'
+    ]
 
 
 @pytest.mark.parametrize("example", [GEOMETRIC, STAGESKIP])

@@ -271,7 +271,9 @@ def plan_main(recipe: Any, as_json: bool) -> int:
         first = data["modules"][0]
         print(f"local objective of modules 1..{len(data['modules']) - 1}: {first['objective']}, head {first['head']}")
     print()
-    print("each module's input shape, the adapter serving each source, and params = body + head + adapters + decoder + method:")
+    optional = [key for key in ("decoder", "method") if any(m["params_split"].get(key) for m in data["modules"])]
+    parts = " + ".join(["body", "head", "adapters", *optional])
+    print(f"each module's input shape, the adapter serving each source, and params = {parts}:")
     print(format_table(_detail_rows(data["modules"])))
     print()
     for key in data["head_details"]:

@@ -35,6 +35,21 @@ _ENCODER_TOKENS = " Token modules (N, D) get a patch embedding at the backbone's
 _NAME = re.compile(r"^(?:M(?P<m>[1-9]\d*))?(?:R(?P<r>0|[1-9]\d*))?(?P<e>E)?$")
 
 
+def _scale(_instance: Any, _attribute: Any, value: float) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"must be in (0, 1], got {value!r}")
+
+
+_scale.describe = "in (0, 1]"  # type: ignore[attr-defined]
+
+START_DOC = (
+    "each context adapter's last layer (its last batch norm's weight; the paper's M_R: its 1x1 convolution) "
+    "starts at this fraction of PyTorch's initialisation, so that context begins as a small addition to the "
+    "module's input and grows as it is learned; 1: PyTorch's initialisation as it is; run.init = \"official\" "
+    "re-initialises the adapters as the official code does, whatever this says (docs/recipes.md, Defaults and why)"
+)
+
+
 def contsup_sources(
     module: int, *, input: bool, recent: int, intermediate: int, dense: bool, input_once: bool = False
 ) -> tuple[Source, ...]:
@@ -90,6 +105,7 @@ class ContSup:
             False, doc="with input = true, leave out h_0^c (which is x itself) as a feature source, so x reaches each "
             "module once, through M_E: module 2 of RnE gets x only, as in the official code (preset = \"official\")",
         )
+        start: float = option(0.1, doc=START_DOC, validator=_scale)
 
     @classmethod
     def resolve_name(cls, name: str) -> dict | None:
@@ -120,12 +136,16 @@ class ContSup:
 
     def adapter(self, source: Source, source_shape: Shape, target_shape: Shape) -> nn.Module:
         """M_E for the input, M_R for a feature, in the variant the options choose."""
-        return build_adapter(self.options.encoder, self.options.shortcut, source, source_shape, target_shape)
+        o = self.options
+        return build_adapter(o.encoder, o.shortcut, source, source_shape, target_shape, start=o.start)
 
 
-def build_adapter(encoder: str, shortcut: str, source: Source, source_shape: Shape, target_shape: Shape) -> nn.Module:
-    """M_E (variant ``encoder``) for the input, M_R (variant ``shortcut``) for a feature; for a
-    token module (N, D), the token adapters (``contsup.adapters.token_adapter``)."""
+def build_adapter(
+    encoder: str, shortcut: str, source: Source, source_shape: Shape, target_shape: Shape, start: float = 1.0
+) -> nn.Module:
+    """M_E (variant ``encoder``) for the input, M_R (variant ``shortcut``) for a feature, its last
+    layer scaled by ``start`` (:func:`start_small`); for a token module (N, D), the token
+    adapters (``contsup.adapters.token_adapter``), as PyTorch initialises them."""
     from contsup_context.adapters import (
         OFFICIAL_ENCODER_WIDTH, FastInputEncoder, IdentityShortcut, InputEncoder, OfficialShortcutAdapter, ShortcutAdapter,
         involves_tokens, token_adapter,
@@ -135,14 +155,33 @@ def build_adapter(encoder: str, shortcut: str, source: Source, source_shape: Sha
         return token_adapter(source_shape, target_shape, shortcut)
     if source.is_input:
         if encoder == "fast":
-            return FastInputEncoder(source_shape, target_shape)
-        hidden = OFFICIAL_ENCODER_WIDTH if encoder == "official" else None
-        return InputEncoder(source_shape, target_shape, hidden=hidden, pool_first=encoder == "pooled")
-    if shortcut == "identity" and tuple(source_shape) == tuple(target_shape):
+            adapter = FastInputEncoder(source_shape, target_shape)
+        else:
+            hidden = OFFICIAL_ENCODER_WIDTH if encoder == "official" else None
+            adapter = InputEncoder(source_shape, target_shape, hidden=hidden, pool_first=encoder == "pooled")
+    elif shortcut == "identity" and tuple(source_shape) == tuple(target_shape):
         return IdentityShortcut()
-    if shortcut == "official":
-        return OfficialShortcutAdapter(source_shape, target_shape)
-    return ShortcutAdapter(source_shape, target_shape)
+    elif shortcut == "official":
+        adapter = OfficialShortcutAdapter(source_shape, target_shape)
+    else:
+        adapter = ShortcutAdapter(source_shape, target_shape)
+    return start_small(adapter, start)
+
+
+def start_small(adapter: nn.Module, scale: float) -> nn.Module:
+    """``adapter`` with the weight of its last convolution or batch norm (in module order)
+    multiplied by ``scale``: its output starts at about ``scale`` times PyTorch's, so the context
+    it adds to a module's input starts small. Every adapter here ends in a batch norm (and a
+    ReLU, which is why it is scaled, not zeroed: a zero batch-norm weight before a ReLU passes no
+    gradient) or, the paper's M_R, in its 1x1 convolution."""
+    import torch
+    from torch import nn
+
+    if scale != 1.0:
+        last = [m for m in adapter.modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))][-1]
+        with torch.no_grad():
+            last.weight.mul_(scale)
+    return adapter
 
 
 def stage_sources(module: int, layout: NetworkLayout, *, input: bool = True) -> tuple[Source, ...]:
@@ -177,6 +216,7 @@ class StageSelector:
             "official", doc='M_E variant, as for the contsup selector (see its encoder option)'
         )
         shortcut: Literal["paper", "official", "identity"] = option("official", doc=_SHORTCUT_DOC)
+        start: float = option(0.1, doc="as for the contsup selector (see its start option)", validator=_scale)
 
     def __init__(self, options: "StageSelector.Options") -> None:
         self.options = options
@@ -186,7 +226,8 @@ class StageSelector:
 
     def adapter(self, source: Source, source_shape: Shape, target_shape: Shape) -> nn.Module:
         """M_E for the input, M_R for the stage entry's input, in the variants the options choose."""
-        return build_adapter(self.options.encoder, self.options.shortcut, source, source_shape, target_shape)
+        o = self.options
+        return build_adapter(o.encoder, o.shortcut, source, source_shape, target_shape, start=o.start)
 
 
 @hookimpl
