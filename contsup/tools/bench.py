@@ -32,6 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from contsup.model.build import recipe_parts
 from contsup.model.costs import CostModel
+from contsup.training.compiling import compile_network, compile_pieces
 from contsup.training.measure import measure_flops, measure_live, measure_step
 from contsup.training.device import resolve_device, seed_everything
 from contsup.training.loaders import make_loaders
@@ -105,6 +106,8 @@ class Contender:
     cuda: list[tuple[int, int]] = attrs.field(factory=list)  # per step: CUDA peak, peak over what was there
     rss: int | None = None  # the process's peak RSS once it ran (CPU)
     flops: int = 0  # floating-point operations of one step (measure_flops, on a copy)
+    twin: Any = None  # run.compile: an uncompiled copy, which the memory meters and the FLOP counter watch
+    first_step_s: float | None = None  # run.compile: the first step, compilation included
 
 
 @attrs.frozen
@@ -156,8 +159,30 @@ def _field(
         variant_sizes[label] = [p.units for p in vbuilt.plans]
         name = f"variant:{label}"
         contenders[name] = Contender(name, greedy_strategy(variant, vbuilt.network.to(device).train(), total))
+    if recipe.run.compile:
+        _compile(contenders)
     sizes = [p.units for p in built.plans]
     return Field(contenders, sizes, segments, list(variants), variant_sizes, list(built.info.input_shape))
+
+
+def _compile(contenders: dict[str, Contender]) -> None:
+    """run.compile: every contender under torch.compile the same way (greedy's and end to end's
+    module pieces, checkpointing's units), each keeping an uncompiled twin for the meters."""
+    for c in contenders.values():
+        c.twin = copy.deepcopy(c.strategy)
+    for c in contenders.values():
+        if isinstance(c.strategy, CheckpointStrategy):
+            compile_pieces((f"unit {i + 1}", u) for i, u in enumerate(c.strategy.units))
+        else:
+            compile_network(c.strategy.network)
+
+
+def _first_steps(field: Field, batches: list, device: torch.device) -> None:
+    """run.compile: each contender's first step, where compilation happens, timed apart."""
+    x, y = batches[0]
+    for c in field.contenders.values():
+        c.first_step_s = _timed(c, x, y, device) / 1000.0
+        c.cuda.clear()
 
 
 def _timed(c: Contender, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
@@ -186,13 +211,13 @@ def _measure_memory(field: Field, batches: list, warmup: int, device: torch.devi
     x, y = batches[0]
     for c in field.contenders.values():
         if not c.name.startswith("ckpt"):  # checkpointing's backward is counted live only
-            c.saved = measure_step(c.strategy, x, y)
+            c.saved = measure_step(c.twin or c.strategy, x, y)
         if c.name in ("greedy", "e2e"):
             for i in range(warmup):
                 _timed(c, *batches[i], device)
             c.rss = peak_rss_bytes()
     for c in field.contenders.values():
-        c.live = measure_live(c.strategy, x, y)
+        c.live = measure_live(c.twin or c.strategy, x, y)
         if c.name not in ("greedy", "e2e"):
             for i in range(warmup):
                 _timed(c, *batches[i], device)
@@ -218,7 +243,7 @@ def _count_flops(field: Field, batches: list) -> None:
     """Each contender's FLOPs per step, counted on a copy of it on the first batch."""
     x, y = batches[0]
     for c in field.contenders.values():
-        c.flops = measure_flops(c.strategy, x, y)
+        c.flops = measure_flops(c.twin or c.strategy, x, y)
 
 
 def _figures(c: Contender, device: torch.device, saved: list[int], with_rss: bool) -> dict:
@@ -238,6 +263,9 @@ def _figures(c: Contender, device: torch.device, saved: list[int], with_rss: boo
         "flops_per_step": c.flops,
         "flops_per_s": c.flops / (median / 1000.0) if median > 0 else 0.0,
     }
+    if c.first_step_s is not None:  # compilation: the first step less a typical one
+        out["first_step_s"] = c.first_step_s
+        out["compile_s"] = max(0.0, c.first_step_s - median / 1000.0)
     if device.type == "cpu" and with_rss and c.rss is not None:
         out["peak_rss_bytes"] = c.rss
     if c.cuda:
@@ -278,6 +306,8 @@ def run_bench(
     batches = _batches(recipe, device, total)
     say(f"bench {recipe.source}: greedy {field.sizes} against end-to-end ({baseline}), {warmup} + {steps} steps each")
     rss_before = peak_rss_bytes()
+    if recipe.run.compile:
+        _first_steps(field, batches, device)
     _measure_memory(field, batches, warmup, device)
     _time_steps(field, batches, warmup, steps, device, say)
     _count_flops(field, batches)
@@ -296,6 +326,7 @@ def run_bench(
         "steps": steps,
         "warmup": warmup,
         "baseline": baseline,
+        "compile": recipe.run.compile,
         "rss_before_steps_bytes": rss_before if device.type == "cpu" else None,
     }
     return {**result, **_summary(recipe, field, device)}

@@ -34,6 +34,8 @@ def bench_rows(result: dict) -> list[tuple[str, str, str, str]]:
         ("GFLOP per step", _giga(e["flops_per_step"]), _giga(g["flops_per_step"]), f"{r['flops']:.3f}"),
         ("achieved GFLOP/s (efficiency)", _giga(e["flops_per_s"]), _giga(g["flops_per_s"]), f"{r['efficiency']:.3f}"),
     ]
+    if "compile_s" in g:  # run.compile: compilation apart from the steps
+        rows.append(("compilation: first step less a median one (s)", f"{e['compile_s']:.1f}", f"{g['compile_s']:.1f}", "-"))
     if "peak_rss_bytes" in g:
         rows.append(("process peak RSS (MiB)", _mib(e["peak_rss_bytes"]), _mib(g["peak_rss_bytes"]), "-"))
         before = _mib(result["rss_before_steps_bytes"])
@@ -123,7 +125,9 @@ def bench_markdown(result: dict, command: str) -> str:
         f"Command: `{command}`  ",
         f"Machine: {result['machine']}; device {result['device']}; torch {result['torch']}  ",
         f"Steps: median of {result['steps']} after {result['warmup']} warm-up, alternating; "
-        f"end-to-end baseline: {result['baseline']}; module sizes {result['sizes']}",
+        f"end-to-end baseline: {result['baseline']}; module sizes {result['sizes']}"
+        + ("; run.compile: every configuration under torch.compile (memory and FLOPs counted on uncompiled copies)"
+           if result.get("compile") else ""),
         "",
         "| figure | end-to-end | greedy | greedy / end-to-end |",
         "| --- | --- | --- | --- |",
