@@ -4,6 +4,8 @@
 2. ``torch.cuda.max_memory_allocated`` and the median step of end-to-end, end-to-end under
    activation checkpointing (S = K), DGL and ContSup R1E (the official adapters, the default) at
    K = 4 and 16 on ResNet-32 batch 1024 and ResNet-110 batch 128, bf16 autocast, channels-last,
+   and the same for end-to-end and R1E under ``run.compile`` (torch.compile) at ResNet-32 K = 4,
+   compilation timed apart,
 3. one short greedy training on CIFAR-shaped synthetic data: images/s, and how much of the time
    goes to data loading and how much to compute,
 4. module-parallel against pipeline-parallel (``benchmarks/pipeline_schedules.py``: contsup's
@@ -33,6 +35,9 @@ NO_CUDA = "gpu_check: no CUDA GPU here (torch.cuda.is_available() is False); not
 NETWORKS = (("cifar_resnet32", "ResNet-32", 1024), ("cifar_resnet110", "ResNet-110", 128))
 KS = (4, 16)
 CONFIGS = ("end-to-end", "checkpointing S=K", "DGL", "ContSup R1E")
+# run.compile: end-to-end and R1E under torch.compile, ResNet-32 at K = 4 only (compilation takes
+# minutes per configuration: the check stays under 8 minutes)
+COMPILED = (("cifar_resnet32", 1024, 4, "end-to-end"), ("cifar_resnet32", 1024, 4, "ContSup R1E"))
 
 
 def cuda_tests() -> list[str]:
@@ -84,8 +89,11 @@ lr = 0.05
     return loads_recipe(text, registries, source=f"{backbone}-k{k}-{context}.toml")
 
 
-def measure(config: str, backbone: str, k: int, batch: int, steps: int, warmup: int, device_name: str = "cuda") -> dict:
-    """Peak allocation and median step of one configuration, alone on the GPU."""
+def measure(
+    config: str, backbone: str, k: int, batch: int, steps: int, warmup: int, device_name: str = "cuda", compiled: bool = False,
+) -> dict:
+    """Peak allocation and median step of one configuration, alone on the GPU; ``compiled``: its
+    modules' pieces under torch.compile (run.compile), the first step (compilation) timed apart."""
     import torch
 
     from contsup.model.network import build_network
@@ -107,13 +115,20 @@ def measure(config: str, backbone: str, k: int, batch: int, steps: int, warmup: 
         strategy = CheckpointStrategy(*args, segments=k, precision=precision)
     else:
         strategy = GreedyStrategy(*args, precision=precision)
+    first_s = None
+    if compiled:
+        from contsup.training.compiling import compile_network
+
+        compile_network(net)
     g = torch.Generator(device="cpu").manual_seed(1)
     x = torch.randn(batch, 3, 32, 32, generator=g).to(device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), generator=g).to(device)
     noop = lambda module, loss: None  # noqa: E731
-    for _ in range(warmup):
+    for i in range(warmup):
+        start = time.perf_counter()
         strategy.step(x, y, StepStats(net.num_modules), noop)
-    sync()
+        sync()
+        first_s = time.perf_counter() - start if i == 0 else first_s
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() if cuda else 0
@@ -125,7 +140,8 @@ def measure(config: str, backbone: str, k: int, batch: int, steps: int, warmup: 
         sync()
         ms.append(1000.0 * (time.perf_counter() - start))
     peak = torch.cuda.max_memory_allocated() if cuda else 0
-    out = {"config": config, "backbone": backbone, "k": k, "batch": batch, "max_memory_allocated_bytes": int(peak),
+    out = {"config": config + (" compiled" if compiled else ""), "backbone": backbone, "k": k, "batch": batch,
+           "compiled": compiled, "first_step_s": first_s, "max_memory_allocated_bytes": int(peak),
            "step_peak_over_resident_bytes": int(peak - before), "step_ms_median": statistics.median(ms), "step_ms": ms}
     del strategy, net, x, y
     if cuda:
@@ -221,12 +237,24 @@ def markdown(report: dict) -> str:
     ]
     rows = report["memory_time"]
     for r in rows:
-        e = next(o for o in rows if o["backbone"] == r["backbone"] and o["k"] == r["k"] and o["config"] == "end-to-end")
+        e = next(o for o in rows if o["backbone"] == r["backbone"] and o["k"] == r["k"]
+                 and o["config"] == "end-to-end" + (" compiled" if r.get("compiled") else ""))
         lines.append(
             f"| {r['backbone']} | {r['batch']} | {r['k']} | {r['config']} | {mib(r['max_memory_allocated_bytes'])} | "
             f"{over(r['max_memory_allocated_bytes'], e['max_memory_allocated_bytes'])} | {r['step_ms_median']:.1f} | "
             f"{over(r['step_ms_median'], e['step_ms_median'])} |"
         )
+    compiled = [r for r in rows if r.get("compiled")]
+    if compiled:
+        lines += ["", "run.compile (torch.compile of every module's pieces); compilation: the first step less the median one.", ""]
+        for r in compiled:
+            plain = next(o for o in rows if not o.get("compiled") and o["backbone"] == r["backbone"] and o["k"] == r["k"]
+                         and r["config"] == o["config"] + " compiled")
+            lines.append(
+                f"- {r['backbone']} batch {r['batch']} K={r['k']} {r['config']}: {r['step_ms_median']:.1f} ms against "
+                f"{plain['step_ms_median']:.1f} ms uncompiled ({over(plain['step_ms_median'], r['step_ms_median'])}x faster); "
+                f"compilation {r['first_step_s'] - r['step_ms_median'] / 1000:.0f} s"
+            )
     s = report["training"]
     lines += [
         "",
@@ -256,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-tests", action="store_true", help="skip the CUDA-only tests")
+    parser.add_argument("--no-compile", action="store_true", help="skip the run.compile rows (torch.compile: minutes)")
     parser.add_argument("--no-distributed", action="store_true", help="skip the module-parallel against pipeline-parallel rows")
     args = parser.parse_args(argv)
     import torch
@@ -281,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(measure(config, backbone, k, batch, args.steps, args.warmup))
                 say(f"{backbone} batch {batch} K={k} {config}: {rows[-1]['max_memory_allocated_bytes'] / 2**20:.0f} MiB, "
                     f"{rows[-1]['step_ms_median']:.1f} ms")
+    for backbone, batch, k, config in () if args.no_compile else COMPILED:
+        rows.append(measure(config, backbone, k, batch, args.steps, max(1, args.warmup), compiled=True))
+        say(f"{backbone} batch {batch} K={k} {rows[-1]['config']}: first step {rows[-1]['first_step_s']:.0f} s, "
+            f"{rows[-1]['step_ms_median']:.1f} ms")
     say("short training")
     training = short_training(batches=40, batch=256, workers=4)
     distributed = None

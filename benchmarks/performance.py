@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from contsup.tools.bench import machine, run_bench
-from contsup.tools.bench_output import configuration_rows, configurations  # noqa: E402
+from contsup.tools.bench_output import MARKDOWN_HEADER, configuration_rows, configurations  # noqa: E402
 from contsup.training.device import seed_everything  # noqa: E402
 from contsup.training.loop import Trainer
 from contsup.training.strategies import EndToEndStrategy, GreedyStrategy, StepStats
@@ -359,8 +359,7 @@ def fast_table(result: dict, meta: dict) -> list[str]:
         f"S = {FAST_SEGMENTS} groups, in one process (ratios within the run). Its digits test error is in the "
         "accuracy table below.",
         "",
-        "| configuration | peak kept for backward (MiB) | peak / end-to-end | median step (ms) | step / end-to-end |",
-        "| --- | --- | --- | --- | --- |",
+        *MARKDOWN_HEADER,
     ]
     measured = configuration_rows(result)[: len(configurations(result))]  # without the summary rows
     lines += [f"| {' | '.join(r)} |" for r in measured] + [""]
@@ -437,8 +436,7 @@ def checkpointing_table(result: dict, meta: dict) -> list[str]:
         "per-backward figure, which includes the context it keeps. Checkpointing is "
         "`torch.utils.checkpoint` (non-reentrant) over S contiguous groups of the backbone's units.",
         "",
-        "| configuration | peak kept for backward (MiB) | peak / end-to-end | median step (ms) | step / end-to-end |",
-        "| --- | --- | --- | --- | --- |",
+        *MARKDOWN_HEADER,
     ]
     lines += [f"| {' | '.join(r)} |" for r in configuration_rows(result)]
     if "greedy_recompute" in result:
@@ -726,6 +724,21 @@ per step, which adds gradients and temporaries to the saved tensors.
 
 Timings depend on the machine and on what else runs on it (rerun them where you will train);
 memory figures do not vary at all.
+
+## How work is measured
+
+`contsup bench` also counts each configuration's floating-point operations per training step with
+`torch.utils.flop_counter.FlopCounterMode`: one real step of the configuration, run on a copy of
+it so that nothing it trains moves, forward, backward and whatever backward recomputes
+(checkpointing's segments, `context.recompute`'s adapters). The counter sees matrix products and
+convolutions only; elementwise work (batch norm, ReLU, the optimizer's update) counts 0, so a
+configuration made of many small elementwise layers does more work than its count says. Its
+achieved FLOP/s is that count over its median step; its **efficiency** is its FLOP/s over
+end-to-end's in the same run. A greedy step that takes 3x end-to-end's time with an efficiency of
+1 does 3x the arithmetic at the same speed; an efficiency of 0.5 means it runs its arithmetic at
+half end-to-end's rate (small convolutions, per-module overhead, memory traffic): the part that
+faster code, not a different method, can win back. FLOP counts do not depend on the machine; FLOP/s
+and efficiency do.
 """
 
 

@@ -122,3 +122,30 @@ def test_bench_recompute_adds_the_greedy_training_with_recomputed_adapters(write
     assert data["ratios"]["greedy_recompute_memory"] == rc["peak_bytes"] / data["e2e"]["peak_bytes"]
     assert "greedy K=4, context.recompute" in printed and "--recompute" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").exists()
+
+
+def test_bench_counts_each_configurations_work(write_recipe, tmp_path, capsys):
+    """FLOPs per step: greedy K=1 without context does end to end's arithmetic exactly; recomputing
+    the adapters adds their forward once more; FLOP/s and efficiency are in the JSON and the tables."""
+    one = write_recipe(small_recipe_text(modules=1, context="none", batch_size=4, train_size=8), "one.toml")
+    out = tmp_path / "one"
+    assert main(["bench", str(one), "--steps", "1", "--warmup", "0", "--segments", "2", "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    g, e, ckpt = data["greedy"], data["e2e"], data["checkpointing"][0]
+    assert g["flops_per_step"] == e["flops_per_step"] > 0 and data["ratios"]["flops"] == 1.0
+    assert ckpt["flops_per_step"] > e["flops_per_step"]  # checkpointing recomputes its segments in backward
+    for c in (g, e, ckpt):
+        assert c["flops_per_s"] == c["flops_per_step"] / (c["step_ms_median"] / 1000)
+    assert e["efficiency"] == 1.0 and g["efficiency"] == g["flops_per_s"] / e["flops_per_s"] == data["ratios"]["efficiency"]
+    assert ckpt["efficiency"] == ckpt["flops_per_s"] / e["flops_per_s"]
+    printed = capsys.readouterr().out
+    assert "GFLOP per step" in printed and "efficiency" in printed
+    assert "| achieved GFLOP/s (efficiency) |" in out.with_suffix(".md").read_text()
+    four = write_recipe(small_recipe_text(modules=4, context="R1E", batch_size=4, train_size=8), "four.toml")
+    out = tmp_path / "four"
+    assert main(["bench", str(four), "--steps", "1", "--warmup", "0", "--segments", "none", "--recompute", "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    g, rc = data["greedy"], data["greedy_recompute"]
+    assert rc["flops_per_step"] > g["flops_per_step"] > data["e2e"]["flops_per_step"]  # R1E's adapters, then again
+    assert rc["flops_ratio"] == rc["flops_per_step"] / data["e2e"]["flops_per_step"]
+    assert data["ratios"]["greedy_recompute_efficiency"] == rc["efficiency"]

@@ -40,6 +40,20 @@ def test_the_pieces_run_on_a_cpu():
     assert "| cifar_resnet20 | 4 | 2 | checkpointing S=K |" in text and "images/s" in text
 
 
+def test_the_report_sets_compiled_rows_against_their_uncompiled_ones():
+    gpu = load_script()
+    assert {config for _, _, _, config in gpu.COMPILED} <= set(gpu.CONFIGS)
+    row = {"backbone": "cifar_resnet32", "k": 4, "batch": 8, "max_memory_allocated_bytes": 2**20, "step_ms_median": 100.0}
+    rows = [{**row, "config": "end-to-end"}, {**row, "config": "end-to-end compiled", "compiled": True, "first_step_s": 30.1,
+                                            "step_ms_median": 80.0}]
+    report = {"machine": "test", "torch": "x", "steps": 1, "warmup": 1, "seconds": 1.0, "memory_time": rows,
+              "training": {"context": "R1E", "k": 4, "backbone": "b", "batch": 8, "batches": 1, "workers": 0, "images_per_s": 1.0,
+                           "data_s": 0.1, "compute_s": 0.9, "data_share": 0.1, "bound_by": "compute"},
+              "tests": {"tests": [], "returncode": 0, "summary": "skipped", "seconds": 0.0}}
+    text = gpu.markdown(report)
+    assert "end-to-end compiled: 80.0 ms against 100.0 ms uncompiled (1.250x faster); compilation 30 s" in text
+
+
 def test_the_report_gives_the_distributed_rows_when_measured():
     gpu = load_script()
     bench = gpu._script("pipeline_schedules")

@@ -45,6 +45,10 @@ class RunOptions:
     deterministic: bool = option(
         False, doc="use deterministic algorithms only (torch and cuDNN); off, cuDNN picks the fastest algorithms on CUDA"
     )
+    compile: bool = option(
+        False, doc="run every module's pieces (context adapters, body, head) under torch.compile, each piece its own graph; "
+        "a piece that cannot compile runs uncompiled with one warning naming it (docs/runs.md#compiling)",
+    )
     init: Literal["default", "official"] = option(
         "default", doc='"default": the backbone\'s own initialisation, heads, adapters and decoders PyTorch\'s; "official": '
         "every convolution (heads, adapters and decoders included) drawn from normal(0, sqrt(2 / (k*k*out_channels))) and "

@@ -196,6 +196,11 @@ def _method_checks(methods: Sequence[Chosen], parts: Mapping[str, Mapping[str, A
     problems = []
     if run is not None and run.mode != "greedy":
         problems.append(f"{source}: {where}: the method '{m.use}' trains greedily, module by module: it needs run.mode = \"greedy\" ({off} for end-to-end training)")
+    if run is not None and run.compile and getattr(m.create(), "link", None) is not None:
+        problems.append(
+            f"{source}: run.compile: the method '{m.use}' links a module's last units into the next module's backward, "
+            f"which runs its body in two pieces, around the compiled whole; set run.compile = false, or {off}"
+        )
     refusal = getattr(m.component, "pipeline_refusal", None)
     if refusal and d is not None and d.mode == "pipeline":
         problems.append(

@@ -9,7 +9,10 @@ All train from the same initial backbone weights on the same batches. Memory: th
 bytes alive for the largest backward pass (exact and deterministic on any device; the main
 figure on CPU), the process's peak resident set size on CPU and the peak CUDA allocation on a
 GPU. Time: the median step over N steps after a warm-up, the two strategies alternating (and
-swapping which goes first) so that a busy machine slows both alike.
+swapping which goes first) so that a busy machine slows both alike. Work: each configuration's
+FLOPs per step (forward, backward and recomputation, counted on a copy of it), its achieved
+FLOP/s (FLOPs over the median step) and its efficiency, that rate over end to end's: below 1, it
+does its arithmetic more slowly than end to end does, whatever the amount.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from contsup.model.build import recipe_parts
 from contsup.model.costs import CostModel
-from contsup.training.measure import measure_live, measure_step
+from contsup.training.compiling import compile_network, compile_pieces
+from contsup.training.measure import measure_flops, measure_live, measure_step
 from contsup.training.device import resolve_device, seed_everything
 from contsup.training.loaders import make_loaders
 from contsup.training.strategies import CheckpointStrategy, EndToEndStrategy, GreedyStrategy, StepStats
@@ -101,6 +105,9 @@ class Contender:
     times: list[float] = attrs.field(factory=list)  # milliseconds per timed step
     cuda: list[tuple[int, int]] = attrs.field(factory=list)  # per step: CUDA peak, peak over what was there
     rss: int | None = None  # the process's peak RSS once it ran (CPU)
+    flops: int = 0  # floating-point operations of one step (measure_flops, on a copy)
+    twin: Any = None  # run.compile: an uncompiled copy, which the memory meters and the FLOP counter watch
+    first_step_s: float | None = None  # run.compile: the first step, compilation included
 
 
 @attrs.frozen
@@ -152,8 +159,30 @@ def _field(
         variant_sizes[label] = [p.units for p in vbuilt.plans]
         name = f"variant:{label}"
         contenders[name] = Contender(name, greedy_strategy(variant, vbuilt.network.to(device).train(), total))
+    if recipe.run.compile:
+        _compile(contenders)
     sizes = [p.units for p in built.plans]
     return Field(contenders, sizes, segments, list(variants), variant_sizes, list(built.info.input_shape))
+
+
+def _compile(contenders: dict[str, Contender]) -> None:
+    """run.compile: every contender under torch.compile the same way (greedy's and end to end's
+    module pieces, checkpointing's units), each keeping an uncompiled twin for the meters."""
+    for c in contenders.values():
+        c.twin = copy.deepcopy(c.strategy)
+    for c in contenders.values():
+        if isinstance(c.strategy, CheckpointStrategy):
+            compile_pieces((f"unit {i + 1}", u) for i, u in enumerate(c.strategy.units))
+        else:
+            compile_network(c.strategy.network)
+
+
+def _first_steps(field: Field, batches: list, device: torch.device) -> None:
+    """run.compile: each contender's first step, where compilation happens, timed apart."""
+    x, y = batches[0]
+    for c in field.contenders.values():
+        c.first_step_s = _timed(c, x, y, device) / 1000.0
+        c.cuda.clear()
 
 
 def _timed(c: Contender, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
@@ -182,13 +211,13 @@ def _measure_memory(field: Field, batches: list, warmup: int, device: torch.devi
     x, y = batches[0]
     for c in field.contenders.values():
         if not c.name.startswith("ckpt"):  # checkpointing's backward is counted live only
-            c.saved = measure_step(c.strategy, x, y)
+            c.saved = measure_step(c.twin or c.strategy, x, y)
         if c.name in ("greedy", "e2e"):
             for i in range(warmup):
                 _timed(c, *batches[i], device)
             c.rss = peak_rss_bytes()
     for c in field.contenders.values():
-        c.live = measure_live(c.strategy, x, y)
+        c.live = measure_live(c.twin or c.strategy, x, y)
         if c.name not in ("greedy", "e2e"):
             for i in range(warmup):
                 _timed(c, *batches[i], device)
@@ -210,8 +239,17 @@ def _time_steps(field: Field, batches: list, warmup: int, steps: int, device: to
             say(f"  step {i + 1}/{steps} [{time.perf_counter() - start:.1f}s]")
 
 
+def _count_flops(field: Field, batches: list) -> None:
+    """Each contender's FLOPs per step, counted on a copy of it on the first batch."""
+    x, y = batches[0]
+    for c in field.contenders.values():
+        c.flops = measure_flops(c.twin or c.strategy, x, y)
+
+
 def _figures(c: Contender, device: torch.device, saved: list[int], with_rss: bool) -> dict:
-    """One configuration's figures: saved and live peaks, step times, RSS on CPU, CUDA peaks."""
+    """One configuration's figures: saved and live peaks, step times, FLOPs and FLOP/s, RSS on
+    CPU, CUDA peaks."""
+    median = statistics.median(c.times)
     out = {
         "saved_peak_bytes": max(saved),
         "saved_per_backward_bytes": saved,
@@ -220,9 +258,14 @@ def _figures(c: Contender, device: torch.device, saved: list[int], with_rss: boo
         "live_peak_backward_bytes": c.live["backward"],
         # what the configuration keeps for backward at its worst moment: the larger of the two
         "peak_bytes": max(max(saved), c.live["peak"]),
-        "step_ms_median": statistics.median(c.times),
+        "step_ms_median": median,
         "step_ms": c.times,
+        "flops_per_step": c.flops,
+        "flops_per_s": c.flops / (median / 1000.0) if median > 0 else 0.0,
     }
+    if c.first_step_s is not None:  # compilation: the first step less a typical one
+        out["first_step_s"] = c.first_step_s
+        out["compile_s"] = max(0.0, c.first_step_s - median / 1000.0)
     if device.type == "cpu" and with_rss and c.rss is not None:
         out["peak_rss_bytes"] = c.rss
     if c.cuda:
@@ -263,8 +306,11 @@ def run_bench(
     batches = _batches(recipe, device, total)
     say(f"bench {recipe.source}: greedy {field.sizes} against end-to-end ({baseline}), {warmup} + {steps} steps each")
     rss_before = peak_rss_bytes()
+    if recipe.run.compile:
+        _first_steps(field, batches, device)
     _measure_memory(field, batches, warmup, device)
     _time_steps(field, batches, warmup, steps, device, say)
+    _count_flops(field, batches)
     result = {
         "recipe": recipe.source,
         "backbone": recipe.backbone.use,
@@ -280,6 +326,7 @@ def run_bench(
         "steps": steps,
         "warmup": warmup,
         "baseline": baseline,
+        "compile": recipe.run.compile,
         "rss_before_steps_bytes": rss_before if device.type == "cpu" else None,
     }
     return {**result, **_summary(recipe, field, device)}
@@ -293,12 +340,16 @@ def _summary(recipe: Recipe, field: Field, device: torch.device) -> dict:
     predicted = CostModel(recipe, parts, shapes, info, fake_mode=fake).plan_costs(field.sizes)
     g = _figures(c["greedy"], device, c["greedy"].saved, True)
     e = _figures(c["e2e"], device, c["e2e"].saved, True)
+    e["efficiency"] = 1.0
+    g["efficiency"] = _efficiency(g, e)
     g["predicted_peak_bytes"] = max(m.bytes for m in predicted)
     g["predicted_per_module_bytes"] = [m.bytes for m in predicted]
     ratios = {
         "saved_memory": g["saved_peak_bytes"] / e["saved_peak_bytes"],
         "step_time": g["step_ms_median"] / e["step_ms_median"],
         "measured_over_predicted": g["saved_peak_bytes"] / g["predicted_peak_bytes"],
+        "flops": g["flops_per_step"] / e["flops_per_step"] if e["flops_per_step"] else 0.0,
+        "efficiency": g["efficiency"],
     }
     checkpointing = []
     for s in field.segments:
@@ -322,6 +373,7 @@ def _summary(recipe: Recipe, field: Field, device: torch.device) -> dict:
         ratios["greedy_recompute_memory"] = rc["memory_ratio"]
         ratios["greedy_recompute_step_time"] = rc["step_time_ratio"]
         ratios["greedy_recompute_over_greedy_step_time"] = rc["step_ms_median"] / g["step_ms_median"]
+        ratios["greedy_recompute_efficiency"] = rc["efficiency"]
     k = recipe.partition.modules
     at_k = next((f for f in checkpointing if f["segments"] == k), None)
     best = min(checkpointing, key=lambda f: (f["peak_bytes"], f["step_ms_median"])) if checkpointing else None
@@ -344,7 +396,14 @@ def _against(f: dict, e: dict) -> dict:
     """``f`` with its memory and step time as ratios to end to end's ``e``."""
     f["memory_ratio"] = f["peak_bytes"] / e["peak_bytes"]
     f["step_time_ratio"] = f["step_ms_median"] / e["step_ms_median"]
+    f["flops_ratio"] = f["flops_per_step"] / e["flops_per_step"] if e["flops_per_step"] else 0.0
+    f["efficiency"] = _efficiency(f, e)
     return f
+
+
+def _efficiency(f: dict, e: dict) -> float:
+    """``f``'s achieved FLOP/s over end to end's ``e`` (0 where end to end counted none)."""
+    return f["flops_per_s"] / e["flops_per_s"] if e["flops_per_s"] else 0.0
 
 
 def greedy_strategy(recipe: Recipe, network: Any, total: int) -> GreedyStrategy:

@@ -12,7 +12,7 @@ from typing import Any
 from contsup.config.recipe import RecipeError, load_recipe
 from contsup.errors import ContsupError, one_line
 from contsup.tools.bench import run_bench
-from contsup.tools.bench_output import bench_figure, bench_markdown, bench_rows, configuration_rows
+from contsup.tools.bench_output import CONFIGURATION_HEADER, bench_figure, bench_markdown, bench_rows, configuration_rows
 from contsup.tools.distributed_bench import compare, format_comparison
 from contsup.tools.tables import format_table
 from contsup.training.rundir import atomic_write
@@ -56,7 +56,7 @@ def bench_main(args: argparse.Namespace, recipe: Any, registries: Any) -> int:
     print(format_table([("figure", "end-to-end", "greedy", "greedy / e2e"), *bench_rows(result)]))
     if configurations:
         print()
-        print(format_table([("configuration", "peak MiB", "peak / e2e", "step ms", "step / e2e"), *configuration_rows(result)]))
+        print(format_table([CONFIGURATION_HEADER, *configuration_rows(result)]))
         print(f"wrote {json_path}, {md_path} and {png_path}")
     else:
         print(f"wrote {json_path} and {md_path}")

@@ -13,6 +13,10 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f}"
 
 
+def _giga(n: float) -> str:
+    return f"{n / 1e9:.2f}"
+
+
 def _method(summary: dict | None) -> str:
     """A variant's training method as ``name (value)``, or ``none``."""
     if not summary:
@@ -27,7 +31,11 @@ def bench_rows(result: dict) -> list[tuple[str, str, str, str]]:
         ("saved for backward, peak (MiB)", _mib(e["saved_peak_bytes"]), _mib(g["saved_peak_bytes"]), f"{r['saved_memory']:.3f}"),
         ("predicted peak (MiB)", "-", _mib(g["predicted_peak_bytes"]), "-"),
         ("median step (ms)", f"{e['step_ms_median']:.1f}", f"{g['step_ms_median']:.1f}", f"{r['step_time']:.3f}"),
+        ("GFLOP per step", _giga(e["flops_per_step"]), _giga(g["flops_per_step"]), f"{r['flops']:.3f}"),
+        ("achieved GFLOP/s (efficiency)", _giga(e["flops_per_s"]), _giga(g["flops_per_s"]), f"{r['efficiency']:.3f}"),
     ]
+    if "compile_s" in g:  # run.compile: compilation apart from the steps
+        rows.append(("compilation: first step less a median one (s)", f"{e['compile_s']:.1f}", f"{g['compile_s']:.1f}", "-"))
     if "peak_rss_bytes" in g:
         rows.append(("process peak RSS (MiB)", _mib(e["peak_rss_bytes"]), _mib(g["peak_rss_bytes"]), "-"))
         before = _mib(result["rss_before_steps_bytes"])
@@ -50,17 +58,33 @@ def configurations(result: dict) -> list[tuple[str, dict]]:
     return out
 
 
-def configuration_rows(result: dict) -> list[tuple[str, str, str, str, str]]:
+CONFIGURATION_HEADER = (
+    "configuration", "peak MiB", "peak / e2e", "step ms", "step / e2e", "GFLOP/step", "GFLOP/s", "efficiency",
+)
+
+
+MARKDOWN_HEADER = (
+    "| configuration | peak kept for backward (MiB) | peak / end-to-end | median step (ms) | step / end-to-end "
+    "| GFLOP per step | achieved GFLOP/s | efficiency |",
+    "| --- | --- | --- | --- | --- | --- | --- | --- |",
+)
+
+
+def configuration_rows(result: dict) -> list[tuple[str, ...]]:
     """(configuration, peak kept for backward MiB, peak / end-to-end, median step ms, step /
-    end-to-end) for every configuration, end-to-end first; the summary rows
-    ``checkpointing S=K`` and ``checkpointing best S=..`` last."""
+    end-to-end, GFLOP per step, achieved GFLOP/s, efficiency: that over end-to-end's) for every
+    configuration, end-to-end first; the summary rows ``checkpointing S=K`` and
+    ``checkpointing best S=..`` last."""
     e = result["e2e"]
     rows = []
 
-    def row(label: str, c: dict) -> tuple[str, str, str, str, str]:
+    def row(label: str, c: dict) -> tuple[str, ...]:
+        work = ("-", "-", "-")  # results written before FLOPs were counted
+        if c.get("flops_per_step") and e.get("flops_per_s"):
+            work = (_giga(c["flops_per_step"]), _giga(c["flops_per_s"]), f"{c['flops_per_s'] / e['flops_per_s']:.3f}")
         return (
             label, _mib(c["peak_bytes"]), f"{c['peak_bytes'] / e['peak_bytes']:.3f}",
-            f"{c['step_ms_median']:.1f}", f"{c['step_ms_median'] / e['step_ms_median']:.3f}",
+            f"{c['step_ms_median']:.1f}", f"{c['step_ms_median'] / e['step_ms_median']:.3f}", *work,
         )
 
     rows = [row(label, c) for label, c in configurations(result)]
@@ -101,7 +125,9 @@ def bench_markdown(result: dict, command: str) -> str:
         f"Command: `{command}`  ",
         f"Machine: {result['machine']}; device {result['device']}; torch {result['torch']}  ",
         f"Steps: median of {result['steps']} after {result['warmup']} warm-up, alternating; "
-        f"end-to-end baseline: {result['baseline']}; module sizes {result['sizes']}",
+        f"end-to-end baseline: {result['baseline']}; module sizes {result['sizes']}"
+        + ("; run.compile: every configuration under torch.compile (memory and FLOPs counted on uncompiled copies)"
+           if result.get("compile") else ""),
         "",
         "| figure | end-to-end | greedy | greedy / end-to-end |",
         "| --- | --- | --- | --- |",
@@ -109,7 +135,9 @@ def bench_markdown(result: dict, command: str) -> str:
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in bench_rows(result)]
     lines += [
         "",
-        f"Measured greedy peak / predicted peak: {result['ratios']['measured_over_predicted']:.3f}.",
+        f"Measured greedy peak / predicted peak: {result['ratios']['measured_over_predicted']:.3f}. "
+        "FLOPs: one step's matrix products and convolutions (forward, backward, recomputation; "
+        "`torch.utils.flop_counter`); efficiency: achieved FLOP/s over end-to-end's.",
     ]
     if result.get("checkpointing") or result.get("variants"):
         lines += [""]
@@ -131,8 +159,7 @@ def bench_markdown(result: dict, command: str) -> str:
             "worst moment of the step, backward's recomputation included (greedy: the larger of that and "
             "its saved-for-backward figure, which counts the kept context).",
             "",
-            "| configuration | peak kept for backward (MiB) | peak / end-to-end | median step (ms) | step / end-to-end |",
-            "| --- | --- | --- | --- | --- |",
+            *MARKDOWN_HEADER,
         ]
         lines += [f"| {' | '.join(r)} |" for r in configuration_rows(result)]
     if "peak_rss_bytes" in result["greedy"]:
@@ -144,4 +171,4 @@ def bench_markdown(result: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["bench_rows", "configurations", "configuration_rows", "bench_figure", "bench_markdown"]
+__all__ = ["CONFIGURATION_HEADER", "MARKDOWN_HEADER", "bench_rows", "configurations", "configuration_rows", "bench_figure", "bench_markdown"]

@@ -22,6 +22,7 @@ import torch
 from contsup.config.early_stop import stop_reason
 from contsup.errors import BatchError, UnreadableData, one_line
 from contsup.model.network import Built, GreedyNetwork, build_network
+from contsup.training.compiling import compile_network
 from contsup.training.checkpointer import Checkpointer, EpochState, Position, capture, restore
 from contsup.training.device import peak_memory, resolve_device, seed_everything
 from contsup.training.evaluation import EvalCounts, Evaluation
@@ -85,6 +86,8 @@ class Trainer:
         self.network = self.built.network.to(self.device)
         if self.channels_last:
             self.network = self.network.to(memory_format=torch.channels_last)
+        if recipe.run.compile:
+            compile_network(self.network)
         self.dataset = recipe.dataset.create()
         self.train_loader, self.test_loader, self.train_size = self.processes.loaders(recipe, self.dataset, self.device)
         self.steps_per_epoch = len(self.train_loader)

@@ -5,16 +5,19 @@ alone; :func:`measure_step` counts them during one greedy (or end-to-end) step o
 loop's own strategy, which is how ``tests/test_memory.py`` pins the prediction to the byte and how
 ``contsup bench`` reports the memory of both modes. :func:`measure_live` follows the saved
 storages over the whole step instead, backward included, so that a strategy that recomputes
-(activation checkpointing) is charged for what it recomputes.
+(activation checkpointing) is charged for what it recomputes. :func:`measure_flops` counts the
+arithmetic of one step the same way, on a copy of the strategy.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import weakref
 from typing import Any, Iterable, Iterator
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from contsup.model.saved import SavedStorages, module_tensors, storage_bytes, storage_key
 from contsup.training.strategies import StepStats
@@ -188,4 +191,16 @@ def measure_live(strategy: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, i
     return {"peak": meter.peak, "forward": meter.peak_forward, "backward": meter.peak_backward}
 
 
-__all__ = ["StepMemory", "measure_step", "LiveMemory", "measure_live"]
+def measure_flops(strategy: Any, x: torch.Tensor, y: torch.Tensor) -> int:
+    """The floating-point operations of one training step of ``strategy`` on x: (B, C, H, W),
+    y: (B,): forward, backward and what backward recomputes, as ``FlopCounterMode`` counts them
+    (matrix products and convolutions; elementwise work, the optimizer's included, counts 0).
+    The step runs on a deep copy, so the strategy's weights, optimizer and schedule stay as they were."""
+    twin = copy.deepcopy(strategy)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        twin.step(x, y, StepStats(twin.network.num_modules), lambda module, loss: None)
+    return int(counter.get_total_flops())
+
+
+__all__ = ["StepMemory", "measure_step", "LiveMemory", "measure_live", "measure_flops"]
