@@ -141,3 +141,21 @@ def test_one_method_at_a_time(registries, tmp_path):
     with pytest.raises(RecipeError) as exc:
         _recipe(registries, tmp_path, "\n[mann]\n", modules=4)
     assert any("mann: unknown section" in p and "man" in p for p in exc.value.problems)
+
+
+def test_a_copy_of_a_fake_unit_is_fake_and_warns_nothing():
+    """contsup plan builds MAN's copies from fake units (fresh_copy); torch's deep copy of a fake
+    tensor warns about its data pointer, which would show in every plan of a recipe with MAN."""
+    import warnings
+
+    from torch import nn
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from contsup.layers import fresh_copy
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        unit = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            twin = fresh_copy(unit)
+    assert isinstance(twin[0].weight, FakeTensor) and twin[0].weight is not unit[0].weight
