@@ -14,7 +14,7 @@ from torch import nn
 
 from contsup import hookimpl
 from contsup.core.plugins import BUILTIN_PLUGINS
-from contsup.testing import check_adapter, check_selector, plugin_manager, registries, validate_recipe
+from contsup.testing import check_adapter, check_selector, greedy_steps, plugin_manager, registries, validate_recipe
 from contsup.types import Source
 from contsup_context import ContSup
 from contsup_context.adapters import ShortcutAdapter
@@ -279,3 +279,55 @@ def test_plugin_errors_are_raised_in_tests():
 def test_validate_recipe_with_a_plugin():
     recipe = validate_recipe(small_recipe_text(context="ring", modules=3), plugin())
     assert recipe.context.use == "ring" and recipe.context.plugin == "my_ring"
+
+
+class _Counting:
+    """A method that records when its hooks run."""
+
+    name = "counting"
+    calls: list = []
+
+    @attrs.frozen
+    class Options:
+        pass
+
+    def __init__(self, options):
+        self.options = options
+
+    def active(self):
+        return True
+
+    def prepare(self, network):
+        _Counting.calls.append(("prepare", network.num_modules))
+
+    def after_step(self, module, network):
+        _Counting.calls.append(("after_step", module.index))
+
+
+class _CountingPlugin:
+    @hookimpl
+    def register_methods(self, register):
+        register(_Counting)
+
+
+def test_greedy_steps_take_the_greedy_step_with_the_method():
+    text = small_recipe_text(modules=3) + "\n[counting]\n"
+    _Counting.calls = []
+    steps = greedy_steps(text, _CountingPlugin())
+    assert isinstance(steps.method, _Counting) and steps.network.training
+    assert _Counting.calls == [("prepare", 3)]
+    before = [[q.detach().clone() for q in m.parameters()] for m in steps.network.blocks]
+    losses = steps.step()
+    assert len(losses) == 3 and all(loss > 0 for loss in losses)
+    assert _Counting.calls[1:] == [("after_step", 1), ("after_step", 2), ("after_step", 3)]
+    for m, old in zip(steps.network.blocks, before):
+        assert any(not torch.equal(q, q0) for q, q0 in zip(m.parameters(), old)), f"module {m.index} did not step"
+    again = greedy_steps(text, _CountingPlugin())
+    again.step()  # the same network, the same first batch: the same step
+    assert all(torch.equal(a, b) for a, b in zip(again.network.state_dict().values(), steps.network.state_dict().values()))
+
+
+def test_greedy_steps_need_greedy_training():
+    assert greedy_steps(small_recipe_text(modules=2)).method is None
+    with pytest.raises(ValueError, match='run.mode = "greedy"'):
+        greedy_steps(small_recipe_text(modules=2, mode="e2e"))
