@@ -4,6 +4,8 @@ each method refuses what it cannot do in one line."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from contsup.model.network import build_network
 from contsup.training.strategies import GreedyStrategy, StepStats
 from contsup_methods import HPFF
 
+from conftest import ROOT
 from tiny import one_thread, tiny_recipe_text  # noqa: F401  (one_thread: autouse fixture)
 
 
@@ -159,3 +162,32 @@ def test_a_copy_of_a_fake_unit_is_fake_and_warns_nothing():
             warnings.simplefilter("error")
             twin = fresh_copy(unit)
     assert isinstance(twin[0].weight, FakeTensor) and twin[0].weight is not unit[0].weight
+
+
+METHODS_MD = ROOT / "docs" / "plugins" / "methods.md"
+OPTIONAL = ("part", "link", "terms", "after_step", "prepare", "pipeline_refusal", "switch", "plan_note", "describe", "label")
+
+
+def test_every_method_hook_is_documented():
+    """Each hook the Method protocol names has its section (or its line) in docs/plugins/methods.md."""
+    from contsup.protocols import Method
+
+    named = set(re.findall(r"^\s*- ``(\w+)", Method.__doc__, flags=re.M))
+    assert named == set(OPTIONAL) - {"label"}  # label is described with describe
+    text = METHODS_MD.read_text()
+    for hook in ("active", "part", "link", "terms", "after_step", "prepare"):
+        assert re.search(rf"^### `{hook}\(", text, flags=re.M), f"methods.md has no '### `{hook}(...)`' section"
+    described = text.split("### Class attributes", 1)[1].split("\n## ", 1)[0]
+    for attribute in ("pipeline_refusal", "switch", "plan_note", "describe", "label"):
+        assert f"`{attribute}" in described, f"methods.md's class attributes do not describe `{attribute}`"
+
+
+def test_the_reference_table_lists_each_builtin_methods_hooks():
+    """The built-in methods' row in methods.md names every optional hook the class defines."""
+    from contsup_methods import HPFF, MAN, BackLink
+
+    rows = dict(re.findall(r"^\| (\w+), `\[\w+\][^|]*\| ([^|]+) \|", METHODS_MD.read_text(), flags=re.M))
+    for cls in (BackLink, MAN, HPFF):
+        defined = {hook for hook in OPTIONAL if hasattr(cls, hook)}
+        shown = set(re.findall(r"`(\w+)`", rows[cls.__name__]))
+        assert defined <= shown, f"methods.md's row for {cls.__name__} leaves out {sorted(defined - shown)}"
