@@ -16,15 +16,20 @@ from contsup.errors import ContsupError, RecipeError
 from contsup.hookspecs import hookimpl
 
 _API = ("Run", "train", "load_recipe", "build_network", "evaluate", "load_model")
+_TOOLS = ("predict",)  # contsup.tools.predict.predict: the tools layer, above the API's
 
 
 def __getattr__(name: str) -> Any:
-    """The API's names, imported from :mod:`contsup.api` when first asked for."""
+    """The API's names, imported from :mod:`contsup.api` (or their tool) when first asked for."""
     if name in _API:
         from contsup import api
 
         return getattr(api, name)
+    if name in _TOOLS:
+        from contsup.tools import predict
+
+        return getattr(predict, name)
     raise AttributeError(f"module 'contsup' has no attribute {name!r}")
 
 
-__all__ = ["ContsupError", "RecipeError", "hookimpl", "__version__", *_API]
+__all__ = ["ContsupError", "RecipeError", "hookimpl", "__version__", *_API, *_TOOLS]

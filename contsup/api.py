@@ -46,6 +46,7 @@ class Run:
     history: list[dict]
     model: GreedyNetwork
     timings: dict | None = None  # distributed runs: what distributed.json holds
+    stopped_early: str | None = None  # why run.early_stop ended it before run.epochs
 
     @property
     def final(self) -> dict | None:
@@ -62,9 +63,10 @@ class Run:
         if not self.history:
             return f"no epochs to train; run directory: {self.run_dir}"
         last, best = self.final, self.best
+        early = f"; stopped early after epoch {last['epoch']}: {self.stopped_early}" if self.stopped_early else ""
         return (
             f"final test error: {last['test_error_pct']:.2f}% "
-            f"(best {best['test_error_pct']:.2f}% at epoch {best['epoch']}); run directory: {self.run_dir}"
+            f"(best {best['test_error_pct']:.2f}% at epoch {best['epoch']}){early}; run directory: {self.run_dir}"
         )
 
 
@@ -144,7 +146,7 @@ def train(
 
 def _finished(trainer: Trainer, timings: dict | None = None) -> Run:
     """The run's :class:`Run` (``timings``: a distributed run's); the main process prints its last lines."""
-    run = Run(trainer.run_dir, trainer.recipe, list(trainer.history), trainer.network, timings)
+    run = Run(trainer.run_dir, trainer.recipe, list(trainer.history), trainer.network, timings, trainer.stopped_early)
     if trainer.processes.is_main:
         if run.timings is not None and run.history:
             print(summary(run.timings))

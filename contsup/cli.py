@@ -24,6 +24,7 @@ LIST_KINDS = {
     "methods": "methods",
     "optimizers": "optimizers",
     "schedules": "schedules",
+    "loggers": "loggers",
 }
 
 
@@ -68,6 +69,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     train(args.recipe, args.set or (), resume=args.resume, new=args.new, force=args.force)
     return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    """``contsup predict RUN IMAGES...``: :func:`contsup.tools.predict.predict` does it all."""
+    from contsup.tools.predict import predict_main
+
+    output = "json" if args.json else "csv" if args.csv else "table"
+    return predict_main(args.run, args.images, _registries()[1], top_k=args.top_k, batch_size=args.batch_size,
+                        device=args.device, output=output)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -279,6 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help='evaluate on this device (default: the recipe\'s run.device)')
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("predict", help="classify image files with a trained run (top-k classes and scores)")
+    p.add_argument("run", help="a run directory written by contsup train")
+    p.add_argument("images", nargs="+", help="image files, or folders searched for them recursively")
+    formats = p.add_mutually_exclusive_group()
+    formats.add_argument("--json", action="store_true", help="print JSON (default: a table)")
+    formats.add_argument("--csv", action="store_true", help="print CSV (default: a table)")
+    p.add_argument("--top-k", type=int, default=1, metavar="K", help="the K most likely classes of each image (default 1)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    p.add_argument("--device", help="predict on this device (default: the recipe's run.device)")
+    p.set_defaults(func=cmd_predict)
     p = sub.add_parser("probe", help="estimate the task-relevant information I(h_l, y) of every module of finished runs")
     p.add_argument("runs", nargs="+", help="run directories (several are drawn in one figure)")
     p.add_argument("-o", "--output", metavar="PNG", help="the figure (default RUN_DIR/probe.png for one run, ./probe.png for several)")

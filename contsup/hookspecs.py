@@ -82,6 +82,14 @@ def register_methods(register: Register) -> None:
 
 
 @hookspec
+def register_loggers(register: Register) -> None:
+    """Register logger classes (:class:`contsup.protocols.Logger`): what a run records of every
+    epoch besides metrics.jsonl, chosen by the recipe's ``[log] use = [...]``.
+
+    ``register``: call it once per class."""
+
+
+@hookspec
 def on_run_start(run: RunState) -> None:
     """Called once before the first epoch (on a distributed run, on rank 0 only).
 

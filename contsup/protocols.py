@@ -110,8 +110,37 @@ class Dataset(Protocol):
         """A map-style dataset of (x: (C, H, W) float tensor, y: int) pairs."""
 
     # Optional: ``classes() -> tuple[str, ...]``, the class names in label order; a run writes
-    # them to ``classes.json``. An item that cannot be read raises ``contsup.errors.UnreadableData``
-    # naming the file: the run stops on it with a checkpoint (exit status 1).
+    # them to ``classes.json``. ``image_transform() -> Callable[[PIL.Image.Image], Tensor]``: one
+    # image file -> the (C, H, W) tensor the test split would hold for it (``contsup predict``
+    # takes runs of datasets that have one); it raises ValueError saying what an image it cannot
+    # take is (its size, its mode) and what it takes. An item that cannot be read raises
+    # ``contsup.errors.UnreadableData`` naming the file: the run stops on it with a checkpoint
+    # (exit status 1).
+
+
+@runtime_checkable
+class Logger(Protocol):
+    """Records every epoch of a run somewhere besides metrics.jsonl (a file, a tracking server).
+    One instance per run, made from the recipe's ``[log.NAME]`` options when the run starts;
+    heavy packages are imported in ``on_run_start``, never at import time."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+
+    def on_run_start(self, run: "RunState") -> None:
+        """Before the first epoch; ``run.epoch`` > 0 when a run resumes (forget what was logged
+        after that epoch: it is trained again)."""
+
+    def on_epoch_end(self, run: "RunState", epoch: int, metrics: dict) -> None:
+        """After every epoch, its metrics written and its checkpoint saved: ``metrics`` is the
+        epoch's line of metrics.jsonl."""
+
+    def on_run_end(self, run: "RunState", metrics: dict | None) -> None:
+        """After the last epoch (also when the run stopped early); ``metrics`` the last epoch's."""
+
+    # Optional: ``requires: ClassVar[tuple[tuple[str, str], ...]]``, (module, how to install it)
+    # pairs: a recipe naming the logger is refused at validation, in one line with the install
+    # command, when a module is missing.
 
 
 @runtime_checkable
@@ -178,5 +207,6 @@ __all__ = [
     "Decoder",
     "Dataset",
     "Method",
+    "Logger",
     "Sequence",
 ]

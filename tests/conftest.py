@@ -103,3 +103,82 @@ def finished_runs(tmp_path_factory):
             recipe.write_text(text)
             assert main(["train", str(recipe)]) == 0
     return root
+
+
+MIXED_DIGITS = """
+[run]
+seed = 0
+epochs = {epochs}
+mode = "{mode}"
+
+[data]
+use = "digits"
+size = 8
+test_fraction = 0.5
+batch_size = 64
+
+[backbone]
+use = "cifar_resnet20"
+
+[partition]
+modules = {modules}
+
+[context]
+use = "{context}"
+
+[optimizer]
+lr = 0.05
+"""
+
+MIXED_FOLDER = """
+[run]
+epochs = 2
+
+[data]
+use = "imagefolder"
+root = "{root}"
+size = 16
+augment = "light"
+batch_size = 8
+
+[backbone]
+use = "cifar_resnet20"
+
+[partition]
+modules = 2
+
+[context]
+use = "R1E"
+
+[optimizer]
+lr = 0.05
+"""
+
+
+@pytest.fixture(scope="session")
+def mixed_runs(tmp_path_factory):
+    """An ordinary folder of five finished runs made by real short trainings, as a user's folder
+    looks: digits R1E at one and two epochs, DGL at another K, end to end, and an imagefolder run
+    on digits PNGs (``runs/`` beside the image folder ``images/``). Trained once per session."""
+    from contsup.cli import main
+    from test_imagefolder import make_folder
+
+    root = tmp_path_factory.mktemp("mixed")
+    images = make_folder(root / "images")
+    recipes = {
+        "digits-r1e-1epoch": MIXED_DIGITS.format(epochs=1, mode="greedy", modules=4, context="R1E"),
+        "digits-r1e-2epochs": MIXED_DIGITS.format(epochs=2, mode="greedy", modules=4, context="R1E"),
+        "digits-dgl": MIXED_DIGITS.format(epochs=2, mode="greedy", modules=2, context="none"),
+        "digits-e2e": MIXED_DIGITS.format(epochs=1, mode="e2e", modules=1, context="none"),
+        "folder-r1e": MIXED_FOLDER.format(root=images),
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, text in recipes.items():
+            path = root / f"{name}.toml"
+            path.write_text(text)
+            assert main(["train", str(path), "--set", f"run.out_dir={root / 'runs' / name}"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return root

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import re
 import types
 
@@ -45,7 +46,7 @@ def train(recipe, tmp_path, *plugins):
 
 
 def test_every_hook_has_a_section_and_a_test():
-    assert len(HOOKS) == 10
+    assert len(HOOKS) == 11
     documented = sections()
     tests = {name for name in globals() if name.startswith("test_hook_")}
     for hook in HOOKS:
@@ -147,6 +148,19 @@ def test_hook_register_datasets(tmp_path):
     assert recipe.dataset.use == "stripes"
     (metrics,) = train(recipe, tmp_path)
     assert 0 <= metrics["test_error_pct"] <= 100
+
+
+def test_hook_register_loggers(tmp_path):
+    plugin = example("register_loggers")
+    assert registries(plugin).loggers.entry("jsonlines").plugin == plugin.__name__
+    text = small_recipe_text(epochs=2, modules=2, train_size=16) + '\n[log]\nuse = ["jsonlines"]\n\n[log.jsonlines]\nfile = "e.jsonl"\n'
+    recipe = validate_recipe(text, plugin)
+    assert [c.use for c in recipe.loggers] == ["jsonlines"] and recipe.loggers[0].options.file == "e.jsonl"
+    metrics = train(recipe, tmp_path, plugin)
+    lines = [json.loads(line) for line in (tmp_path / "e.jsonl").read_text().splitlines()]
+    assert lines == [{"epoch": m["epoch"], "test_error_pct": m["test_error_pct"], "lr": m["lr"]} for m in metrics]
+    with pytest.raises(RecipeError, match=r"log.use: unknown logger 'jsonline'; did you mean 'jsonlines'\?"):
+        validate_recipe(text.replace('["jsonlines"]', '["jsonline"]'), plugin)
 
 
 def test_hook_on_run_start(small_recipe, tmp_path, capsys):

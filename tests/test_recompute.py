@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from contsup.cli import main
+from contsup_methods import BackLink
 from contsup.tools.plan import plan_data
 from contsup.config.recipe import RecipeError, loads_recipe
 from contsup.config.schema import ContextOptions
@@ -43,7 +44,7 @@ def _train(recipe, options: ContextOptions, mode: str = "greedy") -> nn.Module:
     torch.manual_seed(0)
     network = build_network(recipe).network.double().train()
     make = EndToEndStrategy if mode == "e2e" else GreedyStrategy
-    extra = {"backlink": 1} if mode == "backlink" else {}
+    extra = {"method": BackLink(BackLink.Options(units=1))} if mode == "backlink" else {}
     strategy = make(network, recipe.optimizer.create(), recipe.schedule.create(), 10, 10, **extra)
     g = torch.Generator().manual_seed(1)
     for _ in range(STEPS):

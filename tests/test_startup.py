@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-HEAVY = ("torch", "timm", "torchvision", "sklearn", "scipy", "matplotlib", "tensorboard")
+HEAVY = ("torch", "timm", "torchvision", "sklearn", "scipy", "matplotlib", "tensorboard", "mlflow", "wandb")
 
 SCRIPT = """
 import contextlib, io, json, sys
@@ -80,6 +80,7 @@ def test_list_context_selectors_imports_no_heavy_package():
         ("datasets", ["digits", "synthetic", "cifar10", "cifar100", "svhn", "stl10", "imagefolder"]),
         ("optimizers", ["sgd"]),
         ("schedules", ["cosine", "constant", "official_cosine"]),
+        ("loggers", ["tensorboard", "csv", "mlflow", "wandb"]),
     ],
 )
 def test_every_list_kind_imports_no_heavy_package(kind, names):

@@ -8,6 +8,7 @@ from typing import Any, Literal, Sequence
 
 import attrs
 
+from contsup.config.early_stop import check_table as early_stop_table
 from contsup.options import MAX_EPOCHS, as_table, at_least, between, option, requires_module
 
 
@@ -20,6 +21,11 @@ class RunOptions:
 
     seed: int = option(0, doc="seed for initialisation, data order and augmentation")
     epochs: int = option(10, doc="number of training epochs", validator=between(1, MAX_EPOCHS))
+    early_stop: dict[str, Any] = option(
+        {}, doc='end the run as finished when a metric stops improving: {metric = "test_error_pct", patience = 3}, '
+        'also min_delta (default 0) and mode ("auto", "min", "max"); {}: train every epoch (docs/runs.md#early-stopping)',
+        validator=early_stop_table,
+    )
     device: str = option("auto", doc='"auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:N"')
     out_dir: str = option("", doc='run directory; "" means runs/<recipe name>')
     mode: Literal["greedy", "e2e"] = option("greedy", doc='"greedy": local losses per module; "e2e": end-to-end backprop')
@@ -92,11 +98,17 @@ class ContextOptions:
 
 @attrs.frozen
 class LogOptions:
-    """Optional loggers, besides metrics.jsonl and the progress display."""
+    """Optional loggers, besides metrics.jsonl and the progress display; a table [log.NAME]
+    holds logger NAME's options (docs/runs.md#logging)."""
 
+    use: tuple[str, ...] = option(
+        (), doc='loggers that record every epoch, e.g. ["csv", "mlflow"] (contsup list loggers); their options '
+        "go in [log.NAME] tables",
+    )
     tensorboard: bool = option(
         False,
-        doc="write TensorBoard scalars to <run dir>/tensorboard (needs the tensorboard package: pip install 'contsup[tensorboard]')",
+        doc="write TensorBoard scalars to <run dir>/tensorboard, as naming \"tensorboard\" in use does (needs the tensorboard "
+        "package: pip install 'contsup[tensorboard]')",
         validator=requires_module("tensorboard", "pip install 'contsup[tensorboard]'"),
     )
 
@@ -243,6 +255,7 @@ class Recipe:
     log: LogOptions = attrs.field(factory=LogOptions)
     context_options: ContextOptions = attrs.field(factory=ContextOptions)  # [context]'s own keys
     distributed: DistributedOptions = attrs.field(factory=DistributedOptions)
+    loggers: tuple[Chosen, ...] = ()  # [log] use (and tensorboard = true), with their [log.NAME] options
     methods: tuple[Chosen, ...] = ()  # the training methods' tables the recipe has, active or not
 
     @property
@@ -273,7 +286,7 @@ class Recipe:
                 out[name] = _chosen_table(chosen, own)
         if self.ranges:
             out["modules"] = [r.table(self) for r in self.ranges]
-        out["log"] = as_table(self.log)
+        out["log"] = as_table(self.log) | {c.use: as_table(c.options) for c in self.loggers if attrs.fields(type(c.options))}
         for m in self.methods:
             out[m.use] = as_table(m.options)
         out["distributed"] = as_table(self.distributed)

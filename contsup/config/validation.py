@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import attrs
 
+from contsup.config import loggers as log_choice
 from contsup.config.optim import optimizers, schedules
 from contsup.config.parts import build_parts, too_many_modules
 from contsup.config.presets import apply_preset
@@ -99,6 +100,8 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
     A ``preset`` fills in the keys the recipe leaves out first (:mod:`contsup.config.presets`)."""
     data, problems = apply_preset(data, functools.partial(_option_fields, registries=registries))
     problems = [f"{source}: {p}" for p in problems]
+    data = dict(data)
+    data["log"], logger_tables = log_choice.split_tables(data.get("log", {}))
     names = [s.name for s in SECTIONS]
     methods = list(registries.methods.names())
     method_tables: list[Chosen] = []
@@ -131,6 +134,13 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
     if "modules" in data:
         ranges, range_problems = _read_ranges(data["modules"], parts, source, registries)
         problems += range_problems
+    chosen_loggers: list = []
+    if parts["log"]["own"] is not None:
+        log = parts["log"]["own"]
+        chosen_loggers, logger_problems = log_choice.choose(
+            log.use, {key: getattr(log, key) for key in log_choice.SYNONYMS}, logger_tables, f"{source}: log", registries
+        )
+        problems += logger_problems
     problems += _cross_checks(parts, source)
     problems += _distributed_checks(parts, source)
     problems += _method_checks(method_tables, parts, source)
@@ -154,6 +164,7 @@ def build_recipe(data: Mapping[str, Any], source: str, registries: Registries, o
         context_options=parts["context"]["own"],
         distributed=parts["distributed"]["own"],
         methods=tuple(sorted(method_tables, key=lambda m: m.use)),
+        loggers=tuple(Chosen(*c) for c in chosen_loggers),
     )
 
 

@@ -31,6 +31,7 @@ BUILTIN_PLUGINS = (
     "contsup_datasets",
     "contsup_methods",
     "contsup_tensorboard",
+    "contsup_loggers",
 )
 
 

@@ -24,6 +24,7 @@ KINDS = {
     "decoders": "decoder",
     "datasets": "dataset",
     "methods": "method",
+    "loggers": "logger",
 }
 
 
@@ -177,6 +178,7 @@ class Registries:
     decoders: Registry
     datasets: Registry
     methods: Registry
+    loggers: Registry
 
     @classmethod
     def from_plugin_manager(cls, pm: Any, *, keep_clashes: bool = False) -> "Registries":

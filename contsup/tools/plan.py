@@ -138,8 +138,9 @@ def plan_data(recipe: Any) -> dict:
             "head": count_params(m.head),
             "adapters": count_params(m.adapters),
             "decoder": count_params(m.decoder) if m.decoder is not None else 0,
-            "method": count_params(m.part) if m.part is not None else 0,
         }
+        if any(block.part is not None for block in built.network.blocks):  # a method's own parts
+            split["method"] = count_params(m.part) if m.part is not None else 0
         modules.append(
             {
                 "index": plan.index,
@@ -350,7 +351,7 @@ def _shape(shape: Sequence[int]) -> str:
 def _detail_rows(modules: Sequence[dict]) -> list[tuple[str, ...]]:
     """The second table of ``contsup plan``: each module's input shape, the adapter serving each
     source with its parameter count, and the module's parameters split into its parts."""
-    optional = [key for key in ("decoder", "method") if any(m["params_split"][key] for m in modules)]
+    optional = [key for key in ("decoder", "method") if any(m["params_split"].get(key) for m in modules)]
     header = ["module", "input shape", "sources (adapter, params)", "body", "head", "adapters", *optional]
     rows = [tuple(header)]
     for m in modules:

@@ -6,8 +6,10 @@ touches the global backend and everything works without a display.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import textwrap
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -16,6 +18,12 @@ from contsup.training.rundir import atomic_write
 CONTEXT_NONE = ("none", "R0")
 # Keys that are not part of a "method": the number of modules and what does not change results.
 NOT_METHOD = ("partition.modules",)
+# Which keys name two methods of one short label apart first: what a reader looks for first.
+TELLING_KEYS = (
+    "data.use", "backbone.use", "backbone.model", "run.mode", "run.epochs", "objective.use", "decoder.use",
+    "context.use", "optimizer.lr", "data.size", "data.batch_size", "run.seed",
+)
+LEGEND_WIDTH = 48  # characters per line of a legend entry; longer labels wrap
 
 
 def new_figure(width: float = 7.0, height: float = 4.5, cols: int = 1) -> tuple[Any, Any]:
@@ -36,6 +44,38 @@ def save_png(fig: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: f.write(data))
     return path
+
+
+def wrap_label(label: str, width: int = LEGEND_WIDTH) -> str:
+    """A legend entry broken into lines of at most ``width`` characters (at commas and spaces)."""
+    return "\n".join(textwrap.wrap(label, width, break_long_words=True, break_on_hyphens=False)) or label
+
+
+def legend_below(fig: Any, axes: Any, fontsize: float = 7.5) -> None:
+    """One legend for the figure, outside and below its axes (constrained layout makes room),
+    entries wrapped and spread over as many columns as fit the figure's width; nothing when no
+    artist has a label. A legend inside the axes hides points, one wider than the figure is cut off."""
+    handles, labels = [], []
+    for ax in axes if isinstance(axes, (list, tuple)) else [axes]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if not labels:
+        return
+    wrapped = [wrap_label(lab) for lab in labels]
+    widest = max(len(line) for lab in wrapped for line in lab.splitlines())
+    # about 0.06 inch per character at this font size, plus the marker and the gap
+    per_column = 0.6 + widest * 0.06 * fontsize / 7.5
+    columns = max(1, min(len(labels), int(fig.get_figwidth() // per_column)))
+    fig.legend(handles, wrapped, loc="outside lower center", ncols=columns, fontsize=fontsize, frameon=False)
+
+
+def short_name(index: int, label: str, limit: int = 40) -> str:
+    """A short, unique file name stem for the ``index``-th figure of its kind: the index, a few
+    characters of the label and a hash of the whole label (``03-ContSup-R1E-K4-1a2b3c``)."""
+    digest = hashlib.sha1(label.encode("utf-8")).hexdigest()[:6]
+    return f"{index:02d}-{slug(label)[:limit].strip('-.')}-{digest}"
 
 
 def _stage_label(stage: Mapping[str, Any]) -> str:
@@ -82,8 +122,30 @@ def method_key(config: Mapping[str, Any]) -> str:
     return json.dumps({k: v for k, v in config.items() if k not in NOT_METHOD}, sort_keys=True, default=str)
 
 
+def telling_keys(configs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Few keys whose values tell ``configs`` apart as well as all their keys do: greedily the
+    key that tells most groups apart, ties to the keys readers look for first
+    (:data:`TELLING_KEYS`); returned in that order."""
+
+    def rank(key: str) -> tuple[int, str]:
+        return (TELLING_KEYS.index(key) if key in TELLING_KEYS else len(TELLING_KEYS), key)
+
+    def groups(keys: Sequence[str]) -> int:
+        return len({json.dumps([config.get(k) for k in keys], default=str) for config in configs})
+
+    all_keys = sorted({k for c in configs for k in c}, key=rank)
+    varying = [k for k in all_keys if groups([k]) > 1]
+    target, chosen = groups(varying), []
+    while groups(chosen) < target:
+        best = max(varying, key=lambda k: (groups([*chosen, k]), -rank(k)[0]))  # first of equals: the earliest
+        chosen.append(best)
+        varying.remove(best)
+    return sorted(chosen, key=rank)
+
+
 def method_labels(configs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-    """{method key: label}; methods whose short labels collide get the keys that tell them apart."""
+    """{method key: label}; methods whose short labels collide get the values of the fewest keys
+    that tell them apart (``ContSup R1E (data.use=digits)``)."""
     methods: dict[str, dict[str, Any]] = {}
     for config in configs:
         methods.setdefault(method_key(config), {k: v for k, v in config.items() if k not in NOT_METHOD})
@@ -95,12 +157,19 @@ def method_labels(configs: Sequence[Mapping[str, Any]]) -> dict[str, str]:
         if len(keys) == 1:
             out[keys[0]] = label
             continue
-        all_keys = sorted({k for key in keys for k in methods[key]})
-        varying = [k for k in all_keys if len({json.dumps(methods[key].get(k), default=str) for key in keys}) > 1]
+        varying = telling_keys([methods[key] for key in keys])
         for key in keys:
-            extra = ", ".join(f"{k}={methods[key].get(k)}" for k in varying)
+            extra = ", ".join(f"{k}={_short_value(methods[key].get(k))}" for k in varying)
             out[key] = f"{label} ({extra})"
     return out
+
+
+def _short_value(value: Any, limit: int = 24) -> str:
+    """A value as a label shows it: a long path by its last part."""
+    text = str(value)
+    if len(text) > limit and "/" in text:
+        text = ".../" + text.rstrip("/").rsplit("/", 1)[-1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # The paper's methods keep one colour in every figure (report, probe); others take the rest in turn.

@@ -78,6 +78,16 @@ def description(obj: object) -> list[str]:
     return [line for para in text.split("\n\n") for line in (" ".join(para.split()), "")]
 
 
+def _loggers(registries: Registries) -> list[str]:
+    """The loggers ``[log] use`` may name, each with its ``[log.NAME]`` options."""
+    lines = []
+    for name in registries.loggers.names():
+        entry = registries.loggers.entry(name)
+        lines += [f"### `[log.{name}]`", "", f"{summary(entry.component)} (plugin `{entry.plugin}`)", ""]
+        lines += _options_table(entry.component.Options)
+    return lines
+
+
 def recipe_reference(registries: Registries) -> str:
     """The Markdown text of docs/recipes.md."""
     lines = [INTRO]
@@ -96,6 +106,8 @@ def recipe_reference(registries: Registries) -> str:
         if attrs.fields(section.own):
             lines += description(section.own)
             lines += _options_table(section.own)
+        if section.name == "log":
+            lines += _loggers(registries)
         if section.kind is None:
             continue
         registry = component_registry(section.kind, registries)

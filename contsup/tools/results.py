@@ -15,6 +15,7 @@ import attrs
 
 from contsup.errors import ContsupError, one_line
 from contsup.tools.paper import describe, matching_cells, schedule_differences
+from contsup.config.early_stop import stop_reason
 from contsup.config.reading import read_toml
 from contsup.core.registry import Registries
 from contsup.training.rundir import METRICS_FILE, MODEL_FILE, RECIPE_FILE, atomic_write, read_metrics
@@ -60,7 +61,12 @@ def load_run(run_dir: Path, warn: Callable[[str], None] | None = warn_line) -> R
     metrics = read_metrics(run_dir, warn, warn_torn=True)
     recipe, finished = read_toml(run_dir / RECIPE_FILE), (run_dir / MODEL_FILE).exists()
     epochs = recipe.get("run", {}).get("epochs") if isinstance(recipe.get("run"), dict) else None
-    if finished and isinstance(epochs, int) and len(metrics) < epochs and warn is not None:
+    early = recipe.get("run", {}).get("early_stop") if isinstance(recipe.get("run"), dict) else None
+    try:  # a run that run.early_stop ended has fewer epochs by design
+        stopped_early = isinstance(early, dict) and stop_reason(early, metrics) is not None
+    except ValueError:
+        stopped_early = False
+    if finished and isinstance(epochs, int) and len(metrics) < epochs and not stopped_early and warn is not None:
         # cut at a line boundary, a shortened file parses cleanly: only the count tells
         warn(f"{run_dir / METRICS_FILE}: holds {len(metrics)} of the {epochs} epochs of a finished run "
              f"({MODEL_FILE} is written); its last figures are not the run's final ones")

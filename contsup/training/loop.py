@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence, TextIO
 import attrs
 import torch
 
+from contsup.config.early_stop import stop_reason
 from contsup.errors import BatchError, UnreadableData, one_line
 from contsup.model.network import Built, GreedyNetwork, build_network
 from contsup.training.checkpointer import Checkpointer, EpochState, Position, capture, restore
@@ -99,6 +100,7 @@ class Trainer:
         self.checkpointer = Checkpointer(self.run_dir, self.processes, checkpoints)
         self.stops = StopRequests(self.processes)
         self.in_step = False  # inside a step: the state is not consistent
+        self.stopped_early: str | None = None  # why run.early_stop ended the run before run.epochs
 
     # -- the run ----------------------------------------------------------------------------
 
@@ -116,6 +118,8 @@ class Trainer:
             self.hook.on_run_start(run=self.info)
         epochs = self.recipe.run.epochs
         for epoch in range(len(self.history) + 1, epochs + 1):
+            if self._stops_early():  # the epochs so far are enough (a resumed run that had stopped: at once)
+                break
             self.info.epoch = epoch
             metrics = self.train_epoch(epoch)
             self.history.append(metrics)
@@ -187,6 +191,19 @@ class Trainer:
             raise self._unreadable(exc, f"evaluating after epoch {epoch}") from None
         total = self.processes.sum(counts.as_tensor(self.strategy.modules), "summing the test results")
         return EvalCounts.from_tensor(total, counts.modules).result()
+
+    def _stops_early(self) -> bool:
+        """Whether ``run.early_stop`` ends the run after the epochs trained so far (collective:
+        every process stops when the main one does); says why on the run's log."""
+        if not self.recipe.run.early_stop:
+            return False
+        reason = stop_reason(self.recipe.run.early_stop, self.history)
+        if not self.processes.any_rank(reason is not None):
+            return False
+        self.stopped_early = reason or "the main process's metrics said so"
+        self.log.write(f"early stop after epoch {len(self.history)} of {self.recipe.run.epochs}: {self.stopped_early}\n")
+        self.log.flush()
+        return True
 
     def finish(self) -> None:
         """After ``fit``: the final weights on the main process (collective), which writes the

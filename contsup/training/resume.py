@@ -10,6 +10,7 @@ import attrs
 
 from contsup.training.checkpoint import checkpoint_dir, checkpoint_paths, describe, load_latest
 from contsup.errors import ContsupError
+from contsup.config.early_stop import stop_reason
 from contsup.config.recipe import Recipe, load_recipe
 from contsup.config.schema import SECTIONS
 from contsup.core.registry import Registries
@@ -134,12 +135,18 @@ def _prepare_locked(
             f"resume with the run's own recipe, or pass --force to continue with the new values"
         )
     done = len(state["history"]) if state is not None else 0
-    if done >= recipe.run.epochs and (run_dir / MODEL_FILE).exists():
+    early = stop_reason(recipe.run.early_stop, state["history"]) if state is not None else None
+    if (done >= recipe.run.epochs or early) and (run_dir / MODEL_FILE).exists():
         try:
             read_model_file(run_dir / MODEL_FILE, warn=lambda _line: None)
         except UnusableModel as exc:  # the resume writes it again from the final checkpoint
             warn(f"{run_dir / MODEL_FILE} cannot be used ({exc.why}); writing it again from {checkpoint}")
         else:
+            if early and done < recipe.run.epochs:
+                raise ContsupError(
+                    f"--resume {run_dir}: the run stopped early after epoch {done} ({early}), so it is finished; to train "
+                    f"on, change or remove run.early_stop (--set 'run.early_stop={{}}') and pass --force"
+                )
             raise ContsupError(
                 f"--resume {run_dir}: the run already finished its {done} epochs; to train on, raise "
                 f"run.epochs (--set run.epochs={done + 1}) and pass --force"

@@ -4,13 +4,13 @@ crop and horizontal flip for training; per-channel normalisation for both splits
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 
 from contsup.options import option
 from contsup.types import DatasetInfo
-from contsup_datasets.files import DataFiles, check_classes, check_labels, non_empty, open_dataset
+from contsup_datasets.files import DataFiles, check_classes, check_labels, fixed_size_images, non_empty, open_dataset
 
 if TYPE_CHECKING:  # annotations only: torchvision (seconds to import) loads with the files, not with the listing
     from torchvision import datasets, transforms
@@ -62,6 +62,10 @@ class Cifar10:
 
     def info(self) -> DatasetInfo:
         return DatasetInfo(input_shape=(3, 32, 32), num_classes=len(CLASSES), mean=MEAN, std=STD)
+
+    def image_transform(self) -> Callable[[Any], Any]:
+        """One 32x32 image file -> the test split's tensor (``contsup predict``)."""
+        return fixed_size_images(cifar10_transform(False), 32, "CIFAR-10")
 
     def files(self) -> DataFiles:
         """The files torchvision requires (both splits and the metadata), with their md5 sums."""

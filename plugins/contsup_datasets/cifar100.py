@@ -5,14 +5,14 @@ with CIFAR-100's own mean and standard deviation for both splits. Labels are the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 
 from contsup.options import option
 from contsup.types import DatasetInfo
 from contsup_datasets.cifar10 import cifar10_transform
-from contsup_datasets.files import DataFiles, check_classes, check_labels, non_empty, open_dataset
+from contsup_datasets.files import DataFiles, check_classes, check_labels, fixed_size_images, non_empty, open_dataset
 
 if TYPE_CHECKING:  # annotations only: torchvision (seconds to import) loads with the files, not with the listing
     from torchvision import datasets
@@ -47,6 +47,10 @@ class Cifar100:
 
     def info(self) -> DatasetInfo:
         return DatasetInfo(input_shape=(3, 32, 32), num_classes=len(CLASSES), mean=MEAN, std=STD)
+
+    def image_transform(self) -> Callable[[Any], Any]:
+        """One 32x32 image file -> the test split's tensor (``contsup predict``)."""
+        return fixed_size_images(cifar10_transform(False, MEAN, STD), 32, "CIFAR-100")
 
     def classes(self) -> tuple[str, ...]:
         """The fine class names in label order; the run directory records them."""

@@ -121,3 +121,17 @@ def check_classes(files: DataFiles, found: Sequence[str] | None, expected: Seque
         raise files.corrupt(
             [files.path(source)], f"class names {list(found)} are not the {len(expected)} {files.title} classes {list(expected)}"
         )
+
+
+def fixed_size_images(transform: Callable[[Any], Any], size: int, title: str) -> Callable[[Any], Any]:
+    """The evaluation transform of one image file for a dataset of ``size`` x ``size`` colour
+    images (``contsup predict``): any mode PIL reads becomes RGB, as the dataset's own images
+    are; an image of another size is refused (ValueError), since the network never saw one."""
+
+    def apply(image: Any) -> Any:
+        if tuple(image.size) != (size, size):
+            width, height = image.size
+            raise ValueError(f"{width}x{height} pixels; {title} networks take {size}x{size} images (resize them first)")
+        return transform(image.convert("RGB"))
+
+    return apply

@@ -15,7 +15,7 @@ import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import attrs
 
@@ -218,6 +218,13 @@ class ImageFolder:
                 f"set data.classes = {len(names)} (or 0 to count them)"
             )
         return names
+
+    def image_transform(self) -> Callable[[Any], Any]:
+        """One image file -> the evaluation tensor (``contsup predict``): converted to RGB as the
+        training images are, then resized and centre-cropped as the val/ split is."""
+        o = self.options
+        transform = folder_transform(False, o.size, o.augment, o.crop_pct, o.interpolation)
+        return lambda image: transform(image.convert("RGB"))
 
     def load(self, train: bool) -> FolderImages:
         o = self.options

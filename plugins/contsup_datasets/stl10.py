@@ -9,13 +9,13 @@ STL-10 always gets a 10-way head.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 
 from contsup.options import option
 from contsup.types import DatasetInfo
-from contsup_datasets.files import DataFiles, check_classes, check_labels, non_empty, open_dataset
+from contsup_datasets.files import DataFiles, check_classes, check_labels, fixed_size_images, non_empty, open_dataset
 
 if TYPE_CHECKING:  # annotations only: torchvision (seconds to import) loads with the files, not with the listing
     from torchvision import datasets, transforms
@@ -58,6 +58,10 @@ class Stl10:
 
     def info(self) -> DatasetInfo:
         return DatasetInfo(input_shape=(3, SIZE, SIZE), num_classes=len(CLASSES), mean=MEAN, std=STD)
+
+    def image_transform(self) -> Callable[[Any], Any]:
+        """One 96x96 image file -> the test split's tensor (``contsup predict``)."""
+        return fixed_size_images(stl10_transform(False), SIZE, "STL-10")
 
     def files(self) -> DataFiles:
         """The files torchvision requires (unlabelled images included), with their md5 sums."""

@@ -5,13 +5,13 @@ to [-1, 1] for both splits."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 import attrs
 
 from contsup.options import option
 from contsup.types import DatasetInfo
-from contsup_datasets.files import DataFiles, check_labels, non_empty, open_dataset
+from contsup_datasets.files import DataFiles, check_labels, fixed_size_images, non_empty, open_dataset
 
 if TYPE_CHECKING:  # annotations only: torchvision (seconds to import) loads with the files, not with the listing
     from torchvision import datasets, transforms
@@ -44,6 +44,10 @@ class Svhn:
 
     def info(self) -> DatasetInfo:
         return DatasetInfo(input_shape=(3, 32, 32), num_classes=len(CLASSES), mean=MEAN, std=STD)
+
+    def image_transform(self) -> Callable[[Any], Any]:
+        """One 32x32 image file -> the test split's tensor (``contsup predict``)."""
+        return fixed_size_images(svhn_transform(False), 32, "SVHN")
 
     def files(self, train: bool) -> DataFiles:
         """The one .mat file of the split, with its md5 sum."""

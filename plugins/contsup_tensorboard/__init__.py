@@ -1,6 +1,6 @@
-"""Built-in observer: TensorBoard scalars of every epoch, in ``<run dir>/tensorboard``.
+"""Built-in logger: TensorBoard scalars of every epoch, in ``<run dir>/tensorboard``.
 
-Enabled by ``[log] tensorboard = true``; it needs the optional ``tensorboard`` package
+Enabled by ``[log] use = ["tensorboard"]`` or its synonym ``[log] tensorboard = true``; it needs the optional ``tensorboard`` package
 (``pip install 'contsup[tensorboard]'``), which recipe validation checks before a run starts.
 The step of every scalar is the epoch; a resumed run drops what the interrupted one logged
 after its checkpoint, so no epoch appears twice.
@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import attrs
 
 from contsup import hookimpl
 from contsup.errors import ContsupError
@@ -31,8 +33,10 @@ PER_MODULE = ("train_loss", "train_acc_pct", "test_local_acc_pct")
 
 
 def enabled(run: Any) -> bool:
-    """Whether the run's recipe asks for TensorBoard (``[log] tensorboard = true``)."""
-    return bool(getattr(getattr(run.recipe, "log", None), "tensorboard", False))
+    """Whether the run's recipe asks for TensorBoard (``[log] tensorboard = true``, or
+    ``"tensorboard"`` in ``[log] use``)."""
+    log = getattr(run.recipe, "log", None)
+    return bool(getattr(log, "tensorboard", False)) or "tensorboard" in getattr(log, "use", ())
 
 
 def _summary_writer() -> Any:
@@ -46,7 +50,6 @@ def _summary_writer() -> Any:
     return SummaryWriter
 
 
-@hookimpl
 def on_run_start(run):
     if not enabled(run):
         return
@@ -55,7 +58,6 @@ def on_run_start(run):
     _writers[Path(run.run_dir)] = writer_class(log_dir=str(Path(run.run_dir) / LOG_DIR), purge_step=purge)
 
 
-@hookimpl
 def on_epoch_end(run, epoch, metrics):
     writer = _writers.get(Path(run.run_dir))
     if writer is None:
@@ -70,8 +72,35 @@ def on_epoch_end(run, epoch, metrics):
     writer.flush()  # nothing lost if the run is killed
 
 
-@hookimpl
 def on_run_end(run, metrics):
     writer = _writers.pop(Path(run.run_dir), None)
     if writer is not None:
         writer.close()
+
+
+class TensorBoardLogger:
+    """TensorBoard scalars of every epoch in <run dir>/tensorboard (the tensorboard package: pip install 'contsup[tensorboard]')."""
+
+    name = "tensorboard"
+    requires = (("tensorboard", "pip install 'contsup[tensorboard]'"),)
+
+    @attrs.frozen
+    class Options:
+        pass
+
+    def __init__(self, options: "TensorBoardLogger.Options") -> None:
+        self.options = options
+
+    def on_run_start(self, run: Any) -> None:
+        on_run_start(run)
+
+    def on_epoch_end(self, run: Any, epoch: int, metrics: dict) -> None:
+        on_epoch_end(run, epoch, metrics)
+
+    def on_run_end(self, run: Any, metrics: dict | None) -> None:
+        on_run_end(run, metrics)
+
+
+@hookimpl
+def register_loggers(register):
+    register(TensorBoardLogger)
