@@ -232,6 +232,41 @@ def test_the_method_takes_the_builtin_man_steps_to_the_bit(monkeypatch):
     assert all(torch.equal(a[key], b[key]) for key in a), [key for key in a if not torch.equal(a[key], b[key])][:5]
 
 
+@pytest.mark.parametrize("mutant", ["follow in place", "after_step one module late"])
+def test_the_packages_moving_average_test_fails_what_the_page_says_it_fails(monkeypatch, mutant):
+    """The page says its first test fails a `follow` written in place and an `after_step` that
+    moves the previous module's copy (whose live unit has stepped by then); both are checked."""
+    monkeypatch.syspath_prepend(str(EXAMPLES / MOMENTUM / "tests"))
+    monkeypatch.syspath_prepend(str(EXAMPLES / MOMENTUM))
+    for name in ("contsup_momentum", "test_contsup_momentum"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import contsup_momentum
+    import test_contsup_momentum
+    import torch
+
+    text = METHOD_TUTORIAL.read_text()
+    if mutant == "follow in place":
+        assert "e.mul_(m).add_(p, alpha=1 - m)" in text
+
+        @torch.no_grad()
+        def follow(self, live, momentum):
+            for e, p in zip(self.ema.parameters(), live.parameters()):
+                e.mul_(momentum).add_(p, alpha=1 - momentum)
+
+        monkeypatch.setattr(contsup_momentum.NextUnitCopies, "follow", follow)
+    else:
+        assert "moves module l-1's copy instead" in text
+
+        def after_step(self, module, network):
+            if module.index >= 2:
+                previous = network.blocks[module.index - 2]
+                previous.part.follow(contsup_momentum.next_unit(network, previous), self.options.momentum)
+
+        monkeypatch.setattr(contsup_momentum.MomentumAux, "after_step", after_step)
+    with pytest.raises(AssertionError):
+        test_contsup_momentum.test_the_copy_follows_the_live_unit_to_the_bit()
+
+
 @pytest.mark.parametrize("example", ALL_EXAMPLES)
 def test_doctest_blocks(monkeypatch, example):
     module = example.replace("-", "_")
