@@ -6,6 +6,10 @@
    K = 4 and 16 on ResNet-32 batch 1024 and ResNet-110 batch 128, bf16 autocast, channels-last,
 3. one short greedy training on CIFAR-shaped synthetic data: images/s, and how much of the time
    goes to data loading and how much to compute,
+4. module-parallel against pipeline-parallel (``benchmarks/pipeline_schedules.py``: contsup's
+   pipeline, torch's GPipe and 1F1B schedules, DDP) on 2 and 4 processes of this machine's CPU,
+   gloo, one thread each: the rows of docs/distributed.md on a machine whose cores the 4
+   processes do not oversubscribe (on the CPU because NCCL takes one GPU per process),
 
 written as one JSON and one Markdown report (default ``gpu_check.json`` and ``gpu_check.md`` in
 the current folder; ``--out PATH`` writes PATH.json and PATH.md). Without CUDA it says so in
@@ -173,6 +177,33 @@ def short_training(batches: int, batch: int, workers: int, device_name: str = "c
             "data_share": data_s / total, "bound_by": "data loading" if data_s > compute_s else "compute"}
 
 
+DISTRIBUTED_STEPS = 4
+
+
+def _script(name: str) -> Any:
+    """Another script of benchmarks/ as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def distributed_rows(steps: int = DISTRIBUTED_STEPS, nproc: tuple[int, ...] = (2, 4), argv: list[str] = ()) -> dict:
+    """benchmarks/pipeline_schedules.py on this machine's CPU (its default recipe: ResNet-32, batch
+    128, K = 16): every configuration on each of ``nproc`` processes, one thread each, once."""
+    import tempfile
+
+    bench = _script("pipeline_schedules")
+    with tempfile.TemporaryDirectory() as out:
+        args = bench.parse([*argv, "--nproc", *map(str, nproc), "--steps", str(steps), "--warmup", "1", "--out", out])
+        result = bench.run(args)
+    result["table"] = bench.markdown_table(result)
+    result["target_line"] = bench.target_line(result)
+    return result
+
+
 def markdown(report: dict) -> str:
     mib = lambda n: f"{n / 2**20:.0f}"  # noqa: E731
     over = lambda a, b: f"{a / b:.3f}" if b else "-"  # noqa: E731
@@ -204,6 +235,18 @@ def markdown(report: dict) -> str:
         f"{s['data_s']:.2f} s, compute {s['compute_s']:.2f} s ({100 * s['data_share']:.0f} % waiting for data): "
         f"bound by {s['bound_by']}.",
     ]
+    d = report.get("distributed")
+    if d:
+        lines += [
+            "",
+            f"Module-parallel against pipeline-parallel on this machine's CPU ({d['machine']}; gloo, "
+            f"{d['threads']} thread per process, `benchmarks/pipeline_schedules.py --nproc 2 4 --steps {d['steps']} "
+            f"--warmup 1`): ResNet-32 batch {d['batch']}, K = {d['modules']} in equal stages, {d['micro_batches']} "
+            f"micro-batches; load average {d['load_average_min']:.1f} to {d['load_average_max']:.1f}.", "",
+            d["table"],
+        ]
+        if d.get("target_line"):
+            lines += ["", d["target_line"] + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -213,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-tests", action="store_true", help="skip the CUDA-only tests")
+    parser.add_argument("--no-distributed", action="store_true", help="skip the module-parallel against pipeline-parallel rows")
     args = parser.parse_args(argv)
     import torch
 
@@ -239,8 +283,14 @@ def main(argv: list[str] | None = None) -> int:
                     f"{rows[-1]['step_ms_median']:.1f} ms")
     say("short training")
     training = short_training(batches=40, batch=256, workers=4)
+    distributed = None
+    if not args.no_distributed:
+        say("module-parallel against pipeline-parallel, on the CPU")
+        distributed = distributed_rows()
+        say(distributed["target_line"] or "")
     report = {"machine": machine(), "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
-              "tests": tests, "memory_time": rows, "training": training, "seconds": time.perf_counter() - start}
+              "tests": tests, "memory_time": rows, "training": training, "distributed": distributed,
+              "seconds": time.perf_counter() - start}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{out}.json").write_text(json.dumps(report, indent=2))

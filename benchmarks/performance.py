@@ -646,7 +646,7 @@ storage shared by views or in-place ops once, plus the context tensors the greed
 later modules. This count is exact and deterministic: the same on every machine and every run,
 so it is the memory figure of this page. A module's figure includes its units, its auxiliary
 head, its context adapters, its input and the context it keeps (`contsup profile RECIPE` shows
-the breakdown). "Predicted" is composed from pieces measured one by one (`contsup.model.memory`),
+the breakdown). "Predicted" is composed from pieces measured one by one (`contsup.model.costs`),
 "measured" is counted during a real greedy step: they agree to the byte.
 
 On CPU the process's peak resident set size (`contsup bench` reports it) is a poor substitute:

@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -36,3 +38,35 @@ def test_the_pieces_run_on_a_cpu():
               "tests": {"tests": [], "returncode": 0, "summary": "1 passed", "seconds": 0.0}}
     text = gpu.markdown(report)
     assert "| cifar_resnet20 | 4 | 2 | checkpointing S=K |" in text and "images/s" in text
+
+
+def test_the_report_gives_the_distributed_rows_when_measured():
+    gpu = load_script()
+    bench = gpu._script("pipeline_schedules")
+    ranks = [{"rank": 0, "busy": 0.9, "saved_peak_bytes": 2**20}, {"rank": 1, "busy": 0.8, "saved_peak_bytes": 2**21}]
+    rows = [{"config": c, "nproc": 2, "images_per_s": v, "images_per_s_min": v, "images_per_s_max": v, "compute_s_per_batch": 1.0,
+             "gflop_per_batch": 3.0, "gflops_computing": 3.0, "ranks": ranks} for c, v in (("greedy", 10.0), ("1f1b", 20.0))]
+    d = {"machine": "cpu", "threads": 1, "steps": 4, "batch": 128, "modules": 16, "micro_batches": 4, "context": "R1E",
+         "recipe": "r.toml", "repeats": 1, "load_average_min": 1.0, "load_average_max": 2.0, "rows": rows, "target": bench.target(rows)}
+    d["table"], d["target_line"] = bench.markdown_table(d), bench.target_line(d)
+    report = {"machine": "test", "torch": "x", "steps": 1, "warmup": 0, "seconds": 1.0, "memory_time": [],
+              "training": {"context": "R1E", "k": 4, "backbone": "b", "batch": 4, "batches": 2, "workers": 0, "images_per_s": 1.0,
+                           "data_s": 0.1, "compute_s": 0.9, "data_share": 0.1, "bound_by": "compute"},
+              "tests": {"tests": [], "returncode": 0, "summary": "1 passed", "seconds": 0.0}, "distributed": d}
+    text = gpu.markdown(report)
+    assert "| contsup pipeline (R1E) | 2 | 10.0 | 10.0-10.0 | 0.50 | 3.0 | 1.00 | 3.0 | 90%, 80% | 1.0, 2.0 |" in text
+    assert "0.50x, peak 2.0 against 2.0 MiB: not met." in text
+
+
+@pytest.mark.slow
+def test_the_distributed_piece_runs_on_a_cpu(tmp_path):
+    """The rows the GPU check adds, here one configuration on a tiny network: run under torchrun,
+    rendered into the report's table."""
+    from conftest import small_recipe_text
+
+    gpu = load_script()
+    recipe = tmp_path / "tiny.toml"
+    recipe.write_text(small_recipe_text(train_size=16, batch_size=8, modules=4).replace("[3, 16, 16]", "[3, 8, 8]"))
+    d = gpu.distributed_rows(steps=1, nproc=(2,), argv=[str(recipe), "--configs", "gpipe", "--micro-batches", "2"])
+    assert [(r["config"], r["nproc"]) for r in d["rows"]] == [("gpipe", 2)] and d["rows"][0]["images_per_s"] > 0
+    assert d["table"].splitlines()[2].startswith("| GPipe, end to end | 2 |") and d["target_line"] is None

@@ -107,6 +107,8 @@ def test_distributed_json_reports_throughput_and_every_stage(torchrun_run):
         assert [r["modules"] for r in epoch["ranks"]] == [[1, 2], [3, 4]]
         for r in epoch["ranks"]:
             assert 0 < r["compute_s"] <= r["wall_s"] * 1.05 and 0 < r["utilisation"] <= 1.05
+            # every activity within the epoch's training time (evaluation's waits are not in it)
+            assert sum(r[f"{a}_s"] for a in ("compute", "load", "receive", "send", "communicate")) <= r["wall_s"] * 1.05
     assert set(report["overall"]["utilisation"]) == {"0", "1"}
 
 

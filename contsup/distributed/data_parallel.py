@@ -12,14 +12,14 @@ process x N*b images up to floating-point summation order.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ContextManager, Iterator
+from typing import Any, Iterator
 
 import torch
 
 from contsup.config.recipe import Recipe
 from contsup.distributed.syncbn import convert_sync_batchnorm
 from contsup.distributed.timing import Clock, Timings
-from contsup.distributed.world import Group, Silent, World, any_rank, resume_command
+from contsup.distributed.world import Group, Silent, World, any_rank, RankCollectives
 from contsup.training.device import seed_everything
 from contsup.training.evaluation import EvalCounts
 from contsup.training.loaders import batches_problem, make_loaders
@@ -77,7 +77,7 @@ def shard_loaders(recipe: Recipe, dataset: Any, device: torch.device, shard: int
     return train, test, size
 
 
-class DataParallel:
+class DataParallel(RankCollectives):
     """This rank's part in a data-parallel run (greedy or end to end): its slice of every batch,
     and the sums over every rank."""
 
@@ -124,17 +124,6 @@ class DataParallel:
         """Every rank stops after the same step if any rank was asked to (one small all-reduce)."""
         return any_rank(self.world, wanted, "agreeing whether to stop")
 
-    def sum(self, t: torch.Tensor, what: str) -> torch.Tensor:
-        return self.world.all_reduce(t.to(self.world.control_device), what)
-
-    def gather(self, obj: Any, what: str) -> list[Any] | None:
-        return self.world.gather_objects(obj, what)
-
-    def guard(self, what: str) -> ContextManager[None]:
-        return self.world.guard(what)
-
-    def resume_command(self, run_dir: Path) -> str:
-        return resume_command(self.world, run_dir)
 
 
 class DataParallelStrategy(Updates):

@@ -22,7 +22,7 @@ and synchronise batch-norm statistics over it with ``sync_batchnorm``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ContextManager, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import attrs
 import torch
@@ -33,7 +33,7 @@ from contsup.distributed.messages import END_EPOCH, END_EVAL, EVAL, KIND_NAMES, 
 from contsup.distributed.stages import Grid, StagePlan, crossing, measure_module_costs
 from contsup.distributed.syncbn import convert_sync_batchnorm
 from contsup.distributed.timing import Clock, Timings
-from contsup.distributed.world import Silent, World, any_rank, resume_command
+from contsup.distributed.world import Silent, World, any_rank, RankCollectives
 from contsup.errors import ContsupError
 from contsup.model.network import GreedyNetwork
 from contsup.partition import min_max_split
@@ -152,7 +152,7 @@ class _Length:
 # -- this rank's part in the run ---------------------------------------------------------------
 
 
-class Pipeline:
+class Pipeline(RankCollectives):
     """This rank's part in a pipeline run: the first stage of each replica (rank 0 alone with one
     replica) reads its share of the data and drives; the others follow the messages of the rank
     before them. A stop is decided by the first stages and travels down the pipeline in-band;
@@ -270,17 +270,6 @@ class Pipeline:
         self.link.waiting = message
         return False
 
-    def sum(self, t: torch.Tensor, what: str) -> torch.Tensor:
-        return self.world.all_reduce(t.to(self.world.control_device), what)
-
-    def gather(self, obj: Any, what: str) -> list[Any] | None:
-        return self.world.gather_objects(obj, what)
-
-    def guard(self, what: str) -> ContextManager[None]:
-        return self.world.guard(what)
-
-    def resume_command(self, run_dir: Path) -> str:
-        return resume_command(self.world, run_dir)
 
 
 class PipelineStrategy(Updates):
@@ -338,7 +327,12 @@ class PipelineStrategy(Updates):
 
     def evaluate(self, loader: Any, device: torch.device, precision: Precision, channels_last: bool) -> EvalCounts:
         """Test batches go through the stages like training ones (each replica its share of the
-        test set); each rank counts its heads, the first stages the images, the last the final loss."""
+        test set); each rank counts its heads, the first stages the images, the last the final loss.
+        Its waits on other ranks stay out of the epoch's timings, as its time does."""
+        with self.pipeline.clock.paused():
+            return self._evaluate(loader, device, precision, channels_last)
+
+    def _evaluate(self, loader: Any, device: torch.device, precision: Precision, channels_last: bool) -> EvalCounts:
         self._share_batchnorm_statistics()
         self.network.eval()
         counts = EvalCounts(self.network.num_modules)

@@ -51,6 +51,16 @@ class Clock:
             if self._nested:
                 self._nested[-1] += spent
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave out of the totals what is measured inside: a pipeline's evaluation between
+        epochs waits on other ranks too, but is no part of the epoch's training wall time."""
+        kept = dict(self.totals)
+        try:
+            yield
+        finally:
+            self.totals = kept
+
     def loading(self, batches: Iterable) -> Iterator:
         """``batches``, counting the time spent waiting for each as loading."""
         it = iter(batches)

@@ -16,7 +16,7 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import attrs
 import torch
@@ -423,9 +423,24 @@ def any_rank(group: World | Group, wanted: bool, what: str) -> bool:
     return bool(flag.item() > 0)
 
 
-def resume_command(world: World, run_dir: Path) -> str:
-    """The command that continues a run of ``world``'s processes."""
-    return f"torchrun --nproc_per_node={world.size} -m contsup train --resume {run_dir}"
+class RankCollectives:
+    """The collectives every distributed ``Processes`` answers alike, over its ``world``: sums,
+    gathers on rank 0, a deadline guard, and the command that continues the run."""
+
+    world: World
+
+    def sum(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        return self.world.all_reduce(t.to(self.world.control_device), what)
+
+    def gather(self, obj: Any, what: str) -> list[Any] | None:
+        return self.world.gather_objects(obj, what)
+
+    def guard(self, what: str) -> ContextManager[None]:
+        return self.world.guard(what)
+
+    def resume_command(self, run_dir: Path) -> str:
+        """The command that continues a run of these processes."""
+        return f"torchrun --nproc_per_node={self.world.size} -m contsup train --resume {run_dir}"
 
 
-__all__ = ["Launch", "World", "Group", "resume_command", "PeerLost", "Silent", "any_rank", "launch_from_env", "check_launch", "check_single_process", "check_device"]
+__all__ = ["Launch", "World", "Group", "RankCollectives", "PeerLost", "Silent", "any_rank", "launch_from_env", "check_launch", "check_single_process", "check_device"]

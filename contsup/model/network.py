@@ -150,14 +150,18 @@ class ContextStore:
         for j in [j for j in self.kept if self.last_use[j] <= module]:
             del self.kept[j]
 
-    def run(self, module: ContextModule, h: torch.Tensor) -> torch.Tensor:
-        """Module l on its input h_{l-1}: (B, C, H, W). h_{l-1}^c from the kept context (kept in
-        turn when a later module uses it), then F_l; returns h_l. The one forward wiring of a
-        greedy network: training, evaluation and the pipeline's stages all run modules here.
+    def context_input(self, module: ContextModule, h: torch.Tensor) -> torch.Tensor:
+        """h_{l-1}^c, module l's input with its context: h_{l-1} (B, C, H, W) enriched from the
+        kept sources, and kept in turn when a later module uses it. The one context wiring of a
+        greedy network: training, evaluation and the pipeline's stages all come through here.
         The caller releases (``release(l)``) once module l is done with its context."""
         hc = module.enrich(h, self.gather(module.sources))
         self.add(module.index - 1, hc)
-        return module.body(hc)
+        return hc
+
+    def run(self, module: ContextModule, h: torch.Tensor) -> torch.Tensor:
+        """Module l on its input h_{l-1}: its context input, then F_l; returns h_l."""
+        return module.body(self.context_input(module, h))
 
 
 class GreedyNetwork(nn.Module):

@@ -108,6 +108,19 @@ def plan_memory(recipe: Recipe, network: nn.Module, plans: Sequence[Any], sizes:
     return PlanMemory(tuple(out), units, batch, measured, tuple(model.notes))
 
 
+def _params_split(m: nn.Module, has_parts: bool) -> dict[str, int]:
+    """A module's parameters by part; "method" only in recipes whose method adds parts."""
+    split = {
+        "body": count_params(m.body),
+        "head": count_params(m.head),
+        "adapters": count_params(m.adapters),
+        "decoder": count_params(m.decoder) if m.decoder is not None else 0,
+    }
+    if has_parts:
+        split["method"] = count_params(m.part) if m.part is not None else 0
+    return split
+
+
 def plan_data(recipe: Any) -> dict:
     """What ``contsup plan --json`` prints: per module its units, sources, parameters, shapes."""
     torch.manual_seed(recipe.run.seed)
@@ -117,6 +130,7 @@ def plan_data(recipe: Any) -> dict:
     spans = link_spans(method, [p.units for p in built.plans])
     detail_keys = getattr(recipe.objective.component, "plan_keys", ())
     modules = []
+    has_parts = any(b.part is not None for b in built.network.blocks)  # a method's own parameters
     for plan, m in zip(built.plans, built.network.blocks):
         stage = recipe.module_range(plan.index)
         last = plan.index == k
@@ -133,14 +147,7 @@ def plan_data(recipe: Any) -> dict:
                     "source_shape": list(built.info.input_shape if s.is_input else built.plans[s.index].input_shape),
                 }
             )
-        split = {
-            "body": count_params(m.body),
-            "head": count_params(m.head),
-            "adapters": count_params(m.adapters),
-            "decoder": count_params(m.decoder) if m.decoder is not None else 0,
-        }
-        if any(block.part is not None for block in built.network.blocks):  # a method's own parts
-            split["method"] = count_params(m.part) if m.part is not None else 0
+        split = _params_split(m, has_parts)
         modules.append(
             {
                 "index": plan.index,

@@ -196,8 +196,7 @@ class GreedyStrategy(Updates):
             ratio = float(self.updates[pending].scaler.get_scale()) / float(update.scaler.get_scale())
             h.register_hook(lambda g, r=ratio: g * r)
         with self.precision.autocast():
-            hc = m.enrich(h, store.gather(m.sources))
-            store.add(m.index - 1, hc)
+            hc = store.context_input(m, h)
             if span:
                 prefix, suffix = split_body(m, span)
                 p = prefix(hc)
@@ -219,7 +218,7 @@ class GreedyStrategy(Updates):
         if own is not None:
             self._own_backward(m, own, weight, p, p_in, retain=bool(span))
         if pending is not None:
-            self._finish(pending)
+            self._optimizer_step(pending)
         stats.add(m.index, float(result.local), result.prediction, y)
         store.release(m.index)
         del result
@@ -228,7 +227,7 @@ class GreedyStrategy(Updates):
             return out
         self.pending = None
         if finish:
-            self._finish(i)
+            self._optimizer_step(i)
         return out.detach()
 
     def _terms(self, m: ContextModule, result: Any) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -250,7 +249,7 @@ class GreedyStrategy(Updates):
         if p.requires_grad and p_in.grad is not None:  # on through the prefix and adapters, not the previous module
             torch.autograd.backward(p, p_in.grad, inputs=params)
 
-    def _finish(self, i: int) -> None:
+    def _optimizer_step(self, i: int) -> None:
         """Module i+1's optimizer and schedule step, then the method's hook after it."""
         self.updates[i].step()
         after = getattr(self.method, "after_step", None)
