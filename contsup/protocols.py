@@ -34,9 +34,13 @@ class Partitioner(Protocol):
         """K positive unit counts summing to ``len(costs.units)``, in order."""
 
     # Optional: ``needs_costs = True`` (a class attribute) asks for measured costs (saved-tensor
-    # bytes per unit and each module's own overhead, ``contsup.model.memory``); without it ``costs`` is
-    # one per unit and nothing is measured. ``cost_batch_size`` (an int, or None for
-    # ``data.batch_size``) sets the batch those costs are measured at.
+    # bytes per unit and each module's own overhead, ``contsup.model.costs``); without it
+    # ``costs.units`` is 1.0 per unit, a placeholder marked ``costs.measured = False``.
+    # ``cost_batch_size`` (an int, or None for ``data.batch_size``) sets the batch those costs are
+    # measured at. ``needs_flops = True`` asks for ``costs.flops`` (forward FLOPs per image, per
+    # unit); the network's shapes (``costs.unit_shapes``, ``stages``, ``layout(sizes)``) come
+    # always. ``balances(costs) -> Costs`` says which costs the split balances: its largest
+    # module of them is never above the uniform split's (``contsup.testing.check_partitioner``).
 
 
 @runtime_checkable

@@ -114,12 +114,7 @@ class NetworkLayout:
         shapes = tuple(tuple(int(d) for d in s) for s in unit_shapes)
         if sum(sizes) != len(shapes) or any(int(s) < 1 for s in sizes):
             raise ValueError(f"sizes {list(sizes)} are not positive unit counts summing to {len(shapes)}")
-        stages: list[tuple[int, int]] = []
-        for u, shape in enumerate(shapes):
-            if stages and shapes[stages[-1][0]] == shape:
-                stages[-1] = (stages[-1][0], u)
-            else:
-                stages.append((u, u))
+        stages = shape_stages(shapes)
         stage_of = {u: s for s, (a, b) in enumerate(stages, start=1) for u in range(a, b + 1)}
         modules, start = [], 0
         for module, size in enumerate(sizes, start=1):
@@ -128,7 +123,19 @@ class NetworkLayout:
             stage = 0 if start == 0 else stage_of[start - 1]
             modules.append(ModuleLayout(module, (start, end), in_shape, shapes[end], stage))
             start = end + 1
-        return cls(input_shape, shapes, tuple(stages), tuple(modules))
+        return cls(input_shape, shapes, stages, tuple(modules))
+
+
+def shape_stages(unit_shapes: Sequence[Sequence[int]]) -> tuple[tuple[int, int], ...]:
+    """Maximal runs of consecutive units with one output shape, as [first, last] unit ranges."""
+    shapes = [tuple(s) for s in unit_shapes]
+    stages: list[tuple[int, int]] = []
+    for u, shape in enumerate(shapes):
+        if stages and shapes[stages[-1][0]] == shape:
+            stages[-1] = (stages[-1][0], u)
+        else:
+            stages.append((u, u))
+    return tuple(stages)
 
 
 @attrs.frozen
@@ -176,11 +183,36 @@ class HeadSpec:
 
 @attrs.frozen
 class Costs:
-    """Per-unit costs for a partitioner; ``segment(i, j)`` is the cost of one module of units
-    i..j inclusive (0-based), which may add the module's own overhead to the units' sum."""
+    """What a partitioner's ``split(costs, k)`` is given: per-unit costs, and the network's shapes.
+
+    ``segment(i, j)`` is the cost of one module of units i..j inclusive (0-based): the units'
+    ``units`` plus the module's own ``overhead`` when there is a table. Which figures are real:
+
+    - ``units`` / ``overhead``: saved-tensor bytes for backward at ``batch_size`` images, when
+      ``measured`` (the engine measures them only for a partitioner with ``needs_costs = True``);
+      otherwise ``measured`` is False and ``units`` holds 1.0 per unit, a placeholder that only
+      counts units (``Costs.uniform``), never a measurement;
+    - ``flops``: forward FLOPs of one image through each unit (``torch.utils.flop_counter``'s
+      count: a multiply-add is 2, convolutions and matrix products only), counted for a
+      partitioner with ``needs_flops = True``; else None;
+    - ``input_shape`` and ``unit_shapes``: x's shape and each unit's output shape (C, H, W),
+      always given by the engine (free: one dummy forward pass traces them); empty when unknown.
+
+    A table built by hand (``Costs((4.0, 2.0))``) is taken as measured.
+    """
 
     units: tuple[float, ...]
     overhead: tuple[tuple[float, ...], ...] | None = None  # overhead[i][j], j >= i
+    measured: bool = True
+    batch_size: int | None = None  # the batch ``units`` and ``overhead`` were counted at
+    flops: tuple[float, ...] | None = None  # forward FLOPs per image, per unit
+    input_shape: Shape | None = attrs.field(default=None, converter=lambda s: None if s is None else tuple(int(d) for d in s))
+    unit_shapes: tuple[Shape, ...] = attrs.field(default=(), converter=lambda s: tuple(tuple(int(d) for d in x) for x in s))
+
+    @property
+    def n(self) -> int:
+        """The number of units."""
+        return len(self.units)
 
     def segment(self, i: int, j: int) -> float:
         base = sum(self.units[i : j + 1])
@@ -188,6 +220,25 @@ class Costs:
             base += self.overhead[i][j - i]
         return base
 
+    @property
+    def stages(self) -> tuple[tuple[int, int], ...]:
+        """The backbone's resolution stages as [first, last] unit ranges (as ``NetworkLayout.stages``);
+        empty without ``unit_shapes``."""
+        return shape_stages(self.unit_shapes)
+
+    def unit_input_shape(self, u: int) -> Shape:
+        """The shape unit u takes: x's for unit 0, the previous unit's output after."""
+        if not self.unit_shapes or self.input_shape is None:
+            raise ValueError("these costs carry no shapes (input_shape, unit_shapes)")
+        return self.input_shape if u == 0 else self.unit_shapes[u - 1]
+
+    def layout(self, sizes: Sequence[int]) -> NetworkLayout:
+        """The :class:`NetworkLayout` the split ``sizes`` would give (each module's shapes and stage)."""
+        if not self.unit_shapes or self.input_shape is None:
+            raise ValueError("these costs carry no shapes (input_shape, unit_shapes)")
+        return NetworkLayout.from_split(self.input_shape, self.unit_shapes, sizes)
+
     @classmethod
     def uniform(cls, n: int) -> "Costs":
-        return cls(tuple(1.0 for _ in range(n)))
+        """No measured costs: 1.0 per unit as a placeholder, ``measured = False``."""
+        return cls(tuple(1.0 for _ in range(n)), measured=False)

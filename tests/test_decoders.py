@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from contsup.testing import check_decoder
 from contsup.types import DatasetInfo
 from contsup_decoders import InfoPro, interpolated_weights, unnormalise
 
@@ -49,3 +50,9 @@ def test_weights_are_the_written_values_exactly_at_both_ends(k):
     first, last = (1.0, 0.0), (0.2, 1.0)  # a + 1 * (b - a) would give 0.19999999999999996 or 0.20000000000000018
     assert interpolated_weights(1, k, first, last) == first
     assert interpolated_weights(k - 1, k, first, last) == last
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 0.0, 1.0), (5.0, 0.05, 0.2, 0.5)])
+def test_infopro_keeps_the_decoder_contract(weights):
+    """x's shape from every stage, a finite loss reaching h and the decoder only, weights >= 0."""
+    check_decoder(InfoPro(InfoPro.Options(**dict(zip(("ixx_1", "ixy_1", "ixx_2", "ixy_2"), weights)))))

@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import re
+import textwrap
 import types
 
 import pytest
@@ -16,7 +17,11 @@ from contsup import hookspecs
 from contsup.training.loop import Trainer
 from contsup.model.network import build_network
 from contsup.errors import RecipeError
-from contsup.testing import check_selector, plugin_manager, registries, validate_recipe
+from contsup.options import structure
+from contsup.config.reading import tomllib
+from contsup.testing import (
+    check_backbone, check_dataset, check_decoder, check_method, check_objective, check_partitioner, check_selector, plugin_manager, registries, validate_recipe,
+)
 from contsup.types import Costs
 
 from conftest import ROOT, small_recipe_text
@@ -64,9 +69,28 @@ def test_every_hook_section_names_a_hook_and_shows_its_signature():
             assert "**When:**" in text and "```python" in text
 
 
+def test_the_list_option_example_reads_and_reports_as_the_page_says():
+    text = sections()["What every component provides"]
+    module = types.ModuleType("hooks_md_list_option")
+    (code,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    exec(compile(textwrap.dedent(code), f"{HOOKS_MD}:list option", "exec"), module.__dict__)
+    assert structure(module.Options, {"stage_weights": [2, 1.5]}, "partition") == (module.Options(stage_weights=(2.0, 1.5)), [])
+    messages = {
+        '[1.0, "fast"]': 'partition.stage_weights: item 1: expected a number, got a string ("fast")',
+        "3": "partition.stage_weights: expected a list of numbers, got an integer (3)",
+        "[1.0, 0.0]": "partition.stage_weights: every weight must be > 0, got [1.0, 0.0]",
+    }
+    for toml, message in messages.items():
+        table = tomllib.loads(f"stage_weights = {toml}")
+        assert structure(module.Options, table, "partition") == (None, [message])
+    for toml, message in list(messages.items())[:2]:
+        assert f"`stage_weights = {toml}`" in text and message.split(": ", 1)[1] in text
+
+
 def test_hook_register_backbones():
     plugin = example("register_backbones")
     assert registries(plugin).backbones.entry("tiny_cnn").plugin == plugin.__name__
+    check_backbone(plugin.TinyCNN, input_shapes=[(3, 16, 16), (1, 8, 8)])
     text = small_recipe_text(backbone="tiny_cnn", modules=3)
     built = build_network(validate_recipe(text, plugin))
     assert [p.units for p in built.plans] == [1, 1, 1]
@@ -82,6 +106,7 @@ def test_hook_register_partitioners():
     assert splitter.split(Costs.uniform(10), 1) == (10,)
     assert splitter.split(Costs.uniform(10), 4) == (1, 3, 3, 3)
     assert splitter.split(Costs.uniform(10), 10) == (1,) * 10
+    check_partitioner(plugin.FirstAlone)
     text = small_recipe_text(modules=4).replace("[partition]\n", '[partition]\nuse = "first_alone"\n')
     recipe = validate_recipe(text, plugin)
     assert [p.units for p in build_network(recipe).plans] == [1, 3, 3, 3]
@@ -96,6 +121,7 @@ def test_hook_register_context_selectors():
 
 def test_hook_register_objectives(tmp_path):
     plugin = example("register_objectives")
+    check_objective(plugin.SmoothedCrossEntropy)
     text = small_recipe_text(modules=2, train_size=16) + '\n[objective]\nuse = "smoothed_ce"\nsmoothing = 0.2\n'
     recipe = validate_recipe(text, plugin)
     assert recipe.objective.options.smoothing == 0.2
@@ -107,6 +133,7 @@ def test_hook_register_objectives(tmp_path):
 
 def test_hook_register_decoders(tmp_path):
     plugin = example("register_decoders")
+    check_decoder(plugin.PixelMSE)
     recipe = validate_recipe(small_recipe_text(modules=3, train_size=16) + '\n[decoder]\nuse = "pixel_mse"\n', plugin)
     network = build_network(recipe).network
     assert [m.decoder is not None for m in network.blocks] == [True, True, False]
@@ -120,6 +147,7 @@ def test_hook_register_decoders(tmp_path):
 def test_hook_register_methods(tmp_path):
     plugin = example("register_methods")
     assert registries(plugin).methods.entry("noisy_head").plugin == plugin.__name__
+    check_method(plugin.NoisyHead, modules=(3,))
     text = small_recipe_text(modules=3, train_size=16) + "\n[noisy_head]\nstd = 0.5\n"
     recipe = validate_recipe(text, plugin)
     assert recipe.method.use == "noisy_head"
@@ -138,6 +166,7 @@ def test_hook_register_methods(tmp_path):
 def test_hook_register_datasets(tmp_path):
     plugin = example("register_datasets")
     stripes = plugin.Stripes(plugin.Stripes.Options(size=8, samples=32))
+    check_dataset(stripes)
     x, y = stripes.load(train=True)[0]
     assert x.shape == (1, 8, 8) and y.item() in (0, 1)
     assert len(stripes.load(train=False)) == 32

@@ -7,13 +7,15 @@ import json
 
 import attrs
 import pytest
+from hypothesis import given, settings
 
 from contsup.cli import main
 from contsup.errors import ContsupError
 from contsup.model.components import selector_sources, takes_layout
-from contsup.model.network import build_network, network_layout, plan_modules
+from contsup.model.network import build_network, check_sources, network_layout, plan_modules
 from contsup.testing import chain_layout, check_selector, preview_sources, recipe as load_test_recipe
-from contsup.types import ModuleLayout, NetworkLayout, Source
+from contsup.testing.strategies import layouts
+from contsup.types import Costs, ModuleLayout, NetworkLayout, Source
 from contsup_context import ContSup, StageSelector, stage_sources
 
 from conftest import ROOT, small_recipe_text
@@ -64,6 +66,33 @@ def test_layout_of_a_split():
         NetworkLayout.from_split((3, 32, 32), RESNET32_UNITS, [4, 4])
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         layout.stages = ()  # type: ignore[misc]
+
+
+@settings(max_examples=200, deadline=None)
+@given(layouts(max_units=24))
+def test_any_layout_follows_its_split(layout):
+    """Modules cover the units in order; each takes the previous one's output; stages never go back;
+    a partitioner's Costs with the same shapes gives the same layout and stages."""
+    modules, n = layout.modules, len(layout.unit_shapes)
+    assert modules[0].unit_range[0] == 0 and modules[-1].unit_range[1] == n - 1
+    assert modules[0].input_shape == layout.input_shape and modules[0].stage == 0
+    for a, b in zip(modules, modules[1:]):
+        assert b.unit_range[0] == a.unit_range[1] + 1 and b.input_shape == a.output_shape and b.stage >= a.stage >= 0
+        first, last = layout.stages[b.stage - 1]
+        assert first <= b.unit_range[0] - 1 <= last  # the stage of b's input is the stage of a's last unit
+    assert all(m.output_shape == layout.unit_shapes[m.unit_range[1]] for m in modules)
+    costs = attrs.evolve(Costs.uniform(n), input_shape=layout.input_shape, unit_shapes=layout.unit_shapes)
+    assert costs.stages == layout.stages and costs.layout([m.units for m in modules]) == layout
+    assert costs.unit_input_shape(modules[-1].unit_range[0]) == modules[-1].input_shape
+
+
+@settings(max_examples=100, deadline=None)
+@given(layouts(max_units=24, max_modules=16))
+def test_the_stage_selector_keeps_the_index_convention_on_any_layout(layout):
+    for options in (StageSelector.Options(), StageSelector.Options(input=False)):
+        selector, k = StageSelector(options), layout.num_modules
+        for module in range(1, k + 1):
+            check_sources(selector_sources(selector, module, k, layout), module, k, selector)
 
 
 def test_stage_selector_on_cifar_resnet32_k16(registries):

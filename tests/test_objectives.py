@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from contsup.testing import check_objective
 from contsup.types import HeadSpec
 from contsup_objectives import CrossEntropy, NoPositivePairs, SupCon, supcon_loss
 from contsup_objectives.heads import VARIANTS, AuxClassifier
@@ -96,6 +97,14 @@ def test_head_variants_output_sizes(shape, stride, width, variant):
     else:
         assert fcs[0].in_features == shape[0]
     assert all(f.out_features == 128 for f in fcs[:-1])
+
+
+@pytest.mark.parametrize("objective", [CrossEntropy, SupCon], ids=["cross_entropy", "supcon"])
+@pytest.mark.parametrize("head", ["1c2f", "0c1f", "2c2f", "auglocal"])
+def test_builtin_objectives_keep_the_contract(objective, head):
+    """Every head variant: a new head per call, (B, C, H, W) to what the loss takes, a finite
+    scalar loss reaching h and the head only (AugLocal's copies, never the backbone's units)."""
+    check_objective(objective(objective.Options(head=head)))
 
 
 def test_objective_heads():

@@ -1,26 +1,25 @@
 """The uniform partitioner: K non-empty contiguous modules, sizes differ by at most one,
-earlier modules never larger than later ones; the paper's ResNet-110 and ResNet-32 cuts."""
+earlier modules never larger than later ones; the paper's ResNet-110 and ResNet-32 cuts.
+memory_balanced: optimal, earliest among optima, never above uniform. Both keep the contract
+contsup.testing.check_partitioner holds every partitioner to; the hypothesis strategies are the
+ones plugin authors get (contsup.testing.strategies)."""
 
 from __future__ import annotations
 
 import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 
+from contsup.testing import check_partitioner
+from contsup.testing.strategies import costs_and_k
 from contsup.types import Costs
-from contsup_partition import Uniform, uniform_split
+from contsup_partition import Cuts, Uniform, uniform_split
 
 
-@st.composite
-def n_and_k(draw):
-    n = draw(st.integers(1, 200))
-    return n, draw(st.integers(1, n))
-
-
-@given(n_and_k())
-def test_uniform_split_invariants(nk):
-    n, k = nk
-    sizes = Uniform(Uniform.Options()).split(Costs.uniform(n), k)
+@given(costs_and_k(max_units=200, measured=False, flops=False))
+def test_uniform_split_invariants(ck):
+    costs, k = ck
+    n = costs.n
+    sizes = Uniform(Uniform.Options()).split(costs, k)
     assert len(sizes) == k and sum(sizes) == n and min(sizes) >= 1
     assert max(sizes) - min(sizes) <= 1
     assert list(sizes) == sorted(sizes)  # never larger earlier than later
@@ -62,19 +61,6 @@ def all_splits(n: int, k: int):
     for cuts in combinations(range(1, n), k - 1):
         bounds = (0, *cuts, n)
         yield tuple(b - a for a, b in zip(bounds, bounds[1:]))
-
-
-cost_value = st.one_of(st.integers(0, 20).map(float), st.floats(0, 1e9, allow_nan=False, allow_infinity=False))
-
-
-@st.composite
-def costs_and_k(draw, overhead=True):
-    n = draw(st.integers(1, 10))
-    units = tuple(draw(st.lists(cost_value, min_size=n, max_size=n)))
-    table = None
-    if overhead and draw(st.booleans()):
-        table = tuple(tuple(draw(st.lists(cost_value, min_size=n - i, max_size=n - i))) for i in range(n))
-    return Costs(units, table), draw(st.integers(1, n))
 
 
 @settings(max_examples=300, deadline=None)
@@ -153,3 +139,79 @@ def test_memory_balanced_measured_at_a_small_batch_finds_the_same_split(registri
         torch.manual_seed(0)
         splits.append(tuple(p.units for p in build_network(recipe).plans))
     assert splits[0] == splits[1] != (2, 2, 3, 3)  # measured, not uniform's split
+
+
+# -- the contract every partitioner keeps (contsup.testing.check_partitioner) ---------------------
+
+
+@pytest.mark.parametrize("partitioner", [Uniform, MemoryBalanced], ids=["uniform", "memory_balanced"])
+def test_builtin_partitioners_keep_the_contract(partitioner):
+    check_partitioner(partitioner)
+
+
+def test_memory_balanced_says_what_it_balances_and_uniform_does_not():
+    costs = Costs((3.0, 1.0, 1.0, 1.0))
+    assert MemoryBalanced(MemoryBalanced.Options()).balances(costs) is costs
+    assert not hasattr(Uniform, "balances")
+
+
+@pytest.mark.parametrize(
+    "options", [{"sizes": (2, 3)}, {"sizes": (1, 1, 1, 1)}, {"after": ((0, 0), (1, 1))}, {"after": ((1, 0),), "stages": 2}],
+)
+def test_cuts_keep_the_contract_and_refuse_other_networks_in_one_line(options):
+    """Cuts serves only the networks its option fits; every other table is refused with a ContsupError."""
+    check_partitioner(Cuts(Cuts.Options(**options)))
+
+
+@settings(max_examples=100, deadline=None)
+@given(costs_and_k(flops=True))
+def test_the_engine_facts_do_not_change_memory_balanced(ck):
+    """FLOPs, shapes and the batch ride along; the split is that of the units and overhead alone."""
+    costs, k = ck
+    bare = Costs(costs.units, costs.overhead)
+    assert min_max_split(costs, k) == min_max_split(bare, k)
+
+
+# -- what the engine gives a partitioner ------------------------------------------------------------
+
+
+class Recorder:
+    """Records the tables it is given; splits as memory_balanced does."""
+
+    name = "recorder"
+
+    def __init__(self, options=None):
+        self.seen = []
+
+    def split(self, costs, k):
+        self.seen.append(costs)
+        return min_max_split(costs, k)
+
+
+@pytest.mark.parametrize("needs_costs", [False, True])
+@pytest.mark.parametrize("needs_flops", [False, True])
+def test_a_partitioner_gets_shapes_always_and_measurements_when_it_asks(registries, needs_costs, needs_flops):
+    from conftest import small_recipe_text
+    from contsup.config.recipe import loads_recipe
+    from contsup.model.build import recipe_parts
+    from contsup.model.fitting import partition_costs
+    from contsup.model.flops import unit_flops
+
+    recipe = loads_recipe(small_recipe_text(batch_size=16, modules=3), registries, source="small.toml")
+    parts, shapes, info = recipe_parts(recipe)
+    partitioner = Recorder()
+    partitioner.needs_costs, partitioner.needs_flops = needs_costs, needs_flops
+    given = partition_costs(partitioner, recipe, parts, shapes, info)
+    sizes = partitioner.split(given, 3)
+    assert partitioner.seen and all(c.unit_shapes == tuple(shapes) for c in partitioner.seen)
+    for costs in partitioner.seen:
+        assert costs.input_shape == info.input_shape and costs.n == len(shapes)
+        assert costs.measured is needs_costs and costs.batch_size == (16 if needs_costs else None)
+        assert (costs.units == (1.0,) * costs.n) is not needs_costs and (costs.overhead is None) is not needs_costs
+        assert costs.flops == (unit_flops(parts.units, info.input_shape) if needs_flops else None)
+    assert given.layout(sizes).module(1).input_shape == info.input_shape
+    if needs_costs:  # the memory split is the one memory_balanced makes: the facts change nothing
+        from contsup.model.network import build_network
+
+        text = small_recipe_text(batch_size=16, modules=3).replace("[partition]\n", '[partition]\nuse = "memory_balanced"\n')
+        assert tuple(p.units for p in build_network(loads_recipe(text, registries, source="small.toml")).plans) == sizes

@@ -14,7 +14,7 @@ from torch import nn
 
 from contsup import hookimpl
 from contsup.core.plugins import BUILTIN_PLUGINS
-from contsup.testing import check_adapter, check_selector, greedy_steps, plugin_manager, registries, validate_recipe
+from contsup.testing import check_adapter, check_selector, plugin_manager, registries, validate_recipe
 from contsup.types import Source
 from contsup_context import ContSup
 from contsup_context.adapters import ShortcutAdapter
@@ -281,11 +281,18 @@ def test_validate_recipe_with_a_plugin():
     assert recipe.context.use == "ring" and recipe.context.plugin == "my_ring"
 
 
-class _Counting:
-    """A method that records when its hooks run."""
+# -- check_partitioner ----------------------------------------------------------------------------
 
-    name = "counting"
-    calls: list = []
+from contsup.errors import ContsupError  # noqa: E402
+from contsup.partition import even_split, min_max_split  # noqa: E402
+from contsup.testing import check_decoder, check_objective, check_partitioner  # noqa: E402
+from contsup.types import Costs, HeadSpec  # noqa: E402
+
+
+class Even:
+    """The uniform split: a correct partitioner the broken ones below start from."""
+
+    name = "even"
 
     @attrs.frozen
     class Options:
@@ -294,40 +301,304 @@ class _Counting:
     def __init__(self, options):
         self.options = options
 
-    def active(self):
-        return True
-
-    def prepare(self, network):
-        _Counting.calls.append(("prepare", network.num_modules))
-
-    def after_step(self, module, network):
-        _Counting.calls.append(("after_step", module.index))
+    def split(self, costs, k):
+        return even_split(costs.n, k)
 
 
-class _CountingPlugin:
-    @hookimpl
-    def register_methods(self, register):
-        register(_Counting)
+def partitioner_failure(partitioner, **kwargs) -> str:
+    with pytest.raises(AssertionError) as err:
+        check_partitioner(partitioner, **kwargs)
+    return str(err.value)
 
 
-def test_greedy_steps_take_the_greedy_step_with_the_method():
-    text = small_recipe_text(modules=3) + "\n[counting]\n"
-    _Counting.calls = []
-    steps = greedy_steps(text, _CountingPlugin())
-    assert isinstance(steps.method, _Counting) and steps.network.training
-    assert _Counting.calls == [("prepare", 3)]
-    before = [[q.detach().clone() for q in m.parameters()] for m in steps.network.blocks]
-    losses = steps.step()
-    assert len(losses) == 3 and all(loss > 0 for loss in losses)
-    assert _Counting.calls[1:] == [("after_step", 1), ("after_step", 2), ("after_step", 3)]
-    for m, old in zip(steps.network.blocks, before):
-        assert any(not torch.equal(q, q0) for q, q0 in zip(m.parameters(), old)), f"module {m.index} did not step"
-    again = greedy_steps(text, _CountingPlugin())
-    again.step()  # the same network, the same first batch: the same step
-    assert all(torch.equal(a, b) for a, b in zip(again.network.state_dict().values(), steps.network.state_dict().values()))
+def test_a_correct_partitioner_passes_and_the_checker_leaves_the_random_state_alone():
+    import random
+
+    random.seed(5)
+    expected = random.random()
+    random.seed(5)
+    check_partitioner(Even)
+    assert random.random() == expected
 
 
-def test_greedy_steps_need_greedy_training():
-    assert greedy_steps(small_recipe_text(modules=2)).method is None
-    with pytest.raises(ValueError, match='run.mode = "greedy"'):
-        greedy_steps(small_recipe_text(modules=2, mode="e2e"))
+def test_parts_that_do_not_cover_the_units_name_k_and_the_costs():
+    class Short(Even):
+        def split(self, costs, k):
+            sizes = list(even_split(costs.n, k))
+            if k == 2:
+                sizes[-1] -= 1
+            return sizes
+
+    class Wrong(Even):
+        def split(self, costs, k):
+            return (costs.n,) if k == 3 else even_split(costs.n, k)
+
+    class Floats(Even):
+        def split(self, costs, k):
+            return tuple(float(s) for s in even_split(costs.n, k))
+
+    class Empty(Even):
+        def split(self, costs, k):
+            return (0, costs.n) if k == 2 else even_split(costs.n, k)
+
+    text = partitioner_failure(Short)
+    assert text.startswith("partitioner 'even' (test_parts_that_do_not_cover_the_units_name_k_and_the_costs.<locals>.Short) breaks the partitioner contract:")
+    assert "\nK = 2 of units = [1, 1] (n = 2, not measured): returned (1, 0), an empty or negative part" in text
+    only = Costs((4.0, 1.0, 2.0))  # the author's own table comes first
+    text = partitioner_failure(Wrong, costs=[only], max_units=4)
+    assert "K = 3 of units = [4, 1, 2] (n = 3): returned (3,), 1 parts; expected K = 3 (and " in text
+    assert "holds something other than integers" in partitioner_failure(Floats, max_units=3)
+    assert "K = 2 of units = [1, 1] (n = 2, not measured): returned (0, 2), an empty or negative part" in partitioner_failure(Empty, max_units=3)
+    short = partitioner_failure(Short, costs=[Costs((5.0, 6.0, 7.0))], max_units=1)
+    assert "K = 2 of units = [5, 6, 7] (n = 3): returned (1, 1), which covers 2 units; the K parts must cover all 3, each once" in short
+
+
+def test_a_split_must_not_change_between_calls_or_carry_state():
+    class Flaky(Even):
+        calls = 0
+
+        def split(self, costs, k):
+            Flaky.calls += 1
+            sizes = list(even_split(costs.n, k))
+            if k == 2 and Flaky.calls % 2:
+                sizes = sizes[::-1]
+            return sizes
+
+    class Remembers(Even):
+        def __init__(self, options):
+            super().__init__(options)
+            self.last_k = 0
+
+        def split(self, costs, k):  # reversed after a larger K: the answer depends on what came before
+            sizes = even_split(costs.n, k)
+            after_larger, self.last_k = self.last_k > k, k
+            return sizes[::-1] if after_larger else sizes
+
+    assert "then (" in partitioner_failure(Flaky, max_units=5) and "for an equal table; it must give the same every time" in partitioner_failure(Flaky, max_units=5)
+    assert "after splitting other tables; keep no state between calls" in partitioner_failure(Remembers, max_units=5)
+
+
+def test_a_balancer_is_never_worse_than_uniform_on_what_it_says_it_balances():
+    class ClaimsMemory(Even):
+        needs_costs = True
+
+        def split(self, costs, k):  # balances the units' reversed order: not what it claims
+            return min_max_split(Costs(tuple(reversed(costs.units))), k)
+
+        def balances(self, costs):
+            return costs
+
+    text = partitioner_failure(ClaimsMemory, costs=[Costs((9.0, 1.0, 1.0))])
+    assert "K = 2 of units = [9, 1, 1] (n = 3): its split (2, 1) has a largest module of 10 of the costs it balances, the uniform split (1, 2) only 9" in text
+    assert not hasattr(Even, "balances")  # no claim, no such check: uniform's answer is its own
+
+
+def test_errors_are_problems_refusals_pass_unless_every_case_is_refused():
+    class Raises(Even):
+        def split(self, costs, k):
+            if k == 2:
+                raise KeyError("no plan")
+            return even_split(costs.n, k)
+
+    class RefusesAll(Even):
+        def split(self, costs, k):
+            raise ContsupError("partition: never")
+
+    class Multiline(Even):
+        def split(self, costs, k):
+            if k == 2:
+                raise ContsupError("partition: two\nlines")
+            return even_split(costs.n, k)
+
+    assert "K = 2 of units = [1, 1] (n = 2, not measured): split raised KeyError: 'no plan'; refuse a case with a one-line contsup.errors.ContsupError" in partitioner_failure(Raises, max_units=3)
+    assert "refused every case, the first with: ContsupError: partition: never" in partitioner_failure(RefusesAll, max_units=3)
+    assert "refused with a message of several lines" in partitioner_failure(Multiline, max_units=3)
+
+
+def test_a_flops_partitioner_that_forgets_to_ask_is_told_so():
+    class Flops(Even):
+        def split(self, costs, k):
+            return min_max_split(Costs(costs.flops), k)
+
+        def balances(self, costs):
+            return Costs(costs.flops)
+
+    text = partitioner_failure(Flops, max_units=3)
+    assert "split raised TypeError" in text and "the engine gives FLOPs only to a partitioner with needs_flops = True" in text
+    Flops.needs_flops = True
+    check_partitioner(Flops)
+
+
+def test_attributes_the_engine_reads_are_checked():
+    class Odd(Even):
+        name = 3
+        needs_costs = "yes"
+        cost_batch_size = 0
+        balances = 1.0
+
+    text = partitioner_failure(Odd, max_units=2)
+    for line in ("'name' must be a string", "'needs_costs' must be True or False, not 'yes'",
+                 "'cost_batch_size' must be None or a positive int, not 0", "'balances' must be a method"):
+        assert line in text
+
+
+# -- check_objective, check_decoder ---------------------------------------------------------------
+
+
+class Linear:
+    """Cross-entropy on a pooled linear head: a correct objective the broken ones below start from."""
+
+    name = "linear"
+
+    @attrs.frozen
+    class Options:
+        pass
+
+    def __init__(self, options):
+        self.options = options
+
+    def head(self, spec):
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(spec.shape[0], spec.num_classes))
+
+    def loss(self, z, y):
+        return nn.functional.cross_entropy(z, y)
+
+    def predict(self, z):
+        return z.argmax(dim=1)
+
+
+def objective_failure(objective) -> str:
+    with pytest.raises(AssertionError) as err:
+        check_objective(objective, profiles={"CIFAR": ((3, 32, 32), [(16, 32, 32), (32, 16, 16)])})
+    return str(err.value)
+
+
+def test_a_correct_objective_passes():
+    check_objective(Linear)
+
+
+def test_shared_heads_and_heads_holding_the_backbone_are_reported():
+    class Shared(Linear):
+        def __init__(self, options):
+            super().__init__(options)
+            self.cache = {}
+
+        def head(self, spec):
+            return self.cache.setdefault(spec.shape, super().head(spec))
+
+    class HoldsUnits(Linear):
+        def head(self, spec):  # AugLocal's idea without the copies
+            tail = HeadSpec(spec.final_shape, spec.final_shape, spec.num_classes)
+            return nn.Sequential(*spec.units[spec.last_unit + 1 :], super().head(tail))
+
+    text = objective_failure(Shared)
+    assert text.startswith("objective 'linear' (")
+    assert "CIFAR: module 1 of 4, h 16x32x32: two calls of head(spec) share parameters; build a new head on every call" in text
+    assert "module 1 of 4, h 16x32x32: the head holds the backbone's own units; copy them (copy.deepcopy)" in objective_failure(HoldsUnits)
+
+
+def test_losses_must_be_finite_scalars_with_gradient_to_h_and_the_head_only():
+    outside = torch.zeros(1, requires_grad=True)
+
+    class Mean(Linear):
+        def loss(self, z, y):
+            return nn.functional.cross_entropy(z, y, reduction="none")
+
+    class Loose(Linear):
+        def loss(self, z, y):
+            return super().loss(z, y) + outside.sum()
+
+    class Frozen(Linear):
+        def head(self, spec):
+            return Detached(super().head(spec))
+
+    class NaN(Linear):
+        def loss(self, z, y):
+            return super().loss(z, y) * float("nan")
+
+    assert "loss returned (8,); expected a floating scalar tensor (shape ())" in objective_failure(Mean)
+    assert "the loss reaches a tensor of shape (1,) that is neither h nor a parameter of the head" in objective_failure(Loose)
+    assert "the loss gives h no (finite) gradient" in objective_failure(Frozen)
+    assert "loss is nan; expected a finite number" in objective_failure(NaN)
+
+
+class Detached(nn.Module):
+    """A head that cuts the graph to its input: the module before it would never learn."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, h):
+        return self.inner(h.detach())
+
+
+def test_predictions_are_none_or_labels_of_the_batch():
+    class Probabilities(Linear):
+        def predict(self, z):
+            return z.softmax(dim=1)
+
+    class TooLarge(Linear):
+        def predict(self, z):
+            return z.argmax(dim=1) + 10
+
+    assert "(train mode): predict returned (8, 10) torch.float32; expected None or integer labels of shape (8,)" in objective_failure(Probabilities)
+    assert "predict returned labels outside 0..9" in objective_failure(TooLarge)
+
+
+class Upsample:
+    """A 1x1 conv back to x's channels and bilinear upsampling, MSE: a correct decoder."""
+
+    name = "upsample"
+
+    @attrs.frozen
+    class Options:
+        weight: float = 0.5
+
+    def __init__(self, options):
+        self.options = options
+
+    def build(self, feature_shape, info):
+        return nn.Sequential(nn.Conv2d(feature_shape[0], info.input_shape[0], 1), nn.Upsample(size=tuple(info.input_shape[1:]), mode="bilinear"))
+
+    def loss(self, reconstruction, x, info):
+        return nn.functional.mse_loss(reconstruction, x)
+
+    def weights(self, module, num_modules):
+        return (self.options.weight, 1.0)
+
+
+def test_a_correct_decoder_passes_and_broken_ones_are_reported():
+    class Small(Upsample):
+        def build(self, feature_shape, info):
+            return nn.Conv2d(feature_shape[0], info.input_shape[0], 1)
+
+    class NoLoss(Upsample):
+        def weights(self, module, num_modules):
+            return (0.0, 0.0) if module == num_modules - 1 else (1.0, 1.0)
+
+    check_decoder(Upsample)
+    with pytest.raises(AssertionError) as err:
+        check_decoder(Small)
+    assert "CIFAR ResNet, 32x32: h 32x16x16 to x 3x32x32: the decoder returned shape (8, 3, 16, 16); expected (8, 3, 32, 32)" in str(err.value)
+    with pytest.raises(AssertionError, match=r"module 2, K = 3: weights returned \(0, 0\): the module would get no loss at all"):
+        check_decoder(NoLoss, max_modules=4)
+    with pytest.raises(AssertionError, match=r"weights returned \(-1.0, 1.0\); expected"):
+        check_decoder(Upsample(Upsample.Options(weight=-1.0)))
+
+
+# -- contsup.testing.strategies -----------------------------------------------------------------
+
+
+def test_strategies_need_hypothesis_and_the_checkers_do_not():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['hypothesis'] = None\n"
+        "import contsup.testing\n"
+        "try:\n    import contsup.testing.strategies\nexcept ImportError as e:\n    print(e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "contsup.testing.strategies needs hypothesis, which contsup does not install: pip install hypothesis"

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import attrs
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from contsup.config.recipe import Recipe
 from contsup.model.costs import CostModel, even_split
+from contsup.model.flops import unit_flops
 from contsup.types import Costs, DatasetInfo, Shape
 
 
@@ -41,8 +43,10 @@ def fitted_costs(model: CostModel, split: Callable[[Costs, int], Sequence[int]],
 def partition_costs(
     partitioner: Any, recipe: Recipe, parts: Any, shapes: Sequence[Shape], info: DatasetInfo, fake_mode: FakeTensorMode | None = None,
 ) -> Costs:
-    """What ``partitioner.split`` is given: measured saved-tensor costs at the recipe's batch size
-    when the partitioner asks for them (``needs_costs = True``), else one per unit for free.
+    """What ``partitioner.split`` is given: the network's shapes always (free), each unit's
+    forward FLOPs per image when it asks (``needs_flops = True``), and measured saved-tensor
+    costs at the recipe's batch size when it asks (``needs_costs = True``), else a placeholder
+    of 1.0 per unit marked ``measured = False``.
 
     Measured at the partitioner's ``cost_batch_size`` when it has one (saved activations grow in
     proportion to the batch). Counted from shapes (fake tensors, no arithmetic) with the
@@ -52,13 +56,21 @@ def partition_costs(
     a piece fake tensors cannot run then counts as keeping nothing (a lower bound) rather than
     being measured for real.
     """
+    facts: dict[str, Any] = {"input_shape": tuple(info.input_shape), "unit_shapes": tuple(tuple(s) for s in shapes)}
+    if getattr(partitioner, "needs_flops", False):
+        facts["flops"] = unit_flops(list(parts.units), tuple(info.input_shape), fake_mode)
     if not getattr(partitioner, "needs_costs", False):
-        return Costs.uniform(len(shapes))
+        return attrs.evolve(Costs.uniform(len(shapes)), **facts)
     batch = getattr(partitioner, "cost_batch_size", None)  # None: the recipe's batch
     model = CostModel(
         recipe, parts, shapes, info, device="cpu", method="shapes", batch_size=batch, fake_mode=fake_mode, real_fallback=fake_mode is None,
     )
-    return fitted_costs(model, partitioner.split, recipe.partition.modules)
+    facts["batch_size"] = model.batch
+
+    def split(costs: Costs, k: int) -> Sequence[int]:  # the partitioner sees every round's table with the facts
+        return partitioner.split(attrs.evolve(costs, **facts), k)
+
+    return attrs.evolve(fitted_costs(model, split, recipe.partition.modules), **facts)
 
 
 __all__ = ["fitted_costs", "partition_costs"]

@@ -12,7 +12,7 @@ from contsup.model.network import check_sources as check_module_sources, network
 from contsup.core.plugins import PluginInfo, PluginManager, get_plugin_manager
 from contsup.config.recipe import Recipe, load_recipe, loads_recipe
 from contsup.core.registry import Registries
-from contsup.testing.selectors import instance
+from contsup.testing.report import instance
 from contsup.types import NetworkLayout
 
 

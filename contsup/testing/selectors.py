@@ -7,12 +7,12 @@ import gc
 import weakref
 from typing import Any, Iterator, Sequence
 
-import attrs
 import torch
 from torch import nn
 
 from contsup.model.components import make_adapter, selector_sources, takes_layout
 from contsup.model.network import ContextModule, FinalCrossEntropy, GreedyNetwork
+from contsup.testing.report import Problems, graph_leaves, instance, who
 from contsup.types import NetworkLayout, Shape, Source
 
 
@@ -24,7 +24,6 @@ SHAPE_PROFILES: dict[str, tuple[Shape, list[Shape]]] = {
     "ImageNet ResNet, wide channels, 8x8": ((3, 8, 8), [(64, 4, 4), (128, 2, 2), (256, 1, 1)]),
     "odd sizes, 28x28": ((3, 28, 28), [(8, 14, 14), (16, 7, 7), (32, 4, 4)]),
 }
-MAX_PROBLEMS = 20
 BATCH = 2
 
 
@@ -32,62 +31,8 @@ BATCH = 2
 # -- the selector checker ----------------------------------------------------------------------
 
 
-class _Problems:
-    """Problems found so far; the same problem of the same module is one line listing every K."""
-
-    def __init__(self, who: str) -> None:
-        self.who = who
-        self.groups: dict[tuple[int | None, str], list[int]] = {}
-
-    def add(self, text: str, module: int | None = None, k: int | None = None) -> None:
-        ks = self.groups.setdefault((module, text), [])
-        if k is not None and k not in ks:
-            ks.append(k)
-
-    @property
-    def count(self) -> int:
-        return len(self.groups)
-
-    def lines(self) -> list[str]:
-        out = []
-        for (module, text), ks in self.groups.items():
-            where = [f"module {module}"] if module is not None else []
-            if ks:
-                where.append(f"K = {_ranges(ks)}")
-            out.append(f"{', '.join(where)}: {text}" if where else text)
-        return out
-
-    def raise_if_any(self) -> None:
-        lines = self.lines()
-        if lines:
-            shown = lines[:MAX_PROBLEMS]
-            more = [f"... and {len(lines) - len(shown)} more"] if len(lines) > len(shown) else []
-            raise AssertionError("\n".join([f"{self.who} breaks the context selector contract:", *shown, *more]))
-
-
-def _ranges(values: Sequence[int]) -> str:
-    """[2, 3, 4, 7] -> '2..4, 7'."""
-    values = sorted(values)
-    parts, start = [], values[0]
-    for a, b in zip(values, [*values[1:], None]):
-        if b != a + 1:
-            parts.append(str(a) if a == start else f"{start}..{a}")
-            start = b
-    return ", ".join(parts)
-
-
-def instance(selector: Any) -> Any:
-    """A selector instance: ``selector`` itself, or the class built with its default options."""
-    if isinstance(selector, type):
-        options = getattr(selector, "Options", None)
-        if options is None or not attrs.has(options):
-            raise AssertionError(f"{selector.__name__} has no attrs 'Options' class; see docs/plugins/hooks.md")
-        return selector(options())
-    return selector
-
-
 def _who(selector: Any) -> str:
-    return f"context selector '{getattr(selector, 'name', '?')}' ({type(selector).__qualname__})"
+    return who("context selector", selector)
 
 
 def check_selector(
@@ -105,7 +50,7 @@ def check_selector(
     ``network_layout(recipe)``) adds the source checks on those networks too.
     """
     selector = instance(selector)
-    problems = _Problems(_who(selector))
+    problems = Problems(_who(selector))
     if not isinstance(getattr(selector, "name", None), str):
         problems.add("'name' must be a string: the name recipes use in [context] use = ...")
     threads = torch.get_num_threads()
@@ -119,7 +64,7 @@ def check_selector(
     problems.raise_if_any()
 
 
-def _check(selector: Any, max_modules: int, profiles: dict, problems: _Problems, layouts: tuple = ()) -> None:
+def _check(selector: Any, max_modules: int, profiles: dict, problems: Problems, layouts: tuple = ()) -> None:
     """Sources first; adapters on the representative shapes; then, if all is well, the engine."""
     ok = _check_sources(selector, max_modules, problems, layouts)
     kinds = _source_kinds(selector, max_modules) if ok else {True, False}
@@ -127,7 +72,7 @@ def _check(selector: Any, max_modules: int, profiles: dict, problems: _Problems,
         for source, source_shape, target_shape in _profile_cases(input_shape, stages):
             if source.is_input not in kinds:
                 continue  # a selector that never chooses the input (or no feature) needs no adapter for it
-            found = _Problems("")
+            found = Problems("")
             check_adapter(selector, source, source_shape, target_shape, problems=found, where=label)
             if found.count:  # the first failing shape of each kind says enough
                 problems.add(found.lines()[0])
@@ -168,7 +113,7 @@ def chain_layout(k: int) -> NetworkLayout:
 _CHAIN_LAYOUTS: dict[int, NetworkLayout] = {}
 
 
-def _check_sources(selector: Any, max_modules: int, problems: _Problems, layouts: tuple = ()) -> bool:
+def _check_sources(selector: Any, max_modules: int, problems: Problems, layouts: tuple = ()) -> bool:
     """The index convention for every 1 <= l <= K <= max_modules (and for every module of each
     of ``layouts``); False if any is broken."""
     before = problems.count
@@ -223,13 +168,13 @@ def check_adapter(
     source_shape: Shape,
     target_shape: Shape,
     *,
-    problems: _Problems | None = None,
+    problems: Problems | None = None,
     where: str = "",
 ) -> None:
     """Check the adapter the engine would build for ``source`` (the selector's own, else the
     paper's): output (B, *target_shape), input left unchanged, no reference kept to it."""
     own = problems is None
-    problems = problems or _Problems(_who(instance(selector)))
+    problems = problems or Problems(_who(instance(selector)))
     selector = instance(selector)
     at = f"{where + ': ' if where else ''}adapter for {source} from {_shape(source_shape)} to {_shape(target_shape)}"
     try:
@@ -323,21 +268,6 @@ def _chain(n: int) -> tuple[Shape, list[nn.Module], list[Shape]]:
     return CHAIN_INPUT, units, shapes
 
 
-def _leaves(loss: torch.Tensor) -> list[torch.Tensor]:
-    """Every leaf tensor (parameter or other) that ``loss``'s graph reaches."""
-    found, seen, stack = [], set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:
-            found.append(variable)
-        stack.extend(fn for fn, _ in node.next_functions)
-    return found
-
-
 def _part(name: str) -> str:
     """'blocks.1.adapters.h0.conv.weight' -> 'the adapter for h0'; else the parameter's name."""
     parts = name.split(".")
@@ -346,7 +276,7 @@ def _part(name: str) -> str:
     return f"parameter {'.'.join(parts[2:])}"
 
 
-def _check_engine(selector: Any, k: int, problems: _Problems) -> None:
+def _check_engine(selector: Any, k: int, problems: Problems) -> None:
     """Build K one-unit modules with the selector's sources and adapters; check one greedy step."""
     input_shape, units, shapes = _chain(k)
     inputs = [input_shape, *shapes[:-1]]  # module l's input h_{l-1}: h_j^c has inputs[j]'s shape
@@ -382,7 +312,7 @@ def _check_engine(selector: Any, k: int, problems: _Problems) -> None:
         out = store.run(m, h)  # the engine's own wiring, on the context gathered above
         loss = m.loss(out, y, x).total
         reached = set()
-        for leaf in _leaves(loss):
+        for leaf in graph_leaves(loss):
             reached.add(id(leaf))
             if id(leaf) not in owner:
                 problems.add(
