@@ -3,7 +3,7 @@ import torch
 
 import contsup_momentum
 from contsup.errors import RecipeError
-from contsup.testing import greedy_steps, validate_recipe
+from contsup.testing import check_method, greedy_steps, validate_recipe
 from contsup_momentum import MomentumAux, next_unit
 
 RECIPE = """
@@ -71,3 +71,8 @@ def test_recipes_can_use_it():
     assert recipe.method.options == MomentumAux.Options(momentum=0.99)
     with pytest.raises(RecipeError, match="momentum_aux.momentum: must be in"):
         validate_recipe(RECIPE.format(momentum=1.5, learnable="true"), contsup_momentum)
+
+
+def test_the_method_keeps_the_contract():
+    """What every method owes the greedy step, checked by contsup on small networks."""
+    check_method(MomentumAux, contsup_momentum)
