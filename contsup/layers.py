@@ -5,6 +5,7 @@ layer's backward in channel chunks."""
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any
 
 import torch
@@ -25,8 +26,10 @@ def fresh_copy(unit: nn.Module) -> nn.Module:
 
     The copy is made outside any fake-tensor mode: contsup counts memory on fake tensors
     (``contsup plan``, the fit check), and a deep copy cannot run inside one. A fake unit's copy
-    is still fake, a real one's real; the reinitialisation runs in the caller's mode."""
-    with unset_fake_temporarily():
+    is still fake, a real one's real; the reinitialisation runs in the caller's mode. Copying a
+    fake tensor makes torch warn that it asked for the tensor's data pointer; the copy is right."""
+    with unset_fake_temporarily(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor", category=UserWarning)
         twin = copy.deepcopy(unit)
     for m in twin.modules():
         reset = getattr(m, "reset_parameters", None)

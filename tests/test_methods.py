@@ -4,6 +4,8 @@ each method refuses what it cannot do in one line."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from contsup.model.network import build_network
 from contsup.training.strategies import GreedyStrategy, StepStats
 from contsup_methods import HPFF
 
+from conftest import ROOT
 from tiny import one_thread, tiny_recipe_text  # noqa: F401  (one_thread: autouse fixture)
 
 
@@ -141,3 +144,54 @@ def test_one_method_at_a_time(registries, tmp_path):
     with pytest.raises(RecipeError) as exc:
         _recipe(registries, tmp_path, "\n[mann]\n", modules=4)
     assert any("mann: unknown section" in p and "man" in p for p in exc.value.problems)
+
+
+def test_a_copy_of_a_fake_unit_is_fake_and_warns_nothing():
+    """contsup plan builds MAN's copies from fake units (fresh_copy); torch's deep copy of a fake
+    tensor warns about its data pointer, which would show in every plan of a recipe with MAN."""
+    import gc
+    import warnings
+
+    from torch import nn
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from contsup.layers import fresh_copy
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        unit = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+        with warnings.catch_warnings(record=True) as caught:  # recorded, not raised: an exception
+            warnings.simplefilter("always")  # raised inside torch's dispatch can leave it broken
+            twin = fresh_copy(unit)
+    assert isinstance(twin[0].weight, FakeTensor) and twin[0].weight is not unit[0].weight
+    assert [str(w.message) for w in caught] == []
+    del unit, twin
+    gc.collect()
+
+
+METHODS_MD = ROOT / "docs" / "plugins" / "methods.md"
+OPTIONAL = ("part", "link", "terms", "after_step", "prepare", "pipeline_refusal", "switch", "plan_note", "describe", "label")
+
+
+def test_every_method_hook_is_documented():
+    """Each hook the Method protocol names has its section (or its line) in docs/plugins/methods.md."""
+    from contsup.protocols import Method
+
+    named = set(re.findall(r"^\s*- ``(\w+)", Method.__doc__, flags=re.M))
+    assert named == set(OPTIONAL) - {"label"}  # label is described with describe
+    text = METHODS_MD.read_text()
+    for hook in ("active", "part", "link", "terms", "after_step", "prepare"):
+        assert re.search(rf"^### `{hook}\(", text, flags=re.M), f"methods.md has no '### `{hook}(...)`' section"
+    described = text.split("### Class attributes", 1)[1].split("\n## ", 1)[0]
+    for attribute in ("pipeline_refusal", "switch", "plan_note", "describe", "label"):
+        assert f"`{attribute}" in described, f"methods.md's class attributes do not describe `{attribute}`"
+
+
+def test_the_reference_table_lists_each_builtin_methods_hooks():
+    """The built-in methods' row in methods.md names every optional hook the class defines."""
+    from contsup_methods import HPFF, MAN, BackLink
+
+    rows = dict(re.findall(r"^\| (\w+), `\[\w+\][^|]*\| ([^|]+) \|", METHODS_MD.read_text(), flags=re.M))
+    for cls in (BackLink, MAN, HPFF):
+        defined = {hook for hook in OPTIONAL if hasattr(cls, hook)}
+        shown = set(re.findall(r"`(\w+)`", rows[cls.__name__]))
+        assert defined <= shown, f"methods.md's row for {cls.__name__} leaves out {sorted(defined - shown)}"

@@ -1,8 +1,9 @@
-"""The plugin tutorial cannot rot: every code block of docs/plugins/tutorial-context-selector.md
+"""The plugin tutorials cannot rot: every code block of docs/plugins/tutorial-context-selector.md
 is compared with the example package it builds (docs/plugins/examples/contsup-geometric, then,
 after an ``<!-- example: contsup-stageskip -->`` line, the layout-aware contsup-stageskip) or run,
-and those packages are installed for real (``pip install --target``) and used from the command
-line in subprocesses, as a user would."""
+and so is every block of docs/plugins/tutorial-method.md (contsup-momentum); those packages are
+installed for real (``pip install --target``) and used from the command line in subprocesses, as
+a user would."""
 
 from __future__ import annotations
 
@@ -22,9 +23,13 @@ import pytest
 from conftest import ROOT
 
 TUTORIAL = ROOT / "docs" / "plugins" / "tutorial-context-selector.md"
+METHOD_TUTORIAL = ROOT / "docs" / "plugins" / "tutorial-method.md"
 EXAMPLES = ROOT / "docs" / "plugins" / "examples"
-GEOMETRIC, STAGESKIP = "contsup-geometric", "contsup-stageskip"
+GEOMETRIC, STAGESKIP, MOMENTUM = "contsup-geometric", "contsup-stageskip", "contsup-momentum"
 EXAMPLE = EXAMPLES / GEOMETRIC
+# Each tutorial page and the example package its blocks belong to until a switch line says otherwise.
+PAGES = {TUTORIAL: GEOMETRIC, METHOD_TUTORIAL: MOMENTUM}
+ALL_EXAMPLES = (GEOMETRIC, STAGESKIP, MOMENTUM)
 # What the reader types to set up, and what the tests do instead (see the `installed` fixture).
 SETUP = {
     "mkdir contsup-geometric": "the fixture copies the example package into contsup-geometric/",
@@ -33,6 +38,8 @@ SETUP = {
     "cd ..": "the next example's commands run in its own copy",
     "mkdir contsup-stageskip": "the fixture copies the second example package into contsup-stageskip/",
     "cd contsup-stageskip": "its commands run inside that copy",
+    "mkdir contsup-momentum": "the fixture copies the method tutorial's package into contsup-momentum/",
+    "cd contsup-momentum": "its commands run inside that copy",
 }
 BLOCK = re.compile(r"(?:<!-- (?P<marker>[^\n]*?) -->\n)?```(?P<lang>\w*)\n(?P<body>.*?)^```", re.S | re.M)
 # A line of its own naming the example package the blocks after it belong to (the first: geometric).
@@ -46,6 +53,7 @@ class Block:
     body: str
     line: int
     example: str = GEOMETRIC
+    page: Path = TUTORIAL
 
     @property
     def folder(self) -> Path:
@@ -64,24 +72,36 @@ class Block:
         return re.split(r"[:,]", self.marker, maxsplit=1)[1].strip() if re.search(r"[:,]", self.marker) else ""
 
     def __str__(self) -> str:
-        return f"{TUTORIAL.name}, line {self.line} ({self.marker or 'no marker'})"
+        return f"{self.page.name}, line {self.line} ({self.marker or 'no marker'})"
 
 
-def tutorial_blocks(example: str | None = GEOMETRIC) -> list[Block]:
-    """The code blocks of ``example``'s part of the tutorial (None: every block)."""
-    text = TUTORIAL.read_text()
+def page_blocks(page: Path = TUTORIAL) -> list[Block]:
+    """Every code block of a tutorial page, each with the example package it belongs to."""
+    text = page.read_text()
     switches = [(m.start(), m["name"]) for m in SWITCH.finditer(text)]
     blocks = []
     for m in BLOCK.finditer(text):
-        owner = ([name for at, name in switches if at < m.start()] or [GEOMETRIC])[-1]
-        blocks.append(Block(m["marker"] or "", m["lang"], m["body"], text.count("\n", 0, m.start("body")), owner))
+        owner = ([name for at, name in switches if at < m.start()] or [PAGES[page]])[-1]
+        blocks.append(Block(m["marker"] or "", m["lang"], m["body"], text.count("\n", 0, m.start("body")), owner, page))
+    return blocks
+
+
+def tutorial_blocks(example: str | None = GEOMETRIC) -> list[Block]:
+    """The code blocks of ``example``'s part of its tutorial (None: every block of every tutorial)."""
+    blocks = [b for page in PAGES for b in page_blocks(page)]
     return [b for b in blocks if example is None or b.example == example]
 
 
 def test_the_tutorial_has_both_examples():
     assert [m["name"] for m in SWITCH.finditer(TUTORIAL.read_text())] == [STAGESKIP]
-    assert {b.example for b in tutorial_blocks(None)} == {GEOMETRIC, STAGESKIP}
+    assert {b.example for b in page_blocks(TUTORIAL)} == {GEOMETRIC, STAGESKIP}
     assert all((EXAMPLES / name).is_dir() for name in (GEOMETRIC, STAGESKIP))
+
+
+def test_the_method_tutorial_builds_its_own_example():
+    assert not list(SWITCH.finditer(METHOD_TUTORIAL.read_text()))
+    assert {b.example for b in page_blocks(METHOD_TUTORIAL)} == {MOMENTUM}
+    assert (EXAMPLES / MOMENTUM).is_dir()
 
 
 def example_files(example: str = GEOMETRIC) -> set[str]:
@@ -129,8 +149,9 @@ def matches_lines(expected: str, actual: str) -> str:
 # -- the tutorial against the example package ----------------------------------------------------
 
 
-def test_every_block_is_checked():
-    blocks = tutorial_blocks(None)
+@pytest.mark.parametrize("page", list(PAGES), ids=lambda p: p.stem)
+def test_every_block_is_checked(page):
+    blocks = page_blocks(page)
     assert len(blocks) > 10
     known = {"file", "part of", "run", "output", "doctest", "setup", "tree"}
     previous = None
@@ -141,7 +162,7 @@ def test_every_block_is_checked():
         previous = block
 
 
-@pytest.mark.parametrize("example", [GEOMETRIC, STAGESKIP])
+@pytest.mark.parametrize("example", ALL_EXAMPLES)
 def test_file_blocks_are_the_example_package(example):
     shown = {}
     for block in tutorial_blocks(example):
@@ -160,7 +181,7 @@ def test_part_blocks_appear_in_their_files():
             assert block.body in (block.folder / block.argument).read_text(), f"{block} is not word for word in {block.argument}"
 
 
-@pytest.mark.parametrize("example", [GEOMETRIC, STAGESKIP])
+@pytest.mark.parametrize("example", ALL_EXAMPLES)
 def test_tree_block_lists_the_package(example):
     (tree,) = [b for b in tutorial_blocks(example) if b.kind == "tree"]
     lines = tree.body.splitlines()
@@ -185,7 +206,70 @@ def test_the_recipe_is_the_digits_recipe_with_the_selector_line_changed():
     ]
 
 
-@pytest.mark.parametrize("example", [GEOMETRIC, STAGESKIP])
+def test_the_method_recipe_is_the_digits_recipe_with_the_table_added():
+    def keys(path: Path) -> list[str]:
+        return [l for l in path.read_text().splitlines() if l.strip() and not l.startswith("#")]
+
+    diff = [l for l in difflib.ndiff(keys(ROOT / "recipes" / "digits.toml"), keys(EXAMPLES / MOMENTUM / "digits_momentum.toml")) if l[:1] in "+-"]
+    assert diff == ['+ requires = ["contsup-momentum>=0.1"]', "+ [momentum_aux]", "+ momentum = 0.995"]
+
+
+def test_the_method_takes_the_builtin_man_steps_to_the_bit(monkeypatch):
+    """The tutorial writes contsup's MAN again: from one seed, [momentum_aux] and [man] (its
+    copy starting as the live unit) build the same network and take the same steps."""
+    monkeypatch.syspath_prepend(str(EXAMPLES / MOMENTUM))
+    monkeypatch.delitem(sys.modules, "contsup_momentum", raising=False)
+    import contsup_momentum
+    import torch
+
+    from contsup.testing import greedy_steps
+
+    recipe = '[data]\nuse = "synthetic"\nshape = [3, 16, 16]\n[backbone]\nuse = "cifar_resnet20"\n[partition]\nmodules = 4\n'
+    builtin = greedy_steps(recipe + '[man]\nmomentum = 0.9\nema_init = "copy"\n', contsup_momentum)
+    plugin = greedy_steps(recipe + "[momentum_aux]\nmomentum = 0.9\n", contsup_momentum)
+    for _ in range(3):
+        assert builtin.step() == plugin.step()
+    a, b = builtin.network.state_dict(), plugin.network.state_dict()
+    assert list(a) == list(b)
+    assert all(torch.equal(a[key], b[key]) for key in a), [key for key in a if not torch.equal(a[key], b[key])][:5]
+
+
+@pytest.mark.parametrize("mutant", ["follow in place", "after_step one module late"])
+def test_the_packages_moving_average_test_fails_what_the_page_says_it_fails(monkeypatch, mutant):
+    """The page says its first test fails a `follow` written in place and an `after_step` that
+    moves the previous module's copy (whose live unit has stepped by then); both are checked."""
+    monkeypatch.syspath_prepend(str(EXAMPLES / MOMENTUM / "tests"))
+    monkeypatch.syspath_prepend(str(EXAMPLES / MOMENTUM))
+    for name in ("contsup_momentum", "test_contsup_momentum"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    import contsup_momentum
+    import test_contsup_momentum
+    import torch
+
+    text = METHOD_TUTORIAL.read_text()
+    if mutant == "follow in place":
+        assert "e.mul_(m).add_(p, alpha=1 - m)" in text
+
+        @torch.no_grad()
+        def follow(self, live, momentum):
+            for e, p in zip(self.ema.parameters(), live.parameters()):
+                e.mul_(momentum).add_(p, alpha=1 - momentum)
+
+        monkeypatch.setattr(contsup_momentum.NextUnitCopies, "follow", follow)
+    else:
+        assert "moves module l-1's copy instead" in text
+
+        def after_step(self, module, network):
+            if module.index >= 2:
+                previous = network.blocks[module.index - 2]
+                previous.part.follow(contsup_momentum.next_unit(network, previous), self.options.momentum)
+
+        monkeypatch.setattr(contsup_momentum.MomentumAux, "after_step", after_step)
+    with pytest.raises(AssertionError):
+        test_contsup_momentum.test_the_copy_follows_the_live_unit_to_the_bit()
+
+
+@pytest.mark.parametrize("example", ALL_EXAMPLES)
 def test_doctest_blocks(monkeypatch, example):
     module = example.replace("-", "_")
     monkeypatch.syspath_prepend(str(EXAMPLES / example))
@@ -196,7 +280,7 @@ def test_doctest_blocks(monkeypatch, example):
     blocks = [b for b in tutorial_blocks(example) if b.kind == "doctest"]
     assert blocks
     for block in blocks:
-        test = parser.get_doctest(block.body, {}, str(block), str(TUTORIAL), block.line)
+        test = parser.get_doctest(block.body, {}, str(block), str(block.page), block.line)
         result = runner.run(test)
         assert result.failed == 0, f"{block}: doctest failed (see the output above)"
 
@@ -221,7 +305,7 @@ def installed_examples(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tutorial")
     site = tmp / "site"
     folders = {}
-    for example in (GEOMETRIC, STAGESKIP):
+    for example in ALL_EXAMPLES:
         folder = folders[example] = tmp / example
         shutil.copytree(EXAMPLES / example, folder, ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache", "build", "*.egg-info", "runs"))
         pip = subprocess.run(
@@ -276,6 +360,17 @@ def test_installed_package_is_listed_with_its_distribution(installed):
     assert data["errors"] == []
 
 
+def test_the_method_package_is_listed(installed_examples):
+    folders, env = installed_examples
+    result = run("contsup plugins --json", folders[MOMENTUM], env)
+    assert result.returncode == 0, result.stdout
+    data = json.loads(result.stdout)
+    (plugin,) = [p for p in data["plugins"] if p["name"] == "momentum"]
+    assert plugin["distribution"] == "contsup-momentum" and plugin["version"] == "0.1.0"
+    assert plugin["registered"] == [{"kind": "method", "name": "momentum_aux"}]
+    assert data["errors"] == []
+
+
 def test_the_layout_aware_package_is_listed(installed_examples):
     folders, env = installed_examples
     result = run("contsup plugins --json", folders[STAGESKIP], env)
@@ -287,13 +382,10 @@ def test_the_layout_aware_package_is_listed(installed_examples):
     assert data["errors"] == []
 
 
-@pytest.mark.slow
-def test_tutorial_commands_run_and_print_what_it_shows(installed_examples):
-    """Runs every `run` block in order, as the reader would, each in its example's folder, and
-    checks the outputs shown."""
-    folders, env = installed_examples
-    folder = folders[GEOMETRIC]
-    blocks = tutorial_blocks(None)
+def run_page(page: Path, folders: dict[str, Path], env: dict) -> int:
+    """Runs every `run` block of ``page`` in order, as the reader would, each in its example's
+    folder, and checks the outputs shown; returns how many ran."""
+    blocks = page_blocks(page)
     ran = 0
     for i, block in enumerate(blocks):
         if block.kind != "run":
@@ -313,6 +405,16 @@ def test_tutorial_commands_run_and_print_what_it_shows(installed_examples):
         if following is not None and following.kind == "output":
             missing = matches_lines(following.body, result.stdout)
             assert not missing, f"{following}: {missing}\nthe command printed:\n{result.stdout}"
+    return ran
+
+
+@pytest.mark.slow
+def test_tutorial_commands_run_and_print_what_it_shows(installed_examples):
+    """Runs every `run` block in order, as the reader would, each in its example's folder, and
+    checks the outputs shown."""
+    folders, env = installed_examples
+    folder = folders[GEOMETRIC]
+    ran = run_page(TUTORIAL, folders, env)
     assert ran >= 5
     # what the tutorial says of the run directory
     versions = json.loads((folder / "runs" / "digits_geometric" / "plugins.json").read_text())
@@ -322,3 +424,14 @@ def test_tutorial_commands_run_and_print_what_it_shows(installed_examples):
     assert versions["plugins"]["contsup_context"]["recipe"] == {}  # not named, yet its M_E encodes x
     smoke = json.loads((folders[STAGESKIP] / "runs" / "smoke_stageskip" / "plugins.json").read_text())
     assert smoke["plugins"]["stageskip"]["recipe"] == {"context": "stage_entry"}
+
+
+@pytest.mark.slow
+def test_method_tutorial_commands_run_and_print_what_it_shows(installed_examples):
+    """The method tutorial's commands, as the reader runs them, and what its run directory holds."""
+    folders, env = installed_examples
+    assert run_page(METHOD_TUTORIAL, folders, env) >= 5
+    versions = json.loads((folders[MOMENTUM] / "runs" / "digits_momentum" / "plugins.json").read_text())
+    assert versions["plugins"]["momentum"] == {
+        "distribution": "contsup-momentum", "version": "0.1.0", "builtin": False, "recipe": {"momentum_aux": "momentum_aux"}
+    }
