@@ -71,7 +71,7 @@ def test_each_range_gets_its_components(registries):
     assert names == ["CrossEntropy", "CrossEntropy", "SupCon", "SupCon", "FinalCrossEntropy"]
     assert recipe.module_range(4).objective.options.temperature == 0.1
     table = recipe.table()
-    assert table["modules"][0] == {"range": [1, 2], "context": {"use": "none", "input": False, "recent": 0, "intermediate": 0, "dense": False, "encoder": "paper", "shortcut": "paper", "input_once": False}}
+    assert table["modules"][0] == {"range": [1, 2], "context": {"use": "none", "input": False, "recent": 0, "intermediate": 0, "dense": False, "encoder": "paper", "shortcut": "paper", "input_once": False, "start": 0.1}}
 
 
 def test_bad_ranges_are_recipe_errors(registries):
