@@ -410,6 +410,7 @@ def _run(argv: list[str], console: Any) -> int:
         if isinstance(exc, OSError) and exc.filename is None and exc.errno in console.LOST_OUTPUT:
             print(f"error: cannot write standard output ({exc.strerror}); what the command printed is lost",
                   file=sys.stderr, flush=True)
+            console.finish_output()  # said once: what is still buffered is dropped, not reported again
             return 1
         return report_failure(exc)
     except UnicodeEncodeError as exc:  # a path with é where file names are ASCII (PYTHONUTF8=0 under LC_ALL=C)
