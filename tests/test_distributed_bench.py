@@ -170,7 +170,7 @@ def test_a_row_takes_the_median_run_whole_and_the_worst_peak():
     assert (done["load_average_min"], done["load_average_max"], done["target"]) == (1.0, 3.0, None)
 
 
-@pytest.mark.slow
+@pytest.mark.benchmark  # python -m pytest -m benchmark
 def test_pipeline_schedules_trains_every_configuration_on_two_processes(tmp_path):
     """benchmarks/pipeline_schedules.py end to end on a tiny network: every configuration for real
     under torchrun, and every field of its JSON."""

@@ -72,7 +72,7 @@ def test_the_report_gives_the_distributed_rows_when_measured():
     assert "0.50x, peak 2.0 against 2.0 MiB: not met." in text
 
 
-@pytest.mark.slow
+@pytest.mark.benchmark  # python -m pytest -m benchmark
 def test_the_distributed_piece_runs_on_a_cpu(tmp_path):
     """The rows the GPU check adds, here one configuration on a tiny network: run under torchrun,
     rendered into the report's table."""
