@@ -5,7 +5,7 @@ naming the shape it failed on."""
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -109,18 +109,29 @@ def _check_objective(objective: Any, profiles: dict, num_classes: int, problems:
                 break  # the first failing module of a profile says enough
 
 
-def _check_head(objective: Any, spec: HeadSpec, y: torch.Tensor, num_classes: int, at: str, problems: Problems) -> None:
+def _fresh_module(build: Callable[[], Any], call: str, made: str, at: str, problems: Problems) -> nn.Module | None:
+    """What ``build()`` makes, called twice as the engine does (once per module): the first
+    result when it is an ``nn.Module`` (a problem, too, when the two share parameters), else None
+    with the problem said."""
     try:
-        head, other = objective.head(spec), objective.head(spec)
+        first, second = build(), build()
     except Exception as exc:
-        problems.add(f"{at}: head(spec) raised {type(exc).__name__}: {_text(exc)}")
-        return
-    if not isinstance(head, nn.Module):
-        problems.add(f"{at}: head(spec) returned {type(head).__name__}; expected an nn.Module")
+        problems.add(f"{at}: {call} raised {type(exc).__name__}: {_text(exc)}")
+        return None
+    if not isinstance(first, nn.Module):
+        problems.add(f"{at}: {call} returned {type(first).__name__}; expected an nn.Module")
+        return None
+    own = {id(p) for p in first.parameters()}
+    if second is first or own & {id(p) for p in second.parameters()}:
+        problems.add(f"{at}: two calls of {call} share parameters; build a new {made} on every call (each module trains its own)")
+    return first
+
+
+def _check_head(objective: Any, spec: HeadSpec, y: torch.Tensor, num_classes: int, at: str, problems: Problems) -> None:
+    head = _fresh_module(lambda: objective.head(spec), "head(spec)", "head", at, problems)
+    if head is None:
         return
     own = {id(p) for p in head.parameters()}
-    if other is head or own & {id(p) for p in other.parameters()}:
-        problems.add(f"{at}: two calls of head(spec) share parameters; build a new head on every call (each module trains its own)")
     if own & {id(p) for unit in spec.units for p in unit.parameters()}:
         problems.add(f"{at}: the head holds the backbone's own units; copy them (copy.deepcopy), never share them")
         return
@@ -245,17 +256,10 @@ def _check_decoder(decoder: Any, profiles: dict, problems: Problems) -> None:
 
 
 def _check_reconstruction(decoder: Any, shape: Shape, info: DatasetInfo, at: str, problems: Problems) -> None:
-    try:
-        module, other = decoder.build(shape, info), decoder.build(shape, info)
-    except Exception as exc:
-        problems.add(f"{at}: build raised {type(exc).__name__}: {_text(exc)}")
-        return
-    if not isinstance(module, nn.Module):
-        problems.add(f"{at}: build returned {type(module).__name__}; expected an nn.Module")
+    module = _fresh_module(lambda: decoder.build(shape, info), "build", "decoder", at, problems)
+    if module is None:
         return
     own = {id(p) for p in module.parameters()}
-    if other is module or own & {id(p) for p in other.parameters()}:
-        problems.add(f"{at}: two calls of build share parameters; build a new decoder on every call (each module trains its own)")
     mean = torch.tensor(info.mean).view(1, -1, 1, 1)
     std = torch.tensor(info.std).view(1, -1, 1, 1)
     x = (torch.rand(BATCH, *info.input_shape) - mean) / std  # normalised as the datasets give it
