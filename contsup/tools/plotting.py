@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from contsup.config.schema import SECTIONS, TOP_LEVEL_KEYS
 from contsup.training.rundir import atomic_write
 
 CONTEXT_NONE = ("none", "R0")
@@ -23,11 +24,8 @@ TELLING_KEYS = (
     "data.use", "backbone.use", "backbone.model", "run.mode", "run.epochs", "objective.use", "decoder.use",
     "context.use", "optimizer.lr", "data.size", "data.batch_size", "run.seed",
 )
-# The recipe's own sections: any other table in a flattened recipe is a training method's.
-RECIPE_SECTIONS = (
-    "run", "data", "backbone", "partition", "context", "objective", "decoder", "optimizer", "schedule",
-    "distributed", "log", "modules", "preset",
-)
+# The recipe's own tables and keys: any other table in a flattened recipe is a training method's.
+RECIPE_SECTIONS = frozenset(s.name for s in SECTIONS) | set(TOP_LEVEL_KEYS)
 DEFAULT_HEAD = "1c2f"  # the paper's auxiliary head, left out of labels
 LEGEND_WIDTH = 48  # characters per line of a legend entry; longer labels wrap
 
