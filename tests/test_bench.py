@@ -149,3 +149,29 @@ def test_bench_counts_each_configurations_work(write_recipe, tmp_path, capsys):
     assert rc["flops_per_step"] > g["flops_per_step"] > data["e2e"]["flops_per_step"]  # R1E's adapters, then again
     assert rc["flops_ratio"] == rc["flops_per_step"] / data["e2e"]["flops_per_step"]
     assert data["ratios"]["greedy_recompute_efficiency"] == rc["efficiency"]
+
+
+def test_bench_compiles_what_each_recipe_says(write_recipe, tmp_path, monkeypatch):
+    """run.compile: greedy and end to end follow the recipe, a variant its own recipe, so the
+    compiled and the uncompiled step can be timed in one run; compilation is timed apart only
+    where it happened. (The compiler itself is replaced by a recorder: its results are
+    tests/test_compiling.py's.)"""
+    import contsup.tools.bench as bench
+
+    compiled: list[int] = []
+    monkeypatch.setattr(bench, "compile_network", lambda network: compiled.append(network.num_modules))
+    monkeypatch.setattr(bench, "compile_pieces", lambda named: compiled.append(-len(list(named))))
+    path = write_recipe(small_recipe_text(modules=4, context="R1E", batch_size=4, train_size=8))
+    out = tmp_path / "result"
+    argv = ["bench", str(path), "--steps", "1", "--warmup", "0", "--segments", "2", "--set", "run.compile=true",
+            "--variant", "eager:run.compile=false", "--variant", "DGL:context.use=none", "--out", str(out)]
+    assert main(argv) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["compiled"] == ["greedy", "e2e", "ckpt2", "variant:DGL"]
+    units = sum(data["sizes"])  # checkpointing compiles the backbone's units one by one
+    assert sorted(compiled) == [-units, 1, 4, 4]  # end to end (one module), greedy, DGL; the eager variant left alone
+    variants = {v["label"]: v for v in data["variants"]}
+    assert "compile_s" in data["greedy"] and "compile_s" in data["e2e"] and "compile_s" in variants["DGL"]
+    assert "compile_s" not in variants["eager"] and "first_step_s" not in variants["eager"]
+    markdown = out.with_suffix(".md").read_text()
+    assert "under torch.compile (run.compile): greedy, end-to-end, checkpointing S=2, DGL (" in markdown

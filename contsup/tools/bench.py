@@ -106,6 +106,7 @@ class Contender:
     cuda: list[tuple[int, int]] = attrs.field(factory=list)  # per step: CUDA peak, peak over what was there
     rss: int | None = None  # the process's peak RSS once it ran (CPU)
     flops: int = 0  # floating-point operations of one step (measure_flops, on a copy)
+    compiled: bool = False  # run.compile: trained under torch.compile (a variant's own recipe says)
     twin: Any = None  # run.compile: an uncompiled copy, which the memory meters and the FLOP counter watch
     first_step_s: float | None = None  # run.compile: the first step, compilation included
 
@@ -146,31 +147,34 @@ def _field(
         again = attrs.evolve(recipe, context_options=attrs.evolve(recipe.context_options, recompute=True))
         variants = [*variants, (RECOMPUTE, again)]
     optimizer, schedule = recipe.optimizer.create(), recipe.schedule.create()
+    compiled = recipe.run.compile
     contenders = {
-        "greedy": Contender("greedy", greedy_strategy(recipe, built.network.to(device).train(), total)),
-        "e2e": Contender("e2e", EndToEndStrategy(e2e_net.to(device).train(), optimizer, schedule, total, total)),
+        "greedy": Contender("greedy", greedy_strategy(recipe, built.network.to(device).train(), total), compiled=compiled),
+        "e2e": Contender("e2e", EndToEndStrategy(e2e_net.to(device).train(), optimizer, schedule, total, total), compiled=compiled),
     }
     for s in segments:
-        contenders[f"ckpt{s}"] = Contender(f"ckpt{s}", CheckpointStrategy(ckpt_net, optimizer, schedule, total, total, s))
+        contenders[f"ckpt{s}"] = Contender(f"ckpt{s}", CheckpointStrategy(ckpt_net, optimizer, schedule, total, total, s), compiled=compiled)
     variant_sizes: dict[str, list[int]] = {}
     for label, variant in variants:
         seed_everything(variant.run.seed)
         vbuilt = build_network(variant)
         variant_sizes[label] = [p.units for p in vbuilt.plans]
         name = f"variant:{label}"
-        contenders[name] = Contender(name, greedy_strategy(variant, vbuilt.network.to(device).train(), total))
-    if recipe.run.compile:
-        _compile(contenders)
+        contenders[name] = Contender(name, greedy_strategy(variant, vbuilt.network.to(device).train(), total), compiled=variant.run.compile)
+    _compile(contenders)
     sizes = [p.units for p in built.plans]
     return Field(contenders, sizes, segments, list(variants), variant_sizes, list(built.info.input_shape))
 
 
 def _compile(contenders: dict[str, Contender]) -> None:
-    """run.compile: every contender under torch.compile the same way (greedy's and end to end's
-    module pieces, checkpointing's units), each keeping an uncompiled twin for the meters."""
-    for c in contenders.values():
+    """run.compile: every compiled contender under torch.compile the same way (greedy's and end to
+    end's module pieces, checkpointing's units), each keeping an uncompiled twin for the meters.
+    The recipe decides for greedy, end to end and checkpointing; each variant's own recipe for it
+    (``--variant 'eager:run.compile=false'`` puts the uncompiled step beside the compiled one)."""
+    chosen = [c for c in contenders.values() if c.compiled]
+    for c in chosen:
         c.twin = copy.deepcopy(c.strategy)
-    for c in contenders.values():
+    for c in chosen:
         if isinstance(c.strategy, CheckpointStrategy):
             compile_pieces((f"unit {i + 1}", u) for i, u in enumerate(c.strategy.units))
         else:
@@ -178,9 +182,11 @@ def _compile(contenders: dict[str, Contender]) -> None:
 
 
 def _first_steps(field: Field, batches: list, device: torch.device) -> None:
-    """run.compile: each contender's first step, where compilation happens, timed apart."""
+    """run.compile: each compiled contender's first step, where compilation happens, timed apart."""
     x, y = batches[0]
     for c in field.contenders.values():
+        if not c.compiled:
+            continue
         c.first_step_s = _timed(c, x, y, device) / 1000.0
         c.cuda.clear()
 
@@ -306,7 +312,7 @@ def run_bench(
     batches = _batches(recipe, device, total)
     say(f"bench {recipe.source}: greedy {field.sizes} against end-to-end ({baseline}), {warmup} + {steps} steps each")
     rss_before = peak_rss_bytes()
-    if recipe.run.compile:
+    if any(c.compiled for c in field.contenders.values()):
         _first_steps(field, batches, device)
     _measure_memory(field, batches, warmup, device)
     _time_steps(field, batches, warmup, steps, device, say)
@@ -327,6 +333,7 @@ def run_bench(
         "warmup": warmup,
         "baseline": baseline,
         "compile": recipe.run.compile,
+        "compiled": [name for name, c in field.contenders.items() if c.compiled],
         "rss_before_steps_bytes": rss_before if device.type == "cpu" else None,
     }
     return {**result, **_summary(recipe, field, device)}

@@ -117,6 +117,16 @@ def bench_figure(result: dict, path: Any) -> Any:
     return save_png(fig, path)
 
 
+def _compiled_note(result: dict) -> str:
+    """Which configurations ran under torch.compile ("" where none did)."""
+    compiled = result.get("compiled", ["every configuration"] if result.get("compile") else [])
+    if not compiled:
+        return ""
+    names = {"e2e": "end-to-end", "greedy": "greedy"}
+    shown = [names.get(n) or (f"checkpointing S={n[4:]}" if n.startswith("ckpt") else n.removeprefix("variant:")) for n in compiled]
+    return f"; under torch.compile (run.compile): {', '.join(shown)} (memory and FLOPs counted on uncompiled copies)"
+
+
 def bench_markdown(result: dict, command: str) -> str:
     """The result as a Markdown section, headed by the command and the machine."""
     lines = [
@@ -126,8 +136,7 @@ def bench_markdown(result: dict, command: str) -> str:
         f"Machine: {result['machine']}; device {result['device']}; torch {result['torch']}  ",
         f"Steps: median of {result['steps']} after {result['warmup']} warm-up, alternating; "
         f"end-to-end baseline: {result['baseline']}; module sizes {result['sizes']}"
-        + ("; run.compile: every configuration under torch.compile (memory and FLOPs counted on uncompiled copies)"
-           if result.get("compile") else ""),
+        + _compiled_note(result),
         "",
         "| figure | end-to-end | greedy | greedy / end-to-end |",
         "| --- | --- | --- | --- |",
