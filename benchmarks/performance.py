@@ -270,8 +270,13 @@ CHECKPOINT_RECIPE = "benchmarks/resnet32_k16.toml"
 # the variant with the heads recomputed too, beside the bench's own context.recompute one
 HEADS_LABEL, HEADS_OVERRIDES = "recompute + heads", ("context.recompute=true", "context.recompute_head=true")
 HEADS_FLAG = f"--variant '{HEADS_LABEL}:{';'.join(HEADS_OVERRIDES)}'"
+DGL_LABEL, DGL_OVERRIDES = "DGL", ("context.use=none",)  # local heads only: the efficiency target's third row
+DGL_FLAG = f"--variant '{DGL_LABEL}:{';'.join(DGL_OVERRIDES)}'"
 CHECKPOINT_STEPS = 8  # timed steps of each configuration: the recompute ratio's target is within a few % of it
-CHECKPOINT_COMMAND = f"OMP_NUM_THREADS=1 contsup bench {CHECKPOINT_RECIPE} --steps {CHECKPOINT_STEPS} --warmup 1 --recompute {HEADS_FLAG}"
+CHECKPOINT_COMMAND = (
+    f"OMP_NUM_THREADS=1 contsup bench {CHECKPOINT_RECIPE} --steps {CHECKPOINT_STEPS} --warmup 1 --recompute {HEADS_FLAG} {DGL_FLAG}"
+)
+EFFICIENCY_TARGET = 0.9  # achieved FLOP/s over end-to-end's, for DGL, R1E and R1E with recompute
 FAST_SEGMENTS = 8  # the best checkpointing configuration of the section above on this network
 FAST_COMMAND = (
     f"OMP_NUM_THREADS=1 contsup bench {CHECKPOINT_RECIPE} --set context.encoder=fast --steps {CHECKPOINT_STEPS} --warmup 1 "
@@ -289,7 +294,8 @@ def checkpointing_section(steps: int = CHECKPOINT_STEPS, warmup: int = 1) -> dic
     K, sqrt(units) groups."""
     recipe = load_recipe(ROOT / CHECKPOINT_RECIPE, registries=registries())
     heads = load_recipe(ROOT / CHECKPOINT_RECIPE, list(HEADS_OVERRIDES), registries=registries())
-    return run_bench(recipe, steps=steps, warmup=warmup, recompute=True, variants=[(HEADS_LABEL, heads)])
+    dgl = load_recipe(ROOT / CHECKPOINT_RECIPE, list(DGL_OVERRIDES), registries=registries())
+    return run_bench(recipe, steps=steps, warmup=warmup, recompute=True, variants=[(HEADS_LABEL, heads), (DGL_LABEL, dgl)])
 
 
 def official_table(o: dict) -> list[str]:
@@ -407,6 +413,18 @@ def recompute_targets(results: dict) -> list[str]:
             f"| the same with context.recompute: end-to-end / peak >= 5 at a step <= 1.2x that of no recompute | "
             f"{reach:.2f} ({mib(rc['peak_bytes'])} MiB) at {over:.2f}x | {'yes' if reach >= 5 and over <= 1.2 else 'no'} |"
         )
+    if c and c["e2e"].get("flops_per_s"):
+        named = [("DGL", next((v for v in c.get("variants", []) if v.get("label") == DGL_LABEL), None)),
+                 ("R1E, official adapters", c["greedy"]), ("R1E + context.recompute", c.get("greedy_recompute"))]
+        for what, v in named:
+            if v is None or not v.get("flops_per_s"):
+                continue
+            eff = v["flops_per_s"] / c["e2e"]["flops_per_s"]
+            lines.append(
+                f"| K=16 {what}: achieved FLOP/s >= {EFFICIENCY_TARGET} of end-to-end's (efficiency) | "
+                f"{eff:.2f} ({v['flops_per_step'] / c['e2e']['flops_per_step']:.2f}x the FLOPs in "
+                f"{v['step_ms_median'] / c['e2e']['step_ms_median']:.2f}x the time) | {'yes' if eff >= EFFICIENCY_TARGET else 'no'} |"
+            )
     if f and "greedy_recompute" in f and f.get("checkpointing"):
         e, ck = f["e2e"], f["checkpointing"][0]
         for what, rc in (("context.recompute", f["greedy_recompute"]), ("context.recompute and recompute_head", heads_variant(f))):

@@ -75,6 +75,24 @@ def test_recompute_rows_and_targets_render():
     assert "| 1/2.00 (40.0 of 80.0 MiB) at its step +0.80x end-to-end | no |" in doc
 
 
+def test_efficiency_targets_render():
+    """The targets table answers the efficiency target of DGL, R1E and R1E with recompute from
+    the checkpointing section's FLOPs (achieved FLOP/s over end-to-end's)."""
+    perf = load_script()
+    side = lambda mib, ms, gflop: {  # noqa: E731
+        "peak_bytes": mib * 2**20, "step_ms_median": ms, "flops_per_step": gflop * 1e9, "flops_per_s": gflop * 1e12 / ms}
+    result = {"machine": "test", "batch_size": 128, "input_shape": [3, 32, 32], "modules_k": 16, "steps": 3, "warmup": 1,
+              "e2e": side(300, 1000, 50), "greedy": side(110, 2400, 110), "greedy_recompute": side(60, 3000, 130),
+              "variants": [{**side(50, 1000, 60), "label": perf.DGL_LABEL}, {**side(60, 3000, 130), "label": "context.recompute"}],
+              "checkpointing_best_segments": None, "checkpointing": []}
+    meta = {"machine": "test", "date": "today", "torch": "x"}
+    doc = perf.render({"meta": meta, "checkpointing": result, "checkpointing_meta": meta})
+    assert "| K=16 DGL: achieved FLOP/s >= 0.9 of end-to-end's (efficiency) | 1.20 (1.20x the FLOPs in 1.00x the time) | yes |" in doc
+    assert "| K=16 R1E, official adapters: achieved FLOP/s >= 0.9 of end-to-end's (efficiency) | 0.92 (2.20x the FLOPs in 2.40x the time) | yes |" in doc
+    assert "| K=16 R1E + context.recompute: achieved FLOP/s >= 0.9 of end-to-end's (efficiency) | 0.87 (2.60x the FLOPs in 3.00x the time) | no |" in doc
+    assert "| greedy K=16, DGL | 50.0 | 0.167 | 1000.0 | 1.000 | 60.00 | 60.00 | 1.200 |" in doc
+
+
 def test_official_code_section_renders_and_answers_its_target():
     perf = load_script()
     row = lambda mib, ratio: {"peak_bytes": mib * 2**20, "step_ms_median": 1000 * ratio, "step_time_ratio": ratio}  # noqa: E731
