@@ -65,10 +65,33 @@ def test_compiled_greedy_training_matches_the_uncompiled_one(small_recipe):
 
 
 
+@needs_compile
+def test_more_pieces_than_torchs_recompile_limit_each_run_compiled(monkeypatch):
+    """torch.compile caches per code object, at most recompile_limit (8) entries: a network has
+    dozens of pieces, and every one of them must run its own compiled graph (the pieces past the
+    limit once ran uncompiled without a word)."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    from contsup.training import compiling
+
+    monkeypatch.setattr(compiling.torch, "compile", functools.partial(torch.compile, backend="eager"))  # graphs, no codegen
+    torch._dynamo.reset()
+    counters.clear()
+    pieces = [nn.Sequential(nn.Linear(n, 2), nn.ReLU()) for n in range(1, 13)]
+    compiling.compile_pieces((f"piece {i}", p) for i, p in enumerate(pieces))
+    for _ in range(2):
+        for n, piece in enumerate(pieces, start=1):
+            piece(torch.ones(3, n))
+    assert counters["stats"]["unique_graphs"] == 12  # one static graph each, none recompiled
+    torch._dynamo.reset()
+
+
 def test_a_piece_that_cannot_compile_runs_uncompiled_with_one_warning(monkeypatch):
     from contsup.training import compiling
 
-    def broken(fn):
+    def broken(fn, **options):
         def run(*args, **kwargs):
             raise RuntimeError("backend failed\nmore detail")
         return run

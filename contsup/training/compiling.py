@@ -25,7 +25,7 @@ class CompiledForward:
     def __init__(self, piece: nn.Module, name: str) -> None:
         self.piece, self.name = piece, name
         self.eager = type(piece).forward.__get__(piece)
-        self.compiled: Any = torch.compile(self.eager)
+        self.compiled: Any = torch.compile(_own_code(self.eager), dynamic=False)
         self.failed = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -43,6 +43,24 @@ class CompiledForward:
         twin = CompiledForward(copy.deepcopy(self.piece, memo), self.name)
         twin.failed = self.failed
         return twin
+
+
+def _own_code(forward: Any) -> Any:
+    """``forward`` behind a function whose code object is this piece's alone.
+
+    torch.compile keeps compiled code, its guards and the shapes it has seen per code object,
+    and every piece's forward reaches it through the same wrapper code: one network's pieces
+    (dozens: each module's body, head and adapters) would share one cache of
+    ``torch._dynamo.config.recompile_limit`` entries (8), and the pieces past it would run
+    uncompiled without a word, while the shapes changing from piece to piece would recompile
+    the rest for dynamic shapes. With a code object each, every piece is compiled for its own
+    static shapes and keeps its own entries (training and evaluation mode)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return forward(*args, **kwargs)
+
+    call.__code__ = call.__code__.replace()  # an equal code object, but a new one
+    return call
 
 
 def pieces(network: Any) -> Iterator[tuple[str, nn.Module]]:
