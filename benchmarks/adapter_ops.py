@@ -6,6 +6,10 @@ context adapters add over DGL (no context), measured with torch.profiler in one 
 Each configuration is ``LABEL=KEY=VALUE,KEY=VALUE`` (``--config``, repeatable; default: DGL, the
 fast encoder, the fast encoder with recompute). Prints, per configuration, the profiled time per
 step and the operators taking most of it, each with its difference from the first configuration.
+A configuration with ``run.compile=true`` is profiled compiled (after its compiling step); the
+generated kernels of all its graphs show as one line:
+
+    OMP_NUM_THREADS=1 python benchmarks/adapter_ops.py --config eager=run.compile=false --config compiled=run.compile=true
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from torch.profiler import profile
 
 from contsup.api import load_recipe
 from contsup.model.network import build_network
+from contsup.training.compiling import compile_network
 from contsup.training.strategies import GreedyStrategy, StepStats
 
 DEFAULT = (
@@ -25,6 +30,9 @@ DEFAULT = (
     "fast encoder=context.encoder=fast",
     "fast encoder + recompute=context.encoder=fast,context.recompute=true",
 )
+
+
+COMPILED = "compiled kernels (torch.compile)"
 
 
 def op_times(recipe_path: str, overrides: list[str], steps: int, batch: int) -> Counter:
@@ -37,11 +45,16 @@ def op_times(recipe_path: str, overrides: list[str], steps: int, batch: int) -> 
     x = torch.randn(batch, *built.info.input_shape)
     y = torch.randint(0, built.info.num_classes, (batch,))
     step = lambda: strategy.step(x, y, StepStats(network.num_modules), lambda module, loss: None)  # noqa: E731
-    step()  # warm-up
+    if recipe.run.compile:  # run.compile=true: the pieces compiled as training compiles them
+        compile_network(network)
+    step()  # warm-up (and compilation)
     with profile() as prof:
         for _ in range(steps):
             step()
-    return Counter({e.key: e.self_cpu_time_total / 1e3 / steps for e in prof.key_averages()})
+    times: Counter = Counter()
+    for e in prof.key_averages():  # torch.compile's generated kernels, one key per graph, as one line
+        times[COMPILED if e.key.startswith("## Call CompiledFxGraph") else e.key] += e.self_cpu_time_total / 1e3 / steps
+    return times
 
 
 def main(argv: list[str] | None = None) -> int:

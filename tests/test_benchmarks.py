@@ -93,6 +93,24 @@ def test_efficiency_targets_render():
     assert "| greedy K=16, DGL | 50.0 | 0.167 | 1000.0 | 1.000 | 60.00 | 60.00 | 1.200 |" in doc
 
 
+def test_compile_section_renders_and_answers_its_target():
+    perf = load_script()
+    side = lambda ms, **more: {"peak_bytes": 2**20, "step_ms_median": ms, **more}  # noqa: E731
+    result = {"machine": "test", "batch_size": 128, "modules_k": 16, "steps": 5, "warmup": 1, "compiled": ["greedy", "e2e"],
+              "e2e": side(1000, compile_s=40.0), "greedy": side(5000, compile_s=60.0),
+              "variants": [side(4000, label=perf.EAGER_LABEL), side(1500, label=perf.DGL_LABEL, compile_s=30.0)],
+              "checkpointing": [], "checkpointing_best_segments": None}
+    meta = {"machine": "test", "date": "today", "torch": "x"}
+    doc = perf.render({"meta": meta, "compile": result, "compile_meta": meta})
+    assert "### Under torch.compile" in doc and perf.COMPILE_COMMAND in doc
+    assert "| greedy K=16, uncompiled | 1.0 | 1.000 | 4000.0 | 4.000 |" in doc
+    assert "40 s longer end to end and 60 s greedy" in doc and "0.80x as fast as the uncompiled one, short of" in doc
+    assert "| K=16 R1E, run.compile = true: step >= 1.3x faster than uncompiled, in one process | 0.80x | no |" in doc
+    result["greedy"]["step_ms_median"] = 2500
+    doc = perf.render({"meta": meta, "compile": result, "compile_meta": meta})
+    assert "1.60x as fast as the uncompiled one (the target is 1.3x)" in doc and "| 1.60x | yes |" in doc
+
+
 def test_official_code_section_renders_and_answers_its_target():
     perf = load_script()
     row = lambda mib, ratio: {"peak_bytes": mib * 2**20, "step_ms_median": 1000 * ratio, "step_time_ratio": ratio}  # noqa: E731
