@@ -151,7 +151,7 @@ def test_bench_counts_each_configurations_work(write_recipe, tmp_path, capsys):
     assert data["ratios"]["greedy_recompute_efficiency"] == rc["efficiency"]
 
 
-def test_bench_compiles_what_each_recipe_says(write_recipe, tmp_path, monkeypatch):
+def test_bench_compiles_what_each_recipe_says(write_recipe, tmp_path, monkeypatch, recwarn):
     """run.compile: greedy and end to end follow the recipe, a variant its own recipe, so the
     compiled and the uncompiled step can be timed in one run; compilation is timed apart only
     where it happened. (The compiler itself is replaced by a recorder: its results are
@@ -175,3 +175,4 @@ def test_bench_compiles_what_each_recipe_says(write_recipe, tmp_path, monkeypatc
     assert "compile_s" not in variants["eager"] and "first_step_s" not in variants["eager"]
     markdown = out.with_suffix(".md").read_text()
     assert "under torch.compile (run.compile): greedy, end-to-end, checkpointing S=2, DGL (" in markdown
+    assert not [w for w in recwarn if "optimizer.step()" in str(w.message)]  # nothing said of the meters' copies

@@ -17,6 +17,7 @@ does its arithmetic more slowly than end to end does, whatever the amount.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import platform
@@ -24,7 +25,8 @@ import resource
 import statistics
 import sys
 import time
-from typing import Any, Callable, Literal, Sequence, TextIO
+import warnings
+from typing import Any, Callable, Iterator, Literal, Sequence, TextIO
 
 import attrs
 import torch
@@ -181,6 +183,17 @@ def _compile(contenders: dict[str, Contender]) -> None:
             compile_network(c.strategy.network)
 
 
+@contextlib.contextmanager
+def _quiet_twins() -> Iterator[None]:
+    """run.compile's uncompiled twins are deep copies made before any step, and a copied optimizer
+    loses the schedule's wrapper around its step: torch then warns at the twin's first schedule
+    step that ``optimizer.step()`` was overridden. The twins only feed the meters; the warning
+    says nothing about the run, so it is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Seems like `optimizer.step\(\)` has been overridden")
+        yield
+
+
 def _first_steps(field: Field, batches: list, device: torch.device) -> None:
     """run.compile: each compiled contender's first step, where compilation happens, timed apart."""
     x, y = batches[0]
@@ -314,9 +327,11 @@ def run_bench(
     rss_before = peak_rss_bytes()
     if any(c.compiled for c in field.contenders.values()):
         _first_steps(field, batches, device)
-    _measure_memory(field, batches, warmup, device)
+    with _quiet_twins():
+        _measure_memory(field, batches, warmup, device)
     _time_steps(field, batches, warmup, steps, device, say)
-    _count_flops(field, batches)
+    with _quiet_twins():
+        _count_flops(field, batches)
     result = {
         "recipe": recipe.source,
         "backbone": recipe.backbone.use,
