@@ -191,6 +191,21 @@ def measure_live(strategy: Any, x: torch.Tensor, y: torch.Tensor) -> dict[str, i
     return {"peak": meter.peak, "forward": meter.peak_forward, "backward": meter.peak_backward}
 
 
+class _GlobalCount:
+    """``FlopCounterMode``'s module tracker without its module hooks: every count goes to the
+    global total, which is all the bench reads. The tracker's backward hooks on module inputs
+    break a custom autograd Function that calls ``torch.autograd.grad`` in its backward (the
+    heads of ``context.recompute_head``): torch refuses a leaf of that inner call."""
+
+    parents = ("Global",)
+
+    def __enter__(self) -> "_GlobalCount":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
 def measure_flops(strategy: Any, x: torch.Tensor, y: torch.Tensor) -> int:
     """The floating-point operations of one training step of ``strategy`` on x: (B, C, H, W),
     y: (B,): forward, backward and what backward recomputes, as ``FlopCounterMode`` counts them
@@ -198,6 +213,7 @@ def measure_flops(strategy: Any, x: torch.Tensor, y: torch.Tensor) -> int:
     The step runs on a deep copy, so the strategy's weights, optimizer and schedule stay as they were."""
     twin = copy.deepcopy(strategy)
     counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalCount()
     with counter:
         twin.step(x, y, StepStats(twin.network.num_modules), lambda module, loss: None)
     return int(counter.get_total_flops())
