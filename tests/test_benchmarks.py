@@ -91,6 +91,7 @@ def test_efficiency_targets_render():
     assert "| K=16 R1E, official adapters: achieved FLOP/s >= 0.9 of end-to-end's (efficiency) | 0.92 (2.20x the FLOPs in 2.40x the time) | yes |" in doc
     assert "| K=16 R1E + context.recompute: achieved FLOP/s >= 0.9 of end-to-end's (efficiency) | 0.87 (2.60x the FLOPs in 3.00x the time) | no |" in doc
     assert "| greedy K=16, DGL | 50.0 | 0.167 | 1000.0 | 1.000 | 60.00 | 60.00 | 1.200 |" in doc
+    assert "R1E does 2.20x end-to-end's FLOPs at 0.92 of its FLOP rate, DGL 1.20x at 1.20." in doc
 
 
 def test_compile_section_renders_and_answers_its_target():
