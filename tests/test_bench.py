@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from contsup.cli import main
 
 from conftest import small_recipe_text
@@ -180,3 +182,27 @@ def test_bench_compiles_what_each_recipe_says(write_recipe, tmp_path, monkeypatc
     markdown = out.with_suffix(".md").read_text()
     assert "under torch.compile (run.compile): greedy, end-to-end, checkpointing S=2, DGL (" in markdown
     assert not [w for w in recwarn if "optimizer.step()" in str(w.message)]  # nothing said of the meters' copies
+
+
+def test_a_configuration_whose_flops_cannot_be_counted_keeps_its_timings(write_recipe, tmp_path, monkeypatch, capsys):
+    """FLOPs are counted after every timed step: a configuration the counter trips on loses its
+    FLOP figures (one warning naming it), not the run."""
+    import contsup.tools.bench as bench
+
+    real = bench.measure_flops
+
+    def picky(strategy, x, y):
+        if strategy.network.num_modules > 1:
+            raise RuntimeError("the counter cannot follow this\nmore")
+        return real(strategy, x, y)
+
+    monkeypatch.setattr(bench, "measure_flops", picky)
+    path = write_recipe(small_recipe_text(modules=4, context="R1E", batch_size=4, train_size=8))
+    out = tmp_path / "result"
+    with pytest.warns(UserWarning, match=r"the FLOPs of greedy could not be counted \(RuntimeError: the counter cannot follow this\)"):
+        assert main(["bench", str(path), "--steps", "1", "--warmup", "0", "--segments", "2", "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["greedy"]["flops_per_step"] == 0 and len(data["greedy"]["step_ms"]) == 1
+    assert data["e2e"]["flops_per_step"] > 0 and data["checkpointing"][0]["flops_per_step"] > 0
+    printed = capsys.readouterr().out
+    assert any(line.startswith("GFLOP per step") and line.split()[-2:] == ["-", "-"] for line in printed.splitlines())

@@ -31,8 +31,12 @@ def bench_rows(result: dict) -> list[tuple[str, str, str, str]]:
         ("saved for backward, peak (MiB)", _mib(e["saved_peak_bytes"]), _mib(g["saved_peak_bytes"]), f"{r['saved_memory']:.3f}"),
         ("predicted peak (MiB)", "-", _mib(g["predicted_peak_bytes"]), "-"),
         ("median step (ms)", f"{e['step_ms_median']:.1f}", f"{g['step_ms_median']:.1f}", f"{r['step_time']:.3f}"),
-        ("GFLOP per step", _giga(e["flops_per_step"]), _giga(g["flops_per_step"]), f"{r['flops']:.3f}"),
-        ("achieved GFLOP/s (efficiency)", _giga(e["flops_per_s"]), _giga(g["flops_per_s"]), f"{r['efficiency']:.3f}"),
+    ]
+    counted = bool(e["flops_per_step"] and g["flops_per_step"])  # 0: the counter could not follow one (bench warned)
+    giga = lambda v: _giga(v) if v else "-"  # noqa: E731
+    rows += [
+        ("GFLOP per step", giga(e["flops_per_step"]), giga(g["flops_per_step"]), f"{r['flops']:.3f}" if counted else "-"),
+        ("achieved GFLOP/s (efficiency)", giga(e["flops_per_s"]), giga(g["flops_per_s"]), f"{r['efficiency']:.3f}" if counted else "-"),
     ]
     if "compile_s" in g:  # run.compile: compilation apart from the steps
         rows.append(("compilation: first step less a median one (s)", f"{e['compile_s']:.1f}", f"{g['compile_s']:.1f}", "-"))
