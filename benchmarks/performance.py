@@ -855,7 +855,8 @@ end-to-end's in the same run. A greedy step that takes 3x end-to-end's time with
 1 does 3x the arithmetic at the same speed; an efficiency of 0.5 means it runs its arithmetic at
 half end-to-end's rate (small convolutions, per-module overhead, memory traffic): the part that
 faster code, not a different method, can win back. FLOP counts do not depend on the machine; FLOP/s
-and efficiency do.
+and efficiency do. Counting runs after the timed steps; a configuration the counter cannot follow
+keeps its other figures, its FLOP cells show - and the bench warns which one it was.
 """
 
 
