@@ -319,7 +319,7 @@ def compile_section(steps: int = COMPILE_STEPS, warmup: int = 1) -> dict:
 
 def compile_speedup(result: dict) -> float | None:
     """The uncompiled R1E step over the compiled one, in the compile section's run."""
-    eager = next((v for v in result.get("variants", []) if v.get("label") == EAGER_LABEL), None)
+    eager = labelled(result, EAGER_LABEL)
     return eager["step_ms_median"] / result["greedy"]["step_ms_median"] if eager else None
 
 
@@ -380,7 +380,7 @@ def efficiency_notes(result: dict) -> str:
     g, e = result["greedy"], result["e2e"]
     work = lambda f: f["flops_per_step"] / e["flops_per_step"]  # noqa: E731
     rate = lambda f: f["flops_per_s"] / e["flops_per_s"]  # noqa: E731 - the efficiency
-    dgl = next((v for v in result.get("variants", []) if v.get("label") == DGL_LABEL), None)
+    dgl = labelled(result, DGL_LABEL)
     said = f"R1E does {work(g):.2f}x end-to-end's FLOPs at {rate(g):.2f} of its FLOP rate"
     if dgl:
         said += f", DGL {work(dgl):.2f}x at {rate(dgl):.2f}"
@@ -440,9 +440,14 @@ def fast_section(steps: int = CHECKPOINT_STEPS, warmup: int = 1) -> dict:
     return run_bench(recipe, steps=steps, warmup=warmup, segments=[FAST_SEGMENTS], recompute=True, variants=[(HEADS_LABEL, heads)])
 
 
+def labelled(result: dict, label: str) -> dict | None:
+    """The figures of the variant ``label`` of a bench result, where it has one."""
+    return next((v for v in result.get("variants", []) if v.get("label") == label), None)
+
+
 def heads_variant(result: dict) -> dict | None:
     """The figures of the recompute + heads variant, where the result has it."""
-    return next((v for v in result.get("variants", []) if v.get("label") == HEADS_LABEL), None)
+    return labelled(result, HEADS_LABEL)
 
 
 def fast_table(result: dict, meta: dict) -> list[str]:
@@ -501,7 +506,7 @@ def recompute_targets(results: dict) -> list[str]:
             f"{reach:.2f} ({mib(rc['peak_bytes'])} MiB) at {over:.2f}x | {'yes' if reach >= 5 and over <= 1.2 else 'no'} |"
         )
     if c and c["e2e"].get("flops_per_s"):
-        named = [("DGL", next((v for v in c.get("variants", []) if v.get("label") == DGL_LABEL), None)),
+        named = [("DGL", labelled(c, DGL_LABEL)),
                  ("R1E, official adapters", c["greedy"]), ("R1E + context.recompute", c.get("greedy_recompute"))]
         for what, v in named:
             if v is None or not v.get("flops_per_s"):
