@@ -25,6 +25,12 @@ def reason(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def first_line(exc: BaseException) -> str:
+    """An exception's first non-blank line, or its type's name where it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class ContsupError(Exception):
     """A problem with the user's input; ``lines`` are printed as they are."""
 

@@ -32,6 +32,7 @@ import attrs
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from contsup.errors import first_line
 from contsup.model.build import recipe_parts
 from contsup.model.costs import CostModel
 from contsup.training.compiling import compile_network, compile_pieces
@@ -267,8 +268,7 @@ def _count_flops(field: Field, batches: list) -> None:
         try:
             c.flops = measure_flops(c.twin or c.strategy, x, y)
         except Exception as exc:  # noqa: BLE001 - whatever the counter trips on, the timings stand
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            warnings.warn(f"contsup bench: the FLOPs of {name} could not be counted ({type(exc).__name__}: {first}); "
+            warnings.warn(f"contsup bench: the FLOPs of {name} could not be counted ({type(exc).__name__}: {first_line(exc)}); "
                           "its FLOP figures are left out", stacklevel=2)
             c.flops = 0
 

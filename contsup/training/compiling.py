@@ -17,6 +17,8 @@ from typing import Any, Iterable, Iterator
 import torch
 from torch import nn
 
+from contsup.errors import first_line
+
 
 class CompiledForward:
     """The ``forward`` of one piece under ``torch.compile``, falling back to the plain forward
@@ -35,8 +37,7 @@ class CompiledForward:
             return self.compiled(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: run the piece as it is
             self.failed = True
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            warnings.warn(f"run.compile: {self.name} cannot compile ({type(exc).__name__}: {first}); it runs uncompiled", stacklevel=2)
+            warnings.warn(f"run.compile: {self.name} cannot compile ({type(exc).__name__}: {first_line(exc)}); it runs uncompiled", stacklevel=2)
             return self.eager(*args, **kwargs)
 
     def __deepcopy__(self, memo: dict) -> "CompiledForward":
